@@ -1,0 +1,222 @@
+"""Typed model configuration for TTT-E2E and its baselines.
+
+One dataclass describes every model tttlm builds. Derived values are computed in
+``__post_init__``; bad values raise ``ValueError`` naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+class Variant(str, enum.Enum):
+    """Which network a config describes."""
+
+    E2E = "e2e"  # sliding window + prime MLPs in the suffix blocks, trained by meta-learning
+    SWA = "swa"  # the same Transformer with sliding-window attention, no prime MLPs
+    FULL = "full"  # causal full attention, no prime MLPs
+
+
+# name: (layers, hidden, heads, MLP width of the full-attention/SWA models, MLP width of E2E)
+_SIZES: dict[str, tuple[int, int, int, int, int]] = {
+    "tiny": (4, 64, 4, 128, 128),
+    "125m": (12, 768, 12, 2048, 1664),
+    "350m": (24, 1024, 16, 2816, 2304),
+    "760m": (24, 1536, 16, 4096, 3328),
+    "1b": (24, 2048, 32, 5376, 4352),
+    "3b": (32, 2560, 32, 6912, 5632),
+}
+
+# Settings the official configs use for every size but `tiny`, which is scaled to run on a CPU.
+_OFFICIAL = dict(vocab_size=128256, window=8192, chunk_size=1024, rope_theta=500000.0,
+                 bos_token_id=128000, eos_token_id=128001)
+# `tiny` is the configuration of the official-code fixture (two TTT blocks of four).
+_TINY = dict(vocab_size=256, window=64, chunk_size=32, rope_theta=10000.0,
+             bos_token_id=1, eos_token_id=2, num_ttt_layers=2)
+
+PRESETS: tuple[str, ...] = tuple(_SIZES)
+
+
+@dataclass
+class TTTConfig:
+    """Configuration of a TTT-E2E model (or of its `swa`/`full` baselines).
+
+    Attributes:
+        vocab_size: number of token ids; the embedding is tied to the output head.
+        hidden_size: model width D.
+        num_layers: number of Transformer blocks L.
+        num_heads: attention heads; must divide ``hidden_size`` (no grouped-query attention).
+        intermediate_size: width of every block's SwiGLU MLP.
+        variant: ``e2e``, ``swa`` or ``full`` (see :class:`Variant`).
+        num_ttt_layers: S, the number of last blocks that carry a prime MLP updated at test time
+            (``e2e`` only; the official choice is ``num_layers // 4``).
+        prime_intermediate_size: width of the prime MLPs (defaults to ``intermediate_size``).
+        window: sliding-window size k: a token attends to the k tokens ending at itself
+            (``swa`` and ``e2e``; ignored by ``full``).
+        chunk_size: b, the tokens per test-time-training mini-batch; the inner step runs after
+            every full chunk. ``swa``/``full`` use it only to bound memory of the loss.
+        rope_theta: RoPE base θ (interleaved-pair layout, as in the official code).
+        rms_norm_eps: epsilon inside the RMSNorm square root.
+        initializer_range: standard deviation of the normal init of every matrix.
+        inner_lr: η, the learning rate of the inner SGD step on the fast weights.
+        inner_clip: the inner gradient of each sequence is clipped to this global L2 norm
+            (over all prime MLPs together); ``0`` disables clipping.
+        inner_lr_init: η at the first outer step of inner-LR warmup.
+        inner_lr_warmup_steps: outer steps over which η ramps linearly from ``inner_lr_init``
+            to ``inner_lr`` (0: no warmup; the official pretraining uses 10% of steps).
+        bos_token_id: id joining documents; a target equal to it is not counted in the loss.
+        eos_token_id: end-of-text id used to stop generation.
+    """
+
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 128
+    variant: Variant = Variant.E2E
+    num_ttt_layers: int | None = None
+    prime_intermediate_size: int | None = None
+    window: int = 64
+    chunk_size: int = 32
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    inner_lr: float = 1.0
+    inner_clip: float = 1.0
+    inner_lr_init: float = 0.1
+    inner_lr_warmup_steps: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self) -> None:
+        try:
+            self.variant = Variant(self.variant)
+        except ValueError:
+            raise ValueError(
+                f"variant={self.variant!r} is not known; use one of "
+                f"{', '.join(v.value for v in Variant)}") from None
+        if self.variant is Variant.E2E:
+            if self.num_ttt_layers is None:
+                self.num_ttt_layers = max(1, self.num_layers // 4)
+            if self.prime_intermediate_size is None:
+                self.prime_intermediate_size = self.intermediate_size
+        else:
+            # Baselines have no prime MLPs; keep the fields empty so they cannot mislead.
+            self.num_ttt_layers = 0
+            self.prime_intermediate_size = None
+        self._validate()
+
+    def _validate(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                     "intermediate_size", "window", "chunk_size"):
+            positive(name)
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}; "
+                "pick a head count that divides the width")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"head_dim={self.head_dim} (hidden_size/num_heads) must be even for RoPE; "
+                "change hidden_size or num_heads")
+        if self.variant is Variant.E2E:
+            positive("prime_intermediate_size")
+            if not isinstance(self.num_ttt_layers, int) or not (
+                    1 <= self.num_ttt_layers <= self.num_layers):
+                raise ValueError(
+                    f"num_ttt_layers={self.num_ttt_layers!r} must be between 1 and "
+                    f"num_layers={self.num_layers}; the official choice is num_layers // 4")
+        if self.variant is not Variant.FULL and self.window < self.chunk_size:
+            raise ValueError(
+                f"window={self.window} is smaller than chunk_size={self.chunk_size}: a chunk "
+                "must fit in the attention window; raise window or lower chunk_size")
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta={self.rope_theta} must be positive")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be positive")
+        if self.inner_lr < 0 or self.inner_lr_init < 0:
+            raise ValueError(
+                f"inner_lr={self.inner_lr}, inner_lr_init={self.inner_lr_init}: inner learning "
+                "rates must be >= 0 (0 turns test-time training into a no-op)")
+        if self.inner_clip < 0:
+            raise ValueError(f"inner_clip={self.inner_clip} must be >= 0 (0 disables clipping)")
+        if self.inner_lr_warmup_steps < 0:
+            raise ValueError(f"inner_lr_warmup_steps={self.inner_lr_warmup_steps} must be >= 0")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+
+    # ----------------------------------------------------------------------------- derived
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_prefix_layers(self) -> int:
+        """Blocks before the TTT blocks (all blocks for the baselines)."""
+        return self.num_layers - (self.num_ttt_layers or 0)
+
+    @property
+    def uses_window(self) -> bool:
+        return self.variant is not Variant.FULL
+
+    def inner_lr_at(self, step: int) -> float:
+        """η at outer step ``step`` (0-based): ``init + (lr - init) * min(1, (step+1)/warmup)``."""
+        if self.inner_lr_warmup_steps <= 0:
+            return self.inner_lr
+        frac = min(1.0, (step + 1) / self.inner_lr_warmup_steps)
+        return self.inner_lr_init + (self.inner_lr - self.inner_lr_init) * frac
+
+    # ------------------------------------------------------------------------ constructors
+    @classmethod
+    def from_preset(cls, name: str, variant: Variant | str = Variant.E2E,
+                    **overrides: Any) -> TTTConfig:
+        """Build ``tiny`` or an official size (``125m 350m 760m 1b 3b``) in a given variant.
+
+        ``e2e`` uses the reduced MLP width of the official TTT-E2E presets, ``swa`` and
+        ``full`` the full width, so the three variants have about the same parameter count.
+        """
+        if name not in _SIZES:
+            raise ValueError(f"preset {name!r} is not known; use one of {', '.join(PRESETS)}")
+        variant = Variant(variant)
+        layers, hidden, heads, ffn_full, ffn_e2e = _SIZES[name]
+        fields: dict[str, Any] = dict(_TINY if name == "tiny" else _OFFICIAL)
+        fields.update(num_layers=layers, hidden_size=hidden, num_heads=heads, variant=variant,
+                      intermediate_size=ffn_e2e if variant is Variant.E2E else ffn_full)
+        if variant is not Variant.E2E:
+            fields.pop("num_ttt_layers", None)
+        fields.update(overrides)
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["variant"] = self.variant.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TTTConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - {"model_type", "tttlm_version"})
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps({"model_type": "tttlm", **self.to_dict()}, indent=2, sort_keys=True)
+
+    def fingerprint(self) -> str:
+        """A short hash of every field that changes the network's function."""
+        data = self.to_dict()
+        for key in ("inner_lr_init", "inner_lr_warmup_steps", "initializer_range"):
+            data.pop(key)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,59 @@
+"""``tttlm convert official SRC DST``: the command-line front end of the converter."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def _run_official(args: argparse.Namespace) -> int:
+    from tttlm.convert.official import convert_official
+
+    try:
+        out = convert_official(args.src, args.dst, window=args.window, chunk_size=args.chunk,
+                               rope_theta=args.rope_theta, bos_token_id=args.bos_id,
+                               eos_token_id=args.eos_id, variant=args.variant)
+    except (ValueError, OSError, ImportError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"tttlm: error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``convert`` (with its ``official`` subcommand) on the top-level CLI's subparsers.
+
+    Each leaf sets ``func`` to a handler ``(args) -> exit code`` so the top-level CLI stays a
+    plain dispatcher.
+    """
+    convert = subparsers.add_parser(
+        "convert", help="convert checkpoints from other implementations",
+        description="Convert checkpoints from other implementations into tttlm model directories.")
+    sources = convert.add_subparsers(dest="convert_source", metavar="SOURCE", required=True)
+    official = sources.add_parser(
+        "official", help="an official TTT-E2E (JAX/Orbax) checkpoint",
+        description="Convert an official TTT-E2E checkpoint (Orbax, <ckpt>/<step>/model_weights; "
+                    "reading it needs pip install 'tttlm[orbax]') or a .npz of official arrays "
+                    "into a tttlm model directory. Sizes come from the tensor shapes; options "
+                    "left out take the official values (k 8192, b 1024, theta 500000, "
+                    "Llama-3 BOS/EOS 128000/128001).")
+    official.add_argument("src", metavar="SRC",
+                          help="checkpoint root, a <step>/ folder, its model_weights/, or a .npz")
+    official.add_argument("dst", metavar="DST", help="output tttlm model directory")
+    official.add_argument("--window", type=int, default=None, metavar="K",
+                          help="sliding-window size k (default 8192)")
+    official.add_argument("--chunk", type=int, default=None, metavar="B",
+                          help="TTT chunk size b (default 1024)")
+    official.add_argument("--rope-theta", type=float, default=None, metavar="T",
+                          help="RoPE base theta (default 500000)")
+    official.add_argument("--bos-id", type=int, default=None, metavar="N",
+                          help="BOS token id (default 128000; required if the vocab is smaller)")
+    official.add_argument("--eos-id", type=int, default=None, metavar="N",
+                          help="EOS token id (default 128001 if it fits the vocab, else BOS)")
+    official.add_argument("--variant", choices=("swa", "full"), default=None,
+                          help="for checkpoints without prime MLPs: sliding-window or full "
+                               "attention (default full); e2e is detected from the tensors")
+    official.set_defaults(func=_run_official)
+    return convert

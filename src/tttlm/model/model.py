@@ -1,0 +1,377 @@
+"""The TTT-E2E language model and its baselines, with the meta forward pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tttlm.config import TTTConfig, Variant
+from tttlm.model.layers import Block, KVCache, RMSNorm
+from tttlm.ops.loss import masked_mean, token_nll
+from tttlm.ops.rope import rope_angles
+from tttlm.ttt.inner import GradMode, inner_step
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class TTTOutput:
+    """What a forward pass returns.
+
+    Attributes:
+        loss: scalar training loss (``None`` without labels). TTT-E2E (with or without TTT):
+            mean over sequences of each sequence's weighted mean of chunk losses, a chunk of
+            ``c`` tokens weighing ``c / chunk_size`` (so with full chunks: the mean of chunk
+            means, the official rule). ``swa``/``full``: mean NLL over all counted tokens.
+        token_nll: ``[B, T]`` NLL of every target, unmasked; with TTT each token is predicted
+            with the fast weights from before its chunk's update.
+        chunk_losses: ``[B, n_chunks]`` masked mean NLL of each chunk (last may be partial).
+        logits: ``[B, T, V]`` when asked for with ``return_logits=True`` (or without labels).
+        inner_update_norms: ``[B, n_updates]`` L2 norm of each inner update (TTT only).
+        fast_weights: with ``return_fast_weights=True``, the fast weights after each chunk's
+            update: a list over chunks of ``{state_dict name: [B, ...] tensor}``.
+    """
+
+    loss: torch.Tensor | None = None
+    token_nll: torch.Tensor | None = None
+    chunk_losses: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    inner_update_norms: torch.Tensor | None = None
+    fast_weights: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+
+class TTTForCausalLM(nn.Module):
+    """A Llama-like Transformer whose last blocks learn at test time (TTT-E2E).
+
+    The first ``num_prefix_layers`` blocks run once over the whole sequence with
+    sliding-window attention; the TTT blocks run chunk by chunk, and after each chunk one SGD
+    step on the chunk's next-token loss updates their prime MLPs ("fast weights"), separately
+    for every sequence of the batch. The ``swa`` and ``full`` variants are the same network
+    without prime MLPs, with sliding-window or full causal attention.
+    """
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        first_ttt = config.num_prefix_layers
+        self.layers = nn.ModuleList(
+            Block(config, has_prime=i >= first_ttt and config.variant is Variant.E2E)
+            for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Model-level switches, settable by trainers (forward arguments override them).
+        self.grad_mode = GradMode.EXACT
+        self.checkpoint_chunks = False
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------------------- setup
+    def reset_parameters(self) -> None:
+        """Official init: every matrix and the embedding ~ N(0, initializer_range); norms 1."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    @property
+    def prefix_layers(self) -> list[Block]:
+        return list(self.layers[: self.config.num_prefix_layers])
+
+    @property
+    def ttt_layers(self) -> list[Block]:
+        return list(self.layers[self.config.num_prefix_layers:])
+
+    def fast_weight_names(self) -> list[str]:
+        """state_dict names of the fast weights, in the order the inner step uses them."""
+        first = self.config.num_prefix_layers
+        return [f"layers.{first + j}.prime.{w}.weight"
+                for j in range(len(self.ttt_layers)) for w in ("w1", "w2", "w3")]
+
+    def initial_fast_weights(self, batch: int) -> list[torch.Tensor]:
+        """The meta-learned W₀ of every TTT layer, one (broadcast) copy per sequence."""
+        return [w.unsqueeze(0).expand(batch, *w.shape)
+                for layer in self.ttt_layers for w in layer.prime.weights()]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # --------------------------------------------------------------------------- forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                loss_mask: torch.Tensor | None = None, *, ttt: bool | None = None,
+                inner_lr: float | None = None, grad_mode: GradMode | str | None = None,
+                checkpoint_chunks: bool | None = None, return_logits: bool = False,
+                return_fast_weights: bool = False) -> TTTOutput:
+        """Run the model on ``input_ids [B, T]``.
+
+        Args:
+            labels: ``[B, T]`` target of every position (already shifted: ``labels[:, t]`` is
+                the token after ``input_ids[:, t]``, as the official ``target_tokens``).
+                ``-100`` marks a target that is not counted.
+            loss_mask: ``[B, T]`` bool/0-1 mask of counted targets (default: all counted).
+            ttt: run the meta forward pass with inner updates (default: True for ``e2e``).
+                ``False`` is "pretrain mode": the same network, no updates.
+            inner_lr: η for this call (default ``config.inner_lr``; trainers pass the warmed-up
+                value from ``config.inner_lr_at(step)``).
+            grad_mode: ``exact`` (second order, default) or ``first_order`` outer gradient.
+            checkpoint_chunks: recompute each chunk's activations in the backward pass instead
+                of keeping them (same losses and gradients, less memory).
+            return_logits: also return ``[B, T, V]`` logits (memory-hungry at long context).
+            return_fast_weights: also run the last chunk's update and return the fast weights
+                after every chunk.
+        """
+        config = self.config
+        is_e2e = config.variant is Variant.E2E
+        ttt = is_e2e if ttt is None else ttt
+        if ttt and not is_e2e:
+            raise ValueError(f"ttt=True needs an e2e model; this one is {config.variant.value!r} "
+                             "(it has no fast weights): call it with ttt=False")
+        labels, mask = self._check_inputs(input_ids, labels, loss_mask, ttt)
+        if labels is None:
+            return_logits = True
+        if ttt and torch.is_inference_mode_enabled():
+            # The inner step needs autograd, which inference tensors refuse: leave inference
+            # mode for the call, record nothing outside the inner step, return plain tensors.
+            with torch.inference_mode(False), torch.no_grad():
+                cloned = [t.clone() if t is not None else None for t in (input_ids, labels, mask)]
+                return self._meta_forward(*cloned, inner_lr, GradMode.NONE, False,
+                                          return_logits, return_fast_weights)
+        if ttt:
+            if torch.is_grad_enabled():
+                mode = GradMode(grad_mode if grad_mode is not None else self.grad_mode)
+            else:
+                mode = GradMode.NONE
+            ckpt = self.checkpoint_chunks if checkpoint_chunks is None else checkpoint_chunks
+            return self._meta_forward(input_ids, labels, mask, inner_lr, mode,
+                                      ckpt and mode is not GradMode.NONE,
+                                      return_logits, return_fast_weights)
+        return self._pretrain_forward(input_ids, labels, mask, return_logits)
+
+    def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                      loss_mask: torch.Tensor | None,
+                      ttt: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+            raise ValueError(f"input_ids must be a [batch, length] tensor, got {shape}; "
+                             "add a batch axis with input_ids[None]")
+        if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be a non-empty integer tensor, got dtype "
+                             f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"input_ids contain token id {lo if lo < 0 else hi} outside the "
+                             f"model's vocabulary [0, {self.config.vocab_size})")
+        if labels is None:
+            if ttt:
+                raise ValueError("test-time training learns from the next-token loss: pass "
+                                 "labels (the token after each input), or call with ttt=False")
+            return None, None
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}; labels[:, t] is the target of input t")
+        ignored = labels == IGNORE_INDEX
+        bad = (~ignored) & ((labels < 0) | (labels >= self.config.vocab_size))
+        if bool(bad.any()):
+            raise ValueError(f"labels contain id {int(labels[bad][0])} outside the vocabulary "
+                             f"[0, {self.config.vocab_size}) (use -100 to ignore a target)")
+        mask = ~ignored
+        if loss_mask is not None:
+            if loss_mask.shape != input_ids.shape:
+                raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            mask = mask & loss_mask.bool()
+        return labels.masked_fill(ignored, 0).long(), mask
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = self.embed.weight.dtype
+        return rope_angles(positions, self.config.head_dim, self.config.rope_theta, dtype)
+
+    def _head_nll(self, h: torch.Tensor, labels: torch.Tensor | None,
+                  keep_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``."""
+        logits = self.norm(h) @ self.embed.weight.mT  # [B, c, V]
+        nll = token_nll(logits, labels) if labels is not None else None
+        return nll, (logits if keep_logits else None)
+
+    def _chunks(self, T: int) -> list[tuple[int, int]]:
+        b = self.config.chunk_size
+        return [(s, min(s + b, T)) for s in range(0, T, b)]
+
+    def _assemble(self, nll: torch.Tensor, mask: torch.Tensor,
+                  chunk_losses: torch.Tensor, ttt_weighting: bool) -> torch.Tensor:
+        if ttt_weighting:
+            sizes = torch.tensor([e - s for s, e in self._chunks(nll.shape[1])],
+                                 device=nll.device, dtype=chunk_losses.dtype)
+            weights = sizes / self.config.chunk_size
+            return ((chunk_losses * weights).sum(-1) / weights.sum()).mean()
+        m = mask.to(nll.dtype)
+        return (nll * m).sum() / m.sum().clamp_min(1e-10)
+
+    # ------------------------------------------------------------------- pretrain mode
+    def _pretrain_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
+                          mask: torch.Tensor | None, return_logits: bool) -> TTTOutput:
+        config = self.config
+        T = input_ids.shape[1]
+        window = config.window if config.uses_window else None
+        h = self.embed(input_ids)
+        cos, sin = self._rope(torch.arange(T, device=input_ids.device))
+        for layer in self.layers:
+            h = layer.forward_sequence(h, cos, sin, window, config.chunk_size)
+        nlls, logits = [], []
+        for s, e in self._chunks(T):
+            nll, lg = self._head_nll(h[:, s:e], None if labels is None else labels[:, s:e],
+                                     return_logits)
+            nlls.append(nll)
+            logits.append(lg)
+        out = TTTOutput(logits=torch.cat(logits, 1) if return_logits else None)
+        if labels is None:
+            return out
+        assert mask is not None
+        out.token_nll = torch.cat(nlls, 1)
+        out.chunk_losses = torch.stack(
+            [masked_mean(out.token_nll[:, s:e], mask[:, s:e]) for s, e in self._chunks(T)], 1)
+        out.loss = self._assemble(out.token_nll, mask, out.chunk_losses,
+                                  config.variant is Variant.E2E)
+        return out
+
+    # ----------------------------------------------------------------------- meta mode
+    def _meta_forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                      mask: torch.Tensor, inner_lr: float | None, mode: GradMode,
+                      ckpt: bool, return_logits: bool, return_fast_weights: bool) -> TTTOutput:
+        config = self.config
+        B, T = input_ids.shape
+        window, b = config.window, config.chunk_size
+        lr = config.inner_lr if inner_lr is None else inner_lr
+        device = input_ids.device
+
+        # 1. Prefix blocks once over the whole sequence (absolute positions, first order).
+        h = self.embed(input_ids)
+        cos, sin = self._rope(torch.arange(T, device=device))
+        for layer in self.prefix_layers:
+            h = layer.forward_sequence(h, cos, sin, window, b)
+        if mode is GradMode.NONE:
+            h = h.detach()
+
+        # 2. TTT blocks chunk by chunk with per-sequence fast weights and rolling KV caches.
+        # RoPE there uses local positions: the chunk's keys sit at window .. window+c-1.
+        local_cos, local_sin = self._rope(torch.arange(window + b, device=device))
+        fast = self.initial_fast_weights(B)
+        H, d = config.num_heads, config.head_dim
+        empty = h.new_zeros(B, 0, H, d)
+        caches: list[KVCache] = [(empty, empty) for _ in self.ttt_layers]
+        chunks = self._chunks(T)
+        nlls, chunk_losses, logits, norms, history = [], [], [], [], []
+        for i, (s, e) in enumerate(chunks):
+            update = i < len(chunks) - 1 or return_fast_weights
+            past = caches[0][0].shape[1]
+            rope = (local_cos[window - past:window + e - s], local_sin[window - past:window + e - s])
+            args = (h[:, s:e], labels[:, s:e], mask[:, s:e], s, rope, caches, fast, lr, mode,
+                    update, return_logits)
+            if ckpt:
+                result = checkpoint(self._ttt_chunk, *args, use_reentrant=False)
+            else:
+                result = self._ttt_chunk(*args)
+            nll, chunk_loss, lg, caches, new_fast, norm = result
+            nlls.append(nll)
+            chunk_losses.append(chunk_loss)
+            logits.append(lg)
+            if update:
+                fast = new_fast
+                norms.append(norm)
+                if return_fast_weights:
+                    history.append(dict(zip(self.fast_weight_names(), fast)))
+
+        out = TTTOutput(token_nll=torch.cat(nlls, 1), chunk_losses=torch.stack(chunk_losses, 1))
+        out.loss = self._assemble(out.token_nll, mask, out.chunk_losses, ttt_weighting=True)
+        out.inner_update_norms = torch.stack(norms, 1) if norms else h.new_zeros(B, 0)
+        out.logits = torch.cat(logits, 1) if return_logits else None
+        out.fast_weights = history if return_fast_weights else None
+        return out
+
+    def _ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
+                   rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVCache],
+                   fast: list[torch.Tensor], lr: float, mode: GradMode, update: bool,
+                   keep_logits: bool) -> tuple[Any, ...]:
+        """Predict one chunk with the current fast weights, then (optionally) update them."""
+        window = self.config.window
+        with torch.enable_grad():
+            if mode is GradMode.NONE:
+                fast = [w.detach().requires_grad_(True) for w in fast]
+            new_caches = []
+            for j, layer in enumerate(self.ttt_layers):
+                h, cache = layer.forward_chunk(h, caches[j], start, window, *rope,
+                                               fast=tuple(fast[3 * j:3 * j + 3]))
+                new_caches.append(cache)
+            nll, logits = self._head_nll(h, labels, keep_logits)
+            chunk_loss = masked_mean(nll, mask)  # [B]
+            new_fast, norm = fast, None
+            if update:
+                new_fast, norm = inner_step(chunk_loss, fast, lr, self.config.inner_clip, mode)
+        if mode is GradMode.NONE:
+            nll, chunk_loss = nll.detach(), chunk_loss.detach()
+            logits = logits.detach() if logits is not None else None
+            new_caches = [(k.detach(), v.detach()) for k, v in new_caches]
+        return nll, chunk_loss, logits, new_caches, new_fast, norm
+
+    # ------------------------------------------------------------------------ save / load
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` and ``model.safetensors`` (atomically) to ``directory``."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(
+            tensors, tmp, metadata={"format": "pt", "tttlm_config": self.config.fingerprint()}))
+        _atomic_write(path / CONFIG_NAME,
+                      lambda tmp: Path(tmp).write_text(self.config.to_json() + "\n"))
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike[str],
+                        device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None) -> TTTForCausalLM:
+        """Load a model written by :meth:`save_pretrained` (or by ``tttlm convert``)."""
+        path = Path(directory)
+        config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not config_file.is_file() or not weights_file.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a tttlm model directory: expected {CONFIG_NAME} and "
+                f"{WEIGHTS_NAME} (write one with save_pretrained or `tttlm convert`)")
+        try:
+            config = TTTConfig.from_dict(json.loads(config_file.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{config_file} is not a valid tttlm config: {err}") from None
+        with torch.device("meta"):
+            model = cls(config)
+        state = load_file(str(weights_file), device=str(device) if device is not None else "cpu")
+        expected = set(model.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        if missing or unexpected:
+            raise ValueError(f"{weights_file} does not match its config: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        model.load_state_dict(state, assign=True)
+        if dtype is not None:
+            model.to(dtype)
+        return model
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    """Write through a temporary file in the same folder, then rename over ``target``."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Functional building blocks: norms, rotary embeddings, attention, losses."""

@@ -1,0 +1,124 @@
+"""Attention with one dispatch point.
+
+Three shapes of attention occur in TTT-E2E:
+
+* whole-sequence sliding-window (or causal) attention, used by the prefix blocks, by pretrain
+  mode and by the baselines; it needs first-order gradients only;
+* chunk attention of b queries over a rolling cache of earlier keys plus the chunk itself, used
+  by the TTT blocks inside the inner loop; it must be differentiable twice, because the outer
+  gradient flows through the inner gradient.
+
+``naive_attention`` materialises the score matrix; it is the reference for every fast path and
+the double-differentiable path. Layout everywhere: ``[B, T, H, d]``; RoPE is applied by callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+_BACKEND = "auto"
+_BACKENDS = ("auto", "naive")
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[None]:
+    """Force a backend for whole-sequence attention (``naive`` for tests, ``auto`` otherwise)."""
+    global _BACKEND
+    if name not in _BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not known; use one of {_BACKENDS}")
+    previous, _BACKEND = _BACKEND, name
+    try:
+        yield
+    finally:
+        _BACKEND = previous
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[Tq, Tk]`` bool: key j visible to query i iff ``0 <= i - j < window`` and ``j >= 0``."""
+    diff = q_pos[:, None] - k_pos[None, :]
+    allowed = (diff >= 0) & (k_pos[None, :] >= 0)
+    if window is not None:
+        allowed &= diff < window
+    return allowed
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+    """Reference attention: ``q [B,Tq,H,d]``, ``k, v [B,Tk,H,d]``, ``mask [Tq,Tk]`` bool.
+
+    Scores and softmax in fp32 (fp64 for fp64 inputs); masked logits are filled with
+    ``-0.7 * finfo.max`` as in the official XLA path. Differentiable any number of times.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k)  # [B, H, Tq, Tk]
+    compute = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    scores = scores.to(compute) * scale
+    scores = scores.masked_fill(~mask, -0.7 * torch.finfo(compute).max)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       window: int | None, block: int) -> torch.Tensor:
+    """Causal attention over a whole sequence, limited to ``window`` keys when given.
+
+    ``block`` is the query-block size of the banded path used when the window is shorter
+    than the sequence (the model passes its chunk size).
+    """
+    T = q.shape[1]
+    if _BACKEND == "naive":
+        pos = torch.arange(T, device=q.device)
+        return naive_attention(q, k, v, window_mask(pos, pos, window))
+    if window is None or window >= T:
+        # Every query sees all earlier keys: plain causal attention (flash on GPU).
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return out.transpose(1, 2)
+    return _banded_attention(q, k, v, window, min(block, T))
+
+
+def _banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      window: int, block: int) -> torch.Tensor:
+    """Sliding-window attention as query blocks of ``block`` rows, each over the
+    ``window - 1 + block`` keys that can reach it, through SDPA with a small mask."""
+    B, T, H, d = q.shape
+    n = -(-T // block)
+    pad = n * block - T
+    left = window - 1
+    span = left + block
+    qb = F.pad(q, (0, 0, 0, 0, 0, pad)).view(B, n, block, H, d)
+    # Keys padded with `left` rows in front so block j's keys start at padded row j*block.
+    kp = F.pad(k, (0, 0, 0, 0, left, pad))
+    vp = F.pad(v, (0, 0, 0, 0, left, pad))
+    kb = kp.unfold(1, span, block).permute(0, 1, 4, 2, 3)  # [B, n, span, H, d]
+    vb = vp.unfold(1, span, block).permute(0, 1, 4, 2, 3)
+    a = torch.arange(block, device=q.device)
+    c = torch.arange(span, device=q.device)
+    j = torch.arange(n, device=q.device)
+    band = (c[None, :] >= a[:, None]) & (c[None, :] <= a[:, None] + left)  # [block, span]
+    nonneg = (j[:, None] * block - left + c[None, :]) >= 0  # [n, span]
+    mask = band[None] & nonneg[:, None, :]  # [n, block, span]
+    mask = mask[None, :, None].expand(B, n, 1, block, span).reshape(B * n, 1, block, span)
+
+    def heads_first(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(B * n, x.shape[2], H, d).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(heads_first(qb), heads_first(kb), heads_first(vb),
+                                         attn_mask=mask)  # [B*n, H, block, d]
+    out = out.transpose(1, 2).reshape(B, n * block, H, d)
+    return out[:, :T]
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    q_pos: torch.Tensor, k_pos: torch.Tensor,
+                    window: int | None) -> torch.Tensor:
+    """Attention of a chunk's queries over cached keys plus the chunk's own keys.
+
+    Positions are absolute token indices (used only for the mask). Differentiable twice.
+    """
+    return naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
