@@ -186,15 +186,16 @@ def test_from_official_layout(params: dict[str, np.ndarray], config: TTTConfig) 
     assert all(t.dtype == torch.float32 and t.is_contiguous() for t in state.values())
     assert set(state) == set(official_name_of(config))
     blocks, prime = P + "h.blocks.", P + "h.prime_storage."
+    attn = blocks + "seq_modeling_block."
 
     def same(local: str, official: np.ndarray) -> bool:
         return np.array_equal(bits(state[local].numpy()), bits(official))
 
     assert same("embed.weight", params[P + "wte.weight"])
     assert same("norm.weight", params[P + "ln_f.weight"])
-    assert same("layers.3.attn.wq.weight", params[blocks + "seq_modeling_block.wq.weight"][3].T)
-    assert same("layers.0.attn.wo.weight", params[blocks + "seq_modeling_block.wo.weight"][0].T)
-    assert same("layers.1.attn.k_norm.weight", params[blocks + "seq_modeling_block.k_norm.weight"][1])
+    assert same("layers.3.attn.wq.weight", params[attn + "wq.weight"][3].T)
+    assert same("layers.0.attn.wo.weight", params[attn + "wo.weight"][0].T)
+    assert same("layers.1.attn.k_norm.weight", params[attn + "k_norm.weight"][1])
     assert same("layers.2.attn_post_norm.weight", params[blocks + "seq_post_norm.weight"][2])
     assert same("layers.1.mlp_norm.weight", params[blocks + "ffn_norm.weight"][1])
     assert same("layers.1.mlp.w2.weight", params[blocks + "feed_forward.w2.weight"][1].T)
