@@ -320,8 +320,9 @@ def test_cli_user_errors_are_one_line(make_src, tmp_path: Path,
 
 # ------------------------------------------------------------------------- full conversion
 @pytest.mark.parametrize("source", ["npz", "orbax"])
-def test_convert_official_writes_a_loadable_model(source: str, tmp_path: Path,
-                                                  params: dict[str, np.ndarray]) -> None:
+def test_convert_official_reproduces_official_losses(source: str, tmp_path: Path,
+                                                     npz: dict[str, np.ndarray],
+                                                     params: dict[str, np.ndarray]) -> None:
     try:
         from tttlm.model import TTTForCausalLM
     except ImportError:
@@ -334,7 +335,15 @@ def test_convert_official_writes_a_loadable_model(source: str, tmp_path: Path,
     dst = convert_official(src, tmp_path / "model", window=64, chunk_size=32,
                            rope_theta=10000.0, bos_token_id=1)
     assert dst == tmp_path / "model" and any(dst.iterdir())
+    model = TTTForCausalLM.from_pretrained(dst)
     config = infer_config(params, window=64, chunk_size=32, rope_theta=10000.0, bos_token_id=1)
-    model = TTTForCausalLM(config)
-    model.load_state_dict(from_official(params, config), strict=True)
+    assert model.config.to_dict() == config.to_dict()
     assert_bitwise(to_official(model.state_dict(), config), params)
+
+    ids = torch.from_numpy(npz["input/input_ids"]).long()[None]
+    targets = torch.from_numpy(npz["input/target_tokens"]).long()[None]
+    with torch.no_grad():
+        pretrain = model(ids, targets, ttt=False).loss.item()
+        meta = model(ids, targets).loss.item()
+    assert abs(pretrain - float(npz["pretrain/loss"])) < 2e-5
+    assert abs(meta - float(npz["meta/loss"])) < 2e-5
