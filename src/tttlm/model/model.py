@@ -359,6 +359,11 @@ class TTTForCausalLM(nn.Module):
         if missing or unexpected:
             raise ValueError(f"{weights_file} does not match its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        wrong = [f"{k}: {tuple(v.shape)} (config says {shapes[k]})" for k, v in state.items()
+                 if tuple(v.shape) != shapes[k]]
+        if wrong:
+            raise ValueError(f"{weights_file} does not match its config: {wrong[0]}")
         model.load_state_dict(state, assign=True)
         if dtype is not None:
             model.to(dtype)

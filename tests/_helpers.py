@@ -1,0 +1,65 @@
+"""Shared test helpers: one error measure for every numerical comparison."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tttlm import TTTConfig, TTTForCausalLM
+
+
+def _np(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def assert_close(actual: torch.Tensor | np.ndarray, expected: torch.Tensor | np.ndarray, *,
+                 atol: float | None = None, rel_l2: float | None = None, name: str = "") -> None:
+    """Fail unless ``actual`` matches ``expected``; report max-abs and relative-L2 error.
+
+    NaN anywhere fails. ``atol`` bounds the max absolute error, ``rel_l2`` the relative L2 error
+    ``|a - e| / |e|``; give at least one, next to the call, with the reason for its size.
+    """
+    a, e = _np(actual), _np(expected)
+    assert a.shape == e.shape, f"{name}: shape {a.shape} != {e.shape}"
+    assert not np.isnan(a).any(), f"{name}: NaN in result"
+    max_abs = float(np.abs(a - e).max()) if a.size else 0.0
+    rel = float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-30))
+    msg = f"{name}: max-abs {max_abs:.3e}, rel-L2 {rel:.3e}"
+    assert atol is not None or rel_l2 is not None, "give a tolerance"
+    if atol is not None:
+        assert max_abs <= atol, f"{msg} > atol {atol:.1e}"
+    if rel_l2 is not None:
+        assert rel <= rel_l2, f"{msg} > rel-L2 {rel_l2:.1e}"
+
+
+def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, perturb_norms: bool = True,
+               **overrides: object) -> TTTForCausalLM:
+    """A small random model; norms perturbed so that a misplaced norm shows up."""
+    fields = dict(vocab_size=53, hidden_size=16, num_layers=4, num_heads=2, intermediate_size=24,
+                  num_ttt_layers=2, window=12, chunk_size=4, bos_token_id=1, eos_token_id=2)
+    fields.update(overrides)
+    config = TTTConfig(**fields)  # type: ignore[arg-type]
+    torch.manual_seed(seed)
+    model = TTTForCausalLM(config).to(dtype)
+    # A larger init than the official 0.02 makes the inner step matter at this size.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+            elif perturb_norms:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+    return model
+
+
+def tokens(model: TTTForCausalLM, batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, model.config.vocab_size, (batch, length + 1), generator=g)
+    return x[:, :-1], x[:, 1:]
+
+
+def grads(model: TTTForCausalLM) -> dict[str, torch.Tensor]:
+    out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
