@@ -45,7 +45,7 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, perturb_norms:
     model = TTTForCausalLM(config).to(dtype)
     # A larger init than the official 0.02 makes the inner step matter at this size.
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.3)
             elif perturb_norms:
@@ -53,7 +53,8 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, perturb_norms:
     return model
 
 
-def tokens(model: TTTForCausalLM, batch: int, length: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def tokens(model: TTTForCausalLM, batch: int, length: int,
+           seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, model.config.vocab_size, (batch, length + 1), generator=g)
     return x[:, :-1], x[:, 1:]

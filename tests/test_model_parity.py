@@ -33,7 +33,8 @@ def ref() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module", params=["orbax", "npz"])
-def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TTTForCausalLM:
+def model(request: pytest.FixtureRequest,
+          tmp_path_factory: pytest.TempPathFactory) -> TTTForCausalLM:
     pytest.importorskip("tensorstore") if request.param == "orbax" else None
     src = FIXTURE / "orbax" if request.param == "orbax" else FIXTURE / "parity.npz"
     dst = tmp_path_factory.mktemp(f"converted-{request.param}")

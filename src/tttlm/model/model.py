@@ -162,7 +162,8 @@ class TTTForCausalLM(nn.Module):
                       loss_mask: torch.Tensor | None,
                       ttt: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)
+            shape = (tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor)
+                     else type(input_ids).__name__)
             raise ValueError(f"input_ids must be a [batch, length] tensor, got {shape}; "
                              "add a batch axis with input_ids[None]")
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
@@ -275,7 +276,8 @@ class TTTForCausalLM(nn.Module):
         for i, (s, e) in enumerate(chunks):
             update = i < len(chunks) - 1 or return_fast_weights
             past = caches[0][0].shape[1]
-            rope = (local_cos[window - past:window + e - s], local_sin[window - past:window + e - s])
+            rows = slice(window - past, window + e - s)
+            rope = (local_cos[rows], local_sin[rows])
             args = (h[:, s:e], labels[:, s:e], mask[:, s:e], s, rope, caches, fast, lr, mode,
                     update, return_logits)
             if ckpt:

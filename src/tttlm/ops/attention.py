@@ -9,25 +9,41 @@ Three shapes of attention occur in TTT-E2E:
   gradient flows through the inner gradient.
 
 ``naive_attention`` materialises the score matrix; it is the reference for every fast path and
-the double-differentiable path. Layout everywhere: ``[B, T, H, d]``; RoPE is applied by callers.
+the CPU path. Fast paths, chosen per call (backends are resolved lazily, never at import):
+
+* whole sequence, window shorter than the sequence: ``flex_attention`` with a block mask built
+  once per (length, window, device), compiled once, on CUDA; banded SDPA elsewhere;
+* whole sequence, no window: SDPA with ``is_causal`` (flash on GPU);
+* chunk attention: the Triton kernel of :mod:`tttlm.ops.triton_chunk_attention` (forward,
+  backward and double backward) on CUDA when Triton is installed; ``naive_attention`` elsewhere.
+
+Layout everywhere: ``[B, T, H, d]``; RoPE is applied by callers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tttlm.ops._triton import triton_can_run
+
 _BACKEND = "auto"
-_BACKENDS = ("auto", "naive")
+# auto: fastest path for the device. naive: the reference everywhere. triton: the Triton chunk
+# kernel even on CPU tensors (tests, under TRITON_INTERPRET=1). banded: whole-sequence windowed
+# attention through banded SDPA instead of flex_attention (benchmarks, fallback).
+_BACKENDS = ("auto", "naive", "triton", "banded")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @contextlib.contextmanager
 def attention_backend(name: str) -> Iterator[None]:
-    """Force a backend for whole-sequence attention (``naive`` for tests, ``auto`` otherwise)."""
+    """Force an attention backend (``naive`` for tests, ``auto`` otherwise; see ``_BACKENDS``)."""
     global _BACKEND
     if name not in _BACKENDS:
         raise ValueError(f"attention backend {name!r} is not known; use one of {_BACKENDS}")
@@ -79,7 +95,38 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return out.transpose(1, 2)
+    if _BACKEND == "auto" and q.is_cuda:
+        return _flex_window_attention(q, k, v, window)
     return _banded_attention(q, k, v, window, min(block, T))
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """``flex_attention`` compiled once per process (uncompiled it materialises scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _window_block_mask(T: int, window: int, device: torch.device) -> Any:
+    """The sliding-window block mask of a length-``T`` sequence, built once per shape."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        diff = q_idx - kv_idx
+        return (diff >= 0) & (diff < window)
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def _flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           window: int) -> torch.Tensor:
+    """Sliding-window attention through ``flex_attention``: only blocks inside the band run."""
+    block_mask = _window_block_mask(q.shape[1], window, q.device)
+    out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                           block_mask=block_mask)
+    return out.transpose(1, 2)
 
 
 def _banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -119,6 +166,14 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     window: int | None) -> torch.Tensor:
     """Attention of a chunk's queries over cached keys plus the chunk's own keys.
 
-    Positions are absolute token indices (used only for the mask). Differentiable twice.
+    Positions are absolute token indices (used only for the mask); every query must see at
+    least one key. Differentiable twice. Runs the Triton kernel on CUDA (or anywhere under the
+    ``triton`` backend), the naive reference otherwise.
     """
+    use_triton = _BACKEND == "triton" or (
+        _BACKEND == "auto" and q.is_cuda and q.dtype in _TRITON_DTYPES)
+    if use_triton and triton_can_run(q):
+        from tttlm.ops.triton_chunk_attention import triton_chunk_attention
+
+        return triton_chunk_attention(q, k, v, q_pos, k_pos, window)
     return naive_attention(q, k, v, window_mask(q_pos, k_pos, window))

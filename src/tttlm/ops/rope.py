@@ -21,7 +21,7 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., T, H, d]`` with tables ``[T, d/2]``; computed in fp32, returned in x's dtype."""
+    """Rotate ``x [..., T, H, d]`` by tables ``[T, d/2]``; fp32 math, result in x's dtype."""
     dtype = x.dtype
     compute = cos.dtype
     pairs = x.to(compute).unflatten(-1, (-1, 2))  # [..., T, H, d/2, 2]
