@@ -235,3 +235,18 @@ def test_gradient_flows_through_kv_caches() -> None:
     g_cut = grads(model)
     name = "layers.2.attn.wk.weight"
     assert (g[name] - g_cut[name]).norm() / g[name].norm() > 1e-3
+
+
+def test_lean_head_equals_logits_head() -> None:
+    """The default head (no logits kept) against the plain one used with return_logits=True."""
+    model = tiny_model()
+    x, y = tokens(model, 2, 30)
+    lean = model(x, labels=y)
+    lean.loss.backward()
+    g_lean = grads(model)
+    plain = model(x, labels=y, return_logits=True)
+    plain.loss.backward()
+    g_plain = grads(model)
+    assert_close(lean.token_nll, plain.token_nll, atol=EXACT, name="nll")
+    for name in g_plain:
+        assert_close(g_lean[name], g_plain[name], atol=1e-11, name=name)

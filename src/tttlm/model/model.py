@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tttlm.config import TTTConfig, Variant
 from tttlm.model.layers import Block, KVCache, RMSNorm
+from tttlm.ops.linear_nll import linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import rope_angles
 from tttlm.ttt.inner import GradMode, inner_step
@@ -201,7 +202,11 @@ class TTTForCausalLM(nn.Module):
     def _head_nll(self, h: torch.Tensor, labels: torch.Tensor | None,
                   keep_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``."""
-        logits = self.norm(h) @ self.embed.weight.mT  # [B, c, V]
+        x = self.norm(h)
+        if not keep_logits and labels is not None:
+            # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
+            return linear_nll(x, self.embed.weight, labels), None
+        logits = x @ self.embed.weight.mT  # [B, c, V]
         nll = token_nll(logits, labels) if labels is not None else None
         return nll, (logits if keep_logits else None)
 

@@ -1,0 +1,114 @@
+"""Tied output head + per-token NLL without keeping ``[N, V]`` logits, differentiable twice.
+
+In the meta forward pass every chunk's head is differentiated twice (the inner gradient, then the
+outer gradient through it). Plain autograd keeps the logits, the log-softmax and the gradient of
+the logits of every chunk — several ``[b, V]`` fp32 tensors per chunk, the largest part of the
+activation memory at a vocabulary of 128K. Here the forward keeps only ``x``, ``W``, the labels and
+the log-sum-exp; the backward recomputes the logits, and is itself an autograd function whose
+backward recomputes them again.
+
+Math, for ``z = x Wᵀ``, ``p = softmax(z)``, ``nll = lse(z) − z[y]``, upstream ``g = ∂L/∂nll``:
+first order ``dz = g (p − Y)``, ``dx = dz W``, ``dW = dzᵀ x``. For the second order, with upstream
+``(u_x, u_W)`` on ``(dx, dW)`` and ``M = u_x Wᵀ + x u_Wᵀ``:
+``∂/∂g = Σ_v M (p − Y)``, ``dz₂ = g p (M − Σ_v p M)``, ``∂/∂x = dz₂ W + dz u_W``,
+``∂/∂W = dz₂ᵀ x + dzᵀ u_x``.
+
+The matmuls run in the autocast dtype when autocast is on (as ``x @ W.T`` would), the softmax
+and everything per-token in fp32 (fp64 for fp64 inputs).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tttlm.ops.loss import token_nll
+
+
+def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _acc(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _probs(x: torch.Tensor, W: torch.Tensor, lse: torch.Tensor, mm: torch.dtype) -> torch.Tensor:
+    z = (x.to(mm) @ W.to(mm).mT).to(lse.dtype)  # [N, V]
+    return torch.exp(z - lse[:, None])
+
+
+def _minus_onehot(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return p.scatter_add(1, labels[:, None], torch.full_like(p[:, :1], -1.0))
+
+
+class _LinearNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                mm: torch.dtype) -> torch.Tensor:
+        acc = _acc(x)
+        z = (x.to(mm) @ W.to(mm).mT).to(acc)  # [N, V]
+        lse = torch.logsumexp(z, dim=-1)
+        nll = lse - z.gather(1, labels[:, None]).squeeze(1)
+        ctx.save_for_backward(x, W, labels, lse)
+        ctx.mm = mm
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        x, W, labels, lse = ctx.saved_tensors
+        dx, dW = _LinearNLLBackward.apply(x, W, labels, lse, g, ctx.mm)
+        return dx, dW, None, None
+
+
+class _LinearNLLBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                lse: torch.Tensor, g: torch.Tensor, mm: torch.dtype) -> tuple[torch.Tensor, ...]:
+        p = _probs(x, W, lse, mm)
+        dz = (_minus_onehot(p, labels) * g.to(p.dtype)[:, None]).to(mm)  # [N, V]
+        dx = (dz @ W.to(mm)).to(x.dtype)
+        dW = (dz.mT @ x.to(mm)).to(W.dtype)
+        ctx.save_for_backward(x, W, labels, lse, g)
+        ctx.mm = mm
+        return dx, dW
+
+    @staticmethod
+    def backward(ctx: Any, u_x: torch.Tensor, u_W: torch.Tensor) -> tuple[Any, ...]:
+        x, W, labels, lse, g = ctx.saved_tensors
+        mm = ctx.mm
+        p = _probs(x, W, lse, mm)
+        acc = p.dtype
+        p_minus_y = _minus_onehot(p, labels)
+        xm, Wm = x.to(mm), W.to(mm)
+        M = torch.zeros_like(p)
+        if u_x is not None:
+            M += (u_x.to(mm) @ Wm.mT).to(acc)
+        if u_W is not None:
+            M += (xm @ u_W.to(mm).mT).to(acc)
+        grad_g = (M * p_minus_y).sum(-1).to(g.dtype)
+        dz2 = (g.to(acc)[:, None] * p * (M - (p * M).sum(-1, keepdim=True))).to(mm)
+        dz = (p_minus_y * g.to(acc)[:, None]).to(mm)
+        grad_x = dz2 @ Wm
+        grad_W = dz2.mT @ xm
+        if u_W is not None:
+            grad_x = grad_x + dz @ u_W.to(mm)
+        if u_x is not None:
+            grad_W = grad_W + dz.mT @ u_x.to(mm)
+        return grad_x.to(x.dtype), grad_W.to(W.dtype), None, None, grad_g, None
+
+
+def linear_nll(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``token_nll(x @ weight.T, labels)`` for ``x [..., D]``, ``weight [V, D]`` → ``[...]``."""
+    shape = x.shape[:-1]
+    nll = _LinearNLL.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1),
+                           _matmul_dtype(x))
+    return nll.view(shape)
+
+
+def naive_linear_nll(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reference: materialise the logits and let autograd keep what it needs."""
+    return token_nll(x @ weight.mT, labels)
