@@ -54,12 +54,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plain-head", action="store_true",
+                        help="keep the logits for the backward (model.lean_head = False)")
     parser.add_argument("--attention", default="auto",
                         help="attention backend (auto, naive, banded, triton)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = TTTForCausalLM(TTTConfig.from_preset(args.preset)).to(device)
+    model.lean_head = not args.plain_head
     rows = []
     for batch in args.batch:
         for ttt, ckpt in ((True, False), (True, True), (False, False)):
@@ -76,7 +79,7 @@ def main() -> int:
            platform.processor(), "torch": torch.__version__, "python": platform.python_version(),
            "command": "python " + " ".join(sys.argv), "dtype": "bf16 autocast, fp32 weights and "
            "fast weights", "params": model.num_parameters(), "preset": args.preset,
-           "attention_backend": args.attention}
+           "attention_backend": args.attention, "lean_head": model.lean_head}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2))
     lines = [f"# Meta step, `{args.preset}` e2e, {args.seq_len} tokens", "",

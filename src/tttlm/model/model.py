@@ -74,6 +74,9 @@ class TTTForCausalLM(nn.Module):
         # Model-level switches, settable by trainers (forward arguments override them).
         self.grad_mode = GradMode.EXACT
         self.checkpoint_chunks = False
+        # Recompute the head's logits in backward passes instead of keeping them: much less
+        # activation memory at a 128K vocabulary, at some extra time (benchmarks/results).
+        self.lean_head = True
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------- setup
@@ -203,7 +206,7 @@ class TTTForCausalLM(nn.Module):
                   keep_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``."""
         x = self.norm(h)
-        if not keep_logits and labels is not None:
+        if self.lean_head and not keep_logits and labels is not None:
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
             return linear_nll(x, self.embed.weight, labels), None
         logits = x @ self.embed.weight.mT  # [B, c, V]
