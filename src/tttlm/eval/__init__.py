@@ -1,0 +1,70 @@
+"""Evaluation: loss by context length, needle in a haystack, merged comparison reports.
+
+Library entry points (the ``tttlm eval`` commands are thin wrappers around them):
+
+- :func:`load_model`, :func:`load_corpus`: models in their evaluation mode and token data;
+- :func:`evaluate_loss` → report dict; :func:`write_loss_outputs`, :func:`format_table`;
+- :func:`build_haystack`, :func:`build_sample`, :func:`evaluate_niah`, :func:`niah_report`,
+  :func:`write_niah_outputs`; the scoring functions :func:`score_answer`, :func:`accuracy`,
+  :func:`aggregate`;
+- :func:`compare`: merge result files into a Markdown report.
+"""
+
+from tttlm.eval.adapters import EvalError, TokenCorpus, builtin_books, tokenize_documents
+from tttlm.eval.common import EvalModel, load_corpus, load_model
+from tttlm.eval.compare import compare
+from tttlm.eval.loss import (
+    WindowMode,
+    evaluate_loss,
+    format_table,
+    max_length,
+    plan_windows,
+    write_loss_outputs,
+)
+from tttlm.eval.niah import (
+    NeedleKind,
+    NiahSample,
+    NiahSettings,
+    Prediction,
+    accuracy,
+    aggregate,
+    build_haystack,
+    build_sample,
+    evaluate_niah,
+    extract_answer,
+    model_predictor,
+    niah_report,
+    score_answer,
+    write_niah_outputs,
+)
+
+__all__ = [
+    "EvalError",
+    "EvalModel",
+    "NeedleKind",
+    "NiahSample",
+    "NiahSettings",
+    "Prediction",
+    "TokenCorpus",
+    "WindowMode",
+    "accuracy",
+    "aggregate",
+    "build_haystack",
+    "build_sample",
+    "builtin_books",
+    "compare",
+    "evaluate_loss",
+    "evaluate_niah",
+    "extract_answer",
+    "format_table",
+    "load_corpus",
+    "load_model",
+    "max_length",
+    "model_predictor",
+    "niah_report",
+    "plan_windows",
+    "score_answer",
+    "tokenize_documents",
+    "write_loss_outputs",
+    "write_niah_outputs",
+]

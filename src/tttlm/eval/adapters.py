@@ -1,0 +1,237 @@
+"""The few calls evaluation makes into the data pipeline and the inference engine.
+
+Both packages were written alongside this one; every call into them goes through this module so
+that a change of their API is a one-line fix here. What is assumed of each:
+
+- ``tttlm.data.tokenizer.resolve_tokenizer(spec)`` takes ``bytes``, a ``tokenizer.json``, a
+  tiktoken file or a folder holding a ``tokenizer.json``/``meta.json`` and returns an object
+  with ``encode(text) -> list[int]`` (no BOS/EOS added), ``decode(ids) -> str``, ``bos_id``,
+  ``eos_id`` and ``vocab_size``.
+- ``tttlm.data.dataset.TokenDataset(dir, split, seq_len)`` exposes ``doc_offsets``,
+  ``num_tokens``, ``bos_id`` and ``tokens(start, stop)``; a split's stream is every document
+  preceded by BOS, which is also how :func:`tokenize_documents` builds one from text.
+- ``tttlm.data.books.builtin_books_paths()`` returns ``{"train": path, "val": path}``.
+- ``tttlm.inference.Engine(model, ttt=...)`` with ``prefill([ids]) -> (logits [1, V], state)``,
+  ``step(state, [token]) -> (logits [1, V], state)`` and ``state.clone()``; a target equal to
+  BOS is left out of the inner loss, as in :mod:`tttlm.eval.loss`. It keeps its caches in the
+  model's dtype, so it is not run under autocast (bf16 keys are refused).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from tttlm.model import TTTForCausalLM
+
+META_FILE = "meta.json"
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (lengths, kinds, data, models); the message says what to change."""
+
+
+class Tokenizer(Protocol):
+    """What evaluation needs of a tokenizer (the data pipeline's :class:`Tokenizer` fits)."""
+
+    vocab_size: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+# ------------------------------------------------------------------------------ tokenizers
+def resolve_tokenizer(spec: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer named by ``spec`` (see the module docstring), as an :class:`EvalError`."""
+    from tttlm.data.errors import DataError
+    from tttlm.data.tokenizer import resolve_tokenizer as _resolve
+
+    try:
+        return _resolve(str(spec))
+    except DataError as err:
+        raise EvalError(str(err)) from None
+
+
+def has_tokenizer(directory: str | os.PathLike[str]) -> bool:
+    """Whether a model (or prepared data) folder carries its own tokenizer files."""
+    path = Path(directory)
+    return any((path / name).is_file()
+               for name in ("tokenizer.json", "tokenizer.tiktoken", META_FILE))
+
+
+# ---------------------------------------------------------------------------- token corpora
+@dataclass
+class TokenCorpus:
+    """A token stream (every document preceded by BOS) with its document boundaries.
+
+    Attributes:
+        tokens: ``[N]`` integer ids (a memory map for prepared data).
+        doc_offsets: ``[n_docs]`` index of each document's first token (its BOS) in ``tokens``.
+        bos_id: the id that starts every document; a target equal to it is not counted.
+        source: what the stream was read from, for reports.
+        fingerprint: a short hash identifying the stream, to key resumable results.
+        doc_names: a name per document (file and line), when known.
+    """
+
+    tokens: np.ndarray
+    doc_offsets: np.ndarray
+    bos_id: int
+    source: str
+    fingerprint: str
+    doc_names: list[str] | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def doc_lengths(self) -> np.ndarray:
+        """``[n_docs]`` tokens of each document, its BOS included."""
+        ends = np.append(self.doc_offsets[1:], self.num_tokens)
+        return ends - self.doc_offsets
+
+
+def load_prepared(directory: str | os.PathLike[str], split: str | None = None) -> TokenCorpus:
+    """The stream of one split of a prepared folder (default: ``val`` if it has one)."""
+    from tttlm.data.dataset import TokenDataset
+    from tttlm.data.errors import DataError
+    from tttlm.data.meta import read_meta
+
+    path = Path(directory)
+    try:
+        meta = read_meta(path)
+        splits = meta["splits"]
+        if split is None:
+            split = "val" if "val" in splits else "train"
+            if split == "train":
+                warnings.warn(f"{path} has no val split: evaluating on its training split "
+                              "(pass --split to choose)", stacklevel=2)
+        dataset = TokenDataset(path, split, seq_len=1)
+        tokens = dataset.tokens(0, dataset.num_tokens)
+    except DataError as err:
+        raise EvalError(str(err)) from None
+    digest = hashlib.sha256((path / META_FILE).read_bytes() + split.encode()).hexdigest()[:16]
+    return TokenCorpus(tokens=tokens, doc_offsets=np.asarray(dataset.doc_offsets, np.int64),
+                       bos_id=int(dataset.bos_id), source=f"{path} (split {split})",
+                       fingerprint=digest,
+                       doc_names=splits[split].get("doc_names"))
+
+
+def read_documents(path: str | os.PathLike[str], text_field: str = "text") -> list[tuple[str, str]]:
+    """``(name, text)`` of every document of a .txt/.jsonl/.jsonl.gz/.parquet file or folder."""
+    from tttlm.data.errors import DataError
+    from tttlm.data.sources import iter_documents, resolve_inputs
+
+    try:
+        return [(d.name, d.text) for d in iter_documents(resolve_inputs([path]),
+                                                         text_field=text_field)]
+    except DataError as err:
+        raise EvalError(str(err)) from None
+
+
+def tokenize_documents(docs: Sequence[tuple[str, str]], tokenizer: Tokenizer,
+                       source: str) -> TokenCorpus:
+    """Encode documents into one stream, BOS before each, as ``tttlm data prepare`` does."""
+    parts: list[np.ndarray] = []
+    offsets: list[int] = []
+    total = 0
+    encode_batch = getattr(tokenizer, "encode_batch", None)
+    texts = [text for _, text in docs]
+    encoded = (encode_batch(texts) if encode_batch is not None
+               else [np.asarray(tokenizer.encode(t), np.int64) for t in texts])
+    for ids in encoded:
+        offsets.append(total)
+        part = np.concatenate([[tokenizer.bos_id], np.asarray(ids, np.int64)])
+        parts.append(part)
+        total += len(part)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    digest = hashlib.sha256(tokens.astype("<i4").tobytes()).hexdigest()[:16]
+    return TokenCorpus(tokens=tokens, doc_offsets=np.asarray(offsets, np.int64),
+                       bos_id=int(tokenizer.bos_id), source=source, fingerprint=digest,
+                       doc_names=[name for name, _ in docs])
+
+
+def builtin_books(split: str = "val") -> list[Path]:
+    """Files of the public-domain books shipped with tttlm (the default NIAH haystack)."""
+    from tttlm.data.books import builtin_books_paths
+    from tttlm.data.errors import DataError
+
+    try:
+        return [Path(builtin_books_paths()[split])]
+    except DataError as err:
+        raise EvalError(f"{err}; pass --haystack FILE") from None
+
+
+# ------------------------------------------------------------------------------ generation
+def generate_and_score(model: TTTForCausalLM, prompt: Sequence[int], max_new_tokens: int,
+                       answer: Sequence[int] = (), *, ttt: bool | None = None,
+                       eos_id: int | None = None) -> tuple[list[int], float | None]:
+    """Greedy continuation of ``prompt`` (cut before EOS) and ``log p(answer | prompt)``.
+
+    The prompt is prefilled once and the state cloned: one copy decodes greedily, the other
+    reads the answer teacher-forced. At long context this halves the work of two passes.
+    ``answer=()`` skips the log-probability (``None``).
+    """
+    from tttlm.inference import Engine
+
+    engine = Engine(model, ttt=ttt)
+    first, state = engine.prefill([list(prompt)])  # [1, V] logits after the prompt
+    scored = state.clone() if answer else None
+    logits, out = first, []
+    for _ in range(max_new_tokens):
+        token = int(logits[0].argmax())
+        if token == eos_id:
+            break
+        out.append(token)
+        if len(out) < max_new_tokens:
+            logits, state = engine.step(state, [token])
+    if scored is None:
+        return out, None
+    logprob, logits = 0.0, first
+    for i, token in enumerate(answer):
+        logprob += float(torch.log_softmax(logits[0].double(), -1)[token])
+        if i + 1 < len(answer):
+            logits, scored = engine.step(scored, [token])
+    return out, logprob
+
+
+def reference_generate_and_score(model: TTTForCausalLM, prompt: Sequence[int],
+                                 max_new_tokens: int, answer: Sequence[int] = (), *,
+                                 ttt: bool | None = None,
+                                 eos_id: int | None = None) -> tuple[list[int], float | None]:
+    """:func:`generate_and_score` by full forward passes (one per new token): quadratic, for
+    tests that check the engine path. The forward pass makes the same inner updates at the
+    same chunk boundaries as prefill + decode, so both must agree."""
+    device = model.embed.weight.device
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, T]
+    bos = model.config.bos_token_id
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        # The last target is unknown: a dummy label, not counted, so no update learns from it.
+        labels = torch.cat([ids[:, 1:], ids.new_zeros(1, 1)], 1)
+        mask = labels != bos
+        mask[:, -1] = False
+        result = model(ids, labels=labels, loss_mask=mask, ttt=ttt, return_logits=True)
+        assert result.logits is not None
+        token = int(result.logits[0, -1].argmax())
+        if token == eos_id:
+            break
+        out.append(token)
+        ids = torch.cat([ids, ids.new_tensor([[token]])], 1)
+    if not answer:
+        return out, None
+    full = torch.tensor([[*prompt, *answer]], dtype=torch.long, device=device)  # [1, T + A]
+    labels = full[:, 1:]
+    result = model(full[:, :-1], labels=labels, loss_mask=labels != bos, ttt=ttt)
+    assert result.token_nll is not None
+    return out, -float(result.token_nll[0, len(prompt) - 1:].double().sum())

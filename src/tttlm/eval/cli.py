@@ -1,0 +1,245 @@
+"""``tttlm eval loss|niah|compare``: parse arguments, call :mod:`tttlm.eval`, print a table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+_DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
+
+
+def _error(message: str) -> int:
+    print(f"tttlm eval: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _log(message: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(message, file=sys.stderr)  # above the progress bar, not through it
+
+
+def _interrupted(out: Path) -> int:
+    _log(f"interrupted: finished sequences are saved in {out / 'partial.jsonl'}; run the same "
+         "command again to resume")
+    return 130
+
+
+def _load_models(args: argparse.Namespace) -> list[Any]:
+    from tttlm.eval.adapters import EvalError
+    from tttlm.eval.common import load_model, pick_device, unique_labels
+
+    device = pick_device(args.device)
+    labels = args.label or []
+    if labels and len(labels) != len(args.model):
+        raise EvalError(f"{len(labels)} --label for {len(args.model)} --model: give one per "
+                        "model or none")
+    models = [load_model(path, device=device, ttt=False if args.no_ttt else None,
+                         label=labels[i] if labels else None)
+              for i, path in enumerate(args.model)]
+    for em, label in zip(models, unique_labels([m.label for m in models])):
+        em.label = label
+    return models
+
+
+def _run_loss(args: argparse.Namespace) -> int:
+    from tttlm.eval.adapters import EvalError
+    from tttlm.eval.common import PartialResults, load_corpus, parse_int_list, pick_device
+    from tttlm.eval.loss import evaluate_loss, format_table, write_loss_outputs
+
+    out = Path(args.out)
+    try:
+        lengths = parse_int_list(args.lengths, "--lengths")
+        models = _load_models(args)
+        corpus = load_corpus(args.data, tokenizer=args.tokenizer, model_dirs=args.model,
+                             split=args.split, text_field=args.text_field)
+        if args.fresh:
+            PartialResults(out).clear()
+        report = evaluate_loss(models, corpus, lengths, mode=args.windows,
+                               max_sequences=args.max_sequences, batch_size=args.batch_size,
+                               device=pick_device(args.device), out_dir=out,
+                               curve_points=args.curve_points, progress=not args.quiet,
+                               log=None if args.quiet else _log)
+        written = write_loss_outputs(report, out, plots=not args.no_plots)
+    except KeyboardInterrupt:
+        return _interrupted(out)
+    except (EvalError, OSError) as err:
+        return _error(str(err))
+    print(format_table(report))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _run_niah(args: argparse.Namespace) -> int:
+    from tttlm.eval.adapters import (
+        EvalError,
+        builtin_books,
+        load_prepared,
+        read_documents,
+        tokenize_documents,
+    )
+    from tttlm.eval.common import (
+        PartialResults,
+        find_tokenizer,
+        parse_float_list,
+        parse_int_list,
+        pick_device,
+    )
+    from tttlm.eval.niah import (
+        NiahSettings,
+        build_haystack,
+        evaluate_niah,
+        format_niah_table,
+        model_predictor,
+        niah_report,
+        parse_kinds,
+        write_niah_outputs,
+    )
+
+    out = Path(args.out)
+    try:
+        settings = NiahSettings(kinds=parse_kinds(args.kinds),
+                                lengths=parse_int_list(args.lengths, "--lengths"),
+                                depths=parse_float_list(args.depths, "--depths", 0.0, 1.0),
+                                samples=args.samples, seed=args.seed, digits=args.digits)
+        models = _load_models(args)
+        source = Path(args.haystack) if args.haystack else builtin_books("val")[0]
+        prepared = (source / "meta.json").is_file()
+        # A prepared haystack carries its tokenizer: the last resort when the models do not.
+        tokenizer = find_tokenizer(args.tokenizer, [*args.model, *([source] if prepared else [])])
+        for em in models:
+            if em.model.config.vocab_size < tokenizer.vocab_size:
+                raise EvalError(f"{em.label} has vocab_size {em.model.config.vocab_size} but "
+                                f"the tokenizer has {tokenizer.vocab_size} ids: pass the "
+                                "model's tokenizer with --tokenizer")
+        if prepared:
+            corpus = load_prepared(source)
+        else:
+            corpus = tokenize_documents(read_documents(source), tokenizer, str(source))
+        haystack = build_haystack(corpus, tokenizer)
+        if args.fresh:
+            PartialResults(out).clear()
+        device = pick_device(args.device)
+        records = {}
+        for em in models:
+            predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
+            records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
+                                              predictor, fingerprint=em.fingerprint,
+                                              out_dir=out, progress=not args.quiet)
+        report = niah_report([em.info for em in models], haystack, settings, records,
+                             device=device)
+        written = write_niah_outputs(report, out, plots=not args.no_plots)
+    except KeyboardInterrupt:
+        return _interrupted(out)
+    except (EvalError, OSError) as err:
+        return _error(str(err))
+    print(format_niah_table(report))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from tttlm.eval.adapters import EvalError
+    from tttlm.eval.compare import compare
+
+    try:
+        path = compare(args.results, args.out, title=args.title, plots=not args.no_plots)
+    except (EvalError, OSError) as err:
+        return _error(str(err))
+    print(f"wrote {path}")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, out_default: str) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="DIR",
+                   help="a tttlm model folder (repeat for several models; the first is the "
+                        "reference of differences)")
+    p.add_argument("--label", action="append", metavar="NAME",
+                   help="display name per --model, in order (default: folder name)")
+    p.add_argument("--lengths", required=True, metavar="L,L,...",
+                   help="context lengths in tokens, e.g. 1024,2048 or 8k,16k")
+    p.add_argument("--tokenizer", metavar="SPEC",
+                   help="tokenizer for text input: bytes, a tokenizer.json, a tiktoken file "
+                        "or a prepared data folder (default: the model folder's own)")
+    p.add_argument("--no-ttt", action="store_true",
+                   help="run e2e models without test-time training (pretrain mode)")
+    p.add_argument("--device", default="auto",
+                   help="cuda, cpu, ... (default: cuda when available, with bf16 autocast)")
+    p.add_argument("--out", default=out_default, metavar="DIR",
+                   help=f"output folder (default {out_default}); finished items are kept in "
+                        "DIR/partial.jsonl and a rerun resumes from them")
+    p.add_argument("--fresh", action="store_true",
+                   help="discard DIR/partial.jsonl instead of resuming")
+    p.add_argument("--no-plots", action="store_true", help="write JSON/CSV only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``eval`` with ``loss``, ``niah`` and ``compare`` on the top-level CLI."""
+    ev = subparsers.add_parser(
+        "eval", help="evaluate models: loss by context length, needle in a haystack",
+        description="Evaluate tttlm models and compare them.")
+    sub = ev.add_subparsers(dest="eval_command", metavar="TASK", required=True)
+
+    loss = sub.add_parser(
+        "loss", help="per-token loss by position and context length",
+        description="Mean NLL of every counted target (a target equal to BOS is not counted) "
+                    "of sequences of each context length, with per-position curves. Writes "
+                    "loss.json, loss_table.csv, loss_curves.csv and PNG plots.")
+    _common(loss, "eval-loss")
+    loss.add_argument("--data", required=True, metavar="PATH",
+                      help="a prepared data folder (tokens as they are) or a .txt/.jsonl/"
+                           ".jsonl.gz/.parquet file or folder of long held-out documents")
+    loss.add_argument("--split", default=None,
+                      help="split of a prepared folder (default: val if present, else train)")
+    loss.add_argument("--text-field", default="text", help="JSON field holding the text")
+    loss.add_argument("--windows", choices=("document", "stream"), default="document",
+                      help="a sequence is a window of one document (default) or of the "
+                           "concatenated stream of documents")
+    loss.add_argument("--max-sequences", type=int, default=None, metavar="N",
+                      help="at most N sequences per length (default: all the data allows)")
+    loss.add_argument("--batch-size", type=int, default=1, metavar="B",
+                      help="sequences per forward pass")
+    loss.add_argument("--curve-points", type=int, default=1024, metavar="P",
+                      help="points of the stored per-position curve (positions are averaged "
+                           "in bins of ceil(L/P))")
+    loss.set_defaults(func=_run_loss)
+
+    niah = sub.add_parser(
+        "niah", help="needle in a haystack (RULER-style single needle)",
+        description="A needle sentence with a key and a value at a given depth of a haystack "
+                    "of book text cut to the exact length, then a question. Scored by exact "
+                    "match of the greedy answer and by the log-probability of the value. "
+                    "Writes niah.json and heatmaps.")
+    _common(niah, "eval-niah")
+    niah.add_argument("--depths", default=_DEFAULT_DEPTHS, metavar="D,D,...",
+                      help=f"needle depths in [0, 1] (default {_DEFAULT_DEPTHS})")
+    niah.add_argument("--kinds", default="passkey,number,uuid", metavar="K,K,...",
+                      help="needle kinds: passkey, number, uuid (default: all)")
+    niah.add_argument("--samples", type=int, default=4, metavar="N",
+                      help="samples per (kind, length, depth) cell")
+    niah.add_argument("--seed", type=int, default=0, help="seed of haystacks, keys and values")
+    niah.add_argument("--digits", type=int, default=None,
+                      help="digits of passkey/number values (default 5 and 7)")
+    niah.add_argument("--haystack", metavar="PATH",
+                      help="text file/folder or prepared folder of haystack text "
+                           "(default: the built-in held-out books)")
+    niah.add_argument("--no-logprob", action="store_true",
+                      help="skip the log-probability of the value (greedy answer only)")
+    niah.set_defaults(func=_run_niah)
+
+    cmp = sub.add_parser(
+        "compare", help="merge result files into one Markdown report with plots",
+        description="Merge loss.json/niah.json files (or folders holding them) of several "
+                    "runs into OUT/report.md with the plots redrawn over all models; the first "
+                    "model is the reference of differences.")
+    cmp.add_argument("results", nargs="+", metavar="RESULTS",
+                     help="loss.json / niah.json files or the folders holding them")
+    cmp.add_argument("--out", default="eval-report", metavar="DIR",
+                     help="output folder (default eval-report)")
+    cmp.add_argument("--title", default="tttlm evaluation report", help="report title")
+    cmp.add_argument("--no-plots", action="store_true", help="tables only")
+    cmp.set_defaults(func=_run_compare)
+    return ev

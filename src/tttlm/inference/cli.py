@@ -1,0 +1,148 @@
+"""``tttlm generate``: stream text from a model, optionally after reading a document, with
+sessions that keep the model's test-time memory across invocations."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The model, engine and tokenizer modules are imported in run(): `tttlm --help` builds every
+# subcommand's parser and should not pay for them.
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "generate", help="generate text, learning from the context at test time",
+        description="Stream text from a tttlm model. With --document the model first reads a "
+                    "file (learning from it as it goes); --save-session keeps what it learned "
+                    "and --session continues from it.")
+    parser.add_argument("--model", required=True, help="model directory (config.json + "
+                        "model.safetensors)")
+    parser.add_argument("--prompt", default="", help="text to continue")
+    parser.add_argument("--document", help="text file to read before the prompt")
+    parser.add_argument("--tokenizer", help="tokenizer: 'bytes', a tokenizer.json, a folder "
+                        "holding one, a tiktoken file or a prepared data folder (default: the "
+                        "model directory's, else bytes)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--session", help="continue the session saved in this directory")
+    parser.add_argument("--save-session", help="save the session to this directory at the end")
+    parser.add_argument("--no-bos", action="store_true",
+                        help="do not put BOS in front of a new session's text")
+    parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the decoding step as a CUDA graph")
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"tttlm: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _tokenizer(spec: str | None, model_dir: Path) -> Any:
+    from tttlm.data.tokenizer import ByteTokenizer, resolve_tokenizer
+
+    if spec is not None:
+        return resolve_tokenizer(spec)
+    if (model_dir / "tokenizer.json").is_file() or (model_dir / "meta.json").is_file():
+        return resolve_tokenizer(str(model_dir))
+    return ByteTokenizer()
+
+
+class _TextStream:
+    """Turns a growing list of ids into newly printable text (holds back a partial
+    character until its bytes are complete)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+
+def run(args: argparse.Namespace) -> int:
+    from tttlm.data.errors import DataError
+    from tttlm.inference.engine import Engine
+    from tttlm.inference.state import State
+    from tttlm.model.model import TTTForCausalLM
+
+    if args.max_new_tokens < 0:
+        return _error(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if not args.prompt and not args.document:
+        return _error("nothing to read: give --prompt TEXT and/or --document FILE")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    try:
+        model_dir = Path(args.model)
+        model = TTTForCausalLM.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+        tokenizer = _tokenizer(args.tokenizer, model_dir)
+        config = model.config
+        engine = Engine(model, ttt=False if args.no_ttt else None,
+                        cuda_graphs=args.cuda_graphs)
+        state = State.load(args.session, model, device=device) if args.session else None
+        if state is not None and state.batch_size != 1:
+            return _error(f"session {args.session} holds {state.batch_size} sequences; "
+                          "the command line continues one")
+        text = ""
+        if args.document:
+            text = Path(args.document).read_text(encoding="utf-8")
+            if args.prompt:
+                text += "\n"
+        text += args.prompt
+        ids = tokenizer.encode(text)
+        if state is None and not args.no_bos:
+            ids = [config.bos_token_id, *ids]
+        if not ids:
+            return _error("the prompt encodes to no tokens")
+
+        t0 = time.perf_counter()
+        stream = engine.stream([ids], args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                               state=state)
+        _sync(device)
+        t1 = time.perf_counter()
+        out = _TextStream(tokenizer)
+        for step in stream:
+            piece = out.push(step[0])
+            if piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        _sync(device)
+        t2 = time.perf_counter()
+        sys.stdout.write("\n")
+        n_new = len(stream.tokens[0])
+        print(f"read {len(ids)} tokens in {t1 - t0:.2f} s ({len(ids) / (t1 - t0):.1f} tok/s); "
+              f"generated {n_new} tokens in {t2 - t1:.2f} s "
+              f"({n_new / max(t2 - t1, 1e-9):.1f} tok/s); context now "
+              f"{stream.state.lengths[0]} tokens", file=sys.stderr)
+        if args.save_session:
+            stream.state.save(args.save_session)
+            print(f"session saved to {args.save_session}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, DataError, UnicodeDecodeError) as err:
+        return _error(str(err))
+    return 0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,660 @@
+"""Prefill, streaming decode with test-time updates, and generation.
+
+The engine reproduces the training forward (``TTTForCausalLM(..., ttt=True)``, METHOD.md §3)
+one token at a time:
+
+* prefix blocks: sliding-window attention over a ring of the last ``k`` keys (``full``: all
+  keys), RoPE at absolute positions, computed exactly as the training forward computes them.
+  Angles are fp32 (``pos * θ^(-2i/d)``), so far past the trained lengths (~1e6 tokens) their
+  rounding grows (~pos·6e-8 rad), as it would in a training forward that long; the TTT blocks
+  use local positions and are unaffected. Relative positions would bound that error at any
+  length, at the price of re-rotating the cache every token and of no longer reproducing
+  training bit for bit; equivalence with training was preferred;
+* TTT blocks: attention over the cache as it was at the start of the current chunk plus the
+  chunk's own keys, RoPE at the *local* positions the training forward uses (the chunk's keys at
+  ``k .. k+b-1``), the MLPs with the sequence's current fast weights;
+* the inner step of a chunk needs the chunk's last target, the first token of the next chunk.
+  It therefore runs when that token arrives, before the token is processed: the TTT blocks are
+  re-run over the chunk (from the stored prefix outputs and the cache at the chunk's start) with
+  autograd, and one clipped SGD step updates that sequence's fast weights. Every token is thus
+  predicted with exactly the fast weights the training forward would use.
+
+Prefill reads a prompt in pieces that end at chunk boundaries (so memory stays bounded for any
+prompt length) and learns from each full chunk once its last target is read. Sequences of a
+batch are independent. Prompts of equal length (and equal position in their chunk) are
+prefilled as one batch; otherwise one by one, then decoded together. While decoding, a
+sequence's inner step runs at the step where its own chunk completes (sequences completing at
+the same step are updated together), so with ragged prompts a batch pays several inner steps
+per ``b`` tokens, each for a subset of the batch, instead of one for all.
+
+Everything runs under ``torch.inference_mode`` except the inner step, which leaves it to take
+its own gradient; callers may wrap the engine in ``no_grad``/``inference_mode`` or not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from tttlm.config import Variant
+from tttlm.inference.sampling import sample
+from tttlm.inference.state import State, rope_slots, weights_digest
+from tttlm.model.layers import Block
+from tttlm.model.model import TTTForCausalLM
+from tttlm.ops.loss import masked_mean
+from tttlm.ops.rope import apply_rope, rope_angles
+from tttlm.ttt.inner import GradMode, inner_step
+
+Prompts = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """``q [B, H, n, d]`` over ``k, v [B, H, C, d]`` with a bool ``mask [B, 1, n, C]``.
+
+    One query (decoding) goes through two batched matmuls, which read the cache once with the
+    whole GPU (fused kernels parallelise over queries and leave it idle for n = 1); scores and
+    softmax in fp32 (fp64 for fp64), as the reference ``naive_attention``. Several queries
+    (prefill, the inner step) use SDPA, which never materialises ``[n, C]`` scores.
+    """
+    if q.shape[2] > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q @ k.mT).to(compute) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, 1, C]
+    scores = scores.masked_fill(~mask, -0.7 * torch.finfo(compute).max)
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
+def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of ``x [B, n, H, d]`` with per-sequence tables ``[B, n, d/2]``."""
+    B, n, H, d = x.shape
+    return apply_rope(x.reshape(B * n, H, d), cos.reshape(B * n, -1),
+                      sin.reshape(B * n, -1)).view(B, n, H, d)
+
+
+class _Control(NamedTuple):
+    """Per-sequence counters on the device: tokens read, offset in the pending chunk, keys
+    in the TTT cache at the chunk's start; ``rows`` the sequences that advance (None: all)."""
+
+    lengths: torch.Tensor  # [B]
+    offset: torch.Tensor  # [B]
+    past: torch.Tensor  # [B]
+    rows: torch.Tensor | None  # [R]
+
+
+def _buffers(state: State) -> tuple[int, ...]:
+    tensors = [*state._tensors().values(), *state.ttt_keys_rope, *(state.fast_cast or [])]
+    return tuple(t.data_ptr() for t in tensors)
+
+
+class _DecodeGraph:
+    """One captured single-token step of a batch (``Engine._compute``) for one state.
+
+    The graph reads the tokens and counters from static buffers and writes the state's
+    buffers in place; it is valid while those buffers stay where they were captured.
+    """
+
+    def __init__(self, engine: Engine, state: State, tokens: torch.Tensor) -> None:
+        B, device = state.batch_size, state.device
+        self.engine = engine
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.counters = torch.zeros(3, B, dtype=torch.long, device=device)
+        self._load(state, tokens)
+        ctl = _Control(self.counters[0], self.counters[1], self.counters[2], None)
+        # Warm-up on a side stream, as capture requires. It performs the coming step's
+        # writes, which the replay repeats with the same values, so the state stays right.
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            engine._compute(state, self.tokens, ctl, True, True, None)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            logits = engine._compute(state, self.tokens, ctl, True, True, None)
+        assert logits is not None
+        self.logits = logits
+        self.batch = B
+        self.buffers = _buffers(state)
+
+    def fits(self, state: State) -> bool:
+        return state.batch_size == self.batch and _buffers(state) == self.buffers
+
+    def _load(self, state: State, tokens: torch.Tensor) -> None:
+        ctl = self.engine._control(state, None, 1)
+        self.tokens.copy_(tokens[:, None])
+        self.counters.copy_(torch.stack((ctl.lengths, ctl.offset, ctl.past)))
+
+    def replay(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+        self._load(state, tokens)
+        self.graph.replay()
+        return self.logits
+
+
+@dataclass
+class Generation:
+    """What :meth:`Engine.generate` returns.
+
+    Attributes:
+        tokens: the new tokens of every sequence (the stop token included when one was hit).
+        finish_reasons: ``"stop"`` (a stop token was sampled) or ``"length"`` per sequence.
+        state: the state after reading the prompt and every new token, ready to continue.
+    """
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    state: State = field(repr=False)
+
+
+class TokenStream:
+    """Iterator over generated tokens: each item is ``[B]`` ints, ``-1`` for finished rows.
+
+    After the iteration ``tokens``, ``finish_reasons`` and ``state`` hold the results.
+    """
+
+    def __init__(self, engine: Engine, logits: torch.Tensor, state: State, max_new_tokens: int,
+                 temperature: float, top_k: int | None, top_p: float | None,
+                 stop: set[int], seed: int | None) -> None:
+        self.state = state
+        self.tokens: list[list[int]] = [[] for _ in range(state.batch_size)]
+        self.finish_reasons = ["length"] * state.batch_size
+        self._it = self._run(engine, logits, max_new_tokens, temperature, top_k, top_p, stop,
+                             seed)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self._it
+
+    def __next__(self) -> list[int]:
+        return next(self._it)
+
+    def _run(self, engine: Engine, logits: torch.Tensor, max_new_tokens: int,
+             temperature: float, top_k: int | None, top_p: float | None, stop: set[int],
+             seed: int | None) -> Iterator[list[int]]:
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=logits.device)
+            generator.manual_seed(seed)
+        active = list(range(self.state.batch_size))
+        for _ in range(max_new_tokens):
+            if not active:
+                return
+            picked = sample(logits, temperature, top_k, top_p, generator).tolist()
+            out = [-1] * self.state.batch_size
+            for r in active:
+                out[r] = picked[r]
+                self.tokens[r].append(picked[r])
+            yield out
+            # Every sampled token is read into the state (the stop token too), so the state
+            # always holds the whole conversation and a later prompt continues it.
+            logits, _ = engine.step(self.state, torch.tensor(picked), active=active)
+            for r in active:
+                if picked[r] in stop:
+                    self.finish_reasons[r] = "stop"
+            active = [r for r in active if self.finish_reasons[r] != "stop"]
+
+
+class Engine:
+    """Prefill and decode a :class:`TTTForCausalLM` (any variant) with bounded memory.
+
+    Args:
+        model: the model; its weights are used as they are (move/cast the model first).
+        ttt: learn at test time (default: True for ``e2e``). ``False`` keeps the initial
+            fast weights ("pretrain mode").
+        inner_lr: η of the inner step (default ``config.inner_lr``).
+        ignore_bos_targets: like the official data pipeline, a target equal to BOS does not
+            count in a chunk's inner loss (matches training with ``labels == -100`` there).
+        cuda_graphs: on a CUDA device, replay the single-token step of a whole batch as one
+            captured CUDA graph (recaptured when the state's buffers change). The inner step
+            and prefill run eagerly.
+    """
+
+    def __init__(self, model: TTTForCausalLM, *, ttt: bool | None = None,
+                 inner_lr: float | None = None, ignore_bos_targets: bool = True,
+                 cuda_graphs: bool = False) -> None:
+        config = model.config
+        self.model = model
+        self.config = config
+        self.is_e2e = config.variant is Variant.E2E
+        self.ttt = self.is_e2e if ttt is None else ttt
+        if self.ttt and not self.is_e2e:
+            raise ValueError(f"ttt=True needs an e2e model; this one is {config.variant.value!r}")
+        self.inner_lr = config.inner_lr if inner_lr is None else inner_lr
+        self.ignore_bos_targets = ignore_bos_targets
+        self.window = config.window if config.uses_window else None
+        self.chunk = config.chunk_size
+        self.prefix: list[Block] = model.prefix_layers
+        self.ttt_blocks: list[Block] = model.ttt_layers
+        self._fingerprint = config.fingerprint()
+        self._digest = weights_digest(model)
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
+        self.cuda_graphs = cuda_graphs
+        self._graph: _DecodeGraph | None = None
+
+    # --------------------------------------------------------------------------- helpers
+    @property
+    def _param(self) -> torch.Tensor:
+        return self.model.embed.weight
+
+    @property
+    def _fast_dtype(self) -> torch.dtype:
+        return torch.float64 if self._param.dtype == torch.float64 else torch.float32
+
+    def _local_rope(self) -> tuple[torch.Tensor, ...]:
+        """RoPE tables of the TTT blocks' local positions ``0 .. k+b-1`` (built once)."""
+        key = (self._param.device, self._param.dtype)
+        if key not in self._tables:
+            assert self.window is not None
+            pos = torch.arange(self.window + self.chunk, device=self._param.device)
+            self._tables[key] = rope_angles(pos, self.config.head_dim, self.config.rope_theta,
+                                            self._param.dtype)
+        return self._tables[key]
+
+    def _check_tokens(self, tokens: torch.Tensor, what: str) -> None:
+        if tokens.numel() == 0:
+            raise ValueError(f"{what} is empty: give at least one token")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"{what} contains token id {lo if lo < 0 else hi} outside the "
+                             f"model's vocabulary [0, {self.config.vocab_size})")
+
+    def _check_state(self, state: State) -> None:
+        if state.config_fingerprint != self._fingerprint:
+            raise ValueError("this state belongs to a model with another config; a state only "
+                             "continues on the model that made it")
+
+    # ----------------------------------------------------------------------------- state
+    def new_state(self, batch: int = 1) -> State:
+        """The state of ``batch`` sequences that have read nothing yet."""
+        config, p = self.config, self._param
+        H, d = config.num_heads, config.head_dim
+        cap = self.window + self.chunk if self.window is not None else self.chunk
+
+        def zeros(slots: int) -> torch.Tensor:
+            return torch.zeros(batch, H, slots, d, device=p.device, dtype=p.dtype)
+
+        state = State(lengths=[0] * batch, chunks_done=[0] * batch,
+                      prefix_keys=[zeros(cap) for _ in self.prefix],
+                      prefix_values=[zeros(cap) for _ in self.prefix],
+                      config_fingerprint=self._fingerprint, weights_digest=self._digest)
+        if self.is_e2e:
+            assert self.window is not None
+            slots = self.window + self.chunk
+            state.ttt_keys = [zeros(slots) for _ in self.ttt_blocks]
+            state.ttt_values = [zeros(slots) for _ in self.ttt_blocks]
+            state.ttt_keys_rope = [zeros(slots) for _ in self.ttt_blocks]
+            state.pending_hidden = torch.zeros(batch, self.chunk, config.hidden_size,
+                                               device=p.device, dtype=p.dtype)
+            state.pending_tokens = torch.zeros(batch, self.chunk, device=p.device,
+                                               dtype=torch.long)
+            state.fast = [w.detach().to(self._fast_dtype).unsqueeze(0)
+                          .repeat(batch, *([1] * w.dim()))
+                          for block in self.ttt_blocks for w in block.prime.weights()]
+        return state
+
+    # ----------------------------------------------------------------------- public API
+    def prefill(self, input_ids: Prompts,
+                state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Read prompts and return the logits of each prompt's last token ``[B, V]``.
+
+        ``input_ids`` is a ``[B, T]`` tensor or a list of B 1-D token sequences of any
+        lengths. With ``state`` the prompts continue those sequences (a session); without, a
+        new state is made. The state is updated in place and returned.
+        """
+        prompts = self._as_prompts(input_ids)
+        with torch.inference_mode():
+            if state is None:
+                state = self.new_state(len(prompts))
+            self._check_state(state)
+            if state.batch_size != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts for a state of "
+                                 f"{state.batch_size} sequences")
+            same = (len({len(p) for p in prompts}) == 1
+                    and len({self._pending(state, r) for r in range(len(prompts))}) == 1)
+            if same:
+                # One batched pass: all sequences cross chunk boundaries at the same tokens.
+                logits = self._extend(state, torch.stack(prompts))
+            else:
+                parts, rows = [], []
+                for r, prompt in enumerate(prompts):
+                    sub = state.select([r])
+                    parts.append(self._extend(sub, prompt[None]))
+                    rows.append(sub)
+                logits = torch.cat(parts)
+                # Update the caller's object in place, as every other path does.
+                state.__dict__.update(State.stack(rows).__dict__)
+        return logits.clone(), state
+
+    def step(self, state: State, next_tokens: torch.Tensor | Sequence[int],
+             active: Sequence[int] | None = None) -> tuple[torch.Tensor, State]:
+        """Read one token per sequence (``next_tokens [B]``); return the next logits ``[B, V]``.
+
+        A sequence whose pending chunk is full first takes the chunk's inner step (its last
+        target is ``next_tokens``). With ``active``, only those rows are read; the others'
+        state is left unchanged (their logits are meaningless).
+        """
+        with torch.inference_mode():
+            self._check_state(state)
+            tokens = torch.as_tensor(next_tokens, device=state.device).long().reshape(-1)
+            if tokens.shape[0] != state.batch_size:
+                raise ValueError(f"next_tokens has {tokens.shape[0]} tokens for a state of "
+                                 f"{state.batch_size} sequences: give one per sequence")
+            rows = list(range(state.batch_size)) if active is None else list(active)
+            self._check_tokens(tokens[rows], "next_tokens")
+            if self.is_e2e:
+                full = [r for r in rows if self._pending(state, r) == self.chunk]
+                if full:
+                    self._finish_chunk(state, full, tokens[full])
+            if (self.cuda_graphs and state.device.type == "cuda"
+                    and len(rows) == state.batch_size):
+                if self.window is None:
+                    self._grow(state, max(state.lengths) + 1)
+                if self._graph is None or not self._graph.fits(state):
+                    self._graph = None  # free the old graph's memory pool first
+                    self._graph = _DecodeGraph(self, state, tokens)
+                logits = self._graph.replay(state, tokens)
+                for r in rows:
+                    state.lengths[r] += 1
+            else:
+                logits = self._forward(state, tokens[:, None], rows, ttt_forward=True,
+                                       want_logits=True)
+        assert logits is not None
+        return logits.clone(), state
+
+    def stream(self, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
+               top_k: int | None = None, top_p: float | None = None,
+               stop: int | Sequence[int] | None = None, seed: int | None = None,
+               state: State | None = None) -> TokenStream:
+        """Prefill, then yield sampled tokens one step at a time (see :class:`TokenStream`).
+
+        ``temperature == 0`` is greedy decoding; ``stop`` token ids end a sequence (default:
+        the config's EOS; ``()`` for none). ``seed`` makes sampling reproducible.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        if temperature < 0:
+            raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
+        if top_k is not None and top_k <= 0:
+            raise ValueError(f"top_k={top_k} must be positive (None disables it)")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p={top_p} must be in (0, 1] (None disables it)")
+        stops = {self.config.eos_token_id} if stop is None else (
+            {stop} if isinstance(stop, int) else set(stop))
+        logits, state = self.prefill(prompts, state)
+        return TokenStream(self, logits, state, max_new_tokens, temperature, top_k, top_p,
+                           stops, seed)
+
+    def generate(self, prompts: Prompts, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 stop: int | Sequence[int] | None = None, seed: int | None = None,
+                 state: State | None = None) -> Generation:
+        """Generate up to ``max_new_tokens`` per prompt; arguments as :meth:`stream`."""
+        stream = self.stream(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed,
+                             state)
+        for _ in stream:
+            pass
+        return Generation(stream.tokens, stream.finish_reasons, stream.state)
+
+    # -------------------------------------------------------------------------- internals
+    def _as_prompts(self, input_ids: Prompts) -> list[torch.Tensor]:
+        device = self._param.device
+        if isinstance(input_ids, torch.Tensor):
+            if input_ids.dim() == 1:
+                input_ids = input_ids[None]
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, length], got {tuple(input_ids.shape)}")
+            prompts = list(input_ids.to(device).long())
+        else:
+            if len(input_ids) == 0:
+                raise ValueError("no prompts given")
+            prompts = [torch.as_tensor(p, device=device).long().reshape(-1) for p in input_ids]
+        if not prompts:
+            raise ValueError("no prompts given")
+        for i, p in enumerate(prompts):
+            self._check_tokens(p, f"prompt {i}")
+        return prompts
+
+    def _pending(self, state: State, r: int) -> int:
+        """Tokens of sequence r read since its last learned chunk (b when a chunk waits)."""
+        if not self.is_e2e:
+            return state.lengths[r] % self.chunk
+        return state.lengths[r] - self.chunk * state.chunks_done[r]
+
+    def _extend(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+        """Read ``tokens [B, T]`` into sequences that share their position within a chunk."""
+        T, b = tokens.shape[1], self.chunk
+        rows = list(range(state.batch_size))
+        t, logits = 0, None
+        while t < T:
+            pending = self._pending(state, 0)
+            if self.is_e2e and pending == b:
+                self._finish_chunk(state, rows, tokens[:, t])
+                pending = 0
+            n = min(b - pending, T - t)
+            last = t + n == T
+            # A chunk that ends inside the prompt is learned from when the next piece starts;
+            # that step runs the TTT blocks over the chunk anyway, so skip them here.
+            learned_later = self.ttt and not last and pending + n == b
+            logits = self._forward(state, tokens[:, t:t + n], rows,
+                                   ttt_forward=not learned_later, want_logits=last)
+            t += n
+        assert logits is not None
+        return logits
+
+    def _prefix_mask(self, rows_len: torch.Tensor, n: int, cap: int) -> torch.Tensor:
+        """``[B, 1, n, cap]`` visibility of prefix-cache slots for the n new queries."""
+        device = rows_len.device
+        q_pos = rows_len[:, None] + torch.arange(n, device=device)  # [B, n]
+        s = torch.arange(cap, device=device)
+        last = rows_len[:, None] + n - 1  # [B, 1]
+        if self.window is None:
+            k_pos = s.expand(rows_len.shape[0], cap)
+        else:
+            k_pos = last - torch.remainder(last - s, cap)  # latest token held by slot s
+        diff = q_pos[:, :, None] - k_pos[:, None, :]  # [B, n, cap]
+        allowed = (k_pos[:, None, :] >= 0) & (diff >= 0)
+        if self.window is not None:
+            allowed &= diff < self.window
+        return allowed[:, None]
+
+    def _grow(self, state: State, needed: int) -> None:
+        """Full attention: double the cache until ``needed`` slots fit."""
+        cap = state.prefix_keys[0].shape[2]
+        if needed <= cap:
+            return
+        new = max(needed, 2 * cap)
+        pad = (0, 0, 0, new - cap)
+        state.prefix_keys = [F.pad(t, pad) for t in state.prefix_keys]
+        state.prefix_values = [F.pad(t, pad) for t in state.prefix_values]
+
+    def _control(self, state: State, rows: list[int] | None, n: int) -> _Control:
+        """Device copies of the per-sequence counters a forward over n new tokens needs."""
+        device = state.device
+        # Rows left out may sit on a full chunk; clamp so their (discarded) work stays in
+        # bounds.
+        offset = [min(self._pending(state, r), self.chunk - n) for r in range(state.batch_size)]
+        past = [min(self.window or 0, self.chunk * c) for c in state.chunks_done]
+        counters = torch.tensor([state.lengths, offset, past], device=device)  # one copy
+        sel = None if rows is None else torch.tensor(rows, device=device)
+        return _Control(counters[0], counters[1], counters[2], sel)
+
+    def _forward(self, state: State, tokens: torch.Tensor, rows: list[int], ttt_forward: bool,
+                 want_logits: bool) -> torch.Tensor | None:
+        """Read ``tokens [B, n]``: every row in ``rows`` advances by n tokens, all within its
+        pending chunk. Returns the logits of the last new token ``[B, V]`` if asked."""
+        n = tokens.shape[1]
+        if self.window is None:
+            self._grow(state, max(state.lengths) + n)
+        every = len(rows) == state.batch_size
+        ctl = self._control(state, None if every else rows, n)
+        # Full attention: slots past the longest sequence hold nothing yet.
+        used = max(state.lengths) + n if self.window is None else None
+        logits = self._compute(state, tokens, ctl, ttt_forward, want_logits, used)
+        for r in rows:
+            state.lengths[r] += n
+        return logits
+
+    def _compute(self, state: State, tokens: torch.Tensor, ctl: _Control, ttt_forward: bool,
+                 want_logits: bool, used: int | None) -> torch.Tensor | None:
+        """The device work of :meth:`_forward`: no host synchronisation, state written in
+        place, so that a CUDA graph can capture it."""
+        config, device = self.config, tokens.device
+        B, n = tokens.shape
+        # Rows outside ctl.rows are computed as if they advanced, but nothing of theirs is kept.
+        if ctl.rows is None:
+            ri = torch.arange(B, device=device)[:, None]  # [B, 1]
+
+            def keep(t: torch.Tensor) -> torch.Tensor:
+                return t
+        else:
+            ri = ctl.rows[:, None]  # [R, 1]
+
+            def keep(t: torch.Tensor) -> torch.Tensor:
+                return t.index_select(0, ctl.rows)
+        q_pos = ctl.lengths[:, None] + torch.arange(n, device=device)  # [B, n]
+
+        h = self.model.embed(tokens)  # [B, n, D]
+        if self.prefix:
+            cap = state.prefix_keys[0].shape[2]
+            cos, sin = rope_angles(q_pos.reshape(-1), config.head_dim, config.rope_theta,
+                                   self._param.dtype)
+            cos, sin = cos.view(B, n, -1), sin.view(B, n, -1)
+            slots = keep(torch.remainder(q_pos, cap))  # [R, n]
+            mask = self._prefix_mask(ctl.lengths, n, cap)
+            if used is not None:
+                mask = mask[..., :used]
+            for i, layer in enumerate(self.prefix):
+                q, k, v = layer.attn.project(layer.attn_norm(h))  # [B, n, H, d]
+                q, k = _rope_rows(q, cos, sin), _rope_rows(k, cos, sin)
+                keys, values = state.prefix_keys[i], state.prefix_values[i]
+                keys[ri, :, slots] = keep(k)
+                values[ri, :, slots] = keep(v)
+                if used is not None:
+                    keys, values = keys[:, :, :used], values[:, :, :used]
+                out = decode_attention(q.transpose(1, 2), keys, values, mask)  # [B, H, n, d]
+                h = h + layer.attn_post_norm(layer.attn.merge(out.transpose(1, 2)))
+                h = layer.feed_forward(h)
+
+        if self.is_e2e:
+            assert state.pending_hidden is not None and state.pending_tokens is not None
+            at = ctl.offset[:, None] + torch.arange(n, device=device)  # [B, n] index in chunk
+            state.pending_hidden[ri, keep(at)] = keep(h)
+            state.pending_tokens[ri, keep(at)] = keep(tokens)
+            if ttt_forward:
+                h = self._ttt_decode(state, h, ri, keep, at, ctl.past)
+        if not want_logits:
+            return None
+        _, logits = self.model._head_nll(h[:, -1:], None, True)
+        assert logits is not None
+        return logits[:, 0]
+
+    def _ttt_decode(self, state: State, h: torch.Tensor, ri: torch.Tensor, keep: Any,
+                    at: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        """The TTT blocks over new tokens at chunk offsets ``at [B, n]`` (no learning)."""
+        assert self.window is not None
+        W, device = self.window, h.device
+        cos_t, sin_t = self._local_rope()
+        q_slot = W + at  # [B, n] local position of each new token
+        cos, sin = cos_t[q_slot], sin_t[q_slot]  # [B, n, d/2]
+        s = torch.arange(W + self.chunk, device=device)
+        diff = q_slot[:, :, None] - s  # [B, n, W+b]
+        mask = ((s >= W - past[:, None, None]) & (diff >= 0) & (diff < W))[:, None]
+        slots = keep(q_slot)
+        for j, layer in enumerate(self.ttt_blocks):
+            q, k, v = layer.attn.project(layer.attn_norm(h))  # [B, n, H, d]
+            q, k_rope = _rope_rows(q, cos, sin), _rope_rows(k, cos, sin)
+            state.ttt_keys[j][ri, :, slots] = keep(k)
+            state.ttt_keys_rope[j][ri, :, slots] = keep(k_rope)
+            state.ttt_values[j][ri, :, slots] = keep(v)
+            out = decode_attention(q.transpose(1, 2), state.ttt_keys_rope[j],
+                                   state.ttt_values[j], mask)
+            h = h + layer.attn_post_norm(layer.attn.merge(out.transpose(1, 2)))
+            h = layer.feed_forward(h, self._fast_weights(state, j, h.dtype))
+        return h
+
+    def _fast_weights(self, state: State, j: int,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """TTT block j's fast weights in the compute dtype; the cast copy (bf16 models keep
+        fp32 fast weights) is made once per chunk, not once per token."""
+        if state.fast[0].dtype == dtype:
+            w = state.fast
+        else:
+            if state.fast_cast is None or state.fast_cast[0].dtype != dtype:
+                state.fast_cast = [t.to(dtype) for t in state.fast]
+            w = state.fast_cast
+        return w[3 * j], w[3 * j + 1], w[3 * j + 2]
+
+    def _finish_chunk(self, state: State, rows: list[int], last_targets: torch.Tensor) -> None:
+        """Learn from the full pending chunk of ``rows`` (whose last target is
+        ``last_targets [R]``), then make the chunk part of the cache."""
+        assert self.window is not None
+        assert state.pending_hidden is not None and state.pending_tokens is not None
+        W, b, device = self.window, self.chunk, state.device
+        idx = torch.tensor(rows, device=device)
+        if self.ttt:
+            new_fast, chunk_kv = self._inner_step(state, idx, rows, last_targets)
+            for w, new in zip(state.fast, new_fast):
+                w[idx] = new.to(w.dtype)
+            if state.fast_cast is not None:
+                # In place, so that a captured decode graph sees the new weights.
+                for c, w in zip(state.fast_cast, state.fast):
+                    c.copy_(w)
+            for j, (k, k_rope, v) in enumerate(chunk_kv):
+                # Keep the keys of the learning forward: the training cache holds those.
+                state.ttt_keys[j][idx, :, W:] = k
+                state.ttt_keys_rope[j][idx, :, W:] = k_rope
+                state.ttt_values[j][idx, :, W:] = v
+        for j in range(len(self.ttt_blocks)):
+            # The cache after the chunk is the last W keys of (cache ⊕ chunk): shift by b.
+            for buf in (state.ttt_keys[j], state.ttt_values[j]):
+                buf[idx, :, :W] = buf[idx, :, b:].clone()
+            state.ttt_keys_rope[j][idx, :, :W] = rope_slots(state.ttt_keys[j][idx, :, :W],
+                                                            self.config)
+        for r in rows:
+            state.chunks_done[r] += 1
+
+    def _inner_step(self, state: State, idx: torch.Tensor, rows: list[int],
+                    last_targets: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple]]:
+        """Re-run the TTT blocks over the pending chunk with autograd and take one inner step.
+
+        Same computation as the training forward's chunk (``TTTForCausalLM._ttt_chunk``): the
+        chunk's prefix outputs, the cache at the chunk's start, the fast weights in effect.
+        """
+        assert state.pending_hidden is not None and state.pending_tokens is not None
+        assert self.window is not None
+        W, b, device = self.window, self.chunk, state.device
+        cos_t, sin_t = self._local_rope()
+        # Leave inference mode: autograd refuses inference tensors, so everything read from
+        # the state (or made under inference mode, like the RoPE tables) is copied first.
+        with torch.inference_mode(False), torch.enable_grad():
+            cos, sin = cos_t[W:W + b].clone(), sin_t[W:W + b].clone()
+            past = torch.tensor([min(W, b * state.chunks_done[r]) for r in rows], device=device)
+            s = torch.arange(W + b, device=device)
+            diff = (W + torch.arange(b, device=device))[:, None] - s  # [b, W+b]
+            mask = ((s >= W - past[:, None, None]) & (diff >= 0) & (diff < W))[:, None]
+            h = state.pending_hidden[idx].clone()  # [R, b, D]
+            targets = torch.cat((state.pending_tokens[idx, 1:], last_targets[:, None].long()),
+                                dim=1).clone()  # [R, b]
+            counted = torch.ones_like(targets, dtype=torch.bool)
+            if self.ignore_bos_targets:
+                counted = targets != self.config.bos_token_id
+            fast = [w[idx].clone().requires_grad_(True) for w in state.fast]
+            chunk_kv = []
+            for j, layer in enumerate(self.ttt_blocks):
+                q, k, v = layer.attn.project(layer.attn_norm(h))  # [R, b, H, d]
+                q, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                keys = torch.cat((state.ttt_keys_rope[j][idx, :, :W], k_rope.transpose(1, 2)), 2)
+                values = torch.cat((state.ttt_values[j][idx, :, :W], v.transpose(1, 2)), 2)
+                out = decode_attention(q.transpose(1, 2), keys, values, mask)  # [R, H, b, d]
+                h = h + layer.attn_post_norm(layer.attn.merge(out.transpose(1, 2)))
+                h = layer.feed_forward(h, tuple(w.to(h.dtype) for w in fast[3 * j:3 * j + 3]))
+                chunk_kv.append((k.detach().transpose(1, 2), k_rope.detach().transpose(1, 2),
+                                 v.detach().transpose(1, 2)))
+            nll, _ = self.model._head_nll(h, targets, False)
+            loss = masked_mean(nll, counted)  # [R]
+            new_fast, _ = inner_step(loss, fast, self.inner_lr, self.config.inner_clip,
+                                     GradMode.NONE)
+        return new_fast, chunk_kv

@@ -1,0 +1,49 @@
+"""``tttlm generate``: streams text, keeps sessions, reports user errors in one line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tttlm import TTTConfig, TTTForCausalLM
+from tttlm.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    # Byte-level vocabulary (256), so the CLI falls back to the byte tokenizer.
+    config = TTTConfig.from_preset("tiny", window=16, chunk_size=8, hidden_size=32)
+    return TTTForCausalLM(config).save_pretrained(tmp_path_factory.mktemp("model"))
+
+
+def test_generate_and_continue_session(model_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("A document the model reads before the prompt. " * 2)
+    session = tmp_path / "session"
+    args = ["generate", "--model", str(model_dir), "--max-new-tokens", "6", "--seed", "0"]
+    assert main([*args, "--document", str(doc), "--prompt", "Hi",
+                 "--save-session", str(session)]) == 0
+    err = capsys.readouterr().err
+    assert "tok/s" in err and "session saved" in err
+    assert (session / "session.json").is_file()
+    assert main([*args, "--prompt", " more", "--session", str(session),
+                 "--temperature", "0"]) == 0
+    assert "context now" in capsys.readouterr().err
+
+
+def test_user_errors(model_dir: Path, tmp_path: Path,
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(model_dir)]) == 2
+    assert capsys.readouterr().err.startswith("tttlm: error: nothing to read")
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not a tttlm model directory" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x",
+                 "--max-new-tokens", "-1"]) == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x",
+                 "--session", str(tmp_path / "none")]) == 2
+    assert "not a tttlm session" in capsys.readouterr().err
