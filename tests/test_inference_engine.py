@@ -184,3 +184,25 @@ def test_official_fixture(ignore_bos: bool, key: str) -> None:
     prefill = 170  # five chunks learned in prefill, two while decoding
     got = engine_nll(Engine(model, ignore_bos_targets=ignore_bos), x, y, [prefill])
     assert_close(got[0], ref[0, prefill - 1:], atol=1e-4, name=key)
+
+
+def test_decoding_under_bf16_autocast_runs_and_agrees() -> None:
+    """Caches keep their dtype when autocast hands them bf16 keys (the GPU configuration)."""
+    import torch as _torch
+
+    from tttlm import TTTConfig, TTTForCausalLM
+    from tttlm.inference import Engine
+
+    _torch.manual_seed(0)
+    model = TTTForCausalLM(TTTConfig.from_preset("tiny"))
+    engine = Engine(model)
+    x = _torch.randint(0, 256, (2, 100), generator=_torch.Generator().manual_seed(0))
+    with _torch.inference_mode():
+        ref, state = engine.prefill(x)
+        ref, state = engine.step(state, x[:, -1])
+        with _torch.autocast("cpu", dtype=_torch.bfloat16):
+            low, low_state = engine.prefill(x)
+            low, low_state = engine.step(low_state, x[:, -1])
+    assert _torch.isfinite(low.float()).all()
+    # bf16 matmuls: agreement to about 1e-2 of the logit scale, not bitwise.
+    assert (low.float() - ref).abs().max() < 5e-2 * ref.abs().max() + 5e-2

@@ -530,8 +530,8 @@ class Engine:
                 q, k, v = layer.attn.project(layer.attn_norm(h))  # [B, n, H, d]
                 q, k = _rope_rows(q, cos, sin), _rope_rows(k, cos, sin)
                 keys, values = state.prefix_keys[i], state.prefix_values[i]
-                keys[ri, :, slots] = keep(k)
-                values[ri, :, slots] = keep(v)
+                keys[ri, :, slots] = keep(k).to(keys.dtype)
+                values[ri, :, slots] = keep(v).to(values.dtype)
                 if used is not None:
                     keys, values = keys[:, :, :used], values[:, :, :used]
                 out = decode_attention(q.transpose(1, 2), keys, values, mask)  # [B, H, n, d]
@@ -541,7 +541,7 @@ class Engine:
         if self.is_e2e:
             assert state.pending_hidden is not None and state.pending_tokens is not None
             at = ctl.offset[:, None] + torch.arange(n, device=device)  # [B, n] index in chunk
-            state.pending_hidden[ri, keep(at)] = keep(h)
+            state.pending_hidden[ri, keep(at)] = keep(h).to(state.pending_hidden.dtype)
             state.pending_tokens[ri, keep(at)] = keep(tokens)
             if ttt_forward:
                 h = self._ttt_decode(state, h, ri, keep, at, ctl.past)
@@ -566,9 +566,10 @@ class Engine:
         for j, layer in enumerate(self.ttt_blocks):
             q, k, v = layer.attn.project(layer.attn_norm(h))  # [B, n, H, d]
             q, k_rope = _rope_rows(q, cos, sin), _rope_rows(k, cos, sin)
-            state.ttt_keys[j][ri, :, slots] = keep(k)
-            state.ttt_keys_rope[j][ri, :, slots] = keep(k_rope)
-            state.ttt_values[j][ri, :, slots] = keep(v)
+            state.ttt_keys[j][ri, :, slots] = keep(k).to(state.ttt_keys[j].dtype)
+            state.ttt_keys_rope[j][ri, :, slots] = keep(k_rope).to(
+                state.ttt_keys_rope[j].dtype)
+            state.ttt_values[j][ri, :, slots] = keep(v).to(state.ttt_values[j].dtype)
             out = decode_attention(q.transpose(1, 2), state.ttt_keys_rope[j],
                                    state.ttt_values[j], mask)
             h = h + layer.attn_post_norm(layer.attn.merge(out.transpose(1, 2)))
@@ -604,9 +605,9 @@ class Engine:
                     c.copy_(w)
             for j, (k, k_rope, v) in enumerate(chunk_kv):
                 # Keep the keys of the learning forward: the training cache holds those.
-                state.ttt_keys[j][idx, :, W:] = k
-                state.ttt_keys_rope[j][idx, :, W:] = k_rope
-                state.ttt_values[j][idx, :, W:] = v
+                state.ttt_keys[j][idx, :, W:] = k.to(state.ttt_keys[j].dtype)
+                state.ttt_keys_rope[j][idx, :, W:] = k_rope.to(state.ttt_keys_rope[j].dtype)
+                state.ttt_values[j][idx, :, W:] = v.to(state.ttt_values[j].dtype)
         for j in range(len(self.ttt_blocks)):
             # The cache after the chunk is the last W keys of (cache ⊕ chunk): shift by b.
             for buf in (state.ttt_keys[j], state.ttt_values[j]):
