@@ -120,9 +120,21 @@ def _window_block_mask(T: int, window: int, device: torch.device) -> Any:
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
 
+def _common_dtype(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Cast to one dtype, as SDPA and einsum do: the autocast dtype inside an autocast region
+    (q may be fp32 after the norms while v is bf16), else the promoted dtype."""
+    device = xs[0].device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    else:
+        dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    return [x.to(dtype) for x in xs]
+
+
 def _flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            window: int) -> torch.Tensor:
     """Sliding-window attention through ``flex_attention``: only blocks inside the band run."""
+    q, k, v = _common_dtype(q, k, v)
     block_mask = _window_block_mask(q.shape[1], window, q.device)
     out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            block_mask=block_mask)
@@ -175,5 +187,5 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if use_triton and triton_can_run(q):
         from tttlm.ops.triton_chunk_attention import triton_chunk_attention
 
-        return triton_chunk_attention(q, k, v, q_pos, k_pos, window)
+        return triton_chunk_attention(*_common_dtype(q, k, v), q_pos, k_pos, window)
     return naive_attention(q, k, v, window_mask(q_pos, k_pos, window))

@@ -31,7 +31,7 @@ import triton.language as tl
 from tttlm.ops._triton import triton_interpreting
 
 # Masked scores: finite so that a tile masked for a whole row never gives exp(-inf - -inf).
-_NEG = -1.0e30
+_NEG = tl.constexpr(-1.0e30)
 
 
 @dataclass
@@ -380,9 +380,10 @@ def _constants(x: torch.Tensor, meta: _Meta) -> dict[str, object]:
     fp64 = x.dtype == torch.float64
     return dict(D=meta.d, HAS_WINDOW=meta.window is not None,
                 ACC=tl.float64 if fp64 else tl.float32,
-                # fp32 and fp64 products in full precision; tf32 is the (ignored) default for
-                # 16-bit operands, which the tensor cores multiply exactly.
-                PREC="ieee" if x.dtype in (torch.float32, torch.float64) else "tf32",
+                # fp64 (interpreter only) exact; fp32 as 3xTF32 on tensor cores, about fp32
+                # accuracy (IEEE fp32 products become FMA loops that take ~a minute to
+                # compile and run slowly); tf32 is the ignored default for 16-bit operands.
+                PREC={torch.float64: "ieee", torch.float32: "tf32x3"}.get(x.dtype, "tf32"),
                 BD=max(16, triton.next_power_of_2(meta.d)))
 
 

@@ -1,0 +1,91 @@
+"""Timing, environment records and report writing shared by the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tttlm.ops._triton import triton_version
+
+# Dense bf16 tensor-core peak of the cards we report on (datasheet, without sparsity), for MFU.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Card, software versions and the command line: what makes a number reproducible."""
+    cuda = device.type == "cuda"
+    return {"device": torch.cuda.get_device_name(device) if cuda else platform.processor(),
+            "torch": torch.__version__, "triton": triton_version(),
+            "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(),
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, repeats: int,
+              warmup: int = 1) -> list[float]:
+    """Wall seconds of ``repeats`` calls after ``warmup`` (synchronised around each call)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def median(times: Sequence[float]) -> float:
+    return statistics.median(times)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def write_report(out: Path, title: str, env: dict[str, Any], rows: list[dict[str, Any]],
+                 columns: Sequence[str], notes: Sequence[str] = ()) -> tuple[Path, Path]:
+    """Write ``<out>.json`` (everything) and ``<out>.md`` (a table of ``columns``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
+    json_path.write_text(json.dumps({"title": title, "env": env, "rows": rows,
+                                     "notes": list(notes)}, indent=2) + "\n")
+    lines = [f"# {title}", "", *(f"- {k}: `{v}`" for k, v in env.items()), "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    for note in notes:
+        lines += ["", note]
+    md_path.write_text("\n".join(lines) + "\n")
+    return json_path, md_path

@@ -1,0 +1,180 @@
+"""The Triton chunk attention against the naive reference: outputs, gradients, gradients of
+gradients, and the whole model's outer gradient against the official fixture.
+
+Without a GPU the kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here
+before Triton compiles anything), in float64, on tiny shapes; skipped when Triton is missing.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from _helpers import assert_close
+
+if not torch.cuda.is_available():
+    # Must be set before the kernels are decorated (Triton reads it at @triton.jit time).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
+    # Triton 3.6's interpreter turns runtime loop bounds into 1-element NumPy arrays and calls
+    # int() on them, which current NumPy refuses; 3.9 is the oldest interpreter verified here.
+    pytest.skip("the Triton CPU interpreter before 3.9 cannot run these kernels",
+                allow_module_level=True)
+
+from tttlm.ops.attention import (  # noqa: E402
+    attention_backend,
+    chunk_attention,
+    naive_attention,
+    window_mask,
+)
+from tttlm.ops.triton_chunk_attention import triton_chunk_attention  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp64 under the interpreter (exact up to summation order); fp32 on a GPU (no fp64 tile products
+# there), where the kernel multiplies fp32 tiles with 3xTF32 (about fp32 accuracy).
+DTYPE = torch.float64 if DEVICE == "cpu" else torch.float32
+TOL = 1e-10 if DTYPE is torch.float64 else 2e-5
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """fp64: max-abs error at summation-order level; fp32 (GPU): relative L2 error, since
+    second-order terms grow with the inputs' scale."""
+    if DTYPE is torch.float64:
+        assert_close(actual, expected, atol=100 * TOL, name=name)
+    else:
+        assert_close(actual, expected, rel_l2=1e-4, name=name)
+
+
+def _inputs(B: int, c: int, past: int, H: int, d: int, start: int,
+            seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=DTYPE).to(DEVICE).requires_grad_(True)
+
+    q, k, v = rand(B, c, H, d), rand(B, past + c, H, d), rand(B, past + c, H, d)
+    q_pos = torch.arange(start, start + c, device=DEVICE)
+    k_pos = torch.arange(start - past, start + c, device=DEVICE)
+    return q, k, v, q_pos, k_pos
+
+
+# (B, c, past, H, d, window, start): the cache full, partly before position 0 (masked keys),
+# empty; no window; a head dim that is not a power of two; lengths that are not tile multiples.
+CASES = {
+    "B1-c20-past30-H2-d16-w24": (1, 20, 30, 2, 16, 24, 40),
+    "B2-c16-past0-H1-d8-nowin": (2, 16, 0, 1, 8, None, 0),
+    "B1-c21-past43-H2-d24-w40-cachebefore0": (1, 21, 43, 2, 24, 40, 20),
+    "B1-c7-past17-H3-d5-w9": (1, 7, 17, 3, 5, 9, 17),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_matches_naive_to_second_order(case: tuple) -> None:
+    B, c, past, H, d, window, start = case
+    q, k, v, q_pos, k_pos = _inputs(B, c, past, H, d, start)
+    ref = naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
+    out = triton_chunk_attention(q, k, v, q_pos, k_pos, window)
+    _close(out, ref, "output")
+
+    do = torch.randn_like(out).requires_grad_(True)
+    g_ref = torch.autograd.grad(ref, (q, k, v), do, create_graph=True)
+    g_out = torch.autograd.grad(out, (q, k, v), do, create_graph=True)
+    for name, a, e in zip("qkv", g_out, g_ref):
+        _close(a, e, f"d{name}")
+
+    # Gradient of a random functional of (dQ, dK, dV) w.r.t. Q, K, V and the incoming dO.
+    w = [torch.randn_like(g) for g in g_ref]
+    h_ref = torch.autograd.grad(sum((g * x).sum() for g, x in zip(g_ref, w)), (q, k, v, do))
+    h_out = torch.autograd.grad(sum((g * x).sum() for g, x in zip(g_out, w)), (q, k, v, do))
+    for name, a, e in zip(("q", "k", "v", "dO"), h_out, h_ref):
+        _close(a, e, f"second-order {name}")
+
+
+def test_partial_cotangents() -> None:
+    """Only dQ used downstream (the others' cotangents arrive as zeros) still matches."""
+    q, k, v, q_pos, k_pos = _inputs(1, 9, 11, 2, 8, 11)
+    grads = []
+    for fn in (triton_chunk_attention,
+               lambda *a: naive_attention(*a[:3], window_mask(a[3], a[4], a[5]))):
+        out = fn(q, k, v, q_pos, k_pos, 12)
+        dq = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)[0]
+        grads.append(torch.autograd.grad(dq.sin().sum(), (q, k, v)))
+    for name, a, e in zip("qkv", *grads):
+        _close(a, e, name)
+
+
+@pytest.mark.skipif(DTYPE is not torch.float64, reason="gradcheck needs float64 (interpreter only)")
+def test_gradcheck_and_gradgradcheck() -> None:
+    q, k, v, q_pos, k_pos = _inputs(1, 5, 4, 1, 4, 4)
+
+    def fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return triton_chunk_attention(q, k, v, q_pos, k_pos, 6)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+    assert torch.autograd.gradgradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_dispatch_override() -> None:
+    q, k, v, q_pos, k_pos = _inputs(1, 8, 8, 1, 8, 8)
+    with attention_backend("triton"):
+        fast = chunk_attention(q, k, v, q_pos, k_pos, 10)
+    with attention_backend("naive"):
+        ref = chunk_attention(q, k, v, q_pos, k_pos, 10)
+    assert "ChunkAttention" in type(fast.grad_fn).__name__
+    assert "ChunkAttention" not in type(ref.grad_fn).__name__
+    _close(fast, ref, "dispatch")
+
+
+def test_model_meta_gradient_with_kernel_matches_naive() -> None:
+    """The whole outer gradient (second order through every inner step and the KV caches)
+    with the kernel equals the naive path's, over chunks that wrap the window."""
+    from _helpers import grads, tiny_model, tokens
+
+    # Window 8, chunk 4, 3 chunks (the last partial): the third chunk's window drops key 0.
+    model = tiny_model(dtype=DTYPE, window=8).to(DEVICE)
+    x, y = (t.to(DEVICE) for t in tokens(model, batch=2, length=11))
+    results = []
+    for backend in ("triton", "naive"):
+        with attention_backend(backend):
+            out = model(x, y, ttt=True)
+            out.loss.backward()
+        results.append((out.loss.detach(), grads(model)))
+    (loss, g_fast), (loss_ref, g_ref) = results
+    _close(loss, loss_ref, "meta loss")
+    assert set(g_fast) == set(g_ref)
+    for name in g_ref:
+        assert_close(g_fast[name], g_ref[name], rel_l2=1e-8 if DTYPE is torch.float64 else 1e-4,
+                     name=name)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 tile products need a GPU")
+def test_bf16_error_like_naive_bf16() -> None:
+    """In bf16 the kernel's error (against an fp32 reference) is no worse than the naive
+    path's own bf16 error, for outputs, gradients and second-order terms."""
+    q, k, v, q_pos, k_pos = _inputs(2, 128, 384, 4, 64, 1000)
+    do = torch.randn_like(q)
+    w = [torch.randn_like(t) for t in (q, k, v)]
+
+    def run(fn, dtype: torch.dtype) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+        xs = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        dox = do.to(dtype).requires_grad_(True)
+        out = fn(*xs)
+        g = torch.autograd.grad(out, xs, dox, create_graph=True)
+        h = torch.autograd.grad(sum((a * b.to(dtype)).sum() for a, b in zip(g, w)), [*xs, dox])
+        return [t.detach().float() for t in (out, *g, *h)]
+
+    def naive(*x: torch.Tensor) -> torch.Tensor:
+        return naive_attention(*x, window_mask(q_pos, k_pos, 256))
+
+    def fast(*x: torch.Tensor) -> torch.Tensor:
+        return triton_chunk_attention(*x, q_pos, k_pos, 256)
+
+    ref = run(naive, torch.float32)
+    names = ["out", "dq", "dk", "dv", "q2", "k2", "v2", "do2"]
+    for name, a, b, e in zip(names, run(fast, torch.bfloat16), run(naive, torch.bfloat16), ref):
+        err_naive = float((b - e).norm() / e.norm())
+        # bf16 operands: 1e-3..1e-2 relative error is their rounding; allow 2x the naive path.
+        assert_close(a, e, rel_l2=max(2 * err_naive, 1e-2), name=name)
