@@ -1,0 +1,369 @@
+"""Training configuration: one typed dataclass, resolved from a preset, a file and overrides.
+
+Resolution order (later wins): a named preset (:data:`PRESETS`), a JSON config file, then
+``key=value`` overrides (``--set`` on the command line). Keys prefixed ``model.`` go to
+``model_overrides`` and reach :meth:`tttlm.config.TTTConfig.from_preset`, e.g.
+``--set model.window=256``. The resolved config is written to every run folder, so a run can
+always be repeated from its own ``train_config.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tttlm.config import PRESETS as MODEL_PRESETS
+from tttlm.config import TTTConfig, Variant
+from tttlm.ttt.inner import GradMode
+
+CONFIG_FILE = "train_config.json"
+
+
+class Parallel(str, enum.Enum):
+    """How a model is spread over the processes of a ``torchrun`` job."""
+
+    AUTO = "auto"  # DDP when there is more than one process, else nothing
+    DDP = "ddp"  # a full replica per process, gradients all-reduced
+    FSDP = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``tttlm train`` needs to reproduce a run.
+
+    Attributes:
+        model: model size preset (``tiny 125m 350m 760m 1b 3b``); ignored with ``init_from``,
+            which takes the architecture from the loaded weights.
+        mode: ``e2e`` (TTT-E2E, meta-learning), ``swa`` or ``full`` (the baselines).
+        ttt: run the inner loop while training (``e2e`` only); ``False`` trains the E2E
+            architecture in pretrain mode (``tttlm train --mode e2e --no-ttt``).
+        model_overrides: fields of :class:`tttlm.config.TTTConfig` to change (window, ...).
+        init_from: a model folder or a run folder to load weights from (context extension);
+            optimizer, schedule and data position start fresh.
+        data: a prepared data folder (``tttlm data prepare``).
+        train_split: split of ``data`` to train on.
+        val_split: split to evaluate on (``""``: no evaluation).
+        seq_len: tokens per training sequence.
+        batch_size: sequences per optimizer step, over all processes together.
+        micro_batch_size: sequences per forward pass and process (0: the whole per-process
+            batch at once); the rest is gradient accumulation.
+        steps: optimizer steps of the whole run (the schedule's length).
+        lr: peak outer learning rate (AdamW).
+        end_lr: learning rate at the last step (cosine decay target).
+        warmup_frac: fraction of ``steps`` of linear LR warmup.
+        weight_decay: AdamW decoupled weight decay, on every parameter (official recipe).
+        beta1: AdamW β1.
+        beta2: AdamW β2.
+        eps: AdamW ε.
+        grad_clip: global L2 norm the outer gradient is clipped to (0: no clipping).
+        inner_lr: η after warmup (``None``: the model config's, 1 in every preset).
+        inner_lr_warmup_frac: fraction of ``steps`` over which η ramps from the model's
+            ``inner_lr_init`` to ``inner_lr`` (0: η fixed, as in context extension).
+        grad_mode: ``exact`` (second order through the inner steps) or ``first_order``.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        dtype: parameter dtype: ``float32``, or ``float64`` for exactness tests.
+        autocast: ``auto`` (bf16 autocast on CUDA, none on CPU), ``bf16`` or ``none``.
+        activation_checkpointing: recompute activations in the backward pass (TTT chunks and
+            whole-sequence blocks) to save memory.
+        compile: ``torch.compile`` the whole-sequence blocks (prefix and baselines); the inner
+            loop needs double backward, which compiled code lacks, so it stays eager.
+        parallel: ``auto``, ``ddp`` or ``fsdp`` under ``torchrun``.
+        seed: seed of model init and of the data order.
+        num_threads: CPU threads for torch (0: torch's default).
+        log_every: steps between metric lines.
+        eval_every: steps between evaluations (0: only at the end).
+        eval_sequences: validation sequences per evaluation (0: the whole split).
+        save_every: steps between checkpoints (0: only at the end and on Ctrl-C).
+        keep_checkpoints: most recent checkpoints kept on disk.
+        out_dir: run folder (config, metrics, checkpoints, final model).
+        tensorboard: also write TensorBoard events when the package is installed.
+        progress: show a progress bar.
+    """
+
+    model: str = "tiny"
+    mode: Variant = Variant.E2E
+    ttt: bool = True
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    data: str = ""
+    train_split: str = "train"
+    val_split: str = "val"
+    seq_len: int = 256
+    batch_size: int = 8
+    micro_batch_size: int = 0
+    steps: int = 100
+    lr: float = 3e-3
+    end_lr: float = 1e-5
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    inner_lr: float | None = None
+    inner_lr_warmup_frac: float = 0.1
+    grad_mode: GradMode = GradMode.EXACT
+    device: str = "auto"
+    dtype: str = "float32"
+    autocast: str = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    parallel: Parallel = Parallel.AUTO
+    seed: int = 0
+    num_threads: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    eval_sequences: int = 16
+    save_every: int = 0
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, kind in (("mode", Variant), ("grad_mode", GradMode), ("parallel", Parallel)):
+            value = getattr(self, name)
+            try:
+                setattr(self, name, kind(value))
+            except ValueError:
+                choices = ", ".join(v.value for v in kind)
+                raise ValueError(f"{name}={value!r} is not known; use one of {choices}") from None
+        if self.mode is not Variant.E2E:
+            # The baselines have no fast weights: there is no inner loop to switch on.
+            self.ttt = False
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("seq_len", "batch_size", "steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        for name in ("micro_batch_size", "log_every", "eval_every", "eval_sequences",
+                     "save_every", "num_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1 so that a "
+                             "run can be resumed")
+        for name in ("warmup_frac", "inner_lr_warmup_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
+        if self.lr <= 0 or self.end_lr < 0 or self.end_lr > self.lr:
+            raise ValueError(f"lr={self.lr}, end_lr={self.end_lr}: need 0 <= end_lr <= lr, "
+                             "lr > 0")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"grad_clip={self.grad_clip} and weight_decay={self.weight_decay} "
+                             "must be >= 0")
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide "
+                             f"batch_size={self.batch_size}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype={self.dtype!r}: use float32 (bf16 comes from autocast) or "
+                             "float64")
+        if self.autocast not in ("auto", "bf16", "none"):
+            raise ValueError(f"autocast={self.autocast!r}: use auto, bf16 or none")
+        if self.init_from is None and self.model not in MODEL_PRESETS:
+            raise ValueError(f"model={self.model!r} is not a preset; use one of "
+                             f"{', '.join(MODEL_PRESETS)} or init_from=PATH")
+        known = {f.name for f in dataclasses.fields(TTTConfig)} - {"variant"}
+        unknown = sorted(set(self.model_overrides) - known)
+        if unknown:
+            raise ValueError(f"model overrides {unknown} are not TTTConfig fields; known: "
+                             f"{sorted(known)}")
+
+    # ----------------------------------------------------------------------------- derived
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_frac * self.steps)
+
+    @property
+    def inner_lr_warmup_steps(self) -> int:
+        return round(self.inner_lr_warmup_frac * self.steps)
+
+    def model_config(self, base: TTTConfig | None = None) -> TTTConfig:
+        """The model config: ``base`` (loaded weights) or the preset, plus overrides and the
+        trainer's inner-LR schedule."""
+        fields = dict(self.model_overrides)
+        fields["inner_lr_warmup_steps"] = self.inner_lr_warmup_steps
+        if self.inner_lr is not None:
+            fields["inner_lr"] = self.inner_lr
+        if base is not None:
+            if base.variant is not self.mode:
+                raise ValueError(f"init_from holds a {base.variant.value!r} model but "
+                                 f"mode={self.mode.value!r}; set mode to match")
+            return TTTConfig.from_dict({**base.to_dict(), **fields})
+        return TTTConfig.from_preset(self.model, self.mode, **fields)
+
+    # ------------------------------------------------------------------------------ io
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        for name in ("mode", "grad_mode", "parallel"):
+            data[name] = getattr(self, name).value
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training config keys {unknown}; known keys: "
+                             f"{sorted(known)}")
+        return cls(**data)
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        path = Path(directory) / CONFIG_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.to_json() + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+# --------------------------------------------------------------------------------- presets
+# Official recipes (METHOD.md §4) and small settings that run on a laptop CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: tiny model, tiny sequences; for smoke tests and debugging.
+    "debug": dict(model="tiny", seq_len=128, batch_size=4, steps=20, lr=3e-3, log_every=5,
+                  eval_every=10, eval_sequences=4, keep_checkpoints=2),
+    # Official pretraining at 8K, batch 64 (METHOD.md §4).
+    "125m-8k": dict(model="125m", seq_len=8192, batch_size=64, micro_batch_size=1, steps=4800,
+                    lr=3e-3, eval_every=500, save_every=500, log_every=10,
+                    activation_checkpointing=True),
+    "760m-8k": dict(model="760m", seq_len=8192, batch_size=64, micro_batch_size=1, steps=4800,
+                    lr=1.25e-3, eval_every=500, save_every=500, log_every=10,
+                    activation_checkpointing=True, parallel="fsdp"),
+    "3b-8k": dict(model="3b", seq_len=8192, batch_size=64, micro_batch_size=1, steps=4800,
+                  lr=8e-4, eval_every=500, save_every=250, log_every=10,
+                  activation_checkpointing=True, parallel="fsdp"),
+    # Context extension on books (use with --init-from): η fixed at 1, LR 4e-4, batch 32.
+    "books-32k": dict(seq_len=32768, batch_size=32, micro_batch_size=1, steps=300, lr=4e-4,
+                      inner_lr_warmup_frac=0.0, eval_every=100, save_every=100,
+                      activation_checkpointing=True),
+}
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Turn the text of ``--set key=text`` into the type of field ``key``.
+
+    Booleans take true/false/1/0/yes/no/on/off; ``none``/``null`` clears an optional field;
+    ``model.*`` values are parsed as JSON when they can be (numbers, booleans), else kept as
+    strings.
+    """
+    if key.startswith("model."):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return text
+    types = _field_types()
+    if key not in types:
+        raise ValueError(f"--set {key}=...: unknown key; known keys: {sorted(types)} "
+                         "and model.<TTTConfig field>")
+    kind = types[key]
+    args = typing.get_args(kind)
+    optional = type(None) in args
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    if optional:
+        kind = next(a for a in args if a is not type(None))
+    if kind is bool:
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--set {key}={text}: expected a boolean (true/false)")
+    if kind is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"--set {key}={text}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"--set {key}={text}: expected a number") from None
+    if typing.get_origin(kind) is dict:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--set {key}={text}: expected a JSON object ({err.msg})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"--set {key}={text}: expected a JSON object")
+        return value
+    return text
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["lr=1e-3", "model.window=256"]`` → ``{"lr": 0.001, "model_overrides": {...}}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value (e.g. --set lr=1e-3)")
+        key = key.replace("-", "_") if not key.startswith("model.") else key
+        value = parse_value(key, text.strip())
+        if key.startswith("model."):
+            out.setdefault("model_overrides", {})[key[len("model."):]] = value
+        elif key == "model_overrides":
+            out["model_overrides"] = {**out.get("model_overrides", {}), **value}
+        else:
+            out[key] = value
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if key == "model_overrides" and isinstance(value, dict):
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON training config (``configs/*.json`` or a run's ``train_config.json``)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"config file {file} does not exist")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file}: invalid JSON ({err.msg}, line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object of training settings")
+    data.pop("_comment", None)
+    return data
+
+
+def resolve_config(preset: str | None = None, config_file: str | os.PathLike[str] | None = None,
+                   overrides: dict[str, Any] | None = None,
+                   sets: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a preset, a file, explicit overrides, then ``--set``."""
+    data: dict[str, Any] = {}
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"training preset {preset!r} is not known; use one of "
+                             f"{', '.join(PRESETS)}")
+        data = _merge(data, PRESETS[preset])
+    if config_file is not None:
+        data = _merge(data, load_config_file(config_file))
+    data = _merge(data, overrides or {})
+    data = _merge(data, parse_overrides(sets))
+    return TrainConfig.from_dict(data)

@@ -1,0 +1,59 @@
+"""`tttlm quickstart --size tiny` runs the whole pipeline (train three models, evaluate by
+position, write the report) in seconds, on a small prepared corpus."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tttlm.cli import main
+from tttlm.data import prepare
+from tttlm.train.report import bucket_means
+
+
+@pytest.fixture()
+def one_thread() -> object:
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_quickstart_tiny_end_to_end(tmp_path: Path, one_thread: object,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(5):
+        (src / f"book{i}.txt").write_text(f"Book {i}. " + "Call me Ishmael. Some years ago. " * 40)
+    data = tmp_path / "data"
+    prepare([src], data, "bytes", val_docs=2, progress=False)
+    out = tmp_path / "qs"
+
+    assert main(["quickstart", "--out", str(out), "--size", "tiny", "--data", str(data),
+                 "--threads", "1", "--no-progress"]) == 0
+
+    printed = capsys.readouterr().out
+    assert str(out / "report.md") in printed
+    summary = [line for line in printed.splitlines() if "held-out loss" in line]
+    assert len(summary) == 3  # the three-line summary: e2e, swa, full
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["models"]) == {"e2e", "swa", "full"}
+    seq_len = report["settings"]["seq_len"]
+    for name, m in report["models"].items():
+        curve = np.asarray(m["nll_by_position"])
+        assert curve.shape == (seq_len,) and np.isfinite(curve).all(), name
+        assert m["eval_loss"] == pytest.approx(curve.mean())
+        assert 0 < m["final_train_loss"] < 2 * np.log(258)
+        assert (Path(m["run_dir"]) / "final" / "model.safetensors").is_file()
+    # Same parameter budget within a few percent (the MLP widths are chosen for it).
+    params = [m["params"] for m in report["models"].values()]
+    assert max(params) / min(params) < 1.1
+    assert (out / "report.md").read_text().count("|") > 20
+    assert (out / "loss_by_position.png").stat().st_size > 1000
+
+
+def test_bucket_means() -> None:
+    assert bucket_means([1, 2, 3, 4, 5], 2) == [1.5, 3.5, 5.0]
