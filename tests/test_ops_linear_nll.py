@@ -50,3 +50,14 @@ def test_batched_shape_and_autocast_cpu() -> None:
         ref = naive_linear_nll(x, W, y)
     assert lean.dtype == torch.float32
     assert_close(lean, ref, rel_l2=1e-6, name="autocast bf16")
+
+
+def test_frozen_head_skips_its_gradient() -> None:
+    x, W, y = _inputs(torch.float64)
+    frozen = W.detach()
+    gx, = torch.autograd.grad(linear_nll(x, frozen, y).sum(), (x,), create_graph=True)
+    ref, = torch.autograd.grad(naive_linear_nll(x, frozen, y).sum(), (x,), create_graph=True)
+    assert_close(gx, ref, atol=1e-12, name="dx")
+    hx, = torch.autograd.grad(gx.pow(2).sum(), (x,))
+    href, = torch.autograd.grad(ref.pow(2).sum(), (x,))
+    assert_close(hx, href, atol=1e-12, name="d2x")

@@ -654,7 +654,7 @@ class Engine:
                 h = layer.feed_forward(h, tuple(w.to(h.dtype) for w in fast[3 * j:3 * j + 3]))
                 chunk_kv.append((k.detach().transpose(1, 2), k_rope.detach().transpose(1, 2),
                                  v.detach().transpose(1, 2)))
-            nll, _ = self.model._head_nll(h, targets, False)
+            nll, _ = self.model._head_nll(h, targets, False, outer_graph=False)
             loss = masked_mean(nll, counted)  # [R]
             new_fast, _ = inner_step(loss, fast, self.inner_lr, self.config.inner_clip,
                                      GradMode.NONE)

@@ -202,11 +202,16 @@ class TTTForCausalLM(nn.Module):
         dtype = self.embed.weight.dtype
         return rope_angles(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def _head_nll(self, h: torch.Tensor, labels: torch.Tensor | None,
-                  keep_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``."""
+    def _head_nll(self, h: torch.Tensor, labels: torch.Tensor | None, keep_logits: bool,
+                  outer_graph: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``.
+
+        ``outer_graph=False`` says that at most one backward pass (an inner step) will run
+        through the result: then keeping the logits costs a transient ``[B, c, V]`` only and
+        saves the lean head's recomputation.
+        """
         x = self.norm(h)
-        if self.lean_head and not keep_logits and labels is not None:
+        if self.lean_head and outer_graph and not keep_logits and labels is not None:
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
             return linear_nll(x, self.embed.weight, labels), None
         logits = x @ self.embed.weight.mT  # [B, c, V]
@@ -323,7 +328,8 @@ class TTTForCausalLM(nn.Module):
                 h, cache = layer.forward_chunk(h, caches[j], start, window, *rope,
                                                fast=tuple(fast[3 * j:3 * j + 3]))
                 new_caches.append(cache)
-            nll, logits = self._head_nll(h, labels, keep_logits)
+            nll, logits = self._head_nll(h, labels, keep_logits,
+                                         outer_graph=mode is not GradMode.NONE)
             chunk_loss = masked_mean(nll, mask)  # [B]
             new_fast, norm = fast, None
             if update:

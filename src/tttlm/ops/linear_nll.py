@@ -60,18 +60,20 @@ class _LinearNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         x, W, labels, lse = ctx.saved_tensors
-        dx, dW = _LinearNLLBackward.apply(x, W, labels, lse, g, ctx.mm)
+        dx, dW = _LinearNLLBackward.apply(x, W, labels, lse, g, ctx.mm, ctx.needs_input_grad[1])
         return dx, dW, None, None
 
 
 class _LinearNLLBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
-                lse: torch.Tensor, g: torch.Tensor, mm: torch.dtype) -> tuple[torch.Tensor, ...]:
+                lse: torch.Tensor, g: torch.Tensor, mm: torch.dtype,
+                need_dW: bool) -> tuple[torch.Tensor, ...]:
         p = _probs(x, W, lse, mm)
         dz = (_minus_onehot(p, labels) * g.to(p.dtype)[:, None]).to(mm)  # [N, V]
         dx = (dz @ W.to(mm)).to(x.dtype)
-        dW = (dz.mT @ x.to(mm)).to(W.dtype)
+        # A frozen head (W not requiring grad) needs no [V, D] product.
+        dW = (dz.mT @ x.to(mm)).to(W.dtype) if need_dW else None
         ctx.save_for_backward(x, W, labels, lse, g)
         ctx.mm = mm
         return dx, dW
@@ -98,7 +100,7 @@ class _LinearNLLBackward(torch.autograd.Function):
             grad_x = grad_x + dz @ u_W.to(mm)
         if u_x is not None:
             grad_W = grad_W + dz.mT @ u_x.to(mm)
-        return grad_x.to(x.dtype), grad_W.to(W.dtype), None, None, grad_g, None
+        return grad_x.to(x.dtype), grad_W.to(W.dtype), None, None, grad_g, None, None
 
 
 def linear_nll(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
