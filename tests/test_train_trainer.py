@@ -190,3 +190,22 @@ def test_cli_train_and_resume(data_dir: Path, tmp_path: Path) -> None:
     assert (out / "final" / "model.safetensors").is_file()
     assert main(["train", "--preset", "debug", "--set", "lr=abc"]) == 2
     assert main(["train", "--preset", "debug", "--data", str(tmp_path / "none")]) == 2
+
+
+def test_model_folders_carry_the_tokenizer(tmp_path: Path) -> None:
+    """A trained model folder is enough to decode text: the data's tokenizer sits beside it."""
+    from tttlm.data import load_tokenizer, resolve_tokenizer
+
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(4):
+        (src / f"doc{i}.txt").write_text(f"Chapter {i}. " + TEXT * 20)
+    data = tmp_path / "prepared"
+    prepare([src], data, "train:300", val_docs=1, progress=False)
+    run = tmp_path / "run"
+    Trainer(tiny_config(data, run, steps=2, save_every=2,
+                        model_overrides={"window": 32, "chunk_size": 16,
+                                         "vocab_size": 300})).train()
+    for folder in (run / ckpt.FINAL, sorted((run / "checkpoints").iterdir())[-1]):
+        tok = resolve_tokenizer(str(folder))
+        assert tok.encode(TEXT) == load_tokenizer(data).encode(TEXT)

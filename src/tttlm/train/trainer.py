@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from tttlm.config import TTTConfig
-from tttlm.data import Batch, TokenDataset, TokenLoader, check_vocab, read_meta
+from tttlm.data import Batch, TokenDataset, TokenLoader, check_vocab, load_tokenizer, read_meta
 from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import distributed as D
@@ -300,6 +300,7 @@ class Trainer:
         rank_state = {"step": step, "rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
         if self.dist.is_main:
             ckpt.write_model_dir(tmp, model_state, self.model_config)
+            self._save_tokenizer(tmp)
             torch.save(optim_state, tmp / ckpt.OPTIMIZER_FILE)
             rank_state["scheduler"] = self.scheduler.state_dict()
             rank_state["world_size"] = self.dist.world_size
@@ -325,6 +326,11 @@ class Trainer:
         ckpt.set_rng_state(mine["rng"])
         self.step = int(main["step"])
 
+    def _save_tokenizer(self, directory: Path) -> None:
+        """Keep the data's tokenizer beside the weights, so that a model folder is enough for
+        ``tttlm generate`` and ``tttlm eval``."""
+        load_tokenizer(self.config.data).save(directory)
+
     def save_final(self) -> Path:
         state = D.full_model_state(self.model)
         path = self.out_dir / ckpt.FINAL
@@ -333,6 +339,7 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             ckpt.write_model_dir(tmp, state, self.model_config)
+            self._save_tokenizer(tmp)
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
