@@ -95,9 +95,25 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return out.transpose(1, 2)
-    if _BACKEND == "auto" and q.is_cuda:
+    if _BACKEND == "auto" and q.is_cuda and _flex_shape_allowed(q, window):
         return _flex_window_attention(q, k, v, window)
     return _banded_attention(q, k, v, window, min(block, T))
+
+
+# Each new shape recompiles flex_attention; past torch's recompile limit it would silently run
+# eagerly and materialise the score matrix, so shapes beyond this many take the banded path.
+_FLEX_MAX_SHAPES = 6
+_flex_shapes: set[tuple[Any, ...]] = set()
+
+
+def _flex_shape_allowed(q: torch.Tensor, window: int) -> bool:
+    key = (tuple(q.shape), window, q.dtype, q.device)
+    if key in _flex_shapes:
+        return True
+    if len(_flex_shapes) >= _FLEX_MAX_SHAPES:
+        return False
+    _flex_shapes.add(key)
+    return True
 
 
 @functools.cache
