@@ -1,6 +1,6 @@
 """Build tttlm's built-in book set (src/tttlm/resources/books/) from the full public-domain set.
 
-    python scripts/make_books_subset.py /work/shared/data src/tttlm/resources/books
+    python scripts/make_books_subset.py ../shared/data src/tttlm/resources/books
 
 Train: whole documents from every source except the Brown corpus (whose licence is a
 redistribution permission rather than public domain) and the ``milton`` texts (whose package the
