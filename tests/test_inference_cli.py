@@ -47,3 +47,11 @@ def test_user_errors(model_dir: Path, tmp_path: Path,
     assert main(["generate", "--model", str(model_dir), "--prompt", "x",
                  "--session", str(tmp_path / "none")]) == 2
     assert "not a tttlm session" in capsys.readouterr().err
+
+
+def test_refuses_a_tokenizer_that_does_not_fit(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    config = TTTConfig.from_preset("tiny", vocab_size=2048, window=16, chunk_size=8)
+    folder = TTTForCausalLM(config).save_pretrained(tmp_path / "m")
+    assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
+    assert "pass --tokenizer" in capsys.readouterr().err

@@ -52,14 +52,28 @@ def _error(message: str) -> int:
     return 2
 
 
-def _tokenizer(spec: str | None, model_dir: Path) -> Any:
+def _tokenizer(spec: str | None, model_dir: Path, vocab_size: int) -> Any:
+    """The tokenizer named by ``spec``, else the model folder's, else byte-level — refusing
+    one whose ids do not fit the model (decoding with the wrong tokenizer prints garbage)."""
     from tttlm.data.tokenizer import ByteTokenizer, resolve_tokenizer
 
     if spec is not None:
-        return resolve_tokenizer(spec)
-    if (model_dir / "tokenizer.json").is_file() or (model_dir / "meta.json").is_file():
-        return resolve_tokenizer(str(model_dir))
-    return ByteTokenizer()
+        tokenizer = resolve_tokenizer(spec)
+    elif any((model_dir / name).is_file() for name in ("tokenizer.json", "meta.json")):
+        tokenizer = resolve_tokenizer(str(model_dir))
+    else:
+        # Byte-level models have 256 ids (the official fixture's) or 256 + BOS/EOS.
+        tokenizer = ByteTokenizer()
+        if vocab_size not in (256, tokenizer.vocab_size):
+            raise ValueError(
+                f"{model_dir} holds no tokenizer and its vocabulary ({vocab_size}) is not "
+                "byte-level: pass --tokenizer (the tokenizer.json or prepared data folder the "
+                "model was trained with)")
+        return tokenizer
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{vocab_size}: pass the --tokenizer the model was trained with")
+    return tokenizer
 
 
 class _TextStream:
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_dir = Path(args.model)
         model = TTTForCausalLM.from_pretrained(model_dir, device=device, dtype=dtype).eval()
-        tokenizer = _tokenizer(args.tokenizer, model_dir)
+        tokenizer = _tokenizer(args.tokenizer, model_dir, model.config.vocab_size)
         config = model.config
         engine = Engine(model, ttt=False if args.no_ttt else None,
                         cuda_graphs=args.cuda_graphs)
