@@ -33,7 +33,6 @@ its own gradient; callers may wrap the engine in ``no_grad``/``inference_mode`` 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -46,28 +45,12 @@ from tttlm.inference.sampling import sample
 from tttlm.inference.state import State, rope_slots, weights_digest
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
+from tttlm.ops.attention import decode_attention
 from tttlm.ops.loss import masked_mean
 from tttlm.ops.rope import apply_rope, rope_angles
 from tttlm.ttt.inner import GradMode, inner_step
 
 Prompts = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
-
-
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
-    """``q [B, H, n, d]`` over ``k, v [B, H, C, d]`` with a bool ``mask [B, 1, n, C]``.
-
-    One query (decoding) goes through two batched matmuls, which read the cache once with the
-    whole GPU (fused kernels parallelise over queries and leave it idle for n = 1); scores and
-    softmax in fp32 (fp64 for fp64), as the reference ``naive_attention``. Several queries
-    (prefill, the inner step) use SDPA, which never materialises ``[n, C]`` scores.
-    """
-    if q.shape[2] > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scores = (q @ k.mT).to(compute) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, 1, C]
-    scores = scores.masked_fill(~mask, -0.7 * torch.finfo(compute).max)
-    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
 def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """Attention with one dispatch point.
 
-Three shapes of attention occur in TTT-E2E:
+The shapes of attention that occur in TTT-E2E:
 
 * whole-sequence sliding-window (or causal) attention, used by the prefix blocks, by pretrain
   mode and by the baselines; it needs first-order gradients only;
 * chunk attention of b queries over a rolling cache of earlier keys plus the chunk itself, used
   by the TTT blocks inside the inner loop; it must be differentiable twice, because the outer
-  gradient flows through the inner gradient.
+  gradient flows through the inner gradient;
+* decoding: a few new queries over a cache with a per-sequence mask (``decode_attention``,
+  layout ``[B, H, n, d]``), used by the inference engine.
 
 ``naive_attention`` materialises the score matrix; it is the reference for every fast path and
 the CPU path. Fast paths, chosen per call (backends are resolved lazily, never at import):
@@ -17,7 +19,7 @@ the CPU path. Fast paths, chosen per call (backends are resolved lazily, never a
 * chunk attention: the Triton kernel of :mod:`tttlm.ops.triton_chunk_attention` (forward,
   backward and double backward) on CUDA when Triton is installed; ``naive_attention`` elsewhere.
 
-Layout everywhere: ``[B, T, H, d]``; RoPE is applied by callers.
+Layout ``[B, T, H, d]`` except in decoding; RoPE is applied by callers.
 """
 
 from __future__ import annotations
@@ -205,3 +207,20 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
         return triton_chunk_attention(*_common_dtype(q, k, v), q_pos, k_pos, window)
     return naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """``q [B, H, n, d]`` over ``k, v [B, H, C, d]`` with a bool ``mask [B, 1, n, C]``.
+
+    One query (decoding) goes through two batched matmuls, which read the cache once with the
+    whole GPU (fused kernels parallelise over queries and leave it idle for n = 1); scores and
+    softmax in fp32 (fp64 for fp64), as the reference ``naive_attention``. Several queries
+    (prefill, the inner step) use SDPA, which never materialises ``[n, C]`` scores.
+    """
+    if q.shape[2] > 1 and _BACKEND != "naive":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scores = (q @ k.mT).to(compute) * (1.0 / math.sqrt(q.shape[-1]))  # [B, H, 1, C]
+    scores = scores.masked_fill(~mask, -0.7 * torch.finfo(compute).max)
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
