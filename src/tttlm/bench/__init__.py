@@ -1,4 +1,4 @@
-"""Registered benchmarks: Triton chunk-attention kernel, prefill, meta-training step.
+"""Registered benchmarks: Triton chunk-attention kernel, prefill, decode, meta-training step.
 
 Each benchmark is a library function returning rows (plain dicts); :func:`write_report` stores
 them as JSON + Markdown with the card, torch/Triton/CUDA versions and the command. The
@@ -6,9 +6,10 @@ them as JSON + Markdown with the card, torch/Triton/CUDA versions and the comman
 """
 
 from tttlm.bench.common import environment, write_report
+from tttlm.bench.decode import bench_decode
 from tttlm.bench.kernel import bench_chunk_kernel
 from tttlm.bench.prefill import bench_prefill
 from tttlm.bench.train import bench_train_step
 
-__all__ = ["bench_chunk_kernel", "bench_prefill", "bench_train_step", "environment",
+__all__ = ["bench_chunk_kernel", "bench_decode", "bench_prefill", "bench_train_step", "environment",
            "write_report"]

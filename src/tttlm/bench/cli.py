@@ -1,4 +1,4 @@
-"""``tttlm bench kernel|prefill|train``: parse, call :mod:`tttlm.bench`, write JSON + Markdown."""
+"""``tttlm bench kernel|prefill|decode|train``: parse, call :mod:`tttlm.bench`, write reports."""
 
 from __future__ import annotations
 
@@ -44,6 +44,18 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=1)
     common(p, "prefill")
     p.set_defaults(func=run_prefill)
+
+    d = sub.add_parser("decode", help="decode latency per token at long context, e2e vs full")
+    d.add_argument("--presets", nargs="+", default=["125m", "760m"])
+    d.add_argument("--variants", nargs="+", default=["e2e", "full"])
+    d.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    d.add_argument("--modes", nargs="+", default=["graph"], choices=["eager", "graph"],
+                   help="eager Engine.step and/or the step replayed as a CUDA graph")
+    d.add_argument("--steps", type=int, default=32)
+    d.add_argument("--warmup", type=int, default=4)
+    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    common(d, "decode")
+    d.set_defaults(func=run_decode)
 
     t = sub.add_parser("train", help="training step tokens/s: e2e meta-training vs full")
     t.add_argument("--preset", default="125m")
@@ -95,5 +107,27 @@ def run_train(args: argparse.Namespace) -> int:
                          environment(device), rows,
                          ["variant", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
                           "ratio_vs_best_full", "peak_gib", "error"])
+    print("wrote", *paths)
+    return 0
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    import torch
+
+    from tttlm.bench import bench_decode, environment, write_report
+
+    device = _device(args.device)
+    try:
+        rows = bench_decode(device, presets=args.presets, variants=args.variants,
+                            contexts=args.contexts, modes=args.modes, steps=args.steps,
+                            warmup=args.warmup, inner_reps=args.repeats,
+                            dtype=getattr(torch, args.dtype))
+    except ValueError as err:
+        print(f"tttlm: error: {err}")
+        return 2
+    paths = write_report(args.out, f"Decode latency per token, batch 1, {args.dtype}",
+                         environment(device), rows,
+                         ["preset", "variant", "mode", "context", "step_ms", "inner_step_ms",
+                          "per_token_ms", "vs_shortest", "state_mib"])
     print("wrote", *paths)
     return 0

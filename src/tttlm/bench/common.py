@@ -22,7 +22,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 def environment(device: torch.device) -> dict[str, Any]:
     """Card, software versions and the command line: what makes a number reproducible."""
     cuda = device.type == "cuda"
-    return {"device": torch.cuda.get_device_name(device) if cuda else platform.processor(),
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": torch.cuda.get_device_name(device) if cuda else cpu,
             "torch": torch.__version__, "triton": triton_version(),
             "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
