@@ -55,6 +55,8 @@ def add_parser(subparsers: Any) -> None:
     d.add_argument("--warmup", type=int, default=4)
     d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     common(d, "decode")
+    d.add_argument("--inner-reps", type=int, dest="repeats",
+                   help="timed inner steps (same as --repeats)")
     d.set_defaults(func=run_decode)
 
     t = sub.add_parser("train", help="training step tokens/s: e2e meta-training vs full")
