@@ -117,3 +117,18 @@ def test_extension_preset_matches_the_official_recipe() -> None:
     assert (config.seq_len, config.lr, config.batch_size) == (32768, 4e-4, 32)
     assert config.inner_lr_warmup_steps == 0
     assert config.model_config().inner_lr_at(0) == 1.0
+
+
+def test_lean_head_reaches_the_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The memory/time switch of the output head is a training setting."""
+    from tttlm.data import prepare
+    from tttlm.train.trainer import Trainer
+
+    src = tmp_path / "t.txt"
+    src.write_text("Some text to train on. " * 200)
+    data = tmp_path / "d"
+    prepare([src], data, "bytes", progress=False)
+    base = resolve_config("debug", None, {"data": str(data), "out_dir": str(tmp_path / "r")},
+                          ["lean_head=false"])
+    assert base.lean_head is False
+    assert Trainer(base).module.lean_head is False

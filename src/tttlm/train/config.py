@@ -71,6 +71,10 @@ class TrainConfig:
         autocast: ``auto`` (bf16 autocast on CUDA, none on CPU), ``bf16`` or ``none``.
         activation_checkpointing: recompute activations in the backward pass (TTT chunks and
             whole-sequence blocks) to save memory.
+        lean_head: recompute the output head's ``[tokens, vocab]`` logits in the backward passes
+            instead of keeping them (``TTTForCausalLM.lean_head``): about 13 GiB less per 8K
+            sequence at a 128K vocabulary, about 30% more time per e2e step at 125m (H100,
+            benchmarks/results/meta_step_125m_8k*); turn it off when memory allows.
         compile: ``torch.compile`` the whole-sequence blocks (prefix and baselines); the inner
             loop needs double backward, which compiled code lacks, so it stays eager.
         parallel: ``auto``, ``ddp`` or ``fsdp`` under ``torchrun``.
@@ -113,6 +117,7 @@ class TrainConfig:
     dtype: str = "float32"
     autocast: str = "auto"
     activation_checkpointing: bool = False
+    lean_head: bool = True
     compile: bool = False
     parallel: Parallel = Parallel.AUTO
     seed: int = 0
@@ -237,9 +242,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "debug": dict(model="tiny", seq_len=128, batch_size=4, steps=20, lr=3e-3, log_every=5,
                   eval_every=10, eval_sequences=4, keep_checkpoints=2),
     # Official pretraining at 8K, batch 64 (METHOD.md §4).
-    "125m-8k": dict(model="125m", seq_len=8192, batch_size=64, micro_batch_size=1, steps=4800,
-                    lr=3e-3, eval_every=500, save_every=500, log_every=10,
-                    activation_checkpointing=True),
+    # 125m: four 8K sequences fit an 80 GB card without activation checkpointing (54 GiB,
+    # benchmarks/results/train_step_125m_8k.md), twice as fast as checkpointing one.
+    "125m-8k": dict(model="125m", seq_len=8192, batch_size=64, micro_batch_size=4, steps=4800,
+                    lr=3e-3, eval_every=500, save_every=500, log_every=10),
     "760m-8k": dict(model="760m", seq_len=8192, batch_size=64, micro_batch_size=1, steps=4800,
                     lr=1.25e-3, eval_every=500, save_every=500, log_every=10,
                     activation_checkpointing=True, parallel="fsdp"),

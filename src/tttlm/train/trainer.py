@@ -269,6 +269,7 @@ class Trainer:
             # Weights only: a longer seq_len or other schedule needs no change to them.
             model.load_state_dict(state)
         model.to(device=self.device, dtype=dtype)
+        model.lean_head = c.lean_head
         if c.activation_checkpointing:
             apply_activation_checkpointing(model)
         if c.compile:
