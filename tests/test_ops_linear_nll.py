@@ -61,3 +61,23 @@ def test_frozen_head_skips_its_gradient() -> None:
     hx, = torch.autograd.grad(gx.pow(2).sum(), (x,))
     href, = torch.autograd.grad(ref.pow(2).sum(), (x,))
     assert_close(hx, href, atol=1e-12, name="d2x")
+
+
+def test_inner_steps_skip_the_head_weight_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the meta forward the inner gradient needs no dW; the outer backward does."""
+    from _helpers import grads, tiny_model, tokens
+    from tttlm.ops import linear_nll as module
+
+    seen: list[bool] = []
+    original = module._LinearNLLBackward.forward
+
+    def spy(ctx, x, W, labels, lse, g, mm, need_dW):  # type: ignore[no-untyped-def]
+        seen.append(need_dW)
+        return original(ctx, x, W, labels, lse, g, mm, need_dW)
+
+    model = tiny_model()
+    x, y = tokens(model, 2, 12)  # three chunks of 4: two inner steps
+    monkeypatch.setattr(module._LinearNLLBackward, "forward", staticmethod(spy))
+    model(x, labels=y).loss.backward()
+    assert seen == [False, False, True, True, True]
+    assert grads(model)["embed.weight"].abs().sum() > 0

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tttlm.config import TTTConfig, Variant
 from tttlm.model.layers import Block, KVCache, RMSNorm
-from tttlm.ops.linear_nll import linear_nll
+from tttlm.ops.linear_nll import head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import rope_angles
 from tttlm.ttt.inner import GradMode, inner_step
@@ -333,7 +333,9 @@ class TTTForCausalLM(nn.Module):
             chunk_loss = masked_mean(nll, mask)  # [B]
             new_fast, norm = fast, None
             if update:
-                new_fast, norm = inner_step(chunk_loss, fast, lr, self.config.inner_clip, mode)
+                with head_weight_grad_unused():
+                    new_fast, norm = inner_step(chunk_loss, fast, lr, self.config.inner_clip,
+                                                mode)
         if mode is GradMode.NONE:
             nll, chunk_loss = nll.detach(), chunk_loss.detach()
             logits = logits.detach() if logits is not None else None

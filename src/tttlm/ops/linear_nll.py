@@ -19,11 +19,31 @@ and everything per-token in fp32 (fp64 for fp64 inputs).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from tttlm.ops.loss import token_nll
+
+# Set while an inner gradient (with respect to fast weights only) is taken: the head weight's
+# gradient is then not wanted, but a custom Function's needs_input_grad cannot tell, since it is
+# fixed when the forward runs. A plain global, not a thread-local: CUDA backward passes run on
+# the autograd engine's own threads.
+_SKIP_WEIGHT_GRAD = False
+
+
+@contextlib.contextmanager
+def head_weight_grad_unused() -> Iterator[None]:
+    """Within this block, backward passes through :func:`linear_nll` skip ``dW``: for a
+    gradient with respect to other tensors (the inner step's fast weights)."""
+    global _SKIP_WEIGHT_GRAD
+    previous, _SKIP_WEIGHT_GRAD = _SKIP_WEIGHT_GRAD, True
+    try:
+        yield
+    finally:
+        _SKIP_WEIGHT_GRAD = previous
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
@@ -60,7 +80,8 @@ class _LinearNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         x, W, labels, lse = ctx.saved_tensors
-        dx, dW = _LinearNLLBackward.apply(x, W, labels, lse, g, ctx.mm, ctx.needs_input_grad[1])
+        need_dW = ctx.needs_input_grad[1] and not _SKIP_WEIGHT_GRAD
+        dx, dW = _LinearNLLBackward.apply(x, W, labels, lse, g, ctx.mm, need_dW)
         return dx, dW, None, None
 
 
