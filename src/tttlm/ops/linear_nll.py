@@ -57,12 +57,14 @@ def _acc(x: torch.Tensor) -> torch.dtype:
 
 
 def _probs(x: torch.Tensor, W: torch.Tensor, lse: torch.Tensor, mm: torch.dtype) -> torch.Tensor:
-    z = (x.to(mm) @ W.to(mm).mT).to(lse.dtype)  # [N, V]
-    return torch.exp(z - lse[:, None])
+    """``softmax(x Wᵀ)`` from the saved log-sum-exp, in one fresh ``[N, V]`` buffer."""
+    p = (x.to(mm) @ W.to(mm).mT).to(lse.dtype)  # a new tensor: safe to update in place
+    return p.sub_(lse[:, None]).exp_()
 
 
-def _minus_onehot(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return p.scatter_add(1, labels[:, None], torch.full_like(p[:, :1], -1.0))
+def _minus_onehot_(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``p − Y`` in place."""
+    return p.scatter_add_(1, labels[:, None], torch.full_like(p[:, :1], -1.0))
 
 
 class _LinearNLL(torch.autograd.Function):
@@ -91,7 +93,7 @@ class _LinearNLLBackward(torch.autograd.Function):
                 lse: torch.Tensor, g: torch.Tensor, mm: torch.dtype,
                 need_dW: bool) -> tuple[torch.Tensor, ...]:
         p = _probs(x, W, lse, mm)
-        dz = (_minus_onehot(p, labels) * g.to(p.dtype)[:, None]).to(mm)  # [N, V]
+        dz = _minus_onehot_(p, labels).mul_(g.to(p.dtype)[:, None]).to(mm)  # [N, V]
         dx = (dz @ W.to(mm)).to(x.dtype)
         # A frozen head (W not requiring grad) needs no [V, D] product.
         dW = (dz.mT @ x.to(mm)).to(W.dtype) if need_dW else None
@@ -100,28 +102,43 @@ class _LinearNLLBackward(torch.autograd.Function):
         return dx, dW
 
     @staticmethod
-    def backward(ctx: Any, u_x: torch.Tensor, u_W: torch.Tensor) -> tuple[Any, ...]:
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, u_x: torch.Tensor | None,
+                 u_W: torch.Tensor | None) -> tuple[Any, ...]:
         x, W, labels, lse, g = ctx.saved_tensors
+        need_x, need_W, need_g = (ctx.needs_input_grad[i] for i in (0, 1, 4))
         mm = ctx.mm
+        xm, Wm = x.to(mm), W.to(mm)
+        if u_x is None and u_W is None:
+            return None, None, None, None, None, None, None
+        # M = u_x Wᵀ + x u_Wᵀ as one product over the concatenated inner dimension.
+        if u_x is not None and u_W is not None:
+            M = torch.cat((u_x.to(mm), xm), -1) @ torch.cat((Wm, u_W.to(mm)), -1).mT
+        elif u_x is not None:
+            M = u_x.to(mm) @ Wm.mT
+        else:
+            M = xm @ u_W.to(mm).mT  # type: ignore[union-attr]
         p = _probs(x, W, lse, mm)
         acc = p.dtype
-        p_minus_y = _minus_onehot(p, labels)
-        xm, Wm = x.to(mm), W.to(mm)
-        M = torch.zeros_like(p)
-        if u_x is not None:
-            M += (u_x.to(mm) @ Wm.mT).to(acc)
-        if u_W is not None:
-            M += (xm @ u_W.to(mm).mT).to(acc)
-        grad_g = (M * p_minus_y).sum(-1).to(g.dtype)
-        dz2 = (g.to(acc)[:, None] * p * (M - (p * M).sum(-1, keepdim=True))).to(mm)
-        dz = (p_minus_y * g.to(acc)[:, None]).to(mm)
-        grad_x = dz2 @ Wm
-        grad_W = dz2.mT @ xm
-        if u_W is not None:
-            grad_x = grad_x + dz @ u_W.to(mm)
-        if u_x is not None:
-            grad_W = grad_W + dz.mT @ u_x.to(mm)
-        return grad_x.to(x.dtype), grad_W.to(W.dtype), None, None, grad_g, None, None
+        M = M.to(acc)
+        ga = g.to(acc)[:, None]
+        s = torch.einsum("nv,nv->n", M, p)  # Σ_v p M, without an [N, V] product
+        grad_g = (s - M.gather(1, labels[:, None]).squeeze(1)).to(g.dtype) if need_g else None
+        grad_x = grad_W = None
+        if need_x or need_W:
+            dz2 = M.sub_(s[:, None]).mul_(p).mul_(ga).to(mm)  # g p (M − Σ p M); M is spent
+            dz = _minus_onehot_(p, labels).mul_(ga).to(mm)  # g (p − Y); p is spent
+            if need_x:
+                grad_x = dz2 @ Wm
+                if u_W is not None:
+                    grad_x = grad_x + dz @ u_W.to(mm)
+                grad_x = grad_x.to(x.dtype)
+            if need_W:
+                grad_W = dz2.mT @ xm
+                if u_x is not None:
+                    grad_W = grad_W + dz.mT @ u_x.to(mm)
+                grad_W = grad_W.to(W.dtype)
+        return grad_x, grad_W, None, None, grad_g, None, None
 
 
 def linear_nll(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
