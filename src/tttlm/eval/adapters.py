@@ -13,8 +13,8 @@ that a change of their API is a one-line fix here. What is assumed of each:
 - ``tttlm.data.books.builtin_books_paths()`` returns ``{"train": path, "val": path}``.
 - ``tttlm.inference.Engine(model, ttt=...)`` with ``prefill([ids]) -> (logits [1, V], state)``,
   ``step(state, [token]) -> (logits [1, V], state)`` and ``state.clone()``; a target equal to
-  BOS is left out of the inner loss, as in :mod:`tttlm.eval.loss`. It keeps its caches in the
-  model's dtype, so it is not run under autocast (bf16 keys are refused).
+  BOS is left out of the inner loss, as in :mod:`tttlm.eval.loss`. Its caches keep the model's
+  dtype under autocast.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from tttlm.eval.adapters import (
     generate_and_score,
     reference_generate_and_score,
 )
-from tttlm.eval.common import EvalModel, PartialResults, progress_bar, write_json
+from tttlm.eval.common import EvalModel, PartialResults, autocast, progress_bar, write_json
 
 RESULT_TYPE = "tttlm.eval.niah"
 RESULT_VERSION = 1
@@ -364,9 +364,9 @@ def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
     run = reference_generate_and_score if reference else generate_and_score
 
     def predict(sample: NiahSample) -> Prediction:
-        # No autocast here: the engine keeps its caches in the model's dtype and refuses the
-        # bf16 keys autocast would produce; cast the model to run decoding in bf16.
-        with torch.inference_mode():
+        # bf16 autocast on GPU, as the loss evaluation: the paper's matmul precision.
+        device = next(em.model.parameters()).device
+        with torch.inference_mode(), autocast(device):
             ids, lp = run(em.model, sample.input_ids, len(sample.answer_ids) + extra_tokens,
                           sample.answer_ids if logprob else (), ttt=em.ttt,
                           eos_id=tokenizer.eos_id)
