@@ -122,3 +122,20 @@ def test_logits_without_labels_in_pretrain_mode() -> None:
         out = model(x, ttt=False)
     assert out.logits is not None and out.logits.shape == (2, 9, model.config.vocab_size)
     assert out.loss is None
+
+
+def test_frozen_weights() -> None:
+    """Frozen prime MLPs still learn at test time; a fully frozen model needs no no_grad."""
+    model = tiny_model()
+    x, y = tokens(model, 2, 20)
+    with torch.no_grad():
+        ref = model(x, labels=y).token_nll
+    for layer in model.ttt_layers:
+        layer.prime.requires_grad_(False)
+    out = model(x, labels=y)
+    out.loss.backward()
+    assert_close(out.token_nll, ref, atol=1e-12, name="frozen primes")
+    g = grads(model)
+    assert "layers.3.prime.w1.weight" not in g and g["layers.3.attn.wq.weight"].abs().sum() > 0
+    model.requires_grad_(False)
+    assert_close(model(x, labels=y).token_nll, ref, atol=1e-12, name="all frozen")

@@ -281,6 +281,10 @@ class TTTForCausalLM(nn.Module):
         # RoPE there uses local positions: the chunk's keys sit at window .. window+c-1.
         local_cos, local_sin = self._rope(torch.arange(window + b, device=device))
         fast = self.initial_fast_weights(B)
+        if mode is not GradMode.NONE and not all(w.requires_grad for w in fast):
+            # Frozen prime MLPs still learn at test time: give the inner step leaves to
+            # differentiate, while the outer gradient reaches every other trainable weight.
+            fast = [w.detach().requires_grad_(True) for w in fast]
         H, d = config.num_heads, config.head_dim
         empty = h.new_zeros(B, 0, H, d)
         caches: list[KVCache] = [(empty, empty) for _ in self.ttt_layers]
