@@ -18,6 +18,12 @@ _COMMAND_MODULES = (
 )
 
 
+def user_error(message: str) -> int:
+    """Report a user error as one line on stderr (never a traceback); the exit code is 2."""
+    print(f"tttlm: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tttlm", description="End-to-End Test-Time Training (TTT-E2E) language models")

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from tttlm.cli import user_error
+
 _RESULTS = Path("benchmarks/results")
 
 
@@ -125,8 +127,7 @@ def run_decode(args: argparse.Namespace) -> int:
                             warmup=args.warmup, inner_reps=args.repeats,
                             dtype=getattr(torch, args.dtype))
     except ValueError as err:
-        print(f"tttlm: error: {err}")
-        return 2
+        return user_error(str(err))
     paths = write_report(args.out, f"Decode latency per token, batch 1, {args.dtype}",
                          environment(device), rows,
                          ["preset", "variant", "mode", "context", "step_ms", "inner_step_ms",

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
+
+from tttlm.cli import user_error
 
 
 def _run_official(args: argparse.Namespace) -> int:
@@ -15,9 +16,7 @@ def _run_official(args: argparse.Namespace) -> int:
                                rope_theta=args.rope_theta, bos_token_id=args.bos_id,
                                eos_token_id=args.eos_id, variant=args.variant)
     except (ValueError, OSError, ImportError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"tttlm: error: {message}", file=sys.stderr)
-        return 2
+        return user_error(str(err) or type(err).__name__)
     print(f"wrote {out}")
     return 0
 

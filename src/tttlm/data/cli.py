@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable
 from typing import Any
 
+from tttlm.cli import user_error
 from tttlm.data.books import DEFAULT_TOKENIZER, prepare_builtin
 from tttlm.data.errors import DataError
 from tttlm.data.prepare import prepare
@@ -62,8 +62,7 @@ def _guarded(run: Callable[[argparse.Namespace], dict[str, Any]]
         try:
             meta = run(args)
         except DataError as err:
-            print(f"tttlm: error: {err}", file=sys.stderr)
-            return 2
+            return user_error(str(err))
         print(summary(args.out, meta))
         return 0
 

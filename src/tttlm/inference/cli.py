@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from tttlm.cli import user_error
+
 # The model, engine and tokenizer modules are imported in run(): `tttlm --help` builds every
 # subcommand's parser and should not pay for them.
 
@@ -45,11 +47,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="replay the decoding step as a CUDA graph")
     parser.set_defaults(func=run)
     return parser
-
-
-def _error(message: str) -> int:
-    print(f"tttlm: error: {message}", file=sys.stderr)
-    return 2
 
 
 def _tokenizer(spec: str | None, model_dir: Path, vocab_size: int) -> Any:
@@ -101,9 +98,9 @@ def run(args: argparse.Namespace) -> int:
     from tttlm.model.model import TTTForCausalLM
 
     if args.max_new_tokens < 0:
-        return _error(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+        return user_error(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     if not args.prompt and not args.document:
-        return _error("nothing to read: give --prompt TEXT and/or --document FILE")
+        return user_error("nothing to read: give --prompt TEXT and/or --document FILE")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     try:
@@ -115,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
                         cuda_graphs=args.cuda_graphs)
         state = State.load(args.session, model, device=device) if args.session else None
         if state is not None and state.batch_size != 1:
-            return _error(f"session {args.session} holds {state.batch_size} sequences; "
+            return user_error(f"session {args.session} holds {state.batch_size} sequences; "
                           "the command line continues one")
         text = ""
         if args.document:
@@ -127,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
         if state is None and not args.no_bos:
             ids = [config.bos_token_id, *ids]
         if not ids:
-            return _error("the prompt encodes to no tokens")
+            return user_error("the prompt encodes to no tokens")
 
         t0 = time.perf_counter()
         stream = engine.stream([ids], args.max_new_tokens, temperature=args.temperature,
@@ -153,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
             stream.state.save(args.save_session)
             print(f"session saved to {args.save_session}", file=sys.stderr)
     except (ValueError, FileNotFoundError, DataError, UnicodeDecodeError) as err:
-        return _error(str(err))
+        return user_error(str(err))
     return 0
 
 
