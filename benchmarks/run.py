@@ -31,6 +31,8 @@ from tttlm.bench import (
     environment,
     write_report,
 )
+from tttlm.bench.cli import PREFILL_COLUMNS
+from tttlm.bench.prefill import prefill_batch
 
 SECTIONS = ("tests", "kernel", "prefill", "train", "train32k", "sweep")
 
@@ -80,6 +82,7 @@ def main() -> int:
                         help="run the benchmarks even when the correctness tests fail")
     parser.add_argument("--prefill-preset", default="3b")
     parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[8192, 32768, 131072])
+    parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--train-batches", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -115,11 +118,11 @@ def main() -> int:
     for T in args.prefill_lengths:
         plans[f"prefill{T // 1024}k"] = (
             f"prefill_{args.prefill_preset}_{T // 1024}k",
-            f"Prefill, {args.prefill_preset}, {T} tokens, batch 1, bf16 autocast",
+            f"Prefill, {args.prefill_preset}, {T} tokens, batch {prefill_batch(T, 131072)} "
+            "(128K tokens per step), bf16 autocast",
             functools.partial(bench_prefill, device, preset=args.prefill_preset, lengths=(T,),
-                              repeats=1),
-            ["variant", "tokens", "s_per_1k_tokens", "tokens_per_s", "mfu", "speedup_vs_full",
-             "peak_gib", "error"])
+                              repeats=args.prefill_repeats),
+            PREFILL_COLUMNS)
     sections = [s for section in args.sections
                 for s in ([p for p in plans if p.startswith("prefill")] if section == "prefill"
                           else [section])]

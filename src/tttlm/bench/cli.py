@@ -43,7 +43,10 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--preset", default="3b")
     p.add_argument("--variants", nargs="+", default=["e2e", "full"])
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=None,
+                   help="sequences per step (default: --tokens-per-step / length, at least 1)")
+    p.add_argument("--tokens-per-step", type=int, default=131072,
+                   help="tokens per step when --batch is not given (the paper's 128K)")
     common(p, "prefill")
     p.set_defaults(func=run_prefill)
 
@@ -86,16 +89,21 @@ def run_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
+PREFILL_COLUMNS = ["variant", "sdpa", "tokens", "batch", "s_per_1k_tokens", "tokens_per_s", "mfu",
+                   "speedup_vs_full", "peak_gib", "error"]
+
+
 def run_prefill(args: argparse.Namespace) -> int:
     from tttlm.bench import bench_prefill, environment, write_report
 
     device = _device(args.device)
     rows = bench_prefill(device, preset=args.preset, variants=tuple(args.variants),
-                         lengths=tuple(args.lengths), batch=args.batch, repeats=args.repeats)
-    paths = write_report(args.out, f"Prefill, {args.preset}, batch {args.batch}, bf16 autocast",
-                         environment(device), rows,
-                         ["variant", "tokens", "s_per_1k_tokens", "tokens_per_s", "mfu",
-                          "speedup_vs_full", "peak_gib", "error"])
+                         lengths=tuple(args.lengths), batch=args.batch,
+                         tokens_per_step=args.tokens_per_step, repeats=args.repeats)
+    size = (f"batch {args.batch}" if args.batch is not None
+            else f"{args.tokens_per_step} tokens per step")
+    paths = write_report(args.out, f"Prefill, {args.preset}, {size}, bf16 autocast",
+                         environment(device), rows, PREFILL_COLUMNS)
     print("wrote", *paths)
     return 0
 

@@ -32,7 +32,8 @@ def bench_train_step(device: torch.device, preset: str = "125m", seq_len: int = 
     for variant in variants:
         config = TTTConfig.from_preset(preset, variant=variant)
         torch.manual_seed(0)
-        model = TTTForCausalLM(config).to(device)
+        with device:  # initialise on the card
+            model = TTTForCausalLM(config)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
                                       fused=device.type == "cuda")
         ttt = variant == "e2e"
