@@ -83,6 +83,8 @@ def main() -> int:
     parser.add_argument("--prefill-preset", default="3b")
     parser.add_argument("--prefill-lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--prefill-repeats", type=int, default=3)
+    parser.add_argument("--prefill-compile", nargs="+", default=["eager", "compiled"],
+                        choices=["eager", "compiled"])
     parser.add_argument("--train-batches", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -121,7 +123,8 @@ def main() -> int:
             f"Prefill, {args.prefill_preset}, {T} tokens, batch {prefill_batch(T, 131072)} "
             "(128K tokens per step), bf16 autocast",
             functools.partial(bench_prefill, device, preset=args.prefill_preset, lengths=(T,),
-                              repeats=args.prefill_repeats),
+                              repeats=args.prefill_repeats,
+                              compile_modes=tuple(m == "compiled" for m in args.prefill_compile)),
             PREFILL_COLUMNS)
     sections = [s for section in args.sections
                 for s in ([p for p in plans if p.startswith("prefill")] if section == "prefill"

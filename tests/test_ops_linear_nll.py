@@ -25,8 +25,16 @@ def test_gradcheck_and_gradgradcheck_float64() -> None:
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
-def test_matches_naive_to_second_order(dtype: torch.dtype, tol: float) -> None:
-    """The quantity the meta-gradient needs: d/dθ of a function of d(loss)/d(x, W)."""
+@pytest.mark.parametrize("block_rows", [None, 3], ids=["one-block", "row-blocks"])
+def test_matches_naive_to_second_order(dtype: torch.dtype, tol: float, block_rows: int | None,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The quantity the meta-gradient needs: d/dθ of a function of d(loss)/d(x, W); also when
+    the logits are formed a few rows at a time (7 rows in blocks of 3)."""
+    from tttlm.ops import linear_nll as module
+
+    if block_rows is not None:
+        monkeypatch.setattr(module, "_MAX_BLOCK_ELEMENTS", block_rows * 11)
+        assert len(module._row_blocks(7, 11)) == 3
     results = []
     for fn in (linear_nll, naive_linear_nll):
         x, W, y = _inputs(dtype)

@@ -47,6 +47,8 @@ def add_parser(subparsers: Any) -> None:
                    help="sequences per step (default: --tokens-per-step / length, at least 1)")
     p.add_argument("--tokens-per-step", type=int, default=131072,
                    help="tokens per step when --batch is not given (the paper's 128K)")
+    p.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"],
+                   help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks)")
     common(p, "prefill")
     p.set_defaults(func=run_prefill)
 
@@ -89,8 +91,8 @@ def run_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
-PREFILL_COLUMNS = ["variant", "sdpa", "tokens", "batch", "s_per_1k_tokens", "tokens_per_s", "mfu",
-                   "speedup_vs_full", "peak_gib", "error"]
+PREFILL_COLUMNS = ["variant", "blocks", "sdpa", "tokens", "batch", "s_per_1k_tokens",
+                   "tokens_per_s", "mfu", "speedup_vs_full", "peak_gib", "error"]
 
 
 def run_prefill(args: argparse.Namespace) -> int:
@@ -99,7 +101,8 @@ def run_prefill(args: argparse.Namespace) -> int:
     device = _device(args.device)
     rows = bench_prefill(device, preset=args.preset, variants=tuple(args.variants),
                          lengths=tuple(args.lengths), batch=args.batch,
-                         tokens_per_step=args.tokens_per_step, repeats=args.repeats)
+                         tokens_per_step=args.tokens_per_step, repeats=args.repeats,
+                         compile_modes=tuple(m == "compiled" for m in args.compile))
     size = (f"batch {args.batch}" if args.batch is not None
             else f"{args.tokens_per_step} tokens per step")
     paths = write_report(args.out, f"Prefill, {args.preset}, {size}, bf16 autocast",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -90,12 +91,15 @@ def prefill_batch(T: int, tokens_per_step: int) -> int:
 def bench_prefill(device: torch.device, preset: str = "3b",
                   variants: tuple[str, ...] = ("e2e", "full"),
                   lengths: tuple[int, ...] = (8192,), batch: int | None = None,
-                  tokens_per_step: int = 131072, repeats: int = 3) -> list[dict[str, Any]]:
+                  tokens_per_step: int = 131072, repeats: int = 3,
+                  compile_modes: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
     """Seconds per prefill and per 1K tokens, tokens/s, estimated MFU and peak memory.
 
     ``batch=None`` sizes each step to ``tokens_per_step`` tokens (the paper's 128K), so short
     prompts are timed at the batch a server would run them at. ``full`` is timed with SDPA's
-    flash and cuDNN backends on CUDA; ``speedup_vs_full`` compares with the faster one.
+    flash and cuDNN backends on CUDA; ``speedup_vs_full`` compares with the fastest ``full``
+    row. ``compile_modes`` lists eager (False) and/or compiled blocks
+    (``TTTForCausalLM.compile_blocks``, True); a compiled row's first (warm-up) run compiles.
     """
     from tttlm.model.model import TTTForCausalLM
 
@@ -110,9 +114,12 @@ def bench_prefill(device: torch.device, preset: str = "3b",
             B = batch if batch is not None else prefill_batch(T, tokens_per_step)
             g = torch.Generator(device="cpu").manual_seed(T)
             x = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(device)
-            for backend in _sdpa_backends(device, variant):
+            for compiled, backend in itertools.product(compile_modes,
+                                                       _sdpa_backends(device, variant)):
+                model.compile_blocks = compiled
                 row: dict[str, Any] = {"preset": preset, "variant": variant, "tokens": T,
-                                       "batch": B, "sdpa": backend or "default"}
+                                       "batch": B, "sdpa": backend or "default",
+                                       "blocks": "compiled" if compiled else "eager"}
                 reset_peak_memory(device)
                 try:
                     with _sdpa(backend):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -98,25 +102,51 @@ class Block(nn.Module):
             h = h + self.prime_post_norm(self.prime(self.prime_norm(h), fast))
         return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
 
-    def forward_sequence(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         window: int | None, block: int) -> torch.Tensor:
-        """The block over a whole sequence ``h [B, T, D]`` (RoPE tables for positions 0..T-1)."""
+    def attention_inputs(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys with RoPE (tables for the rows of ``h``), values."""
         q, k, v = self.attn.project(self.attn_norm(h))
-        out = sequence_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window, block)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def chunk_projections(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+        """q, k (QK-normed, before RoPE) and v of a chunk: what caches keep, before RoPE at
+        the chunk's local positions."""
+        return self.attn.project(self.attn_norm(h))
+
+    def attention_output(self, h: torch.Tensor, out: torch.Tensor,
+                         fast: FastWeights | None = None) -> torch.Tensor:
+        """The residual update from the attention output ``out [B, T, H, d]``, then the rest."""
         h = h + self.attn_post_norm(self.attn.merge(out))
-        return self.feed_forward(h)
+        return self.feed_forward(h, fast)
+
+    def forward_sequence(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         window: int | None, block: int, compiled: bool = False) -> torch.Tensor:
+        """The block over a whole sequence ``h [B, T, D]`` (RoPE tables for positions 0..T-1).
+
+        ``compiled`` runs the code around the attention through ``torch.compile`` (fused
+        norms, RoPE and casts; first-order differentiable only).
+        """
+        inputs, output = _parts(compiled, "sequence")
+        q, k, v = inputs(self, h, cos, sin)
+        return output(self, h, sequence_attention(q, k, v, window, block))
 
     def forward_chunk(self, h: torch.Tensor, cache: KVCache, start: int, window: int | None,
-                      cos: torch.Tensor, sin: torch.Tensor,
-                      fast: FastWeights | None = None) -> tuple[torch.Tensor, KVCache]:
+                      cos: torch.Tensor, sin: torch.Tensor, fast: FastWeights | None = None,
+                      compiled: bool = False) -> tuple[torch.Tensor, KVCache]:
         """The block over one chunk ``h [B, c, D]`` starting at absolute position ``start``,
         attending to ``cache`` (the previous keys/values, ``[B, past, H, d]``).
 
         ``cos/sin`` are the RoPE tables of the ``past + c`` keys (cache, then chunk); the
         queries use the last ``c`` rows. Returns the output and the cache extended by this
-        chunk, trimmed to ``window`` rows when a window is set.
+        chunk, trimmed to ``window`` rows when a window is set. ``compiled`` as in
+        :meth:`forward_sequence`, for chunks whose graph is differentiated once, without
+        ``retain_graph`` (the compiled backward frees what it saved).
         """
-        q, k, v = self.attn.project(self.attn_norm(h))
+        # Compiled parts have fixed shapes [B, c, ...]; the cache, whose length grows up to the
+        # window, and RoPE over it stay eager (one complex multiply per tensor).
+        project, output = _parts(compiled, "chunk")
+        q, k, v = project(self, h)
         c, past = h.shape[1], cache[0].shape[1]
         keys = torch.cat((cache[0], k), dim=1)
         values = torch.cat((cache[1], v), dim=1)
@@ -124,7 +154,48 @@ class Block(nn.Module):
         k_pos = torch.arange(start - past, start + c, device=h.device)
         out = chunk_attention(apply_rope(q, cos[past:], sin[past:]), apply_rope(keys, cos, sin),
                               values, q_pos, k_pos, window)
-        h = h + self.attn_post_norm(self.attn.merge(out))
         if window is not None:
             keys, values = keys[:, -window:], values[:, -window:]
-        return self.feed_forward(h, fast), (keys, values)
+        return output(self, h, out, fast), (keys, values)
+
+
+def _parts(compiled: bool, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """What runs before and after attention, eager or compiled."""
+    if not compiled:
+        before = Block.attention_inputs if kind == "sequence" else Block.chunk_projections
+        return before, Block.attention_output
+    return _COMPILED[kind]()
+
+
+# torch.compile keeps its compiled graphs per code object, with a limit on their number: each
+# use gets its own small function so that whole sequences and chunks (whose cache grows, and
+# whose input may or may not require grad) do not share one budget.
+def _sequence_inputs(block: Block, *args: Any) -> Any:
+    return block.attention_inputs(*args)
+
+
+def _sequence_output(block: Block, *args: Any) -> Any:
+    return block.attention_output(*args)
+
+
+def _chunk_projections(block: Block, *args: Any) -> Any:
+    return block.chunk_projections(*args)
+
+
+def _chunk_output(block: Block, *args: Any) -> Any:
+    return block.attention_output(*args)
+
+
+@functools.cache
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled once, shared by every block: torch.compile treats the module as an input
+    (its parameters are graph inputs), so 32 layers compile once per structure (with or without
+    a prime MLP), not once per layer. Attention stays outside: SDPA, flex_attention and the
+    Triton kernel are fused already."""
+    return torch.compile(fn)
+
+
+_COMPILED = {
+    "sequence": lambda: (_compile(_sequence_inputs), _compile(_sequence_output)),
+    "chunk": lambda: (_compile(_chunk_projections), _compile(_chunk_output)),
+}

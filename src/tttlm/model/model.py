@@ -77,6 +77,11 @@ class TTTForCausalLM(nn.Module):
         # Recompute the head's logits in backward passes instead of keeping them: much less
         # activation memory at a 128K vocabulary, at some extra time (benchmarks/results).
         self.lean_head = True
+        # torch.compile the code around attention in every block (fused norms, RoPE, casts):
+        # whole-sequence blocks always, TTT chunks in inference and prefill (one backward per
+        # chunk graph). Meta-gradients differentiate the chunks' graphs twice (exact) or
+        # backward through them twice (first order), which compiled graphs do not support.
+        self.compile_blocks = False
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------- setup
@@ -211,7 +216,10 @@ class TTTForCausalLM(nn.Module):
         saves the lean head's recomputation.
         """
         x = self.norm(h)
-        if self.lean_head and outer_graph and not keep_logits and labels is not None:
+        # A [B, c, V] logits tensor over 1 GiB (a chunk of many sequences) is not kept either:
+        # the lean head forms it a block of rows at a time.
+        large = h.shape[0] * h.shape[1] * self.config.vocab_size > 2**28
+        if labels is not None and not keep_logits and (large or self.lean_head and outer_graph):
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
             return linear_nll(x, self.embed.weight, labels), None
         logits = x @ self.embed.weight.mT  # [B, c, V]
@@ -241,7 +249,8 @@ class TTTForCausalLM(nn.Module):
         h = self.embed(input_ids)
         cos, sin = self._rope(torch.arange(T, device=input_ids.device))
         for layer in self.layers:
-            h = layer.forward_sequence(h, cos, sin, window, config.chunk_size)
+            h = layer.forward_sequence(h, cos, sin, window, config.chunk_size,
+                                       compiled=self.compile_blocks)
         nlls, logits = [], []
         for s, e in self._chunks(T):
             nll, lg = self._head_nll(h[:, s:e], None if labels is None else labels[:, s:e],
@@ -273,7 +282,7 @@ class TTTForCausalLM(nn.Module):
         h = self.embed(input_ids)
         cos, sin = self._rope(torch.arange(T, device=device))
         for layer in self.prefix_layers:
-            h = layer.forward_sequence(h, cos, sin, window, b)
+            h = layer.forward_sequence(h, cos, sin, window, b, compiled=self.compile_blocks)
         if mode is GradMode.NONE:
             h = h.detach()
 
@@ -295,8 +304,9 @@ class TTTForCausalLM(nn.Module):
             past = caches[0][0].shape[1]
             rows = slice(window - past, window + e - s)
             rope = (local_cos[rows], local_sin[rows])
-            args = (h[:, s:e], labels[:, s:e], mask[:, s:e], s, rope, caches, fast, lr, mode,
-                    update, return_logits)
+            # contiguous: compiled blocks then see one input layout for every chunk
+            args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
+                    lr, mode, update, return_logits)
             if ckpt:
                 result = checkpoint(self._ttt_chunk, *args, use_reentrant=False)
             else:
@@ -328,9 +338,11 @@ class TTTForCausalLM(nn.Module):
             if mode is GradMode.NONE:
                 fast = [w.detach().requires_grad_(True) for w in fast]
             new_caches = []
+            compiled = self.compile_blocks and mode is GradMode.NONE
             for j, layer in enumerate(self.ttt_layers):
                 h, cache = layer.forward_chunk(h, caches[j], start, window, *rope,
-                                               fast=tuple(fast[3 * j:3 * j + 3]))
+                                               fast=tuple(fast[3 * j:3 * j + 3]),
+                                               compiled=compiled)
                 new_caches.append(cache)
             nll, logits = self._head_nll(h, labels, keep_logits,
                                          outer_graph=mode is not GradMode.NONE)

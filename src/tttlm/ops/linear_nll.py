@@ -72,9 +72,13 @@ class _LinearNLL(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                 mm: torch.dtype) -> torch.Tensor:
         acc = _acc(x)
-        z = (x.to(mm) @ W.to(mm).mT).to(acc)  # [N, V]
-        lse = torch.logsumexp(z, dim=-1)
-        nll = lse - z.gather(1, labels[:, None]).squeeze(1)
+        Wm = W.to(mm)
+        lse = x.new_empty(x.shape[0], dtype=acc)
+        nll = x.new_empty(x.shape[0], dtype=acc)
+        for rows in _row_blocks(x.shape[0], W.shape[0]):
+            z = (x[rows].to(mm) @ Wm.mT).to(acc)  # [n, V]
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            nll[rows] = lse[rows] - z.gather(1, labels[rows, None]).squeeze(1)
         ctx.save_for_backward(x, W, labels, lse)
         ctx.mm = mm
         return nll
@@ -92,11 +96,17 @@ class _LinearNLLBackward(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                 lse: torch.Tensor, g: torch.Tensor, mm: torch.dtype,
                 need_dW: bool) -> tuple[torch.Tensor, ...]:
-        p = _probs(x, W, lse, mm)
-        dz = _minus_onehot_(p, labels).mul_(g.to(p.dtype)[:, None]).to(mm)  # [N, V]
-        dx = (dz @ W.to(mm)).to(x.dtype)
+        Wm = W.to(mm)
+        dx = torch.empty_like(x)
         # A frozen head (W not requiring grad) needs no [V, D] product.
-        dW = (dz.mT @ x.to(mm)).to(W.dtype) if need_dW else None
+        dW = torch.zeros(W.shape, dtype=_acc(x), device=W.device) if need_dW else None
+        for rows in _row_blocks(x.shape[0], W.shape[0]):
+            p = _probs(x[rows], W, lse[rows], mm)
+            dz = _minus_onehot_(p, labels[rows]).mul_(g[rows].to(p.dtype)[:, None]).to(mm)
+            dx[rows] = (dz @ Wm).to(x.dtype)
+            if dW is not None:
+                dW += dz.mT @ x[rows].to(mm)
+        dW = dW.to(W.dtype) if dW is not None else None
         ctx.save_for_backward(x, W, labels, lse, g)
         ctx.mm = mm
         return dx, dW
@@ -108,37 +118,55 @@ class _LinearNLLBackward(torch.autograd.Function):
         x, W, labels, lse, g = ctx.saved_tensors
         need_x, need_W, need_g = (ctx.needs_input_grad[i] for i in (0, 1, 4))
         mm = ctx.mm
-        xm, Wm = x.to(mm), W.to(mm)
         if u_x is None and u_W is None:
             return None, None, None, None, None, None, None
-        # M = u_x Wᵀ + x u_Wᵀ as one product over the concatenated inner dimension.
-        if u_x is not None and u_W is not None:
-            M = torch.cat((u_x.to(mm), xm), -1) @ torch.cat((Wm, u_W.to(mm)), -1).mT
-        elif u_x is not None:
-            M = u_x.to(mm) @ Wm.mT
-        else:
-            M = xm @ u_W.to(mm).mT  # type: ignore[union-attr]
-        p = _probs(x, W, lse, mm)
-        acc = p.dtype
-        M = M.to(acc)
-        ga = g.to(acc)[:, None]
-        s = torch.einsum("nv,nv->n", M, p)  # Σ_v p M, without an [N, V] product
-        grad_g = (s - M.gather(1, labels[:, None]).squeeze(1)).to(g.dtype) if need_g else None
-        grad_x = grad_W = None
-        if need_x or need_W:
+        Wm = W.to(mm)
+        # [W, u_W] once, so that M = u_x Wᵀ + x u_Wᵀ is one product over the joined inner axis.
+        right = torch.cat((Wm, u_W.to(mm)), -1) if u_W is not None and u_x is not None else None
+        grad_g = torch.empty_like(g) if need_g else None
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_W = torch.zeros(W.shape, dtype=_acc(x), device=W.device) if need_W else None
+        for rows in _row_blocks(x.shape[0], W.shape[0]):
+            xm = x[rows].to(mm)
+            if right is not None:
+                M = torch.cat((u_x[rows].to(mm), xm), -1) @ right.mT  # type: ignore[index]
+            elif u_x is not None:
+                M = u_x[rows].to(mm) @ Wm.mT
+            else:
+                M = xm @ u_W.to(mm).mT  # type: ignore[union-attr]
+            p = _probs(x[rows], W, lse[rows], mm)
+            acc = p.dtype
+            M = M.to(acc)
+            ga = g[rows].to(acc)[:, None]
+            y = labels[rows, None]
+            s = torch.einsum("nv,nv->n", M, p)  # Σ_v p M, without an [n, V] product
+            if grad_g is not None:
+                grad_g[rows] = (s - M.gather(1, y).squeeze(1)).to(g.dtype)
+            if grad_x is None and grad_W is None:
+                continue
             dz2 = M.sub_(s[:, None]).mul_(p).mul_(ga).to(mm)  # g p (M − Σ p M); M is spent
-            dz = _minus_onehot_(p, labels).mul_(ga).to(mm)  # g (p − Y); p is spent
-            if need_x:
-                grad_x = dz2 @ Wm
+            dz = _minus_onehot_(p, labels[rows]).mul_(ga).to(mm)  # g (p − Y); p is spent
+            if grad_x is not None:
+                gx = dz2 @ Wm
                 if u_W is not None:
-                    grad_x = grad_x + dz @ u_W.to(mm)
-                grad_x = grad_x.to(x.dtype)
-            if need_W:
-                grad_W = dz2.mT @ xm
+                    gx = gx + dz @ u_W.to(mm)
+                grad_x[rows] = gx.to(x.dtype)
+            if grad_W is not None:
+                grad_W += dz2.mT @ xm
                 if u_x is not None:
-                    grad_W = grad_W + dz.mT @ u_x.to(mm)
-                grad_W = grad_W.to(W.dtype)
+                    grad_W += dz.mT @ u_x[rows].to(mm)
+        grad_W = grad_W.to(W.dtype) if grad_W is not None else None
         return grad_x, grad_W, None, None, grad_g, None, None
+
+
+# Rows of the [N, V] logits materialised at once: about 1 GiB of fp32 at a 128K vocabulary, so
+# a step of many sequences (prefill of 16 x 1K-token chunks) needs no [N, V] buffer.
+_MAX_BLOCK_ELEMENTS = 2**28
+
+
+def _row_blocks(n: int, vocab: int) -> list[slice]:
+    step = max(1, _MAX_BLOCK_ELEMENTS // max(vocab, 1))
+    return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 def linear_nll(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

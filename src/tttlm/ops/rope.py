@@ -21,11 +21,20 @@ def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., T, H, d]`` by tables ``[T, d/2]``; fp32 math, result in x's dtype."""
+    """Rotate ``x [..., T, H, d]`` by tables ``[T, d/2]``; fp32 math, result in x's dtype.
+
+    One complex multiplication (``(re + i·im)(cos + i·sin)``, the same products and sums as
+    the real form): a single contiguous kernel instead of six strided ones on the GPU, and it
+    stays differentiable any number of times.
+    """
     dtype = x.dtype
     compute = cos.dtype
-    pairs = x.to(compute).unflatten(-1, (-1, 2))  # [..., T, H, d/2, 2]
-    re, im = pairs[..., 0], pairs[..., 1]
-    c, s = cos[:, None, :], sin[:, None, :]  # [T, 1, d/2]
-    out = torch.stack((re * c - im * s, re * s + im * c), dim=-1)
+    pairs = x.to(compute).contiguous().unflatten(-1, (-1, 2))  # [..., T, H, d/2, 2]
+    if torch.compiler.is_compiling():
+        # Inductor has no complex kernels; it fuses the real form into one kernel anyway.
+        re, im = pairs.unbind(-1)
+        c, s = cos[:, None, :], sin[:, None, :]
+        return torch.stack((re * c - im * s, re * s + im * c), dim=-1).flatten(-2).to(dtype)
+    rotation = torch.complex(cos, sin)[:, None, :]  # [T, 1, d/2]
+    out = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
     return out.flatten(-2).to(dtype)

@@ -75,8 +75,9 @@ class TrainConfig:
             instead of keeping them (``TTTForCausalLM.lean_head``): about 13 GiB less per 8K
             sequence at a 128K vocabulary, about 30% more time per e2e step at 125m (H100,
             benchmarks/results/meta_step_125m_8k*); turn it off when memory allows.
-        compile: ``torch.compile`` the whole-sequence blocks (prefix and baselines); the inner
-            loop needs double backward, which compiled code lacks, so it stays eager.
+        compile: ``torch.compile`` the code around attention in the whole-sequence blocks
+            (prefix blocks, baselines) and in the TTT chunks of evaluation; meta-gradients
+            differentiate the chunks twice, which compiled code does not support: eager there.
         parallel: ``auto``, ``ddp`` or ``fsdp`` under ``torchrun``.
         seed: seed of model init and of the data order.
         num_threads: CPU threads for torch (0: torch's default).

@@ -136,19 +136,16 @@ def apply_activation_checkpointing(model: TTTForCausalLM) -> None:
     for layer in model.layers:
         original = layer.forward_sequence
 
-        def wrapped(*args: Any, _f: Any = original) -> torch.Tensor:
-            return checkpoint(_f, *args, use_reentrant=False)
+        def wrapped(*args: Any, _f: Any = original, **kwargs: Any) -> torch.Tensor:
+            return checkpoint(_f, *args, use_reentrant=False, **kwargs)
 
         layer.forward_sequence = wrapped  # type: ignore[method-assign]
 
 
 def apply_compile(model: TTTForCausalLM) -> None:
-    """Compile the whole-sequence blocks. The TTT blocks run an inner ``autograd.grad`` with
-    ``create_graph=True``, which compiled graphs do not support, so they stay eager."""
-    ttt_ids = {id(layer) for layer in model.ttt_layers} if model.config.num_ttt_layers else set()
-    for layer in model.layers:
-        if id(layer) not in ttt_ids:
-            layer.forward_sequence = torch.compile(layer.forward_sequence)  # type: ignore
+    """Compile the blocks (``TTTForCausalLM.compile_blocks``): whole-sequence blocks, and TTT
+    chunks in evaluation; the meta-gradient's chunks stay eager."""
+    model.compile_blocks = True
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
