@@ -31,7 +31,7 @@ from tttlm.bench import (
     environment,
     write_report,
 )
-from tttlm.bench.cli import PREFILL_COLUMNS
+from tttlm.bench.cli import PREFILL_COLUMNS, TRAIN_COLUMNS
 from tttlm.bench.prefill import prefill_batch
 
 SECTIONS = ("tests", "kernel", "prefill", "train", "train32k", "sweep")
@@ -85,6 +85,8 @@ def main() -> int:
     parser.add_argument("--prefill-repeats", type=int, default=3)
     parser.add_argument("--prefill-compile", nargs="+", default=["eager", "compiled"],
                         choices=["eager", "compiled"])
+    parser.add_argument("--train-modes", nargs="+", default=["eager", "graph"],
+                        choices=["eager", "compiled", "graph", "compiled-graph"])
     parser.add_argument("--train-batches", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     device = torch.device("cuda")
@@ -105,13 +107,13 @@ def main() -> int:
                    lambda: bench_chunk_kernel(device),
                    ["backend", "phase", "ms_median", "speedup_vs_naive", "peak_gib"]),
         "train": ("train_step_125m_8k", "Training step, 125m, 8192 tokens",
-                  lambda: bench_train_step(device, batches=tuple(args.train_batches)),
-                  ["variant", "batch", "s_median", "tokens_per_s", "ratio_vs_best_full",
-                   "peak_gib", "error"]),
+                  lambda: bench_train_step(device, batches=tuple(args.train_batches),
+                                           modes=tuple(args.train_modes)),
+                  TRAIN_COLUMNS),
         "train32k": ("train_step_125m_32k", "Training step, 125m e2e, 32768 tokens, batch 1",
                      lambda: bench_train_step(device, seq_len=32768, variants=("e2e",),
-                                              repeats=1),
-                     ["variant", "batch", "s_median", "tokens_per_s", "peak_gib", "error"]),
+                                              repeats=1, modes=tuple(args.train_modes)),
+                     TRAIN_COLUMNS),
         "sweep": ("kernel_config_sweep", "Triton chunk attention tile sweep, k=8192, b=1024",
                   lambda: sweep_kernel_configs(device),
                   ["config", "phase", "ms_median", "peak_gib", "error"]),

@@ -71,6 +71,9 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--seq-len", type=int, default=8192)
     t.add_argument("--batches", type=int, nargs="+", default=[1])
     t.add_argument("--variants", nargs="+", default=["e2e", "full"])
+    t.add_argument("--modes", nargs="+", default=["eager"],
+                   choices=["eager", "compiled", "graph", "compiled-graph"],
+                   help="eager, compiled blocks, the whole step as a CUDA graph, or both")
     t.add_argument("--checkpoint-chunks", action="store_true",
                    help="recompute each chunk's activations in the backward pass (e2e)")
     common(t, "train_step")
@@ -91,7 +94,7 @@ def run_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
-PREFILL_COLUMNS = ["variant", "blocks", "sdpa", "tokens", "batch", "s_per_1k_tokens",
+PREFILL_COLUMNS = ["variant", "blocks", "sdpa", "tokens", "batch", "micro_batch", "s_per_1k_tokens",
                    "tokens_per_s", "mfu", "speedup_vs_full", "peak_gib", "error"]
 
 
@@ -111,17 +114,20 @@ def run_prefill(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
+                 "ratio_vs_best_full", "peak_gib", "error"]
+
+
 def run_train(args: argparse.Namespace) -> int:
     from tttlm.bench import bench_train_step, environment, write_report
 
     device = _device(args.device)
     rows = bench_train_step(device, preset=args.preset, seq_len=args.seq_len,
                             batches=tuple(args.batches), variants=tuple(args.variants),
-                            checkpoint_chunks=args.checkpoint_chunks, repeats=args.repeats)
+                            checkpoint_chunks=args.checkpoint_chunks, repeats=args.repeats,
+                            modes=tuple(args.modes))
     paths = write_report(args.out, f"Training step, {args.preset}, {args.seq_len} tokens",
-                         environment(device), rows,
-                         ["variant", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
-                          "ratio_vs_best_full", "peak_gib", "error"])
+                         environment(device), rows, TRAIN_COLUMNS)
     print("wrote", *paths)
     return 0
 

@@ -57,10 +57,12 @@ def prefill_flops(config: TTTConfig, T: int) -> float:
     return total
 
 
-def _prefill(model: torch.nn.Module, x: torch.Tensor, ttt: bool) -> None:
+def _prefill(model: torch.nn.Module, x: torch.Tensor, ttt: bool, micro_batch: int) -> None:
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16,
                                                 enabled=x.device.type == "cuda"):
-        model(x[:, :-1], labels=x[:, 1:], ttt=ttt)
+        for i in range(0, x.shape[0], micro_batch):
+            part = x[i:i + micro_batch]
+            model(part[:, :-1], labels=part[:, 1:], ttt=ttt)
 
 
 def _sdpa_backends(device: torch.device, variant: str) -> list[str | None]:
@@ -83,6 +85,24 @@ def _sdpa(backend: str | None) -> Iterator[None]:
         yield
 
 
+def _time_fitting(model: torch.nn.Module, x: torch.Tensor, ttt: bool, backend: str | None,
+                  device: torch.device, repeats: int) -> tuple[list[float], int]:
+    """Time the prefill of all of ``x``; when the whole batch does not fit in memory, run it
+    as consecutive micro-batches (halving until it fits). Returns the times and the size."""
+    micro = x.shape[0]
+    while True:
+        reset_peak_memory(device)
+        try:
+            with _sdpa(backend):
+                fn = functools.partial(_prefill, model, x, ttt, micro)
+                return time_call(fn, device, repeats, warmup=1), micro
+        except torch.OutOfMemoryError:
+            if micro == 1:
+                raise
+            micro //= 2
+            gc.collect()
+
+
 def prefill_batch(T: int, tokens_per_step: int) -> int:
     """Sequences per step so that a step holds ``tokens_per_step`` tokens (at least one)."""
     return max(1, tokens_per_step // T)
@@ -100,6 +120,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     flash and cuDNN backends on CUDA; ``speedup_vs_full`` compares with the fastest ``full``
     row. ``compile_modes`` lists eager (False) and/or compiled blocks
     (``TTTForCausalLM.compile_blocks``, True); a compiled row's first (warm-up) run compiles.
+    A step that does not fit in memory runs as consecutive micro-batches (``micro_batch``):
+    the same tokens per step, in fewer sequences at a time.
     """
     from tttlm.model.model import TTTForCausalLM
 
@@ -120,17 +142,16 @@ def bench_prefill(device: torch.device, preset: str = "3b",
                 row: dict[str, Any] = {"preset": preset, "variant": variant, "tokens": T,
                                        "batch": B, "sdpa": backend or "default",
                                        "blocks": "compiled" if compiled else "eager"}
-                reset_peak_memory(device)
                 try:
-                    with _sdpa(backend):
-                        times = time_call(functools.partial(_prefill, model, x, variant == "e2e"),
-                                          device, repeats, warmup=1)
+                    times, micro = _time_fitting(model, x, variant == "e2e", backend, device,
+                                                 repeats)
                 except torch.OutOfMemoryError:
                     rows.append({**row, "error": "OOM"})
                     continue
                 except RuntimeError as err:  # a backend the card or shape does not support
                     rows.append({**row, "error": str(err).splitlines()[0][:200]})
                     continue
+                row["micro_batch"] = micro
                 sec = median(times)
                 flops = prefill_flops(config, T) * B
                 row.update(s_median=sec, s_per_1k_tokens=sec / (B * T / 1024),

@@ -1,10 +1,15 @@
 """Training-step throughput: e2e meta-training (exact second order) vs full-attention
-pretraining, random weights, bf16 autocast with fp32 weights, one AdamW step included."""
+pretraining, random weights, bf16 autocast with fp32 weights, one AdamW step included.
+
+Step modes: ``eager``; ``compiled`` (``TTTForCausalLM.compile_blocks``: the whole-sequence
+blocks compiled, the meta-gradient's chunks eager); ``graph`` (the whole step captured as one
+CUDA graph, :class:`tttlm.train.graphs.GraphedStep`); ``compiled-graph`` (both).
+"""
 
 from __future__ import annotations
 
-import functools
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,55 +17,83 @@ import torch
 from tttlm.bench.common import median, peak_memory_gib, reset_peak_memory, time_call
 from tttlm.config import TTTConfig
 
+STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
+
 
 def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, ttt: bool,
-          checkpoint_chunks: bool) -> None:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+          checkpoint_chunks: bool) -> torch.Tensor:
+    # Gradients are set to None first, so that under a CUDA graph capture the backward pass
+    # allocates them in the graph's memory (replays then overwrite them in place).
+    optimizer.zero_grad(set_to_none=True)
+    cuda = x.device.type == "cuda"
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
         out = model(x[:, :-1], labels=x[:, 1:], ttt=ttt, checkpoint_chunks=checkpoint_chunks)
     out.loss.backward()
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    return out.loss.detach()
+
+
+def _make_step(model: torch.nn.Module, x: torch.Tensor, ttt: bool, checkpoint_chunks: bool,
+               mode: str) -> Callable[[], Any]:
+    from tttlm.train.graphs import GraphedStep
+
+    graphed = mode.endswith("graph")
+    model.compile_blocks = mode.startswith("compiled")
+    # A captured step needs an optimizer whose state and step count live on the device.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=x.is_cuda,
+                                  capturable=graphed)
+    if not graphed:
+        return lambda: _step(model, optimizer, x, ttt, checkpoint_chunks)
+    step = GraphedStep(lambda ids: _step(model, optimizer, ids, ttt, checkpoint_chunks), x)
+    return lambda: step(x)
 
 
 def bench_train_step(device: torch.device, preset: str = "125m", seq_len: int = 8192,
                      batches: tuple[int, ...] = (1,), variants: tuple[str, ...] = ("e2e", "full"),
-                     checkpoint_chunks: bool = False, repeats: int = 3) -> list[dict[str, Any]]:
+                     checkpoint_chunks: bool = False, repeats: int = 3,
+                     modes: tuple[str, ...] = ("eager",)) -> list[dict[str, Any]]:
     """Seconds per step, tokens/s and peak memory of forward + backward + AdamW."""
     from tttlm.model.model import TTTForCausalLM
 
+    unknown = sorted(set(modes) - set(STEP_MODES))
+    if unknown or (device.type != "cuda" and any(m.endswith("graph") for m in modes)):
+        raise ValueError(f"step modes {list(modes)}: choose from {STEP_MODES}; graph modes "
+                         "need a CUDA device")
     rows: list[dict[str, Any]] = []
     for variant in variants:
         config = TTTConfig.from_preset(preset, variant=variant)
-        torch.manual_seed(0)
-        with device:  # initialise on the card
-            model = TTTForCausalLM(config)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5,
-                                      fused=device.type == "cuda")
         ttt = variant == "e2e"
-        for batch in batches:
-            g = torch.Generator(device="cpu").manual_seed(batch)
-            x = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g).to(device)
-
-            row: dict[str, Any] = {"preset": preset, "variant": variant, "seq_len": seq_len,
-                                   "batch": batch, "checkpoint_chunks": checkpoint_chunks and ttt}
+        for mode in modes:
+            torch.manual_seed(0)
+            with device:  # initialise on the card
+                model = TTTForCausalLM(config)
+            for batch in batches:
+                g = torch.Generator(device="cpu").manual_seed(batch)
+                x = torch.randint(0, config.vocab_size, (batch, seq_len + 1), generator=g)
+                x = x.to(device)
+                row: dict[str, Any] = {"preset": preset, "variant": variant, "mode": mode,
+                                       "seq_len": seq_len, "batch": batch,
+                                       "checkpoint_chunks": checkpoint_chunks and ttt}
+                reset_peak_memory(device)
+                try:
+                    fn = _make_step(model, x, ttt, checkpoint_chunks and ttt, mode)
+                    times = time_call(fn, device, repeats, warmup=1)
+                except torch.OutOfMemoryError:
+                    rows.append({**row, "error": "OOM"})
+                    print(rows[-1], flush=True)
+                    continue
+                finally:
+                    fn = None  # type: ignore[assignment]  # frees a graph's memory pool
+                    model.zero_grad(set_to_none=True)
+                    gc.collect()
+                sec = median(times)
+                row.update(s_median=sec, tokens_per_s=batch * seq_len / sec,
+                           peak_gib=peak_memory_gib(device), times=times)
+                rows.append(row)
+                print(row, flush=True)
+            del model
+            gc.collect()
             reset_peak_memory(device)
-            try:
-                times = time_call(functools.partial(_step, model, optimizer, x, ttt,
-                                                    checkpoint_chunks and ttt),
-                                  device, repeats, warmup=1)
-            except torch.OutOfMemoryError:
-                optimizer.zero_grad(set_to_none=True)
-                rows.append({**row, "error": "OOM"})
-                print(rows[-1], flush=True)
-                continue
-            sec = median(times)
-            row.update(s_median=sec, tokens_per_s=batch * seq_len / sec,
-                       peak_gib=peak_memory_gib(device), times=times)
-            rows.append(row)
-            print(row, flush=True)
-        del model, optimizer
-        gc.collect()
-        reset_peak_memory(device)
     best_full = max((r.get("tokens_per_s", 0.0) for r in rows if r["variant"] == "full"),
                     default=0.0)
     for r in rows:

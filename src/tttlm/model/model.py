@@ -178,7 +178,10 @@ class TTTForCausalLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be a non-empty integer tensor, got dtype "
                              f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        # Value checks read the device: a sync, forbidden while a CUDA graph is captured (the
+        # eager warm-up calls before a capture check the same static buffers).
+        check_values = not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+        lo, hi = (int(input_ids.min()), int(input_ids.max())) if check_values else (0, 0)
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"input_ids contain token id {lo if lo < 0 else hi} outside the "
                              f"model's vocabulary [0, {self.config.vocab_size})")
@@ -192,15 +195,13 @@ class TTTForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}; labels[:, t] is the target of input t")
         ignored = labels == IGNORE_INDEX
         bad = (~ignored) & ((labels < 0) | (labels >= self.config.vocab_size))
-        if bool(bad.any()):
+        if check_values and bool(bad.any()):
             raise ValueError(f"labels contain id {int(labels[bad][0])} outside the vocabulary "
                              f"[0, {self.config.vocab_size}) (use -100 to ignore a target)")
-        mask = ~ignored
-        if loss_mask is not None:
-            if loss_mask.shape != input_ids.shape:
-                raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
-            mask = mask & loss_mask.bool()
+        if loss_mask is not None and loss_mask.shape != input_ids.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
+        mask = ~ignored if loss_mask is None else ~ignored & loss_mask.bool()
         return labels.masked_fill(ignored, 0).long(), mask
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +234,13 @@ class TTTForCausalLM(nn.Module):
     def _assemble(self, nll: torch.Tensor, mask: torch.Tensor,
                   chunk_losses: torch.Tensor, ttt_weighting: bool) -> torch.Tensor:
         if ttt_weighting:
-            sizes = torch.tensor([e - s for s, e in self._chunks(nll.shape[1])],
-                                 device=nll.device, dtype=chunk_losses.dtype)
-            weights = sizes / self.config.chunk_size
+            # Built on the device from Python numbers (no host-to-device copy, so that a step
+            # can be captured in a CUDA graph): every chunk weighs 1 but a short last one.
+            chunks = self._chunks(nll.shape[1])
+            weights = chunk_losses.new_ones(len(chunks))
+            s, e = chunks[-1]
+            if e - s != self.config.chunk_size:
+                weights[-1] = (e - s) / self.config.chunk_size
             return ((chunk_losses * weights).sum(-1) / weights.sum()).mean()
         m = mask.to(nll.dtype)
         return (nll * m).sum() / m.sum().clamp_min(1e-10)
