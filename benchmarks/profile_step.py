@@ -30,7 +30,7 @@ from tttlm.model.model import TTTForCausalLM
 
 # Kernel name patterns, first match wins.
 GROUPS = [
-    ("chunk attention (Triton)", r"_chunk_attn|_attn_fwd|_attn_bwd|_dbl_"),
+    ("chunk attention (Triton)", r"^_fwd_kernel|^_bwd_dq_kernel|^_bwd_dkdv_kernel|^_dbl_"),
     ("flash / cuDNN / flex attention", r"flash|fmha|cudnn|flex|triton_tem"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|sm90|sm80|cublas"),
     ("softmax / log-softmax", r"softmax"),
