@@ -136,7 +136,10 @@ def _window_block_mask(T: int, window: int, device: torch.device) -> Any:
         diff = q_idx - kv_idx
         return (diff >= 0) & (diff < window)
 
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+    # _compile: evaluated block by block; uncompiled it materialises the [T, T] mask and its
+    # integer intermediates (over 100 GB at T = 128K).
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device,
+                             _compile=True)
 
 
 def _common_dtype(*xs: torch.Tensor) -> list[torch.Tensor]:
