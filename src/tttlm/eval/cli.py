@@ -53,6 +53,8 @@ def _run_loss(args: argparse.Namespace) -> int:
     try:
         lengths = parse_int_list(args.lengths, "--lengths")
         models = _load_models(args)
+        for em in models:  # the loss runs the model's own forward: compiled blocks apply
+            em.model.compile_blocks = args.compile
         corpus = load_corpus(args.data, tokenizer=args.tokenizer, model_dirs=args.model,
                              split=args.split, text_field=args.text_field)
         if args.fresh:
@@ -205,6 +207,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     loss.add_argument("--curve-points", type=int, default=1024, metavar="P",
                       help="points of the stored per-position curve (positions are averaged "
                            "in bins of ceil(L/P))")
+    loss.add_argument("--compile", action="store_true",
+                      help="torch.compile the blocks (TTTForCausalLM.compile_blocks): faster on "
+                           "GPU after a compilation per sequence shape; same losses")
     loss.set_defaults(func=_run_loss)
 
     niah = sub.add_parser(
