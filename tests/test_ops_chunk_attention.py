@@ -106,6 +106,47 @@ def test_partial_cotangents() -> None:
         _close(a, e, name)
 
 
+@pytest.mark.parametrize("B, c, past, H, d, window, start", [
+    (2, 20, 30, 2, 16, 24, 40), (1, 7, 17, 3, 5, 9, 17), (1, 6, 6, 1, 8, None, 6)])
+def test_frozen_keys_skip_only_their_gradient(B: int, c: int, past: int, H: int, d: int,
+                                              window: int | None, start: int) -> None:
+    """frozen_keys = past (a detached cache): same output and dQ, same dK, dV for the chunk's
+    own keys, zeros for the cache's; a second derivative is refused."""
+    q, k, v, q_pos, k_pos = _inputs(B, c, past, H, d, start)
+    do = torch.randn(B, c, H, d, dtype=DTYPE, device=DEVICE)
+    full = triton_chunk_attention(q, k, v, q_pos, k_pos, window)
+    g_full = torch.autograd.grad(full, (q, k, v), do)
+    part = triton_chunk_attention(q, k, v, q_pos, k_pos, window, frozen_keys=past)
+    g_part = torch.autograd.grad(part, (q, k, v), do, create_graph=True)
+    _close(part, full, "output")
+    _close(g_part[0], g_full[0], "dq")
+    for name, a, e in zip("kv", g_part[1:], g_full[1:]):
+        _close(a[:, past:], e[:, past:], f"d{name} of the chunk's keys")
+        assert not a[:, :past].any(), f"d{name} of frozen keys must be zero"
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(g_part[0].sum(), q)
+    with pytest.raises(ValueError, match="frozen_keys"):
+        triton_chunk_attention(q, k, v, q_pos, k_pos, window, frozen_keys=past + c + 1)
+
+
+def test_model_evaluation_with_kernel_matches_naive() -> None:
+    """Evaluation (inner steps without outer gradient: detached caches, frozen keys in the
+    kernel) gives the naive path's token losses and fast weights."""
+    from _helpers import tiny_model, tokens
+
+    model = tiny_model(dtype=DTYPE, window=8).to(DEVICE)
+    x, y = (t.to(DEVICE) for t in tokens(model, batch=2, length=15))
+    results = []
+    for backend in ("triton", "naive"):
+        with attention_backend(backend), torch.no_grad():
+            out = model(x, y, ttt=True, return_fast_weights=True)
+        results.append((out.token_nll, out.fast_weights[-1]))
+    (nll, fast), (nll_ref, fast_ref) = results
+    _close(nll, nll_ref, "token nll")
+    for name in fast_ref:
+        _close(fast[name], fast_ref[name], name)
+
+
 @pytest.mark.skipif(DTYPE is not torch.float64, reason="gradcheck needs float64 (interpreter only)")
 def test_gradcheck_and_gradgradcheck() -> None:
     q, k, v, q_pos, k_pos = _inputs(1, 5, 4, 1, 4, 4)

@@ -152,8 +152,18 @@ class Block(nn.Module):
         values = torch.cat((cache[1], v), dim=1)
         q_pos = torch.arange(start, start + c, device=h.device)
         k_pos = torch.arange(start - past, start + c, device=h.device)
-        out = chunk_attention(apply_rope(q, cos[past:], sin[past:]), apply_rope(keys, cos, sin),
-                              values, q_pos, k_pos, window)
+        frozen = 0
+        if cache[0].requires_grad or not torch.is_grad_enabled():
+            k_rope = apply_rope(keys, cos, sin)
+        else:
+            # A detached cache (evaluation, prefill: the inner step's gradient stops at it):
+            # rotate it apart so that no backward runs over it, and let the kernel skip its
+            # dK, dV. Same values: RoPE is per row.
+            frozen = past
+            k_rope = torch.cat((apply_rope(cache[0], cos[:past], sin[:past]),
+                                apply_rope(k, cos[past:], sin[past:])), dim=1)
+        out = chunk_attention(apply_rope(q, cos[past:], sin[past:]), k_rope, values, q_pos,
+                              k_pos, window, frozen_keys=frozen)
         if window is not None:
             keys, values = keys[:, -window:], values[:, -window:]
         return output(self, h, out, fast), (keys, values)

@@ -197,19 +197,21 @@ def _banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     q_pos: torch.Tensor, k_pos: torch.Tensor,
-                    window: int | None) -> torch.Tensor:
+                    window: int | None, frozen_keys: int = 0) -> torch.Tensor:
     """Attention of a chunk's queries over cached keys plus the chunk's own keys.
 
     Positions are absolute token indices (used only for the mask); every query must see at
     least one key. Differentiable twice. Runs the Triton kernel on CUDA (or anywhere under the
-    ``triton`` backend), the naive reference otherwise.
+    ``triton`` backend), the naive reference otherwise. ``frozen_keys``: the first keys'
+    gradient is not wanted (a detached cache), so the kernel skips it; first order only.
     """
     use_triton = _BACKEND == "triton" or (
         _BACKEND == "auto" and q.is_cuda and q.dtype in _TRITON_DTYPES)
     if use_triton and triton_can_run(q):
         from tttlm.ops.triton_chunk_attention import triton_chunk_attention
 
-        return triton_chunk_attention(*_common_dtype(q, k, v), q_pos, k_pos, window)
+        return triton_chunk_attention(*_common_dtype(q, k, v), q_pos, k_pos, window,
+                                      frozen_keys)
     return naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
 
 

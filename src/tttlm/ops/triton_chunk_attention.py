@@ -22,7 +22,7 @@ This module imports Triton at import time; import it only through
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -370,6 +370,9 @@ class _Meta:
     Tk: int
     H: int
     d: int
+    # Leading keys whose gradient nobody takes (a detached cache in evaluation and prefill):
+    # the first-order backward skips their dK, dV (zeros), the largest share of its work.
+    frozen_keys: int = 0
 
     @property
     def scale(self) -> float:
@@ -396,8 +399,10 @@ def _launch(kernel: triton.JITFunction, name: str, over_keys: bool, meta: _Meta,
                 else triton.cdiv(meta.Tq, cfg.block_m))
     grid = (n_blocks, meta.B * meta.H)
     window = meta.window if meta.window is not None else 0
-    kernel[grid](*tensors, meta.q_pos, meta.k_pos, meta.Tq * meta.H * meta.d,
-                 meta.Tk * meta.H * meta.d, meta.H * meta.d, meta.H, meta.Tq, meta.Tk, window,
+    # Strides from the tensors (tensors[0] is laid out as q, tensors[1] as k): a launch over a
+    # slice of the keys passes views whose batch stride is the whole key tensor's.
+    kernel[grid](*tensors, meta.q_pos, meta.k_pos, tensors[0].stride(0), tensors[1].stride(0),
+                 tensors[0].stride(1), meta.H, meta.Tq, meta.Tk, window,
                  meta.scale, BM=cfg.block_m, BN=cfg.block_n, num_warps=cfg.num_warps,
                  num_stages=cfg.num_stages, **_constants(x, meta))
 
@@ -423,9 +428,18 @@ def _row_delta(do: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
 def _backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor,
               lse: torch.Tensor, delta: torch.Tensor,
               meta: _Meta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq = torch.empty_like(q)
     _launch(_bwd_dq_kernel, "bwd_dq", False, meta, [q, k, v, do, lse, delta, dq], q)
-    _launch(_bwd_dkdv_kernel, "bwd_dkdv", True, meta, [q, k, v, do, lse, delta, dk, dv], q)
+    n = meta.frozen_keys
+    if n == 0:
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _launch(_bwd_dkdv_kernel, "bwd_dkdv", True, meta, [q, k, v, do, lse, delta, dk, dv], q)
+        return dq, dk, dv
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    if n < meta.Tk:
+        rest = replace(meta, k_pos=meta.k_pos[n:], Tk=meta.Tk - n)
+        _launch(_bwd_dkdv_kernel, "bwd_dkdv", True, rest,
+                [q, k[:, n:], v[:, n:], do, lse, delta, dk[:, n:], dv[:, n:]], q)
     return dq, dk, dv
 
 
@@ -492,6 +506,10 @@ class _ChunkAttentionBackward(torch.autograd.Function):
     def backward(ctx, gq: torch.Tensor, gk: torch.Tensor,  # type: ignore[override]
                  gv: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, o, do, lse, delta = ctx.saved_tensors
+        if ctx.meta.frozen_keys:
+            raise RuntimeError("chunk attention with frozen_keys > 0 has no second derivative "
+                               "(its dK, dV are zero for the frozen keys); pass frozen_keys=0 "
+                               "when the gradient will be differentiated again")
         qbar, kbar, vbar, dobar = _double_backward(
             q, k, v, o, do, lse, delta, gq.contiguous(), gk.contiguous(), gv.contiguous(),
             ctx.meta)
@@ -500,12 +518,14 @@ class _ChunkAttentionBackward(torch.autograd.Function):
 
 def triton_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            q_pos: torch.Tensor, k_pos: torch.Tensor,
-                           window: int | None) -> torch.Tensor:
+                           window: int | None, frozen_keys: int = 0) -> torch.Tensor:
     """Chunk attention ``q [B,Tq,H,d]`` over ``k, v [B,Tk,H,d]`` with the window mask on
     absolute positions ``q_pos [Tq]``, ``k_pos [Tk]``; differentiable twice.
 
     Same function as ``naive_attention(q, k, v, window_mask(q_pos, k_pos, window))`` for
-    inputs where every query sees at least one key.
+    inputs where every query sees at least one key. ``frozen_keys = n`` promises that the
+    gradient of the first ``n`` keys and values is not used: the backward returns zeros there
+    without computing them, and a second derivative is refused.
     """
     B, Tq, H, d = q.shape
     Tk = k.shape[1]
@@ -515,6 +535,9 @@ def triton_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if q_pos.shape != (Tq,) or k_pos.shape != (Tk,):
         raise ValueError(f"q_pos {tuple(q_pos.shape)} / k_pos {tuple(k_pos.shape)} must be "
                          f"[{Tq}] / [{Tk}] absolute positions")
+    if not 0 <= frozen_keys <= Tk:
+        raise ValueError(f"frozen_keys={frozen_keys} must lie in [0, {Tk}]")
     meta = _Meta(q_pos.to(q.device, torch.int64).contiguous(),
-                 k_pos.to(q.device, torch.int64).contiguous(), window, B, Tq, Tk, H, d)
+                 k_pos.to(q.device, torch.int64).contiguous(), window, B, Tq, Tk, H, d,
+                 frozen_keys)
     return _ChunkAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), meta)
