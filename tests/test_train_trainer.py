@@ -209,3 +209,18 @@ def test_model_folders_carry_the_tokenizer(tmp_path: Path) -> None:
     for folder in (run / ckpt.FINAL, sorted((run / "checkpoints").iterdir())[-1]):
         tok = resolve_tokenizer(str(folder))
         assert tok.encode(TEXT) == load_tokenizer(data).encode(TEXT)
+
+
+def test_compiled_blocks_train_like_eager(data_dir: Path, tmp_path: Path) -> None:
+    """compile=true (compiled whole-sequence blocks; the meta-gradient's chunks eager) under
+    activation checkpointing gives the eager run's losses (test_model_compile checks the
+    compiled model alone)."""
+    runs = {}
+    for name, kw in {"eager": {},
+                     "compiled-ckpt": {"compile": True, "activation_checkpointing": True}}.items():
+        trainer = Trainer(tiny_config(data_dir, tmp_path / name, steps=2, eval_every=0,
+                                      save_every=0, dtype="float64", **kw))
+        assert trainer.module.compile_blocks is bool(kw)
+        trainer.train()
+        runs[name] = [loss for _, loss in losses(tmp_path / name)]
+    assert runs["compiled-ckpt"] == pytest.approx(runs["eager"], rel=1e-9)
