@@ -115,7 +115,7 @@ def run_prefill(args: argparse.Namespace) -> int:
 
 
 TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
-                 "ratio_vs_best_full", "peak_gib", "error"]
+                 "mfu", "ratio_vs_best_full", "peak_gib", "error"]
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -14,10 +14,19 @@ from typing import Any
 
 import torch
 
-from tttlm.bench.common import median, peak_memory_gib, reset_peak_memory, time_call
+from tttlm.bench.common import median, peak_flops, peak_memory_gib, reset_peak_memory, time_call
+from tttlm.bench.prefill import prefill_flops
 from tttlm.config import TTTConfig
 
 STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
+
+
+def train_flops(config: TTTConfig, seq_len: int) -> float:
+    """Model FLOPs of one training sequence (an estimate): three times the forward pass
+    (forward, then the backward's two products per matmul). For e2e the "forward" is the meta
+    forward with its inner steps (:func:`prefill_flops`), and the outer backward differentiates
+    the inner backward too, so the same factor of three applies to it."""
+    return 3.0 * prefill_flops(config, seq_len)
 
 
 def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, ttt: bool,
@@ -87,7 +96,10 @@ def bench_train_step(device: torch.device, preset: str = "125m", seq_len: int = 
                     model.zero_grad(set_to_none=True)
                     gc.collect()
                 sec = median(times)
+                flops = train_flops(config, seq_len) * batch
                 row.update(s_median=sec, tokens_per_s=batch * seq_len / sec,
+                           tflops=flops / sec / 1e12,
+                           mfu=flops / sec / peak if (peak := peak_flops(device)) else None,
                            peak_gib=peak_memory_gib(device), times=times)
                 rows.append(row)
                 print(row, flush=True)
