@@ -31,7 +31,7 @@ from tttlm.bench import (
     environment,
     write_report,
 )
-from tttlm.bench.cli import PREFILL_COLUMNS, TRAIN_COLUMNS
+from tttlm.bench.cli import PREFILL_COLUMNS, STEP_MODES, TRAIN_COLUMNS
 from tttlm.bench.prefill import prefill_batch
 
 SECTIONS = ("tests", "kernel", "prefill", "train", "train32k", "sweep")
@@ -86,7 +86,7 @@ def main() -> int:
     parser.add_argument("--prefill-compile", nargs="+", default=["eager", "compiled"],
                         choices=["eager", "compiled"])
     parser.add_argument("--train-modes", nargs="+", default=["eager", "graph"],
-                        choices=["eager", "compiled", "graph", "compiled-graph"])
+                        choices=STEP_MODES)
     parser.add_argument("--train-batches", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
     device = torch.device("cuda")

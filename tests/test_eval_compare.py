@@ -20,15 +20,6 @@ from tttlm.eval.loss import evaluate_loss, write_loss_outputs
 from tttlm.model import TTTForCausalLM
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread avoids OpenMP spin-waits that slow a busy 2-core runner 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_tiny(path: Path, variant: str, seed: int) -> Path:
     torch.manual_seed(seed)
     config = TTTConfig(vocab_size=258, hidden_size=32, num_layers=2, num_heads=2,

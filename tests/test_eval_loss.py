@@ -23,15 +23,6 @@ from tttlm.model import TTTForCausalLM
 BOS = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread avoids OpenMP spin-waits that slow a busy 2-core runner 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_tiny(path: Path, variant: str = "e2e", seed: int = 0) -> Path:
     """A 2-layer model on the byte vocabulary (BOS 256), window 16, chunk 8."""
     torch.manual_seed(seed)

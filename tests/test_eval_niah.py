@@ -30,15 +30,6 @@ from tttlm.model import TTTForCausalLM
 TOK = ByteTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread avoids OpenMP spin-waits that slow a busy 2-core runner 20x.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def haystack() -> niah.Haystack:
     docs = read_documents(builtin_books("val")[0])

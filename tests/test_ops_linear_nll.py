@@ -33,7 +33,7 @@ def test_matches_naive_to_second_order(dtype: torch.dtype, tol: float, block_row
     from tttlm.ops import linear_nll as module
 
     if block_rows is not None:
-        monkeypatch.setattr(module, "_MAX_BLOCK_ELEMENTS", block_rows * 11)
+        monkeypatch.setattr(module, "MAX_BLOCK_ELEMENTS", block_rows * 11)
         assert len(module._row_blocks(7, 11)) == 3
     results = []
     for fn in (linear_nll, naive_linear_nll):

@@ -8,21 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from tttlm.cli import main
 from tttlm.data import prepare
 from tttlm.train.report import bucket_means
 
 
-@pytest.fixture()
-def one_thread() -> object:
-    previous = torch.get_num_threads()
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_quickstart_tiny_end_to_end(tmp_path: Path, one_thread: object,
+def test_quickstart_tiny_end_to_end(tmp_path: Path,
                                     capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "text"
     src.mkdir()

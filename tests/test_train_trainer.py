@@ -21,16 +21,6 @@ TEXT = ("It is a truth universally acknowledged, that a single man in possession
         "fortune, must be in want of a wife. ")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> object:
-    """Tiny models run fastest on one thread, and far faster on a busy CI machine, where
-    OpenMP threads of several processes fight over the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level prepared corpus: ~40 KB of train text and two val documents."""

@@ -9,6 +9,8 @@ from typing import Any
 from tttlm.cli import user_error
 
 _RESULTS = Path("benchmarks/results")
+# Training-step modes of tttlm.bench.train (kept here: the CLI imports no torch to parse).
+STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
 
 
 def _device(name: str) -> Any:
@@ -72,7 +74,7 @@ def add_parser(subparsers: Any) -> None:
     t.add_argument("--batches", type=int, nargs="+", default=[1])
     t.add_argument("--variants", nargs="+", default=["e2e", "full"])
     t.add_argument("--modes", nargs="+", default=["eager"],
-                   choices=["eager", "compiled", "graph", "compiled-graph"],
+                   choices=STEP_MODES,
                    help="eager, compiled blocks, the whole step as a CUDA graph, or both")
     t.add_argument("--checkpoint-chunks", action="store_true",
                    help="recompute each chunk's activations in the backward pass (e2e)")

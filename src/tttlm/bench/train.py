@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 
+from tttlm.bench.cli import STEP_MODES
 from tttlm.bench.common import median, peak_flops, peak_memory_gib, reset_peak_memory, time_call
 from tttlm.bench.prefill import prefill_flops
 from tttlm.config import TTTConfig
-
-STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
 
 
 def train_flops(config: TTTConfig, seq_len: int) -> float:

@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tttlm.config import TTTConfig, Variant
 from tttlm.model.layers import Block, KVCache, RMSNorm
-from tttlm.ops.linear_nll import head_weight_grad_unused, linear_nll
+from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import rope_angles
 from tttlm.ttt.inner import GradMode, inner_step
@@ -217,9 +217,9 @@ class TTTForCausalLM(nn.Module):
         saves the lean head's recomputation.
         """
         x = self.norm(h)
-        # A [B, c, V] logits tensor over 1 GiB (a chunk of many sequences) is not kept either:
-        # the lean head forms it a block of rows at a time.
-        large = h.shape[0] * h.shape[1] * self.config.vocab_size > 2**28
+        # Logits larger than one of the lean head's row blocks (a chunk of many sequences) are
+        # not kept either: the lean head forms them a block of rows at a time.
+        large = h.shape[0] * h.shape[1] * self.config.vocab_size > MAX_BLOCK_ELEMENTS
         if labels is not None and not keep_logits and (large or self.lean_head and outer_graph):
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
             return linear_nll(x, self.embed.weight, labels), None

@@ -161,11 +161,11 @@ class _LinearNLLBackward(torch.autograd.Function):
 
 # Rows of the [N, V] logits materialised at once: about 1 GiB of fp32 at a 128K vocabulary, so
 # a step of many sequences (prefill of 16 x 1K-token chunks) needs no [N, V] buffer.
-_MAX_BLOCK_ELEMENTS = 2**28
+MAX_BLOCK_ELEMENTS = 2**28
 
 
 def _row_blocks(n: int, vocab: int) -> list[slice]:
-    step = max(1, _MAX_BLOCK_ELEMENTS // max(vocab, 1))
+    step = max(1, MAX_BLOCK_ELEMENTS // max(vocab, 1))
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
