@@ -1,11 +1,19 @@
-"""The ``tttlm`` command line: a thin layer that parses arguments and calls the library."""
+"""The ``tttlm`` command line: a thin layer that parses arguments and calls the library.
+
+Errors a user can fix (:class:`tttlm.errors.UserError`, bad values, missing files, a full disk)
+are printed as one line, ``tttlm <cmd>: error: <what>; <how to fix>``, with exit status 2; any
+other failure as one line with exit status 1. ``--debug`` (or ``TTTLM_DEBUG=1``) shows the
+traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 # Each module exposes add_parser(subparsers) and sets `func(args) -> int` on its parsers.
 _COMMAND_MODULES = (
@@ -18,14 +26,44 @@ _COMMAND_MODULES = (
 )
 
 
-def user_error(message: str) -> int:
+class CommandParser(argparse.ArgumentParser):
+    """Every (sub)command parser records its own name, so that errors can name the command
+    (``tttlm data prepare: error: ...``), and takes ``--debug``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(command_prog=self.prog)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the full traceback of an error")
+
+
+def one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def user_error(message: str, prog: str = "tttlm") -> int:
     """Report a user error as one line on stderr (never a traceback); the exit code is 2."""
-    print(f"tttlm: error: {' '.join(message.split())}", file=sys.stderr)
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
     return 2
 
 
+def report_exception(err: BaseException, prog: str = "tttlm") -> int:
+    """One line for an exception that ended a command; returns the exit status."""
+    from tttlm.errors import UserError, describe_os_error
+
+    if isinstance(err, OSError):
+        described = describe_os_error(err)
+        if described is not None:
+            return user_error(described, prog)
+    if isinstance(err, (UserError, ValueError, FileNotFoundError, NotADirectoryError)):
+        return user_error(str(err) or type(err).__name__, prog)
+    print(f"{prog}: error: {type(err).__name__}: {one_line(str(err))}; this is likely a bug in "
+          "tttlm: rerun with --debug for the traceback and report it", file=sys.stderr)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="tttlm", description="End-to-End Test-Time Training (TTT-E2E) language models")
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {importlib.import_module('tttlm').__version__}")
@@ -47,7 +85,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    debug = getattr(args, "debug", False) or os.environ.get("TTTLM_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{args.command_prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        return report_exception(err, args.command_prog)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from tttlm.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad input data, a bad tokenizer spec or a dataset that does not fit the request.
 
     Messages are one line and name the file (and line or byte offset) at fault, so that the
-    command line can print them as they are; a ``ValueError`` so that library callers who
-    validate arguments generically still catch it.
+    command line can print them as they are.
     """

@@ -30,12 +30,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from tttlm.errors import UserError
 from tttlm.model import TTTForCausalLM
 
 META_FILE = "meta.json"
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     """Bad evaluation input (lengths, kinds, data, models); the message says what to change."""
 
 
