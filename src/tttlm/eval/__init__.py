@@ -10,33 +10,40 @@ Library entry points (the ``tttlm eval`` commands are thin wrappers around them)
 - :func:`compare`: merge result files into a Markdown report.
 """
 
-from tttlm.eval.adapters import EvalError, TokenCorpus, builtin_books, tokenize_documents
-from tttlm.eval.common import EvalModel, load_corpus, load_model
-from tttlm.eval.compare import compare
-from tttlm.eval.loss import (
-    WindowMode,
-    evaluate_loss,
-    format_table,
-    max_length,
-    plan_windows,
-    write_loss_outputs,
-)
-from tttlm.eval.niah import (
-    NeedleKind,
-    NiahSample,
-    NiahSettings,
-    Prediction,
-    accuracy,
-    aggregate,
-    build_haystack,
-    build_sample,
-    evaluate_niah,
-    extract_answer,
-    model_predictor,
-    niah_report,
-    score_answer,
-    write_niah_outputs,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tttlm._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from tttlm.eval.adapters import EvalError, TokenCorpus, builtin_books, tokenize_documents
+    from tttlm.eval.common import EvalModel, load_corpus, load_model
+    from tttlm.eval.compare import compare
+    from tttlm.eval.loss import (
+        WindowMode,
+        evaluate_loss,
+        format_table,
+        max_length,
+        plan_windows,
+        write_loss_outputs,
+    )
+    from tttlm.eval.niah import (
+        NeedleKind,
+        NiahSample,
+        NiahSettings,
+        Prediction,
+        accuracy,
+        aggregate,
+        build_haystack,
+        build_sample,
+        evaluate_niah,
+        extract_answer,
+        model_predictor,
+        niah_report,
+        score_answer,
+        write_niah_outputs,
+    )
 
 __all__ = [
     "EvalError",
@@ -68,3 +75,16 @@ __all__ = [
     "write_loss_outputs",
     "write_niah_outputs",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["EvalError", "TokenCorpus", "builtin_books", "tokenize_documents"],
+                    "tttlm.eval.adapters"),
+    **dict.fromkeys(["EvalModel", "load_corpus", "load_model"], "tttlm.eval.common"),
+    "compare": "tttlm.eval.compare",
+    **dict.fromkeys(["WindowMode", "evaluate_loss", "format_table", "max_length", "plan_windows",
+                     "write_loss_outputs"], "tttlm.eval.loss"),
+    **dict.fromkeys(["NeedleKind", "NiahSample", "NiahSettings", "Prediction", "accuracy",
+                     "aggregate", "build_haystack", "build_sample", "evaluate_niah",
+                     "extract_answer", "model_predictor", "niah_report", "score_answer",
+                     "write_niah_outputs"], "tttlm.eval.niah"),
+})

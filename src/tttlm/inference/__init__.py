@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
+from tttlm._lazy import lazy_exports
 
-from tttlm.inference.engine import Engine, Generation, TokenStream, decode_attention
-from tttlm.inference.sampling import sample
-from tttlm.inference.state import State, weights_digest
-from tttlm.model.model import TTTForCausalLM
+if TYPE_CHECKING:
+    import torch
+
+    from tttlm.inference.engine import Engine, Generation, TokenStream, decode_attention
+    from tttlm.inference.sampling import sample
+    from tttlm.inference.state import State, weights_digest
+    from tttlm.model.model import TTTForCausalLM
 
 __all__ = ["Engine", "Generation", "State", "TokenStream", "decode_attention", "generate",
            "sample", "weights_digest"]
+
+__getattr__, __dir__ = lazy_exports(__name__, {
+    **dict.fromkeys(["Engine", "Generation", "TokenStream", "decode_attention"],
+                    "tttlm.inference.engine"),
+    "sample": "tttlm.inference.sampling",
+    **dict.fromkeys(["State", "weights_digest"], "tttlm.inference.state"),
+})
 
 
 def generate(model: TTTForCausalLM, input_ids: torch.Tensor,
@@ -27,6 +38,10 @@ def generate(model: TTTForCausalLM, input_ids: torch.Tensor,
     prompt (as given, padding kept) followed by its new tokens, right-padded with
     ``pad_token_id`` (default: EOS) after a row stops, as ``transformers`` does.
     """
+    import torch
+
+    from tttlm.inference.engine import Engine
+
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if attention_mask is not None:

@@ -7,11 +7,12 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tttlm.cli import user_error
+
+if TYPE_CHECKING:
+    import torch
 
 # The model, engine and tokenizer modules are imported in run(): `tttlm --help` builds every
 # subcommand's parser and should not pay for them.
@@ -92,6 +93,8 @@ class _TextStream:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from tttlm.data.errors import DataError
     from tttlm.inference.engine import Engine
     from tttlm.inference.state import State
@@ -155,5 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -20,7 +20,7 @@ from typing import Any
 
 from tttlm.config import PRESETS as MODEL_PRESETS
 from tttlm.config import TTTConfig, Variant
-from tttlm.ttt.inner import GradMode
+from tttlm.ttt.modes import GradMode
 
 CONFIG_FILE = "train_config.json"
 

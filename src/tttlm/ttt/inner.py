@@ -7,16 +7,11 @@ gradient of each sequence to a global L2 norm (over all TTT layers' matrices tog
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 
 import torch
 
-
-class GradMode(str, enum.Enum):
-    EXACT = "exact"  # differentiate through the inner gradient (second order), as the paper
-    FIRST_ORDER = "first_order"  # treat each inner gradient as a constant: W_{i+1} = W_i - η·sg(g)
-    NONE = "none"  # no outer gradient (evaluation / inference): everything is detached
+from tttlm.ttt.modes import GradMode  # defined apart (torch-free); imported from here too
 
 
 def global_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
