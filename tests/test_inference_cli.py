@@ -38,7 +38,7 @@ def test_generate_and_continue_session(model_dir: Path, tmp_path: Path,
 def test_user_errors(model_dir: Path, tmp_path: Path,
                      capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["generate", "--model", str(model_dir)]) == 2
-    assert capsys.readouterr().err.startswith("tttlm: error: nothing to read")
+    assert capsys.readouterr().err.startswith("tttlm generate: error: nothing to read")
     assert main(["generate", "--model", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a tttlm model directory" in capsys.readouterr().err
     assert main(["generate", "--model", str(model_dir), "--prompt", "x",

@@ -9,8 +9,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tttlm.cli import user_error
-
 if TYPE_CHECKING:
     import torch
 
@@ -50,27 +48,67 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _tokenizer(spec: str | None, model_dir: Path, vocab_size: int) -> Any:
-    """The tokenizer named by ``spec``, else the model folder's, else byte-level — refusing
-    one whose ids do not fit the model (decoding with the wrong tokenizer prints garbage)."""
-    from tttlm.data.tokenizer import ByteTokenizer, resolve_tokenizer
+def _folder_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer kept in the model folder (the trainer saves the data's there), or None."""
+    from tttlm.data.tokenizer import HF_FILE, TIKTOKEN_FILE, resolve_tokenizer
 
+    if (model_dir / "meta.json").is_file() or (model_dir / HF_FILE).is_file():
+        return resolve_tokenizer(str(model_dir))
+    if (model_dir / TIKTOKEN_FILE).is_file():
+        return resolve_tokenizer(f"tiktoken:{model_dir / TIKTOKEN_FILE}")
+    return None
+
+
+def _identity(tokenizer: Any) -> str:
+    """What makes two tokenizers the same: their saved files and ``meta.json`` entry."""
+    import hashlib
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        entry = tokenizer.save(Path(tmp))
+        h = hashlib.sha256(json.dumps(entry, sort_keys=True).encode())
+        for file in sorted(Path(tmp).iterdir()):
+            h.update(file.name.encode() + b"\0" + file.read_bytes())
+    return h.hexdigest()
+
+
+def _describe(tokenizer: Any) -> str:
+    return f"{tokenizer.kind}, {tokenizer.vocab_size} ids"
+
+
+def _tokenizer(spec: str | None, model_dir: Path, vocab_size: int) -> Any:
+    """The model folder's tokenizer, else the one ``spec`` names, else byte-level.
+
+    An explicit ``spec`` that differs from the folder's tokenizer is refused (a smaller
+    vocabulary "fits" the model but decodes to garbage), as is a tokenizer with more ids than
+    the model has.
+    """
+    from tttlm.data.tokenizer import ByteTokenizer, resolve_tokenizer
+    from tttlm.errors import UserError
+
+    own = _folder_tokenizer(model_dir)
     if spec is not None:
         tokenizer = resolve_tokenizer(spec)
-    elif any((model_dir / name).is_file() for name in ("tokenizer.json", "meta.json")):
-        tokenizer = resolve_tokenizer(str(model_dir))
+        if own is not None and _identity(tokenizer) != _identity(own):
+            raise UserError(
+                f"--tokenizer {spec} ({_describe(tokenizer)}) differs from the tokenizer the "
+                f"model folder {model_dir} holds ({_describe(own)}), so its text would be "
+                "garbage; drop --tokenizer to use the folder's")
+    elif own is not None:
+        tokenizer = own
     else:
         # Byte-level models have 256 ids (the official fixture's) or 256 + BOS/EOS.
         tokenizer = ByteTokenizer()
         if vocab_size not in (256, tokenizer.vocab_size):
-            raise ValueError(
+            raise UserError(
                 f"{model_dir} holds no tokenizer and its vocabulary ({vocab_size}) is not "
-                "byte-level: pass --tokenizer (the tokenizer.json or prepared data folder the "
+                "byte-level; pass --tokenizer (the tokenizer.json or prepared data folder the "
                 "model was trained with)")
         return tokenizer
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
-                         f"{vocab_size}: pass the --tokenizer the model was trained with")
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                        f"{vocab_size}; pass the --tokenizer the model was trained with")
     return tokenizer
 
 
@@ -95,65 +133,67 @@ class _TextStream:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from tttlm.data.errors import DataError
+    from tttlm.errors import UserError
     from tttlm.inference.engine import Engine
-    from tttlm.inference.state import State
+    from tttlm.inference.state import State, check_session_folder
     from tttlm.model.model import TTTForCausalLM
 
     if args.max_new_tokens < 0:
-        return user_error(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+        raise UserError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
     if not args.prompt and not args.document:
-        return user_error("nothing to read: give --prompt TEXT and/or --document FILE")
+        raise UserError("nothing to read; give --prompt TEXT and/or --document FILE")
+    if args.document and not Path(args.document).is_file():
+        raise UserError(f"--document {args.document} is not a file; give a text file")
+    if args.save_session:
+        check_session_folder(args.save_session)  # before the work that it would keep
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    try:
-        model_dir = Path(args.model)
-        model = TTTForCausalLM.from_pretrained(model_dir, device=device, dtype=dtype).eval()
-        tokenizer = _tokenizer(args.tokenizer, model_dir, model.config.vocab_size)
-        config = model.config
-        engine = Engine(model, ttt=False if args.no_ttt else None,
-                        cuda_graphs=args.cuda_graphs)
-        state = State.load(args.session, model, device=device) if args.session else None
-        if state is not None and state.batch_size != 1:
-            return user_error(f"session {args.session} holds {state.batch_size} sequences; "
-                          "the command line continues one")
-        text = ""
-        if args.document:
-            text = Path(args.document).read_text(encoding="utf-8")
-            if args.prompt:
-                text += "\n"
-        text += args.prompt
-        ids = tokenizer.encode(text)
-        if state is None and not args.no_bos:
-            ids = [config.bos_token_id, *ids]
-        if not ids:
-            return user_error("the prompt encodes to no tokens")
+    model_dir = Path(args.model)
+    model = TTTForCausalLM.from_pretrained(model_dir, device=device, dtype=dtype).eval()
+    tokenizer = _tokenizer(args.tokenizer, model_dir, model.config.vocab_size)
+    config = model.config
+    engine = Engine(model, ttt=False if args.no_ttt else None, cuda_graphs=args.cuda_graphs)
+    state = State.load(args.session, model, device=device) if args.session else None
+    if state is not None and state.batch_size != 1:
+        raise UserError(f"session {args.session} holds {state.batch_size} sequences; the "
+                        "command line continues one")
+    text = ""
+    if args.document:
+        text = Path(args.document).read_text(encoding="utf-8")
+        if args.prompt:
+            text += "\n"
+    text += args.prompt
+    ids = tokenizer.encode(text)
+    if state is None and not args.no_bos:
+        ids = [config.bos_token_id, *ids]
+    if not ids:
+        raise UserError("the prompt encodes to no tokens; give a longer --prompt")
 
-        t0 = time.perf_counter()
-        stream = engine.stream([ids], args.max_new_tokens, temperature=args.temperature,
-                               top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                               state=state)
-        _sync(device)
-        t1 = time.perf_counter()
-        out = _TextStream(tokenizer)
-        for step in stream:
-            piece = out.push(step[0])
-            if piece:
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        _sync(device)
-        t2 = time.perf_counter()
-        sys.stdout.write("\n")
-        n_new = len(stream.tokens[0])
-        print(f"read {len(ids)} tokens in {t1 - t0:.2f} s ({len(ids) / (t1 - t0):.1f} tok/s); "
-              f"generated {n_new} tokens in {t2 - t1:.2f} s "
-              f"({n_new / max(t2 - t1, 1e-9):.1f} tok/s); context now "
-              f"{stream.state.lengths[0]} tokens", file=sys.stderr)
-        if args.save_session:
-            stream.state.save(args.save_session)
-            print(f"session saved to {args.save_session}", file=sys.stderr)
-    except (ValueError, FileNotFoundError, DataError, UnicodeDecodeError) as err:
-        return user_error(str(err))
+    t0 = time.perf_counter()
+    stream = engine.stream([ids], args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, state=state)
+    _sync(device)
+    t1 = time.perf_counter()
+    out = _TextStream(tokenizer)
+    for step in stream:
+        piece = out.push(step[0])
+        if piece:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    _sync(device)
+    t2 = time.perf_counter()
+    sys.stdout.write("\n")
+    n_new = len(stream.tokens[0])
+    skipped = stream.state.skipped_updates[0]
+    print(f"read {len(ids)} tokens in {t1 - t0:.2f} s ({len(ids) / (t1 - t0):.1f} tok/s); "
+          f"generated {n_new} tokens in {t2 - t1:.2f} s "
+          f"({n_new / max(t2 - t1, 1e-9):.1f} tok/s); context now "
+          f"{stream.state.lengths[0]} tokens"
+          + (f"; {skipped} non-finite inner updates skipped" if skipped else ""),
+          file=sys.stderr)
+    if args.save_session:
+        stream.state.save(args.save_session)
+        print(f"session saved to {args.save_session}", file=sys.stderr)
     return 0
 
 

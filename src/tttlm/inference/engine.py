@@ -33,6 +33,8 @@ its own gradient; callers may wrap the engine in ``no_grad``/``inference_mode`` 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -41,7 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from tttlm.config import Variant
-from tttlm.inference.sampling import sample
+from tttlm.errors import UserError
+from tttlm.inference.sampling import check_sampling, sample
 from tttlm.inference.state import State, rope_slots, weights_digest
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
@@ -51,6 +54,18 @@ from tttlm.ops.rope import apply_rope, rope_angles
 from tttlm.ttt.inner import GradMode, inner_step
 
 Prompts = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
+
+# The largest inner learning rate an engine accepts: far above useful values (the official
+# η is 1 with clipped gradients of norm <= 1), far below values that overflow the weights.
+MAX_INNER_LR = 1e3
+
+
+def _check_inner_lr(lr: object, name: str) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
+            math.isfinite(lr) and 0 <= lr <= MAX_INNER_LR):
+        raise UserError(f"{name}={lr!r} must be a finite number in [0, {MAX_INNER_LR:g}] (0 "
+                        "learns nothing; the official value is 1.0); pass a sane inner_lr")
+    return float(lr)
 
 
 def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -205,7 +220,9 @@ class Engine:
         self.ttt = self.is_e2e if ttt is None else ttt
         if self.ttt and not self.is_e2e:
             raise ValueError(f"ttt=True needs an e2e model; this one is {config.variant.value!r}")
-        self.inner_lr = config.inner_lr if inner_lr is None else inner_lr
+        self.inner_lr = _check_inner_lr(config.inner_lr if inner_lr is None else inner_lr,
+                                        "config.inner_lr" if inner_lr is None else "inner_lr")
+        self._warned_skip = False
         self.ignore_bos_targets = ignore_bos_targets
         self.window = config.window if config.uses_window else None
         self.chunk = config.chunk_size
@@ -238,20 +255,29 @@ class Engine:
 
     def _check_tokens(self, tokens: torch.Tensor, what: str) -> None:
         if tokens.numel() == 0:
-            raise ValueError(f"{what} is empty: give at least one token")
+            raise UserError(f"{what} is empty; give at least one token")
         lo, hi = int(tokens.min()), int(tokens.max())
         if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"{what} contains token id {lo if lo < 0 else hi} outside the "
-                             f"model's vocabulary [0, {self.config.vocab_size})")
+            raise UserError(f"{what} contains token id {lo if lo < 0 else hi} outside the "
+                            f"model's vocabulary [0, {self.config.vocab_size}); encode with "
+                            "the model's tokenizer")
 
     def _check_state(self, state: State) -> None:
         if state.config_fingerprint != self._fingerprint:
-            raise ValueError("this state belongs to a model with another config; a state only "
-                             "continues on the model that made it")
+            raise UserError("this state belongs to a model with another config; a state only "
+                            "continues on the model that made it")
+        if state.weights_digest != self._digest:
+            raise UserError(f"this state belongs to a model with other weights (digest "
+                            f"{state.weights_digest or 'none'}, this engine's model "
+                            f"{self._digest}); a state only continues on the model that made "
+                            "it (State.load(..., check_weights=False) takes one over)")
 
     # ----------------------------------------------------------------------------- state
     def new_state(self, batch: int = 1) -> State:
         """The state of ``batch`` sequences that have read nothing yet."""
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise UserError(f"batch={batch!r} must be a positive integer (one state row per "
+                            "sequence)")
         config, p = self.config, self._param
         H, d = config.num_heads, config.head_dim
         cap = self.window + self.chunk if self.window is not None else self.chunk
@@ -357,13 +383,8 @@ class Engine:
         the config's EOS; ``()`` for none). ``seed`` makes sampling reproducible.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
-        if temperature < 0:
-            raise ValueError(f"temperature={temperature} must be >= 0 (0 is greedy)")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k={top_k} must be positive (None disables it)")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p} must be in (0, 1] (None disables it)")
+            raise UserError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        check_sampling(temperature, top_k, top_p)
         stops = {self.config.eos_token_id} if stop is None else (
             {stop} if isinstance(stop, int) else set(stop))
         logits, state = self.prefill(prompts, state)
@@ -388,14 +409,16 @@ class Engine:
             if input_ids.dim() == 1:
                 input_ids = input_ids[None]
             if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [batch, length], got {tuple(input_ids.shape)}")
+                raise UserError(f"input_ids must be [batch, length], got "
+                                f"{tuple(input_ids.shape)}; add or drop a batch axis")
+            if input_ids.is_floating_point():
+                raise UserError(f"input_ids must hold integer token ids, got {input_ids.dtype}")
             prompts = list(input_ids.to(device).long())
         else:
-            if len(input_ids) == 0:
-                raise ValueError("no prompts given")
             prompts = [torch.as_tensor(p, device=device).long().reshape(-1) for p in input_ids]
         if not prompts:
-            raise ValueError("no prompts given")
+            raise UserError("no prompts given (a batch of zero sequences); give at least one "
+                            "prompt of at least one token")
         for i, p in enumerate(prompts):
             self._check_tokens(p, f"prompt {i}")
         return prompts
@@ -579,7 +602,8 @@ class Engine:
         W, b, device = self.window, self.chunk, state.device
         idx = torch.tensor(rows, device=device)
         if self.ttt:
-            new_fast, chunk_kv = self._inner_step(state, idx, rows, last_targets)
+            new_fast, chunk_kv, update_norm = self._inner_step(state, idx, rows, last_targets)
+            self._skip_non_finite(state, rows, idx, new_fast, update_norm)
             for w, new in zip(state.fast, new_fast):
                 w[idx] = new.to(w.dtype)
             if state.fast_cast is not None:
@@ -600,8 +624,35 @@ class Engine:
         for r in rows:
             state.chunks_done[r] += 1
 
+    def _skip_non_finite(self, state: State, rows: list[int], idx: torch.Tensor,
+                         new_fast: list[torch.Tensor], update_norm: torch.Tensor) -> None:
+        """Keep the old fast weights of sequences whose inner update is not finite (a NaN or
+        infinite loss, gradient or step), count it in ``state.skipped_updates`` and warn once.
+
+        A NaN or infinite gradient makes the update's norm NaN or infinite (the clip divides
+        by the norm), and so does an update that overflows: checking the norm ``[R]`` is
+        enough. One read of the device per inner step.
+        """
+        ok = torch.isfinite(update_norm).tolist()
+        if all(ok):
+            return
+        bad = [i for i, good in enumerate(ok) if not good]
+        at = torch.tensor(bad, device=idx.device)
+        for w, new in zip(state.fast, new_fast):
+            new[at] = w[idx[at]].to(new.dtype)
+        for i in bad:
+            state.skipped_updates[rows[i]] += 1
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(
+                f"the inner update of sequence(s) {[rows[i] for i in bad]} is not finite (NaN "
+                f"or infinite loss or gradient; inner_lr={self.inner_lr}): those sequences "
+                "keep their fast weights for this chunk; state.skipped_updates counts such "
+                "skips (check the model's weights and inner_lr)", RuntimeWarning, stacklevel=4)
+
     def _inner_step(self, state: State, idx: torch.Tensor, rows: list[int],
-                    last_targets: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple]]:
+                    last_targets: torch.Tensor
+                    ) -> tuple[list[torch.Tensor], list[tuple], torch.Tensor]:
         """Re-run the TTT blocks over the pending chunk with autograd and take one inner step.
 
         Same computation as the training forward's chunk (``TTTForCausalLM._ttt_chunk``): the
@@ -639,6 +690,6 @@ class Engine:
                                  v.detach().transpose(1, 2)))
             nll, _ = self.model._head_nll(h, targets, False, outer_graph=False)
             loss = masked_mean(nll, counted)  # [R]
-            new_fast, _ = inner_step(loss, fast, self.inner_lr, self.config.inner_clip,
-                                     GradMode.NONE)
-        return new_fast, chunk_kv
+            new_fast, update_norm = inner_step(loss, fast, self.inner_lr,
+                                               self.config.inner_clip, GradMode.NONE)
+        return new_fast, chunk_kv, update_norm

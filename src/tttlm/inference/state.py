@@ -30,20 +30,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import uuid
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
 
+from tttlm.config import Variant
+from tttlm.errors import UserError
+from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text, fsync_dir
 from tttlm.ops.rope import apply_rope, rope_angles
 
 SESSION_FORMAT = "tttlm-session"
-SESSION_VERSION = 1
-TENSORS_NAME = "session.safetensors"
-META_NAME = "session.json"
+SESSION_VERSION = 2  # 2: the manifest names the tensor file and its sha256
+TENSORS_NAME = "session.safetensors"  # version 1's tensor file
+META_NAME = "session.json"  # the manifest, written last
 _LISTS = ("prefix_keys", "prefix_values", "ttt_keys", "ttt_values", "fast")
+# Tensor files of version 2 are named by their content; temporary files of a save in progress.
+_TENSORS_RE = re.compile(r"^session(-[0-9a-f]{16})?\.safetensors$")
+_TEMP_RE = re.compile(r"^\.+session.*\.tmp-|^\.session-staged-")
+_DAMAGED = "save the session again, or start a new one"
 
 
 def rope_slots(keys: torch.Tensor, config: Any) -> torch.Tensor:
@@ -89,13 +99,21 @@ class State:
     fast: list[torch.Tensor] = field(default_factory=list)
     config_fingerprint: str = ""
     weights_digest: str = ""
+    # Per sequence: inner steps skipped because their gradient or update was not finite (the
+    # sequence kept its fast weights; see Engine).
+    skipped_updates: list[int] = field(default_factory=list)
     # The fast weights cast to a lower compute dtype (derived; refreshed in place after each
     # inner step).
     fast_cast: list[torch.Tensor] | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        if not self.skipped_updates:
+            self.skipped_updates = [0] * len(self.lengths)
+
     def __repr__(self) -> str:
+        skipped = f", skipped_updates={self.skipped_updates}" if any(self.skipped_updates) else ""
         return (f"State(batch={self.batch_size}, lengths={self.lengths}, "
-                f"chunks_done={self.chunks_done}, {self.nbytes() / 2**20:.1f} MiB)")
+                f"chunks_done={self.chunks_done}{skipped}, {self.nbytes() / 2**20:.1f} MiB)")
 
     # ------------------------------------------------------------------------- queries
     @property
@@ -137,7 +155,8 @@ class State:
                      pending_tokens=opt(self.pending_tokens),
                      fast=[fn(t) for t in self.fast],
                      config_fingerprint=self.config_fingerprint,
-                     weights_digest=self.weights_digest)
+                     weights_digest=self.weights_digest,
+                     skipped_updates=list(self.skipped_updates))
 
     def clone(self) -> State:
         """An independent copy (decoding one leaves the other untouched)."""
@@ -149,6 +168,7 @@ class State:
         out = self._map(lambda t: t.index_select(0, index))
         out.lengths = [self.lengths[r] for r in rows]
         out.chunks_done = [self.chunks_done[r] for r in rows]
+        out.skipped_updates = [self.skipped_updates[r] for r in rows]
         return out
 
     @staticmethod
@@ -161,7 +181,8 @@ class State:
         if not states:
             raise ValueError("State.stack needs at least one state")
         first = states[0]
-        if any(s.config_fingerprint != first.config_fingerprint for s in states):
+        if any(s.config_fingerprint != first.config_fingerprint
+               or s.weights_digest != first.weights_digest for s in states):
             raise ValueError("cannot stack states of different models")
 
         def cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -179,6 +200,7 @@ class State:
         return State(
             lengths=[n for s in states for n in s.lengths],
             chunks_done=[n for s in states for n in s.chunks_done],
+            skipped_updates=[n for s in states for n in s.skipped_updates],
             prefix_keys=cat_list("prefix_keys"), prefix_values=cat_list("prefix_values"),
             ttt_keys=cat_list("ttt_keys"), ttt_values=cat_list("ttt_values"),
             ttt_keys_rope=cat_list("ttt_keys_rope"),
@@ -187,23 +209,48 @@ class State:
             fast=[torch.cat([s.fast[i] for s in states]) for i in range(len(first.fast))],
             config_fingerprint=first.config_fingerprint, weights_digest=first.weights_digest)
 
-    # ------------------------------------------------------------------------ sessions
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write the state to directory ``path`` (``session.safetensors`` + ``session.json``).
 
-        The JSON records the model's config fingerprint and weight digest, so that
-        :meth:`load` can refuse a session written by another model.
+    # ------------------------------------------------------------------------ sessions
+    def save(self, path: str | os.PathLike[str], *,
+             command: str = "generate --save-session") -> Path:
+        """Write the state to directory ``path``: a tensor file, then ``session.json``.
+
+        ``session.json`` is the manifest, written last: it names the tensor file with its
+        size and sha256, the model's config fingerprint and weight digest (so that
+        :meth:`load` refuses a session of another model) and the counters. Each file is
+        written durably, and a new save writes its tensors under a new name (from their
+        hash), so that an interrupted save leaves the previous session whole. The folder is
+        locked while saving (``command`` names the owner in a refusal). An existing folder
+        must be a session (it is replaced) or empty.
         """
+        from tttlm.model.model import save_safetensors  # the model imports nothing of ours
+
         out = Path(path)
-        out.mkdir(parents=True, exist_ok=True)
+        check_session_folder(out)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self._tensors().items()}
-        save_file(tensors, str(out / TENSORS_NAME))
-        meta = {"format": SESSION_FORMAT, "version": SESSION_VERSION,
-                "config_fingerprint": self.config_fingerprint,
-                "weights_digest": self.weights_digest,
-                "lengths": self.lengths, "chunks_done": self.chunks_done,
-                "layers": {name: len(getattr(self, name)) for name in _LISTS}}
-        (out / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        with FolderLock(out, command):
+            check_session_folder(out)  # again, now that nobody else writes there
+            staged = out / f".session-staged-{uuid.uuid4().hex[:8]}.safetensors"
+            try:
+                save_safetensors(staged, tensors)
+                size, digest = staged.stat().st_size, _sha256(staged)
+                name = f"session-{digest[:16]}.safetensors"
+                os.replace(staged, out / name)
+            except BaseException:
+                staged.unlink(missing_ok=True)
+                raise
+            fsync_dir(out)
+            meta = {"format": SESSION_FORMAT, "version": SESSION_VERSION,
+                    "config_fingerprint": self.config_fingerprint,
+                    "weights_digest": self.weights_digest,
+                    "lengths": self.lengths, "chunks_done": self.chunks_done,
+                    "skipped_updates": self.skipped_updates,
+                    "layers": {n: len(getattr(self, n)) for n in _LISTS},
+                    "tensors": {"file": name, "bytes": size, "sha256": digest}}
+            atomic_write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
+            for old in out.iterdir():  # earlier saves' tensors, crashed saves' temporaries
+                if old.name not in (name, META_NAME, LOCK_NAME):
+                    old.unlink(missing_ok=True)
         return out
 
     @classmethod
@@ -211,31 +258,45 @@ class State:
              device: str | torch.device | None = None, check_weights: bool = True) -> State:
         """Read a session written by :meth:`save` for ``model`` (a ``TTTForCausalLM``).
 
-        Raises ``ValueError`` when the session belongs to another configuration, or (with
-        ``check_weights``) to other weights of the same configuration.
+        Raises :class:`~tttlm.errors.UserError` (a ``ValueError``) when the session belongs
+        to another configuration, or (with ``check_weights``) to other weights of the same
+        configuration, or when its files are damaged: a tensor file that is not the one the
+        manifest names (an interrupted or mixed save), a manifest whose counters or layout do
+        not fit the model. With ``check_weights=False`` a session of other weights is taken
+        over by ``model``.
         """
         src = Path(path)
-        meta_file, tensor_file = src / META_NAME, src / TENSORS_NAME
-        if not meta_file.is_file() or not tensor_file.is_file():
+        meta_file = src / META_NAME
+        if not meta_file.is_file():
             raise FileNotFoundError(f"{src} is not a tttlm session: expected {META_NAME} and "
-                                    f"{TENSORS_NAME} (write one with State.save)")
-        meta = json.loads(meta_file.read_text())
-        if meta.get("format") != SESSION_FORMAT or meta.get("version") != SESSION_VERSION:
-            raise ValueError(f"{meta_file} is not a version-{SESSION_VERSION} tttlm session")
+                                    "its tensor file (write one with State.save)")
+        meta = _read_manifest(meta_file)
         expected = model.config.fingerprint()
         if meta["config_fingerprint"] != expected:
-            raise ValueError(
+            raise UserError(
                 f"session {src} was written by a model with config fingerprint "
                 f"{meta['config_fingerprint']}, this model's is {expected}: a session only "
-                "continues on the model that wrote it")
-        if check_weights and meta["weights_digest"] != weights_digest(model):
-            raise ValueError(
+                "continues on the model that wrote it; load that model")
+        digest = weights_digest(model)
+        if check_weights and meta["weights_digest"] != digest:
+            raise UserError(
                 f"session {src} was written by a model with other weights (digest "
-                f"{meta['weights_digest']}, this model {weights_digest(model)}): a session only "
-                "continues on the model that wrote it")
+                f"{meta['weights_digest']}, this model {digest}): a session only continues "
+                "on the model that wrote it; load that model (or pass check_weights=False)")
+        tensor_file = _check_tensor_file(src, meta)
         param = model.embed.weight
         device = param.device if device is None else torch.device(device)
-        raw = load_file(str(tensor_file), device=str(device))
+        try:
+            with safe_open(str(tensor_file), framework="pt", device=str(device)) as f:
+                raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except SafetensorError as err:
+            raise UserError(f"session {src}: {tensor_file.name} is not a readable safetensors "
+                            f"file ({err}); {_DAMAGED}") from None
+        missing = sorted({f"{n}.{i}" for n in _LISTS for i in range(meta["layers"][n])}
+                         - set(raw))
+        if missing:
+            raise UserError(f"session {src}: {tensor_file.name} lacks {missing[:3]}; "
+                            f"{_DAMAGED}")
 
         def group(name: str) -> list[torch.Tensor]:
             return [raw[f"{name}.{i}"] for i in range(meta["layers"][name])]
@@ -249,8 +310,173 @@ class State:
                     pending_hidden=raw.get("pending_hidden"),
                     pending_tokens=raw.get("pending_tokens"),
                     fast=group("fast"), config_fingerprint=expected,
-                    weights_digest=meta["weights_digest"])
+                    weights_digest=meta["weights_digest"] if check_weights else digest,
+                    skipped_updates=list(meta["skipped_updates"]))
+        _check_layout(state, model, src)
         if state.pending_hidden is not None:
             state.pending_hidden = state.pending_hidden.to(param.dtype)
         state.ttt_keys_rope = [rope_slots(k, model.config) for k in state.ttt_keys]
         return state
+
+
+# -------------------------------------------------------------------------- session files
+def check_session_folder(path: str | os.PathLike[str]) -> None:
+    """Refuse to save a session to ``path`` when that would replace something else: a file, or
+    a folder holding files that are not a session's (a save replaces the session there)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not a session folder; choose a folder name")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not _session_file(p.name))
+        if foreign:
+            raise UserError(f"{out} holds files that are not part of a session "
+                            f"({', '.join(foreign[:3])}); save the session to a new or empty "
+                            "folder")
+
+
+def _session_file(name: str) -> bool:
+    """Whether a file may be replaced by a session save (its own files, the lock)."""
+    return (name in (META_NAME, LOCK_NAME) or bool(_TENSORS_RE.match(name))
+            or bool(_TEMP_RE.match(name)))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _count_list(meta: dict[str, Any], key: str, batch: int) -> list[int]:
+    value = meta.get(key)
+    if not (isinstance(value, list) and len(value) == batch and all(
+            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value)):
+        raise ValueError(f"{key} must be {batch} counts >= 0, got {value!r}")
+    return value
+
+
+def _read_manifest(meta_file: Path) -> dict[str, Any]:
+    """``session.json``, checked field by field (a hand-edited manifest is refused, not
+    half-used)."""
+    src = meta_file.parent
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"session {src}: {META_NAME} is not valid JSON ({err}); "
+                        f"{_DAMAGED}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SESSION_FORMAT:
+        raise UserError(f"{meta_file} is not a tttlm session manifest; {_DAMAGED}")
+    version = meta.get("version")
+    if version not in (1, SESSION_VERSION):
+        raise UserError(f"{meta_file} is a version-{version} session; this tttlm reads versions "
+                        f"1 and {SESSION_VERSION}: use the tttlm that wrote it")
+    try:
+        for key in ("config_fingerprint", "weights_digest"):
+            if not isinstance(meta.get(key), str):
+                raise ValueError(f"{key} must be a string, got {meta.get(key)!r}")
+        lengths = meta.get("lengths")
+        batch = len(lengths) if isinstance(lengths, list) else 0
+        if batch == 0:
+            raise ValueError(f"lengths must list at least one sequence, got {lengths!r}")
+        _count_list(meta, "lengths", batch)
+        _count_list(meta, "chunks_done", batch)
+        if version == 1:
+            meta["skipped_updates"] = [0] * batch
+        _count_list(meta, "skipped_updates", batch)
+        layers = meta.get("layers")
+        if not (isinstance(layers, dict) and all(
+                isinstance(layers.get(n), int) and layers[n] >= 0 for n in _LISTS)):
+            raise ValueError(f"layers must give a count for each of {', '.join(_LISTS)}")
+        if version >= 2:
+            tensors = meta.get("tensors")
+            if not (isinstance(tensors, dict) and isinstance(tensors.get("file"), str)
+                    and _TENSORS_RE.match(tensors["file"])
+                    and isinstance(tensors.get("sha256"), str)
+                    and isinstance(tensors.get("bytes"), int)):
+                raise ValueError("tensors must name the tensor file, its bytes and sha256")
+    except ValueError as err:
+        raise UserError(f"session {src}: {META_NAME} is damaged ({err}); {_DAMAGED}") from None
+    return meta
+
+
+def _check_tensor_file(src: Path, meta: dict[str, Any]) -> Path:
+    """The tensor file the manifest names, checked against its size and hash."""
+    if meta["version"] == 1:
+        tensor_file = src / TENSORS_NAME
+        if not tensor_file.is_file():
+            raise FileNotFoundError(f"{src} is not a tttlm session: expected {META_NAME} and "
+                                    f"{TENSORS_NAME} (write one with State.save)")
+        warnings.warn(f"session {src} is a version-1 session, whose tensor file cannot be "
+                      "checked against its manifest; save it again to upgrade it",
+                      UserWarning, stacklevel=3)
+        return tensor_file
+    entry = meta["tensors"]
+    tensor_file = src / entry["file"]
+    if not tensor_file.is_file():
+        raise UserError(f"session {src}: {META_NAME} names {entry['file']}, which is missing; "
+                        f"{_DAMAGED}")
+    size = tensor_file.stat().st_size
+    if size != entry["bytes"] or _sha256(tensor_file) != entry["sha256"]:
+        raise UserError(f"session {src}: {entry['file']} is not the file {META_NAME} names "
+                        f"({size} bytes, expected {entry['bytes']} with sha256 "
+                        f"{entry['sha256'][:16]}…): it was cut or mixed with another save; "
+                        f"{_DAMAGED}")
+    return tensor_file
+
+
+def _check_layout(state: State, model: Any, src: Path) -> None:
+    """Refuse a session whose counters or tensor shapes do not fit ``model`` (the engine
+    would otherwise continue from a wrong position or fail deep inside a step)."""
+    config = model.config
+    B, H, d, b = state.batch_size, config.num_heads, config.head_dim, config.chunk_size
+    windowed = config.uses_window
+    e2e = config.variant is Variant.E2E
+    problems: list[str] = []
+
+    def shape(name: str, t: torch.Tensor | None, want: tuple[int | None, ...]) -> None:
+        got = None if t is None else tuple(t.shape)
+        if got is None or len(got) != len(want) or any(
+                w is not None and g != w for g, w in zip(got, want)):
+            problems.append(f"{name} has shape {got}, expected "
+                            f"{tuple('*' if w is None else w for w in want)}")
+
+    n_prefix, n_ttt = len(model.prefix_layers), len(model.ttt_layers) if e2e else 0
+    counts = {"prefix_keys": n_prefix, "prefix_values": n_prefix, "ttt_keys": n_ttt,
+              "ttt_values": n_ttt, "fast": 3 * n_ttt}
+    for name, n in counts.items():
+        if len(getattr(state, name)) != n:
+            problems.append(f"{len(getattr(state, name))} {name} tensors, the model has {n}")
+    if problems:
+        raise UserError(f"session {src} does not fit this model: {problems[0]}; {_DAMAGED}")
+    cap = config.window + b if windowed else None
+    for name in ("prefix_keys", "prefix_values"):
+        for i, t in enumerate(getattr(state, name)):
+            shape(f"{name}.{i}", t, (B, H, cap, d))
+            if not windowed and t.shape[2:3] and t.shape[2] < max(state.lengths):
+                problems.append(f"{name}.{i} holds {t.shape[2]} positions, fewer than "
+                                f"{max(state.lengths)} tokens read")
+    if e2e:
+        assert config.window is not None
+        for name in ("ttt_keys", "ttt_values"):
+            for i, t in enumerate(getattr(state, name)):
+                shape(f"{name}.{i}", t, (B, H, config.window + b, d))
+        weights = [w for layer in model.ttt_layers for w in layer.prime.weights()]
+        for i, (t, w) in enumerate(zip(state.fast, weights)):
+            shape(f"fast.{i}", t, (B, *w.shape))
+            if not t.is_floating_point():
+                problems.append(f"fast.{i} is {t.dtype}, not floating point")
+        shape("pending_hidden", state.pending_hidden, (B, b, config.hidden_size))
+        shape("pending_tokens", state.pending_tokens, (B, b))
+        tokens = state.pending_tokens
+        if tokens is not None and (tokens.is_floating_point() or (tokens.numel() and (
+                int(tokens.min()) < 0 or int(tokens.max()) >= config.vocab_size))):
+            problems.append("pending_tokens holds ids outside the vocabulary")
+    for r, (n, c) in enumerate(zip(state.lengths, state.chunks_done)):
+        pending = n - b * c
+        ok = (1 <= pending <= b or n == c == 0) if e2e else c == 0
+        if not ok:
+            problems.append(f"sequence {r} has read {n} tokens but learned from {c} chunks of "
+                            f"{b}")
+    if problems:
+        raise UserError(f"session {src} does not fit this model: {problems[0]}; {_DAMAGED}")

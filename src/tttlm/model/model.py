@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tttlm.config import TTTConfig, Variant
+from tttlm.errors import UserError
+from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.layers import Block, KVCache, RMSNorm
 from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
@@ -82,6 +85,8 @@ class TTTForCausalLM(nn.Module):
         # chunk graph). Meta-gradients differentiate the chunks' graphs twice (exact) or
         # backward through them twice (first order), which compiled graphs do not support.
         self.compile_blocks = False
+        # Warned once that labels equal input_ids (the Hugging Face habit; see _check_inputs).
+        self._warned_unshifted = False
         self.reset_parameters()
 
     # ----------------------------------------------------------------------------- setup
@@ -175,9 +180,10 @@ class TTTForCausalLM(nn.Module):
                      else type(input_ids).__name__)
             raise ValueError(f"input_ids must be a [batch, length] tensor, got {shape}; "
                              "add a batch axis with input_ids[None]")
-        if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
+        if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty integer tensor, got dtype "
-                             f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
+                             f"{input_ids.dtype} and shape {tuple(input_ids.shape)}; give at "
+                             "least one sequence of at least one token")
         # Value checks read the device: a sync, forbidden while a CUDA graph is captured (the
         # eager warm-up calls before a capture check the same static buffers).
         check_values = not (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())
@@ -195,9 +201,23 @@ class TTTForCausalLM(nn.Module):
                              f"{tuple(input_ids.shape)}; labels[:, t] is the target of input t")
         ignored = labels == IGNORE_INDEX
         bad = (~ignored) & ((labels < 0) | (labels >= self.config.vocab_size))
-        if check_values and bool(bad.any()):
-            raise ValueError(f"labels contain id {int(labels[bad][0])} outside the vocabulary "
-                             f"[0, {self.config.vocab_size}) (use -100 to ignore a target)")
+        if check_values:
+            # One read of the device for both checks.
+            watch = not self._warned_unshifted and not torch.compiler.is_compiling()
+            flags = torch.stack((bad.any(), _unshifted(input_ids, labels, ignored) if watch
+                                 else bad.new_zeros(()))).tolist()
+            if flags[0]:
+                raise ValueError(f"labels contain id {int(labels[bad][0])} outside the "
+                                 f"vocabulary [0, {self.config.vocab_size}) (use -100 to ignore "
+                                 "a target)")
+            if flags[1]:
+                self._warned_unshifted = True
+                warnings.warn(
+                    "labels equal input_ids position for position: tttlm labels are already "
+                    "shifted (labels[:, t] is the token after input_ids[:, t]), so this loss "
+                    "teaches copying; pass labels=input_ids[:, 1:] with input_ids[:, :-1] "
+                    "(the Hugging Face habit labels=input_ids is wrong here)",
+                    UserWarning, stacklevel=3)
         if loss_mask is not None and loss_mask.shape != input_ids.shape:
             raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape "
                              f"{tuple(input_ids.shape)}")
@@ -373,57 +393,168 @@ class TTTForCausalLM(nn.Module):
 
     # ------------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` (atomically) to ``directory``."""
+        """Write ``model.safetensors`` then ``config.json`` to ``directory``, each durably
+        (temporary file, fsync, rename, fsync of the folder).
+
+        The weights file records the config (``tttlm_config``: its fingerprint,
+        ``tttlm_config_json``: its fields), so that :meth:`from_pretrained` refuses a
+        ``config.json`` edited or copied from another model, and a save cut between the two
+        files.
+        """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(
-            tensors, tmp, metadata={"format": "pt", "tttlm_config": self.config.fingerprint()}))
-        _atomic_write(path / CONFIG_NAME,
-                      lambda tmp: Path(tmp).write_text(self.config.to_json() + "\n"))
+        save_safetensors(path / WEIGHTS_NAME, tensors, weights_metadata(self.config))
+        atomic_write_text(path / CONFIG_NAME, self.config.to_json() + "\n")
         return path
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str],
                         device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None) -> TTTForCausalLM:
-        """Load a model written by :meth:`save_pretrained` (or by ``tttlm convert``)."""
+        """Load a model written by :meth:`save_pretrained` (or by ``tttlm convert``).
+
+        Raises :class:`~tttlm.errors.UserError` when ``config.json`` is invalid or differs from
+        the config the weights were saved with (naming each differing field), or when the
+        weights file is damaged or holds other tensors than the config describes. Weights
+        without a recorded config (older files, other tools) load with a warning.
+        """
         path = Path(directory)
         config_file, weights_file = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not config_file.is_file() or not weights_file.is_file():
             raise FileNotFoundError(
                 f"{path} is not a tttlm model directory: expected {CONFIG_NAME} and "
                 f"{WEIGHTS_NAME} (write one with save_pretrained or `tttlm convert`)")
+        config = _read_config(config_file)
+        where = str(device) if device is not None else "cpu"
         try:
-            config = TTTConfig.from_dict(json.loads(config_file.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise ValueError(f"{config_file} is not a valid tttlm config: {err}") from None
+            with safe_open(str(weights_file), framework="pt", device=where) as f:
+                _check_recorded_config(config, f.metadata() or {}, config_file, weights_file)
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except SafetensorError as err:
+            raise UserError(f"{weights_file} is not a readable safetensors file ({err}); it is "
+                            "truncated or damaged: save or copy the model again") from None
         with torch.device("meta"):
             model = cls(config)
-        state = load_file(str(weights_file), device=str(device) if device is not None else "cpu")
         expected = set(model.state_dict())
         missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
         if missing or unexpected:
-            raise ValueError(f"{weights_file} does not match its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise UserError(f"{weights_file} does not match its config: missing {missing[:5]}, "
+                            f"unexpected {unexpected[:5]}; use the config.json saved with "
+                            "these weights")
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         wrong = [f"{k}: {tuple(v.shape)} (config says {shapes[k]})" for k, v in state.items()
                  if tuple(v.shape) != shapes[k]]
         if wrong:
-            raise ValueError(f"{weights_file} does not match its config: {wrong[0]}")
+            raise UserError(f"{weights_file} does not match its config: {wrong[0]}; use the "
+                            "config.json saved with these weights")
         model.load_state_dict(state, assign=True)
         if dtype is not None:
             model.to(dtype)
         return model
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, then rename over ``target``."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
+# Keys of the config recorded in the weights file's metadata.
+CONFIG_FINGERPRINT_KEY = "tttlm_config"
+CONFIG_FIELDS_KEY = "tttlm_config_json"
+_warned_unrecorded: set[str] = set()
+
+
+def weights_metadata(config: TTTConfig) -> dict[str, str]:
+    """The safetensors metadata of a model's weights file: the config's fingerprint and its
+    fields, which :meth:`TTTForCausalLM.from_pretrained` compares with ``config.json``."""
+    return {"format": "pt", CONFIG_FINGERPRINT_KEY: config.fingerprint(),
+            CONFIG_FIELDS_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+
+
+def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
+                     metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` made durable (:func:`tttlm.files.atomic_save`) and
+    given the usual ``0666 & ~umask`` mode (safetensors writes through its own ``0600``
+    temporary file)."""
+    mode = 0o666 & ~_umask()
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, mode)
+
+    atomic_save(path, write)
+
+
+def _umask() -> int:
+    try:  # read without changing it (os.umask can only be read by setting it)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
+def _read_config(config_file: Path) -> TTTConfig:
     try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{config_file} is not valid JSON ({err}); restore the config.json "
+                        "saved with the model") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{config_file} holds a JSON {type(data).__name__}, not a config "
+                        "object; restore the config.json saved with the model")
+    try:
+        return TTTConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{config_file} is not a valid tttlm config: {err}") from None
+
+
+def _check_recorded_config(config: TTTConfig, metadata: dict[str, str], config_file: Path,
+                           weights_file: Path) -> None:
+    """Refuse a ``config.json`` whose network differs from the one the weights were saved
+    with (compared by fingerprint, naming the differing fields when the file records them)."""
+    saved: TTTConfig | None = None
+    fields = metadata.get(CONFIG_FIELDS_KEY)
+    if fields is not None:
+        try:
+            saved = TTTConfig.from_dict(json.loads(fields))
+        except (TypeError, ValueError):  # a newer or damaged record: fall back to the hash
+            saved = None
+    fix = (f"restore {CONFIG_NAME} to the values the weights were saved with (or load them "
+           "with those and save again with save_pretrained)")
+    if saved is not None:
+        if saved.fingerprint() == config.fingerprint():
+            return
+        now, then = config.to_dict(), saved.to_dict()
+        diffs = [f"{k}={_show(now, k)} (saved with {_show(then, k)})"
+                 for k in sorted(set(now) | set(then)) if _show(now, k) != _show(then, k)]
+        raise UserError(f"{weights_file} does not match its config {config_file}: "
+                        f"{CONFIG_NAME} has {', '.join(diffs)}; {fix}")
+    recorded = metadata.get(CONFIG_FINGERPRINT_KEY)
+    if recorded is not None:
+        if recorded == config.fingerprint():
+            return
+        raise UserError(f"{weights_file} does not match its config {config_file}: the weights "
+                        f"were saved with config fingerprint {recorded}, {CONFIG_NAME} gives "
+                        f"{config.fingerprint()} (the file does not record which fields "
+                        f"differ); {fix}")
+    key = str(weights_file.resolve())
+    if key not in _warned_unrecorded:
+        _warned_unrecorded.add(key)
+        warnings.warn(f"{weights_file} does not record the config it was saved with (an older "
+                      f"tttlm or another tool wrote it), so {CONFIG_NAME} cannot be checked "
+                      "against it; save the model again with save_pretrained to record it",
+                      UserWarning, stacklevel=3)
+
+
+def _show(fields: dict[str, Any], key: str) -> str:
+    return json.dumps(fields[key]) if key in fields else "missing"
+
+
+def _unshifted(input_ids: torch.Tensor, labels: torch.Tensor,
+               ignored: torch.Tensor) -> torch.Tensor:
+    """Whether ``labels`` repeat ``input_ids`` at every counted position (a bool scalar on the
+    device), in a batch whose inputs change somewhere: there shifted labels cannot equal the
+    inputs, so the caller passed ``labels=input_ids``."""
+    same = ((labels == input_ids) | ignored).all()
+    varied = (input_ids[:, 1:] != input_ids[:, :-1]).any()
+    return same & varied & (~ignored).any()
