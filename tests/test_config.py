@@ -39,13 +39,34 @@ def test_official_sizes_match_the_paper() -> None:
     (dict(num_layers=4, num_ttt_layers=5), "num_ttt_layers=5 must be between 1 and"),
     (dict(variant="mamba"), "variant='mamba' is not known"),
     (dict(vocab_size=0), "vocab_size=0 must be a positive integer"),
-    (dict(inner_lr=-1.0), "inner learning rates must be >= 0"),
+    (dict(inner_lr=-1.0), r"inner_lr=-1.0 must be >= 0; inner learning rates are >= 0"),
     (dict(bos_token_id=300), "bos_token_id=300 is outside the vocabulary"),
     (dict(hidden_size=12, num_heads=4), "head_dim=3"),
+    # Non-finite or absurd values used to be accepted (NaN compares False with every bound)
+    # and gave NaN losses at every step (issue #10, item 3).
+    (dict(inner_lr=1e30), r"inner_lr=1e\+30 is too large: at most 1000"),
+    (dict(inner_lr=float("nan")), "inner_lr=nan must be a finite number"),
+    (dict(inner_lr_init=float("inf")), "inner_lr_init=inf must be a finite number"),
+    (dict(rope_theta=float("nan")), "rope_theta=nan must be a finite number"),
+    (dict(rope_theta=0.0), "rope_theta=0.0 must be > 0"),
+    (dict(rms_norm_eps=float("nan")), "rms_norm_eps=nan must be a finite"),
+    (dict(inner_clip=float("nan")), "inner_clip=nan must be a finite"),
+    (dict(initializer_range=-0.1), "initializer_range=-0.1 must be >= 0"),
+    (dict(rope_theta="abc"), "rope_theta='abc' must be a number"),
+    (dict(bos_token_id=1.5), "bos_token_id=1.5 must be an integer"),
+    (dict(inner_lr_warmup_steps=-1), "inner_lr_warmup_steps=-1 must be an integer >= 0"),
 ])
 def test_invalid_configs_name_the_field(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TTTConfig(**fields)
+
+
+def test_inner_lr_bounds_are_inclusive() -> None:
+    """0 (test-time training off) and the documented maximum are valid."""
+    from tttlm.config import MAX_INNER_LR
+
+    assert TTTConfig(inner_lr=0.0, inner_lr_init=0.0).inner_lr == 0.0
+    assert TTTConfig(inner_lr=MAX_INNER_LR).inner_lr == MAX_INNER_LR
 
 
 def test_unknown_preset() -> None:

@@ -74,10 +74,49 @@ def test_enums_and_derived_values() -> None:
     (dict(lr=1e-3, end_lr=1e-2), "end_lr"), (dict(device="tpu"), "device"),
     (dict(dtype="bfloat16"), "autocast"), (dict(model="7b"), "preset"),
     (dict(model_overrides={"widht": 3}), "TTTConfig"), (dict(keep_checkpoints=0), "resume"),
+    (dict(device="bogus"), "device='bogus' is not known; use auto, cpu, cuda or cuda:N"),
+    (dict(device="cuda:x"), "device='cuda:x' is not known"),
+    # NaN and infinity passed every range check (NaN compares False) and trained to NaN
+    # (issue #10, item 3); so did an absurd inner learning rate.
+    (dict(inner_lr=1e30), r"inner_lr=1e\+30 is too large: at most 1000"),
+    (dict(inner_lr=float("nan")), "inner_lr=nan must be a finite number"),
+    (dict(lr=float("nan")), "lr=nan must be a finite number"),
+    (dict(lr=float("inf")), "lr=inf must be a finite number"),
+    (dict(grad_clip=float("nan")), "grad_clip=nan must be a finite number"),
+    (dict(grad_clip=-1.0), "grad_clip=-1.0 must be >= 0"),
+    (dict(weight_decay=float("nan")), "weight_decay=nan"),
+    (dict(eps=0.0), "eps=0.0 must be > 0"), (dict(beta2=1.0), "beta2=1.0 must be < 1"),
+    (dict(beta1=float("nan")), "beta1=nan"), (dict(warmup_frac=float("nan")), "warmup_frac=nan"),
+    (dict(model_overrides={"inner_lr": float("nan")}), "model.inner_lr=nan must be a finite"),
+    (dict(model_overrides={"rope_theta": float("inf")}), "model.rope_theta=inf"),
+    (dict(max_nonfinite_steps=0), "max_nonfinite_steps=0 must be a positive integer"),
+    # Config files are not parsed by --set: wrong types get a message, not a TypeError.
+    (dict(micro_batch_size="2"), "micro_batch_size='2' must be an integer"),
+    (dict(ttt="false"), "ttt='false' must be true or false"),
+    (dict(lr="fast"), "lr='fast' must be a number"),
+    (dict(tensorboard="maybe"), "tensorboard='maybe': use auto"),
 ])
 def test_bad_values(fields: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(**fields)
+
+
+def test_model_overrides_reach_model_validation() -> None:
+    """`--set model.rope_theta=nan` (not JSON) is parsed as a number and refused by name, and
+    an absurd η in the model overrides is refused when the model config is built."""
+    with pytest.raises(ValueError, match="model.rope_theta=nan must be a finite number"):
+        resolve_config("debug", None, {}, ["model.rope_theta=nan"])
+    config = resolve_config("debug", None, {}, ["model.inner_lr=1e30"])
+    with pytest.raises(ValueError, match=r"inner_lr=1e\+30 is too large"):
+        config.model_config()
+
+
+def test_tensorboard_setting() -> None:
+    assert TrainConfig().tensorboard == "auto"
+    assert parse_overrides(["tensorboard=auto"]) == {"tensorboard": "auto"}
+    assert resolve_config(None, None, {}, ["tensorboard=off"]).tensorboard is False
+    assert resolve_config(None, None, {}, ["tensorboard=true"]).tensorboard is True
+    assert TrainConfig.from_dict(json.loads(TrainConfig().to_json())).tensorboard == "auto"
 
 
 def test_unknown_sources() -> None:

@@ -10,8 +10,30 @@ import dataclasses
 import enum
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
+
+# Largest η accepted: the official η is 1 (with the inner gradient clipped to norm 1); values
+# far above it only make the fast weights explode (NaN losses), and 1e30 is a typo, not a
+# setting.
+MAX_INNER_LR = 1000.0
+
+
+def check_number(name: str, value: Any, *, minimum: float | None = None,
+                 strict: bool = False, maximum: float | None = None, hint: str = "") -> None:
+    """Raise ``ValueError`` unless ``value`` is a finite real number (not a bool) in range:
+    ``> minimum`` with ``strict``, else ``>= minimum``, and ``<= maximum``."""
+    fix = f"; {hint}" if hint else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name}={value!r} must be a number{fix}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number (not NaN or infinity){fix}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        relation = ">" if strict else ">="
+        raise ValueError(f"{name}={value!r} must be {relation} {minimum:g}{fix}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value!r} is too large: at most {maximum:g}{fix}")
 
 
 class Variant(str, enum.Enum):
@@ -139,20 +161,26 @@ class TTTConfig:
             raise ValueError(
                 f"window={self.window} is smaller than chunk_size={self.chunk_size}: a chunk "
                 "must fit in the attention window; raise window or lower chunk_size")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta={self.rope_theta} must be positive")
-        if self.rms_norm_eps <= 0:
-            raise ValueError(f"rms_norm_eps={self.rms_norm_eps} must be positive")
-        if self.inner_lr < 0 or self.inner_lr_init < 0:
-            raise ValueError(
-                f"inner_lr={self.inner_lr}, inner_lr_init={self.inner_lr_init}: inner learning "
-                "rates must be >= 0 (0 turns test-time training into a no-op)")
-        if self.inner_clip < 0:
-            raise ValueError(f"inner_clip={self.inner_clip} must be >= 0 (0 disables clipping)")
-        if self.inner_lr_warmup_steps < 0:
-            raise ValueError(f"inner_lr_warmup_steps={self.inner_lr_warmup_steps} must be >= 0")
+        check_number("rope_theta", self.rope_theta, minimum=0, strict=True,
+                     hint="the RoPE base θ is positive (10000 or 500000 in the presets)")
+        check_number("rms_norm_eps", self.rms_norm_eps, minimum=0, strict=True,
+                     hint="use a small positive epsilon such as 1e-6")
+        check_number("initializer_range", self.initializer_range, minimum=0,
+                     hint="the init standard deviation is 0.02 in the presets")
+        for name in ("inner_lr", "inner_lr_init"):
+            check_number(name, getattr(self, name), minimum=0, maximum=MAX_INNER_LR,
+                         hint="inner learning rates are >= 0 (0 turns test-time training into a "
+                              f"no-op) and at most {MAX_INNER_LR:g}; the official η is 1")
+        check_number("inner_clip", self.inner_clip, minimum=0,
+                     hint="the inner gradient norm clip is >= 0 (0 disables clipping)")
+        if not isinstance(self.inner_lr_warmup_steps, int) or isinstance(
+                self.inner_lr_warmup_steps, bool) or self.inner_lr_warmup_steps < 0:
+            raise ValueError(f"inner_lr_warmup_steps={self.inner_lr_warmup_steps!r} must be an "
+                             "integer >= 0")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} must be an integer token id")
             if not 0 <= value < self.vocab_size:
                 raise ValueError(f"{name}={value} is outside the vocabulary [0, {self.vocab_size})")
 

@@ -12,14 +12,18 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
+import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tttlm.config import MAX_INNER_LR, TTTConfig, Variant, check_number
 from tttlm.config import PRESETS as MODEL_PRESETS
-from tttlm.config import TTTConfig, Variant
+from tttlm.files import atomic_write_text
 from tttlm.ttt.modes import GradMode
 
 CONFIG_FILE = "train_config.json"
@@ -62,6 +66,10 @@ class TrainConfig:
         beta2: AdamW β2.
         eps: AdamW ε.
         grad_clip: global L2 norm the outer gradient is clipped to (0: no clipping).
+        max_nonfinite_steps: a step whose loss or gradient norm is NaN or infinite is skipped
+            (no optimizer update; the step counter, the schedule and the data position still
+            advance, so a bad batch is not retried); after this many such steps in a row the
+            run stops with an error naming the last good checkpoint.
         inner_lr: η after warmup (``None``: the model config's, 1 in every preset).
         inner_lr_warmup_frac: fraction of ``steps`` over which η ramps from the model's
             ``inner_lr_init`` to ``inner_lr`` (0: η fixed, as in context extension).
@@ -84,10 +92,14 @@ class TrainConfig:
         log_every: steps between metric lines.
         eval_every: steps between evaluations (0: only at the end).
         eval_sequences: validation sequences per evaluation (0: the whole split).
-        save_every: steps between checkpoints (0: only at the end and on Ctrl-C).
+        save_every: steps between checkpoints (0: only at the end and on Ctrl-C). No
+            checkpoint is saved right after a skipped (non-finite) step, nor ever one whose
+            weights are not finite.
         keep_checkpoints: most recent checkpoints kept on disk.
         out_dir: run folder (config, metrics, checkpoints, final model).
-        tensorboard: also write TensorBoard events when the package is installed.
+        tensorboard: also write TensorBoard events to ``out_dir/tensorboard``: ``auto`` (when
+            the ``tensorboard`` package is installed), ``true`` (says so once when it is not)
+            or ``false``.
         progress: show a progress bar.
     """
 
@@ -111,6 +123,7 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0
+    max_nonfinite_steps: int = 3
     inner_lr: float | None = None
     inner_lr_warmup_frac: float = 0.1
     grad_mode: GradMode = GradMode.EXACT
@@ -129,7 +142,7 @@ class TrainConfig:
     save_every: int = 0
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
-    tensorboard: bool = True
+    tensorboard: bool | str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -143,12 +156,14 @@ class TrainConfig:
         if self.mode is not Variant.E2E:
             # The baselines have no fast weights: there is no inner loop to switch on.
             self.ttt = False
+        self.tensorboard = _tensorboard_setting(self.tensorboard)
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("seq_len", "batch_size", "steps"):
+        self._check_types()
+        for name in ("seq_len", "batch_size", "steps", "max_nonfinite_steps"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         for name in ("micro_batch_size", "log_every", "eval_every", "eval_sequences",
                      "save_every", "num_threads"):
@@ -158,19 +173,33 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints={self.keep_checkpoints} must be >= 1 so that a "
                              "run can be resumed")
         for name in ("warmup_frac", "inner_lr_warmup_frac"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name}={getattr(self, name)} must be in [0, 1]")
-        if self.lr <= 0 or self.end_lr < 0 or self.end_lr > self.lr:
-            raise ValueError(f"lr={self.lr}, end_lr={self.end_lr}: need 0 <= end_lr <= lr, "
-                             "lr > 0")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"grad_clip={self.grad_clip} and weight_decay={self.weight_decay} "
-                             "must be >= 0")
+            check_number(name, getattr(self, name), minimum=0.0, maximum=1.0,
+                         hint="a fraction of the steps, in [0, 1]")
+        check_number("lr", self.lr, minimum=0.0, strict=True,
+                     hint="the peak learning rate is positive (3e-3 in the presets)")
+        check_number("end_lr", self.end_lr, minimum=0.0, maximum=self.lr,
+                     hint=f"need 0 <= end_lr <= lr={self.lr}")
+        check_number("grad_clip", self.grad_clip, minimum=0.0,
+                     hint="the gradient norm clip is >= 0 (0: no clipping, 1 in the presets)")
+        check_number("weight_decay", self.weight_decay, minimum=0.0,
+                     hint="AdamW weight decay is >= 0 (0.1 in the presets)")
+        for name in ("beta1", "beta2"):
+            check_number(name, getattr(self, name), minimum=0.0,
+                         hint="AdamW betas are in [0, 1) (0.9 and 0.95 in the presets)")
+            if getattr(self, name) >= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be < 1; AdamW betas are "
+                                 "in [0, 1) (0.9 and 0.95 in the presets)")
+        check_number("eps", self.eps, minimum=0.0, strict=True,
+                     hint="AdamW epsilon is a small positive number such as 1e-8")
+        if self.inner_lr is not None:
+            check_number("inner_lr", self.inner_lr, minimum=0.0, maximum=MAX_INNER_LR,
+                         hint="the official η is 1")
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide "
                              f"batch_size={self.batch_size}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise ValueError(f"device={self.device!r}: use auto, cpu or cuda")
+        if not _DEVICE.match(self.device):
+            raise ValueError(f"device={self.device!r} is not known; use auto, cpu, cuda or "
+                             "cuda:N")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype={self.dtype!r}: use float32 (bf16 comes from autocast) or "
                              "float64")
@@ -184,6 +213,28 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"model overrides {unknown} are not TTTConfig fields; known: "
                              f"{sorted(known)}")
+        for name, value in self.model_overrides.items():
+            # Numbers only here (NaN, infinity, text); ranges when the model config is built.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"model.{name}={value!r} must be a finite number (not NaN or "
+                                 "infinity)")
+
+    def _check_types(self) -> None:
+        """Every field has its declared type (config files and the library are not parsed by
+        :func:`parse_value`): a clear message instead of a ``TypeError`` later. Ranges and
+        NaN/infinity are checked field by field in :meth:`_validate`."""
+        hints = _field_types()
+        for f in dataclasses.fields(self):
+            kind, value = hints[f.name], getattr(self, f.name)
+            union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+            options = typing.get_args(kind) if union else (kind,)
+            if value is None and type(None) in options:
+                continue
+            kinds = [a for a in options if a is not type(None)]
+            if not any(_is_a(value, k) for k in kinds):
+                want = " or ".join(_TYPE_WORDS.get(typing.get_origin(k) or k, str(k))
+                                   for k in kinds)
+                raise ValueError(f"{f.name}={value!r} must be {want}")
 
     # ----------------------------------------------------------------------------- derived
     @property
@@ -230,10 +281,43 @@ class TrainConfig:
     def save(self, directory: str | os.PathLike[str]) -> Path:
         path = Path(directory) / CONFIG_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, self.to_json() + "\n")
         return path
+
+
+_TYPE_WORDS = {dict: "a JSON object", float: "a number", int: "an integer", bool: "true or false",
+               str: "a string"}
+
+
+def _is_a(value: Any, kind: Any) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typing.get_origin(kind) is dict:
+        return isinstance(value, dict)
+    if isinstance(kind, type):
+        return isinstance(value, kind)
+    return True
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def _tensorboard_setting(value: Any) -> bool | str:
+    """``auto``, ``True`` or ``False`` from a bool or its text."""
+    if isinstance(value, bool) or value == "auto":
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered == "auto":
+            return "auto"
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+    raise ValueError(f"tensorboard={value!r}: use auto (on when the tensorboard package is "
+                     "installed), true or false")
 
 
 # --------------------------------------------------------------------------------- presets
@@ -275,6 +359,10 @@ def parse_value(key: str, text: str) -> Any:
         try:
             return json.loads(text)
         except json.JSONDecodeError:
+            pass
+        try:
+            return float(text)  # nan, inf, 1e-3 without JSON's spelling
+        except ValueError:
             return text
     types = _field_types()
     if key not in types:
