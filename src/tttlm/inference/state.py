@@ -54,6 +54,8 @@ _LISTS = ("prefix_keys", "prefix_values", "ttt_keys", "ttt_values", "fast")
 _TENSORS_RE = re.compile(r"^session(-[0-9a-f]{16})?\.safetensors$")
 _TEMP_RE = re.compile(r"^\.+session.*\.tmp-|^\.session-staged-")
 _DAMAGED = "save the session again, or start a new one"
+_COUNTERS = ("config_fingerprint", "weights_digest", "lengths", "chunks_done",
+             "skipped_updates")
 
 
 def rope_slots(keys: torch.Tensor, config: Any) -> torch.Tensor:
@@ -209,8 +211,12 @@ class State:
             fast=[torch.cat([s.fast[i] for s in states]) for i in range(len(first.fast))],
             config_fingerprint=first.config_fingerprint, weights_digest=first.weights_digest)
 
-
     # ------------------------------------------------------------------------ sessions
+    def _counters(self) -> dict[str, Any]:
+        return {"config_fingerprint": self.config_fingerprint,
+                "weights_digest": self.weights_digest, "lengths": self.lengths,
+                "chunks_done": self.chunks_done, "skipped_updates": self.skipped_updates}
+
     def save(self, path: str | os.PathLike[str], *,
              command: str = "generate --save-session") -> Path:
         """Write the state to directory ``path``: a tensor file, then ``session.json``.
@@ -232,7 +238,8 @@ class State:
             check_session_folder(out)  # again, now that nobody else writes there
             staged = out / f".session-staged-{uuid.uuid4().hex[:8]}.safetensors"
             try:
-                save_safetensors(staged, tensors)
+                save_safetensors(staged, tensors, {k: json.dumps(v) for k, v in
+                                                   self._counters().items()})
                 size, digest = staged.stat().st_size, _sha256(staged)
                 name = f"session-{digest[:16]}.safetensors"
                 os.replace(staged, out / name)
@@ -240,11 +247,7 @@ class State:
                 staged.unlink(missing_ok=True)
                 raise
             fsync_dir(out)
-            meta = {"format": SESSION_FORMAT, "version": SESSION_VERSION,
-                    "config_fingerprint": self.config_fingerprint,
-                    "weights_digest": self.weights_digest,
-                    "lengths": self.lengths, "chunks_done": self.chunks_done,
-                    "skipped_updates": self.skipped_updates,
+            meta = {"format": SESSION_FORMAT, "version": SESSION_VERSION, **self._counters(),
                     "layers": {n: len(getattr(self, n)) for n in _LISTS},
                     "tensors": {"file": name, "bytes": size, "sha256": digest}}
             atomic_write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
@@ -288,10 +291,18 @@ class State:
         device = param.device if device is None else torch.device(device)
         try:
             with safe_open(str(tensor_file), framework="pt", device=str(device)) as f:
+                recorded = f.metadata() or {}
                 raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         except SafetensorError as err:
             raise UserError(f"session {src}: {tensor_file.name} is not a readable safetensors "
                             f"file ({err}); {_DAMAGED}") from None
+        if meta["version"] >= 2:
+            # The counters are in the (hashed) tensor file too: an edited manifest shows.
+            edited = [k for k in _COUNTERS if recorded.get(k) != json.dumps(meta[k])]
+            if edited:
+                raise UserError(f"session {src}: {META_NAME} does not match its tensor file "
+                                f"({', '.join(edited)} differ: the manifest was edited or "
+                                f"mixed with another save); {_DAMAGED}")
         missing = sorted({f"{n}.{i}" for n in _LISTS for i in range(meta["layers"][n])}
                          - set(raw))
         if missing:
