@@ -211,14 +211,13 @@ def test_val_docs_must_leave_training_documents(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("tokenizer", "size", "expected"), [
     (None, 512, "train:512"), ("train", 512, "train:512"), ("train:512", 512, "train:512"),
-    ("train:512", None, "train:512"), ("bytes", None, "bytes"),
+    ("train:512", None, "train:512"), ("bytes", None, "bytes"), (None, None, "bytes"),
 ])
 def test_vocab_size_flag(tokenizer: str | None, size: int | None, expected: str) -> None:
     assert tokenizer_spec(tokenizer, size) == expected
 
 
 @pytest.mark.parametrize(("tokenizer", "size", "message"), [
-    (None, None, r"no tokenizer: pass --tokenizer SPEC \(bytes, train:V, a tokenizer file\)"),
     ("train", None, r"--tokenizer train needs a size: train:V or --vocab-size V"),
     ("bytes", 512, r"--vocab-size 512 only sizes a trained tokenizer"),
     ("train:256", 512, r"--tokenizer train:256 contradicts --vocab-size 512"),

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from tttlm.data.errors import DataError
-from tttlm.data.prepare import prepare
 
 DEFAULT_TOKENIZER = "train:4096"
 """A vocabulary small enough for CPU-sized models, large enough that a token is ~3.5 characters."""
@@ -32,8 +31,11 @@ def prepare_builtin(out_dir: str | os.PathLike[str], tokenizer: str = DEFAULT_TO
 
     The val file goes last and ``val_docs`` is its document count, so the "last N documents"
     rule of :func:`tttlm.data.prepare` reproduces the shipped split exactly, and a trained
-    tokenizer never sees the held-out books.
+    tokenizer never sees the held-out books. Like ``prepare``, the folder is assembled beside
+    ``out_dir`` and swapped in only when complete.
     """
+    from tttlm.data.prepare import prepare  # numpy and the tokenizers: only when preparing
+
     paths = builtin_books_paths()
     with gzip.open(paths["val"], "rb") as fh:
         val_docs = sum(1 for line in fh if line.strip())

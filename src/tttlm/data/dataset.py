@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import numpy as np
 import torch
@@ -53,6 +53,11 @@ class TokenDataset(Dataset):
         self.split, self.seq_len = split, seq_len
         self.bos_id: int = self.meta["bos_id"]
         self.vocab_size: int = self.meta["vocab_size"]
+        self.max_token_id = int(self.meta["max_token_id"])
+        if not 0 <= self.max_token_id < self.vocab_size:
+            raise DataError(f"{self.directory / 'meta.json'}: max_token_id {self.max_token_id} "
+                            f"is outside the vocab of {self.vocab_size}; the file was modified: "
+                            "prepare the data again")
         entry = splits[split]
         self.doc_offsets = np.asarray(entry["doc_offsets"], dtype=np.int64)
         self._shards = self._open_shards()
@@ -88,9 +93,15 @@ class TokenDataset(Dataset):
         return (self.num_tokens - 1) // self.seq_len
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
-        """Tokens ``[start, stop)`` of the split's stream, across shard boundaries."""
+        """Tokens ``[start, stop)`` of the split's stream, across shard boundaries.
+
+        Every read is checked against the largest id ``meta.json`` records (one ``max`` over
+        the tokens read, nothing next to a training step), so a damaged or edited shard is
+        reported here, naming it, and not as an index error deep inside the embedding.
+        """
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"tokens [{start}, {stop}) outside [0, {self.num_tokens})")
+        first = start
         parts = [np.empty(0, dtype=self._shards[0].dtype)]
         i = int(np.searchsorted(self._starts, start, side="right")) - 1
         while start < stop:
@@ -99,7 +110,20 @@ class TokenDataset(Dataset):
             parts.append(self._shards[i][lo:lo + take])
             start += take
             i += 1
-        return np.concatenate(parts)
+        out = np.concatenate(parts)
+        if len(out) and int(out.max()) > self.max_token_id:
+            self._bad_token(first, out)
+        return out
+
+    def _bad_token(self, first: int, read: np.ndarray) -> NoReturn:
+        at = int(np.argmax(read > self.max_token_id))
+        position = first + at
+        i = int(np.searchsorted(self._starts, position, side="right")) - 1
+        shard = self.meta["splits"][self.split]["shards"][i]["file"]
+        raise DataError(f"{self.directory / shard}: token {position - int(self._starts[i])} is "
+                        f"id {int(read[at])}, but the vocab is {self.vocab_size} and meta.json "
+                        f"records no id above {self.max_token_id}; the shard is damaged or was "
+                        "modified: prepare the data again")
 
     def window(self, index: int) -> np.ndarray:
         """The ``seq_len + 1`` tokens of window ``index``."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from tttlm.data.errors import DataError
 Errors = Literal["strict", "replace"]
 SUFFIXES: tuple[str, ...] = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 _BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Document(NamedTuple):
@@ -67,6 +69,22 @@ def _decode(data: bytes, errors: Errors, where: str, base: int = 0) -> str:
                         "pass --errors replace to substitute U+FFFD") from None
 
 
+def _encodable(text: str, errors: Errors, where: str) -> str:
+    """``text`` checked to be UTF-8 encodable: JSON can spell a lone surrogate (``"\\ud800"``),
+    which no tokenizer can encode; ``replace`` substitutes U+FFFD for each one."""
+    if text.isascii():  # O(1) in CPython: the common case costs nothing
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        if errors == "replace":
+            return _SURROGATE.sub("\ufffd", text)
+        raise DataError(f"{where}: lone surrogate \\u{ord(text[err.start]):04x} at character "
+                        f"{err.start}, which UTF-8 cannot encode; pass --errors replace to "
+                        "substitute U+FFFD") from None
+    return text
+
+
 def _empty(text: str) -> bool:
     return not text or text.isspace()
 
@@ -111,14 +129,14 @@ def _read_jsonl(path: Path, errors: Errors, field: str) -> Iterator[Document]:
                 if _empty(text):
                     raise DataError(f"{where}: empty {field!r}")
                 records += 1
-                yield Document(text, where)
+                yield Document(_encodable(text, errors, where), where)
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise DataError(f"{path}: corrupt gzip file ({err})") from None
     if records == 0:
         raise DataError(f"{path}: empty file")
 
 
-def _read_parquet(path: Path, field: str) -> Iterator[Document]:
+def _read_parquet(path: Path, errors: Errors, field: str) -> Iterator[Document]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -142,7 +160,7 @@ def _read_parquet(path: Path, field: str) -> Iterator[Document]:
             if _empty(text):
                 raise DataError(f"{where}: empty {field!r}")
             row += 1
-            yield Document(text, where)
+            yield Document(_encodable(text, errors, where), where)
     if row == 0:
         raise DataError(f"{path}: empty file")
 
@@ -155,9 +173,14 @@ def iter_documents(files: Iterable[Path], *, errors: Errors = "strict",
         raise DataError(f"unknown errors policy {errors!r}: expected 'strict' or 'replace'")
     for path in files:
         kind = _kind(path)
-        if kind == ".txt":
-            yield from _read_txt(path, errors)
-        elif kind == ".parquet":
-            yield from _read_parquet(path, text_field)
-        else:
-            yield from _read_jsonl(path, errors, text_field)
+        try:
+            if kind == ".txt":
+                yield from _read_txt(path, errors)
+            elif kind == ".parquet":
+                yield from _read_parquet(path, errors, text_field)
+            else:
+                yield from _read_jsonl(path, errors, text_field)
+        except OSError as err:  # unreadable (permissions, I/O error): name the input
+            reason = err.strerror or type(err).__name__
+            raise DataError(f"{path}: cannot read ({reason}); check that the file is readable"
+                            ) from err

@@ -14,6 +14,7 @@ import binascii
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +29,12 @@ EOS_TOKEN = "<|eos|>"
 HF_FILE = "tokenizer.json"
 TIKTOKEN_FILE = "tokenizer.tiktoken"
 MIN_TRAIN_VOCAB = 256 + 2
+MAX_PRETOKEN_CHARS = 128
+"""A trained BPE cuts pre-tokens (words, runs of digits, spaces or symbols) longer than this
+into pieces of at most this many characters, in training and in encoding alike. Without the cap
+one long run (a 20 MB line of one repeated character) is a single word whose every merge costs
+its whole length, and training takes hours; with it every word's cost is bounded and the
+run becomes many copies of one short word. No natural word comes near the cap."""
 
 # Special-token names of common tokenizers, most specific first; GPT-2 style tokenizers have a
 # single <|endoftext|> that serves as both.
@@ -41,6 +48,7 @@ _PAT_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3
                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _PATTERNS = (_PAT_R50K, _PAT_CL100K, _PAT_LLAMA3)
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/=]+ \d+\r?$")
+_CAP_PATTERN = re.compile(r"\[\\s\\S\]\{1,\d+\}")
 
 
 class Tokenizer(abc.ABC):
@@ -229,11 +237,25 @@ def _splits_between_words(config: dict[str, Any]) -> bool:
     if pre.get("type") == "ByteLevel":
         return bool(pre.get("use_regex", True)) and not pre.get("add_prefix_space")
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
-    return (len(steps) == 2 and steps[0].get("type") == "Split"
-            and steps[0].get("pattern", {}).get("Regex") in _PATTERNS
-            and steps[0].get("behavior") == "Isolated" and not steps[0].get("invert")
+    if len(steps) == 3 and _is_split(steps[1]) and _CAP_PATTERN.fullmatch(_regex(steps[1])):
+        steps = [steps[0], steps[2]]  # cutting each piece from its start keeps the cuts
+    return (len(steps) == 2 and _is_split(steps[0]) and _regex(steps[0]) in _PATTERNS
             and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)
             and not steps[1].get("add_prefix_space"))
+
+
+def _is_split(step: dict[str, Any]) -> bool:
+    return (step.get("type") == "Split" and step.get("behavior") == "Isolated"
+            and not step.get("invert"))
+
+
+def _regex(step: dict[str, Any]) -> str:
+    return str(step.get("pattern", {}).get("Regex"))
+
+
+def _cap_regex(chars: int) -> str:
+    """Pieces of at most ``chars`` characters, cut from the start of each pre-token."""
+    return rf"[\s\S]{{1,{chars}}}"
 
 
 def split_text(text: str, size: int) -> list[str]:
@@ -282,19 +304,27 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, length: int | None = Non
 
     Byte-level so that every text round-trips exactly and no input is ever unknown. ids 0 and 1
     are BOS and EOS, then the 256 byte symbols, then the merges; a corpus too small for all the
-    merges gives a smaller vocabulary.
+    merges gives a smaller vocabulary. The pre-tokenizer is GPT-2's split followed by a cut of
+    every piece longer than :data:`MAX_PRETOKEN_CHARS`, which bounds the training time whatever
+    the text (see there); progress bars are drawn only on a terminal.
     """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from tttlm.progress import is_terminal
 
     if vocab_size < MIN_TRAIN_VOCAB:
         raise DataError(f"train:{vocab_size}: a byte-level BPE needs vocab size >= "
                         f"{MIN_TRAIN_VOCAB} (256 bytes + BOS + EOS)")
     tok = RustTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_PAT_R50K), behavior="isolated"),
+        pre_tokenizers.Split(Regex(_cap_regex(MAX_PRETOKEN_CHARS)), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN], show_progress=progress,
+        vocab_size=vocab_size, special_tokens=[BOS_TOKEN, EOS_TOKEN],
+        show_progress=progress and is_terminal(sys.stderr),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer, length=length)
     return HFTokenizer(tok, f"train:{vocab_size}")
