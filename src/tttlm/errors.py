@@ -26,7 +26,7 @@ def describe_os_error(err: OSError, kept: str | None = None) -> str | None:
     file), or ``None`` for anything else. ``kept`` says what survived (e.g. the last
     checkpoint), for errors that interrupt a write."""
     where = err.filename if err.filename is not None else None
-    at = f" writing {os.fspath(where)}" if where is not None else ""
+    at = f" ({os.fspath(where)})" if where is not None else ""
     tail = f"; {kept}" if kept else ""
     if err.errno in _NO_SPACE:
         what = ("file size limit reached" if err.errno == errno.EFBIG
@@ -35,7 +35,7 @@ def describe_os_error(err: OSError, kept: str | None = None) -> str | None:
     if err.errno in _NOT_ALLOWED:
         what = "read-only file system" if err.errno == errno.EROFS else "permission denied"
         place = f": {os.fspath(where)}" if where is not None else ""
-        return f"{what}{place}{tail}; choose a folder you can write to"
+        return f"{what}{place}{tail}; check its permissions, or choose a folder you can write to"
     if err.errno == errno.ENOENT and where is not None:
         return f"no such file or folder: {os.fspath(where)}; check the path"
     if err.errno == errno.ENOTDIR and where is not None:

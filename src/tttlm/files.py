@@ -18,6 +18,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -167,8 +168,11 @@ def remove_stale_staging(parent: str | os.PathLike[str], name: str) -> None:
     parent = Path(parent)
     if not parent.is_dir():
         return
-    for path in parent.glob(f".tmp-{name}-*"):
-        shutil.rmtree(path, ignore_errors=True)
+    # Exactly the names staging_dir makes: a sibling called "<name>-2" is not ours to delete.
+    ours = re.compile(rf"^\.tmp-{re.escape(name)}-\d+-[0-9a-f]{{8}}$")
+    for path in parent.iterdir():
+        if ours.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ locking
