@@ -1,30 +1,112 @@
-"""``tttlm bench`` runs end to end on a CPU with tiny shapes and writes its reports (the GPU
-numbers in benchmarks/results come from the same code)."""
+"""``tttlm bench``: refuses at once without a CUDA GPU, keeps existing reports, and runs end to
+end on a CPU as an explicit smoke run (``--device cpu``) with tiny shapes, writing its reports
+(the GPU numbers in benchmarks/results come from the same code)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+import tttlm.bench
 from tttlm.cli import main
 
+SMOKE = {
+    "decode": ["decode", "--presets", "tiny", "--contexts", "128", "512", "--modes", "eager",
+               "--steps", "2", "--warmup", "1", "--dtype", "float32"],
+    "prefill": ["prefill", "--preset", "tiny", "--lengths", "128", "--tokens-per-step", "256"],
+}
 
-@pytest.mark.parametrize("args", [
-    ["decode", "--presets", "tiny", "--contexts", "128", "512", "--modes", "eager",
-     "--steps", "2", "--warmup", "1", "--dtype", "float32"],
-    ["prefill", "--preset", "tiny", "--lengths", "128"],
-], ids=["decode", "prefill"])
-def test_bench_writes_reports(args: list[str], tmp_path: Path) -> None:
+
+@pytest.mark.parametrize("name", list(SMOKE))
+def test_bench_writes_reports(name: str, tmp_path: Path) -> None:
     out = tmp_path / "report"
-    assert main(["bench", *args, "--device", "cpu", "--repeats", "1", "--out", str(out)]) == 0
+    assert main(["bench", *SMOKE[name], "--device", "cpu", "--repeats", "1",
+                 "--out", str(out)]) == 0
     report = json.loads(out.with_suffix(".json").read_text())
     text = json.dumps(report)
     assert "e2e" in text and "full" in text
     assert "torch" in text and out.with_suffix(".md").read_text().count("|") > 10
+    assert not list(tmp_path.glob(".*tmp*"))  # written through temporary files, none left
 
 
-def test_graph_mode_needs_a_gpu(tmp_path: Path) -> None:
+def test_graph_mode_needs_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "decode", "--device", "cpu", "--presets", "tiny", "--modes", "graph",
                  "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("tttlm bench decode: error: the graph mode replays CUDA graphs")
+
+
+@pytest.mark.parametrize("name", ["kernel", "prefill", "decode", "train"])
+def test_refuses_at_once_without_cuda(name: str, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: the device fell back to the CPU and `bench kernel` ran for minutes before dying
+    # in Triton. Now every benchmark refuses before any work, naming where to read on.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+
+    def never(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the benchmark ran")
+
+    for fn in ("bench_chunk_kernel", "bench_prefill", "bench_decode", "bench_train_step"):
+        monkeypatch.setattr(tttlm.bench, fn, never)
+    assert main(["bench", name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"tttlm bench {name}: error: needs a CUDA GPU")
+    assert "see benchmarks/README.md" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_kernel_on_cpu_needs_the_triton_interpreter(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert main(["bench", "kernel", "--device", "cpu", "--out", str(tmp_path / "k")]) == 2
+    assert "TRITON_INTERPRET=1" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_kernel_smoke_run_on_cpu(tmp_path: Path) -> None:
+    """The kernel benchmark's code path, through Triton's CPU interpreter (set before Triton
+    compiles anything: a fresh process)."""
+    pytest.importorskip("triton")
+    out = tmp_path / "kernel"
+    code = ("import sys; from tttlm.cli import main; sys.exit(main(['bench', 'kernel', "
+            "'--device', 'cpu', '--window', '32', '--chunk', '16', '--heads', '1', "
+            f"'--head-dim', '16', '--repeats', '1', '--out', {str(out)!r}]))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, timeout=300)
+    if result.returncode != 0 and "interpreter" in result.stderr.lower():
+        pytest.skip("this Triton's CPU interpreter cannot run the kernels")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert {(r["backend"], r["phase"]) for r in rows} == {
+        (b, p) for b in ("naive", "triton") for p in ("fwd", "fwd+bwd", "fwd+bwd+dbl")}
+    assert all(r["ms_median"] > 0 for r in rows)
+    naive_error = next(r for r in rows if "rel_l2_vs_fp32_naive" in r and
+                       r["backend"] == "naive")["rel_l2_vs_fp32_naive"]
+    assert max(naive_error.values()) < 0.05  # bf16 against fp32, same code
+
+
+def test_default_out_keeps_committed_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: the default --out was benchmarks/results/<name>, the repository's committed
+    # results, silently overwritten by any run from the repository root.
+    monkeypatch.chdir(tmp_path)
+    args = ["bench", *SMOKE["decode"], "--device", "cpu", "--repeats", "1"]
+    assert main(args) == 0
+    report = tmp_path / "bench-results" / "decode.json"
+    assert report.is_file() and not (tmp_path / "benchmarks").exists()
+    before = report.read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2  # an existing report is kept
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("tttlm bench decode: error: ") and "--overwrite" in err
+    assert report.read_bytes() == before
+    assert main([*args, "--overwrite"]) == 0

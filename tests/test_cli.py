@@ -3,12 +3,17 @@ namespaces, and one error style for every command."""
 
 from __future__ import annotations
 
+import errno
 import importlib
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+
+from tttlm.cli import main
+from tttlm.errors import UserError
 
 PACKAGES = ["tttlm", "tttlm.bench", "tttlm.convert", "tttlm.data", "tttlm.eval",
             "tttlm.inference", "tttlm.model", "tttlm.train", "tttlm.ttt"]
@@ -64,3 +69,80 @@ def test_names_shared_with_their_module_stay_functions() -> None:
 
     assert InnerGradMode is GradMode and TTTConfig.__module__ == "tttlm.config"
     assert TTTForCausalLM.__name__ == "TTTForCausalLM"
+
+
+# ------------------------------------------------------------------------------ error style
+def _bad_inputs(tmp: Path) -> dict[str, list[str]]:
+    """A command line per subcommand that a user can get wrong."""
+    text = tmp / "doc.txt"
+    text.write_text("a few words")
+    return {
+        "tttlm eval loss": ["eval", "loss", "--model", str(tmp / "no-model"), "--data",
+                            str(text), "--lengths", "8,x", "--quiet"],
+        "tttlm eval niah": ["eval", "niah", "--model", str(tmp / "no-model"), "--lengths", "64",
+                            "--kinds", "essay", "--quiet"],
+        "tttlm eval compare": ["eval", "compare", str(tmp / "missing.json")],
+        "tttlm convert official": ["convert", "official", str(tmp / "missing"),
+                                   str(tmp / "out")],
+        "tttlm bench decode": ["bench", "decode", "--device", "cpu", "--presets", "tiny",
+                               "--modes", "graph", "--out", str(tmp / "r")],
+    }
+
+
+@pytest.mark.parametrize("command", ["tttlm eval loss", "tttlm eval niah", "tttlm eval compare",
+                                     "tttlm convert official", "tttlm bench decode"])
+def test_bad_input_is_one_line_naming_the_command(command: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: "tttlm: error: ..." (no command), "tttlm eval: error: ..." or
+    # "tttlm train: ..." depending on the command.
+    assert main(_bad_inputs(tmp_path)[command]) == 2
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith(f"{command}: error: ") and "; " in last, err
+    assert "Traceback" not in err
+    assert all(line.startswith(f"{command}: ") for line in err.splitlines())
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    args = _bad_inputs(tmp_path)["tttlm eval compare"]
+    with pytest.raises(UserError, match="no such file"):
+        main([*args, "--debug"])
+    monkeypatch.setenv("TTTLM_DEBUG", "1")
+    with pytest.raises(UserError):
+        main(args)
+    result = _python("import sys; from tttlm.cli import main; sys.exit(main(sys.argv[1:]))",
+                     *args, "--debug")
+    assert result.returncode == 1 and "Traceback (most recent call last)" in result.stderr
+
+
+def _failing_compare(monkeypatch: pytest.MonkeyPatch, err: BaseException) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise err
+
+    monkeypatch.setattr(importlib.import_module("tttlm.eval.compare"), "compare", fail)
+
+
+def test_unexpected_error_is_one_line_with_exit_1(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    _failing_compare(monkeypatch, RuntimeError("boom\nsecond line"))
+    assert main(["eval", "compare", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith("tttlm eval compare: error: RuntimeError: boom second line; ")
+    assert "--debug" in err
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (OSError(errno.ENOSPC, "No space left on device", "out/report.md"),
+     "no space left on device writing out/report.md; free some space"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "out/report.md"),
+     "Is a directory: out/report.md; check the path"),
+])
+def test_os_errors_are_user_errors(error: OSError, expected: str, tmp_path: Path,
+                                   monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _failing_compare(monkeypatch, error)
+    assert main(["eval", "compare", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tttlm eval compare: error: {expected}") and err.count("\n") == 1

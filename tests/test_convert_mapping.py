@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from tttlm.cli import main
 from tttlm.config import TTTConfig, Variant
 from tttlm.convert import cli as convert_cli
 from tttlm.convert.official import (
@@ -310,12 +311,48 @@ def test_cli_parses_every_option() -> None:
 ])
 def test_cli_user_errors_are_one_line(make_src, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    args = _parser().parse_args(["convert", "official", str(make_src(tmp_path)),
-                                 str(tmp_path / "out"), "--window", "64", "--chunk", "32"])
-    assert args.func(args) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("tttlm: error: ") and err.count("\n") == 1
-    assert "Traceback" not in err
+    assert main(["convert", "official", str(make_src(tmp_path)), str(tmp_path / "out"),
+                 "--window", "64", "--chunk", "32"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1].startswith("tttlm convert official: error: ") and "; " in err[-1]
+    assert all(line.startswith("tttlm convert official: ") for line in err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_prints_every_assumed_value(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: window 8192, chunk 1024, theta 5e5 and the token ids were assumed silently.
+    dst = tmp_path / "model"
+    assert main(["convert", "official", str(FIXTURE / "parity.npz"), str(dst),
+                 "--bos-id", "1"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == f"wrote {dst}"
+    notes = captured.err.splitlines()
+    assert all(n.startswith("tttlm convert official: assumed ") for n in notes)
+    text = "\n".join(notes)
+    for value, option in (("window k = 8192", "--window K"), ("chunk size b = 1024", "--chunk B"),
+                          ("RoPE theta = 500000", "--rope-theta T"), ("EOS id 1", "--eos-id N")):
+        assert value in text and option in text, (value, text)
+    assert "--bos-id" not in text and "variant" not in text  # given, and seen in the tensors
+    config = json.loads((dst / "config.json").read_text())
+    assert (config["window"], config["chunk_size"], config["eos_token_id"]) == (8192, 1024, 1)
+
+    assert main(["convert", "official", str(FIXTURE / "parity.npz"), str(tmp_path / "m2"),
+                 "--bos-id", "1", "--eos-id", "1", "--window", "64", "--chunk", "32",
+                 "--rope-theta", "10000"]) == 0
+    assert capsys.readouterr().err == ""  # nothing assumed, nothing said
+
+
+def test_assumed_settings_of_a_baseline() -> None:
+    from tttlm.convert.official import assumed_settings
+
+    config = TTTConfig.from_preset("tiny", "full", vocab_size=128256, bos_token_id=128000,
+                                   eos_token_id=128001)
+    notes = assumed_settings(config, bos_token_id=None, variant=None)
+    text = " | ".join(notes)
+    assert "variant full" in text and "--variant swa" in text
+    assert "unused by full attention" in text and "BOS id 128000" in text
+    assert "EOS id 128001 (Llama-3's)" in text
 
 
 # ------------------------------------------------------------------------- full conversion

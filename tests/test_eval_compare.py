@@ -38,8 +38,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     corpus = TokenCorpus(tokens.astype(np.int64), np.array([0, 60]), 256, "random", "fp")
     out = {}
     for name, variant, seed in (("ttt", "e2e", 0), ("base", "full", 1)):
-        em = load_model(save_tiny(root / "models" / "final", variant, seed))
-        # Both runs save their model as "final": compare must keep them apart.
+        em = load_model(save_tiny(root / name / "125m" / "final", variant, seed))
+        # Two runs both named 125m (in other folders): compare must keep them apart.
         report = evaluate_loss([em], corpus, [16, 32] if name == "ttt" else [16, 24])
         write_loss_outputs(report, root / name, plots=False)
         out[name] = root / name
@@ -60,19 +60,19 @@ def test_compare_merges_runs(results: dict[str, Path], tmp_path: Path) -> None:
     path = compare([results["ttt"], results["base"] / "loss.json", results["niah"]], tmp_path)
     text = path.read_text()
     merged = json.loads((tmp_path / "loss.json").read_text())
-    assert [m["label"] for m in merged["models"]] == ["final", "final #2"]
+    assert [m["label"] for m in merged["models"]] == ["125m", "125m #2"]
     assert merged["lengths"] == [16, 24, 32]
-    ttt = json.loads((results["ttt"] / "loss.json").read_text())["results"]["final"]
-    base = json.loads((results["base"] / "loss.json").read_text())["results"]["final"]
-    entry = merged["results"]["final #2"]["16"]
+    ttt = json.loads((results["ttt"] / "loss.json").read_text())["results"]["125m"]
+    base = json.loads((results["base"] / "loss.json").read_text())["results"]["125m"]
+    entry = merged["results"]["125m #2"]["16"]
     assert entry["diff_vs_first"] == pytest.approx(base["16"]["mean_nll"]
                                                    - ttt["16"]["mean_nll"])
     assert entry["diff_stderr"] is not None  # same data: paired over the same windows
     # A length one run did not evaluate stays empty instead of inventing numbers.
-    assert merged["results"]["final #2"]["32"]["mean_nll"] is None
-    assert merged["results"]["final"]["24"]["mean_nll"] is None
+    assert merged["results"]["125m #2"]["32"]["mean_nll"] is None
+    assert merged["results"]["125m"]["24"]["mean_nll"] is None
     assert "## Loss by context length" in text and "## Needle in a haystack" in text
-    assert f"{ttt['16']['mean_nll']:.4f}" in text and "final #2" in text
+    assert f"{ttt['16']['mean_nll']:.4f}" in text and "125m #2" in text
     for image in ("loss_vs_length.png", "loss_by_position.png", "niah_accuracy.png"):
         assert f"]({image})" in text and (tmp_path / image).stat().st_size > 0
     assert "| passkey" not in text and "1.00 /" in text
@@ -84,7 +84,7 @@ def test_merge_of_other_data_is_not_paired(results: dict[str, Path]) -> None:
     b["data"]["fingerprint"] = "other"
     a["_file"], b["_file"] = "a.json", "b.json"
     merged = merge_loss([a, b])
-    assert merged["results"]["final #2"]["16"]["diff_stderr"] is None
+    assert merged["results"]["125m #2"]["16"]["diff_stderr"] is None
     assert "other data" in merged["notes"][0]
 
 
@@ -95,9 +95,25 @@ def test_compare_bad_input(results: dict[str, Path], tmp_path: Path,
     assert main(["eval", "compare", str(junk), "--out", str(tmp_path / "o")]) == 2
     assert "not a tttlm evaluation result" in capsys.readouterr().err
     assert main(["eval", "compare", str(tmp_path / "missing")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("tttlm eval compare: error: ") and "no such file" in err
     with pytest.raises(EvalError, match="holds no loss.json or niah.json"):
         compare([tmp_path], tmp_path / "o")
     assert main(["eval", "compare", str(results["ttt"]), "--out", str(tmp_path / "ok"),
                  "--no-plots"]) == 0
     assert "![" not in (tmp_path / "ok" / "report.md").read_text()
+
+
+def test_compare_names_old_final_labels_after_their_run(results: dict[str, Path],
+                                                        tmp_path: Path) -> None:
+    # Result files written before models were named after their run call each run's model
+    # "final" (and "final #2", ...): compare shows them under their run's name.
+    old = json.loads((results["ttt"] / "loss.json").read_text())
+    old["models"][0].update(label="final #2", path="runs/e2e-125m/final")
+    old["results"] = {"final #2": old["results"]["125m"]}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "loss.json").write_text(json.dumps(old))
+    compare([tmp_path / "old", results["base"]], tmp_path / "o", plots=False)
+    merged = json.loads((tmp_path / "o" / "loss.json").read_text())
+    assert [m["label"] for m in merged["models"]] == ["e2e-125m", "125m"]
+    assert merged["results"]["125m"]["16"]["diff_vs_first"] is not None

@@ -264,7 +264,9 @@ def test_cli_bad_input(models: dict[str, Path], tmp_path: Path,
     assert main([*base, "--model", str(tmp_path), "--lengths", "8"]) == 2
     assert "is not a tttlm model directory" in capsys.readouterr().err
     assert main([*base, "--model", str(models["full"]), "--lengths", "8,x"]) == 2
-    assert "not an integer" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == ("tttlm eval loss: error: --lengths: 'x' is not an integer; give integers "
+                   "such as 1024 or 8k\n")
     no_tok = ["eval", "loss", "--data", str(text), "--model", str(models["full"]),
               "--lengths", "8", "--quiet"]
     assert main(no_tok) == 2
@@ -273,3 +275,26 @@ def test_cli_bad_input(models: dict[str, Path], tmp_path: Path,
         assert main([*base, "--model", str(models["full"]), "--lengths", "8", "--device",
                      "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_models_are_named_after_their_run(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # Before: every run's model folder is `final/`, so models were shown as "final",
+    # "final #2", ... Now: the run's name, the run and step of a checkpoint, else the folder.
+    runs = tmp_path / "runs"
+    final = save_tiny(runs / "125m-e2e" / "final")
+    checkpoint = save_tiny(runs / "125m-e2e" / "checkpoints" / "step_00000200")
+    baseline = save_tiny(runs / "125m-full" / "final", "full", 2)
+    other = save_tiny(tmp_path / "elsewhere" / "125m-full" / "final", "full", 3)
+    text = tmp_path / "doc.txt"
+    text.write_text("some words to read " * 10)
+    out = tmp_path / "out"
+    assert main(["eval", "loss", "--model", str(final), "--model", str(checkpoint),
+                 "--model", str(baseline), "--model", str(other), "--data", str(text),
+                 "--tokenizer", "bytes", "--lengths", "24", "--max-sequences", "1",
+                 "--out", str(out), "--quiet", "--no-plots"]) == 0
+    report = json.loads((out / "loss.json").read_text())
+    labels = [m["label"] for m in report["models"]]
+    assert labels == ["125m-e2e", "125m-e2e step 200", "125m-full", "125m-full #2"]
+    assert "125m-e2e step 200" in capsys.readouterr().out
+    assert load_model(other, label="mine").label == "mine"

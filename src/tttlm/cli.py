@@ -53,6 +53,9 @@ def report_exception(err: BaseException, prog: str = "tttlm") -> int:
 
     if isinstance(err, OSError):
         described = describe_os_error(err)
+        if described is None and err.filename is not None and err.strerror:
+            # A path that is not what it should be (a folder given for a file, ...).
+            described = f"{err.strerror}: {os.fspath(err.filename)}; check the path"
         if described is not None:
             return user_error(described, prog)
     if isinstance(err, (UserError, ValueError, FileNotFoundError, NotADirectoryError)):

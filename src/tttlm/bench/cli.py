@@ -1,35 +1,95 @@
-"""``tttlm bench kernel|prefill|decode|train``: parse, call :mod:`tttlm.bench`, write reports."""
+"""``tttlm bench kernel|prefill|decode|train``: parse, call :mod:`tttlm.bench`, write reports.
+
+The benchmarks measure a CUDA GPU: without one they refuse at once (they would otherwise run
+for minutes on the CPU, or fail inside Triton). ``--device cpu`` is an explicit smoke run of the
+same code with tiny shapes (the tests use it; ``bench kernel`` also needs
+``TRITON_INTERPRET=1``); its timings mean nothing.
+
+Reports go to ``bench-results/<name>.json|.md`` in the current folder by default, never into
+the repository's committed ``benchmarks/results/`` unless named with ``--out``, and an existing
+report is kept unless ``--overwrite`` is given.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from tttlm.cli import user_error
+from tttlm.errors import UserError
 
-_RESULTS = Path("benchmarks/results")
+DEFAULT_OUT_DIR = Path("bench-results")
 # Training-step modes of tttlm.bench.train (kept here: the CLI imports no torch to parse).
 STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
+_GUIDE = "see benchmarks/README.md"
 
 
-def _device(name: str) -> Any:
+def _device(args: argparse.Namespace) -> Any:
+    """The benchmark's device, refusing at once where it cannot run (before any work)."""
     import torch
 
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    name = args.device
+    try:
+        device = torch.device("cuda" if name == "auto" else name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use cuda, cuda:N or cpu (a smoke "
+                        f"run); {_GUIDE}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"needs a CUDA GPU and none is visible here; {_GUIDE} (--device "
+                            "cpu runs a smoke test with tiny shapes, whose timings mean nothing)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) "
+                            "are visible; pick one of them")
+    elif device.type == "cpu":
+        print(f"{args.command_prog}: --device cpu is a smoke run: its timings are not GPU "
+              "numbers", file=sys.stderr)
+    else:
+        raise UserError(f"--device {name}: the benchmarks run on cuda (or cpu, as a smoke "
+                        f"run); {_GUIDE}")
+    return device
+
+
+def _check_out(args: argparse.Namespace) -> Path:
+    """``--out`` (a path without suffix), refusing to replace a report unless ``--overwrite``."""
+    out = Path(args.out)
+    existing = [p for p in (out.with_suffix(".json"), out.with_suffix(".md")) if p.exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"{existing[0]} exists; pass --overwrite to replace it, or choose "
+                        "another --out")
+    return out
+
+
+def _write(args: argparse.Namespace, title: str, device: Any, rows: list[dict[str, Any]],
+           columns: list[str]) -> int:
+    from tttlm.bench import environment, write_report
+
+    paths = write_report(Path(args.out), title, environment(device), rows, columns)
+    print("wrote", *paths)
+    return 0
 
 
 def add_parser(subparsers: Any) -> None:
-    bench = subparsers.add_parser("bench", help="speed benchmarks (GPU; random weights)")
+    bench = subparsers.add_parser(
+        "bench", help="speed benchmarks (CUDA GPU; random weights)",
+        description="Speed benchmarks with random weights. They need a CUDA GPU and refuse "
+                    "without one (--device cpu: a smoke run with tiny shapes). Reports go to "
+                    f"{DEFAULT_OUT_DIR}/ by default; an existing report is kept unless "
+                    "--overwrite. See benchmarks/README.md.")
     sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
 
     def common(p: argparse.ArgumentParser, out: str) -> None:
-        p.add_argument("--device", default="auto", help="auto, cuda or cpu")
+        p.add_argument("--device", default="cuda",
+                       help="cuda (default) or cuda:N; without a GPU the command refuses. cpu: "
+                            "a smoke run of the code with tiny shapes (timings mean nothing)")
         p.add_argument("--repeats", type=int, default=3, help="timed runs (median reported)")
-        p.add_argument("--out", type=Path, default=_RESULTS / out,
-                       help="output path without suffix: writes OUT.json and OUT.md")
+        p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR / out,
+                       help=f"output path without suffix: writes OUT.json and OUT.md (default "
+                            f"{DEFAULT_OUT_DIR / out}; the committed results live in "
+                            "benchmarks/results/)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing OUT.json / OUT.md (default: refuse)")
 
     k = sub.add_parser("kernel", help="suffix chunk attention: naive vs Triton, "
                                       "forward + backward + double backward")
@@ -83,17 +143,23 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run_kernel(args: argparse.Namespace) -> int:
-    from tttlm.bench import bench_chunk_kernel, environment, write_report
+    _check_out(args)
+    device = _device(args)
+    if device.type == "cpu":
+        from tttlm.ops._triton import triton_available, triton_interpreting
 
-    device = _device(args.device)
+        if not (triton_available() and triton_interpreting()):
+            raise UserError("the Triton kernel runs on a CPU only through Triton's interpreter; "
+                            "set TRITON_INTERPRET=1 for a smoke run (with tiny shapes, e.g. "
+                            "--window 32 --chunk 16), or run on a CUDA GPU")
+    from tttlm.bench import bench_chunk_kernel
+
     rows = bench_chunk_kernel(device, window=args.window, chunk=args.chunk, heads=args.heads,
                               head_dim=args.head_dim, batch=args.batch, repeats=args.repeats)
     title = (f"Chunk attention {args.chunk} queries x {args.window + args.chunk} keys, "
              f"{args.heads} heads x {args.head_dim}, batch {args.batch}, bf16")
-    paths = write_report(args.out, title, environment(device), rows,
-                         ["backend", "phase", "ms_median", "speedup_vs_naive", "peak_gib"])
-    print("wrote", *paths)
-    return 0
+    return _write(args, title, device, rows,
+                  ["backend", "phase", "ms_median", "speedup_vs_naive", "peak_gib"])
 
 
 PREFILL_COLUMNS = ["variant", "blocks", "sdpa", "tokens", "batch", "micro_batch", "s_per_1k_tokens",
@@ -101,19 +167,18 @@ PREFILL_COLUMNS = ["variant", "blocks", "sdpa", "tokens", "batch", "micro_batch"
 
 
 def run_prefill(args: argparse.Namespace) -> int:
-    from tttlm.bench import bench_prefill, environment, write_report
+    _check_out(args)
+    device = _device(args)
+    from tttlm.bench import bench_prefill
 
-    device = _device(args.device)
     rows = bench_prefill(device, preset=args.preset, variants=tuple(args.variants),
                          lengths=tuple(args.lengths), batch=args.batch,
                          tokens_per_step=args.tokens_per_step, repeats=args.repeats,
                          compile_modes=tuple(m == "compiled" for m in args.compile))
     size = (f"batch {args.batch}" if args.batch is not None
             else f"{args.tokens_per_step} tokens per step")
-    paths = write_report(args.out, f"Prefill, {args.preset}, {size}, bf16 autocast",
-                         environment(device), rows, PREFILL_COLUMNS)
-    print("wrote", *paths)
-    return 0
+    return _write(args, f"Prefill, {args.preset}, {size}, bf16 autocast", device, rows,
+                  PREFILL_COLUMNS)
 
 
 TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
@@ -121,35 +186,29 @@ TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "t
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from tttlm.bench import bench_train_step, environment, write_report
+    _check_out(args)
+    device = _device(args)
+    from tttlm.bench import bench_train_step
 
-    device = _device(args.device)
     rows = bench_train_step(device, preset=args.preset, seq_len=args.seq_len,
                             batches=tuple(args.batches), variants=tuple(args.variants),
                             checkpoint_chunks=args.checkpoint_chunks, repeats=args.repeats,
                             modes=tuple(args.modes))
-    paths = write_report(args.out, f"Training step, {args.preset}, {args.seq_len} tokens",
-                         environment(device), rows, TRAIN_COLUMNS)
-    print("wrote", *paths)
-    return 0
+    return _write(args, f"Training step, {args.preset}, {args.seq_len} tokens", device, rows,
+                  TRAIN_COLUMNS)
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    _check_out(args)
+    device = _device(args)
     import torch
 
-    from tttlm.bench import bench_decode, environment, write_report
+    from tttlm.bench import bench_decode
 
-    device = _device(args.device)
-    try:
-        rows = bench_decode(device, presets=args.presets, variants=args.variants,
-                            contexts=args.contexts, modes=args.modes, steps=args.steps,
-                            warmup=args.warmup, inner_reps=args.repeats,
-                            dtype=getattr(torch, args.dtype))
-    except ValueError as err:
-        return user_error(str(err))
-    paths = write_report(args.out, f"Decode latency per token, batch 1, {args.dtype}",
-                         environment(device), rows,
-                         ["preset", "variant", "mode", "context", "step_ms", "inner_step_ms",
-                          "per_token_ms", "vs_shortest", "state_mib"])
-    print("wrote", *paths)
-    return 0
+    rows = bench_decode(device, presets=args.presets, variants=args.variants,
+                        contexts=args.contexts, modes=args.modes, steps=args.steps,
+                        warmup=args.warmup, inner_reps=args.repeats,
+                        dtype=getattr(torch, args.dtype))
+    return _write(args, f"Decode latency per token, batch 1, {args.dtype}", device, rows,
+                  ["preset", "variant", "mode", "context", "step_ms", "inner_step_ms",
+                   "per_token_ms", "vs_shortest", "state_mib"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from tttlm.files import atomic_write_text
 from tttlm.ops._triton import triton_version
 
 # Dense bf16 tensor-core peak of the cards we report on (datasheet, without sparsity), for MFU.
@@ -78,15 +79,16 @@ def _cell(value: Any) -> str:
 
 def write_report(out: Path, title: str, env: dict[str, Any], rows: list[dict[str, Any]],
                  columns: Sequence[str], notes: Sequence[str] = ()) -> tuple[Path, Path]:
-    """Write ``<out>.json`` (everything) and ``<out>.md`` (a table of ``columns``)."""
+    """Write ``<out>.json`` (everything) and ``<out>.md`` (a table of ``columns``), each
+    through a temporary file, so that an interrupted run never leaves a half-written report."""
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out.with_suffix(".json"), out.with_suffix(".md")
-    json_path.write_text(json.dumps({"title": title, "env": env, "rows": rows,
-                                     "notes": list(notes)}, indent=2) + "\n")
+    atomic_write_text(json_path, json.dumps({"title": title, "env": env, "rows": rows,
+                                             "notes": list(notes)}, indent=2) + "\n")
     lines = [f"# {title}", "", *(f"- {k}: `{v}`" for k, v in env.items()), "",
              "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     for note in notes:
         lines += ["", note]
-    md_path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(md_path, "\n".join(lines) + "\n")
     return json_path, md_path

@@ -19,6 +19,7 @@ import torch
 
 from tttlm.bench.common import median, sync
 from tttlm.config import TTTConfig
+from tttlm.errors import UserError
 from tttlm.inference import Engine, State
 from tttlm.inference.state import rope_slots
 from tttlm.model import TTTForCausalLM
@@ -104,7 +105,8 @@ def bench_decode(device: torch.device, *, presets: Sequence[str] = ("125m", "760
                  log: Any = print) -> list[dict[str, Any]]:
     """Rows of per-token decode latency; ``modes``: ``eager`` and/or ``graph`` (CUDA graphs)."""
     if "graph" in modes and device.type != "cuda":
-        raise ValueError("the graph mode replays CUDA graphs: use --modes eager on a CPU")
+        raise UserError("the graph mode replays CUDA graphs, which need a CUDA device; use "
+                        "--modes eager on a CPU")
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
     rows: list[dict[str, Any]] = []

@@ -18,6 +18,7 @@ from tttlm.bench.cli import STEP_MODES
 from tttlm.bench.common import median, peak_flops, peak_memory_gib, reset_peak_memory, time_call
 from tttlm.bench.prefill import prefill_flops
 from tttlm.config import TTTConfig
+from tttlm.errors import UserError
 
 
 def train_flops(config: TTTConfig, seq_len: int) -> float:
@@ -64,9 +65,11 @@ def bench_train_step(device: torch.device, preset: str = "125m", seq_len: int = 
     from tttlm.model.model import TTTForCausalLM
 
     unknown = sorted(set(modes) - set(STEP_MODES))
-    if unknown or (device.type != "cuda" and any(m.endswith("graph") for m in modes)):
-        raise ValueError(f"step modes {list(modes)}: choose from {STEP_MODES}; graph modes "
-                         "need a CUDA device")
+    if unknown:
+        raise UserError(f"unknown step modes {unknown}; choose from {list(STEP_MODES)}")
+    if device.type != "cuda" and any(m.endswith("graph") for m in modes):
+        raise UserError(f"step modes {list(modes)}: graph modes replay CUDA graphs, which need "
+                        "a CUDA device; use eager or compiled on a CPU")
     rows: list[dict[str, Any]] = []
     for variant in variants:
         config = TTTConfig.from_preset(preset, variant=variant)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
-from tttlm.cli import user_error
+from tttlm.errors import UserError
 
 
 def _run_official(args: argparse.Namespace) -> int:
     from tttlm.convert.official import convert_official
 
+    def note(message: str) -> None:  # what the checkpoint cannot tell, and how to override it
+        print(f"{getattr(args, 'command_prog', 'tttlm convert official')}: {message}",
+              file=sys.stderr)
+
     try:
         out = convert_official(args.src, args.dst, window=args.window, chunk_size=args.chunk,
                                rope_theta=args.rope_theta, bos_token_id=args.bos_id,
-                               eos_token_id=args.eos_id, variant=args.variant)
-    except (ValueError, OSError, ImportError) as err:
-        return user_error(str(err) or type(err).__name__)
+                               eos_token_id=args.eos_id, variant=args.variant, log=note)
+    except ImportError as err:  # an optional dependency (tensorstore for Orbax checkpoints)
+        raise UserError(str(err) or type(err).__name__) from None
     print(f"wrote {out}")
     return 0
 
@@ -37,7 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "reading it needs pip install 'tttlm[orbax]') or a .npz of official arrays "
                     "into a tttlm model directory. Sizes come from the tensor shapes; options "
                     "left out take the official values (k 8192, b 1024, theta 500000, "
-                    "Llama-3 BOS/EOS 128000/128001).")
+                    "Llama-3 BOS/EOS 128000/128001), and each value so assumed is printed "
+                    "on stderr with the option that overrides it.")
     official.add_argument("src", metavar="SRC",
                           help="checkpoint root, a <step>/ folder, its model_weights/, or a .npz")
     official.add_argument("dst", metavar="DST", help="output tttlm model directory")

@@ -9,7 +9,7 @@ so a round trip is bit-exact and the same table serves weights and gradients ali
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tttlm.config import TTTConfig, Variant
+from tttlm.errors import UserError
 
 _ROOT = "language_model.model."
 _BLOCKS = _ROOT + "h.blocks."
@@ -110,13 +111,15 @@ def official_name_of(config: TTTConfig) -> dict[str, tuple[str, int | None]]:
 
 def _shape_of(arrays: Mapping[str, Any], name: str) -> tuple[int, ...]:
     if name not in arrays:
-        raise ValueError(f"official tensor {name} is missing; cannot infer the model size")
+        raise UserError(f"official tensor {name} is missing, so the model size cannot be "
+                        "inferred; give the model_weights of a TTT-E2E checkpoint")
     return tuple(int(s) for s in np.shape(arrays[name]))
 
 
 def _expect_rank(name: str, shape: tuple[int, ...], rank: int) -> None:
     if len(shape) != rank:
-        raise ValueError(f"official tensor {name} has shape {list(shape)}; expected {rank} dims")
+        raise UserError(f"official tensor {name} has shape {list(shape)}, not {rank} dims; "
+                        "give the model_weights of a TTT-E2E checkpoint")
 
 
 def infer_config(arrays: Mapping[str, Any], *, window: int = _OFFICIAL_WINDOW,
@@ -143,7 +146,8 @@ def infer_config(arrays: Mapping[str, Any], *, window: int = _OFFICIAL_WINDOW,
     _expect_rank(Q_NORM, q_norm, 2)
     head_dim = q_norm[1]
     if head_dim <= 0 or hidden % head_dim:
-        raise ValueError(f"{Q_NORM} width {head_dim} does not divide hidden size {hidden}")
+        raise UserError(f"{Q_NORM} width {head_dim} does not divide hidden size {hidden}; "
+                        "the checkpoint is not a TTT-E2E model tttlm can read")
     ffn = _shape_of(arrays, FFN_W1)
     _expect_rank(FFN_W1, ffn, 3)
 
@@ -151,23 +155,23 @@ def infer_config(arrays: Mapping[str, Any], *, window: int = _OFFICIAL_WINDOW,
     requested = None if variant is None else Variant(variant)
     if PRIME_W1 in arrays:
         if requested not in (None, Variant.E2E):
-            raise ValueError(
+            raise UserError(
                 f"the checkpoint has prime MLPs ({PRIME_W1}), so it is an e2e model; "
-                f"--variant {requested.value} applies only to checkpoints without them")
+                f"drop --variant {requested.value} (it applies only to checkpoints without them)")
         prime = _shape_of(arrays, PRIME_W1)
         _expect_rank(PRIME_W1, prime, 3)
         fields.update(variant=Variant.E2E, num_ttt_layers=prime[0],
                       prime_intermediate_size=prime[2])
     else:
         if requested is Variant.E2E:
-            raise ValueError(
+            raise UserError(
                 f"variant e2e needs prime MLPs but the checkpoint has no {PRIME_W1}; "
                 "pass --variant swa or --variant full")
         fields.update(variant=requested or Variant.FULL)
 
     if bos_token_id is None:
         if vocab <= _OFFICIAL_BOS:
-            raise ValueError(
+            raise UserError(
                 f"vocabulary size {vocab} has no room for the Llama-3 BOS id {_OFFICIAL_BOS}; "
                 "pass the tokenizer's BOS id with --bos-id")
         bos_token_id = _OFFICIAL_BOS
@@ -197,17 +201,20 @@ def from_official(arrays: Mapping[str, Any], config: TTTConfig) -> dict[str, tor
     expected = {e.official for e in table}
     missing = [e.official for e in table if e.official not in arrays]
     if missing:
-        raise ValueError(f"official tensor {', '.join(missing)} missing from the checkpoint")
+        raise UserError(f"official tensor {', '.join(missing)} missing from the checkpoint; "
+                        "give a complete TTT-E2E checkpoint (or the right --variant)")
     extra = sorted(set(arrays) - expected)
     if extra:
-        raise ValueError(f"unexpected official tensors {', '.join(extra)} for a "
-                         f"{config.variant.value} model; tttlm has no place for them")
+        raise UserError(f"unexpected official tensors {', '.join(extra)} for a "
+                        f"{config.variant.value} model: tttlm has no place for them; give the "
+                        "checkpoint of a TTT-E2E model (e2e, swa or full)")
     out: dict[str, torch.Tensor] = {}
     for e in table:
         value = np.asarray(arrays[e.official])
         if value.shape != e.official_shape:
-            raise ValueError(f"official tensor {e.official} has shape {_fmt(value.shape)}; "
-                             f"expected {_fmt(e.official_shape)}")
+            raise UserError(f"official tensor {e.official} has shape {_fmt(value.shape)}, not "
+                            f"{_fmt(e.official_shape)}; the checkpoint's tensors disagree with "
+                            "each other: give a complete, unmodified checkpoint")
         for j, local in e.local_names():
             piece = value if j is None else value[j]
             if e.transpose:
@@ -262,21 +269,57 @@ def load_official_arrays(src: str | Path) -> dict[str, np.ndarray]:
         with np.load(path) as data:
             return {k: data[k].astype(np.float32, copy=False) for k in data.files if "/" not in k}
     if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist; check the checkpoint path")
     from tttlm.convert.orbax import read_orbax
 
     return read_orbax(path)
 
 
+def assumed_settings(config: TTTConfig, *, window: int | None = None,
+                     chunk_size: int | None = None, rope_theta: float | None = None,
+                     bos_token_id: int | None = None, eos_token_id: int | None = None,
+                     variant: Variant | str | None = None) -> list[str]:
+    """One line per setting of CONFIG that the checkpoint cannot tell and the caller left
+    out (``None``), so it took a default: the value taken and the option that overrides it."""
+    notes = []
+    if variant is None and config.variant is not Variant.E2E:
+        notes.append(f"variant {config.variant.value} (the checkpoint has no prime MLPs and "
+                     "cannot tell sliding-window from full attention); pass --variant swa or "
+                     "--variant full to choose")
+    official = "the official TTT-E2E value; checkpoints do not record it"
+    if window is None:
+        unused = "" if config.uses_window else ", unused by full attention"
+        notes.append(f"window k = {config.window} ({official}{unused}); pass --window K if "
+                     "the model was trained with another")
+    if chunk_size is None:
+        unused = "" if config.variant is Variant.E2E else ", unused without test-time training"
+        notes.append(f"TTT chunk size b = {config.chunk_size} ({official}{unused}); pass "
+                     "--chunk B if the model was trained with another")
+    if rope_theta is None:
+        notes.append(f"RoPE theta = {config.rope_theta:g} ({official}); pass --rope-theta T if "
+                     "the model was trained with another")
+    if bos_token_id is None:
+        notes.append(f"BOS id {config.bos_token_id} (Llama-3's; the loss mask depends on it); "
+                     "pass --bos-id N if the tokenizer is not Llama-3's")
+    if eos_token_id is None:
+        source = ("Llama-3's" if config.eos_token_id == _OFFICIAL_EOS
+                  else "the BOS id: the vocabulary has no room for Llama-3's")
+        notes.append(f"EOS id {config.eos_token_id} ({source}); pass --eos-id N to choose "
+                     "another")
+    return notes
+
+
 def convert_official(src: str | Path, dst: str | Path, *, window: int | None = None,
                      chunk_size: int | None = None, rope_theta: float | None = None,
                      bos_token_id: int | None = None, eos_token_id: int | None = None,
-                     variant: Variant | str | None = None) -> Path:
+                     variant: Variant | str | None = None,
+                     log: Callable[[str], None] | None = None) -> Path:
     """Convert an official checkpoint SRC into a tttlm model directory DST and return DST.
 
     Options left as ``None`` take the official TTT-E2E values (k 8192, b 1024, θ 500 000,
-    Llama-3 token ids). Loading is strict, so a mapping mistake fails here rather than
-    producing a model that merely scores badly.
+    Llama-3 token ids); each value so assumed is passed to ``log`` (see
+    :func:`assumed_settings`) before anything is written. Loading is strict, so a mapping
+    mistake fails here rather than producing a model that merely scores badly.
     """
     arrays = load_official_arrays(src)
     overrides: dict[str, Any] = {}
@@ -288,6 +331,11 @@ def convert_official(src: str | Path, dst: str | Path, *, window: int | None = N
         overrides["rope_theta"] = rope_theta
     config = infer_config(arrays, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                           variant=variant, **overrides)
+    if log is not None:
+        for note in assumed_settings(config, window=window, chunk_size=chunk_size,
+                                     rope_theta=rope_theta, bos_token_id=bos_token_id,
+                                     eos_token_id=eos_token_id, variant=variant):
+            log(f"assumed {note}")
     state = from_official(arrays, config)
 
     from tttlm.model import TTTForCausalLM

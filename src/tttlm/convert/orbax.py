@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-_EXPECTED = "expected an official Orbax checkpoint directory (<ckpt>/<step>/model_weights)"
+_EXPECTED = ("give an official Orbax checkpoint directory (<ckpt>/<step>/model_weights) or a .npz "
+             "of official arrays")
 
 
 def find_model_weights(path: str | Path) -> Path:
@@ -27,9 +28,9 @@ def find_model_weights(path: str | Path) -> Path:
     """
     root = Path(path)
     if not root.exists():
-        raise FileNotFoundError(f"{root} does not exist")
+        raise FileNotFoundError(f"{root} does not exist; check the checkpoint path")
     if not root.is_dir():
-        raise ValueError(f"{root} is not a directory: {_EXPECTED}")
+        raise ValueError(f"{root} is not a directory; {_EXPECTED}")
     if (root / "_METADATA").is_file():
         return root
     if (root / "model_weights" / "_METADATA").is_file():
@@ -39,13 +40,13 @@ def find_model_weights(path: str | Path) -> Path:
         if p.is_dir() and p.name.isdigit() and (p / "model_weights" / "_METADATA").is_file())
     if steps:
         return steps[-1][1] / "model_weights"
-    raise ValueError(f"no model_weights/_METADATA under {root}: {_EXPECTED}")
+    raise ValueError(f"no model_weights/_METADATA under {root}; {_EXPECTED}")
 
 
 def _array_names(metadata: dict[str, Any], source: Path) -> list[str]:
     tree = metadata.get("tree_metadata")
     if not isinstance(tree, dict):
-        raise ValueError(f"{source} has no 'tree_metadata': {_EXPECTED}")
+        raise ValueError(f"{source} has no 'tree_metadata'; {_EXPECTED}")
     names = []
     for key, entry in tree.items():
         value = entry.get("value_metadata", {})
@@ -53,7 +54,8 @@ def _array_names(metadata: dict[str, Any], source: Path) -> list[str]:
             continue
         parts = [str(k["key"]) for k in entry.get("key_metadata", ())]
         if not parts:
-            raise ValueError(f"{source}: entry {key} has no key_metadata; cannot name its array")
+            raise ValueError(f"{source}: entry {key} has no key_metadata, so its array has no "
+                             f"name; {_EXPECTED}")
         names.append(".".join(parts))
     return names
 
@@ -69,17 +71,17 @@ def read_orbax(path: str | Path) -> dict[str, np.ndarray]:
         import tensorstore as ts
     except ImportError:
         raise ImportError(
-            "reading an Orbax checkpoint needs tensorstore: pip install 'tttlm[orbax]'") from None
+            "reading an Orbax checkpoint needs tensorstore; pip install 'tttlm[orbax]'") from None
 
     weights = find_model_weights(path)
     meta_file = weights / "_METADATA"
     try:
         metadata = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"cannot parse {meta_file} ({err}): {_EXPECTED}") from None
+        raise ValueError(f"cannot parse {meta_file} ({err}); {_EXPECTED}") from None
     names = _array_names(metadata, meta_file)
     if not names:
-        raise ValueError(f"{meta_file} lists no arrays: {_EXPECTED}")
+        raise ValueError(f"{meta_file} lists no arrays; {_EXPECTED}")
 
     context = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
     base = weights.resolve()
@@ -104,7 +106,8 @@ def read_orbax(path: str | Path) -> dict[str, np.ndarray]:
             store = ts.open(spec, open=True, read=True, context=context).result()
         except Exception as err:  # tensorstore raises plain ValueError/RuntimeError variants
             detail = str(err).splitlines()[0] if str(err) else type(err).__name__
-            raise ValueError(f"cannot open array {name} in {weights}: {detail}") from None
+            raise ValueError(f"cannot open array {name} in {weights} ({detail}); check that the "
+                             "checkpoint was copied completely") from None
         pending[name] = store.read()
     arrays = {}
     for name, future in pending.items():

@@ -1,4 +1,8 @@
-"""``tttlm eval loss|niah|compare``: parse arguments, call :mod:`tttlm.eval`, print a table."""
+"""``tttlm eval loss|niah|compare``: parse arguments, call :mod:`tttlm.eval`, print a table.
+
+Bad input raises :class:`tttlm.eval.adapters.EvalError` (a :class:`tttlm.errors.UserError`),
+which the top-level command line prints as one line (``tttlm eval loss: error: ...``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,6 @@ from pathlib import Path
 from typing import Any
 
 _DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
-
-
-def _error(message: str) -> int:
-    print(f"tttlm eval: error: {' '.join(message.split())}", file=sys.stderr)
-    return 2
 
 
 def _log(message: str) -> None:
@@ -34,7 +33,7 @@ def _load_models(args: argparse.Namespace) -> list[Any]:
     device = pick_device(args.device)
     labels = args.label or []
     if labels and len(labels) != len(args.model):
-        raise EvalError(f"{len(labels)} --label for {len(args.model)} --model: give one per "
+        raise EvalError(f"{len(labels)} --label for {len(args.model)} --model; give one per "
                         "model or none")
     models = [load_model(path, device=device, ttt=False if args.no_ttt else None,
                          label=labels[i] if labels else None)
@@ -45,7 +44,6 @@ def _load_models(args: argparse.Namespace) -> list[Any]:
 
 
 def _run_loss(args: argparse.Namespace) -> int:
-    from tttlm.eval.adapters import EvalError
     from tttlm.eval.common import PartialResults, load_corpus, parse_int_list, pick_device
     from tttlm.eval.loss import evaluate_loss, format_table, write_loss_outputs
 
@@ -67,8 +65,6 @@ def _run_loss(args: argparse.Namespace) -> int:
         written = write_loss_outputs(report, out, plots=not args.no_plots)
     except KeyboardInterrupt:
         return _interrupted(out)
-    except (EvalError, OSError) as err:
-        return _error(str(err))
     print(format_table(report))
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
@@ -114,7 +110,7 @@ def _run_niah(args: argparse.Namespace) -> int:
         for em in models:
             if em.model.config.vocab_size < tokenizer.vocab_size:
                 raise EvalError(f"{em.label} has vocab_size {em.model.config.vocab_size} but "
-                                f"the tokenizer has {tokenizer.vocab_size} ids: pass the "
+                                f"the tokenizer has {tokenizer.vocab_size} ids; pass the "
                                 "model's tokenizer with --tokenizer")
         if prepared:
             corpus = load_prepared(source)
@@ -135,21 +131,15 @@ def _run_niah(args: argparse.Namespace) -> int:
         written = write_niah_outputs(report, out, plots=not args.no_plots)
     except KeyboardInterrupt:
         return _interrupted(out)
-    except (EvalError, OSError) as err:
-        return _error(str(err))
     print(format_niah_table(report))
     print(f"wrote {', '.join(str(p) for p in written)}")
     return 0
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from tttlm.eval.adapters import EvalError
     from tttlm.eval.compare import compare
 
-    try:
-        path = compare(args.results, args.out, title=args.title, plots=not args.no_plots)
-    except (EvalError, OSError) as err:
-        return _error(str(err))
+    path = compare(args.results, args.out, title=args.title, plots=not args.no_plots)
     print(f"wrote {path}")
     return 0
 
@@ -159,7 +149,8 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="a tttlm model folder (repeat for several models; the first is the "
                         "reference of differences)")
     p.add_argument("--label", action="append", metavar="NAME",
-                   help="display name per --model, in order (default: folder name)")
+                   help="display name per --model, in order (default: the run's name for "
+                        "RUN/final, 'RUN step N' for a checkpoint, else the folder's name)")
     p.add_argument("--lengths", required=True, metavar="L,L,...",
                    help="context lengths in tokens, e.g. 1024,2048 or 8k,16k")
     p.add_argument("--tokenizer", metavar="SPEC",

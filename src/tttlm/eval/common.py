@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from tttlm.eval.adapters import (
     resolve_tokenizer,
     tokenize_documents,
 )
+from tttlm.files import atomic_write_text
 from tttlm.model import TTTForCausalLM
 
 PARTIAL_FILE = "partial.jsonl"
@@ -37,7 +39,8 @@ class EvalModel:
 
     Attributes:
         model: the network, in eval mode, on its device.
-        label: unique display name (the folder name, plus " (no TTT)" for ``ttt=False``).
+        label: unique display name (:func:`default_label`, plus " (no TTT)" for
+            ``ttt=False``).
         path: the model folder.
         ttt: whether the meta forward pass (with inner updates) runs.
         fingerprint: config hash plus the weights file's size and mtime: results computed for
@@ -68,7 +71,7 @@ def pick_device(device: str | None = None) -> torch.device:
     try:
         chosen = torch.device(device)
     except RuntimeError as err:
-        raise EvalError(f"--device {device!r}: {err}") from None
+        raise EvalError(f"--device {device!r}: {err}; use auto, cpu, cuda or cuda:N") from None
     if chosen.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {device}: CUDA is not available here; use --device cpu")
     return chosen
@@ -87,15 +90,15 @@ def load_model(path: str | os.PathLike[str], *, device: torch.device | None = No
     folder = Path(path)
     try:
         model = TTTForCausalLM.from_pretrained(folder, device=device)
-    except (FileNotFoundError, ValueError, OSError) as err:
+    except (FileNotFoundError, ValueError) as err:
         raise EvalError(str(err)) from None
     model.eval()
     is_e2e = model.config.variant is Variant.E2E
     if ttt and not is_e2e:
         raise EvalError(f"{folder} is a {model.config.variant.value!r} model: it has no "
-                        "test-time training to switch on")
+                        "test-time training to switch on; evaluate an e2e model")
     mode = is_e2e if ttt is None else ttt
-    name = label or folder.resolve().name
+    name = label or default_label(folder)
     if is_e2e and not mode:
         name += " (no TTT)"
     weights = folder / "model.safetensors"
@@ -106,8 +109,31 @@ def load_model(path: str | os.PathLike[str], *, device: torch.device | None = No
     return EvalModel(model=model, label=name, path=str(folder), ttt=mode, fingerprint=digest)
 
 
+# The run-folder layout of tttlm.train.checkpoint: RUN/final/ and RUN/checkpoints/step_NNNNNNNN/.
+_FINAL = "final"
+_CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def default_label(path: str | os.PathLike[str]) -> str:
+    """The name a model folder is shown under: its run's name for a run's ``final/`` model
+    (``runs/125m/final`` → ``125m``), the run's name and step for a checkpoint
+    (``runs/125m/checkpoints/step_00001000`` → ``125m step 1000``), else the folder's own
+    name."""
+    folder = Path(path)
+    folder = folder.resolve() if folder.exists() else Path(os.path.abspath(folder))
+    parent = folder.parent
+    if folder.name == _FINAL and parent.name:
+        return parent.name
+    step = _STEP_DIR.match(folder.name)
+    if step and parent.name == _CHECKPOINTS and parent.parent.name:
+        return f"{parent.parent.name} step {int(step.group(1))}"
+    return folder.name or str(folder)
+
+
 def unique_labels(labels: Sequence[str]) -> list[str]:
-    """Make labels unique by numbering repeats (two checkpoints both named ``final``)."""
+    """Make labels unique by numbering repeats (two runs both named ``125m`` in different
+    folders)."""
     seen: dict[str, int] = {}
     out = []
     for label in labels:
@@ -130,12 +156,14 @@ def parse_int_list(text: str | Sequence[int], name: str) -> list[int]:
         try:
             value = int(raw) * scale
         except ValueError:
-            raise EvalError(f"{name}: {item!r} is not an integer (examples: 1024, 8k)") from None
+            raise EvalError(f"{name}: {item!r} is not an integer; give integers such as 1024 "
+                            "or 8k") from None
         if value <= 0:
-            raise EvalError(f"{name}: {value} must be positive")
+            raise EvalError(f"{name}: {value} is not positive; give positive integers such as "
+                            "1024 or 8k")
         values.append(value)
     if not values:
-        raise EvalError(f"{name}: give at least one value")
+        raise EvalError(f"{name} is empty; give at least one value, e.g. 1024,8k")
     return sorted(set(values))
 
 
@@ -150,12 +178,14 @@ def parse_float_list(text: str | Sequence[float], name: str, lo: float,
         try:
             value = float(item)
         except ValueError:
-            raise EvalError(f"{name}: {item!r} is not a number") from None
+            raise EvalError(f"{name}: {item!r} is not a number; give numbers in [{lo}, {hi}]"
+                            ) from None
         if not lo <= value <= hi:
-            raise EvalError(f"{name}: {value} is outside [{lo}, {hi}]")
+            raise EvalError(f"{name}: {value} is outside [{lo}, {hi}]; give numbers in that "
+                            "range")
         values.append(value)
     if not values:
-        raise EvalError(f"{name}: give at least one value")
+        raise EvalError(f"{name} is empty; give at least one number in [{lo}, {hi}]")
     return sorted(set(values))
 
 
@@ -205,10 +235,9 @@ class PartialResults:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write through a temporary file so a result file is never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    """Write through a temporary file (flushed, then renamed) so a result file is never
+    half-written."""
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 _warned: set[str] = set()
@@ -223,10 +252,11 @@ def warn_once(message: str) -> None:
 
 @contextlib.contextmanager
 def progress_bar(total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    """A tqdm bar on stderr, or a no-op object when disabled."""
-    from tqdm.auto import tqdm
+    """A progress bar on stderr (a tqdm bar on a terminal, a line every few seconds in a log;
+    see :mod:`tttlm.progress`), or a no-op object when disabled."""
+    from tttlm.progress import progress_bar as make_bar
 
-    with tqdm(total=total, desc=desc, unit="seq", disable=not enabled, leave=False) as bar:
+    with make_bar(total=total, desc=desc, unit="seq", disable=not enabled, leave=False) as bar:
         yield bar
 
 
@@ -251,6 +281,7 @@ def load_corpus(data: str | os.PathLike[str], *, tokenizer: str | None = None,
     if path.is_dir() and (path / META_FILE).is_file():
         return load_prepared(path, split)
     if split is not None:
-        raise EvalError(f"--split only applies to prepared data folders; {path} is text")
+        raise EvalError(f"--split only applies to prepared data folders and {path} is text; "
+                        "drop --split")
     tok = find_tokenizer(tokenizer, model_dirs)
     return tokenize_documents(read_documents(path, text_field), tok, str(path))

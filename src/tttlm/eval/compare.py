@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,8 @@ from typing import Any
 from tttlm.eval import loss as loss_eval
 from tttlm.eval import niah as niah_eval
 from tttlm.eval.adapters import EvalError
-from tttlm.eval.common import unique_labels, write_json
+from tttlm.eval.common import default_label, unique_labels, write_json
+from tttlm.files import atomic_write_text
 
 _RESULT_FILES = ("loss.json", "niah.json")
 
@@ -32,12 +34,13 @@ def find_results(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
         if path.is_dir():
             inside = [path / name for name in _RESULT_FILES if (path / name).is_file()]
             if not inside:
-                raise EvalError(f"{path}: folder holds no {' or '.join(_RESULT_FILES)}")
+                raise EvalError(f"{path}: folder holds no {' or '.join(_RESULT_FILES)}; give "
+                                "the --out folder of `tttlm eval loss|niah` or the files")
             found.extend(inside)
         elif path.is_file():
             found.append(path)
         else:
-            raise EvalError(f"{path}: no such file or folder")
+            raise EvalError(f"{path}: no such file or folder; check the path")
     return found
 
 
@@ -46,7 +49,8 @@ def load_result(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise EvalError(f"{path}: not a JSON result file ({err})") from None
+        raise EvalError(f"{path}: not a JSON result file ({err}); give the loss.json or "
+                        "niah.json written by `tttlm eval loss|niah`") from None
     kind = data.get("type") if isinstance(data, dict) else None
     if kind not in (loss_eval.RESULT_TYPE, niah_eval.RESULT_TYPE):
         raise EvalError(f"{path}: not a tttlm evaluation result (type {kind!r}); expected the "
@@ -55,9 +59,23 @@ def load_result(path: Path) -> dict[str, Any]:
     return data
 
 
+def _current_label(model: dict[str, Any]) -> str:
+    """The label of a model in a result file, in today's naming: files written before models
+    were named after their run call every run's model ``final``; such a label (the folder's
+    own name) becomes :func:`default_label` of the model's path (``runs/125m/final`` → 125m)."""
+    label, path = model["label"], model.get("path")
+    if not path:
+        return label
+    own = Path(path).name
+    for suffix in ("", " (no TTT)"):
+        if own and re.fullmatch(re.escape(own + suffix) + r"( #\d+)?", label):
+            return default_label(path) + suffix
+    return label
+
+
 def _relabel(reports: list[dict[str, Any]]) -> None:
     """Give every model a label unique across the reports (in place)."""
-    old = [m["label"] for r in reports for m in r["models"]]
+    old = [_current_label(m) for r in reports for m in r["models"]]
     new = iter(unique_labels(old))
     for report in reports:
         mapping = {}
@@ -131,7 +149,8 @@ def compare(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[
     """Merge the result files in ``paths`` and write ``out_dir/report.md`` (+ plots, JSON)."""
     files = find_results(paths)
     if not files:
-        raise EvalError("no result files given")
+        raise EvalError("no result files given; give loss.json/niah.json files or the folders "
+                        "holding them")
     reports = [load_result(f) for f in files]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,7 +176,7 @@ def compare(paths: Sequence[str | os.PathLike[str]], out_dir: str | os.PathLike[
             images = plot_niah(merged_niah, out)
         lines += niah_markdown(merged_niah, [p.name for p in images])
     path = out / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import enum
+import io
 import math
 import os
 import sys
@@ -35,6 +36,7 @@ from tttlm.eval.common import (
     progress_bar,
     write_json,
 )
+from tttlm.files import atomic_write_bytes
 
 RESULT_TYPE = "tttlm.eval.loss"
 RESULT_VERSION = 1
@@ -90,7 +92,7 @@ def plan_windows(corpus: TokenCorpus, length: int, mode: WindowMode | str,
         hint = (f"; --windows stream allows up to {corpus.num_tokens - 1}"
                 if mode is WindowMode.DOCUMENT and corpus.num_tokens - 1 > limit else "")
         raise EvalError(f"length {length} needs {length + 1} tokens in {where}, but the "
-                        f"longest available in {corpus.source} has {limit + 1}: the largest "
+                        f"longest available in {corpus.source} has {limit + 1}; the largest "
                         f"possible length is {max(limit, 0)}{hint}")
     if mode is WindowMode.STREAM:
         starts = range(0, corpus.num_tokens - length, length)
@@ -166,13 +168,15 @@ def evaluate_loss(models: Sequence[EvalModel], corpus: TokenCorpus, lengths: Seq
     """
     mode = WindowMode(mode)
     if not models:
-        raise EvalError("no model to evaluate")
+        raise EvalError("no model to evaluate; give at least one --model")
     if batch_size < 1:
-        raise EvalError(f"batch size {batch_size} must be positive")
+        raise EvalError(f"batch size {batch_size} is not positive; give --batch-size 1 or more")
     if max_sequences is not None and max_sequences < 1:
-        raise EvalError(f"max sequences {max_sequences} must be positive")
+        raise EvalError(f"max sequences {max_sequences} is not positive; give --max-sequences "
+                        "1 or more, or leave it out")
     if not lengths or min(lengths) < 1:
-        raise EvalError(f"lengths {list(lengths)} must be positive integers")
+        raise EvalError(f"lengths {list(lengths)} must be positive integers; give --lengths "
+                        "such as 1024,8k")
     lengths = sorted(set(lengths))
     device = device or models[0].model.embed.weight.device
     check_corpus(models, corpus)
@@ -223,11 +227,12 @@ def check_corpus(models: Sequence[EvalModel], corpus: TokenCorpus) -> None:
         if top >= config.vocab_size:
             raise EvalError(f"{corpus.source} holds token id {top} but {em.label} has "
                             f"vocab_size {config.vocab_size}: the data was tokenized with "
-                            "another tokenizer")
+                            "another tokenizer; prepare it with the model's tokenizer")
         if config.bos_token_id != corpus.bos_id:
             raise EvalError(f"{corpus.source} starts documents with BOS id {corpus.bos_id} but "
                             f"{em.label} was built with bos_token_id {config.bos_token_id}: the "
-                            "data was tokenized with another tokenizer")
+                            "data was tokenized with another tokenizer; prepare it with the "
+                            "model's tokenizer")
 
 
 def summarize(models: Sequence[EvalModel], corpus: TokenCorpus, lengths: Sequence[int],
@@ -375,8 +380,9 @@ def write_loss_outputs(report: dict[str, Any], out_dir: str | os.PathLike[str],
             for p, v, c, d in zip(curve["positions"], curve["mean_nll"], curve["count"], diffs):
                 curves.append([label, L, p, min(p + curve["bin"], L), v, c, d])
     for path, rows in ((written[1], table), (written[2], curves)):
-        with open(path, "w", newline="", encoding="utf-8") as fh:
-            csv.writer(fh).writerows([["" if v is None else v for v in row] for row in rows])
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([["" if v is None else v for v in row] for row in rows])
+        atomic_write_bytes(path, text.getvalue().encode("utf-8"))
     if plots:
         from tttlm.eval.plots import plot_loss
 

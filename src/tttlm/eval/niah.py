@@ -86,7 +86,7 @@ def parse_kinds(text: str | Sequence[str]) -> list[NeedleKind]:
         if kind not in kinds:
             kinds.append(kind)
     if not kinds:
-        raise EvalError("give at least one needle kind")
+        raise EvalError("no needle kind given; give --kinds passkey, number and/or uuid")
     return kinds
 
 
@@ -153,7 +153,8 @@ def build_haystack(corpus: TokenCorpus, tokenizer: Tokenizer) -> Haystack:
         if len(body):
             parts.extend([body, sep])
     if not parts:
-        raise EvalError(f"{corpus.source}: no text to build a haystack from")
+        raise EvalError(f"{corpus.source}: no text to build a haystack from; give a --haystack "
+                        "with text in it")
     tokens = np.concatenate(parts)
     ids = np.unique(tokens)
     # One decode per distinct id, not per token: a 128K-token pool has a few thousand ids.
@@ -243,7 +244,7 @@ def build_sample(haystack: Haystack, tokenizer: Tokenizer, kind: NeedleKind | st
     """
     kind = NeedleKind(kind)
     if not 0.0 <= depth <= 1.0:
-        raise EvalError(f"depth {depth} is outside [0, 1]")
+        raise EvalError(f"depth {depth} is outside [0, 1]; give depths between 0 and 1")
     key, value, head, needle, question = _pieces(tokenizer, kind, length, trial, seed, digits)
     size = length - len(head) - len(needle) - len(question)
     pool = len(haystack.tokens)
@@ -412,9 +413,11 @@ class NiahSettings:
     def __post_init__(self) -> None:
         self.kinds = [NeedleKind(k) for k in self.kinds]
         if self.samples < 1:
-            raise EvalError(f"samples per cell must be positive, got {self.samples}")
+            raise EvalError(f"samples per cell must be positive, got {self.samples}; give "
+                            "--samples 1 or more")
         if self.digits is not None and not 1 <= self.digits <= 18:
-            raise EvalError(f"digits {self.digits} must be between 1 and 18")
+            raise EvalError(f"digits {self.digits} is not between 1 and 18; give --digits in "
+                            "that range")
 
 
 def evaluate_niah(label: str, haystack: Haystack, tokenizer: Tokenizer, settings: NiahSettings,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from tttlm.eval.common import warn_once
+from tttlm.files import atomic_save
 
 # More chunk boundaries than this would paint the panel grey; only the window is marked then.
 MAX_CHUNK_LINES = 256
@@ -35,6 +36,11 @@ def _figure(width: float, height: float) -> Any:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+def _save(fig: Any, path: Path, dpi: int) -> None:
+    """Write the PNG through a temporary file, so a plot is never half-written."""
+    atomic_save(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi))
 
 
 def _nan(values: Sequence[float | None]) -> np.ndarray:
@@ -87,7 +93,7 @@ def _loss_vs_length(report: dict[str, Any], path: Path) -> Path:
         ax.set_xticks(lengths, [_length_label(L) for L in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.grid(alpha=0.3)
-    fig.savefig(path, dpi=120)
+    _save(fig, path, dpi=120)
     return path
 
 
@@ -141,7 +147,7 @@ def _loss_by_position(report: dict[str, Any], path: Path) -> Path:
             ax.grid(alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel("position in the sequence (tokens of context)")
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110)
     return path
 
 
@@ -195,5 +201,5 @@ def _heatmaps(report: dict[str, Any], field: str, path: Path) -> Path:
                     ax.text(j, i, text, ha="center", va="center", fontsize="x-small")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label=title)
-    fig.savefig(path, dpi=110)
+    _save(fig, path, dpi=110)
     return path
