@@ -159,7 +159,7 @@ def test_bad_inputs(data_dir: Path, tmp_path: Path) -> None:
         Trainer(tiny_config(data_dir, tmp_path, model_overrides={"vocab_size": 100}))
     with pytest.raises(FileNotFoundError, match="holds no model"):
         Trainer(tiny_config(data_dir, tmp_path, init_from=str(tmp_path / "missing")))
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(ValueError, match="neither"):
         Trainer(tiny_config(data_dir, tmp_path), resume=str(tmp_path / "nothing"))
 
 

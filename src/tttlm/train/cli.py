@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,8 @@ examples:
   tttlm train --mode e2e --no-ttt --config configs/tiny_books.json --set steps=2000
   tttlm train --preset books-32k --init-from runs/125m-e2e --data data/books --out runs/125m-32k
   tttlm train --out runs/125m-e2e --resume          # continue where it stopped
+  tttlm train --out runs/125m-e2e --resume=auto ... # resume if there is a checkpoint, else start
+  tttlm train --out runs/125m-e2e --overwrite ...   # delete the run in runs/125m-e2e, start anew
   torchrun --nproc-per-node 8 -m tttlm.cli train --preset 125m-8k --data ... --out ...
 """
 
@@ -49,7 +50,13 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                   help="continue from the newest checkpoint of --out (or from CHECKPOINT)")
+                   help="continue from the newest checkpoint of --out (an error when there is "
+                        "none), or from CHECKPOINT (a checkpoint or run folder); --resume=auto "
+                        "resumes when there is a checkpoint and starts a new run when there is "
+                        "none (for job schedulers that requeue)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run that --out holds (config, metrics, checkpoints, final "
+                        "model) and start a new one; without it such a folder is refused")
     p.add_argument("--stop-at", type=int, metavar="STEP",
                    help="stop (with a checkpoint) after this step; the schedule still spans "
                         "--steps")
@@ -79,21 +86,29 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {n: getattr(args, n) for n in names if getattr(args, n) is not None}
 
 
+def _saved_config(args: argparse.Namespace) -> Path | None:
+    """The ``train_config.json`` a resumed run starts from: the run folder's, or that of the
+    run the given checkpoint belongs to."""
+    candidates = []
+    if args.out_dir:
+        candidates.append(Path(args.out_dir) / CONFIG_FILE)
+    if isinstance(args.resume, str) and args.resume != "auto":
+        path = Path(args.resume)
+        candidates += [path / CONFIG_FILE, path.parent.parent / CONFIG_FILE]
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def run_train(args: argparse.Namespace) -> int:
+    # Errors (bad settings, a folder owned by another run, a full disk) reach tttlm.cli.main,
+    # which prints them as one line.
     from tttlm.train.trainer import Trainer
 
     config_file = args.config
-    saved = Path(args.out_dir) / CONFIG_FILE if args.out_dir else None
-    if args.resume is not False and config_file is None and args.preset is None \
-            and saved is not None and saved.is_file():
+    if args.resume is not False and config_file is None and args.preset is None:
         # Resuming a run: start from the config it was started with.
-        config_file = saved
-    try:
-        config = resolve_config(args.preset, config_file, _flag_overrides(args), args.sets)
-        trainer = Trainer(config, resume=args.resume)
-    except (ValueError, FileNotFoundError) as err:  # bad settings or data: one line, no trace
-        print(f"tttlm train: {err}", file=sys.stderr)
-        return 2
+        config_file = _saved_config(args)
+    config = resolve_config(args.preset, config_file, _flag_overrides(args), args.sets)
+    trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite)
     summary = trainer.train(until=args.stop_at)
     if trainer.dist.is_main:
         print(json.dumps(summary))
@@ -103,10 +118,6 @@ def run_train(args: argparse.Namespace) -> int:
 def run_quickstart(args: argparse.Namespace) -> int:
     from tttlm.train.quickstart import run_quickstart as run
 
-    try:
-        run(out_dir=args.out, device=args.device, size=args.size, steps=args.steps,
-            threads=args.threads, data=args.data, progress=args.progress)
-    except ValueError as err:
-        print(f"tttlm quickstart: {err}", file=sys.stderr)
-        return 2
+    run(out_dir=args.out, device=args.device, size=args.size, steps=args.steps,
+        threads=args.threads, data=args.data, progress=args.progress)
     return 0

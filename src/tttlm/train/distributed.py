@@ -66,6 +66,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself for one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over processes (the value itself for a single process)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -136,7 +136,8 @@ def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: st
             save_every=0, keep_checkpoints=1, progress=progress, tensorboard=False,
             num_threads=threads)
         t0 = time.perf_counter()
-        trainer = Trainer(config)
+        # A rerun of the quickstart repeats the experiment: its own runs are replaced.
+        trainer = Trainer(config, overwrite=True)
         summary = trainer.train()
         train_time = time.perf_counter() - t0
         curve, used = loss_by_position(trainer.module, val, num_sequences=cfg.eval_sequences,

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tttlm.data import TokenDataset
+from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.model import TTTForCausalLM
 
 REPORT_JSON = "report.json"
@@ -92,8 +93,10 @@ def plot_loss_by_position(curves: dict[str, Sequence[float]], path: str | os.Pat
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -101,7 +104,7 @@ def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any]) -> dic
     """Write ``report.json`` and ``report.md`` from the quickstart's results."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_JSON).write_text(json.dumps(report, indent=1) + "\n")
+    atomic_write_text(out / REPORT_JSON, json.dumps(report, indent=1) + "\n")
     s = report["settings"]
     lines = [
         "# tttlm quickstart: TTT-E2E vs sliding-window vs full attention",
@@ -141,5 +144,5 @@ def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any]) -> dic
         f"Reproduce: `{report['command']}`",
         "",
     ]
-    (out / REPORT_MD).write_text("\n".join(lines))
+    atomic_write_text(out / REPORT_MD, "\n".join(lines))
     return {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": out / PLOT_PNG}

@@ -4,6 +4,19 @@ One optimizer step = ``batch_size`` sequences over all processes, split per proc
 micro-batches whose mean losses are averaged (gradient accumulation), then a global-norm
 clip, AdamW, and the warmup-cosine schedule. For ``e2e`` the loss is the meta loss of
 TTT-E2E (METHOD.md §3) with η = ``model_config.inner_lr_at(step)``.
+
+A run folder has one owner: the trainer (rank 0 under ``torchrun``) holds its lock
+(:class:`tttlm.files.FolderLock`) from construction to the end of :meth:`Trainer.train`. A new
+run refuses a folder that holds another run unless told to delete it (``overwrite``); a resumed
+run refuses a folder with nothing to resume unless ``resume="auto"``.
+
+A step whose loss or gradient norm is NaN or infinite (on any process) is skipped: no optimizer
+update, but the step counter, the LR schedule and the data position advance, as PyTorch's
+``GradScaler`` does for overflowing fp16 steps, so that the run keeps its length and a bad batch
+is not retried forever. It is logged (``"skipped": true`` in ``metrics.jsonl``); after
+``max_nonfinite_steps`` such steps in a row the run stops with an error naming the last good
+checkpoint. No checkpoint is saved right after a skipped step, and none ever whose weights are
+not finite, so rotation never deletes the last finite checkpoint.
 """
 
 from __future__ import annotations
@@ -12,11 +25,14 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import sys
 import threading
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +44,21 @@ from tqdm.auto import tqdm
 
 from tttlm.config import TTTConfig
 from tttlm.data import Batch, TokenDataset, TokenLoader, check_vocab, load_tokenizer, read_meta
+from tttlm.errors import UserError, describe_os_error
+from tttlm.files import FolderLock, atomic_write_text
 from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM
+from tttlm.progress import progress_bar
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import distributed as D
 from tttlm.train.config import Parallel, TrainConfig
 from tttlm.ttt.inner import GradMode
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = ckpt.METRICS_FILE
+# Fields of the model config that fix the shapes of the weights: a checkpoint loads only into a
+# model that agrees on all of them.
+SHAPE_FIELDS = ("variant", "vocab_size", "hidden_size", "num_layers", "num_heads",
+                "intermediate_size", "num_ttt_layers", "prime_intermediate_size")
+_TENSORBOARD_NOTE_SHOWN = False
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -149,11 +173,41 @@ def apply_compile(model: TTTForCausalLM) -> None:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` (this process's GPU under ``torchrun``) or ``cuda:N``; a
+    :class:`UserError` for other names and for CUDA where there is none."""
+    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", name)
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise UserError(f"device={name!r} is not known; use auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.backends.cuda.is_built():
+        raise UserError(f"device={name} but this torch build ({torch.__version__}) has no CUDA; "
+                        "use device=cpu or auto, or install a CUDA build of torch")
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        note = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        raise UserError(f"device={name} but no GPU is visible{note}; use device=cpu or auto")
+    index = int(match.group(2)) if match.group(2) is not None else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UserError(f"device={name} needs GPU {index} but {count} GPU(s) are visible; use "
+                        f"device=cuda:0 ... cuda:{count - 1}, or fewer processes")
+    return torch.device("cuda", index)
+
+
+@dataclass
+class _FolderPlan:
+    """What the trainer will change in its run folder once everything else checked out."""
+
+    remove_run: str | None = None  # why the previous run's files are deleted
+    corrupt: list[Path] = field(default_factory=list)  # damaged checkpoints, moved aside
+    discard: list[Path] = field(default_factory=list)  # checkpoints after the resumed one
+
+
+def _stderr(message: str) -> None:
+    tqdm.write(f"tttlm train: {message}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -162,11 +216,18 @@ class Trainer:
 
     Args:
         config: the resolved training config.
-        resume: ``True`` resumes from the newest checkpoint of ``config.out_dir`` (a no-op when
-            there is none), a path resumes from that checkpoint folder, ``False`` starts fresh.
+        resume: ``False`` starts a new run; ``True`` resumes from the newest good checkpoint of
+            ``config.out_dir`` (a :class:`UserError` when there is none); ``"auto"`` resumes
+            when there is a checkpoint and starts a new run when there is none (for job
+            schedulers that requeue); a path resumes from that checkpoint folder, or from the
+            newest good checkpoint of that run folder.
+        overwrite: a new run deletes the run ``config.out_dir`` holds (its config, metrics,
+            checkpoints, final model, TensorBoard events; nothing else) once everything else
+            checked out; without it, such a folder is refused.
     """
 
-    def __init__(self, config: TrainConfig, resume: bool | str | os.PathLike[str] = False) -> None:
+    def __init__(self, config: TrainConfig, resume: bool | str | os.PathLike[str] = False,
+                 overwrite: bool = False) -> None:
         self.config = config
         self.out_dir = Path(config.out_dir)
         if config.num_threads:
@@ -176,28 +237,38 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.dist = D.init_distributed(self.device)
         if config.batch_size % self.dist.world_size:
-            raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                             f"{self.dist.world_size} processes")
+            raise UserError(f"batch_size={config.batch_size} is not divisible by the "
+                            f"{self.dist.world_size} processes; change batch_size or the number "
+                            "of processes")
         self.local_batch = config.batch_size // self.dist.world_size
         if config.micro_batch_size and self.local_batch % config.micro_batch_size:
-            raise ValueError(f"micro_batch_size={config.micro_batch_size} does not divide the "
-                             f"per-process batch {self.local_batch}")
+            raise UserError(f"micro_batch_size={config.micro_batch_size} does not divide the "
+                            f"per-process batch {self.local_batch}; change micro_batch_size")
         self.autocast = self._autocast_dtype()
-
-        self.resume_from = self._find_resume(resume)
-        self.train_data, self.val_data = self._datasets()
-        self.loader = TokenLoader(self.train_data, self.local_batch, seed=config.seed,
-                                  rank=self.dist.rank, world_size=self.dist.world_size)
-        self.model_config = self._model_config()
-        self.model = self._build_model()
-        self.optimizer = build_optimizer(self.model, config, self.device)
-        self.scheduler = build_scheduler(self.optimizer, config)
         self.step = 0
         self._stop = False
         self._metrics: Any = None
         self._tb: Any = None
-        if self.resume_from is not None:
-            self._load_checkpoint(self.resume_from)
+        self._lock: FolderLock | None = None
+        self._plan = _FolderPlan()
+        # (step, folder) of the newest checkpoint known to be good: named by errors.
+        self._last_checkpoint: tuple[int, Path] | None = None
+
+        try:
+            self.resume_from = self._claim_folder(resume, overwrite)
+            self.train_data, self.val_data = self._datasets()
+            self.loader = TokenLoader(self.train_data, self.local_batch, seed=config.seed,
+                                      rank=self.dist.rank, world_size=self.dist.world_size)
+            self.model_config = self._model_config()
+            self.model = self._build_model()
+            self.optimizer = build_optimizer(self.model, config, self.device)
+            self.scheduler = build_scheduler(self.optimizer, config)
+            if self.resume_from is not None:
+                self._load_checkpoint(self.resume_from)
+            self._apply_plan()
+        except BaseException:
+            self.close()
+            raise
 
     # ---------------------------------------------------------------------- set-up
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -206,19 +277,142 @@ class Trainer:
             return torch.bfloat16 if self.device.type == "cuda" else None
         return torch.bfloat16 if mode == "bf16" else None
 
-    def _find_resume(self, resume: bool | str | os.PathLike[str]) -> Path | None:
-        if resume is False or resume is None:
+    # ------------------------------------------------------------- the run folder
+    def _claim_folder(self, resume: bool | str | os.PathLike[str],
+                      overwrite: bool) -> Path | None:
+        """Lock the run folder (rank 0) and decide where to resume from; every rank gets the
+        same answer or the same error."""
+        error: BaseException | None = None
+        chosen: Path | None = None
+        if self.dist.is_main:
+            try:
+                self._lock = FolderLock(self.out_dir, "train").acquire()
+                ckpt.recover_run_folder(self.out_dir)
+                chosen = self._decide(resume, overwrite)
+            except Exception as err:
+                error = err
+        if self.dist.enabled:
+            text = None if error is None else (describe_os_error(error) if isinstance(
+                error, OSError) else None) or str(error)
+            chosen_text, text = D.broadcast_object([str(chosen) if chosen else None, text])
+            if text is not None and error is None:
+                raise UserError(text)
+            chosen = Path(chosen_text) if chosen_text else None
+        if error is not None:
+            raise error
+        return chosen
+
+    def _decide(self, resume: bool | str | os.PathLike[str], overwrite: bool) -> Path | None:
+        """Rank 0, lock held: the checkpoint to resume from (``None``: a new run), and what to
+        change in the folder (:class:`_FolderPlan`, applied once the set-up succeeded)."""
+        out = self.out_dir
+        held = ckpt.describe_run(out)
+        if resume is None or resume is False:
+            if held is not None:
+                if not overwrite:
+                    raise UserError(f"{out} holds a run ({held}); use --resume, or a new --out, "
+                                    "or --overwrite to delete it")
+                self._plan.remove_run = f"deleting the run in {out} ({held}): --overwrite"
             return None
-        if resume is True:
-            return ckpt.latest_checkpoint(self.out_dir)
+        if resume is True or resume == "auto":
+            if overwrite:
+                raise UserError("--overwrite deletes the run that --resume would continue; "
+                                "use one of them")
+            found = self._newest_good(out, resume_flag="--resume")
+            if found is not None:
+                return found
+            if resume is True:
+                what = f" (it holds {held})" if held else ""
+                raise UserError(f"--resume: {out} has no checkpoint to resume from{what}; "
+                                "check --out, or use --resume=auto to start a new run when there "
+                                "is none")
+            if (out / ckpt.FINAL).is_dir():
+                raise UserError(f"{out} holds a finished run but no checkpoint; use a new --out, "
+                                "or --overwrite to delete it")
+            if held is not None:
+                self._plan.remove_run = (f"no checkpoint in {out}: starting a new run "
+                                         f"(--resume=auto), replacing its files ({held})")
+            return None
         path = Path(resume)
-        if (path / ckpt.STATE_FILE).is_file():
-            return path
-        latest = ckpt.latest_checkpoint(path)
-        if latest is None:
-            raise FileNotFoundError(f"--resume {path}: neither a checkpoint folder nor a run "
-                                    "folder with checkpoints")
-        return latest
+        if (path / ckpt.STATE_FILE).is_file() or (
+                path.is_dir() and ckpt.checkpoint_step(path) is not None):
+            reason = ckpt.check_checkpoint(path)
+            if reason is not None:
+                raise UserError(f"--resume {path}: {reason}; resume from another checkpoint")
+            chosen: Path | None = path
+        elif path.is_dir() and ckpt.list_checkpoints(path):
+            chosen = self._newest_good(path, resume_flag=f"--resume {path}")
+        else:
+            raise UserError(f"--resume {path}: neither a checkpoint folder nor a run folder "
+                            "with checkpoints; check the path")
+        assert chosen is not None
+        inside = chosen.parent.resolve() == (out / ckpt.CHECKPOINTS).resolve()
+        if inside:
+            if overwrite:
+                raise UserError("--overwrite deletes the run that --resume would continue; "
+                                "use one of them")
+            step = ckpt.checkpoint_step(chosen)
+            self._plan.discard = [p for s, p in ckpt.list_checkpoints(out)
+                                  if step is not None and s > step
+                                  and p not in self._plan.corrupt]
+        elif held is not None:
+            # Continuing another run's checkpoint into this folder: as for a new run.
+            if not overwrite:
+                raise UserError(f"{out} holds a run ({held}); use a new --out, or --overwrite "
+                                "to delete it")
+            self._plan.remove_run = f"deleting the run in {out} ({held}): --overwrite"
+        return chosen
+
+    def _newest_good(self, run_dir: Path, resume_flag: str) -> Path | None:
+        """The newest checkpoint of ``run_dir`` that :func:`ckpt.check_checkpoint` passes;
+        damaged ones are reported and (in this run's folder) moved aside."""
+        found = ckpt.list_checkpoints(run_dir)
+        reasons = []
+        ours = run_dir.resolve() == self.out_dir.resolve()
+        for _, path in reversed(found):
+            reason = ckpt.check_checkpoint(path)
+            if reason is None:
+                return path
+            reasons.append(f"{path.name}: {reason}")
+            _stderr(f"skipping checkpoint {path}: {reason}; trying the one before")
+            if ours:
+                self._plan.corrupt.append(path)
+        if found:
+            raise UserError(f"{resume_flag}: no checkpoint of {run_dir} can be loaded "
+                            f"({'; '.join(reasons)}); restore one, or start a new run")
+        return None
+
+    def _apply_plan(self) -> None:
+        """Make the changes :meth:`_decide` planned (rank 0), now that the set-up succeeded."""
+        plan = self._plan
+        if self.dist.is_main:
+            if plan.remove_run:
+                _stderr(plan.remove_run)
+                ckpt.remove_run(self.out_dir)
+            for path in plan.corrupt:
+                aside = path.with_name(f".corrupt-{path.name}")
+                if aside.exists():
+                    shutil.rmtree(aside)
+                os.replace(path, aside)
+                _stderr(f"moved the damaged checkpoint aside to {aside}")
+            if plan.discard:
+                steps = ", ".join(str(ckpt.checkpoint_step(p)) for p in plan.discard)
+                _stderr(f"resuming from {self.resume_from}: deleting the later checkpoints "
+                        f"(steps {steps}) of the run it continues")
+                for path in plan.discard:
+                    shutil.rmtree(path)
+        self._plan = _FolderPlan()
+        D.barrier()
+
+    def _acquire_lock(self) -> None:
+        if self.dist.is_main and (self._lock is None or not self._lock.held):
+            self._lock = FolderLock(self.out_dir, "train").acquire()
+
+    def close(self) -> None:
+        """Close the logs and give up the run folder (also done at the end of :meth:`train`)."""
+        self._close_logs()
+        if self._lock is not None:
+            self._lock.release()
 
     def _datasets(self) -> tuple[TokenDataset, TokenDataset | None]:
         c = self.config
@@ -235,25 +429,61 @@ class Trainer:
         if self.resume_from is not None:
             # The checkpoint knows its architecture; the preset or init_from may have moved.
             base = TTTConfig.from_dict(json.loads((self.resume_from / CONFIG_NAME).read_text()))
+            self._check_resumable(base)
             return c.model_config(base)
         if c.init_from is not None:
             source = ckpt.resolve_model_dir(c.init_from)
             base = TTTConfig.from_dict(json.loads((source / CONFIG_NAME).read_text()))
             mc = c.model_config(base)
         else:
-            meta = self.train_data.meta
-            data_vocab = dict(vocab_size=meta["vocab_size"], bos_token_id=meta["bos_id"],
-                              eos_token_id=meta["eos_id"])
-            # The data decides the vocabulary unless the user pinned it.
-            overrides = {k: v for k, v in data_vocab.items() if k not in c.model_overrides}
-            mc = c.model_config()
-            mc = TTTConfig.from_dict({**mc.to_dict(), **overrides})
+            mc = self._preset_model_config()
         check_vocab(self.train_data.meta, mc.vocab_size)
         if mc.bos_token_id != self.train_data.bos_id:
             raise ValueError(f"the model's bos_token_id={mc.bos_token_id} differs from the "
                              f"data's BOS {self.train_data.bos_id}; prepare the data with the "
                              "model's tokenizer")
         return mc
+
+    def _preset_model_config(self) -> TTTConfig:
+        """The model of a new run from the preset: size preset, overrides, and the data's
+        vocabulary unless the user pinned it."""
+        c = self.config
+        meta = self.train_data.meta
+        data_vocab = dict(vocab_size=meta["vocab_size"], bos_token_id=meta["bos_id"],
+                          eos_token_id=meta["eos_id"])
+        overrides = {k: v for k, v in data_vocab.items() if k not in c.model_overrides}
+        mc = c.model_config()
+        return TTTConfig.from_dict({**mc.to_dict(), **overrides})
+
+    def _check_resumable(self, saved: TTTConfig) -> None:
+        """Refuse to resume a checkpoint into a model of other shapes (another ``--model``, a
+        changed ``model.*`` override, another mode), naming the differing fields."""
+        c = self.config
+        wanted: dict[str, Any] = {}
+        if saved.variant is not c.mode:
+            wanted["variant"] = c.mode.value
+        else:
+            asked = [c.model_config(saved)]
+            if c.init_from is None:
+                # (a preset that no longer builds with these overrides: the checkpoint rules)
+                with contextlib.suppress(ValueError):
+                    asked.append(self._preset_model_config())
+            for config in asked:
+                for name in SHAPE_FIELDS:
+                    value = getattr(config, name)
+                    if value != getattr(saved, name) and name not in wanted:
+                        wanted[name] = value
+        if not wanted:
+            return
+        def show(value: Any) -> Any:
+            return getattr(value, "value", value)
+
+        diffs = ", ".join(f"{name}={show(getattr(saved, name))} (this config: {show(value)})"
+                          for name, value in wanted.items())
+        raise UserError(f"--resume {self.resume_from}: the checkpoint holds another model than "
+                        f"this config asks for: {diffs}; resume with the run's own settings "
+                        "(drop --model, --mode and --set model.*), or start a new run with "
+                        "another --out")
 
     def _build_model(self) -> nn.Module:
         c = self.config
@@ -286,43 +516,126 @@ class Trainer:
         return D.unwrap(self.model)
 
     # ---------------------------------------------------------------- checkpoints
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` or'ed over all processes (collective: every rank must call it)."""
+        if not self.dist.enabled:
+            return flag
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+        return bool(value.item())
+
+    def _kept(self) -> str:
+        if self._last_checkpoint is None:
+            return "no earlier checkpoint of this run was saved"
+        step, path = self._last_checkpoint
+        return f"the checkpoint of step {step} ({path}) is intact"
+
+    def _raise_if_failed(self, err: BaseException | None, what: str,
+                         cleanup: Any = None) -> None:
+        """After a write every rank took part in: raise on every rank when any failed (a disk
+        error in one line: what failed, what was kept, how to fix)."""
+        if not self._any_rank(err is not None):
+            return
+        if cleanup is not None and self.dist.is_main:
+            cleanup()
+        if err is None:
+            raise UserError(f"another process could not write {what}; {self._kept()}")
+        if isinstance(err, OSError):
+            described = describe_os_error(err, kept=self._kept())
+            if described is not None:
+                raise UserError(f"could not write {what}: {described}") from err
+        raise err
+
+    def _weights_finite(self) -> bool:
+        bad = False
+        with torch.no_grad():
+            for p in self.model.parameters():
+                local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2 shards
+                if not bool(torch.isfinite(local).all()):
+                    bad = True
+                    break
+        return not self._any_rank(bad)
+
+    def _require_finite_weights(self, what: str) -> None:
+        if not self._weights_finite():
+            raise UserError(f"the weights are not finite (NaN or infinity) at step {self.step}: "
+                            f"{what} not saved; {self._last_good()}; lower lr or inner_lr and "
+                            "train again")
+
+    def _last_good(self) -> str:
+        if self._last_checkpoint is None:
+            return "no checkpoint of this run was saved before"
+        step, path = self._last_checkpoint
+        return f"the last good checkpoint is {path} (step {step})"
+
     def save_checkpoint(self) -> Path:
-        """Write model, optimizer, schedule, RNG and loader position (all ranks call it)."""
+        """Write model, optimizer, schedule, RNG and loader position (all ranks call it).
+
+        Refuses (:class:`UserError`) weights that are not finite. A write that fails (disk
+        full, size limit) leaves the previous checkpoint as it was and raises one line
+        saying so.
+        """
         step = self.step
+        self._require_finite_weights(f"the checkpoint of step {step}")
         model_state = D.full_model_state(self.model)
         optim_state = D.full_optimizer_state(self.model, self.optimizer)
+        what = f"the checkpoint of step {step}"
+        def abort() -> None:
+            ckpt.abort_checkpoint(self.out_dir, step)
+
+        err: BaseException | None = None
         if self.dist.is_main:
-            ckpt.begin_checkpoint(self.out_dir, step)
-        D.barrier()  # the staging folder exists before any rank writes into it
+            try:
+                ckpt.begin_checkpoint(self.out_dir, step)
+            except Exception as e:
+                err = ckpt._os_error(e, ckpt.staging_dir(self.out_dir, step)) or e
+        # also the barrier: the staging folder exists before any rank writes into it
+        self._raise_if_failed(err, what, abort)
         tmp = ckpt.staging_dir(self.out_dir, step)
         rank_state = {"step": step, "rng": ckpt.rng_state(), "loader": self.loader.state_dict()}
+        try:
+            if self.dist.is_main:
+                ckpt.write_model_dir(tmp, model_state, self.model_config)
+                self._save_tokenizer(tmp)
+                ckpt.save_torch(optim_state, tmp / ckpt.OPTIMIZER_FILE)
+                rank_state["scheduler"] = self.scheduler.state_dict()
+                rank_state["world_size"] = self.dist.world_size
+            ckpt.write_rank_state(tmp, self.dist.rank, rank_state)
+        except Exception as e:
+            err = ckpt._os_error(e, tmp) or e
+        self._raise_if_failed(err, what, abort)
+        final = tmp.parent / ckpt.step_dir_name(step)
         if self.dist.is_main:
-            ckpt.write_model_dir(tmp, model_state, self.model_config)
-            self._save_tokenizer(tmp)
-            torch.save(optim_state, tmp / ckpt.OPTIMIZER_FILE)
-            rank_state["scheduler"] = self.scheduler.state_dict()
-            rank_state["world_size"] = self.dist.world_size
-        ckpt.write_rank_state(tmp, self.dist.rank, rank_state)
-        D.barrier()
-        final = ckpt.staging_dir(self.out_dir, step).parent / ckpt.step_dir_name(step)
-        if self.dist.is_main:
-            final = ckpt.commit_checkpoint(self.out_dir, step, self.config.keep_checkpoints)
-        D.barrier()
+            try:
+                final = ckpt.commit_checkpoint(self.out_dir, step, self.config.keep_checkpoints)
+            except Exception as e:
+                err = ckpt._os_error(e, final) or e
+        self._raise_if_failed(err, what, abort)
+        self._last_checkpoint = (step, final)
         return final
 
     def _load_checkpoint(self, path: Path) -> None:
-        main = ckpt.load_rank_state(path, 0)
-        if main.get("world_size", 1) != self.dist.world_size:
-            raise ValueError(f"{path} was written by {main.get('world_size')} processes, this "
-                             f"run has {self.dist.world_size}: resume with the same world size")
-        mine = main if self.dist.rank == 0 else ckpt.load_rank_state(path, self.dist.rank)
-        state = load_file(str(path / WEIGHTS_NAME))
+        try:
+            main = ckpt.load_rank_state(path, 0)
+            if main.get("world_size", 1) != self.dist.world_size:
+                raise UserError(f"{path} was written by {main.get('world_size')} processes, "
+                                f"this run has {self.dist.world_size}: resume with the same "
+                                "world size")
+            mine = main if self.dist.rank == 0 else ckpt.load_rank_state(path, self.dist.rank)
+            state = load_file(str(path / WEIGHTS_NAME))
+            optim_state = ckpt.load_optimizer_state(path)
+        except UserError:
+            raise
+        except (OSError, RuntimeError, ValueError) as err:
+            raise UserError(f"--resume: {path} cannot be read ({err}); resume from an earlier "
+                            "checkpoint (--resume CHECKPOINT)") from err
         D.load_full_model_state(self.model, state)
-        D.load_full_optimizer_state(self.model, self.optimizer, ckpt.load_optimizer_state(path))
+        D.load_full_optimizer_state(self.model, self.optimizer, optim_state)
         self.scheduler.load_state_dict(main["scheduler"])
         self.loader.load_state_dict(mine["loader"])
         ckpt.set_rng_state(mine["rng"])
         self.step = int(main["step"])
+        self._last_checkpoint = (self.step, path)
 
     def _save_tokenizer(self, directory: Path) -> None:
         """Keep the data's tokenizer beside the weights, so that a model folder is enough for
@@ -330,18 +643,21 @@ class Trainer:
         load_tokenizer(self.config.data).save(directory)
 
     def save_final(self) -> Path:
+        """Write ``final/`` (staged, flushed, swapped in; never weights that are not finite)."""
+        self._require_finite_weights("the final model")
         state = D.full_model_state(self.model)
         path = self.out_dir / ckpt.FINAL
+        err: BaseException | None = None
         if self.dist.is_main:
-            tmp = self.out_dir / f".tmp-{ckpt.FINAL}"
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            ckpt.write_model_dir(tmp, state, self.model_config)
-            self._save_tokenizer(tmp)
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        D.barrier()
+            def write(tmp: Path) -> None:
+                ckpt.write_model_dir(tmp, state, self.model_config)
+                self._save_tokenizer(tmp)
+
+            try:
+                ckpt.commit_final(self.out_dir, write)
+            except Exception as e:
+                err = ckpt._os_error(e, path) or e
+        self._raise_if_failed(err, f"the final model ({path}); --resume writes it again")
         return path
 
     # ------------------------------------------------------------------- logging
@@ -351,30 +667,44 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.config.save(self.out_dir)
         metrics = self.out_dir / METRICS_FILE
-        if metrics.exists() and self.resume_from is not None:
-            # Lines written after the checkpoint we resume from belong to a lost future.
-            keep = [line for line in metrics.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= self.step]
-            metrics.write_text("".join(line + "\n" for line in keep))
-        elif metrics.exists():
-            metrics.unlink()
+        if metrics.exists():
+            # Lines written after the step we start from belong to a lost future (a resumed
+            # checkpoint's later steps; a line cut short by a kill).
+            lines = metrics.read_text(errors="replace").splitlines()
+            keep = [line for line in lines if _logged_step(line) is not None
+                    and _logged_step(line) <= self.step]  # type: ignore[operator]
+            if keep != lines:
+                atomic_write_text(metrics, "".join(line + "\n" for line in keep))
         self._metrics = metrics.open("a")
-        if self.config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional
-                self._tb = None
-            else:
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        self._open_tensorboard()
+
+    def _open_tensorboard(self) -> None:
+        """``tensorboard=auto``: on when installed; ``true``: says once when it is not."""
+        global _TENSORBOARD_NOTE_SHOWN
+        if self.config.tensorboard is False:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            if self.config.tensorboard is True and not _TENSORBOARD_NOTE_SHOWN:
+                _TENSORBOARD_NOTE_SHOWN = True
+                _stderr("tensorboard not installed (pip install tttlm[tensorboard]); metrics go "
+                        "to metrics.jsonl only")
+            return
+        self._tb = SummaryWriter(str(self.out_dir / ckpt.TENSORBOARD_DIR))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.dist.is_main or self._metrics is None:
             return
-        self._metrics.write(json.dumps(record) + "\n")
+        # NaN and infinity are not JSON: written as null (the record says which were).
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in record.items()}
+        self._metrics.write(json.dumps(clean) + "\n")
         self._metrics.flush()
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) \
+                        and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, record["step"])
 
     def _close_logs(self) -> None:
@@ -387,7 +717,12 @@ class Trainer:
 
     # --------------------------------------------------------------------- train
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step; returns its metrics."""
+        """One optimizer step; returns its metrics.
+
+        A non-finite loss or gradient norm on any process skips the update on every process
+        (the record has ``"skipped": True`` and ``"nonfinite"``); the step counter, the
+        schedule and the data position advance all the same.
+        """
         c = self.config
         start = time.perf_counter()
         self.model.train()
@@ -403,10 +738,21 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()  # FSDP2 returns a sharded (DTensor) norm
-        self.optimizer.step()
-        self.scheduler.step()
-        self.step += 1
         grad_norm_value = float(grad_norm)
+        nonfinite = [name for name, value in (("loss", result.loss),
+                                              ("grad_norm", grad_norm_value))
+                     if not math.isfinite(value)]
+        # The loss is averaged over processes and DDP's gradients are all-reduced, so every
+        # rank sees the same values; the vote makes sure they all take the same decision.
+        skipped = self._any_rank(bool(nonfinite))
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        self.step += 1
         elapsed = time.perf_counter() - start
         tokens = c.batch_size * c.seq_len
         record: dict[str, Any] = {
@@ -418,6 +764,9 @@ class Trainer:
             record["inner_update_norm"] = result.inner_update_norm
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if skipped:
+            record["skipped"] = True
+            record["nonfinite"] = nonfinite or ["another process"]
         return record
 
     @torch.no_grad()
@@ -468,35 +817,56 @@ class Trainer:
         return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop else 0.0], device=self.device)
-        if self.dist.enabled:
-            # Every rank must stop at the same step or the collectives would hang.
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        # Every rank must stop at the same step or the collectives would hang.
+        return self._any_rank(self._stop)
+
+    def _diverged(self, count: int) -> UserError:
+        first = self.step - count + 1
+        return UserError(
+            f"training stopped: the loss or gradient norm was not finite at {count} steps in a "
+            f"row (steps {first}-{self.step}, logged in {self.out_dir / METRICS_FILE}); "
+            f"{self._last_good()}; check the data and lower lr or inner_lr (--init-from the "
+            "checkpoint starts a new run from its weights), or allow more skipped steps with "
+            "--set max_nonfinite_steps=N")
 
     def train(self, until: int | None = None) -> dict[str, Any]:
         """Train to ``config.steps`` (or stop after step ``until``), evaluate, checkpoint.
 
         Returns a summary: final step, last training loss, last evaluation loss, whether it
-        was interrupted and the wall time.
+        was interrupted and the wall time. Raises :class:`UserError` when
+        ``max_nonfinite_steps`` steps in a row were not finite. Gives up the run folder at
+        the end.
         """
         c = self.config
         target = c.steps if until is None else min(until, c.steps)
-        self._open_logs()
-        previous = self._install_signal_handlers()
-        bar = tqdm(total=c.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (c.progress and self.dist.is_main))
+        self._acquire_lock()
+        previous: dict[int, Any] = {}
+        bar = None
         start = time.perf_counter()
         last: dict[str, Any] = {}
         eval_loss = None
         interrupted = False
+        in_a_row = 0
         try:
+            self._open_logs()
+            previous = self._install_signal_handlers()
+            bar = progress_bar(total=c.steps, initial=self.step, unit="step",
+                               dynamic_ncols=True, disable=not (c.progress and self.dist.is_main))
             while self.step < target:
                 record = self.train_step()
                 last = record
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                tok_s=f"{record['tokens_per_s']:.0f}")
+                skipped = bool(record.get("skipped"))
+                if skipped:
+                    in_a_row += 1
+                    if self.dist.is_main:
+                        _stderr(f"step {self.step}: non-finite {' and '.join(record['nonfinite'])}"
+                                f": update skipped ({in_a_row} in a row; the run stops at "
+                                f"{c.max_nonfinite_steps})")
+                else:
+                    in_a_row = 0
+                    bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
                 at_end = self.step == target
                 if c.eval_every and self.step % c.eval_every == 0 or (
                         at_end and self.step == c.steps):
@@ -506,22 +876,34 @@ class Trainer:
                     if eval_loss is not None and self.dist.is_main:
                         bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
                 if c.log_every and self.step % c.log_every == 0 or "eval_loss" in record \
-                        or at_end:
+                        or at_end or skipped:
                     self.log(record)
+                if in_a_row >= c.max_nonfinite_steps:
+                    raise self._diverged(in_a_row)
                 if self._should_stop():
                     interrupted = True
                     break
-                if c.save_every and self.step % c.save_every == 0 and not at_end:
+                if c.save_every and self.step % c.save_every == 0 and not at_end \
+                        and not skipped:
                     self.save_checkpoint()
             if last:
                 self.save_checkpoint()
             if self.step == c.steps:
                 self.save_final()
         finally:
-            bar.close()
-            self._close_logs()
+            if bar is not None:
+                bar.close()
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            self.close()
         return {"step": self.step, "loss": last.get("loss"), "eval_loss": eval_loss,
                 "interrupted": interrupted, "wall_time_s": time.perf_counter() - start,
                 "out_dir": str(self.out_dir)}
+
+
+def _logged_step(line: str) -> int | None:
+    """The step of a ``metrics.jsonl`` line (``None`` for a line cut short)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
