@@ -89,6 +89,19 @@ def _bad_inputs(tmp: Path) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.parametrize("command", ["tttlm data prepare", "tttlm train", "tttlm generate"])
+def test_every_command_reports_bad_input_alike(command: str, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    args = {"tttlm data prepare": ["data", "prepare", str(tmp_path / "missing.txt"), "--out",
+                                   str(tmp_path / "data"), "--tokenizer", "bytes", "--quiet"],
+            "tttlm train": ["train", "--preset", "debug", "--set", "lr=abc"],
+            "tttlm generate": ["generate", "--model", str(tmp_path / "no-model"), "--prompt",
+                               "x"]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{command}: error: "), err
+
+
 @pytest.mark.parametrize("command", ["tttlm eval loss", "tttlm eval niah", "tttlm eval compare",
                                      "tttlm convert official", "tttlm bench decode"])
 def test_bad_input_is_one_line_naming_the_command(command: str, tmp_path: Path,
@@ -135,14 +148,15 @@ def test_unexpected_error_is_one_line_with_exit_1(tmp_path: Path,
 
 @pytest.mark.parametrize(("error", "expected"), [
     (OSError(errno.ENOSPC, "No space left on device", "out/report.md"),
-     "no space left on device writing out/report.md; free some space"),
+     ["no space left on device", "out/report.md", "; free some space"]),
     (IsADirectoryError(errno.EISDIR, "Is a directory", "out/report.md"),
-     "Is a directory: out/report.md; check the path"),
+     ["Is a directory: out/report.md; check the path"]),
 ])
-def test_os_errors_are_user_errors(error: OSError, expected: str, tmp_path: Path,
+def test_os_errors_are_user_errors(error: OSError, expected: list[str], tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     _failing_compare(monkeypatch, error)
     assert main(["eval", "compare", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"tttlm eval compare: error: {expected}") and err.count("\n") == 1
+    assert err.startswith("tttlm eval compare: error: ") and err.count("\n") == 1
+    assert all(part in err for part in expected), err
