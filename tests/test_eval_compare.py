@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +118,19 @@ def test_compare_names_old_final_labels_after_their_run(results: dict[str, Path]
     merged = json.loads((tmp_path / "o" / "loss.json").read_text())
     assert [m["label"] for m in merged["models"]] == ["e2e-125m", "125m"]
     assert merged["results"]["125m"]["16"]["diff_vs_first"] is not None
+
+
+def test_reports_are_written_whole_with_the_umask(results: dict[str, Path],
+                                                  tmp_path: Path) -> None:
+    # Reports go through a temporary file renamed into place (never half-written), created
+    # with the usual 0666 & ~umask (a temporary file from mkstemp would be 0600).
+    old = os.umask(0o027)
+    try:
+        compare([results["ttt"], results["niah"]], tmp_path / "o")
+    finally:
+        os.umask(old)
+    written = sorted((tmp_path / "o").iterdir())
+    assert {p.name for p in written} >= {"report.md", "loss.json", "niah.json",
+                                         "loss_vs_length.png"}
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in written), written
+    assert not [p for p in written if p.name.startswith(".")]

@@ -298,3 +298,13 @@ def test_models_are_named_after_their_run(tmp_path: Path,
     assert labels == ["125m-e2e", "125m-e2e step 200", "125m-full", "125m-full #2"]
     assert "125m-e2e step 200" in capsys.readouterr().out
     assert load_model(other, label="mine").label == "mine"
+
+
+def test_progress_in_a_log_is_plain_lines(models: dict[str, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # stderr captured here is not a terminal (like a log file or CI): no '\r' frames of a bar.
+    em = load_model(models["full"])
+    evaluate_loss([em], random_corpus([40, 40]), [16], progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("eval loss") and "\r" not in err
+    assert all(line.startswith("eval loss") for line in err.splitlines()), err
