@@ -55,3 +55,42 @@ def test_refuses_a_tokenizer_that_does_not_fit(tmp_path: Path,
     folder = TTTForCausalLM(config).save_pretrained(tmp_path / "m")
     assert main(["generate", "--model", str(folder), "--prompt", "x"]) == 2
     assert "pass --tokenizer" in capsys.readouterr().err
+
+
+def test_the_model_folders_tokenizer_wins(tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from tttlm.data.tokenizer import train_bpe
+
+    tok = train_bpe(["the model folder keeps its own tokenizer beside the weights"] * 20, 280)
+    config = TTTConfig.from_preset("tiny", vocab_size=tok.vocab_size, window=16, chunk_size=8,
+                                   hidden_size=32, bos_token_id=tok.bos_id,
+                                   eos_token_id=tok.eos_id)
+    folder = TTTForCausalLM(config).save_pretrained(tmp_path / "m")
+    tok.save(folder)
+    args = ["generate", "--model", str(folder), "--prompt", "the model", "--max-new-tokens",
+            "3", "--seed", "0"]
+    # Bytes "fit" this vocabulary (258 <= 280), so this used to print garbage with exit 0.
+    assert main([*args, "--tokenizer", "bytes"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tttlm generate: error: --tokenizer bytes (bytes, 258 ids) differs "
+                          "from the tokenizer the model folder")
+    assert "drop --tokenizer" in err and err.count("\n") == 1
+    assert main(args) == 0  # the folder's own
+    assert main([*args, "--tokenizer", str(folder / "tokenizer.json")]) == 0  # the same one
+    # A folder without a tokenizer takes an explicit one that fits.
+    (folder / "tokenizer.json").unlink()
+    assert main([*args, "--tokenizer", "bytes"]) == 0
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--temperature", "nan"], "temperature=nan"),
+    (["--temperature", "-0.5"], "temperature=-0.5"),
+    (["--top-p", "1.5"], "top_p=1.5"),
+    (["--top-k", "-2"], "top_k=-2"),
+])
+def test_bad_sampling_flags_are_one_line(model_dir: Path, flags: list[str], match: str,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--model", str(model_dir), "--prompt", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tttlm generate: error: ") and match in err
+    assert err.count("\n") == 1
