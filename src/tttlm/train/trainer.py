@@ -282,6 +282,11 @@ class Trainer:
                       overwrite: bool) -> Path | None:
         """Lock the run folder (rank 0) and decide where to resume from; every rank gets the
         same answer or the same error."""
+        if resume is True and not self.out_dir.is_dir():
+            # Most likely a typo in --out: say so without creating the folder.
+            raise UserError(f"--resume: {self.out_dir} has no checkpoint to resume from (the "
+                            "folder does not exist); check --out, or use --resume=auto to start "
+                            "a new run when there is none")
         error: BaseException | None = None
         chosen: Path | None = None
         if self.dist.is_main:
