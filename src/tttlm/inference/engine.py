@@ -33,16 +33,16 @@ its own gradient; callers may wrap the engine in ``no_grad``/``inference_mode`` 
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from tttlm.config import Variant
+from tttlm.config import MAX_INNER_LR, Variant, check_number
 from tttlm.errors import UserError
 from tttlm.inference.sampling import check_sampling, sample
 from tttlm.inference.state import State, rope_slots, weights_digest
@@ -55,17 +55,17 @@ from tttlm.ttt.inner import GradMode, inner_step
 
 Prompts = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
 
-# The largest inner learning rate an engine accepts: far above useful values (the official
-# η is 1 with clipped gradients of norm <= 1), far below values that overflow the weights.
-MAX_INNER_LR = 1e3
-
-
 def _check_inner_lr(lr: object, name: str) -> float:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (
-            math.isfinite(lr) and 0 <= lr <= MAX_INNER_LR):
-        raise UserError(f"{name}={lr!r} must be a finite number in [0, {MAX_INNER_LR:g}] (0 "
-                        "learns nothing; the official value is 1.0); pass a sane inner_lr")
-    return float(lr)
+    """η as the config validates it: finite, >= 0, at most :data:`MAX_INNER_LR`."""
+    if isinstance(lr, Real) and not isinstance(lr, bool):
+        lr = float(lr)  # NumPy scalars
+    try:
+        check_number(name, lr, minimum=0, maximum=MAX_INNER_LR,
+                     hint=f"pass an inner_lr in [0, {MAX_INNER_LR:g}] (0 learns nothing; the "
+                          "official value is 1.0)")
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    return float(lr)  # type: ignore[arg-type]
 
 
 def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 
 import torch
 
@@ -12,14 +13,14 @@ from tttlm.errors import UserError
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Refuse settings that would sample garbage or fail deep in torch: a temperature that is
     negative or not finite, a negative ``top_k``, a ``top_p`` outside (0, 1]."""
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+    if (isinstance(temperature, bool) or not isinstance(temperature, Real)
             or not math.isfinite(temperature) or temperature < 0):
         raise UserError(f"temperature={temperature!r} must be a finite number >= 0 (0 is "
                         "greedy, 1 samples from the model's distribution)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, Integral)
                               or top_k < 0):
         raise UserError(f"top_k={top_k!r} must be an integer >= 0 (0 or None disables it)")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, Real)
                               or not 0 < top_p <= 1):
         raise UserError(f"top_p={top_p!r} must be in (0, 1] (1 or None disables it)")
 
