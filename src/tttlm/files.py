@@ -99,13 +99,29 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         f.write(text)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where ``/proc`` allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    current = os.umask(0o022)  # elsewhere os.umask can only be read by setting it
+    os.umask(current)
+    return current
+
+
 def atomic_save(path: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """Like :func:`atomic_write` for writers that take a path (``safetensors.save_file``):
-    ``write(tmp)`` fills a temporary file, which is then flushed and renamed over ``path``."""
+    ``write(tmp)`` fills a temporary file, which then gets the usual ``0666 & ~umask`` mode
+    (such writers may go through their own ``0600`` temporary file), is flushed and renamed
+    over ``path``."""
     path = Path(path)
     tmp = _temp_name(path)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~umask())
         fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from tttlm._lazy import lazy_exports
+from tttlm.lazy import lazy_exports
 
 if TYPE_CHECKING:
     import torch

@@ -469,28 +469,8 @@ def weights_metadata(config: TTTConfig) -> dict[str, str]:
 
 def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
                      metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` made durable (:func:`tttlm.files.atomic_save`) and
-    given the usual ``0666 & ~umask`` mode (safetensors writes through its own ``0600``
-    temporary file)."""
-    mode = 0o666 & ~_umask()
-
-    def write(tmp: Path) -> None:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, mode)
-
-    atomic_save(path, write)
-
-
-def _umask() -> int:
-    try:  # read without changing it (os.umask can only be read by setting it)
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    current = os.umask(0o022)
-    os.umask(current)
-    return current
+    """``safetensors.torch.save_file`` made durable (:func:`tttlm.files.atomic_save`)."""
+    atomic_save(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def _read_config(config_file: Path) -> TTTConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tttlm._lazy import lazy_exports
+from tttlm.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from tttlm.train.config import PRESETS, TrainConfig, resolve_config
