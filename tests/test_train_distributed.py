@@ -3,6 +3,7 @@ on the combined batch (float64, tiny model)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -47,6 +48,31 @@ def train_config(data: Path, out: Path, parallel: str = "auto") -> TrainConfig:
                        model_overrides={"window": 16, "chunk_size": 8})
 
 
+def _nonfinite_on_one_rank(rank: int, tmp: Path, data: Path) -> None:
+    """Step 1's loss is NaN on rank 1 only (as if the ranks disagreed): every rank must skip
+    it, or the replicas drift apart."""
+    from tttlm.train import trainer as trainer_module
+
+    real = trainer_module.forward_backward
+    trainer: Trainer | None = None
+
+    def faulty(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = real(*args, **kwargs)
+        if rank == 1 and trainer is not None and trainer.step == 0:
+            result.loss = float("nan")
+        return result
+
+    trainer_module.forward_backward = faulty
+    try:
+        config = dataclasses.replace(train_config(data, tmp / "run_nan"), mode="full", steps=2,
+                                     eval_every=0)
+        trainer = Trainer(config)
+        trainer.train()
+    finally:
+        trainer_module.forward_backward = real
+    torch.save(D.full_model_state(trainer.model), tmp / f"nan_params_{rank}.pt")
+
+
 def _worker(rank: int, port: int, tmp: str, data: str, parallel: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank))
@@ -68,6 +94,8 @@ def _worker(rank: int, port: int, tmp: str, data: str, parallel: str) -> None:
         if rank == 0:
             torch.save(state, Path(tmp) / f"params_{parallel}.pt")
             (Path(tmp) / f"summary_{parallel}.json").write_text(json.dumps(summary))
+        if parallel == "ddp":
+            _nonfinite_on_one_rank(rank, Path(tmp), Path(data))
         dist.destroy_process_group()
     except BaseException:
         (Path(tmp) / f"error_{rank}.txt").write_text(traceback.format_exc())
@@ -131,6 +159,12 @@ def test_ddp_matches_one_process_on_the_combined_batch(tmp_path: Path, data_dir:
     # Each rank wrote its own RNG/loader state into the one checkpoint.
     ckpt_dir = tmp_path / "run_ddp" / "checkpoints" / "step_00000002"
     assert (ckpt_dir / "train_state.pt").is_file() and (ckpt_dir / "rank_00001.pt").is_file()
+    # A non-finite step on one rank is skipped by all: the replicas stay equal.
+    first = json.loads((tmp_path / "run_nan" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["skipped"] is True and first["nonfinite"] == ["another process"]
+    nan_params = [torch.load(tmp_path / f"nan_params_{rank}.pt") for rank in range(WORLD)]
+    for name, value in nan_params[0].items():
+        assert torch.equal(value, nan_params[1][name]), name
 
 
 @pytest.mark.skipif(not D.fsdp_available(), reason="FSDP2 needs torch >= 2.6")

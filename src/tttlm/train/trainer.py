@@ -641,6 +641,8 @@ class Trainer:
         ckpt.set_rng_state(mine["rng"])
         self.step = int(main["step"])
         self._last_checkpoint = (self.step, path)
+        if self.dist.is_main:
+            _stderr(f"resuming from step {self.step} ({path})")
 
     def _save_tokenizer(self, directory: Path) -> None:
         """Keep the data's tokenizer beside the weights, so that a model folder is enough for
@@ -870,8 +872,9 @@ class Trainer:
                                 f"{c.max_nonfinite_steps})")
                 else:
                     in_a_row = 0
+                    # refresh=False: the bar redraws at its own pace (a line per step in logs)
                     bar.set_postfix(loss=f"{record['loss']:.3f}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                                    tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
                 at_end = self.step == target
                 if c.eval_every and self.step % c.eval_every == 0 or (
                         at_end and self.step == c.steps):
