@@ -46,6 +46,15 @@ def test_quickstart_tiny_end_to_end(tmp_path: Path,
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "loss_by_position.png").stat().st_size > 1000
 
+    # A rerun repeats the experiment in the same folder: its own runs are replaced (training
+    # refuses a folder holding a run unless told to; the quickstart tells it to).
+    assert main(["quickstart", "--out", str(out), "--size", "tiny", "--data", str(data),
+                 "--threads", "1", "--no-progress", "--steps", "1"]) == 0
+    for mode in ("e2e", "swa", "full"):
+        lines = (out / "runs" / mode / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == [1]
+    assert json.loads((out / "report.json").read_text())["settings"]["steps"] == 1
+
 
 def test_bucket_means() -> None:
     assert bucket_means([1, 2, 3, 4, 5], 2) == [1.5, 3.5, 5.0]

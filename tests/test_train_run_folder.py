@@ -169,7 +169,8 @@ def test_two_trainers_cannot_share_a_run_folder(data_dir: Path, tmp_path: Path) 
     first one's log, checkpoints and final model. Now the folder is locked for the run."""
     first = Trainer(tiny_config(data_dir, tmp_path, mode="full", steps=2))
     for resume in (False, True, "auto"):
-        with pytest.raises(UserError, match=r"is in use by `tttlm train` \(pid \d+ on "):
+        with pytest.raises(UserError, match="belongs to another Trainer of this process; call "
+                                            "its close()"):
             Trainer(tiny_config(data_dir, tmp_path, mode="full", steps=2), resume=resume)
     first.train()  # gives the folder up when done
     second = Trainer(tiny_config(data_dir, tmp_path, mode="full", steps=2), resume=True)

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from tttlm.config import TTTConfig
 from tttlm.data import Batch, TokenDataset, TokenLoader, check_vocab, load_tokenizer, read_meta
 from tttlm.errors import UserError, describe_os_error
-from tttlm.files import FolderLock, atomic_write_text
+from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text
 from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM
 from tttlm.progress import progress_bar
 from tttlm.train import checkpoint as ckpt
@@ -206,6 +207,23 @@ class _FolderPlan:
     discard: list[Path] = field(default_factory=list)  # checkpoints after the resumed one
 
 
+def _lock_run_folder(out_dir: Path) -> FolderLock:
+    """Own the run folder; a refusal names the owner, and says what to do when the owner is
+    another :class:`Trainer` of this very process (a notebook cell run twice)."""
+    try:
+        return FolderLock(out_dir, "train").acquire()
+    except UserError as err:
+        try:
+            owner = json.loads((out_dir / LOCK_NAME).read_text() or "{}")
+        except (OSError, ValueError):
+            owner = {}
+        if owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            raise UserError(f"{out_dir} belongs to another Trainer of this process; call its "
+                            "close() (train() does it when it ends), or use another "
+                            "out_dir") from err
+        raise
+
+
 def _stderr(message: str) -> None:
     tqdm.write(f"tttlm train: {message}", file=sys.stderr)
 
@@ -291,7 +309,7 @@ class Trainer:
         chosen: Path | None = None
         if self.dist.is_main:
             try:
-                self._lock = FolderLock(self.out_dir, "train").acquire()
+                self._lock = _lock_run_folder(self.out_dir)
                 ckpt.recover_run_folder(self.out_dir)
                 chosen = self._decide(resume, overwrite)
             except Exception as err:
@@ -411,7 +429,7 @@ class Trainer:
 
     def _acquire_lock(self) -> None:
         if self.dist.is_main and (self._lock is None or not self._lock.held):
-            self._lock = FolderLock(self.out_dir, "train").acquire()
+            self._lock = _lock_run_folder(self.out_dir)
 
     def close(self) -> None:
         """Close the logs and give up the run folder (also done at the end of :meth:`train`)."""
