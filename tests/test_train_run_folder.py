@@ -88,6 +88,21 @@ def test_new_run_refuses_a_folder_holding_a_run(data_dir: Path, finished_run: Pa
     assert snapshot(run) == before
 
 
+def test_new_run_refuses_a_run_without_checkpoint(data_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A run that stopped before its first checkpoint still has metrics worth keeping."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    assert main(cli_args(data_dir, run)) == 2
+    assert error_line(capsys) == (f"tttlm train: error: {run} holds a run (no checkpoint, logged "
+                                  "up to step 1); use a new --out, or --overwrite (or "
+                                  "--resume=auto) to replace it")
+    (tmp_path / "file").write_text("")
+    assert main(cli_args(data_dir, tmp_path / "file")) == 2
+    assert "is a file, not a folder" in error_line(capsys)
+
+
 def test_overwrite_deletes_the_old_run_only(data_dir: Path, finished_run: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     run = copy_run(finished_run, tmp_path)

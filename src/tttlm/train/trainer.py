@@ -300,6 +300,9 @@ class Trainer:
                       overwrite: bool) -> Path | None:
         """Lock the run folder (rank 0) and decide where to resume from; every rank gets the
         same answer or the same error."""
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise UserError(f"--out {self.out_dir} is a file, not a folder; choose a folder for "
+                            "the run")
         if resume is True and not self.out_dir.is_dir():
             # Most likely a typo in --out: say so without creating the folder.
             raise UserError(f"--resume: {self.out_dir} has no checkpoint to resume from (the "
@@ -332,6 +335,9 @@ class Trainer:
         held = ckpt.describe_run(out)
         if resume is None or resume is False:
             if held is not None:
+                if not overwrite and not ckpt.list_checkpoints(out):
+                    raise UserError(f"{out} holds a run ({held}); use a new --out, or "
+                                    "--overwrite (or --resume=auto) to replace it")
                 if not overwrite:
                     raise UserError(f"{out} holds a run ({held}); use --resume, or a new --out, "
                                     "or --overwrite to delete it")
