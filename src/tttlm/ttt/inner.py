@@ -3,27 +3,35 @@
 ``W ← W − η · clip(∂ℓ/∂W)`` where ℓ is each sequence's own chunk loss and the clip rescales the
 gradient of each sequence to a global L2 norm (over all TTT layers' matrices together) of at most
 ``clip``. How the outer gradient treats the step is a :class:`GradMode`.
+
+The pieces (:func:`inner_gradient`, :func:`descend`) are shared with the other inner optimizers
+(:mod:`tttlm.ttt.optim`), so that they all clip exactly as the official step does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
 from tttlm.ttt.modes import GradMode  # defined apart (torch-free); imported from here too
 
 
-def global_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Per-sequence L2 norm ``[B]`` over all tensors ``[B, ...]`` together (fp32, fp64 for fp64).
+def tensor_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sequence L2 norm of each tensor ``[B, ...]``: ``[N, B]`` (fp32, fp64 for fp64).
 
     One reduction per tensor, without a squared copy of gradients as large as the fast weights;
     vector_norm's derivative is defined (zero) at a zero gradient.
     """
-    per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=-1,
-                                           dtype=torch.float64 if g.dtype == torch.float64
-                                           else torch.float32) for g in grads]
-    return torch.linalg.vector_norm(torch.stack(per_tensor), dim=0)
+    return torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=-1,
+                                                 dtype=torch.float64 if g.dtype == torch.float64
+                                                 else torch.float32) for g in grads])
+
+
+def global_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-sequence L2 norm ``[B]`` over all tensors ``[B, ...]`` together (fp32, fp64 for fp64)."""
+    return torch.linalg.vector_norm(tensor_norms(grads), dim=0)
 
 
 def clip_scale(grads: Sequence[torch.Tensor], clip: float,
@@ -43,28 +51,58 @@ def clip_scale(grads: Sequence[torch.Tensor], clip: float,
     return clip / norm.clamp_min(clip)
 
 
+class InnerGradient(NamedTuple):
+    """The raw inner gradient and its clip; ``clip(g) = scale · g`` per sequence."""
+
+    grads: list[torch.Tensor]  # ∂ℓ/∂W, one [B, ...] per fast tensor; constants unless EXACT
+    norms: torch.Tensor  # [N, B] per-tensor norms of the raw gradient
+    norm: torch.Tensor  # [B] global norm over all tensors
+    scale: torch.Tensor  # [B] clip factor; a constant unless EXACT
+
+
+def inner_gradient(loss: torch.Tensor, fast: Sequence[torch.Tensor], clip: float,
+                   mode: GradMode) -> InnerGradient:
+    """Gradient of each sequence's ``loss [B]`` w.r.t. its own rows of ``fast`` (each
+    ``[B, ...]``), its norms and the global-norm clip factor, treated as ``mode`` says:
+    differentiable (``EXACT``, create_graph) or constants (``FIRST_ORDER``, ``NONE``)."""
+    exact = mode is GradMode.EXACT
+    # Sequences are independent, so ∂(Σ_b ℓ_b)/∂W[b] = ∂ℓ_b/∂W[b]: one backward for the batch.
+    grads = torch.autograd.grad(loss.sum(), list(fast), create_graph=exact,
+                                retain_graph=mode is not GradMode.NONE)
+    norms = tensor_norms(grads)
+    norm = torch.linalg.vector_norm(norms, dim=0)
+    scale = clip_scale(grads, clip, norm)
+    if not exact:
+        grads = tuple(g.detach() for g in grads)
+        scale = scale.detach()
+    return InnerGradient(list(grads), norms, norm, scale)
+
+
+def per_sequence(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``coef [B]`` shaped ``[B, 1, …]`` to broadcast over ``like [B, ...]``, in its dtype."""
+    return coef.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def descend(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+            coef: torch.Tensor) -> list[torch.Tensor]:
+    """``W + coef·g`` for every tensor, ``coef [B]`` per sequence: one addcmul pass each."""
+    return [torch.addcmul(w, g, per_sequence(coef, g)) for w, g in zip(fast, grads)]
+
+
 def inner_step(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | torch.Tensor,
                clip: float, mode: GradMode) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Take one step from per-sequence losses ``loss [B]`` on ``fast`` (each ``[B, ...]``).
 
     Returns the new fast weights and the norm of each sequence's update ``[B]``.
     In ``NONE`` mode ``fast`` must be leaves that require grad; the results are detached.
+    This is :class:`tttlm.ttt.sgd.ClippedSGD` on a flat list of tensors.
     """
-    exact = mode is GradMode.EXACT
-    grads = torch.autograd.grad(loss.sum(), list(fast), create_graph=exact,
-                                retain_graph=mode is not GradMode.NONE)
-    norm = global_norm(grads)
-    scale = clip_scale(grads, clip, norm)
-    if not exact:
-        grads = tuple(g.detach() for g in grads)
-        scale = scale.detach()
+    g = inner_gradient(loss, fast, clip, mode)
     # W - η·scale·g in one pass per tensor (addcmul), η·scale per sequence.
-    coef = -(lr * scale)
-    new = [torch.addcmul(w, g, coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype))
-           for w, g in zip(fast, grads)]
+    new = descend(fast, g.grads, -(lr * g.scale))
     if mode is GradMode.NONE:
         new = [w.detach() for w in new]
     with torch.no_grad():
         # ‖η·scale·g‖ = η·scale·‖g‖: no pass over the update itself
-        update_norm = (scale * norm).float() * lr
+        update_norm = (g.scale * g.norm).float() * lr
     return new, update_norm

@@ -1,0 +1,23 @@
+"""The official inner step: SGD on the globally clipped gradient (the default)."""
+
+from __future__ import annotations
+
+import torch
+
+from tttlm.ttt.base import InnerOptimizer, InnerState
+from tttlm.ttt.fast import FastWeights, unflatten_fast
+from tttlm.ttt.inner import inner_step
+from tttlm.ttt.modes import GradMode
+
+
+class ClippedSGD(InnerOptimizer):
+    """``W ← W − η · clip(∂ℓ/∂W)`` per sequence: :func:`~tttlm.ttt.inner.inner_step` itself, so
+    bit for bit the official step. Stateless, no parameters (no state-dict keys)."""
+
+    name = "sgd"
+
+    def step(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
+             lr: float | torch.Tensor, clip: float, mode: GradMode
+             ) -> tuple[FastWeights, InnerState, torch.Tensor]:
+        new, update_norm = inner_step(loss, self.flat(fast), lr, clip, mode)
+        return unflatten_fast(new), {}, update_norm
