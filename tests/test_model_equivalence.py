@@ -7,7 +7,8 @@ import torch
 
 from _helpers import assert_close, grads, tiny_model, tokens
 from tttlm import TTTForCausalLM
-from tttlm.model.layers import KVCache
+from tttlm.model.cache import ChunkKV, WholeSequence
+from tttlm.model.model import KVPair
 from tttlm.ops.attention import attention_backend
 
 EXACT = 1e-12  # float64 paths that differ only in summation order
@@ -82,18 +83,20 @@ def _chunkwise_blocks(model: TTTForCausalLM, h: torch.Tensor, layers: list,
     B, T, _ = h.shape
     window, b = config.window, config.chunk_size
     empty = h.new_zeros(B, 0, config.num_heads, config.head_dim)
-    caches: list[KVCache] = [(empty, empty) for _ in layers]
+    caches: list[KVPair] = [(empty, empty) for _ in layers]
     outs = []
     for s in range(0, T, b):
         e = min(s + b, T)
         past = caches[0][0].shape[1]
         if absolute:
-            cos, sin = model._rope(torch.arange(s - past, e))
+            cos, sin = model.rope_tables(torch.arange(s - past, e))
         else:
-            cos, sin = model._rope(torch.arange(window - past, window + e - s))
+            cos, sin = model.rope_tables(torch.arange(window - past, window + e - s))
         x = h[:, s:e]
         for j, layer in enumerate(layers):
-            x, caches[j] = layer.forward_chunk(x, caches[j], s, window, cos, sin)
+            cache = ChunkKV(*caches[j], s, window, (cos, sin), frozen=False)
+            x = layer(x, cache)
+            caches[j] = (cache.keys, cache.values)
         outs.append(x)
     return torch.cat(outs, 1)
 
@@ -104,10 +107,11 @@ def test_prefix_once_equals_prefix_chunk_by_chunk(absolute: bool) -> None:
     x, _ = tokens(model, 2, 45)
     h0 = model.embed(x)
     T = x.shape[1]
-    cos, sin = model._rope(torch.arange(T))
+    cos, sin = model.rope_tables(torch.arange(T))
     once = h0
     for layer in model.layers:
-        once = layer.forward_sequence(once, cos, sin, model.config.window, model.config.chunk_size)
+        once = layer(once, WholeSequence((cos, sin), model.config.window,
+                                         model.config.chunk_size))
     chunked = _chunkwise_blocks(model, h0, list(model.layers), absolute)
     assert_close(once, chunked, atol=1e-11, name="all blocks")
 
@@ -177,14 +181,14 @@ def _first_order_reference(model: TTTForCausalLM, x: torch.Tensor,
     B, T = x.shape
     window, b = config.window, config.chunk_size
     h = model.embed(x)
-    cos, sin = model._rope(torch.arange(T))
+    cos, sin = model.rope_tables(torch.arange(T))
     for layer in model.prefix_layers:
-        h = layer.forward_sequence(h, cos, sin, window, b)
-    local_cos, local_sin = model._rope(torch.arange(window + b))
+        h = layer(h, WholeSequence((cos, sin), window, b))
+    local_cos, local_sin = model.rope_tables(torch.arange(window + b))
     names = model.fast_weight_names()
     w0 = model.initial_fast_weights(B)
     empty = h.new_zeros(B, 0, config.num_heads, config.head_dim)
-    caches: list[KVCache] = [(empty, empty) for _ in model.ttt_layers]
+    caches: list[KVPair] = [(empty, empty) for _ in model.ttt_layers]
     losses = []
     for i, s in enumerate(range(0, T, b)):
         e = min(s + b, T)
@@ -196,9 +200,10 @@ def _first_order_reference(model: TTTForCausalLM, x: torch.Tensor,
         rope = (local_cos[window - past:window + e - s], local_sin[window - past:window + e - s])
         z = h[:, s:e]
         for j, layer in enumerate(model.ttt_layers):
-            z, caches[j] = layer.forward_chunk(z, caches[j], s, window, *rope,
-                                               fast=tuple(fast[3 * j:3 * j + 3]))
-        nll, _ = model._head_nll(z, y[:, s:e], False)
+            cache = ChunkKV(*caches[j], s, window, rope, frozen=False)
+            z = layer(z, cache, tuple(fast[3 * j:3 * j + 3]))
+            caches[j] = (cache.keys, cache.values)
+        nll, _ = model.head_nll(z, y[:, s:e], False)
         losses.append(nll.mean(-1))
     return torch.stack(losses, 1).mean()
 
@@ -225,12 +230,13 @@ def test_gradient_flows_through_kv_caches() -> None:
     x, y = tokens(model, 1, 24)
     model(x, labels=y).loss.backward()
     g = grads(model)
-    original = model.ttt_layers[0].forward_chunk
+    original = model.ttt_layers[0].forward
 
     def detached(h, cache, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return original(h, (cache[0].detach(), cache[1].detach()), *args, **kwargs)
+        cache.keys, cache.values = cache.keys.detach(), cache.values.detach()
+        return original(h, cache, *args, **kwargs)
 
-    model.ttt_layers[0].forward_chunk = detached  # type: ignore[method-assign]
+    model.ttt_layers[0].forward = detached  # type: ignore[method-assign]
     model(x, labels=y).loss.backward()
     g_cut = grads(model)
     name = "layers.2.attn.wk.weight"

@@ -10,17 +10,16 @@ from tttlm.lazy import lazy_exports
 if TYPE_CHECKING:
     import torch
 
-    from tttlm.inference.engine import Engine, Generation, TokenStream, decode_attention
+    from tttlm.inference.engine import Engine, Generation, TokenStream
     from tttlm.inference.sampling import sample
     from tttlm.inference.state import State, weights_digest
     from tttlm.model.model import TTTForCausalLM
 
-__all__ = ["Engine", "Generation", "State", "TokenStream", "decode_attention", "generate",
-           "sample", "weights_digest"]
+__all__ = ["Engine", "Generation", "State", "TokenStream", "generate", "sample",
+           "weights_digest"]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
-    **dict.fromkeys(["Engine", "Generation", "TokenStream", "decode_attention"],
-                    "tttlm.inference.engine"),
+    **dict.fromkeys(["Engine", "Generation", "TokenStream"], "tttlm.inference.engine"),
     "sample": "tttlm.inference.sampling",
     **dict.fromkeys(["State", "weights_digest"], "tttlm.inference.state"),
 })

@@ -37,7 +37,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +46,10 @@ from tttlm.config import MAX_INNER_LR, Variant, check_number
 from tttlm.errors import UserError
 from tttlm.inference.sampling import check_sampling, sample
 from tttlm.inference.state import State, rope_slots, weights_digest
+from tttlm.model.cache import RingKV, RingStep, Rows, TTTRing, TTTStep
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
-from tttlm.ops.attention import decode_attention
-from tttlm.ops.loss import masked_mean
-from tttlm.ops.rope import apply_rope, rope_angles
-from tttlm.ttt.inner import GradMode, inner_step
+from tttlm.ops.rope import rope_angles
 
 Prompts = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
 
@@ -66,13 +64,6 @@ def _check_inner_lr(lr: object, name: str) -> float:
     except ValueError as err:
         raise UserError(str(err)) from None
     return float(lr)  # type: ignore[arg-type]
-
-
-def _rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE of ``x [B, n, H, d]`` with per-sequence tables ``[B, n, d/2]``."""
-    B, n, H, d = x.shape
-    return apply_rope(x.reshape(B * n, H, d), cos.reshape(B * n, -1),
-                      sin.reshape(B * n, -1)).view(B, n, H, d)
 
 
 class _Control(NamedTuple):
@@ -432,6 +423,8 @@ class Engine:
     def _extend(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
         """Read ``tokens [B, T]`` into sequences that share their position within a chunk."""
         T, b = tokens.shape[1], self.chunk
+        if not any(state.lengths):
+            return self._prefill_fresh(state, tokens)
         rows = list(range(state.batch_size))
         t, logits = 0, None
         while t < T:
@@ -450,21 +443,57 @@ class Engine:
         assert logits is not None
         return logits
 
-    def _prefix_mask(self, rows_len: torch.Tensor, n: int, cap: int) -> torch.Tensor:
-        """``[B, 1, n, cap]`` visibility of prefix-cache slots for the n new queries."""
-        device = rows_len.device
-        q_pos = rows_len[:, None] + torch.arange(n, device=device)  # [B, n]
-        s = torch.arange(cap, device=device)
-        last = rows_len[:, None] + n - 1  # [B, 1]
+    def _prefill_fresh(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+        """Read ``tokens [B, T]`` into sequences that have read nothing: the training forward
+        itself (:meth:`TTTForCausalLM.run_blocks` and :meth:`~TTTForCausalLM.run_ttt_chunks`),
+        the prefix blocks over the whole prompt filling the decoding caches as they go, every
+        chunk but the last learned from; the last (its last target is not known yet) becomes
+        the pending chunk."""
+        model, B, T = self.model, tokens.shape[0], tokens.shape[1]
         if self.window is None:
-            k_pos = s.expand(rows_len.shape[0], cap)
-        else:
-            k_pos = last - torch.remainder(last - s, cap)  # latest token held by slot s
-        diff = q_pos[:, :, None] - k_pos[:, None, :]  # [B, n, cap]
-        allowed = (k_pos[:, None, :] >= 0) & (diff >= 0)
-        if self.window is not None:
-            allowed &= diff < self.window
-        return allowed[:, None]
+            self._grow(state, T)
+        rings = list(zip(state.prefix_keys, state.prefix_values))
+        h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
+        state.lengths = [T] * B
+        if not self.is_e2e:
+            _, logits = model.head_nll(h[:, -1:], None, True)
+            assert logits is not None
+            return logits[:, 0]
+        assert self.window is not None and state.pending_hidden is not None
+        assert state.pending_tokens is not None
+        W = self.window
+        # The inner steps need autograd, which inference tensors refuse: copies leave it.
+        with torch.inference_mode(False), torch.no_grad():
+            labels = torch.zeros_like(tokens).clone()
+            labels[:, :-1] = tokens[:, 1:]
+            counted = torch.ones_like(labels, dtype=torch.bool)
+            if self.ignore_bos_targets:
+                counted = labels != self.config.bos_token_id
+            counted[:, -1] = False  # the last target is the next token, not read yet
+            opts = model.options(ttt=self.ttt, inner_lr=self.inner_lr)
+            run = model.run_ttt_chunks(h.clone(), labels, counted, opts,
+                                       fast=[w.clone() for w in state.fast])
+            assert run.hidden is not None
+            _, logits = model.head_nll(run.hidden[:, -1:], None, True)
+        assert logits is not None
+        start = self.chunk * (len(run.nll) - 1)
+        c = T - start
+        state.chunks_done = [len(run.nll) - 1] * B
+        for w, new in zip(state.fast, run.fast):
+            w.copy_(new)
+        if run.norms:
+            self._count_skipped(state, list(range(B)), torch.stack(run.norms, 1))
+        state.pending_hidden[:, :c] = h[:, start:].to(state.pending_hidden.dtype)
+        state.pending_tokens[:, :c] = tokens[:, start:]
+        for j, ((k0, v0), (k1, v1)) in enumerate(zip(run.start_caches, run.caches)):
+            past = k0.shape[1]
+            # Slots W-past .. W-1: the cache at the pending chunk's start; W ..: its own keys.
+            for buf, before, after in ((state.ttt_keys[j], k0, k1),
+                                       (state.ttt_values[j], v0, v1)):
+                buf[:, :, W - past:W] = before.transpose(1, 2).to(buf.dtype)
+                buf[:, :, W:W + c] = after[:, -c:].transpose(1, 2).to(buf.dtype)
+            state.ttt_keys_rope[j].copy_(rope_slots(state.ttt_keys[j], self.config))
+        return logits[:, 0]
 
     def _grow(self, state: State, needed: int) -> None:
         """Full attention: double the cache until ``needed`` slots fit."""
@@ -506,81 +535,37 @@ class Engine:
     def _compute(self, state: State, tokens: torch.Tensor, ctl: _Control, ttt_forward: bool,
                  want_logits: bool, used: int | None) -> torch.Tensor | None:
         """The device work of :meth:`_forward`: no host synchronisation, state written in
-        place, so that a CUDA graph can capture it."""
+        place, so that a CUDA graph can capture it. The blocks run their one forward over
+        decoding caches (:mod:`tttlm.model.cache`)."""
         config, device = self.config, tokens.device
         B, n = tokens.shape
         # Rows outside ctl.rows are computed as if they advanced, but nothing of theirs is kept.
-        if ctl.rows is None:
-            ri = torch.arange(B, device=device)[:, None]  # [B, 1]
-
-            def keep(t: torch.Tensor) -> torch.Tensor:
-                return t
-        else:
-            ri = ctl.rows[:, None]  # [R, 1]
-
-            def keep(t: torch.Tensor) -> torch.Tensor:
-                return t.index_select(0, ctl.rows)
-        q_pos = ctl.lengths[:, None] + torch.arange(n, device=device)  # [B, n]
-
+        rows = Rows(ctl.rows, B, device)
         h = self.model.embed(tokens)  # [B, n, D]
         if self.prefix:
-            cap = state.prefix_keys[0].shape[2]
-            cos, sin = rope_angles(q_pos.reshape(-1), config.head_dim, config.rope_theta,
-                                   self._param.dtype)
-            cos, sin = cos.view(B, n, -1), sin.view(B, n, -1)
-            slots = keep(torch.remainder(q_pos, cap))  # [R, n]
-            mask = self._prefix_mask(ctl.lengths, n, cap)
-            if used is not None:
-                mask = mask[..., :used]
+            ring = RingStep.build(ctl.lengths, n, state.prefix_keys[0].shape[2], self.window,
+                                  used, rows, config.head_dim, config.rope_theta,
+                                  self._param.dtype)
             for i, layer in enumerate(self.prefix):
-                q, k, v = layer.attn.project(layer.attn_norm(h))  # [B, n, H, d]
-                q, k = _rope_rows(q, cos, sin), _rope_rows(k, cos, sin)
-                keys, values = state.prefix_keys[i], state.prefix_values[i]
-                keys[ri, :, slots] = keep(k).to(keys.dtype)
-                values[ri, :, slots] = keep(v).to(values.dtype)
-                if used is not None:
-                    keys, values = keys[:, :, :used], values[:, :, :used]
-                out = decode_attention(q.transpose(1, 2), keys, values, mask)  # [B, H, n, d]
-                h = h + layer.attn_post_norm(layer.attn.merge(out.transpose(1, 2)))
-                h = layer.feed_forward(h)
-
+                h = layer(h, RingKV(state.prefix_keys[i], state.prefix_values[i], ring))
         if self.is_e2e:
             assert state.pending_hidden is not None and state.pending_tokens is not None
-            at = ctl.offset[:, None] + torch.arange(n, device=device)  # [B, n] index in chunk
-            state.pending_hidden[ri, keep(at)] = keep(h).to(state.pending_hidden.dtype)
-            state.pending_tokens[ri, keep(at)] = keep(tokens)
+            assert self.window is not None
+            at = rows.keep(ctl.offset[:, None] + torch.arange(n, device=device))  # [R, n]
+            state.pending_hidden[rows.column, at] = rows.keep(h).to(state.pending_hidden.dtype)
+            state.pending_tokens[rows.column, at] = rows.keep(tokens)
             if ttt_forward:
-                h = self._ttt_decode(state, h, ri, keep, at, ctl.past)
+                step = TTTStep.build(ctl.offset, ctl.past, n, self.window, self.chunk,
+                                     self._local_rope(), rows)
+                for j, layer in enumerate(self.ttt_blocks):
+                    cache = TTTRing(state.ttt_keys[j], state.ttt_keys_rope[j],
+                                    state.ttt_values[j], step)
+                    h = layer(h, cache, self._fast_weights(state, j, h.dtype))
         if not want_logits:
             return None
-        _, logits = self.model._head_nll(h[:, -1:], None, True)
+        _, logits = self.model.head_nll(h[:, -1:], None, True)
         assert logits is not None
         return logits[:, 0]
-
-    def _ttt_decode(self, state: State, h: torch.Tensor, ri: torch.Tensor, keep: Any,
-                    at: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        """The TTT blocks over new tokens at chunk offsets ``at [B, n]`` (no learning)."""
-        assert self.window is not None
-        W, device = self.window, h.device
-        cos_t, sin_t = self._local_rope()
-        q_slot = W + at  # [B, n] local position of each new token
-        cos, sin = cos_t[q_slot], sin_t[q_slot]  # [B, n, d/2]
-        s = torch.arange(W + self.chunk, device=device)
-        diff = q_slot[:, :, None] - s  # [B, n, W+b]
-        mask = ((s >= W - past[:, None, None]) & (diff >= 0) & (diff < W))[:, None]
-        slots = keep(q_slot)
-        for j, layer in enumerate(self.ttt_blocks):
-            q, k, v = layer.attn.project(layer.attn_norm(h))  # [B, n, H, d]
-            q, k_rope = _rope_rows(q, cos, sin), _rope_rows(k, cos, sin)
-            state.ttt_keys[j][ri, :, slots] = keep(k).to(state.ttt_keys[j].dtype)
-            state.ttt_keys_rope[j][ri, :, slots] = keep(k_rope).to(
-                state.ttt_keys_rope[j].dtype)
-            state.ttt_values[j][ri, :, slots] = keep(v).to(state.ttt_values[j].dtype)
-            out = decode_attention(q.transpose(1, 2), state.ttt_keys_rope[j],
-                                   state.ttt_values[j], mask)
-            h = h + layer.attn_post_norm(layer.attn.merge(out.transpose(1, 2)))
-            h = layer.feed_forward(h, self._fast_weights(state, j, h.dtype))
-        return h
 
     def _fast_weights(self, state: State, j: int,
                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -598,98 +583,99 @@ class Engine:
         """Learn from the full pending chunk of ``rows`` (whose last target is
         ``last_targets [R]``), then make the chunk part of the cache."""
         assert self.window is not None
-        assert state.pending_hidden is not None and state.pending_tokens is not None
         W, b, device = self.window, self.chunk, state.device
-        idx = torch.tensor(rows, device=device)
-        if self.ttt:
-            new_fast, chunk_kv, update_norm = self._inner_step(state, idx, rows, last_targets)
-            self._skip_non_finite(state, rows, idx, new_fast, update_norm)
-            for w, new in zip(state.fast, new_fast):
-                w[idx] = new.to(w.dtype)
-            if state.fast_cast is not None:
-                # In place, so that a captured decode graph sees the new weights.
-                for c, w in zip(state.fast_cast, state.fast):
-                    c.copy_(w)
-            for j, (k, k_rope, v) in enumerate(chunk_kv):
-                # Keep the keys of the learning forward: the training cache holds those.
-                state.ttt_keys[j][idx, :, W:] = k.to(state.ttt_keys[j].dtype)
-                state.ttt_keys_rope[j][idx, :, W:] = k_rope.to(state.ttt_keys_rope[j].dtype)
-                state.ttt_values[j][idx, :, W:] = v.to(state.ttt_values[j].dtype)
-        for j in range(len(self.ttt_blocks)):
-            # The cache after the chunk is the last W keys of (cache ⊕ chunk): shift by b.
-            for buf in (state.ttt_keys[j], state.ttt_values[j]):
-                buf[idx, :, :W] = buf[idx, :, b:].clone()
-            state.ttt_keys_rope[j][idx, :, :W] = rope_slots(state.ttt_keys[j][idx, :, :W],
-                                                            self.config)
+        if not self.ttt:
+            idx = torch.tensor(rows, device=device)
+            for j in range(len(self.ttt_blocks)):
+                # The cache after the chunk is the last W keys of (cache ⊕ chunk): shift by b.
+                for buf in (state.ttt_keys[j], state.ttt_values[j]):
+                    buf[idx, :, :W] = buf[idx, :, b:].clone()
+                state.ttt_keys_rope[j][idx, :, :W] = rope_slots(state.ttt_keys[j][idx, :, :W],
+                                                                self.config)
+        else:
+            # Sequences early in their context hold caches of different lengths: one chunk
+            # forward per length (the training forward's caches have one length per batch).
+            by_past: dict[int, list[int]] = {}
+            for i, r in enumerate(rows):
+                by_past.setdefault(min(W, b * state.chunks_done[r]), []).append(i)
+            for part in by_past.values():
+                group = [rows[i] for i in part]
+                self._learn(state, group, last_targets[part])
         for r in rows:
             state.chunks_done[r] += 1
 
-    def _skip_non_finite(self, state: State, rows: list[int], idx: torch.Tensor,
-                         new_fast: list[torch.Tensor], update_norm: torch.Tensor) -> None:
-        """Keep the old fast weights of sequences whose inner update is not finite (a NaN or
-        infinite loss, gradient or step), count it in ``state.skipped_updates`` and warn once.
-
-        A NaN or infinite gradient makes the update's norm NaN or infinite (the clip divides
-        by the norm), and so does an update that overflows: checking the norm ``[R]`` is
-        enough. One read of the device per inner step.
-        """
-        ok = torch.isfinite(update_norm).tolist()
-        if all(ok):
-            return
-        bad = [i for i, good in enumerate(ok) if not good]
-        at = torch.tensor(bad, device=idx.device)
+    def _learn(self, state: State, rows: list[int], last_targets: torch.Tensor) -> None:
+        """The inner step of ``rows`` (whose caches have one length), written to the state."""
+        assert self.window is not None
+        W = self.window
+        idx = torch.tensor(rows, device=state.device)
+        new_fast, caches, update_norm = self._inner_step(state, idx, rows, last_targets)
+        self._count_skipped(state, rows, update_norm)
         for w, new in zip(state.fast, new_fast):
-            new[at] = w[idx[at]].to(new.dtype)
-        for i in bad:
-            state.skipped_updates[rows[i]] += 1
+            w[idx] = new.to(w.dtype)
+        if state.fast_cast is not None:
+            # In place, so that a captured decode graph sees the new weights.
+            for c, w in zip(state.fast_cast, state.fast):
+                c.copy_(w)
+        for j, (k, v) in enumerate(caches):
+            # The cache after the chunk (the learning forward's keys: the training cache holds
+            # those), right-aligned at slot W - 1; older slots are masked.
+            past = k.shape[1]
+            state.ttt_keys[j][idx, :, W - past:W] = k.transpose(1, 2).to(state.ttt_keys[j].dtype)
+            state.ttt_values[j][idx, :, W - past:W] = v.transpose(1, 2).to(
+                state.ttt_values[j].dtype)
+            state.ttt_keys_rope[j][idx, :, :W] = rope_slots(state.ttt_keys[j][idx, :, :W],
+                                                            self.config)
+
+    def _count_skipped(self, state: State, rows: list[int], norms: torch.Tensor) -> None:
+        """Count the inner updates that were not finite (norms ``[R]`` or ``[R, n]``; the
+        model's chunk forward kept those sequences' fast weights) in
+        ``state.skipped_updates``, and warn once. One read of the device."""
+        bad = (~torch.isfinite(norms)).reshape(len(rows), -1).sum(-1).tolist()
+        if not any(bad):
+            return
+        for r, n in zip(rows, bad):
+            state.skipped_updates[r] += int(n)
         if not self._warned_skip:
             self._warned_skip = True
+            which = [r for r, n in zip(rows, bad) if n]
             warnings.warn(
-                f"the inner update of sequence(s) {[rows[i] for i in bad]} is not finite (NaN "
-                f"or infinite loss or gradient; inner_lr={self.inner_lr}): those sequences "
-                "keep their fast weights for this chunk; state.skipped_updates counts such "
-                "skips (check the model's weights and inner_lr)", RuntimeWarning, stacklevel=4)
+                f"the inner update of sequence(s) {which} is not finite (NaN or infinite loss "
+                f"or gradient; inner_lr={self.inner_lr}): those sequences keep their fast "
+                "weights for that chunk; state.skipped_updates counts such skips (check the "
+                "model's weights and inner_lr)", RuntimeWarning, stacklevel=4)
 
     def _inner_step(self, state: State, idx: torch.Tensor, rows: list[int],
                     last_targets: torch.Tensor
                     ) -> tuple[list[torch.Tensor], list[tuple], torch.Tensor]:
-        """Re-run the TTT blocks over the pending chunk with autograd and take one inner step.
+        """Learn from the pending chunk of ``rows``: the model's own chunk forward
+        (:meth:`TTTForCausalLM.ttt_chunk`, as in training) over the chunk's prefix outputs, the
+        cache at the chunk's start and the fast weights in effect, with its inner step.
 
-        Same computation as the training forward's chunk (``TTTForCausalLM._ttt_chunk``): the
-        chunk's prefix outputs, the cache at the chunk's start, the fast weights in effect.
+        Returns the new fast weights, per TTT block the cache after the chunk (keys before
+        RoPE, values ``[R, past', H, d]``) and the update norms ``[R]``.
         """
         assert state.pending_hidden is not None and state.pending_tokens is not None
         assert self.window is not None
-        W, b, device = self.window, self.chunk, state.device
-        cos_t, sin_t = self._local_rope()
+        W, b = self.window, self.chunk
+        past = min(W, b * state.chunks_done[rows[0]])
         # Leave inference mode: autograd refuses inference tensors, so everything read from
         # the state (or made under inference mode, like the RoPE tables) is copied first.
-        with torch.inference_mode(False), torch.enable_grad():
-            cos, sin = cos_t[W:W + b].clone(), sin_t[W:W + b].clone()
-            past = torch.tensor([min(W, b * state.chunks_done[r]) for r in rows], device=device)
-            s = torch.arange(W + b, device=device)
-            diff = (W + torch.arange(b, device=device))[:, None] - s  # [b, W+b]
-            mask = ((s >= W - past[:, None, None]) & (diff >= 0) & (diff < W))[:, None]
+        with torch.inference_mode(False), torch.no_grad():
+            cos_t, sin_t = self._local_rope()
+            rope = (cos_t[W - past:W + b].clone(), sin_t[W - past:W + b].clone())
             h = state.pending_hidden[idx].clone()  # [R, b, D]
             targets = torch.cat((state.pending_tokens[idx, 1:], last_targets[:, None].long()),
                                 dim=1).clone()  # [R, b]
             counted = torch.ones_like(targets, dtype=torch.bool)
             if self.ignore_bos_targets:
                 counted = targets != self.config.bos_token_id
-            fast = [w[idx].clone().requires_grad_(True) for w in state.fast]
-            chunk_kv = []
-            for j, layer in enumerate(self.ttt_blocks):
-                q, k, v = layer.attn.project(layer.attn_norm(h))  # [R, b, H, d]
-                q, k_rope = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-                keys = torch.cat((state.ttt_keys_rope[j][idx, :, :W], k_rope.transpose(1, 2)), 2)
-                values = torch.cat((state.ttt_values[j][idx, :, :W], v.transpose(1, 2)), 2)
-                out = decode_attention(q.transpose(1, 2), keys, values, mask)  # [R, H, b, d]
-                h = h + layer.attn_post_norm(layer.attn.merge(out.transpose(1, 2)))
-                h = layer.feed_forward(h, tuple(w.to(h.dtype) for w in fast[3 * j:3 * j + 3]))
-                chunk_kv.append((k.detach().transpose(1, 2), k_rope.detach().transpose(1, 2),
-                                 v.detach().transpose(1, 2)))
-            nll, _ = self.model._head_nll(h, targets, False, outer_graph=False)
-            loss = masked_mean(nll, counted)  # [R]
-            new_fast, update_norm = inner_step(loss, fast, self.inner_lr,
-                                               self.config.inner_clip, GradMode.NONE)
-        return new_fast, chunk_kv, update_norm
+            caches = [(state.ttt_keys[j][idx, :, W - past:W].transpose(1, 2).clone(),
+                       state.ttt_values[j][idx, :, W - past:W].transpose(1, 2).clone())
+                      for j in range(len(self.ttt_blocks))]
+            fast = [w[idx].clone() for w in state.fast]
+            opts = self.model.options(ttt=True, inner_lr=self.inner_lr)
+            start = b * state.chunks_done[rows[0]]
+            *_, new_caches, new_fast, update_norm, _ = self.model.ttt_chunk(
+                h, targets, counted, start, rope, caches, fast, opts, True, False)
+        return new_fast, new_caches, update_norm

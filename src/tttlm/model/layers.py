@@ -11,14 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlm.config import TTTConfig
-from tttlm.ops.attention import chunk_attention, sequence_attention
+from tttlm.model.cache import LayerCache, RopeTables
 from tttlm.ops.norm import rms_norm
 from tttlm.ops.rope import apply_rope
 
 # The prime MLP's three matrices of one block, in nn.Linear layout: w1 [F, D], w2 [D, F],
 # w3 [F, D], optionally with a leading batch axis (one copy per sequence).
 FastWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-KVCache = tuple[torch.Tensor, torch.Tensor]  # keys after QK-norm, before RoPE; values. [B, t, H, d]
 
 
 class RMSNorm(nn.Module):
@@ -102,97 +101,57 @@ class Block(nn.Module):
             h = h + self.prime_post_norm(self.prime(self.prime_norm(h), fast))
         return h + self.mlp_post_norm(self.mlp(self.mlp_norm(h)))
 
-    def attention_inputs(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    def attention_inputs(self, h: torch.Tensor, rope: RopeTables | None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries and keys with RoPE (tables for the rows of ``h``), values."""
+        """q, k (QK-normed; rotated when ``rope`` tables are given) and v, ``[B, n, H, d]``."""
         q, k, v = self.attn.project(self.attn_norm(h))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def chunk_projections(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
-        """q, k (QK-normed, before RoPE) and v of a chunk: what caches keep, before RoPE at
-        the chunk's local positions."""
-        return self.attn.project(self.attn_norm(h))
+        if rope is None:
+            return q, k, v
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
 
     def attention_output(self, h: torch.Tensor, out: torch.Tensor,
                          fast: FastWeights | None = None) -> torch.Tensor:
-        """The residual update from the attention output ``out [B, T, H, d]``, then the rest."""
+        """The residual update from the attention output ``out [B, n, H, d]``, then the rest."""
         h = h + self.attn_post_norm(self.attn.merge(out))
         return self.feed_forward(h, fast)
 
-    def forward_sequence(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         window: int | None, block: int, compiled: bool = False) -> torch.Tensor:
-        """The block over a whole sequence ``h [B, T, D]`` (RoPE tables for positions 0..T-1).
-
-        ``compiled`` runs the code around the attention through ``torch.compile`` (fused
-        norms, RoPE and casts; first-order differentiable only).
+    def forward(self, h: torch.Tensor, cache: LayerCache, fast: FastWeights | None = None,
+                compiled: bool = False) -> torch.Tensor:
+        """The block over new rows ``h [B, n, D]``: training (whole sequences, TTT chunks),
+        evaluation, prefill and decoding alike; ``cache`` decides which keys the rows attend
+        to and keeps what later rows need (:mod:`tttlm.model.cache`). ``fast``: the prime
+        MLP's weights, one copy per sequence. ``compiled`` runs the code around attention
+        through ``torch.compile`` (fused norms, RoPE and casts; first-order differentiable
+        only, one backward pass per graph).
         """
-        inputs, output = _parts(compiled, "sequence")
-        q, k, v = inputs(self, h, cos, sin)
-        return output(self, h, sequence_attention(q, k, v, window, block))
-
-    def forward_chunk(self, h: torch.Tensor, cache: KVCache, start: int, window: int | None,
-                      cos: torch.Tensor, sin: torch.Tensor, fast: FastWeights | None = None,
-                      compiled: bool = False) -> tuple[torch.Tensor, KVCache]:
-        """The block over one chunk ``h [B, c, D]`` starting at absolute position ``start``,
-        attending to ``cache`` (the previous keys/values, ``[B, past, H, d]``).
-
-        ``cos/sin`` are the RoPE tables of the ``past + c`` keys (cache, then chunk); the
-        queries use the last ``c`` rows. Returns the output and the cache extended by this
-        chunk, trimmed to ``window`` rows when a window is set. ``compiled`` as in
-        :meth:`forward_sequence`, for chunks whose graph is differentiated once, without
-        ``retain_graph`` (the compiled backward frees what it saved).
-        """
-        # Compiled parts have fixed shapes [B, c, ...]; the cache, whose length grows up to the
-        # window, and RoPE over it stay eager (one complex multiply per tensor).
-        project, output = _parts(compiled, "chunk")
-        q, k, v = project(self, h)
-        c, past = h.shape[1], cache[0].shape[1]
-        keys = torch.cat((cache[0], k), dim=1)
-        values = torch.cat((cache[1], v), dim=1)
-        q_pos = torch.arange(start, start + c, device=h.device)
-        k_pos = torch.arange(start - past, start + c, device=h.device)
-        frozen = 0
-        if cache[0].requires_grad or not torch.is_grad_enabled():
-            k_rope = apply_rope(keys, cos, sin)
-        else:
-            # A detached cache (evaluation, prefill: the inner step's gradient stops at it):
-            # rotate it apart so that no backward runs over it, and let the kernel skip its
-            # dK, dV. Same values: RoPE is per row.
-            frozen = past
-            k_rope = torch.cat((apply_rope(cache[0], cos[:past], sin[:past]),
-                                apply_rope(k, cos[past:], sin[past:])), dim=1)
-        out = chunk_attention(apply_rope(q, cos[past:], sin[past:]), k_rope, values, q_pos,
-                              k_pos, window, frozen_keys=frozen)
-        if window is not None:
-            keys, values = keys[:, -window:], values[:, -window:]
-        return output(self, h, out, fast), (keys, values)
+        inputs, output = _parts(compiled, cache.rope is not None)
+        q, k, v = inputs(self, h, cache.rope)
+        return output(self, h, cache.attend(q, k, v), fast)
 
 
-def _parts(compiled: bool, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+def _parts(compiled: bool, rotated: bool) -> tuple[Callable[..., Any], Callable[..., Any]]:
     """What runs before and after attention, eager or compiled."""
     if not compiled:
-        before = Block.attention_inputs if kind == "sequence" else Block.chunk_projections
-        return before, Block.attention_output
-    return _COMPILED[kind]()
+        return Block.attention_inputs, Block.attention_output
+    return _COMPILED[rotated]()
 
 
 # torch.compile keeps its compiled graphs per code object, with a limit on their number: each
 # use gets its own small function so that whole sequences and chunks (whose cache grows, and
 # whose input may or may not require grad) do not share one budget.
-def _sequence_inputs(block: Block, *args: Any) -> Any:
+def _rotated_inputs(block: Block, *args: Any) -> Any:
     return block.attention_inputs(*args)
 
 
-def _sequence_output(block: Block, *args: Any) -> Any:
+def _rotated_output(block: Block, *args: Any) -> Any:
     return block.attention_output(*args)
 
 
-def _chunk_projections(block: Block, *args: Any) -> Any:
-    return block.chunk_projections(*args)
+def _plain_inputs(block: Block, *args: Any) -> Any:
+    return block.attention_inputs(*args)
 
 
-def _chunk_output(block: Block, *args: Any) -> Any:
+def _plain_output(block: Block, *args: Any) -> Any:
     return block.attention_output(*args)
 
 
@@ -205,7 +164,8 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn)
 
 
+# Whole sequences (RoPE inside the projection) and caches that rotate keys themselves.
 _COMPILED = {
-    "sequence": lambda: (_compile(_sequence_inputs), _compile(_sequence_output)),
-    "chunk": lambda: (_compile(_chunk_projections), _compile(_chunk_output)),
+    True: lambda: (_compile(_rotated_inputs), _compile(_rotated_output)),
+    False: lambda: (_compile(_plain_inputs), _compile(_plain_output)),
 }

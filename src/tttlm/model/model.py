@@ -18,7 +18,8 @@ from torch.utils.checkpoint import checkpoint
 from tttlm.config import TTTConfig, Variant
 from tttlm.errors import UserError
 from tttlm.files import atomic_save, atomic_write_text
-from tttlm.model.layers import Block, KVCache, RMSNorm
+from tttlm.model.cache import ChunkKV, WholeSequence
+from tttlm.model.layers import Block, RMSNorm
 from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import rope_angles
@@ -55,6 +56,52 @@ class TTTOutput:
     fast_weights: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
 
+KVPair = tuple[torch.Tensor, torch.Tensor]  # a TTT block's cache: keys (before RoPE), values
+
+
+@dataclass(frozen=True)
+class ForwardOptions:
+    """Everything that chooses how one forward pass runs, resolved once at its top
+    (:meth:`TTTForCausalLM.options`).
+
+    Attributes:
+        ttt: inner updates on (meta forward) or off (pretrain mode).
+        mode: how the outer gradient treats the inner steps; ``NONE`` when no outer gradient
+            is taken (gradients off: evaluation, prefill, decoding). Then the TTT blocks' caches
+            are constants, which the attention kernels exploit (``frozen`` keys).
+        inner_lr: η of the inner steps.
+        checkpoint_chunks: recompute each chunk in the backward pass (outer gradient only).
+        lean_head: recompute the head's logits in backward passes instead of keeping them.
+        compiled: run the code around attention through ``torch.compile``; TTT chunks only
+            without outer gradient (compiled graphs are not differentiated twice).
+    """
+
+    ttt: bool
+    mode: GradMode
+    inner_lr: float
+    checkpoint_chunks: bool = False
+    lean_head: bool = True
+    compiled: bool = False
+
+
+@dataclass
+class ChunkRun:
+    """What :meth:`TTTForCausalLM.run_ttt_chunks` returns: per chunk the NLL ``[B, c]``, the
+    chunk loss ``[B]``, the logits (or ``None``), per update its norms ``[B]`` (and the fast
+    weights after it, when asked for); the caches after the last chunk and at its start; the
+    fast weights in effect after the last update; the last chunk's output."""
+
+    nll: list[torch.Tensor] = field(default_factory=list)
+    chunk_losses: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor | None] = field(default_factory=list)
+    norms: list[torch.Tensor] = field(default_factory=list)
+    history: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    caches: list[KVPair] = field(default_factory=list)
+    start_caches: list[KVPair] = field(default_factory=list)
+    fast: list[torch.Tensor] = field(default_factory=list)
+    hidden: torch.Tensor | None = None  # the last chunk's output [B, c, D]
+
+
 class TTTForCausalLM(nn.Module):
     """A Llama-like Transformer whose last blocks learn at test time (TTT-E2E).
 
@@ -74,9 +121,6 @@ class TTTForCausalLM(nn.Module):
             Block(config, has_prime=i >= first_ttt and config.variant is Variant.E2E)
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        # Model-level switches, settable by trainers (forward arguments override them).
-        self.grad_mode = GradMode.EXACT
-        self.checkpoint_chunks = False
         # Recompute the head's logits in backward passes instead of keeping them: much less
         # activation memory at a 128K vocabulary, at some extra time (benchmarks/results).
         self.lean_head = True
@@ -145,32 +189,41 @@ class TTTForCausalLM(nn.Module):
             return_fast_weights: also run the last chunk's update and return the fast weights
                 after every chunk.
         """
+        opts = self.options(ttt=ttt, inner_lr=inner_lr, grad_mode=grad_mode,
+                            checkpoint_chunks=checkpoint_chunks)
+        labels, mask = self._check_inputs(input_ids, labels, loss_mask, opts.ttt)
+        if labels is None:
+            return_logits = True
+        if opts.ttt and torch.is_inference_mode_enabled():
+            # The inner step needs autograd, which inference tensors refuse: leave inference
+            # mode for the call, record nothing outside the inner step, return plain tensors.
+            with torch.inference_mode(False), torch.no_grad():
+                cloned = [t.clone() if t is not None else None for t in (input_ids, labels, mask)]
+                return self._meta_forward(*cloned, opts, return_logits, return_fast_weights)
+        if opts.ttt:
+            return self._meta_forward(input_ids, labels, mask, opts, return_logits,
+                                      return_fast_weights)
+        return self._pretrain_forward(input_ids, labels, mask, opts, return_logits)
+
+    def options(self, *, ttt: bool | None = None, inner_lr: float | None = None,
+                grad_mode: GradMode | str | None = None,
+                checkpoint_chunks: bool | None = None) -> ForwardOptions:
+        """The options of one forward pass, resolved from the arguments, the model's
+        ``lean_head`` / ``compile_blocks`` settings and autograd's state (no outer gradient
+        when gradients are off)."""
         config = self.config
         is_e2e = config.variant is Variant.E2E
         ttt = is_e2e if ttt is None else ttt
         if ttt and not is_e2e:
             raise ValueError(f"ttt=True needs an e2e model; this one is {config.variant.value!r} "
                              "(it has no fast weights): call it with ttt=False")
-        labels, mask = self._check_inputs(input_ids, labels, loss_mask, ttt)
-        if labels is None:
-            return_logits = True
-        if ttt and torch.is_inference_mode_enabled():
-            # The inner step needs autograd, which inference tensors refuse: leave inference
-            # mode for the call, record nothing outside the inner step, return plain tensors.
-            with torch.inference_mode(False), torch.no_grad():
-                cloned = [t.clone() if t is not None else None for t in (input_ids, labels, mask)]
-                return self._meta_forward(*cloned, inner_lr, GradMode.NONE, False,
-                                          return_logits, return_fast_weights)
-        if ttt:
-            if torch.is_grad_enabled():
-                mode = GradMode(grad_mode if grad_mode is not None else self.grad_mode)
-            else:
-                mode = GradMode.NONE
-            ckpt = self.checkpoint_chunks if checkpoint_chunks is None else checkpoint_chunks
-            return self._meta_forward(input_ids, labels, mask, inner_lr, mode,
-                                      ckpt and mode is not GradMode.NONE,
-                                      return_logits, return_fast_weights)
-        return self._pretrain_forward(input_ids, labels, mask, return_logits)
+        outer = torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+        mode = GradMode(grad_mode if grad_mode is not None else GradMode.EXACT) if outer \
+            else GradMode.NONE
+        return ForwardOptions(
+            ttt=ttt, mode=mode, inner_lr=config.inner_lr if inner_lr is None else inner_lr,
+            checkpoint_chunks=bool(checkpoint_chunks) and mode is not GradMode.NONE,
+            lean_head=self.lean_head, compiled=self.compile_blocks)
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
                       loss_mask: torch.Tensor | None,
@@ -224,30 +277,36 @@ class TTTForCausalLM(nn.Module):
         mask = ~ignored if loss_mask is None else ~ignored & loss_mask.bool()
         return labels.masked_fill(ignored, 0).long(), mask
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos/sin tables ``[T, d/2]`` of ``positions [T]`` in the model's dtype."""
         dtype = self.embed.weight.dtype
         return rope_angles(positions, self.config.head_dim, self.config.rope_theta, dtype)
 
-    def _head_nll(self, h: torch.Tensor, labels: torch.Tensor | None, keep_logits: bool,
-                  outer_graph: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``.
+    def head_nll(self, h: torch.Tensor, labels: torch.Tensor | None, keep_logits: bool,
+                 outer_graph: bool = True, lean: bool | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``; returns the NLL
+        ``[B, c]`` (with ``labels``) and the logits ``[B, c, V]`` (with ``keep_logits``).
 
         ``outer_graph=False`` says that at most one backward pass (an inner step) will run
         through the result: then keeping the logits costs a transient ``[B, c, V]`` only and
-        saves the lean head's recomputation.
+        saves the lean head's recomputation. ``lean``: recompute the logits in backward passes
+        (default: the model's ``lean_head``).
         """
+        lean = self.lean_head if lean is None else lean
         x = self.norm(h)
         # Logits larger than one of the lean head's row blocks (a chunk of many sequences) are
         # not kept either: the lean head forms them a block of rows at a time.
         large = h.shape[0] * h.shape[1] * self.config.vocab_size > MAX_BLOCK_ELEMENTS
-        if labels is not None and not keep_logits and (large or self.lean_head and outer_graph):
+        if labels is not None and not keep_logits and (large or lean and outer_graph):
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
             return linear_nll(x, self.embed.weight, labels), None
         logits = x @ self.embed.weight.mT  # [B, c, V]
         nll = token_nll(logits, labels) if labels is not None else None
         return nll, (logits if keep_logits else None)
 
-    def _chunks(self, T: int) -> list[tuple[int, int]]:
+    def chunks(self, T: int) -> list[tuple[int, int]]:
+        """``(start, end)`` of the chunks of a length-``T`` sequence (the last may be short)."""
         b = self.config.chunk_size
         return [(s, min(s + b, T)) for s in range(0, T, b)]
 
@@ -256,7 +315,7 @@ class TTTForCausalLM(nn.Module):
         if ttt_weighting:
             # Built on the device from Python numbers (no host-to-device copy, so that a step
             # can be captured in a CUDA graph): every chunk weighs 1 but a short last one.
-            chunks = self._chunks(nll.shape[1])
+            chunks = self.chunks(nll.shape[1])
             weights = chunk_losses.new_ones(len(chunks))
             s, e = chunks[-1]
             if e - s != self.config.chunk_size:
@@ -265,21 +324,36 @@ class TTTForCausalLM(nn.Module):
         m = mask.to(nll.dtype)
         return (nll * m).sum() / m.sum().clamp_min(1e-10)
 
+    # -------------------------------------------------------------------- whole sequences
+    def run_blocks(self, h: torch.Tensor, layers: list[Block],
+                   rings: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   compiled: bool | None = None) -> torch.Tensor:
+        """``layers`` over whole sequences ``h [B, T, D]`` at positions ``0 .. T-1`` (prefix
+        blocks, pretrain mode, baselines; training, evaluation and a fresh prefill alike).
+        ``rings``: per layer, decoding buffers that receive the last keys (see
+        :class:`~tttlm.model.cache.WholeSequence`)."""
+        config = self.config
+        T = h.shape[1]
+        window = config.window if config.uses_window else None
+        rope = self.rope_tables(torch.arange(T, device=h.device))
+        compiled = self.compile_blocks if compiled is None else compiled
+        for i, layer in enumerate(layers):
+            cache = WholeSequence(rope, window, config.chunk_size,
+                                  None if rings is None else rings[i])
+            h = layer(h, cache, compiled=compiled)
+        return h
+
     # ------------------------------------------------------------------- pretrain mode
     def _pretrain_forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
-                          mask: torch.Tensor | None, return_logits: bool) -> TTTOutput:
+                          mask: torch.Tensor | None, opts: ForwardOptions,
+                          return_logits: bool) -> TTTOutput:
         config = self.config
         T = input_ids.shape[1]
-        window = config.window if config.uses_window else None
-        h = self.embed(input_ids)
-        cos, sin = self._rope(torch.arange(T, device=input_ids.device))
-        for layer in self.layers:
-            h = layer.forward_sequence(h, cos, sin, window, config.chunk_size,
-                                       compiled=self.compile_blocks)
+        h = self.run_blocks(self.embed(input_ids), list(self.layers), compiled=opts.compiled)
         nlls, logits = [], []
-        for s, e in self._chunks(T):
-            nll, lg = self._head_nll(h[:, s:e], None if labels is None else labels[:, s:e],
-                                     return_logits)
+        for s, e in self.chunks(T):
+            nll, lg = self.head_nll(h[:, s:e], None if labels is None else labels[:, s:e],
+                                    return_logits, lean=opts.lean_head)
             nlls.append(nll)
             logits.append(lg)
         out = TTTOutput(logits=torch.cat(logits, 1) if return_logits else None)
@@ -288,100 +362,130 @@ class TTTForCausalLM(nn.Module):
         assert mask is not None
         out.token_nll = torch.cat(nlls, 1)
         out.chunk_losses = torch.stack(
-            [masked_mean(out.token_nll[:, s:e], mask[:, s:e]) for s, e in self._chunks(T)], 1)
+            [masked_mean(out.token_nll[:, s:e], mask[:, s:e]) for s, e in self.chunks(T)], 1)
         out.loss = self._assemble(out.token_nll, mask, out.chunk_losses,
                                   config.variant is Variant.E2E)
         return out
 
     # ----------------------------------------------------------------------- meta mode
     def _meta_forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                      mask: torch.Tensor, inner_lr: float | None, mode: GradMode,
-                      ckpt: bool, return_logits: bool, return_fast_weights: bool) -> TTTOutput:
-        config = self.config
-        B, T = input_ids.shape
-        window, b = config.window, config.chunk_size
-        lr = config.inner_lr if inner_lr is None else inner_lr
-        device = input_ids.device
-
+                      mask: torch.Tensor, opts: ForwardOptions, return_logits: bool,
+                      return_fast_weights: bool) -> TTTOutput:
         # 1. Prefix blocks once over the whole sequence (absolute positions, first order).
-        h = self.embed(input_ids)
-        cos, sin = self._rope(torch.arange(T, device=device))
-        for layer in self.prefix_layers:
-            h = layer.forward_sequence(h, cos, sin, window, b, compiled=self.compile_blocks)
-        if mode is GradMode.NONE:
+        h = self.run_blocks(self.embed(input_ids), self.prefix_layers, compiled=opts.compiled)
+        if opts.mode is GradMode.NONE:
             h = h.detach()
-
         # 2. TTT blocks chunk by chunk with per-sequence fast weights and rolling KV caches.
-        # RoPE there uses local positions: the chunk's keys sit at window .. window+c-1.
-        local_cos, local_sin = self._rope(torch.arange(window + b, device=device))
-        fast = self.initial_fast_weights(B)
-        if mode is not GradMode.NONE and not all(w.requires_grad for w in fast):
+        run = self.run_ttt_chunks(h, labels, mask, opts, learn_last=return_fast_weights,
+                                  return_logits=return_logits,
+                                  return_fast_weights=return_fast_weights)
+        out = TTTOutput(token_nll=torch.cat(run.nll, 1),
+                        chunk_losses=torch.stack(run.chunk_losses, 1))
+        out.loss = self._assemble(out.token_nll, mask, out.chunk_losses, ttt_weighting=True)
+        B = input_ids.shape[0]
+        out.inner_update_norms = torch.stack(run.norms, 1) if run.norms else h.new_zeros(B, 0)
+        out.logits = torch.cat(run.logits, 1) if return_logits else None
+        out.fast_weights = run.history if return_fast_weights else None
+        return out
+
+    def run_ttt_chunks(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                       opts: ForwardOptions, *, caches: list[KVPair] | None = None,
+                       fast: list[torch.Tensor] | None = None, learn_last: bool = False,
+                       return_logits: bool = False,
+                       return_fast_weights: bool = False) -> ChunkRun:
+        """The TTT blocks over ``h [B, T, D]`` (the prefix blocks' output), chunk by chunk:
+        each chunk is predicted with the current fast weights, then (all but the last, unless
+        ``learn_last``) takes one inner step on its loss. The training forward and the
+        engine's prefill both run this.
+
+        ``caches``: per TTT block, the keys (before RoPE) and values ``[B, past, H, d]`` of
+        what precedes ``h`` (default: nothing); ``fast``: the fast weights in effect (default:
+        the meta-learned W₀).
+        """
+        config = self.config
+        B = h.shape[0]
+        window, b = config.window, config.chunk_size
+        # RoPE in the TTT blocks uses local positions: the chunk's keys sit at window .. +c-1.
+        local = self.rope_tables(torch.arange(window + b, device=h.device))
+        if fast is None:
+            fast = self.initial_fast_weights(B)
+        if opts.mode is not GradMode.NONE and not all(w.requires_grad for w in fast):
             # Frozen prime MLPs still learn at test time: give the inner step leaves to
             # differentiate, while the outer gradient reaches every other trainable weight.
             fast = [w.detach().requires_grad_(True) for w in fast]
-        H, d = config.num_heads, config.head_dim
-        empty = h.new_zeros(B, 0, H, d)
-        caches: list[KVCache] = [(empty, empty) for _ in self.ttt_layers]
-        chunks = self._chunks(T)
-        nlls, chunk_losses, logits, norms, history = [], [], [], [], []
+        if caches is None:
+            empty = h.new_zeros(B, 0, config.num_heads, config.head_dim)
+            caches = [(empty, empty) for _ in self.ttt_layers]
+        chunks = self.chunks(h.shape[1])
+        run = ChunkRun()
         for i, (s, e) in enumerate(chunks):
-            update = i < len(chunks) - 1 or return_fast_weights
+            update = opts.ttt and (i < len(chunks) - 1 or learn_last)
             past = caches[0][0].shape[1]
             rows = slice(window - past, window + e - s)
-            rope = (local_cos[rows], local_sin[rows])
+            rope = (local[0][rows], local[1][rows])
+            run.start_caches = caches
             # contiguous: compiled blocks then see one input layout for every chunk
             args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
-                    lr, mode, update, return_logits)
-            if ckpt:
-                result = checkpoint(self._ttt_chunk, *args, use_reentrant=False)
+                    opts, update, return_logits)
+            if opts.checkpoint_chunks:
+                result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
             else:
-                result = self._ttt_chunk(*args)
-            nll, chunk_loss, lg, caches, new_fast, norm = result
-            nlls.append(nll)
-            chunk_losses.append(chunk_loss)
-            logits.append(lg)
+                result = self.ttt_chunk(*args)
+            nll, chunk_loss, lg, caches, new_fast, norm, run.hidden = result
+            run.nll.append(nll)
+            run.chunk_losses.append(chunk_loss)
+            run.logits.append(lg)
             if update:
                 fast = new_fast
-                norms.append(norm)
+                run.norms.append(norm)
                 if return_fast_weights:
-                    history.append(dict(zip(self.fast_weight_names(), fast)))
+                    run.history.append(dict(zip(self.fast_weight_names(), fast)))
+        run.caches, run.fast = caches, fast
+        return run
 
-        out = TTTOutput(token_nll=torch.cat(nlls, 1), chunk_losses=torch.stack(chunk_losses, 1))
-        out.loss = self._assemble(out.token_nll, mask, out.chunk_losses, ttt_weighting=True)
-        out.inner_update_norms = torch.stack(norms, 1) if norms else h.new_zeros(B, 0)
-        out.logits = torch.cat(logits, 1) if return_logits else None
-        out.fast_weights = history if return_fast_weights else None
-        return out
-
-    def _ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
-                   rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVCache],
-                   fast: list[torch.Tensor], lr: float, mode: GradMode, update: bool,
-                   keep_logits: bool) -> tuple[Any, ...]:
-        """Predict one chunk with the current fast weights, then (optionally) update them."""
-        window = self.config.window
+    def ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
+                  rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVPair],
+                  fast: list[torch.Tensor], opts: ForwardOptions, update: bool,
+                  keep_logits: bool) -> tuple[Any, ...]:
+        """Predict one chunk ``h [B, c, D]`` (starting at position ``start``) through the TTT
+        blocks with the ``fast`` weights, then (with ``update``) take the inner step on its
+        loss. ``rope``: local tables of the ``past + c`` keys. Returns the NLL ``[B, c]``, the
+        chunk loss ``[B]``, the logits (with ``keep_logits``), the caches after the chunk, the
+        new fast weights, the update norms ``[B]`` and the chunk's output ``[B, c, D]``."""
+        mode = opts.mode
+        frozen = mode is GradMode.NONE  # no outer gradient: the cache is a constant
         with torch.enable_grad():
-            if mode is GradMode.NONE:
+            if frozen:
                 fast = [w.detach().requires_grad_(True) for w in fast]
             new_caches = []
-            compiled = self.compile_blocks and mode is GradMode.NONE
+            compiled = opts.compiled and frozen
             for j, layer in enumerate(self.ttt_layers):
-                h, cache = layer.forward_chunk(h, caches[j], start, window, *rope,
-                                               fast=tuple(fast[3 * j:3 * j + 3]),
-                                               compiled=compiled)
-                new_caches.append(cache)
-            nll, logits = self._head_nll(h, labels, keep_logits,
-                                         outer_graph=mode is not GradMode.NONE)
+                cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen)
+                # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.
+                weights = tuple(w.to(h.dtype) for w in fast[3 * j:3 * j + 3])
+                h = layer(h, cache, weights, compiled=compiled)
+                new_caches.append((cache.keys, cache.values))
+            nll, logits = self.head_nll(h, labels, keep_logits, outer_graph=not frozen,
+                                        lean=opts.lean_head)
             chunk_loss = masked_mean(nll, mask)  # [B]
             new_fast, norm = fast, None
             if update:
                 with head_weight_grad_unused():
-                    new_fast, norm = inner_step(chunk_loss, fast, lr, self.config.inner_clip,
-                                                mode)
-        if mode is GradMode.NONE:
+                    new_fast, norm = inner_step(chunk_loss, fast, opts.inner_lr,
+                                                self.config.inner_clip, mode)
+                if frozen:
+                    # At test time a sequence whose update is not finite (NaN or infinite
+                    # loss, gradient or step) keeps its fast weights; callers see it in
+                    # `norm`. Selected on the device: no synchronisation.
+                    ok = torch.isfinite(norm)
+                    new_fast = [torch.where(ok.view(-1, *([1] * (n.dim() - 1))), n, w.detach())
+                                for n, w in zip(new_fast, fast)]
+        if frozen:
+            h = h.detach()
             nll, chunk_loss = nll.detach(), chunk_loss.detach()
             logits = logits.detach() if logits is not None else None
             new_caches = [(k.detach(), v.detach()) for k, v in new_caches]
-        return nll, chunk_loss, logits, new_caches, new_fast, norm
+        return nll, chunk_loss, logits, new_caches, new_fast, norm, h
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:

@@ -9,7 +9,7 @@ The model code is single-device; everything here is applied from outside (torcht
   ``find_unused_parameters=False`` is correct (every parameter gets an outer gradient).
 * FSDP2 (``torch.distributed.fsdp.fully_shard``, torch >= 2.6): parameters, gradients and
   AdamW state are sharded over processes. The prefix blocks (first-order only) are sharded one
-  by one, through their ``forward_sequence`` method; the TTT blocks, whose weights the inner
+  by one; the TTT blocks, whose weights the inner
   loop differentiates twice inside one forward pass, stay in the root group, which is gathered
   for the whole forward and backward. For the baselines every block is sharded.
 """
@@ -98,8 +98,7 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     ids = None
     if device.type == "cuda":
         ids = [device.index if device.index is not None else torch.cuda.current_device()]
-    # Model-level switches (grad_mode, checkpoint_chunks) live on the inner module; the
-    # trainer passes them per call, so DDP needs no attribute forwarding.
+    # The trainer passes the forward options per call, so DDP needs no attribute forwarding.
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 
 
@@ -108,15 +107,13 @@ def wrap_fsdp(model: TTTForCausalLM, mesh: Any = None) -> nn.Module:
     if not fsdp_available():
         raise RuntimeError(f"FSDP2 needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); "
                            f"this is torch {torch.__version__}: use parallel=ddp")
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard
 
     ttt_ids = {id(layer) for layer in model.ttt_layers}
     for layer in model.layers:
         if id(layer) in ttt_ids:
             continue
         fully_shard(layer, mesh=mesh)
-        # Blocks are driven through forward_sequence, not __call__: hook that method.
-        register_fsdp_forward_method(layer, "forward_sequence")
     fully_shard(model, mesh=mesh)
     return model
 

@@ -47,6 +47,7 @@ from tttlm.config import TTTConfig
 from tttlm.data import Batch, TokenDataset, TokenLoader, check_vocab, load_tokenizer, read_meta
 from tttlm.errors import UserError, describe_os_error
 from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text
+from tttlm.model.cache import WholeSequence
 from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM
 from tttlm.progress import progress_bar
 from tttlm.train import checkpoint as ckpt
@@ -157,14 +158,17 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], *, ttt: bool,
 # ---------------------------------------------------------------------- model set-up
 def apply_activation_checkpointing(model: TTTForCausalLM) -> None:
     """Recompute every whole-sequence block in the backward pass; the TTT chunks are
-    checkpointed by the model itself (``checkpoint_chunks``)."""
+    checkpointed by the model itself (``checkpoint_chunks``), whole, inner step included."""
     for layer in model.layers:
-        original = layer.forward_sequence
+        original = layer.forward
 
-        def wrapped(*args: Any, _f: Any = original, **kwargs: Any) -> torch.Tensor:
-            return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+        def wrapped(h: torch.Tensor, cache: Any, *args: Any, _f: Any = original,
+                    **kwargs: Any) -> torch.Tensor:
+            if isinstance(cache, WholeSequence):
+                return checkpoint(_f, h, cache, *args, use_reentrant=False, **kwargs)
+            return _f(h, cache, *args, **kwargs)
 
-        layer.forward_sequence = wrapped  # type: ignore[method-assign]
+        layer.forward = wrapped  # type: ignore[method-assign]
 
 
 def apply_compile(model: TTTForCausalLM) -> None:
