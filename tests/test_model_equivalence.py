@@ -10,6 +10,7 @@ from tttlm import TTTForCausalLM
 from tttlm.model.cache import ChunkKV, WholeSequence
 from tttlm.model.model import KVPair
 from tttlm.ops.attention import attention_backend
+from tttlm.ttt.fast import flatten_fast
 
 EXACT = 1e-12  # float64 paths that differ only in summation order
 
@@ -186,7 +187,7 @@ def _first_order_reference(model: TTTForCausalLM, x: torch.Tensor,
         h = layer(h, WholeSequence((cos, sin), window, b))
     local_cos, local_sin = model.rope_tables(torch.arange(window + b))
     names = model.fast_weight_names()
-    w0 = model.initial_fast_weights(B)
+    w0 = flatten_fast(model.initial_fast_weights(B))
     empty = h.new_zeros(B, 0, config.num_heads, config.head_dim)
     caches: list[KVPair] = [(empty, empty) for _ in model.ttt_layers]
     losses = []

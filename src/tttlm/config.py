@@ -91,6 +91,11 @@ class TTTConfig:
         inner_lr_init: η at the first outer step of inner-LR warmup.
         inner_lr_warmup_steps: outer steps over which η ramps linearly from ``inner_lr_init``
             to ``inner_lr`` (0: no warmup; the official pretraining uses 10% of steps).
+        inner_optimizer: the test-time optimizer of the fast weights, a name in
+            ``tttlm.ttt.optim.INNER_OPTIMIZERS``: ``sgd`` (the official clipped SGD),
+            ``momentum`` (heavy ball on the clipped gradient), ``learned_lr`` (a meta-learned
+            per-layer scale of η).
+        inner_momentum: β of the ``momentum`` inner optimizer.
         bos_token_id: id joining documents; a target equal to it is not counted in the loss.
         eos_token_id: end-of-text id used to stop generation.
     """
@@ -112,6 +117,8 @@ class TTTConfig:
     inner_clip: float = 1.0
     inner_lr_init: float = 0.1
     inner_lr_warmup_steps: int = 0
+    inner_optimizer: str = "sgd"
+    inner_momentum: float = 0.9
     bos_token_id: int = 1
     eos_token_id: int = 2
 
@@ -177,6 +184,13 @@ class TTTConfig:
                 self.inner_lr_warmup_steps, bool) or self.inner_lr_warmup_steps < 0:
             raise ValueError(f"inner_lr_warmup_steps={self.inner_lr_warmup_steps!r} must be an "
                              "integer >= 0")
+        if not isinstance(self.inner_optimizer, str) or not self.inner_optimizer:
+            # The names are checked against the registry when the model is built (tttlm.ttt
+            # imports torch; the config stays light).
+            raise ValueError(f"inner_optimizer={self.inner_optimizer!r} must be the name of an "
+                             "inner optimizer (sgd, momentum, learned_lr)")
+        check_number("inner_momentum", self.inner_momentum, minimum=0, maximum=0.999,
+                     hint="the momentum β is in [0, 1): 0.9 is usual")
         for name in ("bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
@@ -247,4 +261,10 @@ class TTTConfig:
         data = self.to_dict()
         for key in ("inner_lr_init", "inner_lr_warmup_steps", "initializer_range"):
             data.pop(key)
+        # Fields added after the first release count only when they change something, so that
+        # models saved before them keep their fingerprint.
+        if data["inner_optimizer"] == "sgd":
+            data.pop("inner_optimizer")
+        if self.inner_optimizer != "momentum":
+            data.pop("inner_momentum")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -45,11 +45,13 @@ import torch.nn.functional as F
 from tttlm.config import MAX_INNER_LR, Variant, check_number
 from tttlm.errors import UserError
 from tttlm.inference.sampling import check_sampling, sample
-from tttlm.inference.state import State, rope_slots, weights_digest
-from tttlm.model.cache import RingKV, RingStep, Rows, TTTRing, TTTStep
+from tttlm.inference.state import State, weights_digest
+from tttlm.model.cache import RingKV, RingStep, Rows, TTTRing, TTTStep, rope_slots
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ops.rope import rope_angles
+from tttlm.ttt.base import InnerState, index_state, map_state
+from tttlm.ttt.fast import FastWeights, PrimeWeights, flatten_fast, unflatten_fast
 
 Prompts = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
 
@@ -293,6 +295,7 @@ class Engine:
             state.fast = [w.detach().to(self._fast_dtype).unsqueeze(0)
                           .repeat(batch, *([1] * w.dim()))
                           for block in self.ttt_blocks for w in block.prime.weights()]
+            state.inner = self.model.inner_optimizer.init_state(unflatten_fast(state.fast))
         return state
 
     # ----------------------------------------------------------------------- public API
@@ -471,16 +474,21 @@ class Engine:
                 counted = labels != self.config.bos_token_id
             counted[:, -1] = False  # the last target is the next token, not read yet
             opts = model.options(ttt=self.ttt, inner_lr=self.inner_lr)
-            run = model.run_ttt_chunks(h.clone(), labels, counted, opts,
-                                       fast=[w.clone() for w in state.fast])
+            run = model.run_ttt_chunks(
+                h.clone(), labels, counted, opts,
+                fast=unflatten_fast([w.clone() for w in state.fast]),
+                inner_state=map_state(torch.clone, state.inner))
             assert run.hidden is not None
             _, logits = model.head_nll(run.hidden[:, -1:], None, True)
         assert logits is not None
         start = self.chunk * (len(run.nll) - 1)
         c = T - start
         state.chunks_done = [len(run.nll) - 1] * B
-        for w, new in zip(state.fast, run.fast):
+        for w, new in zip(state.fast, flatten_fast(run.fast)):
             w.copy_(new)
+        for key, tensors in run.inner_state.items():
+            for t, new in zip(state.inner[key], tensors):
+                t.copy_(new)
         if run.norms:
             self._count_skipped(state, list(range(B)), torch.stack(run.norms, 1))
         state.pending_hidden[:, :c] = h[:, start:].to(state.pending_hidden.dtype)
@@ -567,8 +575,7 @@ class Engine:
         assert logits is not None
         return logits[:, 0]
 
-    def _fast_weights(self, state: State, j: int,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _fast_weights(self, state: State, j: int, dtype: torch.dtype) -> PrimeWeights:
         """TTT block j's fast weights in the compute dtype; the cast copy (bf16 models keep
         fp32 fast weights) is made once per chunk, not once per token."""
         if state.fast[0].dtype == dtype:
@@ -577,7 +584,7 @@ class Engine:
             if state.fast_cast is None or state.fast_cast[0].dtype != dtype:
                 state.fast_cast = [t.to(dtype) for t in state.fast]
             w = state.fast_cast
-        return w[3 * j], w[3 * j + 1], w[3 * j + 2]
+        return unflatten_fast(w)[j]
 
     def _finish_chunk(self, state: State, rows: list[int], last_targets: torch.Tensor) -> None:
         """Learn from the full pending chunk of ``rows`` (whose last target is
@@ -609,10 +616,14 @@ class Engine:
         assert self.window is not None
         W = self.window
         idx = torch.tensor(rows, device=state.device)
-        new_fast, caches, update_norm = self._inner_step(state, idx, rows, last_targets)
+        new_fast, new_inner, caches, update_norm = self._inner_step(state, idx, rows,
+                                                                    last_targets)
         self._count_skipped(state, rows, update_norm)
-        for w, new in zip(state.fast, new_fast):
+        for w, new in zip(state.fast, flatten_fast(new_fast)):
             w[idx] = new.to(w.dtype)
+        for key, tensors in new_inner.items():
+            for t, new in zip(state.inner[key], tensors):
+                t[idx] = new.to(t.dtype)
         if state.fast_cast is not None:
             # In place, so that a captured decode graph sees the new weights.
             for c, w in zip(state.fast_cast, state.fast):
@@ -647,13 +658,13 @@ class Engine:
 
     def _inner_step(self, state: State, idx: torch.Tensor, rows: list[int],
                     last_targets: torch.Tensor
-                    ) -> tuple[list[torch.Tensor], list[tuple], torch.Tensor]:
+                    ) -> tuple[FastWeights, InnerState, list[tuple], torch.Tensor]:
         """Learn from the pending chunk of ``rows``: the model's own chunk forward
         (:meth:`TTTForCausalLM.ttt_chunk`, as in training) over the chunk's prefix outputs, the
         cache at the chunk's start and the fast weights in effect, with its inner step.
 
-        Returns the new fast weights, per TTT block the cache after the chunk (keys before
-        RoPE, values ``[R, past', H, d]``) and the update norms ``[R]``.
+        Returns the new fast weights and inner-optimizer state, per TTT block the cache after
+        the chunk (keys before RoPE, values ``[R, past', H, d]``) and the update norms ``[R]``.
         """
         assert state.pending_hidden is not None and state.pending_tokens is not None
         assert self.window is not None
@@ -673,9 +684,10 @@ class Engine:
             caches = [(state.ttt_keys[j][idx, :, W - past:W].transpose(1, 2).clone(),
                        state.ttt_values[j][idx, :, W - past:W].transpose(1, 2).clone())
                       for j in range(len(self.ttt_blocks))]
-            fast = [w[idx].clone() for w in state.fast]
+            fast = unflatten_fast([w[idx].clone() for w in state.fast])
+            inner = map_state(torch.clone, index_state(state.inner, idx))
             opts = self.model.options(ttt=True, inner_lr=self.inner_lr)
             start = b * state.chunks_done[rows[0]]
-            *_, new_caches, new_fast, update_norm, _ = self.model.ttt_chunk(
-                h, targets, counted, start, rope, caches, fast, opts, True, False)
-        return new_fast, new_caches, update_norm
+            *_, new_caches, new_fast, new_inner, update_norm, _ = self.model.ttt_chunk(
+                h, targets, counted, start, rope, caches, fast, inner, opts, True, False)
+        return new_fast, new_inner, new_caches, update_norm

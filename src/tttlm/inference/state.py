@@ -43,7 +43,7 @@ from safetensors import SafetensorError, safe_open
 from tttlm.config import Variant
 from tttlm.errors import UserError
 from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text, fsync_dir
-from tttlm.ops.rope import apply_rope, rope_angles
+from tttlm.model.cache import rope_slots
 
 SESSION_FORMAT = "tttlm-session"
 SESSION_VERSION = 2  # 2: the manifest names the tensor file and its sha256
@@ -56,13 +56,6 @@ _TEMP_RE = re.compile(r"^\.+session.*\.tmp-|^\.session-staged-")
 _DAMAGED = "save the session again, or start a new one"
 _COUNTERS = ("config_fingerprint", "weights_digest", "lengths", "chunks_done",
              "skipped_updates")
-
-
-def rope_slots(keys: torch.Tensor, config: Any) -> torch.Tensor:
-    """RoPE of a TTT-block cache ``[B, H, S, d]`` whose slot ``s`` sits at local position ``s``."""
-    cos, sin = rope_angles(torch.arange(keys.shape[2], device=keys.device), config.head_dim,
-                           config.rope_theta, keys.dtype)
-    return apply_rope(keys.transpose(1, 2), cos, sin).transpose(1, 2).contiguous()
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -99,6 +92,8 @@ class State:
     pending_hidden: torch.Tensor | None = None
     pending_tokens: torch.Tensor | None = None
     fast: list[torch.Tensor] = field(default_factory=list)
+    # The inner optimizer's per-sequence state (momentum buffers, ...): name -> tensors [B, ...]
+    inner: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     config_fingerprint: str = ""
     weights_digest: str = ""
     # Per sequence: inner steps skipped because their gradient or update was not finite (the
@@ -132,6 +127,9 @@ class State:
         for name in _LISTS:
             for i, t in enumerate(getattr(self, name)):
                 out[f"{name}.{i}"] = t
+        for key, tensors in self.inner.items():
+            for i, t in enumerate(tensors):
+                out[f"inner.{key}.{i}"] = t
         if self.pending_hidden is not None and self.pending_tokens is not None:
             out["pending_hidden"] = self.pending_hidden
             out["pending_tokens"] = self.pending_tokens
@@ -156,6 +154,7 @@ class State:
                      pending_hidden=opt(self.pending_hidden),
                      pending_tokens=opt(self.pending_tokens),
                      fast=[fn(t) for t in self.fast],
+                     inner={k: [fn(t) for t in v] for k, v in self.inner.items()},
                      config_fingerprint=self.config_fingerprint,
                      weights_digest=self.weights_digest,
                      skipped_updates=list(self.skipped_updates))
@@ -209,6 +208,8 @@ class State:
             pending_hidden=torch.cat([s.pending_hidden for s in states]) if pending else None,
             pending_tokens=torch.cat([s.pending_tokens for s in states]) if pending else None,
             fast=[torch.cat([s.fast[i] for s in states]) for i in range(len(first.fast))],
+            inner={k: [torch.cat([s.inner[k][i] for s in states]) for i in range(len(v))]
+                   for k, v in first.inner.items()},
             config_fingerprint=first.config_fingerprint, weights_digest=first.weights_digest)
 
     # ------------------------------------------------------------------------ sessions
@@ -248,7 +249,8 @@ class State:
                 raise
             fsync_dir(out)
             meta = {"format": SESSION_FORMAT, "version": SESSION_VERSION, **self._counters(),
-                    "layers": {n: len(getattr(self, n)) for n in _LISTS},
+                    "layers": {**{n: len(getattr(self, n)) for n in _LISTS},
+                               "inner": {k: len(v) for k, v in self.inner.items()}},
                     "tensors": {"file": name, "bytes": size, "sha256": digest}}
             atomic_write_text(out / META_NAME, json.dumps(meta, indent=2) + "\n")
             for old in out.iterdir():  # earlier saves' tensors, crashed saves' temporaries
@@ -303,8 +305,10 @@ class State:
                 raise UserError(f"session {src}: {META_NAME} does not match its tensor file "
                                 f"({', '.join(edited)} differ: the manifest was edited or "
                                 f"mixed with another save); {_DAMAGED}")
-        missing = sorted({f"{n}.{i}" for n in _LISTS for i in range(meta["layers"][n])}
-                         - set(raw))
+        inner_counts = meta["layers"].get("inner", {})
+        wanted = ({f"{n}.{i}" for n in _LISTS for i in range(meta["layers"][n])}
+                  | {f"inner.{k}.{i}" for k, n in inner_counts.items() for i in range(n)})
+        missing = sorted(wanted - set(raw))
         if missing:
             raise UserError(f"session {src}: {tensor_file.name} lacks {missing[:3]}; "
                             f"{_DAMAGED}")
@@ -320,7 +324,10 @@ class State:
                     ttt_keys=cache("ttt_keys"), ttt_values=cache("ttt_values"),
                     pending_hidden=raw.get("pending_hidden"),
                     pending_tokens=raw.get("pending_tokens"),
-                    fast=group("fast"), config_fingerprint=expected,
+                    fast=group("fast"),
+                    inner={k: [raw[f"inner.{k}.{i}"] for i in range(n)]
+                           for k, n in inner_counts.items()},
+                    config_fingerprint=expected,
                     weights_digest=meta["weights_digest"] if check_weights else digest,
                     skipped_updates=list(meta["skipped_updates"]))
         _check_layout(state, model, src)
@@ -399,6 +406,10 @@ def _read_manifest(meta_file: Path) -> dict[str, Any]:
         if not (isinstance(layers, dict) and all(
                 isinstance(layers.get(n), int) and layers[n] >= 0 for n in _LISTS)):
             raise ValueError(f"layers must give a count for each of {', '.join(_LISTS)}")
+        inner = layers.get("inner", {})
+        if not (isinstance(inner, dict) and all(
+                isinstance(k, str) and isinstance(n, int) and n >= 0 for k, n in inner.items())):
+            raise ValueError("layers.inner must give a count per inner-optimizer state")
         if version >= 2:
             tensors = meta.get("tensors")
             if not (isinstance(tensors, dict) and isinstance(tensors.get("file"), str)
@@ -477,6 +488,17 @@ def _check_layout(state: State, model: Any, src: Path) -> None:
             shape(f"fast.{i}", t, (B, *w.shape))
             if not t.is_floating_point():
                 problems.append(f"fast.{i} is {t.dtype}, not floating point")
+        expected = model.inner_optimizer.init_state(model.initial_fast_weights(1))
+        if set(state.inner) != set(expected):
+            problems.append(f"inner-optimizer state {sorted(state.inner)}, the model's "
+                            f"{config.inner_optimizer} optimizer keeps {sorted(expected)}")
+        for key, tensors in expected.items():
+            got = state.inner.get(key, [])
+            if len(got) != len(tensors):
+                problems.append(f"{len(got)} inner.{key} tensors, the model keeps "
+                                f"{len(tensors)}")
+            for i, (t, w) in enumerate(zip(got, tensors)):
+                shape(f"inner.{key}.{i}", t, (B, *w.shape[1:]))
         shape("pending_hidden", state.pending_hidden, (B, b, config.hidden_size))
         shape("pending_tokens", state.pending_tokens, (B, b))
         tokens = state.pending_tokens

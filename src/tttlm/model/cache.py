@@ -28,6 +28,7 @@ every position from device tensors, so that one decoding step can be captured in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -209,6 +210,14 @@ class RingKV(LayerCache):
         if st.used is not None:
             keys, values = keys[:, :, :st.used], values[:, :, :st.used]
         return decode_attention(q.transpose(1, 2), keys, values, st.mask).transpose(1, 2)
+
+
+def rope_slots(keys: torch.Tensor, config: Any) -> torch.Tensor:
+    """RoPE of a TTT-block cache ``[B, H, S, d]`` whose slot ``s`` sits at local position ``s``."""
+    cos, sin = rope_angles(torch.arange(keys.shape[2], device=keys.device), config.head_dim,
+                           config.rope_theta, keys.dtype)
+    return apply_rope(keys.transpose(1, 2), cos, sin).transpose(1, 2).contiguous()
+
 
 
 @dataclass

@@ -23,7 +23,10 @@ from tttlm.model.layers import Block, RMSNorm
 from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import rope_angles
-from tttlm.ttt.inner import GradMode, inner_step
+from tttlm.ttt.base import InnerState
+from tttlm.ttt.fast import FastWeights, PrimeWeights, flatten_fast
+from tttlm.ttt.modes import GradMode
+from tttlm.ttt.optim import build_inner_optimizer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -89,7 +92,8 @@ class ChunkRun:
     """What :meth:`TTTForCausalLM.run_ttt_chunks` returns: per chunk the NLL ``[B, c]``, the
     chunk loss ``[B]``, the logits (or ``None``), per update its norms ``[B]`` (and the fast
     weights after it, when asked for); the caches after the last chunk and at its start; the
-    fast weights in effect after the last update; the last chunk's output."""
+    fast weights and the inner optimizer's state after the last update; the last chunk's
+    output."""
 
     nll: list[torch.Tensor] = field(default_factory=list)
     chunk_losses: list[torch.Tensor] = field(default_factory=list)
@@ -98,7 +102,8 @@ class ChunkRun:
     history: list[dict[str, torch.Tensor]] = field(default_factory=list)
     caches: list[KVPair] = field(default_factory=list)
     start_caches: list[KVPair] = field(default_factory=list)
-    fast: list[torch.Tensor] = field(default_factory=list)
+    fast: FastWeights = field(default_factory=list)
+    inner_state: InnerState = field(default_factory=dict)
     hidden: torch.Tensor | None = None  # the last chunk's output [B, c, D]
 
 
@@ -121,6 +126,13 @@ class TTTForCausalLM(nn.Module):
             Block(config, has_prime=i >= first_ttt and config.variant is Variant.E2E)
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.variant is Variant.E2E:
+            # An optimizer without meta-learned parameters (the official SGD) adds no key to
+            # the state dict.
+            options = {"beta": config.inner_momentum} if config.inner_optimizer == "momentum" \
+                else {}
+            self.inner_optimizer = build_inner_optimizer(
+                config.inner_optimizer, config.num_ttt_layers or 0, **options)
         # Recompute the head's logits in backward passes instead of keeping them: much less
         # activation memory at a 128K vocabulary, at some extra time (benchmarks/results).
         self.lean_head = True
@@ -157,10 +169,10 @@ class TTTForCausalLM(nn.Module):
         return [f"layers.{first + j}.prime.{w}.weight"
                 for j in range(len(self.ttt_layers)) for w in ("w1", "w2", "w3")]
 
-    def initial_fast_weights(self, batch: int) -> list[torch.Tensor]:
+    def initial_fast_weights(self, batch: int) -> FastWeights:
         """The meta-learned W₀ of every TTT layer, one (broadcast) copy per sequence."""
-        return [w.unsqueeze(0).expand(batch, *w.shape)
-                for layer in self.ttt_layers for w in layer.prime.weights()]
+        return [PrimeWeights(*(w.unsqueeze(0).expand(batch, *w.shape)
+                               for w in layer.prime.weights())) for layer in self.ttt_layers]
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -390,7 +402,8 @@ class TTTForCausalLM(nn.Module):
 
     def run_ttt_chunks(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                        opts: ForwardOptions, *, caches: list[KVPair] | None = None,
-                       fast: list[torch.Tensor] | None = None, learn_last: bool = False,
+                       fast: FastWeights | None = None, inner_state: InnerState | None = None,
+                       learn_last: bool = False,
                        return_logits: bool = False,
                        return_fast_weights: bool = False) -> ChunkRun:
         """The TTT blocks over ``h [B, T, D]`` (the prefix blocks' output), chunk by chunk:
@@ -400,7 +413,8 @@ class TTTForCausalLM(nn.Module):
 
         ``caches``: per TTT block, the keys (before RoPE) and values ``[B, past, H, d]`` of
         what precedes ``h`` (default: nothing); ``fast``: the fast weights in effect (default:
-        the meta-learned W₀).
+        the meta-learned W₀); ``inner_state``: the inner optimizer's state (default: its
+        initial state).
         """
         config = self.config
         B = h.shape[0]
@@ -409,10 +423,14 @@ class TTTForCausalLM(nn.Module):
         local = self.rope_tables(torch.arange(window + b, device=h.device))
         if fast is None:
             fast = self.initial_fast_weights(B)
-        if opts.mode is not GradMode.NONE and not all(w.requires_grad for w in fast):
+        if inner_state is None:
+            inner_state = self.inner_optimizer.init_state(fast)
+        if opts.mode is not GradMode.NONE and not all(
+                w.requires_grad for w in flatten_fast(fast)):
             # Frozen prime MLPs still learn at test time: give the inner step leaves to
             # differentiate, while the outer gradient reaches every other trainable weight.
-            fast = [w.detach().requires_grad_(True) for w in fast]
+            fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
+                    for layer in fast]
         if caches is None:
             empty = h.new_zeros(B, 0, config.num_heads, config.head_dim)
             caches = [(empty, empty) for _ in self.ttt_layers]
@@ -426,66 +444,76 @@ class TTTForCausalLM(nn.Module):
             run.start_caches = caches
             # contiguous: compiled blocks then see one input layout for every chunk
             args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
-                    opts, update, return_logits)
+                    inner_state, opts, update, return_logits)
             if opts.checkpoint_chunks:
                 result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
             else:
                 result = self.ttt_chunk(*args)
-            nll, chunk_loss, lg, caches, new_fast, norm, run.hidden = result
+            nll, chunk_loss, lg, caches, new_fast, new_state, norm, run.hidden = result
             run.nll.append(nll)
             run.chunk_losses.append(chunk_loss)
             run.logits.append(lg)
             if update:
-                fast = new_fast
+                fast, inner_state = new_fast, new_state
                 run.norms.append(norm)
                 if return_fast_weights:
-                    run.history.append(dict(zip(self.fast_weight_names(), fast)))
-        run.caches, run.fast = caches, fast
+                    run.history.append(dict(zip(self.fast_weight_names(), flatten_fast(fast))))
+        run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
 
     def ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
                   rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVPair],
-                  fast: list[torch.Tensor], opts: ForwardOptions, update: bool,
+                  fast: FastWeights, inner_state: InnerState, opts: ForwardOptions, update: bool,
                   keep_logits: bool) -> tuple[Any, ...]:
         """Predict one chunk ``h [B, c, D]`` (starting at position ``start``) through the TTT
-        blocks with the ``fast`` weights, then (with ``update``) take the inner step on its
-        loss. ``rope``: local tables of the ``past + c`` keys. Returns the NLL ``[B, c]``, the
-        chunk loss ``[B]``, the logits (with ``keep_logits``), the caches after the chunk, the
-        new fast weights, the update norms ``[B]`` and the chunk's output ``[B, c, D]``."""
+        blocks with the ``fast`` weights, then (with ``update``) take the inner optimizer's step
+        on its loss. ``rope``: local tables of the ``past + c`` keys. Returns the NLL
+        ``[B, c]``, the chunk loss ``[B]``, the logits (with ``keep_logits``), the caches after
+        the chunk, the new fast weights and inner state, the update norms ``[B]`` and the
+        chunk's output ``[B, c, D]``."""
         mode = opts.mode
         frozen = mode is GradMode.NONE  # no outer gradient: the cache is a constant
         with torch.enable_grad():
             if frozen:
-                fast = [w.detach().requires_grad_(True) for w in fast]
+                fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
+                        for layer in fast]
             new_caches = []
             compiled = opts.compiled and frozen
             for j, layer in enumerate(self.ttt_layers):
                 cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen)
                 # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.
-                weights = tuple(w.to(h.dtype) for w in fast[3 * j:3 * j + 3])
+                weights = PrimeWeights(*(w.to(h.dtype) for w in fast[j]))
                 h = layer(h, cache, weights, compiled=compiled)
                 new_caches.append((cache.keys, cache.values))
             nll, logits = self.head_nll(h, labels, keep_logits, outer_graph=not frozen,
                                         lean=opts.lean_head)
             chunk_loss = masked_mean(nll, mask)  # [B]
-            new_fast, norm = fast, None
+            new_fast, new_state, norm = fast, inner_state, None
             if update:
                 with head_weight_grad_unused():
-                    new_fast, norm = inner_step(chunk_loss, fast, opts.inner_lr,
-                                                self.config.inner_clip, mode)
+                    new_fast, new_state, norm = self.inner_optimizer(
+                        chunk_loss, fast, inner_state, opts.inner_lr, self.config.inner_clip,
+                        mode)
                 if frozen:
                     # At test time a sequence whose update is not finite (NaN or infinite
-                    # loss, gradient or step) keeps its fast weights; callers see it in
-                    # `norm`. Selected on the device: no synchronisation.
+                    # loss, gradient or step) keeps its fast weights and optimizer state;
+                    # callers see it in `norm`. Selected on the device: no synchronisation.
                     ok = torch.isfinite(norm)
-                    new_fast = [torch.where(ok.view(-1, *([1] * (n.dim() - 1))), n, w.detach())
-                                for n, w in zip(new_fast, fast)]
+
+                    def keep_finite(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+                        return torch.where(ok.view(-1, *([1] * (new.dim() - 1))), new,
+                                           old.detach())
+
+                    new_fast = [PrimeWeights(*map(keep_finite, n, o))
+                                for n, o in zip(new_fast, fast)]
+                    new_state = {k: [keep_finite(n, o) for n, o in zip(v, inner_state[k])]
+                                 for k, v in new_state.items()}
         if frozen:
             h = h.detach()
             nll, chunk_loss = nll.detach(), chunk_loss.detach()
             logits = logits.detach() if logits is not None else None
             new_caches = [(k.detach(), v.detach()) for k, v in new_caches]
-        return nll, chunk_loss, logits, new_caches, new_fast, norm, h
+        return nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, h
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  **kwargs: Any) -> torch.Tensor:
