@@ -111,6 +111,8 @@ def add_parser(subparsers: Any) -> None:
                    help="tokens per step when --batch is not given (the paper's 128K)")
     p.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"],
                    help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks)")
+    p.add_argument("--paths", nargs="+", default=["model"], choices=["model", "engine"],
+                   help="the scoring forward pass (model) and/or Engine.prefill (engine)")
     common(p, "prefill")
     p.set_defaults(func=run_prefill)
 
@@ -162,8 +164,9 @@ def run_kernel(args: argparse.Namespace) -> int:
                   ["backend", "phase", "ms_median", "speedup_vs_naive", "peak_gib"])
 
 
-PREFILL_COLUMNS = ["variant", "blocks", "sdpa", "tokens", "batch", "micro_batch", "s_per_1k_tokens",
-                   "tokens_per_s", "mfu", "speedup_vs_full", "peak_gib", "error"]
+PREFILL_COLUMNS = ["variant", "path", "blocks", "sdpa", "tokens", "batch", "micro_batch",
+                   "s_per_1k_tokens", "tokens_per_s", "mfu", "speedup_vs_full", "peak_gib",
+                   "error"]
 
 
 def run_prefill(args: argparse.Namespace) -> int:
@@ -174,7 +177,8 @@ def run_prefill(args: argparse.Namespace) -> int:
     rows = bench_prefill(device, preset=args.preset, variants=tuple(args.variants),
                          lengths=tuple(args.lengths), batch=args.batch,
                          tokens_per_step=args.tokens_per_step, repeats=args.repeats,
-                         compile_modes=tuple(m == "compiled" for m in args.compile))
+                         compile_modes=tuple(m == "compiled" for m in args.compile),
+                         paths=tuple(args.paths))
     size = (f"batch {args.batch}" if args.batch is not None
             else f"{args.tokens_per_step} tokens per step")
     return _write(args, f"Prefill, {args.preset}, {size}, bf16 autocast", device, rows,

@@ -57,12 +57,21 @@ def prefill_flops(config: TTTConfig, T: int) -> float:
     return total
 
 
-def _prefill(model: torch.nn.Module, x: torch.Tensor, ttt: bool, micro_batch: int) -> None:
+def _prefill(model: torch.nn.Module, x: torch.Tensor, ttt: bool, micro_batch: int,
+             path: str = "model") -> None:
+    """``model``: the forward pass that scores the prompt (the training forward without outer
+    gradient); ``engine``: ``Engine.prefill``, which reads the prompt into a decoding state
+    (caches, fast weights, pending chunk) and returns the next token's logits."""
+    from tttlm.inference import Engine
+
     with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16,
                                                 enabled=x.device.type == "cuda"):
         for i in range(0, x.shape[0], micro_batch):
             part = x[i:i + micro_batch]
-            model(part[:, :-1], labels=part[:, 1:], ttt=ttt)
+            if path == "engine":
+                Engine(model, ttt=ttt).prefill(part[:, :-1])
+            else:
+                model(part[:, :-1], labels=part[:, 1:], ttt=ttt)
 
 
 def _sdpa_backends(device: torch.device, variant: str) -> list[str | None]:
@@ -86,7 +95,8 @@ def _sdpa(backend: str | None) -> Iterator[None]:
 
 
 def _time_fitting(model: torch.nn.Module, x: torch.Tensor, ttt: bool, backend: str | None,
-                  device: torch.device, repeats: int) -> tuple[list[float], int]:
+                  device: torch.device, repeats: int,
+                  path: str = "model") -> tuple[list[float], int]:
     """Time the prefill of all of ``x``; when the whole batch does not fit in memory, run it
     as consecutive micro-batches (halving until it fits). Returns the times and the size."""
     micro = x.shape[0]
@@ -94,7 +104,7 @@ def _time_fitting(model: torch.nn.Module, x: torch.Tensor, ttt: bool, backend: s
         reset_peak_memory(device)
         try:
             with _sdpa(backend):
-                fn = functools.partial(_prefill, model, x, ttt, micro)
+                fn = functools.partial(_prefill, model, x, ttt, micro, path)
                 return time_call(fn, device, repeats, warmup=1), micro
         except torch.OutOfMemoryError:
             if micro == 1:
@@ -112,7 +122,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
                   variants: tuple[str, ...] = ("e2e", "full"),
                   lengths: tuple[int, ...] = (8192,), batch: int | None = None,
                   tokens_per_step: int = 131072, repeats: int = 3,
-                  compile_modes: tuple[bool, ...] = (False,)) -> list[dict[str, Any]]:
+                  compile_modes: tuple[bool, ...] = (False,),
+                  paths: tuple[str, ...] = ("model",)) -> list[dict[str, Any]]:
     """Seconds per prefill and per 1K tokens, tokens/s, estimated MFU and peak memory.
 
     ``batch=None`` sizes each step to ``tokens_per_step`` tokens (the paper's 128K), so short
@@ -121,7 +132,9 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     row. ``compile_modes`` lists eager (False) and/or compiled blocks
     (``TTTForCausalLM.compile_blocks``, True); a compiled row's first (warm-up) run compiles.
     A step that does not fit in memory runs as consecutive micro-batches (``micro_batch``):
-    the same tokens per step, in fewer sequences at a time.
+    the same tokens per step, in fewer sequences at a time. ``paths``: ``model`` (the forward
+    pass that scores the prompt) and/or ``engine`` (``Engine.prefill``, what ``tttlm generate``
+    runs).
     """
     from tttlm.model.model import TTTForCausalLM
 
@@ -136,15 +149,15 @@ def bench_prefill(device: torch.device, preset: str = "3b",
             B = batch if batch is not None else prefill_batch(T, tokens_per_step)
             g = torch.Generator(device="cpu").manual_seed(T)
             x = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(device)
-            for compiled, backend in itertools.product(compile_modes,
-                                                       _sdpa_backends(device, variant)):
+            for path, compiled, backend in itertools.product(
+                    paths, compile_modes, _sdpa_backends(device, variant)):
                 model.compile_blocks = compiled
-                row: dict[str, Any] = {"preset": preset, "variant": variant, "tokens": T,
-                                       "batch": B, "sdpa": backend or "default",
+                row: dict[str, Any] = {"preset": preset, "variant": variant, "path": path,
+                                       "tokens": T, "batch": B, "sdpa": backend or "default",
                                        "blocks": "compiled" if compiled else "eager"}
                 try:
                     times, micro = _time_fitting(model, x, variant == "e2e", backend, device,
-                                                 repeats)
+                                                 repeats, path)
                 except torch.OutOfMemoryError:
                     rows.append({**row, "error": "OOM"})
                     continue
