@@ -1,0 +1,158 @@
+"""Attention with one dispatch point and a registry of backends.
+
+The shapes of attention that occur in TTT-E2E, each with an entry point here:
+
+* :func:`sequence_attention`: whole-sequence sliding-window (or causal) attention, used by the
+  prefix blocks, by pretrain mode and by the baselines; first-order gradients only;
+* :func:`chunk_attention`: ``b`` queries over a rolling cache of earlier keys plus the chunk
+  itself, used by the TTT blocks inside the inner loop; differentiable twice, because the outer
+  gradient flows through the inner gradient;
+* :func:`decode_attention`: a few new queries over a cache with a per-sequence mask (layout
+  ``[B, H, n, d]``), used by the inference engine.
+
+Each entry point calls the active :class:`AttentionBackend`, so one override,
+``with attention_backend("naive"):``, reaches training, evaluation and inference alike.
+Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
+
+* ``auto`` (the default): the fastest path for the device, chosen per call: ``flex_attention``
+  (:mod:`.flex`) for windowed sequences on CUDA, banded SDPA elsewhere, causal SDPA without a
+  window (:mod:`.sdpa`), the Triton chunk kernel (:mod:`.triton`) on CUDA, decoding matmuls;
+* ``naive``: the reference for all three shapes (:mod:`.naive`); materialises scores;
+* ``triton``: the Triton chunk kernel even on CPU tensors (tests, ``TRITON_INTERPRET=1``),
+  otherwise as ``auto``;
+* ``banded``: windowed whole sequences through banded SDPA instead of ``flex_attention``,
+  otherwise as ``auto``.
+
+:func:`register_attention_backend` adds one (subclass :class:`AutoBackend` to replace one shape).
+Backends resolve their fast paths lazily: nothing imports Triton or ``flex_attention`` at
+import time.
+
+The active backend is process-wide, not per thread or context: autograd runs backward (and
+the recomputation of checkpointed chunks) on its own threads, which must see the same backend.
+Layout ``[B, T, H, d]`` except in decoding; RoPE is applied by callers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from tttlm.ops.attention.backends import (
+    AttentionBackend,
+    AutoBackend,
+    BandedBackend,
+    NaiveBackend,
+    TritonBackend,
+)
+from tttlm.ops.attention.naive import naive_attention, window_mask
+
+__all__ = [
+    "AttentionBackend",
+    "AutoBackend",
+    "BandedBackend",
+    "NaiveBackend",
+    "TritonBackend",
+    "attention_backend",
+    "attention_backend_names",
+    "chunk_attention",
+    "decode_attention",
+    "get_attention_backend",
+    "naive_attention",
+    "register_attention_backend",
+    "sequence_attention",
+    "window_mask",
+]
+
+_REGISTRY: dict[str, AttentionBackend] = {}
+# A name, looked up per call, so that replacing a registered backend takes effect at once.
+_active = "auto"
+
+
+def register_attention_backend(backend: AttentionBackend, *,
+                               replace: bool = False) -> AttentionBackend:
+    """Make ``backend`` selectable as ``attention_backend(backend.name)``; returns it.
+
+    A name already taken is refused unless ``replace`` (replacing ``auto`` changes the
+    default of the whole process).
+    """
+    if not isinstance(backend, AttentionBackend):
+        raise TypeError(f"an attention backend must be an AttentionBackend, not "
+                        f"{type(backend).__name__}")
+    name = backend.name
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{type(backend).__name__} has no name (set the class attribute "
+                         "`name`)")
+    if name in _REGISTRY and not replace:
+        raise ValueError(f"attention backend {name!r} is already registered "
+                         "(pass replace=True to replace it)")
+    _REGISTRY[name] = backend
+    return backend
+
+
+def attention_backend_names() -> tuple[str, ...]:
+    """The registered backends' names, built-in ones first."""
+    return tuple(_REGISTRY)
+
+
+def get_attention_backend() -> AttentionBackend:
+    """The backend the entry points call now (``auto`` outside any override)."""
+    return _REGISTRY[_active]
+
+
+@contextlib.contextmanager
+def attention_backend(name: str) -> Iterator[AttentionBackend]:
+    """Run the block with the backend registered as ``name`` (``naive`` for references,
+    ``auto`` by default); overrides nest, and the previous one comes back on exit."""
+    global _active
+    if name not in _REGISTRY:
+        raise ValueError(f"attention backend {name!r} is not known; use one of "
+                         f"{attention_backend_names()}")
+    previous, _active = _active, name
+    try:
+        yield _REGISTRY[name]
+    finally:
+        _active = previous
+
+
+for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend()):
+    register_attention_backend(_builtin)
+del _builtin
+
+
+def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       window: int | None, block: int) -> torch.Tensor:
+    """Causal attention over a whole sequence ``[B, T, H, d]``, limited to ``window`` keys
+    when given.
+
+    ``block`` is the query-block size of the banded path used when the window is shorter
+    than the sequence (the model passes its chunk size).
+    """
+    return _REGISTRY[_active].sequence(q, k, v, window, block)
+
+
+def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    q_pos: torch.Tensor, k_pos: torch.Tensor,
+                    window: int | None, frozen_keys: int = 0) -> torch.Tensor:
+    """Attention of a chunk's queries over cached keys plus the chunk's own keys.
+
+    Positions are absolute token indices (used only for the mask); every query must see at
+    least one key. Differentiable twice. ``auto`` runs the Triton kernel on CUDA (``triton``
+    anywhere Triton runs), the naive reference otherwise. ``frozen_keys``: the first keys'
+    gradient is not wanted (a detached cache), so the kernel skips it; first order only.
+    """
+    return _REGISTRY[_active].chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """``q [B, H, n, d]`` over ``k, v [B, H, C, d]`` with a bool ``mask [B, 1, n, C]``.
+
+    ``auto``: one query (decoding) goes through two batched matmuls, which read the cache
+    once with the whole GPU (fused kernels parallelise over queries and leave it idle for
+    n = 1); scores and softmax in fp32 (fp64 for fp64), as the reference ``naive_attention``.
+    Several queries (prefill, the inner step) use SDPA, which never materialises ``[n, C]``
+    scores.
+    """
+    return _REGISTRY[_active].decode(q, k, v, mask)

@@ -1,0 +1,148 @@
+"""Attention backends: one object per way of computing the three shapes of attention.
+
+A backend answers all three shapes, so that one override reaches training (whole sequences and
+chunks), evaluation (the same, without outer gradient) and inference (decoding):
+
+* ``sequence(q, k, v, window, block)``: causal attention over a whole sequence, limited to
+  ``window`` keys when given; layout ``[B, T, H, d]``; first-order gradients only;
+* ``chunk(q, k, v, q_pos, k_pos, window, frozen_keys=0)``: a chunk's queries over cached keys
+  plus its own, masked by absolute positions; differentiable twice (the outer gradient of
+  TTT-E2E differentiates the inner gradient); layout ``[B, T, H, d]``;
+* ``decode(q, k, v, mask)``: a few queries over a cache with a per-sequence bool mask;
+  ``q [B, H, n, d]``, ``k, v [B, H, C, d]``, ``mask [B, 1, n, C]``.
+
+Built-in backends resolve their fast paths per call and import Triton or ``flex_attention``
+only on first use.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from tttlm.ops._triton import triton_can_run
+from tttlm.ops.attention import flex, naive, sdpa
+from tttlm.ops.attention import triton as triton_path
+
+
+class AttentionBackend(abc.ABC):
+    """One way of computing the three shapes of attention, registered under ``name``.
+
+    To replace one shape only, subclass :class:`AutoBackend` (or :class:`NaiveBackend`) and
+    override that method. Methods must compute the function of :class:`NaiveBackend` (up to
+    rounding) with the same output dtype; RoPE is applied by callers.
+    """
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None, block: int) -> torch.Tensor:
+        """Causal attention over ``[B, T, H, d]``, each query seeing at most ``window`` keys
+        (all earlier ones for ``None``). ``block`` is a query-block size a blocked path may
+        use (the model passes its chunk size); it does not change the result."""
+
+    @abc.abstractmethod
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        """``q [B, c, H, d]`` over ``k, v [B, past + c, H, d]``; key j is visible to query i
+        iff ``0 <= q_pos[i] - k_pos[j] < window`` and ``k_pos[j] >= 0`` (every query must see
+        one key). Differentiable twice. ``frozen_keys``: the first keys' gradient is not
+        wanted (a detached cache); a backend may skip it (then first order only) or ignore
+        the hint."""
+
+    @abc.abstractmethod
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        """``q [B, H, n, d]`` over ``k, v [B, H, C, d]`` where ``mask [B, 1, n, C]`` (bool)
+        is True; returns ``[B, H, n, d]``."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class NaiveBackend(AttentionBackend):
+    """The reference everywhere: score matrices in memory, fp32 (fp64) softmax."""
+
+    name = "naive"
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None, block: int) -> torch.Tensor:
+        return naive.naive_sequence_attention(q, k, v, window)
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        # frozen_keys is only a saving: a detached cache gets no gradient here either.
+        return naive.naive_chunk_attention(q, k, v, q_pos, k_pos, window)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        return naive.naive_decode_attention(q, k, v, mask)
+
+
+class AutoBackend(AttentionBackend):
+    """The fastest path for the device, chosen per call:
+
+    * sequence, no window (or one as long as the sequence): SDPA with ``is_causal`` (flash on
+      GPU); a shorter window: ``flex_attention`` on CUDA (head dim >= 16, a bounded number of
+      shapes), banded SDPA elsewhere;
+    * chunk: the Triton kernel on CUDA (fp16, bf16, fp32) when Triton is installed, the naive
+      reference elsewhere;
+    * decode: two matmuls for one query, SDPA with the mask for several.
+    """
+
+    name = "auto"
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None, block: int) -> torch.Tensor:
+        T = q.shape[1]
+        if window is None or window >= T:
+            return sdpa.causal_attention(q, k, v)
+        if flex.flex_can_run(q) and flex.flex_shape_allowed(q, window):
+            return flex.flex_window_attention(q, k, v, window)
+        return sdpa.banded_attention(q, k, v, window, min(block, T))
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        if q.is_cuda and q.dtype in triton_path.TRITON_DTYPES and triton_can_run(q):
+            return triton_path.triton_chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
+        return naive.naive_chunk_attention(q, k, v, q_pos, k_pos, window)
+
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor) -> torch.Tensor:
+        if q.shape[2] > 1:
+            return sdpa.masked_attention(q, k, v, mask)
+        # One query: the matmuls read the cache once with the whole GPU (see naive).
+        return naive.naive_decode_attention(q, k, v, mask)
+
+
+class TritonBackend(AutoBackend):
+    """As ``auto``, but chunks take the Triton kernel on any tensor Triton can run: CPU tensors
+    under ``TRITON_INTERPRET=1`` (the kernel's tests), fp64 there too; naive without Triton."""
+
+    name = "triton"
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        if triton_can_run(q):
+            return triton_path.triton_chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
+        return naive.naive_chunk_attention(q, k, v, q_pos, k_pos, window)
+
+
+class BandedBackend(AutoBackend):
+    """As ``auto``, but windowed whole sequences go through banded SDPA instead of
+    ``flex_attention`` on every device (benchmarks, a fallback)."""
+
+    name = "banded"
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None, block: int) -> torch.Tensor:
+        T = q.shape[1]
+        if window is None or window >= T:
+            return sdpa.causal_attention(q, k, v)
+        return sdpa.banded_attention(q, k, v, window, min(block, T))
