@@ -39,7 +39,9 @@ def test_compiled_blocks_match_eager(variant: str, ttt: bool, modes: tuple[str, 
         model.compile_blocks = True
         compiled = _run(model, x, y, mode, ttt)
         for i, (a, b) in enumerate(zip(eager, compiled, strict=True)):
-            assert_close(b, a, rel_l2=1e-5, name=f"{mode} output {i}")
+            # fp64: compiled and eager differ by summation order only (6e-14 seen); 1e-10
+            # still fails a stray fp32 cast or an fp32 table in a compiled graph (~1e-7).
+            assert_close(b, a, rel_l2=1e-10, name=f"{mode} output {i}")
     # The compiled path really ran, and layers shared their graphs (no recompile per layer).
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 0 < graphs <= 12

@@ -1,13 +1,17 @@
-"""The Triton chunk attention against the naive reference: outputs, gradients, gradients of
-gradients, and the whole model's outer gradient against the official fixture.
+"""The Triton chunk attention against the naive reference (outputs, gradients, gradients of
+gradients; the whole model's evaluation and outer gradient), and the whole model with the kernel
+against the official fixture (tests/data/official-tiny: loss, per-token NLL, fast weights, every
+parameter's outer gradient, with test_model_parity's tolerances).
 
 Without a GPU the kernels run through Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here
-before Triton compiles anything), in float64, on tiny shapes; skipped when Triton is missing.
+before Triton compiles anything), in float64, on small shapes; skipped when Triton is missing.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -219,3 +223,70 @@ def test_bf16_error_like_naive_bf16() -> None:
         err_naive = float((b - e).norm() / e.norm())
         # bf16 operands: 1e-3..1e-2 relative error is their rounding; allow 2x the naive path.
         assert_close(a, e, rel_l2=max(2 * err_naive, 1e-2), name=name)
+
+
+@pytest.mark.slow
+def test_model_with_kernel_matches_official_fixture(monkeypatch: pytest.MonkeyPatch,
+                                                    tmp_path: Path) -> None:
+    """The official fixture's tiny model with the kernel in every TTT block (chunks of 32 over a
+    cache of 64 keys that wraps) against the official JAX numbers, with test_model_parity's
+    tolerances: evaluation (the kernel's frozen-key path and its first-order backward in the
+    inner steps): loss, per-token NLL, per-chunk losses, fast weights after every chunk; meta
+    training: loss and every parameter's outer gradient (the kernel's double backward)."""
+    import numpy as np
+
+    import tttlm.ops.triton_chunk_attention as kernel
+    from test_model_parity import FAST_REL, FIXTURE, GRAD_REL, LOSS_ATOL, NLL_ATOL, batch
+    from tttlm import TTTForCausalLM
+    from tttlm.convert import convert_official, to_official
+
+    calls = []
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(kwargs.get("frozen_keys", args[6] if len(args) > 6 else 0))
+        return triton_chunk_attention(*args, **kwargs)
+
+    # The dispatch imports the kernel function on each call, so this sees every use of it.
+    monkeypatch.setattr(kernel, "triton_chunk_attention", counted)
+    if DEVICE == "cpu":
+        # Interpreter tiles of 32 (one per chunk of queries; keys still cut by the window
+        # inside a tile) instead of 16: 30 s instead of 130 s. Tile edges are the tests above.
+        monkeypatch.setattr(kernel, "_INTERPRETER_CONFIG",
+                            kernel.KernelConfig(32, 32, num_warps=1, num_stages=1))
+    with np.load(FIXTURE / "parity.npz") as data:
+        ref = {k: data[k] for k in data.files}
+    convert_official(FIXTURE / "parity.npz", tmp_path, window=64, chunk_size=32,
+                     rope_theta=10000.0, bos_token_id=1)
+    # fp64 under the interpreter: the error left is the official fp32 run's own, which the
+    # fixture's tolerances (met by an exact fp32 re-implementation) cover; fp32 on a GPU.
+    model = TTTForCausalLM.from_pretrained(tmp_path).to(DEVICE, DTYPE)
+    inputs = {k: t.to(DEVICE) for k, t in batch(ref, official_mask=False).items()}
+    config = model.config
+
+    with attention_backend("triton"), torch.no_grad():
+        out = model(**inputs, ttt=True, return_fast_weights=True)
+    n_chunks = len(ref["meta/chunk_loss"])
+    assert len(calls) == n_chunks * config.num_ttt_layers and any(calls), "kernel not used"
+    assert_close(out.loss, ref["meta/loss"], atol=LOSS_ATOL, name="meta loss")
+    assert_close(out.token_nll[0], ref["meta/token_nll"], atol=NLL_ATOL, name="token nll")
+    assert_close(out.chunk_losses[0], ref["meta/chunk_loss"], atol=LOSS_ATOL, name="chunks")
+    first = config.num_prefix_layers
+    for c, fast in enumerate(out.fast_weights):
+        for w in ("w1", "w2", "w3"):
+            ours = torch.stack([fast[f"layers.{first + j}.prime.{w}.weight"][0].T
+                                for j in range(config.num_ttt_layers)])
+            assert_close(ours, ref[f"inner/prime_after_chunk/{w}"][c], rel_l2=FAST_REL,
+                         name=f"chunk {c} {w}")
+
+    calls.clear()
+    with attention_backend("triton"):
+        out = model(**inputs, ttt=True)
+        out.loss.backward()
+    # With the outer gradient every cache is part of the graph: no key is frozen.
+    assert len(calls) == n_chunks * config.num_ttt_layers and not any(calls)
+    assert_close(out.loss.detach(), ref["meta/loss"], atol=LOSS_ATOL, name="meta loss")
+    grads = to_official({k: p.grad for k, p in model.named_parameters()}, config)
+    expected = {k[len("grad/"):]: v for k, v in ref.items() if k.startswith("grad/")}
+    assert set(grads) == set(expected)
+    for name, g in grads.items():
+        assert_close(g, expected[name], rel_l2=GRAD_REL, name=name)
