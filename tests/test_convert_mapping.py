@@ -15,6 +15,7 @@ from tttlm.cli import main
 from tttlm.config import TTTConfig, Variant
 from tttlm.convert import cli as convert_cli
 from tttlm.convert.official import (
+    convert_official,
     from_official,
     infer_config,
     load_official_arrays,
@@ -23,6 +24,7 @@ from tttlm.convert.official import (
     to_official,
 )
 from tttlm.convert.orbax import read_orbax
+from tttlm.model import TTTForCausalLM
 
 FIXTURE = Path(__file__).parent / "data" / "official-tiny"
 ORBAX = FIXTURE / "orbax"
@@ -360,13 +362,8 @@ def test_assumed_settings_of_a_baseline() -> None:
 def test_convert_official_reproduces_official_losses(source: str, tmp_path: Path,
                                                      npz: dict[str, np.ndarray],
                                                      params: dict[str, np.ndarray]) -> None:
-    try:
-        from tttlm.model import TTTForCausalLM
-    except ImportError:
-        pytest.skip("tttlm.model is not available yet")
     if source == "orbax":
-        pytest.importorskip("tensorstore")
-    from tttlm.convert import convert_official
+        pytest.importorskip("tensorstore")  # optional third-party reader (the orbax extra)
 
     src = FIXTURE / "parity.npz" if source == "npz" else ORBAX
     dst = convert_official(src, tmp_path / "model", window=64, chunk_size=32,
