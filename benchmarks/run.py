@@ -31,7 +31,7 @@ from tttlm.bench import (
     environment,
     write_report,
 )
-from tttlm.bench.cli import PREFILL_COLUMNS, STEP_MODES, TRAIN_COLUMNS
+from tttlm.bench.names import PREFILL_COLUMNS, STEP_MODES, TRAIN_COLUMNS
 from tttlm.bench.prefill import prefill_batch
 
 SECTIONS = ("tests", "kernel", "prefill", "train", "train32k", "sweep")

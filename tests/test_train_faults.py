@@ -25,11 +25,12 @@ from safetensors.torch import load_file
 from test_train_trainer import TEXT, losses, tiny_config
 from tttlm.cli import main
 from tttlm.data import prepare
+from tttlm.devices import resolve_device
 from tttlm.errors import UserError
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import trainer as trainer_module
 from tttlm.train.config import resolve_config
-from tttlm.train.trainer import Trainer, resolve_device
+from tttlm.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import pytest
 
 from tttlm.cli import main
 from tttlm.data import prepare
-from tttlm.train.report import bucket_means
+from tttlm.eval import bucket_means
 
 
 def test_quickstart_tiny_end_to_end(tmp_path: Path,

@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tttlm.bench.names import PREFILL_COLUMNS, STEP_MODES, TRAIN_COLUMNS
 from tttlm.errors import UserError
 
 DEFAULT_OUT_DIR = Path("bench-results")
-# Training-step modes of tttlm.bench.train (kept here: the CLI imports no torch to parse).
-STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
 _GUIDE = "see benchmarks/README.md"
 
 
@@ -29,25 +28,16 @@ def _device(args: argparse.Namespace) -> Any:
     """The benchmark's device, refusing at once where it cannot run (before any work)."""
     import torch
 
-    name = args.device
-    try:
-        device = torch.device("cuda" if name == "auto" else name)
-    except RuntimeError:
-        raise UserError(f"--device {name!r} is not a device; use cuda, cuda:N or cpu (a smoke "
-                        f"run); {_GUIDE}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"needs a CUDA GPU and none is visible here; {_GUIDE} (--device "
-                            "cpu runs a smoke test with tiny shapes, whose timings mean nothing)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) "
-                            "are visible; pick one of them")
-    elif device.type == "cpu":
+    from tttlm.devices import check_device_name, resolve_device
+
+    kind, _ = check_device_name(args.device, option="--device")
+    if kind != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"needs a CUDA GPU and none is visible here; {_GUIDE} (--device "
+                        "cpu runs a smoke test with tiny shapes, whose timings mean nothing)")
+    device = resolve_device("cuda" if kind == "auto" else args.device, option="--device")
+    if device.type == "cpu":
         print(f"{args.command_prog}: --device cpu is a smoke run: its timings are not GPU "
               "numbers", file=sys.stderr)
-    else:
-        raise UserError(f"--device {name}: the benchmarks run on cuda (or cpu, as a smoke "
-                        f"run); {_GUIDE}")
     return device
 
 
@@ -164,11 +154,6 @@ def run_kernel(args: argparse.Namespace) -> int:
                   ["backend", "phase", "ms_median", "speedup_vs_naive", "peak_gib"])
 
 
-PREFILL_COLUMNS = ["variant", "path", "blocks", "sdpa", "tokens", "batch", "micro_batch",
-                   "s_per_1k_tokens", "tokens_per_s", "mfu", "speedup_vs_full", "peak_gib",
-                   "error"]
-
-
 def run_prefill(args: argparse.Namespace) -> int:
     _check_out(args)
     device = _device(args)
@@ -183,10 +168,6 @@ def run_prefill(args: argparse.Namespace) -> int:
             else f"{args.tokens_per_step} tokens per step")
     return _write(args, f"Prefill, {args.preset}, {size}, bf16 autocast", device, rows,
                   PREFILL_COLUMNS)
-
-
-TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
-                 "mfu", "ratio_vs_best_full", "peak_gib", "error"]
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from tttlm.devices import describe_device
 from tttlm.files import atomic_write_text
 from tttlm.ops._triton import triton_version
 
@@ -23,8 +24,7 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 def environment(device: torch.device) -> dict[str, Any]:
     """Card, software versions and the command line: what makes a number reproducible."""
     cuda = device.type == "cuda"
-    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": torch.cuda.get_device_name(device) if cuda else cpu,
+    return {"device": describe_device(device),
             "torch": torch.__version__, "triton": triton_version(),
             "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(),
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}

@@ -26,6 +26,7 @@ from tttlm.bench.common import (
     time_call,
 )
 from tttlm.config import TTTConfig, Variant
+from tttlm.devices import autocast
 
 
 def _attended_pairs(T: int, window: int | None) -> int:
@@ -64,8 +65,7 @@ def _prefill(model: torch.nn.Module, x: torch.Tensor, ttt: bool, micro_batch: in
     (caches, fast weights, pending chunk) and returns the next token's logits."""
     from tttlm.inference import Engine
 
-    with torch.inference_mode(), torch.autocast(x.device.type, dtype=torch.bfloat16,
-                                                enabled=x.device.type == "cuda"):
+    with torch.inference_mode(), autocast(x.device):  # bf16 on a GPU
         for i in range(0, x.shape[0], micro_batch):
             part = x[i:i + micro_batch]
             if path == "engine":

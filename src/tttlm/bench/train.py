@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 
-from tttlm.bench.cli import STEP_MODES
 from tttlm.bench.common import median, peak_flops, peak_memory_gib, reset_peak_memory, time_call
+from tttlm.bench.names import STEP_MODES
 from tttlm.bench.prefill import prefill_flops
 from tttlm.config import TTTConfig
+from tttlm.devices import autocast
 from tttlm.errors import UserError
 
 
@@ -34,8 +35,7 @@ def _step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     # Gradients are set to None first, so that under a CUDA graph capture the backward pass
     # allocates them in the graph's memory (replays then overwrite them in place).
     optimizer.zero_grad(set_to_none=True)
-    cuda = x.device.type == "cuda"
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cuda, cache_enabled=False):
+    with autocast(x.device, cache_enabled=False):  # bf16 on a GPU
         out = model(x[:, :-1], labels=x[:, 1:], ttt=ttt, checkpoint_chunks=checkpoint_chunks)
     out.loss.backward()
     optimizer.step()

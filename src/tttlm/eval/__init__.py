@@ -3,7 +3,8 @@
 Library entry points (the ``tttlm eval`` commands are thin wrappers around them):
 
 - :func:`load_model`, :func:`load_corpus`: models in their evaluation mode and token data;
-- :func:`evaluate_loss` → report dict; :func:`write_loss_outputs`, :func:`format_table`;
+- :func:`evaluate_loss` → report dict; :func:`write_loss_outputs`, :func:`format_table`,
+  :func:`coarsen_curves`, :func:`plot_loss_by_position`;
 - :func:`build_haystack`, :func:`build_sample`, :func:`evaluate_niah`, :func:`niah_report`,
   :func:`write_niah_outputs`; the scoring functions :func:`score_answer`, :func:`accuracy`,
   :func:`aggregate`;
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from tttlm.eval.compare import compare
     from tttlm.eval.loss import (
         WindowMode,
+        bucket_means,
+        coarsen_curves,
         evaluate_loss,
         format_table,
         max_length,
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
         score_answer,
         write_niah_outputs,
     )
+    from tttlm.eval.plots import plot_loss_by_position
 
 __all__ = [
     "EvalError",
@@ -57,8 +61,10 @@ __all__ = [
     "accuracy",
     "aggregate",
     "build_haystack",
+    "bucket_means",
     "build_sample",
     "builtin_books",
+    "coarsen_curves",
     "compare",
     "evaluate_loss",
     "evaluate_niah",
@@ -70,6 +76,7 @@ __all__ = [
     "model_predictor",
     "niah_report",
     "plan_windows",
+    "plot_loss_by_position",
     "score_answer",
     "tokenize_documents",
     "write_loss_outputs",
@@ -81,8 +88,10 @@ __getattr__, __dir__ = lazy_exports(__name__, {
                     "tttlm.eval.adapters"),
     **dict.fromkeys(["EvalModel", "load_corpus", "load_model"], "tttlm.eval.common"),
     "compare": "tttlm.eval.compare",
-    **dict.fromkeys(["WindowMode", "evaluate_loss", "format_table", "max_length", "plan_windows",
-                     "write_loss_outputs"], "tttlm.eval.loss"),
+    **dict.fromkeys(["WindowMode", "bucket_means", "coarsen_curves", "evaluate_loss",
+                     "format_table", "max_length", "plan_windows", "write_loss_outputs"],
+                    "tttlm.eval.loss"),
+    "plot_loss_by_position": "tttlm.eval.plots",
     **dict.fromkeys(["NeedleKind", "NiahSample", "NiahSettings", "Prediction", "accuracy",
                      "aggregate", "build_haystack", "build_sample", "evaluate_niah",
                      "extract_answer", "model_predictor", "niah_report", "score_answer",

@@ -27,10 +27,11 @@ def _interrupted(out: Path) -> int:
 
 
 def _load_models(args: argparse.Namespace) -> list[Any]:
+    from tttlm.devices import resolve_device
     from tttlm.eval.adapters import EvalError
-    from tttlm.eval.common import load_model, pick_device, unique_labels
+    from tttlm.eval.common import load_model, unique_labels
 
-    device = pick_device(args.device)
+    device = resolve_device(args.device, option="--device")
     labels = args.label or []
     if labels and len(labels) != len(args.model):
         raise EvalError(f"{len(labels)} --label for {len(args.model)} --model; give one per "
@@ -44,7 +45,8 @@ def _load_models(args: argparse.Namespace) -> list[Any]:
 
 
 def _run_loss(args: argparse.Namespace) -> int:
-    from tttlm.eval.common import PartialResults, load_corpus, parse_int_list, pick_device
+    from tttlm.devices import resolve_device
+    from tttlm.eval.common import PartialResults, load_corpus, parse_int_list
     from tttlm.eval.loss import evaluate_loss, format_table, write_loss_outputs
 
     out = Path(args.out)
@@ -59,7 +61,8 @@ def _run_loss(args: argparse.Namespace) -> int:
             PartialResults(out).clear()
         report = evaluate_loss(models, corpus, lengths, mode=args.windows,
                                max_sequences=args.max_sequences, batch_size=args.batch_size,
-                               device=pick_device(args.device), out_dir=out,
+                               device=resolve_device(args.device, option="--device"),
+                               out_dir=out,
                                curve_points=args.curve_points, progress=not args.quiet,
                                log=None if args.quiet else _log)
         written = write_loss_outputs(report, out, plots=not args.no_plots)
@@ -71,6 +74,7 @@ def _run_loss(args: argparse.Namespace) -> int:
 
 
 def _run_niah(args: argparse.Namespace) -> int:
+    from tttlm.devices import resolve_device
     from tttlm.eval.adapters import (
         EvalError,
         builtin_books,
@@ -83,7 +87,6 @@ def _run_niah(args: argparse.Namespace) -> int:
         find_tokenizer,
         parse_float_list,
         parse_int_list,
-        pick_device,
     )
     from tttlm.eval.niah import (
         NiahSettings,
@@ -119,7 +122,7 @@ def _run_niah(args: argparse.Namespace) -> int:
         haystack = build_haystack(corpus, tokenizer)
         if args.fresh:
             PartialResults(out).clear()
-        device = pick_device(args.device)
+        device = resolve_device(args.device, option="--device")
         records = {}
         for em in models:
             predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)

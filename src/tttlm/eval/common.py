@@ -64,26 +64,6 @@ class EvalModel:
                 "fingerprint": self.fingerprint}
 
 
-def pick_device(device: str | None = None) -> torch.device:
-    """``cuda`` when available unless a device is named."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        chosen = torch.device(device)
-    except RuntimeError as err:
-        raise EvalError(f"--device {device!r}: {err}; use auto, cpu, cuda or cuda:N") from None
-    if chosen.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device {device}: CUDA is not available here; use --device cpu")
-    return chosen
-
-
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """bf16 autocast on GPU (the paper's matmul precision); full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def load_model(path: str | os.PathLike[str], *, device: torch.device | None = None,
                ttt: bool | None = None, label: str | None = None) -> EvalModel:
     """Load a model folder for evaluation; ``ttt=None`` keeps the model's default mode."""

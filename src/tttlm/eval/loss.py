@@ -13,6 +13,7 @@ document from the previous one is noise), as in the official training loss.
 
 from __future__ import annotations
 
+import copy
 import csv
 import enum
 import io
@@ -28,11 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from tttlm.devices import autocast
 from tttlm.eval.adapters import EvalError, TokenCorpus
 from tttlm.eval.common import (
     EvalModel,
     PartialResults,
-    autocast,
     progress_bar,
     write_json,
 )
@@ -124,6 +125,36 @@ def _binned(values: np.ndarray, size: int) -> list[float]:
     pad = (-len(values)) % size
     padded = np.concatenate([values, np.zeros(pad, values.dtype)]) if pad else values
     return padded.reshape(-1, size).sum(1).tolist()
+
+
+def bucket_means(values: Sequence[float | None], width: int,
+                 counts: Sequence[int] | None = None) -> list[float | None]:
+    """Means of consecutive ``width``-value buckets (the last may be shorter), each value
+    weighing its count (default 1); a ``None`` value (no data) weighs nothing, and a bucket
+    without data is ``None``."""
+    means = _floats(values)
+    weights = np.ones(len(means)) if counts is None else np.asarray(counts, np.float64)
+    weights = np.where(np.isnan(means), 0.0, weights)
+    sums = np.asarray(_binned(np.nan_to_num(means) * weights, width))
+    totals = np.asarray(_binned(weights, width))
+    return _nullable(np.where(totals > 0, sums / np.maximum(totals, 1e-300), np.nan))
+
+
+def coarsen_curves(report: dict[str, Any], width: int) -> dict[str, Any]:
+    """A copy of a loss report whose per-position curves have ``width`` times fewer points:
+    each point the token-weighted mean of ``width`` consecutive ones (for plots of curves too
+    noisy to read position by position). Differences against the first model are redone."""
+    out = copy.deepcopy(report)
+    for lengths in out["results"].values():
+        for entry in lengths.values():
+            curve = entry["curve"]
+            counts = curve["count"]
+            curve.update(bin=curve["bin"] * width, positions=curve["positions"][::width],
+                         mean_nll=bucket_means(curve["mean_nll"], width, counts),
+                         count=[int(c) for c in _binned(np.asarray(counts, np.int64), width)])
+            curve.pop("diff_vs_first", None)
+    add_differences(out)
+    return out
 
 
 def score_windows(model: EvalModel, corpus: TokenCorpus, windows: Sequence[Window], length: int,

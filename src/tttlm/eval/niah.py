@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tttlm.devices import autocast
 from tttlm.eval.adapters import (
     EvalError,
     TokenCorpus,
@@ -39,7 +40,7 @@ from tttlm.eval.adapters import (
     generate_and_score,
     reference_generate_and_score,
 )
-from tttlm.eval.common import EvalModel, PartialResults, autocast, progress_bar, write_json
+from tttlm.eval.common import EvalModel, PartialResults, progress_bar, write_json
 
 RESULT_TYPE = "tttlm.eval.niah"
 RESULT_VERSION = 1

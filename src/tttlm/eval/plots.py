@@ -60,6 +60,14 @@ def plot_loss(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
             _loss_by_position(report, out / "loss_by_position.png")]
 
 
+def plot_loss_by_position(report: dict[str, Any], path: str | Path) -> Path | None:
+    """``path`` (a PNG): NLL by position of every model at every length of a loss report, with
+    the difference against the first model; ``None`` without matplotlib."""
+    if not have_matplotlib():
+        return None
+    return _loss_by_position(report, Path(path))
+
+
 def _loss_vs_length(report: dict[str, Any], path: Path) -> Path:
     lengths = report["lengths"]
     models = report["models"]

@@ -39,7 +39,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-bos", action="store_true",
                         help="do not put BOS in front of a new session's text")
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None,
+                        help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--cuda-graphs", action="store_true",
@@ -133,6 +134,7 @@ class _TextStream:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from tttlm.devices import autocast_dtype, resolve_device
     from tttlm.errors import UserError
     from tttlm.inference.engine import Engine
     from tttlm.inference.state import State, check_session_folder
@@ -146,8 +148,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--document {args.document} is not a file; give a text file")
     if args.save_session:
         check_session_folder(args.save_session)  # before the work that it would keep
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    device = resolve_device(args.device, option="--device")
+    # Default: the weights in the precision autocast would compute in (bf16 on a GPU).
+    dtype = getattr(torch, args.dtype) if args.dtype else (autocast_dtype(device)
+                                                            or torch.float32)
     model_dir = Path(args.model)
     model = TTTForCausalLM.from_pretrained(model_dir, device=device, dtype=dtype).eval()
     tokenizer = _tokenizer(args.tokenizer, model_dir, model.config.vocab_size)

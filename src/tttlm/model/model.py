@@ -75,8 +75,8 @@ class ForwardOptions:
         inner_lr: η of the inner steps.
         checkpoint_chunks: recompute each chunk in the backward pass (outer gradient only).
         lean_head: recompute the head's logits in backward passes instead of keeping them.
-        compiled: run the code around attention through ``torch.compile``; TTT chunks only
-            without outer gradient (compiled graphs are not differentiated twice).
+        compiled: run the code around attention through ``torch.compile``: the
+            whole-sequence blocks always, the TTT chunks as :attr:`compile_chunks` decides.
     """
 
     ttt: bool
@@ -85,6 +85,14 @@ class ForwardOptions:
     checkpoint_chunks: bool = False
     lean_head: bool = True
     compiled: bool = False
+
+    @property
+    def compile_chunks(self) -> bool:
+        """Whether the TTT chunks run compiled: only when no outer gradient is taken
+        (evaluation, prefill). The exact and first-order meta-gradients differentiate a chunk's
+        graph twice (gradients of gradients), which compiled graphs do not support: eager
+        there. The one place this rule lives."""
+        return self.compiled and self.mode is GradMode.NONE
 
 
 @dataclass
@@ -478,7 +486,7 @@ class TTTForCausalLM(nn.Module):
                 fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
                         for layer in fast]
             new_caches = []
-            compiled = opts.compiled and frozen
+            compiled = opts.compile_chunks
             for j, layer in enumerate(self.ttt_layers):
                 cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen)
                 # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.

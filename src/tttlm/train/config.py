@@ -14,7 +14,6 @@ import enum
 import json
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import Any
 
 from tttlm.config import MAX_INNER_LR, TTTConfig, Variant, check_number
 from tttlm.config import PRESETS as MODEL_PRESETS
+from tttlm.devices import AUTOCAST_CHOICES, check_device_name
 from tttlm.files import atomic_write_text
 from tttlm.ttt.modes import GradMode
 
@@ -197,14 +197,12 @@ class TrainConfig:
         if self.micro_batch_size and self.batch_size % self.micro_batch_size:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide "
                              f"batch_size={self.batch_size}")
-        if not _DEVICE.match(self.device):
-            raise ValueError(f"device={self.device!r} is not known; use auto, cpu, cuda or "
-                             "cuda:N")
+        check_device_name(self.device)
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype={self.dtype!r}: use float32 (bf16 comes from autocast) or "
                              "float64")
-        if self.autocast not in ("auto", "bf16", "none"):
-            raise ValueError(f"autocast={self.autocast!r}: use auto, bf16 or none")
+        if self.autocast not in AUTOCAST_CHOICES:
+            raise ValueError(f"autocast={self.autocast!r}: use {', '.join(AUTOCAST_CHOICES)}")
         if self.init_from is None and self.model not in MODEL_PRESETS:
             raise ValueError(f"model={self.model!r} is not a preset; use one of "
                              f"{', '.join(MODEL_PRESETS)} or init_from=PATH")
@@ -299,9 +297,6 @@ def _is_a(value: Any, kind: Any) -> bool:
     if isinstance(kind, type):
         return isinstance(value, kind)
     return True
-
-
-_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
 def _tensorboard_setting(value: Any) -> bool | str:

@@ -1,7 +1,8 @@
 """``tttlm quickstart``: TTT-E2E and its two baselines on the built-in books, end to end.
 
 Prepares the data, trains ``e2e``, ``swa`` and ``full`` with the same steps, batch, sequence
-length and token order, measures loss by position on held-out books, and writes
+length and token order, measures loss by position on held-out books (:mod:`tttlm.eval`, as
+``tttlm eval loss --windows stream`` does on the three final models), and writes
 ``report.md``, ``report.json`` and ``loss_by_position.png``. Window and chunk are scaled down
 (k = 256, b = 64 on a CPU) so that the long-context regime starts after a few hundred tokens.
 """
@@ -9,7 +10,6 @@ length and token order, measures loss by position on held-out books, and writes
 from __future__ import annotations
 
 import os
-import platform
 import shlex
 import sys
 import time
@@ -20,10 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from tttlm.data import DataError, TokenDataset, prepare_builtin, read_meta
+from tttlm.data import DataError, prepare_builtin, read_meta
+from tttlm.devices import describe_device, resolve_device
+from tttlm.eval import (
+    WindowMode,
+    coarsen_curves,
+    evaluate_loss,
+    load_corpus,
+    load_model,
+    plot_loss_by_position,
+)
+from tttlm.train import checkpoint as ckpt
 from tttlm.train.config import TrainConfig
-from tttlm.train.report import PLOT_PNG, loss_by_position, plot_loss_by_position, write_report
-from tttlm.train.trainer import Trainer, resolve_device
+from tttlm.train.report import PLOT_PNG, write_report
+from tttlm.train.trainer import Trainer
 
 MODES = ("e2e", "swa", "full")
 
@@ -81,13 +91,6 @@ def model_overrides(size: QuickstartSize, mode: str) -> dict[str, Any]:
     return arch
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, torch threads: "\
-           f"{torch.get_num_threads()})"
-
-
 def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: str = "auto",
                    size: str = "auto", steps: int | None = None, threads: int = 0,
                    data: str | os.PathLike[str] | None = None,
@@ -112,9 +115,9 @@ def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: st
         except DataError:
             ready = False
         if ready:
-            print(f"[1/4] reusing prepared books in {data_dir}", flush=True)
+            print(f"[1/5] reusing prepared books in {data_dir}", flush=True)
         else:
-            print(f"[1/4] preparing the built-in books in {data_dir} ...", flush=True)
+            print(f"[1/5] preparing the built-in books in {data_dir} ...", flush=True)
             prepare_builtin(data_dir, cfg.tokenizer, overwrite=True, progress=progress)
     else:
         data_dir = Path(data)
@@ -122,11 +125,9 @@ def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: st
     prep_time = time.perf_counter() - start
 
     results: dict[str, Any] = {}
-    curves: dict[str, list[float]] = {}
-    val = TokenDataset(data_dir, "val", cfg.seq_len)
     model_arch: dict[str, Any] = {}
     for i, mode in enumerate(MODES):
-        print(f"[{i + 2}/4] training {mode} ({n_steps} steps of {cfg.batch_size} x "
+        print(f"[{i + 2}/5] training {mode} ({n_steps} steps of {cfg.batch_size} x "
               f"{cfg.seq_len} tokens) ...", flush=True)
         config = TrainConfig(
             model="tiny", mode=mode, model_overrides=model_overrides(cfg, mode),
@@ -140,29 +141,37 @@ def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: st
         trainer = Trainer(config, overwrite=True)
         summary = trainer.train()
         train_time = time.perf_counter() - t0
-        curve, used = loss_by_position(trainer.module, val, num_sequences=cfg.eval_sequences,
-                                       ttt=mode == "e2e", batch_size=cfg.batch_size,
-                                       device=trainer.device, autocast=trainer.autocast)
         if mode == "e2e":
             model_arch = {k: v for k, v in trainer.model_config.to_dict().items() if k in (
                 "hidden_size", "num_layers", "num_heads", "vocab_size", "num_ttt_layers")}
-        curves[mode] = [float(x) for x in curve]
         results[mode] = {
             "params": trainer.module.num_parameters(),
             "final_train_loss": summary["loss"],
-            "eval_loss": float(np.mean(curve)),
-            "eval_loss_within_window": float(np.mean(curve[:cfg.window])),
-            "eval_loss_beyond_window": float(np.mean(curve[cfg.window:])),
             "train_time_s": train_time,
             "run_dir": str(out / "runs" / mode),
-            "nll_by_position": curves[mode],
         }
         del trainer
 
-    plotted = plot_loss_by_position(
-        curves, out / PLOT_PNG, window=cfg.window, chunk=cfg.chunk_size, bucket=cfg.bucket,
-        title=f"Held-out books: loss by position ({n_steps} steps x {cfg.batch_size} x "
-              f"{cfg.seq_len} tokens)")
+    # Loss by position of the three final models, as `tttlm eval loss` measures it: windows of
+    # the held-out stream laid out as in training, spread over all of it.
+    print(f"[5/5] loss by position on {cfg.eval_sequences} held-out windows ...", flush=True)
+    models = [load_model(Path(results[mode]["run_dir"]) / ckpt.FINAL, device=dev, label=mode)
+              for mode in MODES]
+    evaluation = evaluate_loss(models, load_corpus(data_dir, split="val"), [cfg.seq_len],
+                               mode=WindowMode.STREAM, max_sequences=cfg.eval_sequences,
+                               batch_size=cfg.batch_size, device=dev,
+                               curve_points=cfg.seq_len, progress=progress)
+    for mode in MODES:
+        entry = evaluation["results"][mode][str(cfg.seq_len)]
+        curve = np.asarray(entry["curve"]["mean_nll"], dtype=np.float64)  # one point a position
+        results[mode].update({
+            "eval_loss": float(np.mean(curve)),
+            "eval_loss_within_window": float(np.mean(curve[:cfg.window])),
+            "eval_loss_beyond_window": float(np.mean(curve[cfg.window:])),
+            "nll_by_position": [float(x) for x in curve],
+        })
+    plotted = plot_loss_by_position(coarsen_curves(evaluation, cfg.bucket),
+                                    out / PLOT_PNG) is not None
     argv = ["tttlm", "quickstart", "--out", str(out_dir)]
     if size != ("gpu" if dev.type == "cuda" else "cpu"):
         argv += ["--size", size]
@@ -177,8 +186,8 @@ def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: st
                                                "full": cfg.mlp_full},
             "data": str(data_dir),
         },
-        "eval_sequences": min(cfg.eval_sequences, len(val)),
-        "device": _device_name(dev),
+        "eval_sequences": evaluation["results"]["e2e"][str(cfg.seq_len)]["sequences"],
+        "device": describe_device(dev),
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "data_prep_time_s": prep_time,

@@ -1,103 +1,21 @@
-"""Loss by token position on held-out text, and the quickstart's report files.
+"""The quickstart's report files: ``report.json`` and ``report.md``.
 
-Loss by position is the paper's long-context measure: with enough context a model that uses
-it keeps improving along the sequence; sliding-window attention stops improving once the
-context exceeds its window, and TTT-E2E should keep improving past it.
+The measurements come from :mod:`tttlm.eval` (loss by position, its plot); this module only
+words them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from tttlm.data import TokenDataset
-from tttlm.files import atomic_save, atomic_write_text
-from tttlm.model.model import TTTForCausalLM
+from tttlm.files import atomic_write_text
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "loss_by_position.png"
-
-
-@torch.no_grad()
-def loss_by_position(model: TTTForCausalLM, dataset: TokenDataset, *, num_sequences: int,
-                     ttt: bool, batch_size: int = 4, device: torch.device | str = "cpu",
-                     autocast: torch.dtype | None = None,
-                     inner_lr: float | None = None) -> tuple[np.ndarray, int]:
-    """Mean NLL at every position ``[T]`` over the first ``num_sequences`` windows of
-    ``dataset`` (consecutive windows of the held-out books), and the count used.
-
-    Targets the loss mask excludes (a document's first token) are left out of their
-    position's mean. With ``ttt`` each token is predicted with the fast weights from before
-    its chunk's update, exactly as in training.
-    """
-    device = torch.device(device)
-    n = min(num_sequences, len(dataset)) if num_sequences else len(dataset)
-    total = torch.zeros(dataset.seq_len, dtype=torch.float64)
-    count = torch.zeros(dataset.seq_len, dtype=torch.float64)
-    model.eval()
-    for start in range(0, n, batch_size):
-        input_ids, labels, mask = (t.to(device) for t in
-                                   dataset.batch(range(start, min(n, start + batch_size))))
-        amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
-               else contextlib.nullcontext())
-        with amp:
-            out = model(input_ids, labels=labels, loss_mask=mask, ttt=ttt, inner_lr=inner_lr)
-        m = mask.double().cpu()
-        total += (out.token_nll.double().cpu() * m).sum(0)
-        count += m.sum(0)
-    return (total / count.clamp_min(1)).numpy(), n
-
-
-def bucket_means(curve: Sequence[float], width: int) -> list[float]:
-    """Means of consecutive ``width``-position buckets (the last may be shorter)."""
-    arr = np.asarray(curve, dtype=np.float64)
-    return [float(arr[i:i + width].mean()) for i in range(0, len(arr), width)]
-
-
-def plot_loss_by_position(curves: dict[str, Sequence[float]], path: str | os.PathLike[str], *,
-                          window: int, chunk: int, bucket: int, title: str) -> bool:
-    """Draw the curves (bucketed) with the window and the first chunks marked.
-
-    Returns ``False`` (and draws nothing) when matplotlib is not installed: the plot is the
-    only part of the report that needs it (``pip install 'tttlm[plot]'``).
-    """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # no display needed, and never pops a window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    colors = {"e2e": "tab:red", "swa": "tab:blue", "full": "tab:green"}
-    for name, curve in curves.items():
-        means = bucket_means(curve, bucket)
-        x = [min(len(curve), i * bucket + bucket / 2) for i in range(len(means))]
-        ax.plot(x, means, label=name, color=colors.get(name), linewidth=1.8)
-    ax.axvline(window, color="black", linestyle="--", linewidth=1)
-    ax.text(window, ax.get_ylim()[1], f" window k={window}", va="top", fontsize=8)
-    length = max(len(c) for c in curves.values())
-    for boundary in range(chunk, length, chunk):
-        ax.axvline(boundary, color="gray", alpha=0.15, linewidth=0.6)
-    ax.set_xlabel(f"token position (gray lines: TTT chunks of b={chunk})")
-    ax.set_ylabel(f"NLL (nats, mean over {bucket}-token buckets)")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    try:
-        atomic_save(path, lambda tmp: fig.savefig(tmp, format="png"))
-    finally:
-        plt.close(fig)
-    return True
 
 
 def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any]) -> dict[str, Path]:

@@ -25,7 +25,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import socket
@@ -40,19 +39,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from tttlm.config import TTTConfig
 from tttlm.data import Batch, TokenDataset, TokenLoader, check_vocab, load_tokenizer, read_meta
+from tttlm.devices import autocast as autocast_to
+from tttlm.devices import autocast_dtype, resolve_device
 from tttlm.errors import UserError, describe_os_error
 from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text
-from tttlm.model.cache import WholeSequence
 from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM
 from tttlm.progress import progress_bar
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import distributed as D
-from tttlm.train.config import Parallel, TrainConfig
+from tttlm.train.config import TrainConfig
+from tttlm.train.parallelize import parallelize
 from tttlm.ttt.inner import GradMode
 
 METRICS_FILE = ckpt.METRICS_FILE
@@ -137,10 +137,8 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], *, ttt: bool,
         if D.is_fsdp(model):
             model.set_requires_gradient_sync(last)  # type: ignore[operator]
         input_ids, labels, mask = (t.to(device, non_blocking=True) for t in part)
-        amp = (torch.autocast(device.type, dtype=autocast) if autocast is not None
-               else contextlib.nullcontext())
         with sync:
-            with amp:
+            with autocast_to(device, autocast):
                 out = model(input_ids, labels=labels, loss_mask=mask, ttt=ttt, inner_lr=inner_lr,
                             grad_mode=grad_mode, checkpoint_chunks=checkpoint_chunks)
             (out.loss / n).backward()
@@ -153,53 +151,6 @@ def forward_backward(model: nn.Module, micro_batches: list[Batch], *, ttt: bool,
     norm = torch.stack(norms).double().mean() if norms else torch.zeros_like(loss)
     both = D.all_reduce_mean(torch.stack([loss, norm]))
     return StepResult(float(both[0]), float(both[1]), tokens)
-
-
-# ---------------------------------------------------------------------- model set-up
-def apply_activation_checkpointing(model: TTTForCausalLM) -> None:
-    """Recompute every whole-sequence block in the backward pass; the TTT chunks are
-    checkpointed by the model itself (``checkpoint_chunks``), whole, inner step included."""
-    for layer in model.layers:
-        original = layer.forward
-
-        def wrapped(h: torch.Tensor, cache: Any, *args: Any, _f: Any = original,
-                    **kwargs: Any) -> torch.Tensor:
-            if isinstance(cache, WholeSequence):
-                return checkpoint(_f, h, cache, *args, use_reentrant=False, **kwargs)
-            return _f(h, cache, *args, **kwargs)
-
-        layer.forward = wrapped  # type: ignore[method-assign]
-
-
-def apply_compile(model: TTTForCausalLM) -> None:
-    """Compile the blocks (``TTTForCausalLM.compile_blocks``): whole-sequence blocks, and TTT
-    chunks in evaluation; the meta-gradient's chunks stay eager."""
-    model.compile_blocks = True
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto``, ``cpu``, ``cuda`` (this process's GPU under ``torchrun``) or ``cuda:N``; a
-    :class:`UserError` for other names and for CUDA where there is none."""
-    match = re.fullmatch(r"(auto|cpu|cuda)(?::(\d+))?", name)
-    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
-        raise UserError(f"device={name!r} is not known; use auto, cpu, cuda or cuda:N")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        return torch.device("cpu")
-    if not torch.backends.cuda.is_built():
-        raise UserError(f"device={name} but this torch build ({torch.__version__}) has no CUDA; "
-                        "use device=cpu or auto, or install a CUDA build of torch")
-    if not torch.cuda.is_available():
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        note = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
-        raise UserError(f"device={name} but no GPU is visible{note}; use device=cpu or auto")
-    index = int(match.group(2)) if match.group(2) is not None else local_rank
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise UserError(f"device={name} needs GPU {index} but {count} GPU(s) are visible; use "
-                        f"device=cuda:0 ... cuda:{count - 1}, or fewer processes")
-    return torch.device("cuda", index)
 
 
 @dataclass
@@ -266,7 +217,8 @@ class Trainer:
         if config.micro_batch_size and self.local_batch % config.micro_batch_size:
             raise UserError(f"micro_batch_size={config.micro_batch_size} does not divide the "
                             f"per-process batch {self.local_batch}; change micro_batch_size")
-        self.autocast = self._autocast_dtype()
+        # bf16 autocast on a GPU unless the config says otherwise (tttlm.devices)
+        self.autocast = autocast_dtype(self.device, config.autocast)
         self.step = 0
         self._stop = False
         self._metrics: Any = None
@@ -291,13 +243,6 @@ class Trainer:
         except BaseException:
             self.close()
             raise
-
-    # ---------------------------------------------------------------------- set-up
-    def _autocast_dtype(self) -> torch.dtype | None:
-        mode = self.config.autocast
-        if mode == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else None
-        return torch.bfloat16 if mode == "bf16" else None
 
     # ------------------------------------------------------------- the run folder
     def _claim_folder(self, resume: bool | str | os.PathLike[str],
@@ -530,18 +475,8 @@ class Trainer:
             model.load_state_dict(state)
         model.to(device=self.device, dtype=dtype)
         model.lean_head = c.lean_head
-        if c.activation_checkpointing:
-            apply_activation_checkpointing(model)
-        if c.compile:
-            apply_compile(model)
-        parallel = c.parallel
-        if parallel is Parallel.AUTO:
-            parallel = Parallel.DDP if self.dist.enabled else None  # type: ignore[assignment]
-        if parallel is Parallel.FSDP:
-            return D.wrap_fsdp(model)
-        if parallel is Parallel.DDP and self.dist.enabled:
-            return D.wrap_ddp(model, self.device)
-        return model
+        return parallelize(model, activation_checkpointing=c.activation_checkpointing,
+                           compile=c.compile, parallel=c.parallel, device=self.device)
 
     @property
     def module(self) -> TTTForCausalLM:
@@ -825,9 +760,7 @@ class Trainer:
         for i in range(0, len(indices), micro):
             input_ids, labels, mask = (t.to(self.device) for t in
                                        self.val_data.batch(indices[i:i + micro]))
-            amp = (torch.autocast(self.device.type, dtype=self.autocast)
-                   if self.autocast is not None else contextlib.nullcontext())
-            with amp:
+            with autocast_to(self.device, self.autocast):
                 out = module(input_ids, labels=labels, loss_mask=mask, ttt=c.ttt,
                              inner_lr=self.model_config.inner_lr)
             m = mask.to(torch.float64)

@@ -1,0 +1,15 @@
+"""Names the benchmarks share with their command line: step modes and report columns (kept
+apart from the benchmarks so that ``tttlm bench`` parses its arguments without torch)."""
+
+from __future__ import annotations
+
+# Training-step modes of tttlm.bench.train: eager, compiled blocks, the whole step as a CUDA
+# graph, or both.
+STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
+
+PREFILL_COLUMNS = ["variant", "path", "blocks", "sdpa", "tokens", "batch", "micro_batch",
+                   "s_per_1k_tokens", "tokens_per_s", "mfu", "speedup_vs_full", "peak_gib",
+                   "error"]
+
+TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
+                 "mfu", "ratio_vs_best_full", "peak_gib", "error"]
