@@ -15,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tttlm.errors import report_exception
+
 # Each module exposes add_parser(subparsers) and sets `func(args) -> int` on its parsers.
 _COMMAND_MODULES = (
     "tttlm.convert.cli",
@@ -35,34 +37,6 @@ class CommandParser(argparse.ArgumentParser):
         self.set_defaults(command_prog=self.prog)
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="show the full traceback of an error")
-
-
-def one_line(message: str) -> str:
-    return " ".join(str(message).split())
-
-
-def user_error(message: str, prog: str = "tttlm") -> int:
-    """Report a user error as one line on stderr (never a traceback); the exit code is 2."""
-    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
-    return 2
-
-
-def report_exception(err: BaseException, prog: str = "tttlm") -> int:
-    """One line for an exception that ended a command; returns the exit status."""
-    from tttlm.errors import UserError, describe_os_error
-
-    if isinstance(err, OSError):
-        described = describe_os_error(err)
-        if described is None and err.filename is not None and err.strerror:
-            # A path that is not what it should be (a folder given for a file, ...).
-            described = f"{err.strerror}: {os.fspath(err.filename)}; check the path"
-        if described is not None:
-            return user_error(described, prog)
-    if isinstance(err, (UserError, ValueError, FileNotFoundError, NotADirectoryError)):
-        return user_error(str(err) or type(err).__name__, prog)
-    print(f"{prog}: error: {type(err).__name__}: {one_line(str(err))}; this is likely a bug in "
-          "tttlm: rerun with --debug for the traceback and report it", file=sys.stderr)
-    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:

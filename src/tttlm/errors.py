@@ -3,7 +3,8 @@
 Library code raises :class:`UserError` (or a subclass) for anything the caller can fix — a bad
 setting, a file that is not what it should be, a folder that belongs to another run. Its message
 is one line, ``<what>; <how to fix>``. The command line prints it as
-``tttlm <cmd>: error: <message>`` and exits 2 (see :mod:`tttlm.cli`); a ``ValueError`` so that
+``tttlm <cmd>: error: <message>`` and exits 2 (:func:`report_exception`, called by
+:mod:`tttlm.cli` and by subcommands that report an error themselves); a ``ValueError`` so that
 callers who validate arguments generically still catch it.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 
 # OSError numbers that mean "the disk cannot take this write", not "the code is wrong".
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -41,3 +43,30 @@ def describe_os_error(err: OSError, kept: str | None = None) -> str | None:
     if err.errno == errno.ENOTDIR and where is not None:
         return f"not a folder: {os.fspath(where)}; check the path"
     return None
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line (its whitespace runs, newlines included, become one space)."""
+    return " ".join(str(message).split())
+
+
+def user_error(message: str, prog: str = "tttlm") -> int:
+    """Report a user error as one line on stderr (never a traceback); the exit code is 2."""
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def report_exception(err: BaseException, prog: str = "tttlm") -> int:
+    """One line for an exception that ended a command; returns the exit status."""
+    if isinstance(err, OSError):
+        described = describe_os_error(err)
+        if described is None and err.filename is not None and err.strerror:
+            # A path that is not what it should be (a folder given for a file, ...).
+            described = f"{err.strerror}: {os.fspath(err.filename)}; check the path"
+        if described is not None:
+            return user_error(described, prog)
+    if isinstance(err, (UserError, ValueError, FileNotFoundError, NotADirectoryError)):
+        return user_error(str(err) or type(err).__name__, prog)
+    print(f"{prog}: error: {type(err).__name__}: {one_line(str(err))}; this is likely a bug in "
+          "tttlm: rerun with --debug for the traceback and report it", file=sys.stderr)
+    return 1

@@ -11,9 +11,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from tttlm.cli import user_error
 from tttlm.data.books import DEFAULT_TOKENIZER as BOOKS_TOKENIZER
-from tttlm.errors import UserError
+from tttlm.errors import UserError, user_error
 
 DEFAULT_TOKENIZER = "bytes"  # tttlm.data.prepare.DEFAULT_TOKENIZER, without importing numpy
 TOKENIZER_HELP = ("bytes (258 ids: bytes + BOS/EOS); train:V (byte-level BPE of V ids trained on "
