@@ -54,9 +54,18 @@ _SIZES: dict[str, tuple[int, int, int, int, int]] = {
     "3b": (32, 2560, 32, 6912, 5632),
 }
 
-# Settings the official configs use for every size but `tiny`, which is scaled to run on a CPU.
-_OFFICIAL = dict(vocab_size=128256, window=8192, chunk_size=1024, rope_theta=500000.0,
-                 bos_token_id=128000, eos_token_id=128001)
+# The official TTT-E2E settings (Llama-3 tokenizer): every size preset but `tiny` (scaled to run
+# on a CPU) uses them, and `tttlm convert official` assumes them for what a checkpoint does not
+# record. Defined here only.
+OFFICIAL_VOCAB_SIZE = 128256
+OFFICIAL_WINDOW = 8192
+OFFICIAL_CHUNK_SIZE = 1024
+OFFICIAL_ROPE_THETA = 500000.0
+OFFICIAL_BOS_ID = 128000  # Llama-3's <|begin_of_text|>
+OFFICIAL_EOS_ID = 128001  # Llama-3's <|end_of_text|>
+_OFFICIAL = dict(vocab_size=OFFICIAL_VOCAB_SIZE, window=OFFICIAL_WINDOW,
+                 chunk_size=OFFICIAL_CHUNK_SIZE, rope_theta=OFFICIAL_ROPE_THETA,
+                 bos_token_id=OFFICIAL_BOS_ID, eos_token_id=OFFICIAL_EOS_ID)
 # `tiny` is the configuration of the official-code fixture (two TTT blocks of four).
 _TINY = dict(vocab_size=256, window=64, chunk_size=32, rope_theta=10000.0,
              bos_token_id=1, eos_token_id=2, num_ttt_layers=2)

@@ -6,6 +6,13 @@ import argparse
 import sys
 from typing import Any
 
+from tttlm.config import (
+    OFFICIAL_BOS_ID,
+    OFFICIAL_CHUNK_SIZE,
+    OFFICIAL_EOS_ID,
+    OFFICIAL_ROPE_THETA,
+    OFFICIAL_WINDOW,
+)
 from tttlm.errors import UserError
 
 
@@ -21,6 +28,8 @@ def _run_official(args: argparse.Namespace) -> int:
                                rope_theta=args.rope_theta, bos_token_id=args.bos_id,
                                eos_token_id=args.eos_id, variant=args.variant, log=note)
     except ImportError as err:  # an optional dependency (tensorstore for Orbax checkpoints)
+        if (err.name or "").partition(".")[0] == "tttlm":
+            raise  # tttlm itself is broken: a bug, not something the user can install
         raise UserError(str(err) or type(err).__name__) from None
     print(f"wrote {out}")
     return 0
@@ -41,22 +50,25 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Convert an official TTT-E2E checkpoint (Orbax, <ckpt>/<step>/model_weights; "
                     "reading it needs pip install 'tttlm[orbax]') or a .npz of official arrays "
                     "into a tttlm model directory. Sizes come from the tensor shapes; options "
-                    "left out take the official values (k 8192, b 1024, theta 500000, "
-                    "Llama-3 BOS/EOS 128000/128001), and each value so assumed is printed "
+                    f"left out take the official values (k {OFFICIAL_WINDOW}, b "
+                    f"{OFFICIAL_CHUNK_SIZE}, theta {OFFICIAL_ROPE_THETA:g}, Llama-3 BOS/EOS "
+                    f"{OFFICIAL_BOS_ID}/{OFFICIAL_EOS_ID}), and each value so assumed is printed "
                     "on stderr with the option that overrides it.")
     official.add_argument("src", metavar="SRC",
                           help="checkpoint root, a <step>/ folder, its model_weights/, or a .npz")
     official.add_argument("dst", metavar="DST", help="output tttlm model directory")
     official.add_argument("--window", type=int, default=None, metavar="K",
-                          help="sliding-window size k (default 8192)")
+                          help=f"sliding-window size k (default {OFFICIAL_WINDOW})")
     official.add_argument("--chunk", type=int, default=None, metavar="B",
-                          help="TTT chunk size b (default 1024)")
+                          help=f"TTT chunk size b (default {OFFICIAL_CHUNK_SIZE})")
     official.add_argument("--rope-theta", type=float, default=None, metavar="T",
-                          help="RoPE base theta (default 500000)")
+                          help=f"RoPE base theta (default {OFFICIAL_ROPE_THETA:g})")
     official.add_argument("--bos-id", type=int, default=None, metavar="N",
-                          help="BOS token id (default 128000; required if the vocab is smaller)")
+                          help=f"BOS token id (default {OFFICIAL_BOS_ID}; required if the vocab "
+                               "is smaller)")
     official.add_argument("--eos-id", type=int, default=None, metavar="N",
-                          help="EOS token id (default 128001 if it fits the vocab, else BOS)")
+                          help=f"EOS token id (default {OFFICIAL_EOS_ID} if it fits the vocab, "
+                               "else BOS)")
     official.add_argument("--variant", choices=("swa", "full"), default=None,
                           help="for checkpoints without prime MLPs: sliding-window or full "
                                "attention (default full); e2e is detected from the tensors")

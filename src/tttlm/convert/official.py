@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from tttlm.config import TTTConfig, Variant
+from tttlm.config import (
+    OFFICIAL_BOS_ID,
+    OFFICIAL_CHUNK_SIZE,
+    OFFICIAL_EOS_ID,
+    OFFICIAL_ROPE_THETA,
+    OFFICIAL_WINDOW,
+    TTTConfig,
+    Variant,
+)
 from tttlm.errors import UserError
 
 _ROOT = "language_model.model."
@@ -31,8 +39,6 @@ SEQ_NORM = _BLOCKS + "seq_norm.weight"
 FFN_W1 = _BLOCKS + "feed_forward.w1.weight"
 PRIME_W1 = _PRIME + "feed_forward_prime.w1.weight"
 
-_OFFICIAL_BOS, _OFFICIAL_EOS = 128000, 128001
-_OFFICIAL_WINDOW, _OFFICIAL_CHUNK, _OFFICIAL_THETA = 8192, 1024, 500000.0
 
 
 @dataclass(frozen=True)
@@ -122,8 +128,8 @@ def _expect_rank(name: str, shape: tuple[int, ...], rank: int) -> None:
                         "give the model_weights of a TTT-E2E checkpoint")
 
 
-def infer_config(arrays: Mapping[str, Any], *, window: int = _OFFICIAL_WINDOW,
-                 chunk_size: int = _OFFICIAL_CHUNK, rope_theta: float = _OFFICIAL_THETA,
+def infer_config(arrays: Mapping[str, Any], *, window: int = OFFICIAL_WINDOW,
+                 chunk_size: int = OFFICIAL_CHUNK_SIZE, rope_theta: float = OFFICIAL_ROPE_THETA,
                  bos_token_id: int | None = None, eos_token_id: int | None = None,
                  variant: Variant | str | None = None) -> TTTConfig:
     """Build the :class:`TTTConfig` an official checkpoint was trained with, from its shapes.
@@ -170,13 +176,13 @@ def infer_config(arrays: Mapping[str, Any], *, window: int = _OFFICIAL_WINDOW,
         fields.update(variant=requested or Variant.FULL)
 
     if bos_token_id is None:
-        if vocab <= _OFFICIAL_BOS:
+        if vocab <= OFFICIAL_BOS_ID:
             raise UserError(
-                f"vocabulary size {vocab} has no room for the Llama-3 BOS id {_OFFICIAL_BOS}; "
+                f"vocabulary size {vocab} has no room for the Llama-3 BOS id {OFFICIAL_BOS_ID}; "
                 "pass the tokenizer's BOS id with --bos-id")
-        bos_token_id = _OFFICIAL_BOS
+        bos_token_id = OFFICIAL_BOS_ID
     if eos_token_id is None:
-        eos_token_id = _OFFICIAL_EOS if vocab > _OFFICIAL_EOS else bos_token_id
+        eos_token_id = OFFICIAL_EOS_ID if vocab > OFFICIAL_EOS_ID else bos_token_id
 
     return TTTConfig(
         vocab_size=vocab, hidden_size=hidden, num_layers=layers, num_heads=hidden // head_dim,
@@ -302,7 +308,7 @@ def assumed_settings(config: TTTConfig, *, window: int | None = None,
         notes.append(f"BOS id {config.bos_token_id} (Llama-3's; the loss mask depends on it); "
                      "pass --bos-id N if the tokenizer is not Llama-3's")
     if eos_token_id is None:
-        source = ("Llama-3's" if config.eos_token_id == _OFFICIAL_EOS
+        source = ("Llama-3's" if config.eos_token_id == OFFICIAL_EOS_ID
                   else "the BOS id: the vocabulary has no room for Llama-3's")
         notes.append(f"EOS id {config.eos_token_id} ({source}); pass --eos-id N to choose "
                      "another")
@@ -316,8 +322,9 @@ def convert_official(src: str | Path, dst: str | Path, *, window: int | None = N
                      log: Callable[[str], None] | None = None) -> Path:
     """Convert an official checkpoint SRC into a tttlm model directory DST and return DST.
 
-    Options left as ``None`` take the official TTT-E2E values (k 8192, b 1024, θ 500 000,
-    Llama-3 token ids); each value so assumed is passed to ``log`` (see
+    Options left as ``None`` take the official TTT-E2E values (the ``OFFICIAL_*`` constants of
+    :mod:`tttlm.config`: k 8192, b 1024, θ 500 000, Llama-3 token ids); each value so assumed
+    is passed to ``log`` (see
     :func:`assumed_settings`) before anything is written. Loading is strict, so a mapping
     mistake fails here rather than producing a model that merely scores badly.
     """
