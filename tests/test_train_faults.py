@@ -27,6 +27,7 @@ from tttlm.cli import main
 from tttlm.data import prepare
 from tttlm.devices import resolve_device
 from tttlm.errors import UserError
+from tttlm.model import model as model_module
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import trainer as trainer_module
 from tttlm.train.config import resolve_config
@@ -165,17 +166,21 @@ def test_nonfinite_weights_are_never_saved(data_dir: Path, tmp_path: Path) -> No
 
 # ------------------------------------------------------- item 9: full disk, size limit
 def _fail_at_step_4(monkeypatch: pytest.MonkeyPatch, name: str, fail: object) -> None:
-    real = {"optimizer.pt": ckpt.save_torch, "model.safetensors": ckpt.save_file}[name]
+    # The weights go through the model folder writer (tttlm.model.model.save_model_folder),
+    # which has safetensors fill a temporary file (".model.safetensors.tmp-...") first.
+    module = ckpt if name == "optimizer.pt" else model_module
+    attr = "save_torch" if name == "optimizer.pt" else "save_file"
+    real = getattr(module, attr)
 
     def wrapped(*args: object, **kwargs: object) -> None:
         path = Path(str(args[1]))
-        if path.name == name and "step_00000004" in str(path):
+        ours = path.name == name or path.name.startswith(f".{name}.tmp-")
+        if ours and "step_00000004" in str(path):
             fail(real, *args, **kwargs)  # type: ignore[operator]
         else:
             real(*args, **kwargs)  # type: ignore[operator]
 
-    attr = "save_torch" if name == "optimizer.pt" else "save_file"
-    monkeypatch.setattr(ckpt, attr, wrapped)
+    monkeypatch.setattr(module, attr, wrapped)
 
 
 def test_file_size_limit_during_a_checkpoint(data_dir: Path, tmp_path: Path,

@@ -541,12 +541,7 @@ class TTTForCausalLM(nn.Module):
         ``config.json`` edited or copied from another model, and a save cut between the two
         files.
         """
-        path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_safetensors(path / WEIGHTS_NAME, tensors, weights_metadata(self.config))
-        atomic_write_text(path / CONFIG_NAME, self.config.to_json() + "\n")
-        return path
+        return save_model_folder(directory, self.state_dict(), self.config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike[str],
@@ -605,6 +600,20 @@ def weights_metadata(config: TTTConfig) -> dict[str, str]:
     fields, which :meth:`TTTForCausalLM.from_pretrained` compares with ``config.json``."""
     return {"format": "pt", CONFIG_FINGERPRINT_KEY: config.fingerprint(),
             CONFIG_FIELDS_KEY: json.dumps(config.to_dict(), sort_keys=True)}
+
+
+def save_model_folder(directory: str | os.PathLike[str], state_dict: dict[str, torch.Tensor],
+                      config: TTTConfig) -> Path:
+    """The one writer of model folders: ``model.safetensors`` (recording ``config``, see
+    :func:`weights_metadata`) then ``config.json``, each durably (temporary file, fsync,
+    rename, fsync of the folder). :meth:`TTTForCausalLM.save_pretrained` and the trainer's
+    checkpoints (with a state dict gathered from sharded ranks) both write through it."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    save_safetensors(path / WEIGHTS_NAME, tensors, weights_metadata(config))
+    atomic_write_text(path / CONFIG_NAME, config.to_json() + "\n")
+    return path
 
 
 def save_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],

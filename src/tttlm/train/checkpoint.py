@@ -34,11 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tttlm import files
 from tttlm.config import TTTConfig
-from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME
+from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, save_model_folder
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -142,17 +141,11 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 def write_model_dir(directory: Path, state: dict[str, torch.Tensor], config: TTTConfig) -> None:
-    """``config.json`` + ``model.safetensors`` as :meth:`TTTForCausalLM.save_pretrained`
-    writes them, into ``directory`` (a staging folder: :func:`commit_checkpoint` and
-    :func:`commit_final` flush it and move it into place); takes a state dict so that sharded
-    (FSDP) models can pass a gathered one."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    weights = directory / WEIGHTS_NAME
-    _guarded_write(weights, lambda: save_file(
-        tensors, str(weights), metadata={"format": "pt", "tttlm_config": config.fingerprint()}))
-    config_file = directory / CONFIG_NAME
-    _guarded_write(config_file, lambda: config_file.write_text(config.to_json() + "\n"))
+    """A model folder (:func:`tttlm.model.model.save_model_folder`, the writer of
+    ``save_pretrained``) in ``directory`` (a staging folder: :func:`commit_checkpoint` and
+    :func:`commit_final` move it into place); takes a state dict so that sharded (FSDP) models
+    can pass a gathered one. A failure caused by the disk names the weights file."""
+    _guarded_write(directory / WEIGHTS_NAME, lambda: save_model_folder(directory, state, config))
 
 
 # ---------------------------------------------------------------------------------- RNG
