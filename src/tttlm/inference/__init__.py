@@ -30,7 +30,8 @@ def generate(model: TTTForCausalLM, input_ids: torch.Tensor,
              do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, seed: int | None = None) -> torch.Tensor:
-    """``model.generate`` with the Hugging Face argument names.
+    """Hugging Face-style generation with test-time updates, with its argument names (the model
+    has no ``generate`` method: the model package imports nothing of inference).
 
     ``input_ids [B, T]``, optionally padded (left or right) with ``attention_mask [B, T]``
     marking real tokens. Greedy unless ``do_sample``. Returns ``[B, T + max_new]``: each row's

@@ -523,14 +523,6 @@ class TTTForCausalLM(nn.Module):
             new_caches = [(k.detach(), v.detach()) for k, v in new_caches]
         return nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, h
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 **kwargs: Any) -> torch.Tensor:
-        """Hugging Face-style generation with test-time updates; see
-        :func:`tttlm.inference.generate` for the arguments."""
-        from tttlm.inference import generate  # the inference package imports this module
-
-        return generate(self, input_ids, attention_mask, **kwargs)
-
     # ------------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``model.safetensors`` then ``config.json`` to ``directory``, each durably
