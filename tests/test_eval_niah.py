@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,6 @@ from tttlm.eval.adapters import (
     builtin_books,
     generate_and_score,
     read_documents,
-    reference_generate_and_score,
     tokenize_documents,
 )
 from tttlm.eval.common import load_model
@@ -191,6 +191,38 @@ def test_resume_skips_done_samples(haystack: niah.Haystack, tmp_path: Path) -> N
 
 
 # --------------------------------------------------------------------------- with models
+def reference_generate_and_score(model: TTTForCausalLM, prompt: Sequence[int],
+                                 max_new_tokens: int, answer: Sequence[int] = (), *,
+                                 ttt: bool | None = None,
+                                 eos_id: int | None = None) -> tuple[list[int], float | None]:
+    """:func:`generate_and_score` by full forward passes (one per new token): quadratic, the
+    reference the engine path is checked against. The forward pass makes the same inner
+    updates at the same chunk boundaries as prefill + decode, so both must agree."""
+    device = model.embed.weight.device
+    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, T]
+    bos = model.config.bos_token_id
+    out: list[int] = []
+    for _ in range(max_new_tokens):
+        # The last target is unknown: a dummy label, not counted, so no update learns from it.
+        labels = torch.cat([ids[:, 1:], ids.new_zeros(1, 1)], 1)
+        mask = labels != bos
+        mask[:, -1] = False
+        result = model(ids, labels=labels, loss_mask=mask, ttt=ttt, return_logits=True)
+        assert result.logits is not None
+        token = int(result.logits[0, -1].argmax())
+        if token == eos_id:
+            break
+        out.append(token)
+        ids = torch.cat([ids, ids.new_tensor([[token]])], 1)
+    if not answer:
+        return out, None
+    full = torch.tensor([[*prompt, *answer]], dtype=torch.long, device=device)  # [1, T + A]
+    labels = full[:, 1:]
+    result = model(full[:, :-1], labels=labels, loss_mask=labels != bos, ttt=ttt)
+    assert result.token_nll is not None
+    return out, -float(result.token_nll[0, len(prompt) - 1:].double().sum())
+
+
 def test_engine_generation_matches_forward_reference(tmp_path: Path) -> None:
     # float64 so that greedy choices cannot flip on rounding; the prompt (45 tokens) ends
     # inside a chunk and the 12 new tokens cross two chunk boundaries.

@@ -204,35 +204,3 @@ def generate_and_score(model: TTTForCausalLM, prompt: Sequence[int], max_new_tok
         if i + 1 < len(answer):
             logits, scored = engine.step(scored, [token])
     return out, logprob
-
-
-def reference_generate_and_score(model: TTTForCausalLM, prompt: Sequence[int],
-                                 max_new_tokens: int, answer: Sequence[int] = (), *,
-                                 ttt: bool | None = None,
-                                 eos_id: int | None = None) -> tuple[list[int], float | None]:
-    """:func:`generate_and_score` by full forward passes (one per new token): quadratic, for
-    tests that check the engine path. The forward pass makes the same inner updates at the
-    same chunk boundaries as prefill + decode, so both must agree."""
-    device = model.embed.weight.device
-    ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)  # [1, T]
-    bos = model.config.bos_token_id
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        # The last target is unknown: a dummy label, not counted, so no update learns from it.
-        labels = torch.cat([ids[:, 1:], ids.new_zeros(1, 1)], 1)
-        mask = labels != bos
-        mask[:, -1] = False
-        result = model(ids, labels=labels, loss_mask=mask, ttt=ttt, return_logits=True)
-        assert result.logits is not None
-        token = int(result.logits[0, -1].argmax())
-        if token == eos_id:
-            break
-        out.append(token)
-        ids = torch.cat([ids, ids.new_tensor([[token]])], 1)
-    if not answer:
-        return out, None
-    full = torch.tensor([[*prompt, *answer]], dtype=torch.long, device=device)  # [1, T + A]
-    labels = full[:, 1:]
-    result = model(full[:, :-1], labels=labels, loss_mask=labels != bos, ttt=ttt)
-    assert result.token_nll is not None
-    return out, -float(result.token_nll[0, len(prompt) - 1:].double().sum())

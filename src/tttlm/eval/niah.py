@@ -38,7 +38,6 @@ from tttlm.eval.adapters import (
     TokenCorpus,
     Tokenizer,
     generate_and_score,
-    reference_generate_and_score,
 )
 from tttlm.eval.common import EvalModel, PartialResults, progress_bar, write_json
 
@@ -359,19 +358,18 @@ Predictor = Callable[[NiahSample], "str | Prediction"]
 
 
 def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
-                    logprob: bool = True, extra_tokens: int = 8,
-                    reference: bool = False) -> Predictor:
+                    logprob: bool = True, extra_tokens: int = 8) -> Predictor:
     """Greedy generation (a few tokens past the answer's length) plus the answer's
-    log-probability, from one prefill of the prompt (``reference``: by full forward passes)."""
-    run = reference_generate_and_score if reference else generate_and_score
+    log-probability, from one prefill of the prompt."""
 
     def predict(sample: NiahSample) -> Prediction:
         # bf16 autocast on GPU, as the loss evaluation: the paper's matmul precision.
         device = next(em.model.parameters()).device
         with torch.inference_mode(), autocast(device):
-            ids, lp = run(em.model, sample.input_ids, len(sample.answer_ids) + extra_tokens,
-                          sample.answer_ids if logprob else (), ttt=em.ttt,
-                          eos_id=tokenizer.eos_id)
+            ids, lp = generate_and_score(em.model, sample.input_ids,
+                                         len(sample.answer_ids) + extra_tokens,
+                                         sample.answer_ids if logprob else (), ttt=em.ttt,
+                                         eos_id=tokenizer.eos_id)
         return Prediction(tokenizer.decode(ids), lp)
 
     return predict
