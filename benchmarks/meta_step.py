@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from tttlm import TTTConfig, TTTForCausalLM
+from tttlm.devices import autocast, resolve_device
 from tttlm.ops.attention import attention_backend
 
 
@@ -32,7 +33,7 @@ def measure(model: TTTForCausalLM, batch: int, seq_len: int, ttt: bool, checkpoi
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):  # bf16 on a GPU
             out = model(x[:, :-1], labels=x[:, 1:], ttt=ttt, checkpoint_chunks=checkpoint)
         out.loss.backward()
         model.zero_grad(set_to_none=True)
@@ -59,7 +60,7 @@ def main() -> int:
     parser.add_argument("--attention", default="auto",
                         help="attention backend (auto, naive, banded, triton)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     torch.manual_seed(0)
     model = TTTForCausalLM(TTTConfig.from_preset(args.preset)).to(device)
     model.lean_head = not args.plain_head
