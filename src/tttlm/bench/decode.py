@@ -31,13 +31,15 @@ def filled_state(engine: Engine, context: int, extra: int, generator: torch.Gene
     config = engine.config
     b = config.chunk_size
 
-    def rand(t: torch.Tensor) -> torch.Tensor:
-        return torch.randn(t.shape, generator=generator, device=t.device, dtype=t.dtype)
+    def rand(t: torch.Tensor, slots: int | None = None) -> torch.Tensor:
+        shape = t.shape if slots is None else (*t.shape[:2], slots, *t.shape[3:])
+        return torch.randn(shape, generator=generator, device=t.device, dtype=t.dtype)
 
-    if engine.window is None:
-        engine._grow(state, context + extra)
-    state.prefix_keys = [rand(t) for t in state.prefix_keys]
-    state.prefix_values = [rand(t) for t in state.prefix_values]
+    # Full attention keeps the whole context: caches of context + extra slots (the engine
+    # reads a state's capacity off its buffers); a sliding window keeps its fixed ring.
+    slots = context + extra if engine.window is None else None
+    state.prefix_keys = [rand(t, slots) for t in state.prefix_keys]
+    state.prefix_values = [rand(t, slots) for t in state.prefix_values]
     state.lengths = [context]
     if engine.is_e2e:
         # One token into the current chunk, so the timed steps complete no chunk.
@@ -51,8 +53,10 @@ def filled_state(engine: Engine, context: int, extra: int, generator: torch.Gene
     return state
 
 
-def graph_check(engines: dict[str, Engine], context: int, generator: torch.Generator) -> float:
-    """Max |logit difference| between eager and graph steps from the same state."""
+def graph_check(model: TTTForCausalLM, context: int, generator: torch.Generator) -> float:
+    """Max |logit difference| between eager and graph steps from the same state (engines of
+    their own, dropped at the end with their graph's memory)."""
+    engines = {mode: _engine(model, mode) for mode in ("eager", "graph")}
     base = filled_state(engines["eager"], context, 16, generator)
     logits = {}
     for mode, engine in engines.items():
@@ -62,8 +66,11 @@ def graph_check(engines: dict[str, Engine], context: int, generator: torch.Gener
             token = lg.argmax(-1).cpu()
             out.append(lg.float())
         logits[mode] = torch.stack(out)
-        engine._graph = None
     return (logits["eager"] - logits["graph"]).abs().max().item()
+
+
+def _engine(model: TTTForCausalLM, mode: str) -> Engine:
+    return Engine(model, cuda_graphs=mode == "graph")
 
 
 def time_steps(engine: Engine, state: State, steps: int, warmup: int,
@@ -107,6 +114,7 @@ def bench_decode(device: torch.device, *, presets: Sequence[str] = ("125m", "760
     if "graph" in modes and device.type != "cuda":
         raise UserError("the graph mode replays CUDA graphs, which need a CUDA device; use "
                         "--modes eager on a CPU")
+    modes = list(dict.fromkeys(modes))
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
     rows: list[dict[str, Any]] = []
@@ -116,14 +124,16 @@ def bench_decode(device: torch.device, *, presets: Sequence[str] = ("125m", "760
             torch.manual_seed(0)
             with torch.device(device):
                 model = TTTForCausalLM(config).to(dtype).eval()
-            engines = {mode: Engine(model, cuda_graphs=mode == "graph") for mode in modes}
-            if len(engines) == 2:
-                diff = graph_check(engines, contexts[0], generator)
+            if set(modes) == {"eager", "graph"}:
+                diff = graph_check(model, contexts[0], generator)
                 log(f"{preset} {variant}: graph vs eager max |logit diff| over 3 steps: "
                     f"{diff:.3g}")
             first: dict[str, float] = {}
             for context in contexts:
-                for mode, engine in engines.items():
+                for mode in modes:
+                    # A fresh engine per context: the last one's CUDA graph (and its memory
+                    # pool) goes with it.
+                    engine = _engine(model, mode)
                     state = filled_state(engine, context, warmup + steps + 8, generator)
                     step_s = median(time_steps(engine, state, steps, warmup, device))
                     inner_s = 0.0
@@ -136,9 +146,8 @@ def bench_decode(device: torch.device, *, presets: Sequence[str] = ("125m", "760
                                      per_token_ms=per_token, vs_shortest=per_token / first[mode],
                                      state_mib=state.nbytes() / 2**20))
                     log(str(rows[-1]))
-                    del state
-                    engine._graph = None
-            del engines, model
+                    del state, engine
+            del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
