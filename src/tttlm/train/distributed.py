@@ -61,6 +61,11 @@ def init_distributed(device: torch.device, timeout_min: float = 30.0) -> DistInf
     return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"]))
 
 
+def several_processes() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -68,7 +73,7 @@ def barrier() -> None:
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself for one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_processes():
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
@@ -77,7 +82,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean over processes (the value itself for a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if several_processes():
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value /= dist.get_world_size()

@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -58,10 +57,6 @@ def apply_compile(model: TTTForCausalLM) -> None:
     model.compile_blocks = True
 
 
-def _several_processes() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
 def data_parallel(parallel: Parallel | str | None) -> Parallel | None:
     """What ``parallel`` does in this process: ``auto`` and ``ddp`` are DDP in a job of several
     processes and nothing in a single one; ``fsdp`` is FSDP2 in any case."""
@@ -70,7 +65,7 @@ def data_parallel(parallel: Parallel | str | None) -> Parallel | None:
     parallel = Parallel(parallel)
     if parallel is Parallel.FSDP:
         return parallel
-    return Parallel.DDP if _several_processes() else None
+    return Parallel.DDP if D.several_processes() else None
 
 
 def parallelize(model: TTTForCausalLM, *, activation_checkpointing: bool, compile: bool,
