@@ -77,15 +77,18 @@ def resolve_device(name: str | None = "auto", local_rank: int = 0, *,
     return torch.device("cuda", index)
 
 
-def autocast_dtype(device: torch.device, setting: str = "auto") -> torch.dtype | None:
-    """The autocast dtype of a precision setting: ``auto`` (bf16 on a GPU, none on a CPU),
-    ``bf16`` or ``none`` (``None``: full precision)."""
+def autocast_dtype(device: torch.device, setting: str = "auto",
+                   weights: torch.dtype | None = None) -> torch.dtype | None:
+    """The autocast dtype of a precision setting: ``auto`` (bf16 on a GPU, none on a CPU, and
+    none for float64 ``weights``, which are there for exactness), ``bf16`` or ``none``
+    (``None``: full precision)."""
     import torch
 
     if setting not in AUTOCAST_CHOICES:
         raise UserError(f"autocast={setting!r} is not known; use {', '.join(AUTOCAST_CHOICES)}")
     if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
+        exact = weights == torch.float64
+        return torch.bfloat16 if device.type == "cuda" and not exact else None
     return torch.bfloat16 if setting == "bf16" else None
 
 

@@ -76,7 +76,8 @@ class TrainConfig:
         grad_mode: ``exact`` (second order through the inner steps) or ``first_order``.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         dtype: parameter dtype: ``float32``, or ``float64`` for exactness tests.
-        autocast: ``auto`` (bf16 autocast on CUDA, none on CPU), ``bf16`` or ``none``.
+        autocast: ``auto`` (bf16 autocast on CUDA, none on CPU or with float64 weights),
+            ``bf16`` or ``none``.
         activation_checkpointing: recompute activations in the backward pass (TTT chunks and
             whole-sequence blocks) to save memory.
         lean_head: recompute the output head's ``[tokens, vocab]`` logits in the backward passes

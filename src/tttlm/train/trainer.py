@@ -217,8 +217,9 @@ class Trainer:
         if config.micro_batch_size and self.local_batch % config.micro_batch_size:
             raise UserError(f"micro_batch_size={config.micro_batch_size} does not divide the "
                             f"per-process batch {self.local_batch}; change micro_batch_size")
-        # bf16 autocast on a GPU unless the config says otherwise (tttlm.devices)
-        self.autocast = autocast_dtype(self.device, config.autocast)
+        # bf16 autocast on a GPU unless the config says otherwise or the weights are float64
+        # (tttlm.devices)
+        self.autocast = autocast_dtype(self.device, config.autocast, self._weights_dtype())
         self.step = 0
         self._stop = False
         self._metrics: Any = None
@@ -463,9 +464,12 @@ class Trainer:
                         "(drop --model, --mode and --set model.*), or start a new run with "
                         "another --out")
 
+    def _weights_dtype(self) -> torch.dtype:
+        return torch.float64 if self.config.dtype == "float64" else torch.float32
+
     def _build_model(self) -> nn.Module:
         c = self.config
-        dtype = torch.float64 if c.dtype == "float64" else torch.float32
+        dtype = self._weights_dtype()
         torch.manual_seed(c.seed)
         model = TTTForCausalLM(self.model_config)
         if c.init_from is not None and self.resume_from is None:
