@@ -98,7 +98,7 @@ def time_inner_step(engine: Engine, state: State, reps: int, device: torch.devic
         sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            engine._finish_chunk(state, [0], target)
+            engine.finish_chunk(state, [0], target)
         sync(device)
         times.append(time.perf_counter() - t0)
     return times[1:]

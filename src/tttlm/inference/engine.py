@@ -350,7 +350,7 @@ class Engine:
             if self.is_e2e:
                 full = [r for r in rows if self._pending(state, r) == self.chunk]
                 if full:
-                    self._finish_chunk(state, full, tokens[full])
+                    self.finish_chunk(state, full, tokens[full])
             if (self.cuda_graphs and state.device.type == "cuda"
                     and len(rows) == state.batch_size):
                 if self.window is None:
@@ -433,7 +433,7 @@ class Engine:
         while t < T:
             pending = self._pending(state, 0)
             if self.is_e2e and pending == b:
-                self._finish_chunk(state, rows, tokens[:, t])
+                self.finish_chunk(state, rows, tokens[:, t])
                 pending = 0
             n = min(b - pending, T - t)
             last = t + n == T
@@ -586,8 +586,9 @@ class Engine:
             w = state.fast_cast
         return unflatten_fast(w)[j]
 
-    def _finish_chunk(self, state: State, rows: list[int], last_targets: torch.Tensor) -> None:
-        """Learn from the full pending chunk of ``rows`` (whose last target is
+    def finish_chunk(self, state: State, rows: list[int], last_targets: torch.Tensor) -> None:
+        """(Called by :meth:`step` and :meth:`prefill`; public for benchmarks that time the
+        inner step alone.) Learn from the full pending chunk of ``rows`` (whose last target is
         ``last_targets [R]``), then make the chunk part of the cache."""
         assert self.window is not None
         W, b, device = self.window, self.chunk, state.device

@@ -20,9 +20,10 @@ _flex_shapes: set[tuple[Any, ...]] = set()
 
 
 def flex_can_run(q: torch.Tensor) -> bool:
-    """CUDA tensors with a head dimension of at least 16 (flex_attention's kernels need it; the
-    tiny test models have 8)."""
-    return q.is_cuda and q.shape[-1] >= 16
+    """CUDA tensors of 16- or 32-bit floats with a head dimension of at least 16
+    (flex_attention's kernels need it; the tiny test models have 8; Inductor cannot compile
+    its float64 kernel)."""
+    return q.is_cuda and q.shape[-1] >= 16 and q.dtype != torch.float64
 
 
 def flex_shape_allowed(q: torch.Tensor, window: int) -> bool:
