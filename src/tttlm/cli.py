@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "tttlm.inference.cli",
     "tttlm.eval.cli",
     "tttlm.bench.cli",
+    "tttlm.serve.cli",
 )
 
 
