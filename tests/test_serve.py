@@ -7,6 +7,8 @@ long greedy ``Engine.generate`` in this process, on the same weights.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -27,6 +29,7 @@ pytest.importorskip("uvicorn")
 
 from tttlm import TTTConfig, TTTForCausalLM  # noqa: E402
 from tttlm.cli import main  # noqa: E402
+from tttlm.files import FolderLock  # noqa: E402
 from tttlm.inference import Engine  # noqa: E402
 
 KEY = "test-key"
@@ -258,6 +261,18 @@ def test_concurrent_request_to_one_session_is_409(server: Server) -> None:
     assert client.get(f"/sessions/{sid}", cast_to=object)["tokens"] < 2500
 
 
+def test_concurrent_requests_are_decoded_together_and_exactly(server: Server,
+                                                              engine: Engine) -> None:
+    """Requests at different positions of their chunks share decoding steps; each gets what
+    it would get alone."""
+    client = server.client()
+    prompts = [[BOS, *range(3, 3 + n)] for n in (2, 5, 9, 14)]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        outs = list(pool.map(lambda p: client.completions.create(
+            model=NAME, prompt=p, max_tokens=20, **GREEDY), prompts))
+    assert [token_ids(o) for o in outs] == [expected(engine, p, 20) for p in prompts]
+
+
 def test_bad_requests_are_4xx_with_a_message(server: Server, model_dir: Path) -> None:
     client = server.client()
     with pytest.raises(openai.NotFoundError, match="model 'gpt-4' is not served here"):
@@ -310,12 +325,20 @@ def test_kill_9_loses_at_most_the_request_in_flight(model_dir: Path, engine: Eng
         next(iter(stream))
     finally:
         stop(first, signal.SIGKILL)  # mid-request
-    second = start(model_dir, sessions, log)
+    second = start(model_dir, sessions, log, "--shutdown-timeout", "1")
     try:
         client = second.client()
         assert client.get(f"/sessions/{sid}", cast_to=object)["tokens"] == 5 + 1 + 6
         got += continue_session(client, sid, "", 5)
         assert got == expected(engine, [BOS, 7, 8, 9, 10, 20], 11)
+        # A graceful shutdown ends a running request early and saves its session.
+        stream = client.completions.create(model=NAME, prompt="", max_tokens=2000,
+                                           stream=True, extra_body={"session_id": sid})
+        next(iter(stream))
     finally:
         stop(second)
     assert second.process.returncode in (0, -signal.SIGTERM), log.read_text()
+    tokens = json.loads((sessions / sid / "serve.json").read_text())["tokens"]
+    assert 5 + 1 + 11 < tokens < 5 + 1 + 11 + 2000
+    with FolderLock(sessions, "test"):  # released
+        pass
