@@ -25,6 +25,7 @@ from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import rope_angles
 from tttlm.ttt.base import InnerState
 from tttlm.ttt.fast import FastWeights, PrimeWeights, flatten_fast
+from tttlm.ttt.finite import FiniteGuard
 from tttlm.ttt.modes import GradMode
 from tttlm.ttt.optim import build_inner_optimizer
 
@@ -444,6 +445,8 @@ class TTTForCausalLM(nn.Module):
             caches = [(empty, empty) for _ in self.ttt_layers]
         chunks = self.chunks(h.shape[1])
         run = ChunkRun()
+        # Test time: each update's finiteness is read while the next chunk runs.
+        guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
         for i, (s, e) in enumerate(chunks):
             update = opts.ttt and (i < len(chunks) - 1 or learn_last)
             past = caches[0][0].shape[1]
@@ -452,11 +455,17 @@ class TTTForCausalLM(nn.Module):
             run.start_caches = caches
             # contiguous: compiled blocks then see one input layout for every chunk
             args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
-                    inner_state, opts, update, return_logits)
+                    inner_state, opts, update, return_logits, guard)
             if opts.checkpoint_chunks:
                 result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
             else:
                 result = self.ttt_chunk(*args)
+            if guard is not None and (kept := guard.pop_corrected()) is not None:
+                # The previous update was not finite for some sequences: they kept their
+                # weights, and this chunk ran on them.
+                fast, inner_state = kept
+                if return_fast_weights:
+                    run.history[-1] = dict(zip(self.fast_weight_names(), flatten_fast(fast)))
             nll, chunk_loss, lg, caches, new_fast, new_state, norm, run.hidden = result
             run.nll.append(nll)
             run.chunk_losses.append(chunk_loss)
@@ -466,33 +475,34 @@ class TTTForCausalLM(nn.Module):
                 run.norms.append(norm)
                 if return_fast_weights:
                     run.history.append(dict(zip(self.fast_weight_names(), flatten_fast(fast))))
+        if guard is not None and (kept := guard.settle()) is not None:
+            fast, inner_state = kept
+            if return_fast_weights:
+                run.history[-1] = dict(zip(self.fast_weight_names(), flatten_fast(fast)))
         run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
 
     def ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
                   rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVPair],
                   fast: FastWeights, inner_state: InnerState, opts: ForwardOptions, update: bool,
-                  keep_logits: bool) -> tuple[Any, ...]:
+                  keep_logits: bool, guard: FiniteGuard | None = None) -> tuple[Any, ...]:
         """Predict one chunk ``h [B, c, D]`` (starting at position ``start``) through the TTT
         blocks with the ``fast`` weights, then (with ``update``) take the inner optimizer's step
         on its loss. ``rope``: local tables of the ``past + c`` keys. Returns the NLL
         ``[B, c]``, the chunk loss ``[B]``, the logits (with ``keep_logits``), the caches after
         the chunk, the new fast weights and inner state, the update norms ``[B]`` and the
-        chunk's output ``[B, c, D]``."""
+        chunk's output ``[B, c, D]``.
+
+        Without an outer gradient, a sequence whose update is not finite keeps its fast weights
+        and inner state (callers see it in the norms). ``guard``: a deferred
+        :class:`~tttlm.ttt.finite.FiniteGuard` that may hold the previous chunk's unchecked
+        update (then ``fast`` is its result, and ``guard.corrected`` says when it was not
+        kept); without one, the update is checked before returning."""
         mode = opts.mode
         frozen = mode is GradMode.NONE  # no outer gradient: the cache is a constant
         with torch.enable_grad():
-            if frozen:
-                fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
-                        for layer in fast]
-            new_caches = []
-            compiled = opts.compile_chunks
-            for j, layer in enumerate(self.ttt_layers):
-                cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen)
-                # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.
-                weights = PrimeWeights(*(w.to(h.dtype) for w in fast[j]))
-                h = layer(h, cache, weights, compiled=compiled)
-                new_caches.append((cache.keys, cache.values))
+            h, new_caches, fast, inner_state = self._ttt_blocks(
+                h, caches, start, rope, fast, inner_state, frozen, opts.compile_chunks, guard)
             nll, logits = self.head_nll(h, labels, keep_logits, outer_graph=not frozen,
                                         lean=opts.lean_head)
             chunk_loss = masked_mean(nll, mask)  # [B]
@@ -503,11 +513,8 @@ class TTTForCausalLM(nn.Module):
                         chunk_loss, fast, inner_state, opts.inner_lr, self.config.inner_clip,
                         mode)
                 if frozen:
-                    # At test time a sequence whose update is not finite (NaN or infinite
-                    # loss, gradient or step) keeps its fast weights and optimizer state;
-                    # callers see it in `norm`.
-                    new_fast, new_state = self._keep_finite(norm, fast, inner_state,
-                                                            new_fast, new_state)
+                    new_fast, new_state = (guard or FiniteGuard(deferred=False)).watch(
+                        norm, fast, inner_state, new_fast, new_state)
         if frozen:
             h = h.detach()
             nll, chunk_loss = nll.detach(), chunk_loss.detach()
@@ -515,25 +522,33 @@ class TTTForCausalLM(nn.Module):
             new_caches = [(k.detach(), v.detach()) for k, v in new_caches]
         return nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, h
 
-    @staticmethod
-    def _keep_finite(norm: torch.Tensor, fast: FastWeights, state: InnerState,
-                     new_fast: FastWeights, new_state: InnerState
-                     ) -> tuple[FastWeights, InnerState]:
-        """``new_fast`` / ``new_state`` where a sequence's update norm is finite, the old ones
-        where it is not. The selection is a full pass over every fast weight (3% of a 3b
-        prefill on an H200), so it runs only when some update is not finite: one host
-        synchronisation per chunk costs far less. Under CUDA-graph capture or compilation,
-        where the host cannot look, it always runs (selected on the device)."""
-        ok = torch.isfinite(norm)
-        capturing = norm.is_cuda and torch.cuda.is_current_stream_capturing()
-        if not (capturing or torch.compiler.is_compiling()) and bool(ok.all()):
-            return new_fast, new_state
-
-        def keep(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-            return torch.where(ok.view(-1, *([1] * (new.dim() - 1))), new, old.detach())
-
-        return ([PrimeWeights(*map(keep, n, o)) for n, o in zip(new_fast, fast)],
-                {k: [keep(n, o) for n, o in zip(v, state[k])] for k, v in new_state.items()})
+    def _ttt_blocks(self, h: torch.Tensor, caches: list[KVPair], start: int,
+                    rope: tuple[torch.Tensor, torch.Tensor], fast: FastWeights,
+                    inner_state: InnerState, frozen: bool, compiled: bool,
+                    guard: FiniteGuard | None
+                    ) -> tuple[torch.Tensor, list[KVPair], FastWeights, InnerState]:
+        """The TTT blocks over one chunk: the output, the caches after it, and the fast
+        weights (leaves requiring grad when ``frozen``) and inner state in effect. A pending
+        check in ``guard`` is read once the first block is queued (the GPU has work while the
+        host waits); when it fails, the blocks run again from the weights it kept."""
+        while True:
+            if frozen:
+                fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
+                        for layer in fast]
+            x, new_caches = h, []
+            for j, layer in enumerate(self.ttt_layers):
+                cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen)
+                # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.
+                weights = PrimeWeights(*(w.to(h.dtype) for w in fast[j]))
+                x = layer(x, cache, weights, compiled=compiled)
+                new_caches.append((cache.keys, cache.values))
+                if j == 0 and guard is not None and guard.pending:
+                    fixed = guard.settle()
+                    if fixed is not None:
+                        fast, inner_state = fixed
+                        break
+            else:
+                return x, new_caches, fast, inner_state
 
     # ------------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:
