@@ -138,7 +138,7 @@ def run_kernel(args: argparse.Namespace) -> int:
     _check_out(args)
     device = _device(args)
     if device.type == "cpu":
-        from tttlm.ops._triton import triton_available, triton_interpreting
+        from tttlm.ops.triton_runtime import triton_available, triton_interpreting
 
         if not (triton_available() and triton_interpreting()):
             raise UserError("the Triton kernel runs on a CPU only through Triton's interpreter; "

@@ -15,7 +15,7 @@ import torch
 
 from tttlm.devices import describe_device
 from tttlm.files import atomic_write_text
-from tttlm.ops._triton import triton_version
+from tttlm.ops.triton_runtime import triton_version
 
 # Dense bf16 tensor-core peak of the cards we report on (datasheet, without sparsity), for MFU.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops._triton import triton_interpreting
+from tttlm.ops.triton_runtime import triton_interpreting
 
 # Masked scores: finite so that a tile masked for a whole row never gives exp(-inf - -inf).
 _NEG = tl.constexpr(-1.0e30)

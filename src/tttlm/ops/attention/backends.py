@@ -21,7 +21,7 @@ import abc
 
 import torch
 
-from tttlm.ops._triton import triton_can_run
+from tttlm.ops.triton_runtime import triton_can_run
 from tttlm.ops.attention import flex, naive, sdpa
 from tttlm.ops.attention import triton as triton_path
 
