@@ -340,6 +340,18 @@ def parse_train_spec(spec: str) -> int | None:
     return int(value)
 
 
+def folder_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer | None:
+    """The tokenizer a model or data folder keeps (``meta.json`` of prepared data,
+    ``tokenizer.json``, ``tokenizer.tiktoken``; the trainer saves the data's into its model
+    folders), or ``None`` when it keeps none."""
+    folder = Path(folder)
+    if (folder / META_FILE).is_file() or (folder / HF_FILE).is_file():
+        return resolve_tokenizer(str(folder))
+    if (folder / TIKTOKEN_FILE).is_file():
+        return resolve_tokenizer(f"tiktoken:{folder / TIKTOKEN_FILE}")
+    return None
+
+
 def resolve_tokenizer(spec: str, *, train_texts: Callable[[], Iterable[str]] | None = None,
                       train_docs: int | None = None, progress: bool = False) -> Tokenizer:
     """Build the tokenizer a spec names.

@@ -49,17 +49,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def _folder_tokenizer(model_dir: Path) -> Any:
-    """The tokenizer kept in the model folder (the trainer saves the data's there), or None."""
-    from tttlm.data.tokenizer import HF_FILE, TIKTOKEN_FILE, resolve_tokenizer
-
-    if (model_dir / "meta.json").is_file() or (model_dir / HF_FILE).is_file():
-        return resolve_tokenizer(str(model_dir))
-    if (model_dir / TIKTOKEN_FILE).is_file():
-        return resolve_tokenizer(f"tiktoken:{model_dir / TIKTOKEN_FILE}")
-    return None
-
-
 def _identity(tokenizer: Any) -> str:
     """What makes two tokenizers the same: their saved files and ``meta.json`` entry."""
     import hashlib
@@ -85,10 +74,10 @@ def _tokenizer(spec: str | None, model_dir: Path, vocab_size: int) -> Any:
     vocabulary "fits" the model but decodes to garbage), as is a tokenizer with more ids than
     the model has.
     """
-    from tttlm.data.tokenizer import ByteTokenizer, resolve_tokenizer
+    from tttlm.data.tokenizer import ByteTokenizer, folder_tokenizer, resolve_tokenizer
     from tttlm.errors import UserError
 
-    own = _folder_tokenizer(model_dir)
+    own = folder_tokenizer(model_dir)
     if spec is not None:
         tokenizer = resolve_tokenizer(spec)
         if own is not None and _identity(tokenizer) != _identity(own):

@@ -21,14 +21,11 @@ class Served:
 def folder_tokenizer(folder: Path, vocab_size: int) -> Any:
     """The tokenizer the model folder keeps (the trainer saves the data's there), else
     byte-level when the vocabulary is byte-level."""
-    from tttlm.data.meta import META_FILE
-    from tttlm.data.tokenizer import HF_FILE, TIKTOKEN_FILE, ByteTokenizer, resolve_tokenizer
+    from tttlm.data.tokenizer import ByteTokenizer
+    from tttlm.data.tokenizer import folder_tokenizer as kept
 
-    if (folder / META_FILE).is_file() or (folder / HF_FILE).is_file():
-        tokenizer = resolve_tokenizer(str(folder))
-    elif (folder / TIKTOKEN_FILE).is_file():
-        tokenizer = resolve_tokenizer(f"tiktoken:{folder / TIKTOKEN_FILE}")
-    else:
+    tokenizer = kept(folder)
+    if tokenizer is None:
         tokenizer = ByteTokenizer()
         if vocab_size not in (256, tokenizer.vocab_size):
             raise UserError(f"{folder} holds no tokenizer and its vocabulary ({vocab_size}) is "

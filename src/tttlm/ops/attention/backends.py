@@ -21,9 +21,9 @@ import abc
 
 import torch
 
-from tttlm.ops.triton_runtime import triton_can_run
 from tttlm.ops.attention import flex, naive, sdpa
 from tttlm.ops.attention import triton as triton_path
+from tttlm.ops.triton_runtime import triton_can_run
 
 
 class AttentionBackend(abc.ABC):
