@@ -114,7 +114,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     for r in range(args.rounds):
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.sessions) as pool:
-            results = list(pool.map(lambda sid: one(sid, r), ids))
+            results = list(pool.map(one, ids, [r] * len(ids)))
         wall = time.perf_counter() - start
         latencies = [lat for _, lat, _, _ in results]
         generated = sum(n for *_, n in results)
