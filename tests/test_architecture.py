@@ -30,11 +30,11 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 # docs/architecture.md, top to bottom: a layer imports only from itself and the layers above.
-LAYERS = ("leaves", "config", "ops", "ttt", "model", "inference", "data", "eval", "train",
-          "convert", "hf", "serve", "bench", "cli")
+LAYERS = ("leaves", "config", "ops", "ttt", "model", "inference", "memory", "data", "eval",
+          "train", "convert", "hf", "serve", "bench", "cli")
 LEAVES = {"tttlm.errors", "tttlm.files", "tttlm.progress", "tttlm.lazy", "tttlm.devices"}
 CORE = ("config", "ops", "ttt", "model")
-OUTER = ("inference", "data", "eval", "train", "convert", "hf", "serve", "bench", "cli")
+OUTER = ("inference", "memory", "data", "eval", "train", "convert", "hf", "serve", "bench", "cli")
 
 # Cross-package uses of private names that wait for a public API in a file another engineer
 # owns: (importing module, private name or module) -> what is missing. An entry that no longer

@@ -1,0 +1,107 @@
+"""The recall policy: before answering, quote the passages of the memory that match the query
+back into the window, right before the query, then continue.
+
+``rag="end"`` (default): at each :meth:`RecallSession.generate` call the prompt's last
+``query_len`` tokens are the query. The rest of the prompt is read first; then the best
+passages outside the window (BM25 over token n-grams, at most ``budget`` tokens together,
+default a quarter of the window) are read, each after a separator (default: the model's BOS
+id, which joins documents in training), in the order they appeared; then the query, and
+generation continues. The quoted passages pass through the model like any text (the fast
+weights learn from them too) but are not recorded in the memory again. ``rag="off"``: the
+engine alone, token for token (the memory still records).
+Deterministic: same inputs, same passages, same tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tttlm.errors import UserError
+from tttlm.inference import Engine, State
+from tttlm.memory.memory import ContextMemory, Passage
+
+RAG_MODES = ("off", "end")
+
+
+class RecallSession:
+    """One sequence read by ``engine``, with a :class:`ContextMemory` of what left its window.
+
+    Args:
+        engine: the :class:`~tttlm.inference.Engine` (a sliding-window model: ``e2e``/``swa``).
+        rag: ``"end"`` or ``"off"``.
+        budget: tokens of quoted passages per recall (default ``window // 4``).
+        query_len: prompt tokens used as the query.
+        k: passages considered per recall.
+        separator: tokens read before each quoted passage and before the query (default:
+            ``[bos_token_id]``).
+        state, memory: continue a session (default: new).
+    """
+
+    def __init__(self, engine: Engine, rag: str = "end", *, budget: int | None = None,
+                 query_len: int = 32, k: int = 8, separator: Sequence[int] | None = None,
+                 state: State | None = None, memory: ContextMemory | None = None) -> None:
+        if rag not in RAG_MODES:
+            raise UserError(f"rag={rag!r} is not one of {', '.join(RAG_MODES)}")
+        window = engine.window
+        if window is None:
+            raise UserError("retrieval recalls what left the attention window, and a full-"
+                            "attention model has none; use an e2e or swa model, or rag=off")
+        if query_len < 1:
+            raise UserError(f"query_len={query_len} must be at least 1")
+        self.engine, self.rag, self.k, self.query_len = engine, rag, k, query_len
+        self.budget = window // 4 if budget is None else budget
+        self.separator = ([engine.config.bos_token_id] if separator is None
+                          else [int(t) for t in separator])
+        self.state = state if state is not None else engine.new_state(1)
+        if self.state.batch_size != 1:
+            raise UserError(f"a recall session holds one sequence, the state has "
+                            f"{self.state.batch_size}; select one row (State.select)")
+        self.memory = memory if memory is not None else ContextMemory(window, engine.chunk)
+        self.last_recall: list[Passage] = []
+
+    def read(self, tokens: Sequence[int]) -> None:
+        """Read a document (no generation): into the state and the memory."""
+        tokens = [int(t) for t in tokens]
+        if tokens:
+            self.engine.prefill([tokens], self.state)
+            self.memory.extend(tokens)
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, **sampling: Any) -> list[int]:
+        """Read ``prompt`` (recalling before its query with ``rag="end"``) and generate; the
+        keyword arguments are :meth:`Engine.generate`'s sampling settings."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise UserError("the prompt is empty; give at least one token")
+        self.last_recall = []
+        if self.rag == "off":
+            fed = prompt
+        else:
+            query = prompt[-self.query_len:]
+            self.read(prompt[:-len(query)])
+            self.last_recall = self.memory.recall(query, self.budget, self.k)
+            quoted = [t for p in self.last_recall for t in (*self.separator, *p.tokens)]
+            fed = [*quoted, *self.separator, *query] if quoted else query
+        out = self.engine.generate([fed], max_new_tokens, state=self.state, **sampling)
+        self.state = out.state
+        new = list(out.tokens[0])
+        self.memory.extend([*(prompt if self.rag == "off" else query), *new])
+        return new
+
+    # ------------------------------------------------------------------------- files
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """The state (``folder/state``) and the memory (``folder/memory``)."""
+        out = Path(folder)
+        self.state.save(out / "state")
+        self.memory.save(out / "memory")
+        return out
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], engine: Engine, **options: Any
+             ) -> RecallSession:
+        """Continue a session written by :meth:`save` on ``engine``'s model."""
+        src = Path(folder)
+        state = State.load(src / "state", engine.model)
+        return cls(engine, state=state, memory=ContextMemory.load(src / "memory"), **options)

@@ -1,0 +1,116 @@
+"""Retrieval memory: a needle from 16x the window away comes back, the recall policy quotes it
+before the query, ``rag="off"`` is the engine token for token, and a session with its memory
+survives save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("bm25s")
+
+from _helpers import tiny_model  # noqa: E402
+from tttlm.errors import UserError  # noqa: E402
+from tttlm.inference import Engine  # noqa: E402
+from tttlm.memory import BM25Index, ContextMemory, RecallSession  # noqa: E402
+
+NEEDLE = [201, 202, 203, 204, 205, 206, 207, 208]
+
+
+def make() -> Any:
+    """A tiny float64 model with a byte-sized vocabulary, window 16, chunks (passages) of 4."""
+    return tiny_model(vocab_size=256, window=16, chunk_size=4)
+
+
+def haystack(length: int, needle_at: int, seed: int = 0) -> list[int]:
+    """Filler tokens from 3..150 (so the needle's 201.. are unique), the needle at
+    ``needle_at``."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, 150, (length,), generator=g).tolist()
+    tokens[needle_at:needle_at + len(NEEDLE)] = NEEDLE
+    return tokens
+
+
+def test_index_ranks_the_passage_with_the_phrase_first() -> None:
+    index = BM25Index()
+    index.add([[1, 2, 3, 4], [5, 6, 7], [1, 9, 9], [4, 3, 2, 1]])
+    hits = index.search([1, 2, 3], 4)
+    assert hits[0][0] == 0  # the exact phrase beats the same tokens in another order (3)
+    assert {pid for pid, _ in hits} == {0, 2, 3}  # passage 1 shares nothing
+    assert index.search([77], 3) == [] and len(index) == 4
+
+
+def test_memory_indexes_only_what_left_the_window() -> None:
+    memory = ContextMemory(window=16, passage_len=8, index=BM25Index())
+    memory.extend(list(range(20)))  # 4 tokens outside the window: no whole passage yet
+    assert memory.passages == 0
+    memory.extend(list(range(20, 40)))  # 24 outside: passages [0, 8) [8, 16) [16, 24)
+    assert memory.passages == 3
+    assert [p.start for p in memory.recall([17, 18, 19], budget=100)] == [16]
+    assert memory.recall([30, 31], budget=100) == []  # still in the window: not recalled
+
+
+def test_a_needle_from_16_windows_away_is_recalled_and_quoted_before_the_query() -> None:
+    model = make()
+    engine = Engine(model)
+    window, chunk = engine.window, engine.chunk
+    assert window is not None
+    length = 17 * window
+    document = haystack(length, needle_at=8)  # 16+ windows before the question
+    session = RecallSession(engine, "end", query_len=4)
+    session.read(document)
+    before = session.state.lengths[0]
+    question = [3, 4, 5, *NEEDLE[:4]]  # asks with the needle's first half
+    new = session.generate(question, 3, temperature=0.0)
+    assert len(new) == 3
+    recalled = session.last_recall
+    assert recalled and any(
+        NEEDLE[:4] == p.tokens[i:i + 4] for p in recalled for i in range(len(p.tokens)))
+    assert sum(len(p.tokens) for p in recalled) <= window // 4
+    # Read: the question's head, each passage after a separator, a separator, the query,
+    # and the generated tokens.
+    quoted = sum(len(p.tokens) + 1 for p in recalled) + 1
+    assert session.state.lengths[0] == before + (len(question) - 4) + quoted + 4 + 3
+    assert len(session.memory) == length + len(question) + 3  # quotes are not recorded again
+    assert chunk == session.memory.passage_len
+
+
+def test_rag_off_is_the_engine_token_for_token() -> None:
+    model = make()
+    document = haystack(6 * 16, needle_at=4)
+    prompt = [5, 6, *NEEDLE[:3]]
+    session = RecallSession(Engine(model), "off")
+    session.read(document)
+    got = session.generate(prompt, 6, temperature=0.0)
+    reference = Engine(model)
+    _, state = reference.prefill([document])
+    want = reference.generate([prompt], 6, temperature=0.0, state=state)
+    assert got == want.tokens[0]
+    for a, b in zip(session.state.fast, want.state.fast, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_session_with_memory_survives_save_and_load(tmp_path: Path) -> None:
+    model = make()
+    document = haystack(10 * 16, needle_at=20)
+    session = RecallSession(Engine(model), "end", query_len=4)
+    session.read(document)
+    session.save(tmp_path / "s")
+    loaded = RecallSession.load(tmp_path / "s", Engine(model), query_len=4)
+    assert loaded.memory.tokens == session.memory.tokens
+    assert loaded.memory.passages == session.memory.passages
+    prompt = [7, *NEEDLE[:4]]
+    a = session.generate(prompt, 4, temperature=0.0)
+    b = loaded.generate(prompt, 4, temperature=0.0)
+    assert a == b and session.last_recall == loaded.last_recall and session.last_recall
+
+
+def test_bad_settings_are_user_errors() -> None:
+    engine = Engine(make())
+    with pytest.raises(UserError, match="rag='sometimes'"):
+        RecallSession(engine, "sometimes")
+    with pytest.raises(UserError, match="prompt is empty"):
+        RecallSession(engine).generate([], 1)
