@@ -1,4 +1,4 @@
-"""``tttlm eval loss|niah|compare``: parse arguments, call :mod:`tttlm.eval`, print a table.
+"""``tttlm eval loss|niah|repeat|compare``: parse arguments, call :mod:`tttlm.eval`, print a table.
 
 Bad input raises :class:`tttlm.eval.adapters.EvalError` (a :class:`tttlm.errors.UserError`),
 which the top-level command line prints as one line (``tttlm eval loss: error: ...``).
@@ -139,6 +139,35 @@ def _run_niah(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_repeat(args: argparse.Namespace) -> int:
+    from tttlm.devices import resolve_device
+    from tttlm.eval.common import load_corpus, parse_int_list
+    from tttlm.eval.repeat import (
+        RepeatSettings,
+        default_distances,
+        evaluate_repeat,
+        format_repeat_table,
+        write_repeat_outputs,
+    )
+
+    models = _load_models(args)
+    windows = [em.model.config.window for em in models if em.model.config.uses_window]
+    distances = (parse_int_list(args.distances, "--distances") if args.distances
+                 else default_distances(max(windows) if windows else None))
+    settings = RepeatSettings(distances=distances, passage_len=args.passage_len, cue=args.cue,
+                              lead=args.lead, samples=args.samples, seed=args.seed,
+                              rag=[m.strip() for m in args.rag.split(",") if m.strip()])
+    corpus = load_corpus(args.data, tokenizer=args.tokenizer, model_dirs=args.model,
+                         split=args.split)
+    report = evaluate_repeat(models, corpus, settings,
+                             device=resolve_device(args.device, option="--device"),
+                             progress=not args.quiet)
+    written = write_repeat_outputs(report, args.out, plots=not args.no_plots)
+    print(format_repeat_table(report))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def _run_compare(args: argparse.Namespace) -> int:
     from tttlm.eval.compare import compare
 
@@ -173,7 +202,8 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``eval`` with ``loss``, ``niah`` and ``compare`` on the top-level CLI."""
+    """Register ``eval`` with ``loss``, ``niah``, ``repeat`` and ``compare`` on the top-level
+    CLI."""
     ev = subparsers.add_parser(
         "eval", help="evaluate models: loss by context length, needle in a haystack",
         description="Evaluate tttlm models and compare them.")
@@ -228,6 +258,48 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     niah.add_argument("--no-logprob", action="store_true",
                       help="skip the log-probability of the value (greedy answer only)")
     niah.set_defaults(func=_run_niah)
+
+    rep = sub.add_parser(
+        "repeat", help="loss on the second reading of a passage, by distance to the first",
+        description="Sequences BOS, lead, P, gap of d tokens, P (P a held-out passage): the "
+                    "mean NLL of P after its first cue tokens at the first and the second "
+                    "reading, for each distance d. Full attention copies at any distance, "
+                    "sliding-window attention only inside its window, TTT-E2E partly beyond "
+                    "it; --rag end adds retrieval (the cue is the query). Writes repeat.json, "
+                    "repeat.csv and repeat.png.")
+    rep.add_argument("--model", action="append", required=True, metavar="DIR",
+                     help="a tttlm model folder (repeat for several models)")
+    rep.add_argument("--label", action="append", metavar="NAME",
+                     help="display name per --model, in order")
+    rep.add_argument("--data", required=True, metavar="PATH",
+                     help="held-out text: a prepared data folder or .txt/.jsonl files")
+    rep.add_argument("--split", default=None, help="split of a prepared folder")
+    rep.add_argument("--tokenizer", metavar="SPEC",
+                     help="tokenizer for text input (default: the model folder's own)")
+    rep.add_argument("--distances", metavar="D,D,...",
+                     help="gaps in tokens (default: w/2, w, 2w, 4w, 8w, 16w for the largest "
+                          "window w)")
+    rep.add_argument("--passage-len", type=int, default=64, metavar="P",
+                     help="tokens of the repeated passage")
+    rep.add_argument("--cue", type=int, default=8, metavar="C",
+                     help="first tokens of each reading that are not scored (the query of "
+                          "--rag end)")
+    rep.add_argument("--lead", type=int, default=64, metavar="N",
+                     help="tokens of text before the first reading")
+    rep.add_argument("--samples", type=int, default=4, metavar="N",
+                     help="sequences per distance")
+    rep.add_argument("--seed", type=int, default=0, help="seed of passage and text choice")
+    rep.add_argument("--rag", default="off", metavar="off,end",
+                     help="retrieval modes to run (default off; end: recall before each "
+                          "reading's cue; sliding-window models only)")
+    rep.add_argument("--no-ttt", action="store_true",
+                     help="run e2e models without test-time training")
+    rep.add_argument("--device", default="auto", help="cuda, cpu, ... (default: auto)")
+    rep.add_argument("--out", default="eval-repeat", metavar="DIR",
+                     help="output folder (default eval-repeat)")
+    rep.add_argument("--no-plots", action="store_true", help="write JSON/CSV only")
+    rep.add_argument("--quiet", action="store_true", help="no progress bar")
+    rep.set_defaults(func=_run_repeat)
 
     cmp = sub.add_parser(
         "compare", help="merge result files into one Markdown report with plots",

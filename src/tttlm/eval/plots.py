@@ -211,3 +211,33 @@ def _heatmaps(report: dict[str, Any], field: str, path: Path) -> Path:
         fig.colorbar(image, ax=axes, shrink=0.8, label=title)
     _save(fig, path, dpi=110)
     return path
+
+
+def plot_repeat(report: dict[str, Any], path: str | Path) -> Path | None:
+    """``repeat.png``: second-reading NLL against the distance to the first reading, with
+    each model's first-reading NLL dotted, and its window marked."""
+    if not have_matplotlib():
+        return None
+    fig = _figure(7.0, 4.2)
+    ax = fig.add_subplot()
+    windows = set()
+    for i, (label, rows) in enumerate(report["results"].items()):
+        ds = sorted(int(d) for d in rows)
+        color = f"C{i}"
+        ax.plot(ds, [rows[str(d)]["second"] for d in ds], marker="o", color=color,
+                label=label)
+        first = float(np.mean([rows[str(d)]["first"] for d in ds]))
+        ax.axhline(first, color=color, linestyle=":", linewidth=1)
+    for model in report["models"]:
+        if model.get("window"):
+            windows.add(int(model["window"]))
+    for w in sorted(windows):
+        ax.axvline(w, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xscale("symlog", linthresh=max(1, min(report["settings"]["distances"]) or 1))
+    ax.set_xlabel("tokens between the two readings (dashed: attention window)")
+    ax.set_ylabel("NLL of the second reading (dotted: first)")
+    ax.set_title("Repeated passage: what each model remembers")
+    ax.legend(fontsize=8)
+    out = Path(path)
+    _save(fig, out, dpi=120)
+    return out

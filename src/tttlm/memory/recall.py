@@ -75,20 +75,41 @@ class RecallSession:
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise UserError("the prompt is empty; give at least one token")
-        self.last_recall = []
-        if self.rag == "off":
-            fed = prompt
-        else:
-            query = prompt[-self.query_len:]
-            self.read(prompt[:-len(query)])
-            self.last_recall = self.memory.recall(query, self.budget, self.k)
-            quoted = [t for p in self.last_recall for t in (*self.separator, *p.tokens)]
-            fed = [*quoted, *self.separator, *query] if quoted else query
+        fed, recorded = self._cue(prompt)
         out = self.engine.generate([fed], max_new_tokens, state=self.state, **sampling)
         self.state = out.state
         new = list(out.tokens[0])
-        self.memory.extend([*(prompt if self.rag == "off" else query), *new])
+        self.memory.extend([*recorded, *new])
         return new
+
+    def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> list[float]:
+        """Read ``prompt`` as :meth:`generate` does (recalling before its query), then the
+        ``continuation`` token by token: the NLL of each continuation token (nats)."""
+        import torch
+
+        prompt, continuation = [int(t) for t in prompt], [int(t) for t in continuation]
+        if not prompt:
+            raise UserError("the prompt is empty; give at least one token")
+        fed, recorded = self._cue(prompt)
+        logits, self.state = self.engine.prefill([fed], self.state)
+        nll = []
+        for token in continuation:
+            nll.append(-float(torch.log_softmax(logits[0].double(), -1)[token]))
+            logits, self.state = self.engine.step(self.state, [token])
+        self.memory.extend([*recorded, *continuation])
+        return nll
+
+    def _cue(self, prompt: list[int]) -> tuple[list[int], list[int]]:
+        """What to feed after recalling for ``prompt`` (reading its head first), and what of
+        it the memory records."""
+        self.last_recall = []
+        if self.rag == "off":
+            return prompt, prompt
+        query = prompt[-self.query_len:]
+        self.read(prompt[:-len(query)])
+        self.last_recall = self.memory.recall(query, self.budget, self.k)
+        quoted = [t for p in self.last_recall for t in (*self.separator, *p.tokens)]
+        return ([*quoted, *self.separator, *query] if quoted else query), query
 
     # ------------------------------------------------------------------------- files
     def save(self, folder: str | os.PathLike[str]) -> Path:
