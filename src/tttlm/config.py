@@ -72,16 +72,48 @@ _TINY = dict(vocab_size=256, window=64, chunk_size=32, rope_theta=10000.0,
 
 PRESETS: tuple[str, ...] = tuple(_SIZES)
 
+ROPE_LAYOUTS: tuple[str, ...] = ("interleaved", "half")
+# The RoPE scalings tttlm computes as transformers does, with the keys each one needs.
+ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings"),
+}
+# Architecture fields added for pretrained imports, at their (official) defaults as to_dict
+# writes them: left out of the fingerprint there, so older models keep theirs.
+_ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
+    num_kv_heads=None, head_dim=None, qk_norm=True, post_norms=True, rope_layout="interleaved",
+    rope_freq_scaling=None, tie_embeddings=True, qkv_bias=False, attn_out_bias=False,
+    mlp_bias=False)
+
+
+def _check_rope_freq_scaling(scaling: Any) -> None:
+    if scaling is None:
+        return
+    fix = f"use null or one of {sorted(ROPE_SCALINGS)} with its keys"
+    if not isinstance(scaling, dict) or scaling.get("rope_type") not in ROPE_SCALINGS:
+        raise ValueError(f"rope_freq_scaling={scaling!r} is not supported; {fix}")
+    for key in ROPE_SCALINGS[scaling["rope_type"]]:
+        check_number(f"rope_freq_scaling[{key!r}]", scaling.get(key), minimum=0, strict=True,
+                     hint=fix)
+    if scaling["rope_type"] == "llama3" and (
+            scaling["high_freq_factor"] <= scaling["low_freq_factor"]):
+        raise ValueError("rope_freq_scaling: high_freq_factor must exceed low_freq_factor (4 and 1 "
+                         "in Llama 3.1)")
+
 
 @dataclass
 class TTTConfig:
     """Configuration of a TTT-E2E model (or of its `swa`/`full` baselines).
 
     Attributes:
-        vocab_size: number of token ids; the embedding is tied to the output head.
+        vocab_size: number of token ids.
         hidden_size: model width D.
         num_layers: number of Transformer blocks L.
-        num_heads: attention heads; must divide ``hidden_size`` (no grouped-query attention).
+        num_heads: attention (query) heads.
+        num_kv_heads: key/value heads (grouped-query attention); must divide ``num_heads``.
+            ``None``: ``num_heads`` (the official multi-head attention).
+        head_dim: width of one head; ``None``: ``hidden_size // num_heads`` (official).
         intermediate_size: width of every block's SwiGLU MLP.
         variant: ``e2e``, ``swa`` or ``full`` (see :class:`Variant`).
         num_ttt_layers: S, the number of last blocks that carry a prime MLP updated at test time
@@ -91,7 +123,22 @@ class TTTConfig:
             (``swa`` and ``e2e``; ignored by ``full``).
         chunk_size: b, the tokens per test-time-training mini-batch; the inner step runs after
             every full chunk. ``swa``/``full`` use it only to bound memory of the loss.
-        rope_theta: RoPE base θ (interleaved-pair layout, as in the official code).
+        rope_theta: RoPE base θ.
+        rope_layout: ``interleaved`` (pairs ``(x[2i], x[2i+1])``, the official code) or
+            ``half`` (pairs ``(x[i], x[i+d/2])``, transformers' Llama ``rotate_half``).
+        rope_freq_scaling: ``None`` or transformers' RoPE scaling of the inverse frequencies
+            (named apart from transformers' ``rope_scaling``, which its configs rewrite):
+            ``{"rope_type": "linear", "factor": f}`` or ``{"rope_type": "llama3", "factor",
+            "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}``.
+        qk_norm: RMSNorm of every query and key head before RoPE (official; Qwen3 too).
+        post_norms: RMSNorm of every branch output before the residual add ("sandwich",
+            official); ``False``: pre-norms only (Llama, Qwen).
+        tie_embeddings: the output head is the embedding matrix (official); ``False``: a
+            separate ``lm_head``.
+        qkv_bias: biases on the query/key/value projections (Qwen2).
+        attn_out_bias: a bias on the attention output projection (Llama ``attention_bias``).
+        mlp_bias: biases on the MLP's three projections (Llama ``mlp_bias``); the prime MLPs
+            never have biases (their fast weights are the three matrices).
         rms_norm_eps: epsilon inside the RMSNorm square root.
         initializer_range: standard deviation of the normal init of every matrix.
         inner_lr: η, the learning rate of the inner SGD step on the fast weights.
@@ -130,6 +177,18 @@ class TTTConfig:
     inner_momentum: float = 0.9
     bos_token_id: int = 1
     eos_token_id: int = 2
+    # Architecture options of the Llama family (issue 15); the defaults are the official
+    # layout, and at their defaults they leave the fingerprint of older models unchanged.
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    qk_norm: bool = True
+    post_norms: bool = True
+    rope_layout: str = "interleaved"
+    rope_freq_scaling: dict[str, Any] | None = None
+    tie_embeddings: bool = True
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -147,6 +206,12 @@ class TTTConfig:
             # Baselines have no prime MLPs; keep the fields empty so they cannot mislead.
             self.num_ttt_layers = 0
             self.prime_intermediate_size = None
+        # Resolved here so that every reader sees integers; to_dict writes None back for the
+        # derived values, so that a config.json keeps following hidden_size / num_heads.
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.head_dim is None and isinstance(self.num_heads, int) and self.num_heads > 0:
+            self.head_dim = self.hidden_size // self.num_heads
         self._validate()
 
     def _validate(self) -> None:
@@ -158,14 +223,29 @@ class TTTConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads",
                      "intermediate_size", "window", "chunk_size"):
             positive(name)
-        if self.hidden_size % self.num_heads:
+        positive("num_kv_heads")
+        positive("head_dim")
+        derived = self.head_dim == self.hidden_size // self.num_heads
+        if self.hidden_size % self.num_heads and derived:
             raise ValueError(
                 f"num_heads={self.num_heads} does not divide hidden_size={self.hidden_size}; "
-                "pick a head count that divides the width")
+                "pick a head count that divides the width (or set head_dim)")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} does not divide num_heads={self.num_heads}; "
+                "each key/value head serves the same number of query heads")
         if self.head_dim % 2:
             raise ValueError(
-                f"head_dim={self.head_dim} (hidden_size/num_heads) must be even for RoPE; "
-                "change hidden_size or num_heads")
+                f"head_dim={self.head_dim} must be even for RoPE; change head_dim (or "
+                "hidden_size or num_heads)")
+        for name in ("qk_norm", "post_norms", "tie_embeddings", "qkv_bias", "attn_out_bias",
+                     "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout={self.rope_layout!r} is not known; use one of "
+                             f"{', '.join(ROPE_LAYOUTS)}")
+        _check_rope_freq_scaling(self.rope_freq_scaling)
         if self.variant is Variant.E2E:
             positive("prime_intermediate_size")
             if not isinstance(self.num_ttt_layers, int) or not (
@@ -209,10 +289,6 @@ class TTTConfig:
 
     # ----------------------------------------------------------------------------- derived
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
     def num_prefix_layers(self) -> int:
         """Blocks before the TTT blocks (all blocks for the baselines)."""
         return self.num_layers - (self.num_ttt_layers or 0)
@@ -252,6 +328,10 @@ class TTTConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["variant"] = self.variant.value
+        if self.num_kv_heads == self.num_heads:
+            data["num_kv_heads"] = None
+        if self.head_dim == self.hidden_size // self.num_heads:
+            data["head_dim"] = None
         return data
 
     @classmethod
@@ -276,4 +356,7 @@ class TTTConfig:
             data.pop("inner_optimizer")
         if self.inner_optimizer != "momentum":
             data.pop("inner_momentum")
+        for key, default in _ARCHITECTURE_DEFAULTS.items():
+            if data[key] == default:
+                data.pop(key)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -49,7 +49,7 @@ from tttlm.inference.state import State, weights_digest
 from tttlm.model.cache import RingKV, RingStep, Rows, TTTRing, TTTStep, rope_slots
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
-from tttlm.ops.rope import rope_angles
+from tttlm.ops.rope import config_rope_angles
 from tttlm.ttt.base import InnerState, index_state, map_state
 from tttlm.ttt.fast import FastWeights, PrimeWeights, flatten_fast, unflatten_fast
 
@@ -242,8 +242,7 @@ class Engine:
         if key not in self._tables:
             assert self.window is not None
             pos = torch.arange(self.window + self.chunk, device=self._param.device)
-            self._tables[key] = rope_angles(pos, self.config.head_dim, self.config.rope_theta,
-                                            self._param.dtype)
+            self._tables[key] = config_rope_angles(pos, self.config, self._param.dtype)
         return self._tables[key]
 
     def _check_tokens(self, tokens: torch.Tensor, what: str) -> None:
@@ -272,7 +271,7 @@ class Engine:
             raise UserError(f"batch={batch!r} must be a positive integer (one state row per "
                             "sequence)")
         config, p = self.config, self._param
-        H, d = config.num_heads, config.head_dim
+        H, d = config.num_kv_heads, config.head_dim  # caches keep only the KV heads
         cap = self.window + self.chunk if self.window is not None else self.chunk
 
         def zeros(slots: int) -> torch.Tensor:
@@ -552,8 +551,7 @@ class Engine:
         h = self.model.embed(tokens)  # [B, n, D]
         if self.prefix:
             ring = RingStep.build(ctl.lengths, n, state.prefix_keys[0].shape[2], self.window,
-                                  used, rows, config.head_dim, config.rope_theta,
-                                  self._param.dtype)
+                                  used, rows, config, self._param.dtype)
             for i, layer in enumerate(self.prefix):
                 h = layer(h, RingKV(state.prefix_keys[i], state.prefix_values[i], ring))
         if self.is_e2e:

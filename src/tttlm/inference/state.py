@@ -451,7 +451,7 @@ def _check_layout(state: State, model: Any, src: Path) -> None:
     """Refuse a session whose counters or tensor shapes do not fit ``model`` (the engine
     would otherwise continue from a wrong position or fail deep inside a step)."""
     config = model.config
-    B, H, d, b = state.batch_size, config.num_heads, config.head_dim, config.chunk_size
+    B, H, d, b = state.batch_size, config.num_kv_heads, config.head_dim, config.chunk_size
     windowed = config.uses_window
     e2e = config.variant is Variant.E2E
     problems: list[str] = []

@@ -28,12 +28,12 @@ every position from device tensors, so that one decoding step can be captured in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from tttlm.config import TTTConfig
 from tttlm.ops.attention import chunk_attention, decode_attention, sequence_attention
-from tttlm.ops.rope import apply_rope, rope_angles
+from tttlm.ops.rope import apply_rope, config_rope_angles
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin [n, d/2]
 
@@ -168,13 +168,13 @@ class RingStep:
 
     @classmethod
     def build(cls, lengths: torch.Tensor, n: int, capacity: int, window: int | None,
-              used: int | None, rows: Rows, head_dim: int, theta: float,
+              used: int | None, rows: Rows, config: TTTConfig,
               dtype: torch.dtype) -> RingStep:
         """For sequences that have read ``lengths [B]`` tokens and now read ``n`` more."""
         device = lengths.device
         B = lengths.shape[0]
         q_pos = lengths[:, None] + torch.arange(n, device=device)  # [B, n]
-        cos, sin = rope_angles(q_pos.reshape(-1), head_dim, theta, dtype)
+        cos, sin = config_rope_angles(q_pos.reshape(-1), config, dtype)
         s = torch.arange(capacity, device=device)
         last = lengths[:, None] + n - 1  # [B, 1]
         if window is None:
@@ -212,10 +212,10 @@ class RingKV(LayerCache):
         return decode_attention(q.transpose(1, 2), keys, values, st.mask).transpose(1, 2)
 
 
-def rope_slots(keys: torch.Tensor, config: Any) -> torch.Tensor:
+def rope_slots(keys: torch.Tensor, config: TTTConfig) -> torch.Tensor:
     """RoPE of a TTT-block cache ``[B, H, S, d]`` whose slot ``s`` sits at local position ``s``."""
-    cos, sin = rope_angles(torch.arange(keys.shape[2], device=keys.device), config.head_dim,
-                           config.rope_theta, keys.dtype)
+    cos, sin = config_rope_angles(torch.arange(keys.shape[2], device=keys.device), config,
+                                  keys.dtype)
     return apply_rope(keys.transpose(1, 2), cos, sin).transpose(1, 2).contiguous()
 
 

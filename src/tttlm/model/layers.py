@@ -1,4 +1,8 @@
-"""Transformer blocks of TTT-E2E: sandwich-normed attention, prime MLP and SwiGLU MLP."""
+"""Transformer blocks of TTT-E2E: sandwich-normed attention, prime MLP and SwiGLU MLP.
+
+The official layout is the default; :class:`~tttlm.config.TTTConfig` also describes the
+Llama family (grouped-query attention, no QK-norm, pre-norms only, biases) so that pretrained
+models import exactly."""
 
 from __future__ import annotations
 
@@ -36,40 +40,51 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    """``w2(silu(w1 x) * w3 x)``; ``bias`` only for imported MLPs (prime MLPs have none)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w1 = nn.Linear(dim, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, dim, bias=bias)
+        self.w3 = nn.Linear(dim, hidden, bias=bias)
 
     def weights(self) -> FastWeights:
         return self.w1.weight, self.w2.weight, self.w3.weight
 
     def forward(self, x: torch.Tensor, weights: FastWeights | None = None) -> torch.Tensor:
+        if weights is None and self.w1.bias is not None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return swiglu(x, *(weights if weights is not None else self.weights()))
 
 
 class Attention(nn.Module):
-    """Multi-head attention with QK-norm (shared over heads, before RoPE), no bias."""
+    """Multi-head attention, by default with QK-norm (shared over heads, before RoPE) and no
+    bias (official); grouped-query with ``num_kv_heads < num_heads``."""
 
     def __init__(self, config: TTTConfig) -> None:
         super().__init__()
-        D = config.hidden_size
-        self.num_heads = config.num_heads
-        self.head_dim = config.head_dim
-        self.wq = nn.Linear(D, D, bias=False)
-        self.wk = nn.Linear(D, D, bias=False)
-        self.wv = nn.Linear(D, D, bias=False)
-        self.wo = nn.Linear(D, D, bias=False)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        D, d = config.hidden_size, config.head_dim
+        assert d is not None and config.num_kv_heads is not None
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, d
+        self.wq = nn.Linear(D, config.num_heads * d, bias=config.qkv_bias)
+        self.wk = nn.Linear(D, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.wv = nn.Linear(D, config.num_kv_heads * d, bias=config.qkv_bias)
+        self.wo = nn.Linear(config.num_heads * d, D, bias=config.attn_out_bias)
+        self.q_norm: RMSNorm | None = None
+        self.k_norm: RMSNorm | None = None
+        if config.qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (QK-normed, before RoPE) and v, each ``[B, T, H, d]``."""
-        split = (self.num_heads, self.head_dim)  # head-major, as the official "(head head_dim)"
-        q = self.q_norm(self.wq(x).unflatten(-1, split))
-        k = self.k_norm(self.wk(x).unflatten(-1, split))
-        v = self.wv(x).unflatten(-1, split)
+        """q ``[B, T, H, d]``, k (QK-normed when configured, before RoPE) and v
+        ``[B, T, H_kv, d]``."""
+        # head-major, as the official "(head head_dim)" and transformers' view(..., -1, d)
+        q = self.wq(x).unflatten(-1, (self.num_heads, self.head_dim))
+        k = self.wk(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = self.wv(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def merge(self, out: torch.Tensor) -> torch.Tensor:
@@ -82,18 +97,23 @@ class Block(nn.Module):
     def __init__(self, config: TTTConfig, has_prime: bool) -> None:
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
+
+        def post_norm() -> nn.Module:
+            # Without sandwich norms (Llama) a branch's output joins the residual as it is.
+            return RMSNorm(D, eps) if config.post_norms else nn.Identity()
+
         self.attn_norm = RMSNorm(D, eps)
         self.attn = Attention(config)
-        self.attn_post_norm = RMSNorm(D, eps)
+        self.attn_post_norm = post_norm()
         self.has_prime = has_prime
         if has_prime:
             assert config.prime_intermediate_size is not None
             self.prime_norm = RMSNorm(D, eps)
             self.prime = SwiGLU(D, config.prime_intermediate_size)
-            self.prime_post_norm = RMSNorm(D, eps)
+            self.prime_post_norm = post_norm()
         self.mlp_norm = RMSNorm(D, eps)
-        self.mlp = SwiGLU(D, config.intermediate_size)
-        self.mlp_post_norm = RMSNorm(D, eps)
+        self.mlp = SwiGLU(D, config.intermediate_size, bias=config.mlp_bias)
+        self.mlp_post_norm = post_norm()
 
     def feed_forward(self, h: torch.Tensor, fast: FastWeights | None = None) -> torch.Tensor:
         """Everything after attention: the prime MLP (with ``fast`` weights if given), the MLP."""

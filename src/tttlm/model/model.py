@@ -22,7 +22,7 @@ from tttlm.model.cache import ChunkKV, WholeSequence
 from tttlm.model.layers import Block, RMSNorm
 from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
-from tttlm.ops.rope import rope_angles
+from tttlm.ops.rope import config_rope_angles
 from tttlm.ttt.base import InnerState
 from tttlm.ttt.fast import FastWeights, PrimeWeights, flatten_fast
 from tttlm.ttt.finite import FiniteGuard
@@ -135,6 +135,10 @@ class TTTForCausalLM(nn.Module):
             Block(config, has_prime=i >= first_ttt and config.variant is Variant.E2E)
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # The official head is the embedding; imported models may have their own.
+        self.lm_head: nn.Linear | None = None
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.variant is Variant.E2E:
             # An optimizer without meta-learned parameters (the official SGD) adds no key to
             # the state dict.
@@ -156,11 +160,14 @@ class TTTForCausalLM(nn.Module):
 
     # ----------------------------------------------------------------------------- setup
     def reset_parameters(self) -> None:
-        """Official init: every matrix and the embedding ~ N(0, initializer_range); norms 1."""
+        """Official init: every matrix and the embedding ~ N(0, initializer_range); norms 1;
+        biases (imported architectures only) 0."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 
@@ -301,7 +308,12 @@ class TTTForCausalLM(nn.Module):
     def rope_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos/sin tables ``[T, d/2]`` of ``positions [T]`` in the model's dtype."""
         dtype = self.embed.weight.dtype
-        return rope_angles(positions, self.config.head_dim, self.config.rope_theta, dtype)
+        return config_rope_angles(positions, self.config, dtype)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The output head ``[V, D]``: the embedding (tied, official) or ``lm_head``."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def head_nll(self, h: torch.Tensor, labels: torch.Tensor | None, keep_logits: bool,
                  outer_graph: bool = True, lean: bool | None = None
@@ -321,8 +333,8 @@ class TTTForCausalLM(nn.Module):
         large = h.shape[0] * h.shape[1] * self.config.vocab_size > MAX_BLOCK_ELEMENTS
         if labels is not None and not keep_logits and (large or lean and outer_graph):
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
-            return linear_nll(x, self.embed.weight, labels), None
-        logits = x @ self.embed.weight.mT  # [B, c, V]
+            return linear_nll(x, self.head_weight, labels), None
+        logits = x @ self.head_weight.mT  # [B, c, V]
         nll = token_nll(logits, labels) if labels is not None else None
         return nll, (logits if keep_logits else None)
 
@@ -441,7 +453,7 @@ class TTTForCausalLM(nn.Module):
             fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
                     for layer in fast]
         if caches is None:
-            empty = h.new_zeros(B, 0, config.num_heads, config.head_dim)
+            empty = h.new_zeros(B, 0, config.num_kv_heads, config.head_dim)
             caches = [(empty, empty) for _ in self.ttt_layers]
         chunks = self.chunks(h.shape[1])
         run = ChunkRun()

@@ -1,34 +1,88 @@
-"""Rotary position embedding in the interleaved-pair layout of the official code.
+"""Rotary position embedding, in the official interleaved-pair layout or transformers' halves.
 
-Pairs ``(x[2i], x[2i+1])`` rotate as complex numbers by ``pos * theta^(-2i/d)``. Angles are
-computed as ``float32(pos) * float32(freq)`` (fp64 when the model runs in fp64) so that the
-rounding matches the official tables.
+``interleaved`` (the official code): pairs ``(x[2i], x[2i+1])`` rotate as complex numbers by
+``pos * inv_freq[i]``; the tables are ``[T, d/2]``. ``half`` (transformers' Llama
+``rotate_half``): pairs ``(x[i], x[i+d/2])``; the tables are ``[T, d]``, the ``d/2`` angles
+twice, as transformers builds them. :func:`apply_rope` reads the layout from the tables'
+width, so caches and blocks pass tables around without knowing the layout.
+
+Angles are computed as ``float32(pos) * float32(inv_freq)`` (fp64 when the model runs in
+fp64) so that the rounding matches the official tables and transformers' (which multiply the
+same fp32 numbers). ``inv_freq`` follows transformers' ``linear`` and ``llama3`` scalings.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
+
+from tttlm.config import TTTConfig
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
+                  dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """``[d/2]`` inverse frequencies ``theta^(-2i/d)``, scaled as transformers'
+    ``modeling_rope_utils`` does for ``rope_type`` ``linear`` and ``llama3``."""
+    exponent = torch.arange(0, head_dim, 2, device=device, dtype=dtype)[: head_dim // 2]
+    inv_freq = 1.0 / (theta ** (exponent / head_dim))
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    # llama3: long wavelengths divided by the factor, short ones kept, a smooth blend between.
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def rope_angles(positions: torch.Tensor, head_dim: int, theta: float,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables ``[T, head_dim/2]`` for integer ``positions [T]``."""
+                dtype: torch.dtype = torch.float32, *, layout: str = "interleaved",
+                scaling: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of integer ``positions [T]``: ``[T, head_dim/2]`` (``interleaved``)
+    or ``[T, head_dim]`` (``half``)."""
     compute = torch.float64 if dtype == torch.float64 else torch.float32
-    exponent = torch.arange(0, head_dim, 2, device=positions.device, dtype=compute)[: head_dim // 2]
-    freqs = 1.0 / (theta ** (exponent / head_dim))  # [d/2]
+    freqs = rope_inv_freq(head_dim, theta, scaling, compute, positions.device)  # [d/2]
     angles = positions.to(compute)[:, None] * freqs[None, :]  # [T, d/2]
+    if layout == "half":
+        angles = torch.cat((angles, angles), dim=-1)
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [..., T, H, d]`` by tables ``[T, d/2]``; fp32 math, result in x's dtype.
+def config_rope_angles(positions: torch.Tensor, config: TTTConfig,
+                       dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_angles` with a model config's head width, base, layout and scaling."""
+    assert config.head_dim is not None
+    return rope_angles(positions, config.head_dim, config.rope_theta, dtype,
+                       layout=config.rope_layout, scaling=config.rope_freq_scaling)
 
-    One complex multiplication (``(re + i·im)(cos + i·sin)``, the same products and sums as
-    the real form): a single contiguous kernel instead of six strided ones on the GPU, and it
-    stays differentiable any number of times.
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [..., T, H, d]`` by tables ``[T, d/2]`` (interleaved pairs) or ``[T, d]``
+    (halves, see the module docstring); fp32 math, result in x's dtype.
+
+    Interleaved: one complex multiplication (``(re + i·im)(cos + i·sin)``, the same products
+    and sums as the real form): a single contiguous kernel instead of six strided ones on the
+    GPU, and it stays differentiable any number of times.
     """
     dtype = x.dtype
     compute = cos.dtype
+    if cos.shape[-1] == x.shape[-1]:
+        # transformers' q * cos + rotate_half(q) * sin, the same products and sums.
+        xf = x.to(compute)
+        c, s = cos[:, None, :], sin[:, None, :]
+        x1, x2 = xf.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (xf * c + rotated * s).to(dtype)
     pairs = x.to(compute).contiguous().unflatten(-1, (-1, 2))  # [..., T, H, d/2, 2]
     if torch.compiler.is_compiling():
         # Inductor has no complex kernels; it fuses the real form into one kernel anyway.

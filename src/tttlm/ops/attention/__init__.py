@@ -58,6 +58,7 @@ __all__ = [
     "attention_backend_names",
     "chunk_attention",
     "decode_attention",
+    "expand_kv_heads",
     "get_attention_backend",
     "naive_attention",
     "register_attention_backend",
@@ -121,6 +122,18 @@ for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend()
 del _builtin
 
 
+def expand_kv_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dim: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: ``k``, ``v`` with each of their heads (axis ``dim``) repeated
+    for the query heads it serves (KV head ``j`` serves query heads ``j*g .. j*g+g-1``, as
+    transformers' ``repeat_kv``), so that every backend sees as many KV heads as query heads.
+    Caches keep only the KV heads; the copy lives for one attention call."""
+    groups = q.shape[dim] // k.shape[dim]
+    if groups == 1:
+        return k, v
+    return (k.repeat_interleave(groups, dim=dim), v.repeat_interleave(groups, dim=dim))
+
+
 def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        window: int | None, block: int) -> torch.Tensor:
     """Causal attention over a whole sequence ``[B, T, H, d]``, limited to ``window`` keys
@@ -129,6 +142,7 @@ def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``block`` is the query-block size of the banded path used when the window is shorter
     than the sequence (the model passes its chunk size).
     """
+    k, v = expand_kv_heads(q, k, v, 2)
     return _REGISTRY[_active].sequence(q, k, v, window, block)
 
 
@@ -142,6 +156,7 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     anywhere Triton runs), the naive reference otherwise. ``frozen_keys``: the first keys'
     gradient is not wanted (a detached cache), so the kernel skips it; first order only.
     """
+    k, v = expand_kv_heads(q, k, v, 2)
     return _REGISTRY[_active].chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
 
 
@@ -155,4 +170,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Several queries (prefill, the inner step) use SDPA, which never materialises ``[n, C]``
     scores.
     """
+    k, v = expand_kv_heads(q, k, v, 1)
     return _REGISTRY[_active].decode(q, k, v, mask)
