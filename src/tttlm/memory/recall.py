@@ -3,12 +3,12 @@ back into the window, right before the query, then continue.
 
 ``rag="end"`` (default): at each :meth:`RecallSession.generate` call the prompt's last
 ``query_len`` tokens are the query. The rest of the prompt is read first; then the best
-passages outside the window (BM25 over token n-grams, at most ``budget`` tokens together,
-default a quarter of the window) are read, each after a separator (default: the model's BOS
-id, which joins documents in training), in the order they appeared; then the query, and
-generation continues. The quoted passages pass through the model like any text (the fast
-weights learn from them too) but are not recorded in the memory again. ``rag="off"``: the
-engine alone, token for token (the memory still records).
+passages outside the window (BM25 over token n-grams; passages of up to 64 tokens, at most
+``budget`` tokens together, default a quarter of the window) are read, each after a
+separator (default: the model's BOS id, which joins documents in training), in the order
+they appeared; then the query, and generation continues. The quoted passages pass through
+the model like any text (the fast weights learn from them too) but are not recorded in the
+memory again. ``rag="off"``: the engine alone, token for token (the memory still records).
 Deterministic: same inputs, same passages, same tokens.
 """
 
@@ -24,6 +24,7 @@ from tttlm.inference import Engine, State
 from tttlm.memory.memory import ContextMemory, Passage
 
 RAG_MODES = ("off", "end")
+MAX_PASSAGE = 64
 
 
 class RecallSession:
@@ -59,7 +60,10 @@ class RecallSession:
         if self.state.batch_size != 1:
             raise UserError(f"a recall session holds one sequence, the state has "
                             f"{self.state.batch_size}; select one row (State.select)")
-        self.memory = memory if memory is not None else ContextMemory(window, engine.chunk)
+        # Passages no longer than a chunk nor than the budget (so that one always fits), and
+        # at most 64 tokens: finer passages spend the budget on what matches.
+        passage_len = max(1, min(engine.chunk, self.budget, MAX_PASSAGE))
+        self.memory = memory if memory is not None else ContextMemory(window, passage_len)
         self.last_recall: list[Passage] = []
 
     def read(self, tokens: Sequence[int]) -> None:
