@@ -97,11 +97,15 @@ def test_retrieval_quotes_the_first_reading_back(models: dict[str, Path]) -> Non
         item.first - L < p.start < item.first + 8 for p in session.last_recall)
 
 
-def test_full_attention_refuses_rag_end(models: dict[str, Path]) -> None:
+def test_full_attention_runs_without_retrieval_only(models: dict[str, Path]) -> None:
     em = load_model(models["full"])
     with pytest.raises(EvalError, match="full attention"):
         evaluate_repeat([em], corpus(), RepeatSettings(distances=[8], rag=["end"]),
                         device=torch.device("cpu"), progress=False)
+    report = evaluate_repeat([em], corpus(), RepeatSettings(distances=[8], samples=1,
+                                                            rag=["off", "end"]),
+                             device=torch.device("cpu"), progress=False)
+    assert list(report["results"]) == ["full"] and "skipped" in report["notes"][0]
 
 
 def test_cli_writes_json_csv_and_table(models: dict[str, Path], tmp_path: Path,

@@ -45,6 +45,16 @@ def test_quickstart_tiny_end_to_end(tmp_path: Path,
     assert max(params) / min(params) < 1.1
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "loss_by_position.png").stat().st_size > 1000
+    # The memory panel: a passage read twice, with and without retrieval.
+    repeat = report["repeat"]
+    assert set(repeat["results"]) == {"e2e", "swa", "full", "e2e + retrieval",
+                                      "swa + retrieval"}
+    assert repeat["settings"]["distances"] == [16, 32, 64, 128, 256, 512]  # window 32
+    for rows in repeat["results"].values():
+        assert all(np.isfinite([r["first"], r["second"]]).all() for r in rows.values())
+    text = (out / "report.md").read_text()
+    assert "## Memory: a passage read twice" in text and "How to read it" in text
+    assert (out / "repeat.png").stat().st_size > 1000
 
     # A rerun repeats the experiment in the same folder: its own runs are replaced (training
     # refuses a folder holding a run unless told to; the quickstart tells it to).

@@ -47,7 +47,14 @@ if TYPE_CHECKING:
         score_answer,
         write_niah_outputs,
     )
-    from tttlm.eval.plots import plot_loss_by_position
+    from tttlm.eval.plots import plot_loss_by_position, plot_repeat
+    from tttlm.eval.repeat import (
+        RepeatSettings,
+        default_distances,
+        evaluate_repeat,
+        format_repeat_table,
+        write_repeat_outputs,
+    )
 
 __all__ = [
     "EvalError",
@@ -56,6 +63,7 @@ __all__ = [
     "NiahSample",
     "NiahSettings",
     "Prediction",
+    "RepeatSettings",
     "TokenCorpus",
     "WindowMode",
     "accuracy",
@@ -66,9 +74,12 @@ __all__ = [
     "builtin_books",
     "coarsen_curves",
     "compare",
+    "default_distances",
     "evaluate_loss",
     "evaluate_niah",
+    "evaluate_repeat",
     "extract_answer",
+    "format_repeat_table",
     "format_table",
     "load_corpus",
     "load_model",
@@ -77,10 +88,12 @@ __all__ = [
     "niah_report",
     "plan_windows",
     "plot_loss_by_position",
+    "plot_repeat",
     "score_answer",
     "tokenize_documents",
     "write_loss_outputs",
     "write_niah_outputs",
+    "write_repeat_outputs",
 ]
 
 __getattr__, __dir__ = lazy_exports(__name__, {
@@ -89,9 +102,12 @@ __getattr__, __dir__ = lazy_exports(__name__, {
     **dict.fromkeys(["EvalModel", "load_corpus", "load_model"], "tttlm.eval.common"),
     "compare": "tttlm.eval.compare",
     **dict.fromkeys(["WindowMode", "bucket_means", "coarsen_curves", "evaluate_loss",
-                     "format_table", "max_length", "plan_windows", "write_loss_outputs"],
+                     "format_repeat_table",
+    "format_table", "max_length", "plan_windows", "write_loss_outputs"],
                     "tttlm.eval.loss"),
-    "plot_loss_by_position": "tttlm.eval.plots",
+    **dict.fromkeys(["plot_loss_by_position", "plot_repeat"], "tttlm.eval.plots"),
+    **dict.fromkeys(["RepeatSettings", "default_distances", "evaluate_repeat",
+                     "format_repeat_table", "write_repeat_outputs"], "tttlm.eval.repeat"),
     **dict.fromkeys(["NeedleKind", "NiahSample", "NiahSettings", "Prediction", "accuracy",
                      "aggregate", "build_haystack", "build_sample", "evaluate_niah",
                      "extract_answer", "model_predictor", "niah_report", "score_answer",

@@ -118,10 +118,10 @@ def evaluate_repeat(models: Sequence[EvalModel], corpus: TokenCorpus, settings: 
                     *, device: torch.device, progress: bool = True) -> dict[str, Any]:
     """The report: per model, rag mode and distance the mean first/second-reading NLL."""
     settings.check()
-    for em in models:
-        if "end" in settings.rag and not em.model.config.uses_window:
-            raise EvalError(f"{em.label} has full attention: nothing leaves its window, so "
-                            "rag=end does not apply; evaluate it with --rag off")
+    full = [em.label for em in models if not em.model.config.uses_window]
+    if settings.rag == ["end"] and full:
+        raise EvalError(f"{', '.join(full)} has full attention: nothing leaves its window, so "
+                        "rag=end does not apply; evaluate it with --rag off (or off,end)")
     results: dict[str, dict[str, dict[str, Any]]] = {}
     items = {d: build_items(corpus, settings, d) for d in settings.distances}
     total = len(models) * len(settings.rag) * len(settings.distances)
@@ -141,8 +141,10 @@ def evaluate_repeat(models: Sequence[EvalModel], corpus: TokenCorpus, settings: 
                                     "copy_gain": float(np.mean(first) - np.mean(second)),
                                     "samples": len(pairs)}
                     bar.update(1)
+    notes = ([f"rag=end skipped for full attention ({', '.join(full)}): nothing leaves its "
+              "window"] if "end" in settings.rag and full else [])
     return {"task": "repeat", "settings": asdict(settings), "source": corpus.source,
-            "models": [em.info for em in models], "results": results}
+            "models": [em.info for em in models], "results": results, "notes": notes}
 
 
 def format_repeat_table(report: dict[str, Any]) -> str:

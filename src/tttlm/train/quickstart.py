@@ -23,16 +23,20 @@ import torch
 from tttlm.data import DataError, prepare_builtin, read_meta
 from tttlm.devices import describe_device, resolve_device
 from tttlm.eval import (
+    RepeatSettings,
     WindowMode,
     coarsen_curves,
+    default_distances,
     evaluate_loss,
+    evaluate_repeat,
     load_corpus,
     load_model,
     plot_loss_by_position,
+    plot_repeat,
 )
 from tttlm.train import checkpoint as ckpt
 from tttlm.train.config import TrainConfig
-from tttlm.train.report import PLOT_PNG, write_report
+from tttlm.train.report import PLOT_PNG, REPEAT_PNG, write_report
 from tttlm.train.trainer import Trainer
 
 MODES = ("e2e", "swa", "full")
@@ -57,6 +61,7 @@ class QuickstartSize:
     eval_sequences: int
     bucket: int  # positions per point of the plotted curve
     tokenizer: str  # BPE trained on the train books; the output head's size is its vocabulary
+    repeat_samples: int = 4  # sequences per distance of the repeated-passage panel
 
 
 SIZES: dict[str, QuickstartSize] = {
@@ -172,6 +177,17 @@ def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: st
         })
     plotted = plot_loss_by_position(coarsen_curves(evaluation, cfg.bucket),
                                     out / PLOT_PNG) is not None
+    # The memory panel: a passage read twice, d tokens apart (`tttlm eval repeat`), with and
+    # without retrieval.
+    print("      and a passage read twice, from inside the window to 16x beyond it ...",
+          flush=True)
+    repeat = evaluate_repeat(
+        models, load_corpus(data_dir, split="val"),
+        RepeatSettings(distances=default_distances(cfg.window),
+                       passage_len=min(64, cfg.window // 2), cue=8, lead=cfg.chunk_size,
+                       samples=cfg.repeat_samples, rag=["off", "end"]),
+        device=dev, progress=progress)
+    repeat_plotted = plot_repeat(repeat, out / REPEAT_PNG) is not None
     argv = ["tttlm", "quickstart", "--out", str(out_dir)]
     if size != ("gpu" if dev.type == "cuda" else "cpu"):
         argv += ["--size", size]
@@ -193,6 +209,8 @@ def run_quickstart(out_dir: str | os.PathLike[str] = "quickstart", *, device: st
         "data_prep_time_s": prep_time,
         "wall_time_s": time.perf_counter() - start,
         "plot": plotted,
+        "repeat": {"settings": repeat["settings"], "results": repeat["results"],
+                   "notes": repeat["notes"], "plot": repeat_plotted},
         "command": shlex.join(argv),
         "models": results,
     }

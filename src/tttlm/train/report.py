@@ -16,6 +16,7 @@ from tttlm.files import atomic_write_text
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "loss_by_position.png"
+REPEAT_PNG = "repeat.png"
 
 
 def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any]) -> dict[str, Path]:
@@ -59,8 +60,40 @@ def write_report(out_dir: str | os.PathLike[str], report: dict[str, Any]) -> dic
         "memory in its fast weights. At this toy scale the gaps are small and noisy; the "
         "paper's gains need billions of training tokens.",
         "",
+        *_repeat_section(report),
         f"Reproduce: `{report['command']}`",
         "",
     ]
     atomic_write_text(out / REPORT_MD, "\n".join(lines))
     return {"json": out / REPORT_JSON, "md": out / REPORT_MD, "png": out / PLOT_PNG}
+
+
+def _repeat_section(report: dict[str, Any]) -> list[str]:
+    """The memory panel: loss on the second reading of a passage, by distance."""
+    rep = report.get("repeat")
+    if not rep:
+        return []
+    st = rep["settings"]
+    ds = st["distances"]
+    window = report["settings"]["window"]
+    lines = ["## Memory: a passage read twice", "",
+             f"A held-out passage of {st['passage_len']} tokens is read, then again d tokens "
+             f"later; the table gives the mean loss of its second reading (after a cue of "
+             f"{st['cue']} tokens), the last column that of its first reading "
+             f"({st['samples']} sequences per distance; window k = {window}).", "",
+             "| model | " + " | ".join(f"d={d}" for d in ds) + " | first reading |",
+             "|" + "---|" * (len(ds) + 2)]
+    for label, rows in rep["results"].items():
+        cells = [f"{rows[str(d)]['second']:.3f}" for d in ds]
+        first = sum(rows[str(d)]["first"] for d in ds) / len(ds)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {first:.3f} |")
+    lines += ["", f"![repeated passage]({REPEAT_PNG})" if rep.get("plot") else "", "",
+              "How to read it: a second reading below the first means the model copies from "
+              "what it read before. Full attention can copy at any distance; sliding-window "
+              f"attention only while the first reading is inside its window (d < k = {window});"
+              " TTT-E2E keeps part of it in its fast weights beyond the window; with retrieval "
+              "(\"+ retrieval\": the cue recalls the first reading from the memory and quotes "
+              "it back) swa and TTT-E2E can copy again at any distance. Copying is a skill the "
+              "model must learn: if no line drops below its first reading, these toy models "
+              "have not learned it yet (a longer run or a pretrained model shows it).", ""]
+    return lines
