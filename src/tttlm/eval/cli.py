@@ -7,6 +7,8 @@ which the top-level command line prints as one line (``tttlm eval loss: error: .
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -176,6 +178,65 @@ def _run_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_values(items: list[str] | None, option: str) -> dict[str, Any]:
+    """``["k=v", ...]`` → ``{k: v}``; a value that reads as JSON (numbers, true, lists) is
+    taken as such, anything else as a string."""
+    from tttlm.eval.adapters import EvalError
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, eq, raw = item.partition("=")
+        if not eq or not key.strip():
+            raise EvalError(f"{option} {item!r} is not key=value; e.g. {option} batch_size=8")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def _limit(text: str) -> int | float:
+    """lm-eval's --limit: a count of documents per task, or a fraction of them below 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value <= 0 or (value >= 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive count (e.g. 100) or a "
+                                         "fraction below 1 (e.g. 0.1)")
+    return int(value) if value >= 1 else value
+
+
+def _run_harness(args: argparse.Namespace) -> int:
+    from tttlm.eval.adapters import EvalError
+    from tttlm.eval.common import parse_int_list
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise EvalError("lm-evaluation-harness is not installed; install it with "
+                        "pip install 'tttlm[eval]'")
+    from tttlm.devices import resolve_device
+    from tttlm.hf.harness import evaluate
+    from tttlm.hf.results import format_results, write_results
+
+    if not Path(args.model).is_dir():  # before lm-eval spends seconds indexing its tasks
+        raise EvalError(f"model folder not found: {args.model}; give a tttlm model folder")
+    model_args = _key_values(args.model_args, "--model-args")
+    metadata = _key_values(args.metadata, "--metadata")
+    if args.lengths:
+        metadata["max_seq_lengths"] = parse_int_list(args.lengths, "--lengths")
+    model_args.setdefault("batch_size", args.batch_size)
+    if "device" not in model_args:
+        model_args["device"] = str(resolve_device(args.device, option="--device"))
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    results = evaluate(args.model, tasks, model_args=model_args, limit=args.limit,
+                       metadata=metadata, include_path=args.include_path,
+                       num_fewshot=args.num_fewshot, log_samples=False)
+    written = write_results(results, args.out)
+    print(format_results(results))
+    print(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--model", action="append", required=True, metavar="DIR",
                    help="a tttlm model folder (repeat for several models; the first is the "
@@ -300,6 +361,38 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     rep.add_argument("--no-plots", action="store_true", help="write JSON/CSV only")
     rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=_run_repeat)
+
+    har = sub.add_parser(
+        "harness", help="lm-evaluation-harness tasks (RULER, ...) on a model folder",
+        description="Run lm-evaluation-harness tasks on a tttlm model folder through the "
+                    "lm-eval model type tttlm (the eval extra). Writes harness.json "
+                    "(lm-eval's results) and harness.csv, and prints lm-eval's table. "
+                    "RULER tasks need the folder's tokenizer files (tttlm.hf.save_tokenizer) "
+                    "and --lengths. See docs/hf.md.")
+    har.add_argument("--model", required=True, metavar="DIR", help="a tttlm model folder")
+    har.add_argument("--tasks", required=True, metavar="T,T,...",
+                     help="lm-eval task, group or tag names, e.g. niah_single_1,ruler_vt")
+    har.add_argument("--limit", type=_limit, default=None, metavar="N",
+                     help="at most N documents per task (a number below 1: that fraction)")
+    har.add_argument("--batch-size", type=int, default=1, metavar="B",
+                     help="requests of one length per forward pass")
+    har.add_argument("--lengths", metavar="L,L,...",
+                     help="RULER context lengths in tokens (metadata max_seq_lengths), "
+                          "e.g. 1k,4k")
+    har.add_argument("--model-args", action="append", metavar="K=V",
+                     help="argument of the tttlm model type (repeat): dtype=bfloat16, "
+                          "max_length=N, ttt=false, inner_lr=..., max_gen_toks=N")
+    har.add_argument("--metadata", action="append", metavar="K=V",
+                     help="task metadata (repeat), e.g. max_seq_lengths=[1024,2048]")
+    har.add_argument("--num-fewshot", type=int, default=None, metavar="N",
+                     help="few-shot examples per document (default: each task's own)")
+    har.add_argument("--include-path", action="append", metavar="DIR",
+                     help="a folder of extra lm-eval task YAML files (repeat)")
+    har.add_argument("--device", default="auto",
+                     help="cuda, cpu, ... (default: cuda when available)")
+    har.add_argument("--out", default="eval-harness", metavar="DIR",
+                     help="output folder (default eval-harness)")
+    har.set_defaults(func=_run_harness)
 
     cmp = sub.add_parser(
         "compare", help="merge result files into one Markdown report with plots",
