@@ -283,3 +283,30 @@ def test_vocabulary_mismatch_is_refused(tmp_path: Path,
     with pytest.raises(EvalError, match="no text"):
         niah.build_haystack(TokenCorpus(np.array([256]), np.zeros(1, np.int64), 256, "x", "x"),
                             TOK)
+
+
+# ---------------------------------------------------------------------------- retrieval
+@pytest.mark.parametrize("kind", list(NeedleKind))
+def test_retrieval_quotes_the_needle_back_before_the_question(haystack: niah.Haystack,
+                                                              tmp_path: Path,
+                                                              kind: NeedleKind) -> None:
+    pytest.importorskip("bm25s")
+    from tttlm.inference import Engine
+    from tttlm.memory import RecallSession
+
+    em = load_model(save_tiny(tmp_path / "swa", "swa"))
+    sample = niah.build_sample(haystack, TOK, kind, 1001, 0.2, trial=0, seed=7)
+    assert sample.needle_end < 1001 - 16 * 16  # 16+ windows before the question
+    session = RecallSession(Engine(em.model), "end", budget=32,
+                            query_len=sample.length - sample.question_start)
+    session.generate(sample.input_ids, 2, temperature=0.0)
+    assert any(p.start < sample.needle_end and p.start + len(p.tokens) > sample.needle_start
+               for p in session.last_recall)
+    prediction = niah.recall_predictor(em, TOK, budget=32)(sample)
+    assert isinstance(prediction, Prediction) and np.isfinite(prediction.logprob)
+
+
+def test_retrieval_refuses_full_attention(tmp_path: Path) -> None:
+    em = load_model(save_tiny(tmp_path / "full", "full"))
+    with pytest.raises(EvalError, match="full attention"):
+        niah.recall_predictor(em, TOK)

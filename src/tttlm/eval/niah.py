@@ -375,6 +375,37 @@ def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
     return predict
 
 
+def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = True,
+                     extra_tokens: int = 8, budget: int | None = None) -> Predictor:
+    """As :func:`model_predictor`, with the retrieval memory (``rag="end"``, see
+    :mod:`tttlm.memory.recall`): the question (its exact span) is the query; the passages of
+    the haystack that left the window and match it best are quoted back before it. The
+    answer's log-probability is scored the same way, in a second session."""
+    from tttlm.inference import Engine
+    from tttlm.memory import RecallSession
+
+    if not em.model.config.uses_window:
+        raise EvalError(f"{em.label} has full attention: nothing leaves its window, so "
+                        "retrieval does not apply; evaluate it without --rag")
+
+    def session(sample: NiahSample) -> RecallSession:
+        return RecallSession(Engine(em.model, ttt=em.ttt), "end", budget=budget,
+                             query_len=sample.length - sample.question_start)
+
+    def predict(sample: NiahSample) -> Prediction:
+        device = next(em.model.parameters()).device
+        stop = () if tokenizer.eos_id is None else (tokenizer.eos_id,)
+        with autocast(device):
+            ids = [t for t in session(sample).generate(
+                sample.input_ids, len(sample.answer_ids) + extra_tokens, temperature=0.0,
+                stop=stop) if t not in stop]
+            lp = (-sum(session(sample).score(sample.input_ids, sample.answer_ids))
+                  if logprob else None)
+        return Prediction(tokenizer.decode(ids), lp)
+
+    return predict
+
+
 # -------------------------------------------------------------------------------- runner
 def score_sample(sample: NiahSample, predictor: Predictor) -> dict[str, Any]:
     """One result record: the prediction, whether it is right, the answer's log-probability."""
