@@ -310,3 +310,18 @@ def test_retrieval_refuses_full_attention(tmp_path: Path) -> None:
     em = load_model(save_tiny(tmp_path / "full", "full"))
     with pytest.raises(EvalError, match="full attention"):
         niah.recall_predictor(em, TOK)
+
+
+def test_cli_niah_with_retrieval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("bm25s")
+    model = save_tiny(tmp_path / "swa", "swa", window=64, chunk=64)
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The cat sat on the mat. It was warm. The dog slept by the door.\n" * 20)
+    out = tmp_path / "out"
+    assert main(["eval", "niah", "--model", str(model), "--tokenizer", "bytes", "--haystack",
+                 str(hay), "--lengths", "420", "--depths", "0", "--kinds", "passkey",
+                 "--samples", "1", "--rag", "end", "--out", str(out), "--quiet",
+                 "--no-plots"]) == 0
+    report = json.loads((out / "niah.json").read_text())
+    assert list(report["results"]) == ["swa + retrieval"]
+    assert "swa + retrieval" in capsys.readouterr().out

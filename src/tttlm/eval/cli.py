@@ -127,7 +127,16 @@ def _run_niah(args: argparse.Namespace) -> int:
         device = resolve_device(args.device, option="--device")
         records = {}
         for em in models:
-            predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
+            if args.rag == "end":
+                from tttlm.eval.niah import recall_predictor
+
+                # Filed apart: a resumed run never mixes answers with and without retrieval.
+                em.label += " + retrieval"
+                em.fingerprint += f"+rag{args.rag_budget or ''}"
+                predictor = recall_predictor(em, tokenizer, logprob=not args.no_logprob,
+                                             budget=args.rag_budget)
+            else:
+                predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
             records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
                                               predictor, fingerprint=em.fingerprint,
                                               out_dir=out, progress=not args.quiet)
@@ -318,6 +327,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(default: the built-in held-out books)")
     niah.add_argument("--no-logprob", action="store_true",
                       help="skip the log-probability of the value (greedy answer only)")
+    niah.add_argument("--rag", choices=("off", "end"), default="off",
+                      help="retrieval memory: end = the question recalls passages of the "
+                           "haystack that left the window and quotes them back before it "
+                           "(sliding-window models; needs the retrieval extra)")
+    niah.add_argument("--rag-budget", type=int, default=None, metavar="N",
+                      help="tokens of quoted passages (default: a quarter of the window)")
     niah.set_defaults(func=_run_niah)
 
     rep = sub.add_parser(
