@@ -1,4 +1,4 @@
-"""``tttlm convert official SRC DST``: the command-line front end of the converter."""
+"""``tttlm convert official|hf SRC DST``: the command-line front end of the converters."""
 
 from __future__ import annotations
 
@@ -33,6 +33,47 @@ def _run_official(args: argparse.Namespace) -> int:
         raise UserError(str(err) or type(err).__name__) from None
     print(f"wrote {out}")
     return 0
+
+
+def _run_hf(args: argparse.Namespace) -> int:
+    from tttlm.convert.hf import convert_hf
+
+    def note(message: str) -> None:
+        print(f"{getattr(args, 'command_prog', 'tttlm convert hf')}: {message}", file=sys.stderr)
+
+    out = convert_hf(args.src, args.dst, to=args.to, window=args.window, chunk_size=args.chunk,
+                     num_ttt_layers=args.ttt_layers, prime_intermediate_size=args.prime_width,
+                     seed=args.seed, log=note)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_hf(sources: Any) -> None:
+    hf = sources.add_parser(
+        "hf", help="a transformers Llama/Qwen2/Qwen3 model (safetensors or GGUF)",
+        description="Import a transformers LlamaForCausalLM, Qwen2ForCausalLM or "
+                    "Qwen3ForCausalLM (SmolLM2 is a Llama) from a model folder (config.json + "
+                    "*.safetensors) or a .gguf file (dequantised to float32 on import) into a "
+                    "tttlm model folder with its tokenizer; needs pip install "
+                    "'tttlm[convert-hf]'. --to full (default) computes the same logits as "
+                    "transformers; --to swa switches to a sliding window (the matched "
+                    "baseline); --to e2e also adds prime MLPs to the last blocks, with a zero "
+                    "output projection so the outputs do not change before fine-tuning.")
+    hf.add_argument("src", metavar="SRC", help="transformers model folder or .gguf file")
+    hf.add_argument("dst", metavar="DST", help="output tttlm model directory")
+    hf.add_argument("--to", choices=("full", "swa", "e2e"), default="full",
+                    help="the model written (default full: the imported model as it is)")
+    hf.add_argument("--window", type=int, default=None, metavar="K",
+                    help="sliding-window size k (swa and e2e; required there)")
+    hf.add_argument("--chunk", type=int, default=None, metavar="B",
+                    help="TTT chunk size b (default K/8, the official ratio)")
+    hf.add_argument("--ttt-layers", type=int, default=None, metavar="N",
+                    help="blocks with a prime MLP, the last N (e2e; default: a quarter)")
+    hf.add_argument("--prime-width", type=int, default=None, metavar="F",
+                    help="prime MLP width (e2e; default: the MLP width)")
+    hf.add_argument("--seed", type=int, default=0,
+                    help="seed of the prime MLPs' random matrices (e2e)")
+    hf.set_defaults(func=_run_hf)
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -73,4 +114,5 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                           help="for checkpoints without prime MLPs: sliding-window or full "
                                "attention (default full); e2e is detected from the tensors")
     official.set_defaults(func=_run_official)
+    _add_hf(sources)
     return convert
