@@ -12,6 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from _helpers import tiny_model
 
@@ -127,3 +128,36 @@ def test_without_lm_eval_the_cli_still_works_and_says_what_to_install(tmp_path: 
     assert result.stderr.strip() == (
         "tttlm eval harness: error: lm-evaluation-harness is not installed; install it with "
         "pip install 'tttlm[eval]'")
+
+
+def test_lm_eval_command_line_runs_model_tttlm(model_dir: Path, task_dir: Path,
+                                               tmp_path: Path) -> None:
+    """`python -m tttlm.hf.lm_eval` is lm-eval's own command line with `--model tttlm`: its
+    options, its output files, our model's numbers."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "tttlm.hf.lm_eval", "--model", "tttlm",
+         "--model_args", f"pretrained={model_dir}", "--tasks", "tttlm_tiny",
+         "--include_path", str(task_dir), "--device", "cpu", "--batch_size", "2",
+         "--output_path", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "|tttlm_tiny|" in result.stdout
+    [path] = out.rglob("results_*.json")
+    got = json.loads(path.read_text())["results"]["tttlm_tiny"]["bits_per_byte,none"]
+    assert math.isclose(got, expected_bits_per_byte(model_dir), rel_tol=1e-12)
+
+
+def test_lm_eval_defaults_beside_model_args(model_dir: Path) -> None:
+    """lm-eval's command line passes --batch_size/--device (default cuda:0) beside the model
+    args: a model arg wins; a GPU that is not there is a UserError naming the fix."""
+    from tttlm.errors import UserError
+    from tttlm.hf.harness import TTTLMHarness
+
+    lm = TTTLMHarness.create_from_arg_obj({"pretrained": str(model_dir), "batch_size": 3},
+                                          {"batch_size": 1, "device": "cpu",
+                                           "max_batch_size": None})
+    assert lm.batch_size == 3
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device=cuda:0 but .*use device=cpu"):
+            TTTLMHarness.create_from_arg_obj({"pretrained": str(model_dir)},
+                                             {"batch_size": 1, "device": "cuda:0"})

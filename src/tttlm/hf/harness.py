@@ -27,6 +27,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
+from tttlm.devices import resolve_device
 from tttlm.errors import UserError
 from tttlm.eval.adapters import resolve_tokenizer
 from tttlm.inference import Engine
@@ -51,7 +52,9 @@ class TTTLMHarness(LM):
                  ttt: bool | None = None, inner_lr: float | None = None,
                  max_gen_toks: int = 256, **unused: Any) -> None:
         super().__init__()
-        where = torch.device(device) if device else None
+        # A device lm-eval's command line names by default (cuda:0) that is not there is an
+        # error that says what to pass, not a crash inside the weight loader.
+        where = resolve_device(device, option="device")
         torch_dtype = getattr(torch, dtype) if dtype else None
         if dtype and not isinstance(torch_dtype, torch.dtype):
             raise UserError(f"dtype={dtype!r} is not a torch dtype; use float32 or bfloat16")
@@ -77,10 +80,16 @@ class TTTLMHarness(LM):
                                additional_config: dict[str, Any] | None = None) -> TTTLMHarness:
         from lm_eval.utils import simple_parse_args_string
 
-        args = simple_parse_args_string(arg_string)
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict[str, Any],
+                            additional_config: dict[str, Any] | None = None) -> TTTLMHarness:
+        # lm-eval's command line passes its --batch_size/--device (with defaults) beside the
+        # model args: an explicit model arg wins, and nothing else of it applies here.
         extra = {k: v for k, v in (additional_config or {}).items()
-                 if v is not None and k in ("batch_size", "device") and k not in args}
-        return cls(**args, **extra)
+                 if v is not None and k in ("batch_size", "device") and k not in arg_dict}
+        return cls(**arg_dict, **extra)
 
     @property
     def tokenizer_name(self) -> str:
