@@ -27,6 +27,10 @@ class PassageIndex(abc.ABC):
     @abc.abstractmethod
     def __len__(self) -> int: ...
 
+    def nbytes(self) -> int:
+        """Bytes the index holds beyond the passages themselves (0 when unknown)."""
+        return 0
+
 
 def ngram_terms(tokens: Sequence[int], n: int) -> list[str]:
     """The terms of a token sequence: every token and every run of up to ``n`` tokens, as
@@ -56,6 +60,19 @@ class BM25Index(PassageIndex):
 
     def __len__(self) -> int:
         return len(self._terms)
+
+    def nbytes(self) -> int:
+        """The built index's arrays and vocabulary (approximate for the vocabulary's
+        strings); 0 before the first search builds it."""
+        import sys
+
+        built = self._built
+        if built is None:
+            return 0
+        scores = getattr(built, "scores", None) or {}
+        total = sum(int(getattr(v, "nbytes", 0)) for v in scores.values())
+        vocab = getattr(built, "vocab_dict", None) or {}
+        return total + sum(sys.getsizeof(term) + 16 for term in vocab)
 
     def add(self, passages: Sequence[Sequence[int]]) -> None:
         self._terms += [ngram_terms(p, self.ngram) for p in passages]

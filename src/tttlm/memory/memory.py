@@ -84,8 +84,8 @@ class ContextMemory:
         return sorted(chosen, key=lambda p: p.start)
 
     def nbytes(self) -> int:
-        """Bytes of the recorded tokens as saved (int32)."""
-        return 4 * len(self.tokens)
+        """Bytes of the recorded tokens as saved (int32) and of the built index."""
+        return 4 * len(self.tokens) + self.index.nbytes()
 
     # ------------------------------------------------------------------------- files
     def save(self, folder: str | os.PathLike[str]) -> Path:
