@@ -37,6 +37,15 @@ class Parallel(str, enum.Enum):
     FSDP = "fsdp"  # FSDP2 (fully_shard): parameters, gradients and optimizer state sharded
 
 
+class StepMode(str, enum.Enum):
+    """How one optimizer step runs (:mod:`tttlm.train.step_mode` resolves ``auto``)."""
+
+    AUTO = "auto"  # the fastest that applies: graph on one CUDA device, else eager
+    EAGER = "eager"  # Python drives every kernel
+    COMPILED = "compiled"  # eager step, blocks compiled (what compile=true does)
+    GRAPH = "graph"  # the whole step captured once as a CUDA graph and replayed
+
+
 @dataclass
 class TrainConfig:
     """Everything ``tttlm train`` needs to reproduce a run.
@@ -87,6 +96,11 @@ class TrainConfig:
         compile: ``torch.compile`` the code around attention in the whole-sequence blocks
             (prefix blocks, baselines) and in the TTT chunks of evaluation; meta-gradients
             differentiate the chunks twice, which compiled code does not support: eager there.
+        step_mode: ``auto`` (the fastest that applies: ``graph`` on one CUDA device without
+            activation checkpointing, else ``eager``, or ``compiled`` with ``compile``),
+            ``eager``, ``compiled`` (an eager step through compiled blocks, as ``compile``) or
+            ``graph`` (the whole step, optimizer included, captured once as a CUDA graph and
+            replayed; CUDA only, one process; blocks compiled inside it with ``compile``).
         parallel: ``auto``, ``ddp`` or ``fsdp`` under ``torchrun``.
         seed: seed of model init and of the data order.
         num_threads: CPU threads for torch (0: torch's default).
@@ -134,6 +148,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     lean_head: bool = True
     compile: bool = False
+    step_mode: StepMode = StepMode.AUTO
     parallel: Parallel = Parallel.AUTO
     seed: int = 0
     num_threads: int = 0
@@ -147,7 +162,8 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, kind in (("mode", Variant), ("grad_mode", GradMode), ("parallel", Parallel)):
+        for name, kind in (("mode", Variant), ("grad_mode", GradMode), ("parallel", Parallel),
+                           ("step_mode", StepMode)):
             value = getattr(self, name)
             try:
                 setattr(self, name, kind(value))
@@ -199,6 +215,9 @@ class TrainConfig:
             raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide "
                              f"batch_size={self.batch_size}")
         check_device_name(self.device)
+        if self.step_mode is StepMode.EAGER and self.compile:
+            raise ValueError("step_mode=eager contradicts compile=true; use step_mode=compiled, "
+                             "or compile=false")
         if self.dtype not in ("float32", "float64"):
             raise ValueError(f"dtype={self.dtype!r}: use float32 (bf16 comes from autocast) or "
                              "float64")
@@ -261,7 +280,7 @@ class TrainConfig:
     # ------------------------------------------------------------------------------ io
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("mode", "grad_mode", "parallel"):
+        for name in ("mode", "grad_mode", "parallel", "step_mode"):
             data[name] = getattr(self, name).value
         return data
 

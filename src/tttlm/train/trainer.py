@@ -51,8 +51,12 @@ from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM
 from tttlm.progress import progress_bar
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import distributed as D
+from tttlm.train import static_step as static_step_module
 from tttlm.train.config import TrainConfig
-from tttlm.train.parallelize import parallelize
+from tttlm.train.gradients import accumulate_gradients, split_micro
+from tttlm.train.parallelize import data_parallel, parallelize
+from tttlm.train.static_step import StaticStep
+from tttlm.train.step_mode import resolve_step_mode
 from tttlm.ttt.inner import GradMode
 
 METRICS_FILE = ckpt.METRICS_FILE
@@ -82,13 +86,14 @@ class WarmupCosine:
         return self.end_ratio + (1 - self.end_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig,
-                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW with decay on every parameter, embedding and norms included (official recipe)."""
+def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
+                    capturable: bool = False) -> torch.optim.AdamW:
+    """AdamW with decay on every parameter, embedding and norms included (official recipe).
+    ``capturable``: its state and step count stay on the device (a CUDA-graph step)."""
     fused = device.type == "cuda" and not D.is_fsdp(model)
     return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
                              eps=config.eps, weight_decay=config.weight_decay,
-                             fused=fused or None)
+                             fused=fused or None, capturable=capturable)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer,
@@ -107,50 +112,16 @@ class StepResult:
     tokens: int
 
 
-def split_micro(batch: Batch, micro: int) -> list[Batch]:
-    """Cut a ``[B, T]`` batch into micro-batches of ``micro`` sequences (0: one piece)."""
-    B = batch.input_ids.shape[0]
-    if micro <= 0 or micro >= B:
-        return [batch]
-    return [Batch(*(t[i:i + micro] for t in batch)) for i in range(0, B, micro)]
-
-
 def forward_backward(model: nn.Module, micro_batches: list[Batch], *, ttt: bool,
                      inner_lr: float, grad_mode: GradMode = GradMode.EXACT,
                      checkpoint_chunks: bool = False,
                      autocast: torch.dtype | None = None) -> StepResult:
-    """Accumulate into ``.grad`` the gradient of the mean of the micro-batch losses.
-
-    Each micro-batch loss is already a mean over its sequences, so with equal micro-batches this
-    equals the gradient of the whole batch's loss. Under DDP the all-reduce runs only after the
-    last micro-batch (``no_sync``); FSDP2 likewise defers its reduce-scatter.
-    """
-    device = next(model.parameters()).device
-    n = len(micro_batches)
-    losses, norms, tokens = [], [], 0
-    for i, part in enumerate(micro_batches):
-        last = i == n - 1
-        if hasattr(model, "no_sync") and not last:
-            sync: Any = model.no_sync()
-        else:
-            sync = contextlib.nullcontext()
-        if D.is_fsdp(model):
-            model.set_requires_gradient_sync(last)  # type: ignore[operator]
-        input_ids, labels, mask = (t.to(device, non_blocking=True) for t in part)
-        with sync:
-            with autocast_to(device, autocast):
-                out = model(input_ids, labels=labels, loss_mask=mask, ttt=ttt, inner_lr=inner_lr,
-                            grad_mode=grad_mode, checkpoint_chunks=checkpoint_chunks)
-            (out.loss / n).backward()
-        losses.append(out.loss.detach())
-        if ttt and out.inner_update_norms is not None and out.inner_update_norms.numel():
-            norms.append(out.inner_update_norms.detach().float().mean())
-        tokens += input_ids.numel()
-    # float64 so that reported losses of float64 runs keep their precision
-    loss = torch.stack(losses).double().mean()
-    norm = torch.stack(norms).double().mean() if norms else torch.zeros_like(loss)
-    both = D.all_reduce_mean(torch.stack([loss, norm]))
-    return StepResult(float(both[0]), float(both[1]), tokens)
+    """Accumulate into ``.grad`` the gradient of the mean of the micro-batch losses
+    (:func:`tttlm.train.gradients.accumulate_gradients`) and read the results back."""
+    loss, norm, tokens = accumulate_gradients(
+        model, micro_batches, ttt=ttt, inner_lr=inner_lr, grad_mode=grad_mode,
+        checkpoint_chunks=checkpoint_chunks, autocast=autocast)
+    return StepResult(float(loss), float(norm), tokens)
 
 
 @dataclass
@@ -209,6 +180,11 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.dist = D.init_distributed(self.device)
+        # Before the run folder is touched: a step mode this job cannot run is a setting error.
+        self.step_plan = resolve_step_mode(
+            config.step_mode, compile=config.compile, device=self.device,
+            data_parallel=data_parallel(config.parallel),
+            activation_checkpointing=config.activation_checkpointing)
         if config.batch_size % self.dist.world_size:
             raise UserError(f"batch_size={config.batch_size} is not divisible by the "
                             f"{self.dist.world_size} processes; change batch_size or the number "
@@ -236,8 +212,16 @@ class Trainer:
                                       rank=self.dist.rank, world_size=self.dist.world_size)
             self.model_config = self._model_config()
             self.model = self._build_model()
-            self.optimizer = build_optimizer(self.model, config, self.device)
+            self.optimizer = build_optimizer(self.model, config, self.device,
+                                             capturable=self.step_plan.graph)
             self.scheduler = build_scheduler(self.optimizer, config)
+            # step_mode=graph: captured at the first step, after any resume has loaded.
+            self.static_step: StaticStep | None = None
+            if self.step_plan.graph:
+                self.static_step = StaticStep(
+                    self.model, self.optimizer, ttt=config.ttt, grad_mode=config.grad_mode,
+                    grad_clip=config.grad_clip, micro_batch_size=config.micro_batch_size,
+                    autocast=self.autocast, capture=True)
             if self.resume_from is not None:
                 self._load_checkpoint(self.resume_from)
             self._apply_plan()
@@ -480,7 +464,8 @@ class Trainer:
         model.to(device=self.device, dtype=dtype)
         model.lean_head = c.lean_head
         return parallelize(model, activation_checkpointing=c.activation_checkpointing,
-                           compile=c.compile, parallel=c.parallel, device=self.device)
+                           compile=self.step_plan.compile, parallel=c.parallel,
+                           device=self.device)
 
     @property
     def module(self) -> TTTForCausalLM:
@@ -596,6 +581,7 @@ class Trainer:
             mine = main if self.dist.rank == 0 else ckpt.load_rank_state(path, self.dist.rank)
             state = load_file(str(path / WEIGHTS_NAME))
             optim_state = ckpt.load_optimizer_state(path)
+            own = static_step_module.implementation(self.optimizer)
         except UserError:
             raise
         except (OSError, RuntimeError, ValueError) as err:
@@ -603,6 +589,8 @@ class Trainer:
                             "checkpoint (--resume CHECKPOINT)") from err
         D.load_full_model_state(self.model, state)
         D.load_full_optimizer_state(self.model, self.optimizer, optim_state)
+        # A checkpoint of another step mode (or device) names its own AdamW implementation.
+        static_step_module.reapply_implementation(self.optimizer, own)
         self.scheduler.load_state_dict(main["scheduler"])
         self.loader.load_state_dict(mine["loader"])
         ckpt.set_rng_state(mine["rng"])
@@ -700,32 +688,35 @@ class Trainer:
         c = self.config
         start = time.perf_counter()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
         inner_lr = self.model_config.inner_lr_at(self.step)
         lr = self.scheduler.get_last_lr()[0]
         batch = next(self.loader)
-        result = forward_backward(
-            self.model, split_micro(batch, c.micro_batch_size), ttt=c.ttt, inner_lr=inner_lr,
-            grad_mode=c.grad_mode, checkpoint_chunks=c.activation_checkpointing,
-            autocast=self.autocast)
-        max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()  # FSDP2 returns a sharded (DTensor) norm
-        grad_norm_value = float(grad_norm)
+        if self.static_step is not None:
+            out = self.static_step(batch, self.scheduler.get_last_lr(), inner_lr)
+            result = StepResult(out.loss, out.inner_update_norm, out.tokens)
+            grad_norm_value = out.grad_norm
+            # The device took the decision already; the vote keeps every rank's the same.
+            skipped = self._any_rank(out.skipped)
+        else:
+            result, grad_norm_value = self._eager_step(batch, inner_lr)
+            skipped = None
         nonfinite = [name for name, value in (("loss", result.loss),
                                               ("grad_norm", grad_norm_value))
                      if not math.isfinite(value)]
-        # The loss is averaged over processes and DDP's gradients are all-reduced, so every
-        # rank sees the same values; the vote makes sure they all take the same decision.
-        skipped = self._any_rank(bool(nonfinite))
-        if not skipped:
-            self.optimizer.step()
-            self.scheduler.step()
-        else:
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()"
+        if skipped is None:
+            # The loss is averaged over processes and DDP's gradients are all-reduced, so every
+            # rank sees the same values; the vote makes sure they all take the same decision.
+            skipped = self._any_rank(bool(nonfinite))
+            if not skipped:
+                self.optimizer.step()
+        if skipped or self.static_step is not None:
+            with warnings.catch_warnings():
+                # "scheduler.step() before optimizer.step()": a skipped step, or a replayed
+                # graph (its optimizer step runs on the device, unseen by the scheduler)
                 warnings.simplefilter("ignore", UserWarning)
                 self.scheduler.step()
+        else:
+            self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - start
         tokens = c.batch_size * c.seq_len
@@ -742,6 +733,21 @@ class Trainer:
             record["skipped"] = True
             record["nonfinite"] = nonfinite or ["another process"]
         return record
+
+    def _eager_step(self, batch: Batch, inner_lr: float) -> tuple[StepResult, float]:
+        """Forward, backward and clip, driven from Python (``eager`` and ``compiled``); the
+        caller steps the optimizer when the loss and gradient norm are finite."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        result = forward_backward(
+            self.model, split_micro(batch, c.micro_batch_size), ttt=c.ttt, inner_lr=inner_lr,
+            grad_mode=c.grad_mode, checkpoint_chunks=c.activation_checkpointing,
+            autocast=self.autocast)
+        max_norm = c.grad_clip if c.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()  # FSDP2 returns a sharded (DTensor) norm
+        return result, float(grad_norm)
 
     @torch.no_grad()
     def evaluate(self, max_sequences: int | None = None) -> float | None:
