@@ -5,6 +5,7 @@ train bit for bit as the eager step: skipped non-finite steps, warm-up and resum
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 from pathlib import Path
@@ -125,10 +126,12 @@ def test_resolution() -> None:
 
 
 def test_auto_is_eager_on_a_cpu(data_dir: Path, tmp_path: Path) -> None:
-    trainer = Trainer(tiny_config(data_dir, tmp_path, device="cpu", steps=1))
+    trainer = Trainer(tiny_config(data_dir, tmp_path, device="cpu", steps=1, eval_every=0))
     assert trainer.step_plan.name == "eager" and trainer.static_step is None
     assert not trainer.module.compile_blocks
-    trainer.close()
+    trainer.train()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step_mode"] for line in lines] == ["eager"]
     compiled = Trainer(tiny_config(data_dir, tmp_path / "c", device="cpu", step_mode="compiled"))
     assert compiled.step_plan.name == "compiled" and compiled.module.compile_blocks
     compiled.close()

@@ -724,6 +724,7 @@ class Trainer:
             "step": self.step, "loss": result.loss, "grad_norm": grad_norm_value, "lr": lr,
             "inner_lr": inner_lr if c.ttt else None, "step_time_s": elapsed,
             "tokens_per_s": tokens / elapsed, "tokens_seen": self.step * tokens,
+            "step_mode": self.step_plan.name,
         }
         if c.ttt:
             record["inner_update_norm"] = result.inner_update_norm
