@@ -140,29 +140,41 @@ def test_auto_is_eager_on_a_cpu(data_dir: Path, tmp_path: Path) -> None:
 # ------------------------------------------------------------- the step, un-captured
 def test_uncaptured_static_step_is_the_eager_step_bit_for_bit(data_dir: Path,
                                                               tmp_path: Path) -> None:
-    """Six float64 e2e steps over two micro-batches, η = NaN (a NaN loss and gradient) at
-    steps 3 and 5: the static step (device LR and η, on-device skip by select, warm-up on the
-    real weights then restored) reports and leaves exactly what the eager trainer does."""
+    """Six float64 e2e steps over two micro-batches, LR and η changing at every step (η warms
+    up over 3), η = NaN at step 3 (a NaN loss and gradient), an infinite gradient at step 5
+    (a finite loss): the static step (device LR and η, on-device skip by select, warm-up on
+    the real weights then restored) reports and leaves exactly what the eager trainer does."""
     def make(name: str) -> Trainer:
         return Trainer(tiny_config(data_dir, tmp_path / name, dtype="float64", steps=6,
-                                   eval_every=0, save_every=0))
+                                   inner_lr_warmup_frac=0.5, eval_every=0, save_every=0))
 
     eager, static = make("eager"), make("static")
     uncaptured(static)
     eta = eager.model_config.inner_lr
+    etas: list[float] = []
+    lrs: list[float] = []
     for step in range(6):
         records = []
         for trainer in (eager, static):
-            if step in (2, 4):
+            if step == 2:
                 trainer.model_config.inner_lr = math.nan  # what validation refuses
+            weight = next(trainer.model.parameters())
+            # a gradient that is not finite, under a finite loss
+            hook = weight.register_hook(lambda g: g * math.inf) if step == 4 else None
             records.append(trainer.train_step())
             trainer.model_config.inner_lr = eta
+            if hook is not None:
+                hook.remove()
         a, b = records
         for key in ("step", "loss", "grad_norm", "lr", "inner_lr", "inner_update_norm",
                     "skipped", "nonfinite"):
             assert (a.get(key) == b.get(key)) or (a[key] != a[key] and b[key] != b[key]), \
                 (step, key, a.get(key), b.get(key))
-        assert bool(a.get("skipped")) is (step in (2, 4))
+        assert a.get("nonfinite") == {2: ["loss", "grad_norm"], 4: ["grad_norm"]}.get(step)
+        etas.append(a["inner_lr"])
+        lrs.append(a["lr"])
+    # both schedules move from step to step: the device tensors are refilled every time
+    assert etas[0] < etas[1] < etas[3] == eta and len(set(lrs)) == 5  # LR: warm-up, cosine
     assert_same_training_state(eager, static)
     eager.close()
     static.close()
