@@ -19,7 +19,8 @@ from tttlm.cli import main
 SMOKE = {
     "decode": ["decode", "--presets", "tiny", "--contexts", "128", "512", "--modes", "eager",
                "--steps", "2", "--warmup", "1", "--dtype", "float32"],
-    "prefill": ["prefill", "--preset", "tiny", "--lengths", "128", "--tokens-per-step", "256"],
+    "prefill": ["prefill", "--preset", "tiny", "--lengths", "128", "--tokens-per-step", "256",
+                "--attention", "auto", "first-order"],
 }
 
 

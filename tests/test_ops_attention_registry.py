@@ -140,7 +140,7 @@ def test_overrides_nest_and_unwind_on_errors() -> None:
 
 
 def test_registration_rules() -> None:
-    assert attention_backend_names()[:4] == ("auto", "naive", "triton", "banded")
+    assert attention_backend_names()[:5] == ("auto", "naive", "triton", "banded", "first-order")
 
     class Twin(NaiveBackend):
         name = "naive"
@@ -166,7 +166,7 @@ def test_registration_rules() -> None:
     assert type(get_attention_backend()).__name__ == "AutoBackend"
 
 
-@pytest.mark.parametrize("backend", ["auto", "banded", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "banded", "triton", "first-order"])
 def test_builtin_backends_match_naive_on_cpu(backend: str) -> None:
     """Every shape, fp64: each fast path differs from the reference by summation order only."""
     g = torch.Generator().manual_seed(0)

@@ -103,6 +103,8 @@ def add_parser(subparsers: Any) -> None:
                    help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks)")
     p.add_argument("--paths", nargs="+", default=["model"], choices=["model", "engine"],
                    help="the scoring forward pass (model) and/or Engine.prefill (engine)")
+    p.add_argument("--attention", nargs="+", default=["auto"], metavar="BACKEND",
+                   help="attention backends to time (auto, first-order, triton, banded, ...)")
     common(p, "prefill")
     p.set_defaults(func=run_prefill)
 
@@ -163,7 +165,7 @@ def run_prefill(args: argparse.Namespace) -> int:
                          lengths=tuple(args.lengths), batch=args.batch,
                          tokens_per_step=args.tokens_per_step, repeats=args.repeats,
                          compile_modes=tuple(m == "compiled" for m in args.compile),
-                         paths=tuple(args.paths))
+                         paths=tuple(args.paths), attention=tuple(args.attention))
     size = (f"batch {args.batch}" if args.batch is not None
             else f"{args.tokens_per_step} tokens per step")
     return _write(args, f"Prefill, {args.preset}, {size}, bf16 autocast", device, rows,

@@ -7,9 +7,9 @@ from __future__ import annotations
 # graph, or both.
 STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
 
-PREFILL_COLUMNS = ["variant", "path", "blocks", "sdpa", "tokens", "batch", "micro_batch",
-                   "s_per_1k_tokens", "tokens_per_s", "mfu", "speedup_vs_full", "peak_gib",
-                   "error"]
+PREFILL_COLUMNS = ["variant", "path", "blocks", "attention", "sdpa", "tokens", "batch",
+                   "micro_batch", "s_per_1k_tokens", "tokens_per_s", "mfu", "speedup_vs_full",
+                   "peak_gib", "error"]
 
 TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
                  "mfu", "ratio_vs_best_full", "peak_gib", "error"]

@@ -123,7 +123,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
                   lengths: tuple[int, ...] = (8192,), batch: int | None = None,
                   tokens_per_step: int = 131072, repeats: int = 3,
                   compile_modes: tuple[bool, ...] = (False,),
-                  paths: tuple[str, ...] = ("model",)) -> list[dict[str, Any]]:
+                  paths: tuple[str, ...] = ("model",),
+                  attention: tuple[str, ...] = ("auto",)) -> list[dict[str, Any]]:
     """Seconds per prefill and per 1K tokens, tokens/s, estimated MFU and peak memory.
 
     ``batch=None`` sizes each step to ``tokens_per_step`` tokens (the paper's 128K), so short
@@ -134,9 +135,11 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     A step that does not fit in memory runs as consecutive micro-batches (``micro_batch``):
     the same tokens per step, in fewer sequences at a time. ``paths``: ``model`` (the forward
     pass that scores the prompt) and/or ``engine`` (``Engine.prefill``, what ``tttlm generate``
-    runs).
+    runs). ``attention``: attention backends to time (:func:`tttlm.ops.attention.attention_backend`
+    names, e.g. ``first-order``).
     """
     from tttlm.model.model import TTTForCausalLM
+    from tttlm.ops.attention import attention_backend
 
     rows: list[dict[str, Any]] = []
     peak = peak_flops(device)
@@ -149,15 +152,17 @@ def bench_prefill(device: torch.device, preset: str = "3b",
             B = batch if batch is not None else prefill_batch(T, tokens_per_step)
             g = torch.Generator(device="cpu").manual_seed(T)
             x = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(device)
-            for path, compiled, backend in itertools.product(
-                    paths, compile_modes, _sdpa_backends(device, variant)):
+            for path, compiled, attn, backend in itertools.product(
+                    paths, compile_modes, attention, _sdpa_backends(device, variant)):
                 model.compile_blocks = compiled
                 row: dict[str, Any] = {"preset": preset, "variant": variant, "path": path,
                                        "tokens": T, "batch": B, "sdpa": backend or "default",
+                                       "attention": attn,
                                        "blocks": "compiled" if compiled else "eager"}
                 try:
-                    times, micro = _time_fitting(model, x, variant == "e2e", backend, device,
-                                                 repeats, path)
+                    with attention_backend(attn):
+                        times, micro = _time_fitting(model, x, variant == "e2e", backend,
+                                                     device, repeats, path)
                 except torch.OutOfMemoryError:
                     rows.append({**row, "error": "OOM"})
                     continue

@@ -21,7 +21,10 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
 * ``triton``: the Triton chunk kernel even on CPU tensors (tests, ``TRITON_INTERPRET=1``),
   otherwise as ``auto``;
 * ``banded``: windowed whole sequences through banded SDPA instead of ``flex_attention``,
-  otherwise as ``auto``.
+  otherwise as ``auto``;
+* ``first-order``: chunks needing only first-order gradients (frozen caches: prefill,
+  evaluation) through ``flex_attention`` on CUDA once their cache is full, otherwise as
+  ``auto`` (opt-in; to be measured against the Triton kernel).
 
 :func:`register_attention_backend` adds one (subclass :class:`AutoBackend` to replace one shape).
 Backends resolve their fast paths lazily: nothing imports Triton or ``flex_attention`` at
@@ -43,6 +46,7 @@ from tttlm.ops.attention.backends import (
     AttentionBackend,
     AutoBackend,
     BandedBackend,
+    FirstOrderBackend,
     NaiveBackend,
     TritonBackend,
 )
@@ -52,6 +56,7 @@ __all__ = [
     "AttentionBackend",
     "AutoBackend",
     "BandedBackend",
+    "FirstOrderBackend",
     "NaiveBackend",
     "TritonBackend",
     "attention_backend",
@@ -117,7 +122,8 @@ def attention_backend(name: str) -> Iterator[AttentionBackend]:
         _active = previous
 
 
-for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend()):
+for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend(),
+                 FirstOrderBackend()):
     register_attention_backend(_builtin)
 del _builtin
 

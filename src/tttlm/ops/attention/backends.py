@@ -146,3 +146,22 @@ class BandedBackend(AutoBackend):
         if window is None or window >= T:
             return sdpa.causal_attention(q, k, v)
         return sdpa.banded_attention(q, k, v, window, min(block, T))
+
+
+class FirstOrderBackend(AutoBackend):
+    """As ``auto``, but chunks that need only first-order gradients (their cached keys are
+    frozen: prefill and evaluation, not meta-training) go through ``flex_attention`` with a
+    block mask once their cache is full, instead of the Triton kernel built for gradients of
+    gradients. CUDA only; elsewhere, and for chunks that meta-training differentiates twice,
+    as ``auto``. Opt-in until a GPU measurement makes it the default."""
+
+    name = "first-order"
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        if (frozen_keys > 0 and flex.flex_can_run(q)
+                and flex.flex_chunk_allowed(q, k, window)):
+            assert window is not None
+            return flex.flex_chunk_attention(q, k, v, window)
+        return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)

@@ -17,6 +17,7 @@ from tttlm.ops.attention._common import common_dtype
 # eagerly and materialise the score matrix, so shapes beyond this many take the banded path.
 FLEX_MAX_SHAPES = 6
 _flex_shapes: set[tuple[Any, ...]] = set()
+_chunk_shapes: set[tuple[Any, ...]] = set()  # chunks have their own compiled budget
 
 
 def flex_can_run(q: torch.Tensor) -> bool:
@@ -68,4 +69,53 @@ def flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     block_mask = _window_block_mask(q.shape[1], window, q.device)
     out = _compiled_flex()(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                            block_mask=block_mask)
+    return out.transpose(1, 2)
+
+
+def flex_chunk_allowed(q: torch.Tensor, k: torch.Tensor, window: int | None) -> bool:
+    """True for a chunk whose cache is full (``past == window``: the one shape of a long
+    prefill; shorter caches early on take the other path) and whose shape is among the first
+    ``FLEX_MAX_SHAPES`` seen."""
+    c, n = q.shape[1], k.shape[1]
+    if window is None or n - c != window:
+        return False
+    key = (tuple(q.shape), n, window, q.dtype, q.device)
+    if key in _chunk_shapes:
+        return True
+    if len(_chunk_shapes) >= FLEX_MAX_SHAPES:
+        return False
+    _chunk_shapes.add(key)
+    return True
+
+
+@functools.lru_cache(maxsize=32)
+def _chunk_block_mask(c: int, past: int, window: int, device: torch.device,
+                      compiled: bool) -> Any:
+    """Query ``i`` of a chunk (position ``past + i`` in the keys) sees keys ``j`` with
+    ``0 <= past + i - j < window``: the same mask for every chunk with a full cache."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        diff = past + q_idx - kv_idx
+        return (diff >= 0) & (diff < window)
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=c, KV_LEN=past + c,
+                             device=device, _compile=compiled)
+
+
+def flex_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         window: int) -> torch.Tensor:
+    """A chunk's queries ``[B, c, H, d]`` over the cache and the chunk ``[B, past + c, H, d]``
+    (positions consecutive, the chunk's keys last, as :class:`~tttlm.model.cache.ChunkKV`
+    lays them out), each query seeing its last ``window`` keys. First-order differentiable
+    (flex_attention's backward; CUDA only): for chunks whose graph is differentiated once
+    (prefill, evaluation), never for meta-training's gradient of gradients."""
+    q, k, v = common_dtype(q, k, v)
+    c, n = q.shape[1], k.shape[1]
+    mask = _chunk_block_mask(c, n - c, window, q.device, q.is_cuda)
+    if q.is_cuda:
+        attend = _compiled_flex()
+    else:  # eager: materialises the scores (the CPU reference of this path, forward only)
+        from torch.nn.attention.flex_attention import flex_attention as attend
+    out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask)
     return out.transpose(1, 2)
