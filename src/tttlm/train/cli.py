@@ -15,7 +15,7 @@ examples:
   tttlm train --preset 125m-8k --data data/dclm --out runs/125m-e2e
   tttlm train --preset 125m-8k --mode full --data data/dclm --out runs/125m-full
   tttlm train --mode e2e --no-ttt --config configs/tiny_books.json --set steps=2000
-  tttlm train --preset 125m-8k --set step_mode=eager ...  # no CUDA graph (default: auto)
+  tttlm train --preset 125m-8k --set step_mode=graph ...  # the step as one CUDA graph
   tttlm train --preset books-32k --init-from runs/125m-e2e --data data/books --out runs/125m-32k
   tttlm train --out runs/125m-e2e --resume          # continue where it stopped
   tttlm train --out runs/125m-e2e --resume=auto ... # resume if there is a checkpoint, else start
