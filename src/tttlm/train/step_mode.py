@@ -61,8 +61,8 @@ def resolve_step_mode(mode: StepMode | str, *, compile: bool, device: torch.devi
                       data_parallel: Parallel | None,
                       activation_checkpointing: bool) -> StepPlan:
     """The plan for ``mode``; ``auto`` is ``eager`` (``compiled`` with ``compile``) until the
-    captured trainer step is verified on a GPU. An explicit ``graph`` that cannot be captured here is a
-    :class:`UserError` saying why."""
+    captured trainer step is verified on a GPU. An explicit ``graph`` that cannot be captured
+    here is a :class:`UserError` saying why."""
     mode = StepMode(mode)
     if mode is StepMode.EAGER and compile:
         raise UserError("step_mode=eager contradicts compile=true; use step_mode=compiled, or "
