@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 from tttlm.lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from tttlm.convert.hf import config_from_hf, convert_hf, import_hf, state_dict_from_hf
+    from tttlm.convert.hf import (
+        config_from_hf,
+        convert_hf,
+        from_hf_model,
+        import_hf,
+        state_dict_from_hf,
+    )
     from tttlm.convert.official import (
         convert_official,
         from_official,
@@ -26,6 +32,7 @@ __all__ = [
     "convert_hf",
     "convert_official",
     "find_model_weights",
+    "from_hf_model",
     "from_official",
     "import_hf",
     "infer_config",
@@ -43,7 +50,7 @@ __getattr__, __dir__ = lazy_exports(__name__, {
                      "official_name_of", "official_shapes", "to_official"],
                     "tttlm.convert.official"),
     **dict.fromkeys(["find_model_weights", "read_orbax"], "tttlm.convert.orbax"),
-    **dict.fromkeys(["config_from_hf", "convert_hf", "import_hf", "state_dict_from_hf"],
-                    "tttlm.convert.hf"),
+    **dict.fromkeys(["config_from_hf", "convert_hf", "from_hf_model", "import_hf",
+                     "state_dict_from_hf"], "tttlm.convert.hf"),
     "ttt_ify": "tttlm.convert.ttt_ify",
 })

@@ -2,16 +2,18 @@
 
 The source is a transformers model folder (``config.json`` and safetensors weights) or a GGUF
 file (read through transformers' GGUF loader, which dequantises every tensor to float32 and
-undoes llama.cpp's query/key permutation; needs the ``gguf`` package). The model is loaded
-with transformers itself, so that every detail transformers knows about the checkpoint (tied
-heads, RoPE parameters, GGUF metadata) is the one used; its weights are then renamed into a
-``full`` tttlm model of the same function (Llama's half-split RoPE, pre-norms, grouped-query
-attention; :class:`~tttlm.config.TTTConfig`'s Llama-family options). ``tests/test_convert_hf.py``
-checks the logits against transformers' for each family and option.
+undoes llama.cpp's query/key permutation; needs the ``gguf`` and ``accelerate`` packages).
+The model is loaded with transformers itself, so that every detail transformers knows about
+the checkpoint (tied heads, RoPE parameters, GGUF metadata) is the one used; its weights are
+then renamed into a ``full`` tttlm model of the same function (Llama's half-split RoPE,
+pre-norms, grouped-query attention; :class:`~tttlm.config.TTTConfig`'s Llama-family options).
+``tests/test_convert_hf.py`` checks the logits against transformers' for each family and
+option, ``tests/test_convert_smollm2.py`` the perplexity of SmolLM2 imported from GGUF.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -90,10 +92,10 @@ def _transformers() -> Any:
 def _gguf_available(gguf_file: str | None) -> None:
     if gguf_file is None:
         return
-    try:
-        import gguf  # noqa: F401 -- transformers' GGUF loader imports it
-    except ImportError:
-        raise UserError(f"reading {gguf_file} needs the gguf package; {INSTALL}") from None
+    # transformers' GGUF loader imports both (and says so only after reading the config).
+    for package in ("gguf", "accelerate"):
+        if importlib.util.find_spec(package) is None:
+            raise UserError(f"reading {gguf_file} needs the {package} package; {INSTALL}")
 
 
 def load_hf_config(folder: Path, gguf_file: str | None = None) -> Any:
@@ -239,24 +241,33 @@ def import_hf(src: str | os.PathLike[str], dtype: torch.dtype | None = None
 
     ``dtype``: of the weights (default: as stored; GGUF files dequantise to float32)."""
     folder, gguf_file = locate(src)
-    hf_config = load_hf_config(folder, gguf_file)
-    config = config_from_hf(hf_config)
+    load_hf_config(folder, gguf_file)  # refuses other architectures before reading weights
     transformers = _transformers()
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         str(folder), gguf_file=gguf_file, dtype=dtype if dtype is not None else "auto")
+    return from_hf_model(hf_model), load_hf_tokenizer(folder, gguf_file)
+
+
+def from_hf_model(hf_model: Any) -> TTTForCausalLM:
+    """The tttlm model (``full``) of a loaded transformers Llama/Qwen2/Qwen3 model; the
+    tensors are shared, not copied."""
+    arch = _architecture(hf_model.config)
+    if arch not in ARCHITECTURES:
+        raise UserError(f"architecture {arch} is not supported; tttlm imports "
+                        f"{', '.join(ARCHITECTURES)} (SmolLM2 is a Llama)")
+    config = config_from_hf(hf_model.config)
     state = state_dict_from_hf(hf_model.state_dict(), config)
-    del hf_model
     with torch.device("meta"):
         model = TTTForCausalLM(config)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise UserError(f"{src}: the checkpoint does not match its config (missing "
-                        f"{missing[:3]}, unexpected {unexpected[:3]}); it is damaged or not a "
-                        "plain Llama/Qwen model")
+        raise UserError(f"the checkpoint does not match its config (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]}); it is damaged or not a plain "
+                        "Llama/Qwen model")
     model.load_state_dict(state, assign=True)
     model.eval()
-    return model, load_hf_tokenizer(folder, gguf_file)
+    return model
 
 
 def load_hf_tokenizer(folder: Path, gguf_file: str | None = None) -> Any:
