@@ -110,7 +110,9 @@ def test_tokenizer_is_written(tmp_path: Path) -> None:
     from tttlm.hf.tokenizer import byte_level_spec
 
     tokenizers = pytest.importorskip("tokenizers")
-    reference = hf_model(*CASES["llama-gqa-tied"])
+    # A vocabulary holding the byte tokenizer's 258 ids; the config's BOS (Llama's 1) is not
+    # the tokenizer's document separator (256).
+    reference = hf_model("LlamaConfig", dict(vocab_size=260))
     reference.save_pretrained(tmp_path / "hf")
     rust = tokenizers.Tokenizer.from_str(json.dumps(byte_level_spec()))
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<|bos|>",
@@ -121,6 +123,10 @@ def test_tokenizer_is_written(tmp_path: Path) -> None:
     assert (tmp_path / "tttlm" / "tokenizer_config.json").is_file()
     again = transformers.AutoTokenizer.from_pretrained(tmp_path / "tttlm")
     assert again("hello").input_ids == fast("hello").input_ids
+    # BOS is the one tttlm's data pipeline reads from that tokenizer (trainer and data agree).
+    assert TTTForCausalLM.from_pretrained(tmp_path / "tttlm").config.bos_token_id == 256
+    convert(tmp_path / "hf", tmp_path / "chosen", "--bos-id", "7")
+    assert TTTForCausalLM.from_pretrained(tmp_path / "chosen").config.bos_token_id == 7
 
 
 @pytest.mark.parametrize("src, message", [

@@ -43,7 +43,7 @@ def _run_hf(args: argparse.Namespace) -> int:
 
     out = convert_hf(args.src, args.dst, to=args.to, window=args.window, chunk_size=args.chunk,
                      num_ttt_layers=args.ttt_layers, prime_intermediate_size=args.prime_width,
-                     seed=args.seed, log=note)
+                     seed=args.seed, bos_token_id=args.bos_id, log=note)
     print(f"wrote {out}")
     return 0
 
@@ -71,6 +71,9 @@ def _add_hf(sources: Any) -> None:
                     help="blocks with a prime MLP, the last N (e2e; default: a quarter)")
     hf.add_argument("--prime-width", type=int, default=None, metavar="F",
                     help="prime MLP width (e2e; default: the MLP width)")
+    hf.add_argument("--bos-id", type=int, default=None, metavar="N",
+                    help="BOS id (document separator; default: the one tttlm's data pipeline "
+                         "finds in the tokenizer, else the source config's)")
     hf.add_argument("--seed", type=int, default=0,
                     help="seed of the prime MLPs' random matrices (e2e)")
     hf.set_defaults(func=_run_hf)

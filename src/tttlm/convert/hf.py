@@ -286,12 +286,17 @@ def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
                to: Variant | str = Variant.FULL, window: int | None = None,
                chunk_size: int | None = None, num_ttt_layers: int | None = None,
                prime_intermediate_size: int | None = None, seed: int = 0,
+               bos_token_id: int | None = None,
                log: Callable[[str], None] | None = None) -> Path:
     """Import ``src`` (see :func:`import_hf`), optionally turn it into a sliding-window
     (``swa``) or TTT-E2E (``e2e``) model (:func:`~tttlm.convert.ttt_ify.ttt_ify`), and write
     the model folder ``dst`` with its tokenizer (``tokenizer.json``,
     ``tokenizer_config.json``). The folder is assembled beside ``dst`` and put in place
-    whole."""
+    whole.
+
+    BOS (tttlm's document joiner, whose targets the loss skips): ``bos_token_id`` when given,
+    else the one tttlm's data pipeline finds in the written tokenizer (so that ``tttlm data
+    prepare`` with it and ``tttlm train`` agree), else the source config's."""
     from tttlm.convert.ttt_ify import ttt_ify
     from tttlm.files import commit_dir, staging_dir
 
@@ -308,12 +313,15 @@ def convert_hf(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = staging_dir(out)
     try:
-        model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         elif log is not None:
             log(f"{src} has no tokenizer; {out} holds the model only (copy tokenizer.json and "
                 "tokenizer_config.json into it to use text)")
+        bos = bos_token_id if bos_token_id is not None else _data_bos(tmp, model.config, log)
+        if bos is not None and bos != model.config.bos_token_id:
+            model.config = _with_bos(model.config, bos)
+        model.save_pretrained(tmp)
         commit_dir(tmp, out)
     except BaseException:
         import shutil
@@ -334,3 +342,34 @@ def _check_destination(out: Path) -> None:
             encoding="utf-8", errors="replace")):
         raise UserError(f"{out} exists and is not a tttlm model folder; give a new folder name "
                         "(a tttlm model folder is replaced)")
+
+
+def _data_bos(folder: Path, config: TTTConfig, log: Callable[[str], None] | None) -> int | None:
+    """The BOS id tttlm's data pipeline reads from the tokenizer written to ``folder``, when
+    it reads one and the id fits the vocabulary (the source config's BOS is for chat or
+    generation and may differ: SmolLM2-Instruct says ``<|im_start|>``, its documents are
+    joined by ``<|endoftext|>``)."""
+    from tttlm.data.errors import DataError
+    from tttlm.data.tokenizer import HF_FILE, HFTokenizer
+
+    file = folder / HF_FILE
+    if not file.is_file():
+        return None
+    try:
+        bos = HFTokenizer.from_file(file).bos_id
+    except DataError:
+        return None
+    if not 0 <= bos < config.vocab_size or bos == config.bos_token_id:
+        return None
+    if log is not None:
+        log(f"BOS id {bos} (the document separator tttlm's data pipeline finds in the "
+            f"tokenizer) replaces the source config's {config.bos_token_id}; pass --bos-id N "
+            "to choose another")
+    return bos
+
+
+def _with_bos(config: TTTConfig, bos: int) -> TTTConfig:
+    try:
+        return TTTConfig.from_dict({**config.to_dict(), "bos_token_id": bos})
+    except ValueError as err:
+        raise UserError(f"--bos-id {bos}: {err}") from None
