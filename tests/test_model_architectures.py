@@ -141,3 +141,14 @@ def test_hf_config_round_trip() -> None:
     config = TTTConfig(**LLAMA_LIKE)  # type: ignore[arg-type]
     assert hf_config.TTTLMConfig.from_ttt_config(config).ttt_config == config
     assert hf_config.TTTLMConfig(hidden_size=128).ttt_config.head_dim == 32
+
+
+def test_official_conversion_refuses_the_options() -> None:
+    """The official checkpoint layout has no GQA, biases, untied head...: converting such a
+    model to or from official tensors is refused by name, not failed on a shape."""
+    from tttlm.convert import official_shapes
+    from tttlm.errors import UserError
+
+    official_shapes(TTTConfig())  # the official layout converts
+    with pytest.raises(UserError, match="num_kv_heads=2.*tie_embeddings=False"):
+        official_shapes(TTTConfig(**LLAMA_LIKE))  # type: ignore[arg-type]

@@ -68,6 +68,7 @@ class _Entry:
 
 
 def _entries(config: TTTConfig) -> list[_Entry]:
+    _check_official_layout(config)
     d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
     every = range(config.num_layers)
     table = [
@@ -99,6 +100,23 @@ def _entries(config: TTTConfig) -> list[_Entry]:
             table.append(_Entry(f"{_PRIME}feed_forward_prime.{w}.weight",
                                 f"layers.{{i}}.prime.{w}.weight", shape, suffix, transpose=True))
     return table
+
+
+def _check_official_layout(config: TTTConfig) -> None:
+    """Refuse the Llama-family options the official checkpoints cannot hold (an imported
+    Llama/Qwen model): the mapping would otherwise fail on a missing tensor or a shape."""
+    differs = [f"{name}={value!r}" for name, value in config.to_dict().items()
+               if name in OFFICIAL_LAYOUT and value != OFFICIAL_LAYOUT[name]]
+    if differs:
+        raise UserError(f"the official TTT-E2E layout has no {', '.join(differs)}; only models "
+                        "with the official architecture convert to or from official tensors")
+
+
+# The architecture fields as the official code has them (TTTConfig's defaults).
+OFFICIAL_LAYOUT: dict[str, object] = dict(
+    num_kv_heads=None, head_dim=None, qk_norm=True, post_norms=True, rope_layout="interleaved",
+    rope_freq_scaling=None, tie_embeddings=True, qkv_bias=False, attn_out_bias=False,
+    mlp_bias=False)
 
 
 def official_shapes(config: TTTConfig) -> dict[str, tuple[int, ...]]:
