@@ -152,3 +152,23 @@ def test_official_conversion_refuses_the_options() -> None:
     official_shapes(TTTConfig())  # the official layout converts
     with pytest.raises(UserError, match="num_kv_heads=2.*tie_embeddings=False"):
         official_shapes(TTTConfig(**LLAMA_LIKE))  # type: ignore[arg-type]
+
+
+def test_hf_generate_with_the_options(tmp_path: Path) -> None:
+    """transformers' generate over a model with the options is the engine's, token for token
+    (left-padded ragged prompts, several chunk boundaries)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModelForCausalLM
+
+    import tttlm.hf  # noqa: F401  (registers model_type "tttlm")
+
+    tiny_model(vocab_size=258, bos_token_id=256, eos_token_id=257,
+               **LLAMA_LIKE).save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 250, (9,), generator=g), torch.randint(3, 250, (14,), generator=g)]
+    x, mask = torch.full((2, 14), 257), torch.zeros(2, 14, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        x[r, 14 - len(p):], mask[r, 14 - len(p):] = p, 1
+    out = hf.generate(x, attention_mask=mask, max_new_tokens=25, do_sample=False)
+    assert out[:, 14:].tolist() == Engine(hf.tttlm).generate(prompts, 25, temperature=0.0).tokens
