@@ -227,24 +227,27 @@ def evaluate(model: str | os.PathLike[str], tasks: Sequence[str], *,
              model_args: dict[str, Any] | None = None, limit: int | float | None = None,
              metadata: dict[str, Any] | None = None,
              include_path: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
-             | None = None, **kwargs: Any) -> dict[str, Any]:
+             | None = None, include_defaults: bool = True, **kwargs: Any) -> dict[str, Any]:
     """Run lm-eval ``tasks`` on a tttlm model folder; returns lm-eval's results dict.
 
     ``metadata`` reaches the tasks (RULER: ``max_seq_lengths``; its tokenizer defaults to the
     model folder's, which ``AutoTokenizer`` reads when the folder has tokenizer files).
-    ``include_path``: folders of extra task YAML files. An unknown task name is a
-    :class:`UserError` before the model is loaded. ``kwargs`` go to
+    ``include_path``: folders of extra task YAML files; ``include_defaults=False`` leaves
+    lm-eval's own tasks out of the index (faster). An unknown task name is a
+    :class:`UserError` before the model is loaded. Offline (``HF_HUB_OFFLINE=1``), NLTK
+    downloads are refused too (:func:`tttlm.hf.tasks.offline_nltk`). ``kwargs`` go to
     ``lm_eval.simple_evaluate``."""
     import lm_eval
 
-    from tttlm.hf.tasks import check_tasks, task_manager
+    from tttlm.hf.tasks import check_tasks, offline_nltk, task_manager
 
     args = {"pretrained": str(model), **(model_args or {})}
     # Not the other model args: the harness's `tokenizer` is a tttlm spec (`bytes`, a file),
     # which RULER, reading `tokenizer` before `pretrained`, would hand to AutoTokenizer.
     meta = {"pretrained": str(model), **(metadata or {})}
-    manager = task_manager(include_path, meta)
+    manager = task_manager(include_path, meta, include_defaults)
     check_tasks(manager, tasks)
     lm = TTTLMHarness(**args)
-    return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit, metadata=meta,
-                                   task_manager=manager, **kwargs)
+    with offline_nltk():  # RULER's module is imported when its task is built, in here
+        return lm_eval.simple_evaluate(model=lm, tasks=list(tasks), limit=limit,
+                                       metadata=meta, task_manager=manager, **kwargs)

@@ -3,7 +3,8 @@ model type ``tttlm`` registered.
 
 lm-eval's ``lm_eval`` script only knows the models of its own registry; ``tttlm`` joins it
 when :mod:`tttlm.hf.harness` is imported, which lm-eval's script never does. This module
-imports it and then runs lm-eval's entry point unchanged, so every lm-eval option works::
+imports it and then runs lm-eval's entry point unchanged, so every lm-eval option works
+(offline, NLTK downloads are refused as well: :func:`tttlm.hf.tasks.offline_nltk`)::
 
     python -m tttlm.hf.lm_eval --model tttlm --model_args pretrained=DIR --tasks hellaswag
 """
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import lm_eval.__main__ as lm_eval_main
 
         import tttlm.hf.harness  # noqa: F401  (registers --model tttlm)
+        from tttlm.hf.tasks import offline_nltk
     except ImportError as err:
         return user_error(f"{err}; lm-evaluation-harness and transformers come with pip "
                           "install 'tttlm[eval]'", PROG)
@@ -37,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # lm-eval's parser reads sys.argv itself (it inserts its `run` subcommand there).
     sys.argv = ["lm-eval", *args]
     try:
-        lm_eval_main.cli_evaluate()
+        with offline_nltk():
+            lm_eval_main.cli_evaluate()
     except UserError as err:  # ours, from the tttlm model type: one line, as in tttlm's CLI
         return user_error(str(err), PROG)
     finally:
