@@ -172,3 +172,22 @@ def test_hf_generate_with_the_options(tmp_path: Path) -> None:
         x[r, 14 - len(p):], mask[r, 14 - len(p):] = p, 1
     out = hf.generate(x, attention_mask=mask, max_new_tokens=25, do_sample=False)
     assert out[:, 14:].tolist() == Engine(hf.tttlm).generate(prompts, 25, temperature=0.0).tokens
+
+
+def test_training_gradients_with_the_options() -> None:
+    """The meta-gradient reaches every weight of a model with the options (untied head,
+    biases, KV heads), and the lean head (logits recomputed in backward) gives the same."""
+    model = tiny_model(**LLAMA_LIKE)
+    x, y = tokens(model, 2, 20)
+    got = {}
+    for lean in (True, False):
+        model.lean_head = lean
+        model(x, y).loss.backward()
+        got[lean] = {k: p.grad.clone() for k, p in model.named_parameters()
+                     if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+    assert set(got[True]) == {k for k, p in model.named_parameters() if p.requires_grad}
+    assert got[True]["lm_head.weight"].abs().max() > 0
+    assert got[True]["layers.0.attn.wk.bias"].abs().max() > 0
+    for name, grad in got[False].items():
+        torch.testing.assert_close(got[True][name], grad, rtol=1e-9, atol=1e-12)
