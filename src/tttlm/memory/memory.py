@@ -83,6 +83,12 @@ class ContextMemory:
             used += L
         return sorted(chosen, key=lambda p: p.start)
 
+    def copy(self) -> ContextMemory:
+        """An independent copy with a new index of the same kind (built from the tokens)."""
+        twin = ContextMemory(self.window, self.passage_len, type(self.index)())
+        twin.extend(self.tokens)
+        return twin
+
     def nbytes(self) -> int:
         """Bytes of the recorded tokens as saved (int32) and of the built index."""
         return 4 * len(self.tokens) + self.index.nbytes()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,56 @@ from tttlm.memory.memory import ContextMemory, Passage
 
 RAG_MODES = ("off", "end")
 MAX_PASSAGE = 64
+
+
+@dataclass(frozen=True)
+class RecallPolicy:
+    """How a query recalls: ``budget`` tokens of passages (the best of ``k``), each read after
+    ``separator``, then the separator and the query (the last ``query_len`` tokens)."""
+
+    budget: int
+    query_len: int = 32
+    k: int = 8
+    separator: tuple[int, ...] = ()
+
+    @classmethod
+    def for_engine(cls, engine: Engine, *, budget: int | None = None, query_len: int = 32,
+                   k: int = 8, separator: Sequence[int] | None = None) -> RecallPolicy:
+        """The defaults for ``engine``'s model: a quarter of the window, the BOS separator.
+        A full-attention model (no window) is refused."""
+        window = engine.window
+        if window is None:
+            raise UserError("retrieval recalls what left the attention window, and a full-"
+                            "attention model has none; use an e2e or swa model, or rag=off")
+        if query_len < 1 or k < 1:
+            raise UserError(f"query_len={query_len} and k={k} must be at least 1")
+        budget = window // 4 if budget is None else budget
+        if budget < 1:
+            raise UserError(f"the recall budget ({budget} tokens) must be at least 1")
+        sep = (engine.config.bos_token_id,) if separator is None else tuple(map(int, separator))
+        return cls(budget, query_len, k, sep)
+
+    def new_memory(self, engine: Engine) -> ContextMemory:
+        """An empty memory for ``engine``'s model. Passages no longer than a chunk nor than
+        the budget (so that one always fits), and at most 64 tokens: finer passages spend the
+        budget on what matches."""
+        assert engine.window is not None
+        return ContextMemory(engine.window,
+                             max(1, min(engine.chunk, self.budget, MAX_PASSAGE)))
+
+    def split(self, tokens: list[int]) -> tuple[list[int], list[int]]:
+        """``tokens`` as the head (read before recalling) and the query."""
+        cut = max(0, len(tokens) - self.query_len)
+        return tokens[:cut], tokens[cut:]
+
+    def cue(self, memory: ContextMemory, query: list[int]) -> tuple[list[int], list[Passage]]:
+        """What to read instead of ``query``: the recalled passages (in stream order, each
+        after the separator), the separator, the query; and the passages."""
+        passages = memory.recall(query, self.budget, self.k)
+        if not passages:
+            return list(query), []
+        quoted = [t for p in passages for t in (*self.separator, *p.tokens)]
+        return [*quoted, *self.separator, *query], passages
 
 
 class RecallSession:
@@ -46,24 +97,14 @@ class RecallSession:
                  state: State | None = None, memory: ContextMemory | None = None) -> None:
         if rag not in RAG_MODES:
             raise UserError(f"rag={rag!r} is not one of {', '.join(RAG_MODES)}")
-        window = engine.window
-        if window is None:
-            raise UserError("retrieval recalls what left the attention window, and a full-"
-                            "attention model has none; use an e2e or swa model, or rag=off")
-        if query_len < 1:
-            raise UserError(f"query_len={query_len} must be at least 1")
-        self.engine, self.rag, self.k, self.query_len = engine, rag, k, query_len
-        self.budget = window // 4 if budget is None else budget
-        self.separator = ([engine.config.bos_token_id] if separator is None
-                          else [int(t) for t in separator])
+        self.engine, self.rag = engine, rag
+        self.policy = RecallPolicy.for_engine(engine, budget=budget, query_len=query_len, k=k,
+                                              separator=separator)
         self.state = state if state is not None else engine.new_state(1)
         if self.state.batch_size != 1:
             raise UserError(f"a recall session holds one sequence, the state has "
                             f"{self.state.batch_size}; select one row (State.select)")
-        # Passages no longer than a chunk nor than the budget (so that one always fits), and
-        # at most 64 tokens: finer passages spend the budget on what matches.
-        passage_len = max(1, min(engine.chunk, self.budget, MAX_PASSAGE))
-        self.memory = memory if memory is not None else ContextMemory(window, passage_len)
+        self.memory = memory if memory is not None else self.policy.new_memory(engine)
         self.last_recall: list[Passage] = []
 
     def read(self, tokens: Sequence[int]) -> None:
@@ -109,11 +150,10 @@ class RecallSession:
         self.last_recall = []
         if self.rag == "off":
             return prompt, prompt
-        query = prompt[-self.query_len:]
-        self.read(prompt[:-len(query)])
-        self.last_recall = self.memory.recall(query, self.budget, self.k)
-        quoted = [t for p in self.last_recall for t in (*self.separator, *p.tokens)]
-        return ([*quoted, *self.separator, *query] if quoted else query), query
+        head, query = self.policy.split(prompt)
+        self.read(head)
+        fed, self.last_recall = self.policy.cue(self.memory, query)
+        return fed, query
 
     # ------------------------------------------------------------------------- files
     def save(self, folder: str | os.PathLike[str]) -> Path:

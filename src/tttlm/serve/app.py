@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from tttlm.memory.recall import RecallPolicy
 from tttlm.serve.api_errors import NO_RETRY, APIError, bad_request, error_body
 from tttlm.serve.formats import Reply
 from tttlm.serve.limits import BodyLimit, Limits, check_bearer
@@ -34,7 +35,8 @@ class Service:
     """What the routes share: the served model, the worker, the sessions, the limits."""
 
     def __init__(self, served: Served, store: SessionStore | None, *, limits: Limits,
-                 max_batch: int = 32, api_key: str | None = None) -> None:
+                 max_batch: int = 32, api_key: str | None = None,
+                 policy: RecallPolicy | None = None) -> None:
         limits.check()
         self.served = served
         self.engine = served.engine
@@ -42,7 +44,7 @@ class Service:
         self.store = store
         self.limits = limits
         self.api_key = api_key
-        self.worker = Worker(served.engine, store, max_batch)
+        self.worker = Worker(served.engine, store, max_batch, policy)
         self.vocab = served.engine.config.vocab_size
         self.eos = served.engine.config.eos_token_id
         self.started = int(time.time())

@@ -49,6 +49,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds to let running requests finish at shutdown; the rest "
                              "end early with their sessions saved")
+    parser.add_argument("--rag", choices=["off", "end"], default="off",
+                        help="retrieval memory: end = each prompt's end (its last 32 tokens) "
+                             "recalls passages that left the window and reads them again "
+                             "before it; sessions keep their memory (retrieval extra)")
+    parser.add_argument("--rag-budget", type=int, default=None,
+                        help="tokens of recalled passages per prompt (default: a quarter of "
+                             "the window)")
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
     parser.add_argument("--device", default=None,
                         help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -83,11 +90,20 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     served = load_served(model_dir, device=args.device, dtype=args.dtype,
                          ttt=False if args.no_ttt else None, name=args.model_name)
+    policy = None
+    if args.rag == "end":
+        from tttlm.memory.index import BM25Index
+        from tttlm.memory.recall import RecallPolicy
+
+        BM25Index()  # a missing bm25s is one line now, not a failure at the first request
+        policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget)
     store = None
     if args.sessions:
-        store = SessionStore(Path(args.sessions), served.engine, args.max_sessions_in_memory)
+        store = SessionStore(Path(args.sessions), served.engine, args.max_sessions_in_memory,
+                             policy)
         store.open()  # a folder another server holds is refused here, before binding
-    service = Service(served, store, limits=limits, max_batch=args.max_batch, api_key=api_key)
+    service = Service(served, store, limits=limits, max_batch=args.max_batch, api_key=api_key,
+                      policy=policy)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"tttlm serve: warning: listening on {args.host} without an API key; anyone who "
               f"can reach it can use it (set --api-key or ${API_KEY_ENV})", file=sys.stderr)

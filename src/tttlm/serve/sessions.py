@@ -39,12 +39,15 @@ from tttlm.errors import UserError
 from tttlm.files import FolderLock, atomic_write_text, fsync_dir
 from tttlm.inference.engine import Engine
 from tttlm.inference.state import State
+from tttlm.memory.memory import ContextMemory
+from tttlm.memory.recall import RecallPolicy
 from tttlm.serve.api_errors import APIError, bad_request, conflict, not_found
 
 META = "serve.json"
 FORMAT = "tttlm-serve-session"
 SESSION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _STATE_DIR = re.compile(r"^state-(\d{6,})$")
+_MEMORY_DIR = re.compile(r"^memory-(\d{6,})$")
 
 
 def check_session_id(session_id: str) -> str:
@@ -66,6 +69,8 @@ class Session:
     unread: list[int]
     created: float
     saved: int = 0  # number of the state folder on disk (0: never saved)
+    # What left the window, for retrieval (servers with --rag end); None without.
+    memory: ContextMemory | None = None
 
     @property
     def tokens(self) -> int:
@@ -81,12 +86,14 @@ class SessionStore:
     """Sessions of one server, in ``folder``; every method but :meth:`claim` /
     :meth:`release` runs on the engine's worker thread."""
 
-    def __init__(self, folder: Path, engine: Engine, max_in_memory: int) -> None:
+    def __init__(self, folder: Path, engine: Engine, max_in_memory: int,
+                 policy: RecallPolicy | None = None) -> None:
         if max_in_memory < 0:
             raise UserError(f"--max-sessions-in-memory {max_in_memory} must be >= 0")
         self.folder = folder
         self.engine = engine
         self.max_in_memory = max_in_memory
+        self.policy = policy  # retrieval: sessions keep a memory of what left the window
         self.hot: OrderedDict[str, Session] = OrderedDict()
         self._busy: set[str] = set()
         self._busy_lock = threading.Lock()
@@ -142,7 +149,8 @@ class SessionStore:
         leftover = self.path(session_id)
         if leftover.exists():  # a creation cut before its first save finished
             shutil.rmtree(leftover)
-        return Session(session_id, self.engine.new_state(1), [], time.time())
+        return Session(session_id, self.engine.new_state(1), [], time.time(),
+                       memory=self._new_memory())
 
     def checkout(self, session_id: str) -> Session:
         """The session, loaded from disk when it is not hot; it leaves the LRU until
@@ -158,8 +166,15 @@ class SessionStore:
         except (UserError, FileNotFoundError) as err:
             raise APIError(409, f"session {session_id} cannot be continued: {err}",
                            code="session_unusable") from None
+        memory = self._new_memory()
+        if memory is not None and isinstance(meta.get("memory"), str):
+            try:
+                memory = ContextMemory.load(self.path(session_id) / meta["memory"])
+            except UserError as err:
+                raise APIError(409, f"session {session_id} cannot be continued: {err}",
+                               code="session_unusable") from None
         return Session(session_id, state, list(meta["unread"]), meta["created"],
-                       meta["saved"])
+                       meta["saved"], memory)
 
     def checkin(self, session: Session) -> None:
         """Save the session, then keep it hot (evicting the least recently used)."""
@@ -174,6 +189,7 @@ class SessionStore:
         try:
             copy = self.new(target)
             copy.state, copy.unread = session.state.clone(), list(session.unread)
+            copy.memory = session.memory.copy() if session.memory is not None else None
             self.save(copy)
         finally:
             self.hot[source] = session  # unchanged: no save needed
@@ -196,15 +212,24 @@ class SessionStore:
         number = session.saved + 1
         name = f"state-{number:06d}"
         session.state.save(folder / name, command="serve")
+        memory_name = None
+        if session.memory is not None:
+            memory_name = f"memory-{number:06d}"
+            session.memory.save(folder / memory_name)
         meta = {"format": FORMAT, "version": 1, "state": name, "saved": number,
+                "memory": memory_name,
                 "unread": session.unread, "tokens": session.tokens,
                 "bytes": session.state.nbytes(), "created": session.created,
                 "updated": time.time()}
         atomic_write_text(folder / META, json.dumps(meta, indent=2) + "\n")
         session.saved = number
         for old in folder.iterdir():
-            if old.name != name and _STATE_DIR.match(old.name):
+            if old.name not in (name, memory_name) and (_STATE_DIR.match(old.name)
+                                                       or _MEMORY_DIR.match(old.name)):
                 shutil.rmtree(old, ignore_errors=True)
+
+    def _new_memory(self) -> ContextMemory | None:
+        return self.policy.new_memory(self.engine) if self.policy is not None else None
 
     def _meta(self, session_id: str) -> dict[str, Any]:
         file = self.path(session_id) / META

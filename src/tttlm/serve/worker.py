@@ -34,6 +34,8 @@ from tttlm.errors import UserError
 from tttlm.inference.engine import Engine
 from tttlm.inference.sampling import sample
 from tttlm.inference.state import State
+from tttlm.memory.memory import ContextMemory
+from tttlm.memory.recall import RecallPolicy
 from tttlm.serve.api_errors import APIError, bad_request
 from tttlm.serve.sessions import Session, SessionStore
 from tttlm.serve.text import TextTracker
@@ -92,6 +94,7 @@ class Job:
     generated: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     prompt_tokens: int = 0
+    memory: ContextMemory | None = None  # with retrieval: the sequence's memory
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -107,13 +110,15 @@ class Job:
 class Worker(threading.Thread):
     """Runs jobs and store operations one after another, decoding running jobs together."""
 
-    def __init__(self, engine: Engine, store: SessionStore | None, max_batch: int) -> None:
+    def __init__(self, engine: Engine, store: SessionStore | None, max_batch: int,
+                 policy: RecallPolicy | None = None) -> None:
         super().__init__(name="tttlm-serve-engine", daemon=True)
         if max_batch < 1:
             raise UserError(f"--max-batch {max_batch} must be >= 1")
         self.engine = engine
         self.store = store
         self.max_batch = max_batch
+        self.policy = policy  # retrieval (--rag end): recall before each prompt's end
         self.bos = engine.config.bos_token_id
         self.inbox: queue.Queue[Job | tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
         self.inbox = queue.Queue()
@@ -212,11 +217,29 @@ class Worker(threading.Thread):
             if job.seed is not None:
                 job.generator = torch.Generator(device=job.state.device)
                 job.generator.manual_seed(job.seed)
+            if self.policy is not None:
+                job.memory = (job.session.memory if job.session is not None
+                              and job.session.memory is not None
+                              else self.policy.new_memory(self.engine))
+                if job.session is not None:
+                    job.session.memory = job.memory
             if job.max_tokens == 0:  # read only (a document): the last token stays unread
                 if len(tokens) > 1:
                     self.engine.prefill([tokens[:-1]], job.state)
+                    if job.memory is not None:
+                        job.memory.extend(tokens[:-1])
                 self._finish(job, "length", unread=tokens[-1:])
                 return
+            if job.memory is not None:
+                assert self.policy is not None
+                # Retrieval: read the head, then the passages the query recalls, then the
+                # query (tttlm.memory.recall); the memory records the prompt, not the quotes.
+                head, query = self.policy.split(tokens)
+                if head:
+                    self.engine.prefill([head], job.state)
+                    job.memory.extend(head)
+                tokens, _ = self.policy.cue(job.memory, query)
+                job.memory.extend(query)
             logits, job.state = self.engine.prefill([tokens], job.state)
             reason = self._sample(job, logits)
             if reason is not None:
@@ -272,18 +295,25 @@ class Worker(threading.Thread):
     def _finish(self, job: Job, reason: str, unread: list[int] | None = None) -> None:
         try:
             info = None
+            if job.memory is not None and unread is None:
+                job.memory.extend(job.generated[:-1])  # read back by the state; last: unread
             if job.session is not None:
                 assert self.store is not None and job.state is not None
                 job.session.state = job.state
                 job.session.unread = unread if unread is not None else job.generated[-1:]
                 self.store.checkin(job.session)
                 info = job.session.info(in_memory=True)
-            job.emit(Done(reason, job.prompt_tokens, len(job.generated), job.tracker.flush(),
-                          info))
+            done = Done(reason, job.prompt_tokens, len(job.generated), job.tracker.flush(), info)
         except Exception as err:
             self._fail(job, _as_api_error(err))
-        finally:
-            self._release(job)
+            return
+        # Released before the reply goes out: a client may send its next request to the
+        # session the moment it has the reply, and must not find it busy.
+        self._release(job)
+        try:
+            job.emit(done)
+        except Exception:  # the client went away; the session is saved
+            log.debug("could not deliver a finished reply", exc_info=True)
 
     def _fail(self, job: Job, error: APIError) -> None:
         # A session's state may be half-updated: it is not checked back in, so the next

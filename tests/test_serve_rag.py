@@ -1,0 +1,55 @@
+"""``tttlm serve --rag end``: a prompt's end recalls passages of the session that left the
+window and reads them again before it; the session's memory is saved with it and survives
+eviction and a restart."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("bm25s")
+
+from test_serve import continue_session, new_session, start, stop  # noqa: E402
+from tttlm import TTTConfig, TTTForCausalLM  # noqa: E402
+
+NEEDLE = [200, 201, 202, 203, 204, 205, 206, 207]
+
+
+def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    config = TTTConfig.from_preset("tiny", window=16, chunk_size=8, hidden_size=32)
+    model_dir = TTTForCausalLM(config).save_pretrained(tmp_path / "model")
+    rng = random.Random(0)
+    # The needle at the start, then 20 windows of other tokens (3..150).
+    document = [*NEEDLE, *(rng.randrange(3, 150) for _ in range(320))]
+    sessions = tmp_path / "sessions"
+    server = start(model_dir, sessions, tmp_path / "log", "--rag", "end",
+                   "--max-sessions-in-memory", "0")  # every session is evicted after use
+    try:
+        client = server.client()
+        sid = new_session(client, document)["id"]
+        before = client.get(f"/sessions/{sid}", cast_to=object)["tokens"]
+        assert before == 1 + len(document)
+        continue_session(client, sid, NEEDLE[:4], 2)
+        # Read: the prompt, 2 new tokens, and one recalled passage (budget: a quarter of the
+        # window = 4 tokens) after a separator, then a separator before the query.
+        quoted = 1 + 4 + 1
+        after = client.get(f"/sessions/{sid}", cast_to=object)["tokens"]
+        assert after == before + 4 + 2 + quoted
+        assert any(p.name.startswith("memory-") for p in (sessions / sid).iterdir())
+    finally:
+        stop(server)
+    server = start(model_dir, sessions, tmp_path / "log", "--rag", "end")
+    try:
+        client = server.client()
+        continue_session(client, sid, NEEDLE[:4], 1)  # the reloaded memory recalls again
+        assert client.get(f"/sessions/{sid}", cast_to=object)["tokens"] == after + 4 + 1 + quoted
+    finally:
+        stop(server)
+    assert "Traceback" not in (tmp_path / "log").read_text()
