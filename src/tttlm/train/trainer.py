@@ -63,7 +63,11 @@ METRICS_FILE = ckpt.METRICS_FILE
 # Fields of the model config that fix the shapes of the weights: a checkpoint loads only into a
 # model that agrees on all of them.
 SHAPE_FIELDS = ("variant", "vocab_size", "hidden_size", "num_layers", "num_heads",
-                "intermediate_size", "num_ttt_layers", "prime_intermediate_size")
+                "intermediate_size", "num_ttt_layers", "prime_intermediate_size",
+                # the Llama-family options: other weights, or the same weights meaning another
+                # network
+                "num_kv_heads", "head_dim", "qk_norm", "post_norms", "rope_layout",
+                "rope_freq_scaling", "tie_embeddings", "qkv_bias", "attn_out_bias", "mlp_bias")
 _TENSORBOARD_NOTE_SHOWN = False
 
 
