@@ -101,6 +101,12 @@ class TrainConfig:
             ``eager``, ``compiled`` (an eager step through compiled blocks, as ``compile``) or
             ``graph`` (the whole step, optimizer included, captured once as a CUDA graph and
             replayed; CUDA only, one process; blocks compiled inside it with ``compile``).
+        recall_fraction: fraction of training sequences in which a span repeating an
+            earlier one from beyond the window gets that passage quoted right before it
+            (:mod:`tttlm.memory.training`), so that the model learns to use the retrieval
+            memory's quotes (0: off; windowed models only).
+        recall_budget: tokens of such a quote, separators included (default: a quarter of
+            the window, as the recall policy).
         parallel: ``auto``, ``ddp`` or ``fsdp`` under ``torchrun``.
         seed: seed of model init and of the data order.
         num_threads: CPU threads for torch (0: torch's default).
@@ -149,6 +155,8 @@ class TrainConfig:
     lean_head: bool = True
     compile: bool = False
     step_mode: StepMode = StepMode.AUTO
+    recall_fraction: float = 0.0
+    recall_budget: int | None = None
     parallel: Parallel = Parallel.AUTO
     seed: int = 0
     num_threads: int = 0
@@ -208,6 +216,14 @@ class TrainConfig:
                                  "in [0, 1) (0.9 and 0.95 in the presets)")
         check_number("eps", self.eps, minimum=0.0, strict=True,
                      hint="AdamW epsilon is a small positive number such as 1e-8")
+        check_number("recall_fraction", self.recall_fraction, minimum=0.0, maximum=1.0,
+                     hint="the fraction of sequences given recalled passages, in [0, 1]")
+        if self.recall_fraction > 0 and self.mode is Variant.FULL:
+            raise ValueError("recall_fraction needs a windowed model (e2e or swa): with full "
+                             "attention nothing leaves the window to recall")
+        if self.recall_budget is not None and self.recall_budget < 10:
+            raise ValueError(f"recall_budget={self.recall_budget} must be >= 10 (two "
+                             "separators and a passage of at least 8 tokens)")
         if self.inner_lr is not None:
             check_number("inner_lr", self.inner_lr, minimum=0.0, maximum=MAX_INNER_LR,
                          hint="the official η is 1")

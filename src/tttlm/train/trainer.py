@@ -452,6 +452,20 @@ class Trainer:
                         "(drop --model, --mode and --set model.*), or start a new run with "
                         "another --out")
 
+    def _insert_recalls(self, batch: Any) -> Any:
+        """Quote passages from beyond the window before their repeats in some sequences
+        (``recall_fraction``); seeded by the run's seed, step and rank: resumes are exact."""
+        from tttlm.memory.training import insert_recalls
+
+        c, mc = self.config, self.model_config
+        assert mc.uses_window
+        budget = c.recall_budget or max(10, mc.window // 4)
+        augmented, _ = insert_recalls(tuple(batch), window=mc.window,
+                                      fraction=c.recall_fraction, budget=budget,
+                                      separator=mc.bos_token_id,
+                                      seed=(c.seed, self.step, self.dist.rank))
+        return type(batch)(*augmented)
+
     def _weights_dtype(self) -> torch.dtype:
         return torch.float64 if self.config.dtype == "float64" else torch.float32
 
@@ -695,6 +709,8 @@ class Trainer:
         inner_lr = self.model_config.inner_lr_at(self.step)
         lr = self.scheduler.get_last_lr()[0]
         batch = next(self.loader)
+        if c.recall_fraction > 0:
+            batch = self._insert_recalls(batch)
         if self.static_step is not None:
             out = self.static_step(batch, self.scheduler.get_last_lr(), inner_lr)
             result = StepResult(out.loss, out.inner_update_norm, out.tokens)
