@@ -120,3 +120,27 @@ def test_simple_evaluate_runs_a_task(lm: TTTLMHarness, tmp_path: Path) -> None:
                                   task_manager=TaskManager(include_path=str(tmp_path)))
     result = out["results"]["tttlm_tiny"]
     assert result["bits_per_byte,none"] > 0
+
+
+def test_rag_end_recalls_and_matches_the_engine_when_nothing_left_the_window(
+        lm: TTTLMHarness) -> None:
+    pytest.importorskip("bm25s")
+    rag = TTTLMHarness(lm.pretrained, device="cpu", dtype="float64", rag="end", rag_budget=8,
+                       rag_query=4)
+    short = [("It was", " the best")]  # nothing has left the window (12): no quotes
+    assert_close(torch.tensor(rag.loglikelihood([req(*p) for p in short])[0][0]),
+                 torch.tensor(lm.loglikelihood([req(*p) for p in short])[0][0]), atol=1e-9,
+                 name="rag, nothing to recall")
+    # A long context: the query recalls a passage of it, so the score differs from the engine's.
+    context = "Zebra quartz. " + TEXT * 2 + " Zebra"
+    plain = lm.loglikelihood([req(context, " quartz")])[0][0]
+    recalled = rag.loglikelihood([req(context, " quartz")])[0][0]
+    assert recalled != pytest.approx(plain, abs=1e-9)
+    session = rag._recall_session()
+    ids = [BOS, *ByteTokenizer().encode(context)]
+    session.score(ids, ByteTokenizer().encode(" quartz"))
+    assert session.last_recall
+    assert rag.generate_until([req(context, {"until": ["\n"], "max_gen_toks": 4})])[0] == \
+        rag.generate_until([req(context, {"until": ["\n"], "max_gen_toks": 4})])[0]
+    with pytest.raises(UserError, match="rag='x'"):
+        TTTLMHarness(lm.pretrained, device="cpu", rag="x")

@@ -43,14 +43,19 @@ class TTTLMHarness(LM):
     Args (``--model_args``): ``pretrained`` the model folder; ``tokenizer`` a tokenizer spec
     (default: the folder's own); ``device``, ``dtype``; ``batch_size``; ``max_length`` refuse
     longer requests (default: none refused); ``ttt`` / ``inner_lr`` as the engine takes them;
-    ``max_gen_toks`` the default generation length.
+    ``max_gen_toks`` the default generation length; ``rag`` ``off`` (default) or ``end``:
+    the retrieval memory (:mod:`tttlm.memory.recall`) recalls, before the last ``rag_query``
+    tokens of each context (default 32), passages that left the window (``rag_budget``
+    tokens, default a quarter of the window) for ``loglikelihood`` and ``generate_until``
+    (one request at a time); ``loglikelihood_rolling`` scores documents without it.
     """
 
     def __init__(self, pretrained: str, tokenizer: str | None = None,
                  device: str | None = None, dtype: str | None = None,
                  batch_size: int | str = 1, max_length: int | None = None,
                  ttt: bool | None = None, inner_lr: float | None = None,
-                 max_gen_toks: int = 256, **unused: Any) -> None:
+                 max_gen_toks: int = 256, rag: str = "off", rag_budget: int | None = None,
+                 rag_query: int = 32, **unused: Any) -> None:
         super().__init__()
         # A device lm-eval's command line names by default (cuda:0) that is not there is an
         # error that says what to pass, not a crash inside the weight loader.
@@ -74,6 +79,19 @@ class TTTLMHarness(LM):
         self.max_gen_toks = int(max_gen_toks)
         self.pretrained = str(pretrained)
         self.unused = unused
+        self.rag = str(rag)
+        self.rag_options = {"budget": int(rag_budget) if rag_budget is not None else None,
+                            "query_len": int(rag_query)}
+        if self.rag not in ("off", "end"):
+            raise UserError(f"rag={self.rag!r} is not one of off, end")
+        if self.rag == "end":
+            self._recall_session()  # a full-attention model or a missing bm25s: one line now
+
+    def _recall_session(self) -> Any:
+        from tttlm.memory import BM25Index, RecallSession
+
+        BM25Index()
+        return RecallSession(self.engine, "end", **self.rag_options)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str,
@@ -125,6 +143,13 @@ class TTTLMHarness(LM):
                     ) -> list[tuple[float, bool]]:
         """(log-probability, greedy?) of each continuation after its context, through the
         engine: context prefilled, continuation read one token per step."""
+        if self.rag == "end":
+            scored = []
+            for ctx, cont in pairs:
+                session = self._recall_session()
+                nll = session.score(ctx, cont) if cont else []
+                scored.append((-sum(nll), session.last_greedy))
+            return scored
         results: list[tuple[float, bool]] = [(0.0, True)] * len(pairs)
         order = sorted((i for i in range(len(pairs)) if pairs[i][1]),
                        key=lambda i: -len(pairs[i][1]))
@@ -196,6 +221,16 @@ class TTTLMHarness(LM):
                 temperature = 0.0
             ids = [self.tokenizer.bos_id, *self.encode(context)]
             self.check_length(len(ids) + max_new, "generate_until")
+            if self.rag == "end":
+                new = self._recall_session().generate(ids, max_new, temperature=temperature,
+                                                      seed=kwargs.pop("seed", 0))
+                eos = self.model.config.eos_token_id
+                text = self.tokenizer.decode([t for t in new if t != eos])
+                for u in until:
+                    if u in text:
+                        text = text[:text.index(u)]
+                out.append(text)
+                continue
             stream = self.engine.stream([ids], max_new, temperature=temperature,
                                         seed=kwargs.pop("seed", 0))
             tokens: list[int] = []

@@ -106,6 +106,7 @@ class RecallSession:
                             f"{self.state.batch_size}; select one row (State.select)")
         self.memory = memory if memory is not None else self.policy.new_memory(engine)
         self.last_recall: list[Passage] = []
+        self.last_greedy = True
 
     def read(self, tokens: Sequence[int]) -> None:
         """Read a document (no generation): into the state and the memory."""
@@ -138,8 +139,11 @@ class RecallSession:
         fed, recorded = self._cue(prompt)
         logits, self.state = self.engine.prefill([fed], self.state)
         nll = []
+        self.last_greedy = True  # whether every continuation token was the argmax
         for token in continuation:
-            nll.append(-float(torch.log_softmax(logits[0].double(), -1)[token]))
+            logp = torch.log_softmax(logits[0].double(), -1)
+            nll.append(-float(logp[token]))
+            self.last_greedy = self.last_greedy and int(logp.argmax()) == token
             logits, self.state = self.engine.step(self.state, [token])
         self.memory.extend([*recorded, *continuation])
         return nll
