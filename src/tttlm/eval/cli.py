@@ -246,15 +246,17 @@ def _run_harness(args: argparse.Namespace) -> int:
     return 0
 
 
-def _common(p: argparse.ArgumentParser, out_default: str) -> None:
+def _common(p: argparse.ArgumentParser, out_default: str, *, lengths: bool = True,
+            resumable: bool = True) -> None:
     p.add_argument("--model", action="append", required=True, metavar="DIR",
                    help="a tttlm model folder (repeat for several models; the first is the "
                         "reference of differences)")
     p.add_argument("--label", action="append", metavar="NAME",
                    help="display name per --model, in order (default: the run's name for "
                         "RUN/final, 'RUN step N' for a checkpoint, else the folder's name)")
-    p.add_argument("--lengths", required=True, metavar="L,L,...",
-                   help="context lengths in tokens, e.g. 1024,2048 or 8k,16k")
+    if lengths:
+        p.add_argument("--lengths", required=True, metavar="L,L,...",
+                       help="context lengths in tokens, e.g. 1024,2048 or 8k,16k")
     p.add_argument("--tokenizer", metavar="SPEC",
                    help="tokenizer for text input: bytes, a tokenizer.json, a tiktoken file "
                         "or a prepared data folder (default: the model folder's own)")
@@ -262,11 +264,15 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="run e2e models without test-time training (pretrain mode)")
     p.add_argument("--device", default="auto",
                    help="cuda, cpu, ... (default: cuda when available, with bf16 autocast)")
-    p.add_argument("--out", default=out_default, metavar="DIR",
-                   help=f"output folder (default {out_default}); finished items are kept in "
-                        "DIR/partial.jsonl and a rerun resumes from them")
-    p.add_argument("--fresh", action="store_true",
-                   help="discard DIR/partial.jsonl instead of resuming")
+    if resumable:
+        p.add_argument("--out", default=out_default, metavar="DIR",
+                       help=f"output folder (default {out_default}); finished items are kept "
+                            "in DIR/partial.jsonl and a rerun resumes from them")
+        p.add_argument("--fresh", action="store_true",
+                       help="discard DIR/partial.jsonl instead of resuming")
+    else:
+        p.add_argument("--out", default=out_default, metavar="DIR",
+                       help=f"output folder (default {out_default})")
     p.add_argument("--no-plots", action="store_true", help="write JSON/CSV only")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
 
@@ -343,15 +349,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "sliding-window attention only inside its window, TTT-E2E partly beyond "
                     "it; --rag end adds retrieval (the cue is the query). Writes repeat.json, "
                     "repeat.csv and repeat.png.")
-    rep.add_argument("--model", action="append", required=True, metavar="DIR",
-                     help="a tttlm model folder (repeat for several models)")
-    rep.add_argument("--label", action="append", metavar="NAME",
-                     help="display name per --model, in order")
+    _common(rep, "eval-repeat", lengths=False, resumable=False)
     rep.add_argument("--data", required=True, metavar="PATH",
                      help="held-out text: a prepared data folder or .txt/.jsonl files")
     rep.add_argument("--split", default=None, help="split of a prepared folder")
-    rep.add_argument("--tokenizer", metavar="SPEC",
-                     help="tokenizer for text input (default: the model folder's own)")
     rep.add_argument("--distances", metavar="D,D,...",
                      help="gaps in tokens (default: w/2, w, 2w, 4w, 8w, 16w for the largest "
                           "window w)")
@@ -368,13 +369,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     rep.add_argument("--rag", default="off", metavar="off,end",
                      help="retrieval modes to run (default off; end: recall before each "
                           "reading's cue; sliding-window models only)")
-    rep.add_argument("--no-ttt", action="store_true",
-                     help="run e2e models without test-time training")
-    rep.add_argument("--device", default="auto", help="cuda, cpu, ... (default: auto)")
-    rep.add_argument("--out", default="eval-repeat", metavar="DIR",
-                     help="output folder (default eval-repeat)")
-    rep.add_argument("--no-plots", action="store_true", help="write JSON/CSV only")
-    rep.add_argument("--quiet", action="store_true", help="no progress bar")
     rep.set_defaults(func=_run_repeat)
 
     har = sub.add_parser(

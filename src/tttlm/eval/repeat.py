@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -186,11 +185,3 @@ def default_distances(window: int | None) -> list[int]:
     """From inside the window to 16x beyond it: w/2, w, 2w, 4w, 8w, 16w."""
     w = window or 1024
     return [max(1, w // 2), w, 2 * w, 4 * w, 8 * w, 16 * w]
-
-
-def read_repeat(report: dict[str, Any], label: str) -> tuple[list[int], list[float]]:
-    """Distances and second-reading NLL of one row of a report (for plots and summaries)."""
-    rows = report["results"][label]
-    ds = [int(d) for d in rows]
-    return ds, [rows[str(d)]["second"] if math.isfinite(rows[str(d)]["second"]) else math.nan
-                for d in ds]

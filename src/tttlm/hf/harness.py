@@ -85,12 +85,15 @@ class TTTLMHarness(LM):
         if self.rag not in ("off", "end"):
             raise UserError(f"rag={self.rag!r} is not one of off, end")
         if self.rag == "end":
-            self._recall_session()  # a full-attention model or a missing bm25s: one line now
+            # A full-attention model or a missing bm25s: one line now, not at the first request.
+            from tttlm.memory.index import require_bm25s
+
+            require_bm25s()
+            self._recall_session()
 
     def _recall_session(self) -> Any:
-        from tttlm.memory import BM25Index, RecallSession
+        from tttlm.memory import RecallSession
 
-        BM25Index()
         return RecallSession(self.engine, "end", **self.rag_options)
 
     @classmethod

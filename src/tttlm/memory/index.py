@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 from tttlm.errors import UserError
 
@@ -42,18 +43,23 @@ def ngram_terms(tokens: Sequence[int], n: int) -> list[str]:
     return terms
 
 
+def require_bm25s() -> Any:
+    """The ``bm25s`` module, or a one-line :class:`UserError` saying how to install it."""
+    try:
+        import bm25s
+    except ImportError:
+        raise UserError("retrieval needs bm25s; install it with pip install "
+                        "'tttlm[retrieval]'") from None
+    return bm25s
+
+
 class BM25Index(PassageIndex):
     """BM25 (``bm25s``) over token n-grams. ``bm25s`` builds its index in one go, so the index
     is rebuilt at the first search after passages were added: one build per recall, linear in
     the memory's size."""
 
     def __init__(self, ngram: int = 2) -> None:
-        try:
-            import bm25s
-        except ImportError:
-            raise UserError("retrieval needs bm25s; install it with pip install "
-                            "'tttlm[retrieval]'") from None
-        self._bm25s = bm25s
+        self._bm25s = require_bm25s()
         self.ngram = ngram
         self._terms: list[list[str]] = []
         self._built: object | None = None

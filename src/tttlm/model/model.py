@@ -457,6 +457,10 @@ class TTTForCausalLM(nn.Module):
             caches = [(empty, empty) for _ in self.ttt_layers]
         chunks = self.chunks(h.shape[1])
         run = ChunkRun()
+
+        def snapshot(fast: FastWeights) -> dict[str, torch.Tensor]:
+            return dict(zip(self.fast_weight_names(), flatten_fast(fast)))
+
         # Test time: each update's finiteness is read while the next chunk runs.
         guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
         for i, (s, e) in enumerate(chunks):
@@ -477,7 +481,7 @@ class TTTForCausalLM(nn.Module):
                 # weights, and this chunk ran on them.
                 fast, inner_state = kept
                 if return_fast_weights:
-                    run.history[-1] = dict(zip(self.fast_weight_names(), flatten_fast(fast)))
+                    run.history[-1] = snapshot(fast)
             nll, chunk_loss, lg, caches, new_fast, new_state, norm, run.hidden = result
             run.nll.append(nll)
             run.chunk_losses.append(chunk_loss)
@@ -486,11 +490,11 @@ class TTTForCausalLM(nn.Module):
                 fast, inner_state = new_fast, new_state
                 run.norms.append(norm)
                 if return_fast_weights:
-                    run.history.append(dict(zip(self.fast_weight_names(), flatten_fast(fast))))
+                    run.history.append(snapshot(fast))
         if guard is not None and (kept := guard.settle()) is not None:
             fast, inner_state = kept
             if return_fast_weights:
-                run.history[-1] = dict(zip(self.fast_weight_names(), flatten_fast(fast)))
+                run.history[-1] = snapshot(fast)
         run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
 

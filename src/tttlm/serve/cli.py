@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
                          ttt=False if args.no_ttt else None, name=args.model_name)
     policy = None
     if args.rag == "end":
-        from tttlm.memory.index import BM25Index
+        from tttlm.memory.index import require_bm25s
         from tttlm.memory.recall import RecallPolicy
 
-        BM25Index()  # a missing bm25s is one line now, not a failure at the first request
+        require_bm25s()  # a missing bm25s is one line now, not a failure at the first request
         policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget)
     store = None
     if args.sessions:

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tttlm.eval.repeat import format_repeat_table
 from tttlm.files import atomic_write_text
 
 REPORT_JSON = "report.json"
@@ -74,19 +75,13 @@ def _repeat_section(report: dict[str, Any]) -> list[str]:
     if not rep:
         return []
     st = rep["settings"]
-    ds = st["distances"]
     window = report["settings"]["window"]
     lines = ["## Memory: a passage read twice", "",
              f"A held-out passage of {st['passage_len']} tokens is read, then again d tokens "
              f"later; the table gives the mean loss of its second reading (after a cue of "
              f"{st['cue']} tokens), the last column that of its first reading "
              f"({st['samples']} sequences per distance; window k = {window}).", "",
-             "| model | " + " | ".join(f"d={d}" for d in ds) + " | first reading |",
-             "|" + "---|" * (len(ds) + 2)]
-    for label, rows in rep["results"].items():
-        cells = [f"{rows[str(d)]['second']:.3f}" for d in ds]
-        first = sum(rows[str(d)]["first"] for d in ds) / len(ds)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {first:.3f} |")
+             format_repeat_table(rep)]
     lines += ["", f"![repeated passage]({REPEAT_PNG})" if rep.get("plot") else "", "",
               "How to read it: a second reading below the first means the model copies from "
               "what it read before. Full attention can copy at any distance; sliding-window "

@@ -27,16 +27,20 @@ def flex_can_run(q: torch.Tensor) -> bool:
     return q.is_cuda and q.shape[-1] >= 16 and q.dtype != torch.float64
 
 
+def _within_budget(seen: set[tuple[Any, ...]], key: tuple[Any, ...]) -> bool:
+    """True for the first ``FLEX_MAX_SHAPES`` keys added to ``seen``, and again for those."""
+    if key in seen:
+        return True
+    if len(seen) >= FLEX_MAX_SHAPES:
+        return False
+    seen.add(key)
+    return True
+
+
 def flex_shape_allowed(q: torch.Tensor, window: int) -> bool:
     """True for the first ``FLEX_MAX_SHAPES`` (shape, window, dtype, device) seen, and again for
     those; False for any further one."""
-    key = (tuple(q.shape), window, q.dtype, q.device)
-    if key in _flex_shapes:
-        return True
-    if len(_flex_shapes) >= FLEX_MAX_SHAPES:
-        return False
-    _flex_shapes.add(key)
-    return True
+    return _within_budget(_flex_shapes, (tuple(q.shape), window, q.dtype, q.device))
 
 
 @functools.cache
@@ -79,13 +83,7 @@ def flex_chunk_allowed(q: torch.Tensor, k: torch.Tensor, window: int | None) -> 
     c, n = q.shape[1], k.shape[1]
     if window is None or n - c != window:
         return False
-    key = (tuple(q.shape), n, window, q.dtype, q.device)
-    if key in _chunk_shapes:
-        return True
-    if len(_chunk_shapes) >= FLEX_MAX_SHAPES:
-        return False
-    _chunk_shapes.add(key)
-    return True
+    return _within_budget(_chunk_shapes, (tuple(q.shape), n, window, q.dtype, q.device))
 
 
 @functools.lru_cache(maxsize=32)
