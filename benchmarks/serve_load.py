@@ -40,14 +40,37 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def tiny_model(folder: Path) -> Path:
+def random_model(folder: Path, preset: str, variant: str) -> Path:
+    """A randomly initialised model: ``tiny`` (window 64, chunk 16) or an official size with the
+    byte tokenizer's 258 ids (the server falls back to bytes for a folder without a tokenizer)."""
     import torch
 
     from tttlm import TTTConfig, TTTForCausalLM
 
     torch.manual_seed(0)
-    config = TTTConfig.from_preset("tiny", window=64, chunk_size=16)
+    if preset == "tiny":
+        config = TTTConfig.from_preset("tiny", variant, window=64, chunk_size=16)
+    else:
+        config = TTTConfig.from_preset(preset, variant, vocab_size=258, bos_token_id=256,
+                                       eos_token_id=257)
     return TTTForCausalLM(config).save_pretrained(folder)
+
+
+def document(chars: int | None) -> str:
+    """The text each session is created from: the short default, or ``chars`` bytes of it."""
+    if chars is None:
+        return DOCUMENT
+    return (DOCUMENT * (chars // len(DOCUMENT) + 1))[:chars]
+
+
+def gpu_memory_used_gib() -> float | None:
+    """The card's used memory (all processes), from nvidia-smi; None without one."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,"
+                              "nounits"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return round(float(out.split()[0]) / 1024, 2)
 
 
 class Server:
@@ -61,6 +84,8 @@ class Server:
                    str(args.max_batch), "--log-level", "warning"]
         if args.dtype:
             command += ["--dtype", args.dtype]
+        if args.device:
+            command += ["--device", args.device]
         with open(log, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
         self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1",
@@ -88,16 +113,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    model = args.model or tiny_model(work / "model")
+    model = args.model or random_model(work / "model", args.preset, args.variant)
     sessions_dir, log = work / "sessions", work / "server.log"
     server = Server(model, sessions_dir, log, args)
     client = server.client
     ids = [f"load-{i}" for i in range(args.sessions)]
     expected: dict[str, int] = {}
+    text = document(args.context)
+    memory_before = gpu_memory_used_gib()
+    start = time.perf_counter()
     for sid in ids:
-        created = client.post("/sessions", body={"session_id": sid, "document": DOCUMENT},
+        created = client.post("/sessions", body={"session_id": sid, "document": text},
                               cast_to=object)
         expected[sid] = int(created["tokens"])
+    create_s = time.perf_counter() - start
+    session_bytes = int(client.get(f"/sessions/{ids[0]}", cast_to=object)["bytes"])
 
     def one(sid: str, r: int) -> tuple[str, float, int, int]:
         start = time.perf_counter()
@@ -126,7 +156,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                        "latency_p99_s": percentile(latencies, 99),
                        "latency_mean_s": statistics.fmean(latencies),
                        "short_replies": sum(n != args.tokens for *_, n in results)})
+    memory_after = gpu_memory_used_gib()
     held = {sid: client.get(f"/sessions/{sid}", cast_to=object)["tokens"] for sid in ids}
+    disk_bytes = sum(f.stat().st_size for f in sessions_dir.rglob("*") if f.is_file())
     code = server.stop()
     restarted = Server(model, sessions_dir, log, args)
     after = {sid: restarted.client.get(f"/sessions/{sid}", cast_to=object)["tokens"]
@@ -138,17 +170,38 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return {
         "title": "tttlm serve load test (localhost, openai client)",
         "env": {"python": platform.python_version(), "torch": torch.__version__,
-                "machine": platform.machine(), "cpus": os.cpu_count(),
+                "machine": platform.machine(), "cpus": os.cpu_count(), "gpu": gpu_name(),
                 "command": "python benchmarks/serve_load.py " + " ".join(sys.argv[1:])},
         "settings": {"sessions": args.sessions, "tokens": args.tokens, "rounds": args.rounds,
                      "in_memory": args.in_memory, "max_batch": args.max_batch,
-                     "model": str(args.model) if args.model else "tiny random (window 64, "
-                     "chunk 16)", "dtype": args.dtype or "model's"},
+                     "model": str(args.model) if args.model else model_label(args),
+                     "dtype": args.dtype or "server's default", "device": args.device or "auto",
+                     "context_chars": len(text)},
+        "create": {"sessions": len(ids), "wall_s": create_s,
+                   "prefill_tokens_per_s": sum(expected.values()) / create_s},
+        "session_state_bytes": session_bytes,
+        "session_files_bytes": disk_bytes,
+        "gpu_memory_used_gib": {"before_sessions": memory_before, "after_rounds": memory_after},
         "rounds": rounds,
         "server_exit_code": code,
         "sessions_lost_or_wrong": lost,
         "errors_in_log": "Traceback" in log.read_text(),
     }
+
+
+def gpu_name() -> str | None:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version",
+                               "--format=csv,noheader"], capture_output=True, text=True,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def model_label(args: argparse.Namespace) -> str:
+    if args.preset == "tiny":
+        return f"tiny random {args.variant} (window 64, chunk 16)"
+    return f"{args.preset} random {args.variant} (official shape, byte vocabulary of 258)"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -158,7 +211,14 @@ def markdown(report: dict[str, Any]) -> str:
              f"rounds; {s['in_memory']} sessions in memory (the rest evicted to disk and "
              f"reloaded); batch ≤ {s['max_batch']}; model: {s['model']}, dtype {s['dtype']}.",
              f"- Python {report['env']['python']}, torch {report['env']['torch']}, "
-             f"{report['env']['cpus']} CPUs ({report['env']['machine']}).",
+             f"{report['env']['cpus']} CPUs ({report['env']['machine']}), GPU: "
+             f"{report['env'].get('gpu') or 'none'}.",
+             f"- Each session created from a document of {s.get('context_chars')} characters "
+             f"(bytes = tokens): {report['create']['wall_s']:.1f} s for all "
+             f"({report['create']['prefill_tokens_per_s']:.0f} tokens/s); one session's state "
+             f"{report['session_state_bytes'] / 2**20:.1f} MiB; session files on disk "
+             f"{report['session_files_bytes'] / 2**30:.2f} GiB in all; GPU memory used "
+             f"(nvidia-smi, whole card) {report['gpu_memory_used_gib']}.",
              f"- Command: `{report['env']['command']}`", "",
              "| round | requests | wall s | generated tokens | tokens/s | p50 s | p99 s |",
              "|---|---|---|---|---|---|---|"]
@@ -176,7 +236,15 @@ def markdown(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="a tttlm model folder (default: tiny random)")
+    parser.add_argument("--model", type=Path, help="a tttlm model folder (default: a random "
+                        "model of --preset)")
+    parser.add_argument("--preset", default="tiny", help="tiny or an official size (125m, ...)")
+    parser.add_argument("--variant", default="e2e", choices=["e2e", "swa", "full"])
+    parser.add_argument("--context", type=int, default=None,
+                        help="characters (= tokens) of each session's document (default: a "
+                             "short paragraph)")
+    parser.add_argument("--device", default=None, help="the server's --device")
+    parser.add_argument("--name", default="serve_load", help="report file stem")
     parser.add_argument("--sessions", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
@@ -191,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         report = run(args, Path(tmp))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serve_load.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "serve_load.md").write_text(markdown(report))
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(report))
     print(markdown(report))
     ok = not report["sessions_lost_or_wrong"] and not report["errors_in_log"] and not any(
         r["short_replies"] for r in report["rounds"])

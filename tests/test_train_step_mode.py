@@ -99,14 +99,17 @@ def test_resolution() -> None:
         return resolve_step_mode(mode, compile=compile, device=device, data_parallel=parallel,
                                  activation_checkpointing=checkpointing).name
 
-    # auto: eager or compiled (graph is opt-in until verified on a GPU)
+    # auto: the captured step where it applies (one CUDA device, no checkpointing), else
+    # eager or compiled
     assert plan("auto", CPU) == "eager"
     assert plan("auto", CPU, compile=True) == "compiled"
-    assert plan("auto") == "eager"
-    assert plan("auto", compile=True) == "compiled"
+    assert plan("auto") == "graph"
+    assert plan("auto", compile=True) == "compiled-graph"
     for parallel in (Parallel.DDP, Parallel.FSDP):
         assert plan("auto", parallel=parallel) == "eager"
+        assert plan("auto", parallel=parallel, compile=True) == "compiled"
     assert plan("auto", checkpointing=True, compile=True) == "compiled"
+    assert plan("auto", checkpointing=True) == "eager"
     # explicit modes
     assert plan("eager") == "eager" and plan("compiled", CPU) == "compiled"
     assert plan("graph") == "graph" and plan("graph", compile=True) == "compiled-graph"

@@ -96,8 +96,8 @@ class TrainConfig:
         compile: ``torch.compile`` the code around attention in the whole-sequence blocks
             (prefix blocks, baselines) and in the TTT chunks of evaluation; meta-gradients
             differentiate the chunks twice, which compiled code does not support: eager there.
-        step_mode: ``auto`` (``eager``, or ``compiled`` with ``compile``; it will take
-            ``graph`` where a capture applies once that is verified on a GPU),
+        step_mode: ``auto`` (``graph`` on one CUDA device without activation checkpointing,
+            else ``eager``, or ``compiled`` with ``compile``),
             ``eager``, ``compiled`` (an eager step through compiled blocks, as ``compile``) or
             ``graph`` (the whole step, optimizer included, captured once as a CUDA graph and
             replayed; CUDA only, one process; blocks compiled inside it with ``compile``).
