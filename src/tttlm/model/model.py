@@ -32,6 +32,15 @@ from tttlm.ttt.optim import build_inner_optimizer
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 IGNORE_INDEX = -100
+# Modules only TTT-E2E has (what `tttlm convert hf --to e2e` adds to a full-attention model).
+TTT_MODULES = frozenset({"prime", "prime_norm", "prime_post_norm", "inner_optimizer"})
+
+
+def is_ttt_parameter(name: str) -> bool:
+    """Whether parameter ``name`` (a ``named_parameters`` name, wrappers' prefixes allowed)
+    belongs to what TTT-E2E adds to a Transformer: the prime MLPs and their norms, a learned
+    inner-LR scale."""
+    return not TTT_MODULES.isdisjoint(name.split("."))
 
 
 @dataclass

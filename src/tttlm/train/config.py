@@ -68,6 +68,10 @@ class TrainConfig:
             batch at once); the rest is gradient accumulation.
         steps: optimizer steps of the whole run (the schedule's length).
         lr: peak outer learning rate (AdamW).
+        base_lr_scale: multiplier of ``lr`` for the weights an ``e2e`` model shares with a
+            full-attention model (all but the prime MLPs, their norms and a learned inner-LR
+            scale); ``0`` freezes them (no gradient, no AdamW state). For meta-fine-tuning a
+            converted pretrained model (preset ``ttt-finetune``: 0.1).
         end_lr: learning rate at the last step (cosine decay target).
         warmup_frac: fraction of ``steps`` of linear LR warmup.
         weight_decay: AdamW decoupled weight decay, on every parameter (official recipe).
@@ -137,6 +141,7 @@ class TrainConfig:
     micro_batch_size: int = 0
     steps: int = 100
     lr: float = 3e-3
+    base_lr_scale: float = 1.0
     end_lr: float = 1e-5
     warmup_frac: float = 0.1
     weight_decay: float = 0.1
@@ -202,6 +207,13 @@ class TrainConfig:
                          hint="a fraction of the steps, in [0, 1]")
         check_number("lr", self.lr, minimum=0.0, strict=True,
                      hint="the peak learning rate is positive (3e-3 in the presets)")
+        check_number("base_lr_scale", self.base_lr_scale, minimum=0.0, maximum=1.0,
+                     hint="a multiplier of lr for the weights TTT-E2E shares with its "
+                     "full-attention origin, in [0, 1] (0: frozen)")
+        if self.base_lr_scale < 1.0 and not (self.mode is Variant.E2E and self.ttt):
+            raise ValueError(f"base_lr_scale={self.base_lr_scale} separates the TTT weights "
+                             "(prime MLPs) from the rest, so it needs mode=e2e with TTT on; "
+                             "use base_lr_scale=1")
         check_number("end_lr", self.end_lr, minimum=0.0, maximum=self.lr,
                      hint=f"need 0 <= end_lr <= lr={self.lr}")
         check_number("grad_clip", self.grad_clip, minimum=0.0,
@@ -369,6 +381,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                   lr=8e-4, eval_every=500, save_every=250, log_every=10,
                   activation_checkpointing=True, parallel="fsdp"),
     # Context extension on books (use with --init-from): η fixed at 1, LR 4e-4, batch 32.
+    # Meta-fine-tuning a pretrained model made TTT-E2E (tttlm convert hf SRC DST --to e2e
+    # --window 1024): its prime MLPs start as no-ops (zero output projection) and learn at lr,
+    # the pretrained weights at a tenth of it, so that the model first learns to use its fast
+    # weights before its language modelling drifts; the inner LR η ramps from the model's
+    # inner_lr_init over the first fifth (an untrained prime with η = 1 at once would write
+    # noise into the fast weights); sequences 8 windows long, so that most of every sequence is
+    # read beyond the window, where TTT has to carry the context.
+    "ttt-finetune": dict(seq_len=8192, batch_size=16, micro_batch_size=1, steps=500, lr=1e-3,
+                         base_lr_scale=0.1, end_lr=1e-5, warmup_frac=0.05,
+                         inner_lr_warmup_frac=0.2, eval_every=100, save_every=100),
     "books-32k": dict(seq_len=32768, batch_size=32, micro_batch_size=1, steps=300, lr=4e-4,
                       inner_lr_warmup_frac=0.0, eval_every=100, save_every=100,
                       activation_checkpointing=True),
@@ -478,6 +500,10 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+# Presets that continue a model (a run of them without --init-from would train random weights).
+PRESETS_NEEDING_INIT = ("ttt-finetune", "books-32k")
+
+
 def resolve_config(preset: str | None = None, config_file: str | os.PathLike[str] | None = None,
                    overrides: dict[str, Any] | None = None,
                    sets: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -492,4 +518,8 @@ def resolve_config(preset: str | None = None, config_file: str | os.PathLike[str
         data = _merge(data, load_config_file(config_file))
     data = _merge(data, overrides or {})
     data = _merge(data, parse_overrides(sets))
+    if preset in PRESETS_NEEDING_INIT and not data.get("init_from"):
+        raise ValueError(f"preset {preset} continues a trained model; give it with "
+                         "--init-from MODEL_OR_RUN (for a pretrained LLM: tttlm convert hf SRC "
+                         "DST --to e2e, then --init-from DST)")
     return TrainConfig.from_dict(data)

@@ -47,7 +47,7 @@ from tttlm.devices import autocast as autocast_to
 from tttlm.devices import autocast_dtype, resolve_device
 from tttlm.errors import UserError, describe_os_error
 from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text
-from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM
+from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM, is_ttt_parameter
 from tttlm.progress import progress_bar
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import distributed as D
@@ -93,9 +93,27 @@ class WarmupCosine:
 def build_optimizer(model: nn.Module, config: TrainConfig, device: torch.device,
                     capturable: bool = False) -> torch.optim.AdamW:
     """AdamW with decay on every parameter, embedding and norms included (official recipe).
-    ``capturable``: its state and step count stay on the device (a CUDA-graph step)."""
+    ``capturable``: its state and step count stay on the device (a CUDA-graph step).
+
+    With ``base_lr_scale < 1`` two param groups: the TTT parameters at ``lr`` first, then the
+    rest at ``lr * base_lr_scale``; at 0 the rest is frozen (``requires_grad=False``, not in the
+    optimizer). The scheduler scales both groups alike."""
     fused = device.type == "cuda" and not D.is_fsdp(model)
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(config.beta1, config.beta2),
+    params: Any = model.parameters()
+    if config.base_lr_scale < 1.0:
+        named = list(model.named_parameters())
+        ttt = [p for name, p in named if is_ttt_parameter(name)]
+        base = [p for name, p in named if not is_ttt_parameter(name)]
+        if not ttt:
+            raise UserError(f"base_lr_scale={config.base_lr_scale}: the model has no TTT "
+                            "parameters (prime MLPs) to train apart; use base_lr_scale=1")
+        params = [{"params": ttt}]
+        if config.base_lr_scale > 0:
+            params.append({"params": base, "lr": config.lr * config.base_lr_scale})
+        else:
+            for p in base:
+                p.requires_grad_(False)
+    return torch.optim.AdamW(params, lr=config.lr, betas=(config.beta1, config.beta2),
                              eps=config.eps, weight_decay=config.weight_decay,
                              fused=fused or None, capturable=capturable)
 
