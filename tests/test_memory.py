@@ -10,12 +10,28 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("bm25s")
+from _helpers import tiny_model
+from tttlm.errors import UserError
+from tttlm.inference import Engine
+from tttlm.memory import BM25Index, ContextMemory, FTS5Index, RecallSession
+from tttlm.memory.index import PassageIndex, default_index, fts5_available
 
-from _helpers import tiny_model  # noqa: E402
-from tttlm.errors import UserError  # noqa: E402
-from tttlm.inference import Engine  # noqa: E402
-from tttlm.memory import BM25Index, ContextMemory, RecallSession  # noqa: E402
+needs_fts5 = pytest.mark.skipif(not fts5_available(), reason="this SQLite has no FTS5")
+
+
+def bm25s_index() -> PassageIndex:
+    pytest.importorskip("bm25s")
+    return BM25Index()
+
+
+def fts5_index() -> PassageIndex:
+    if not fts5_available():
+        pytest.skip("this SQLite has no FTS5")
+    return FTS5Index()
+
+
+INDEXES = pytest.mark.parametrize("new_index", [bm25s_index, fts5_index],
+                                  ids=["bm25s", "fts5"])
 
 NEEDLE = [201, 202, 203, 204, 205, 206, 207, 208]
 
@@ -34,8 +50,9 @@ def haystack(length: int, needle_at: int, seed: int = 0) -> list[int]:
     return tokens
 
 
-def test_index_ranks_the_passage_with_the_phrase_first() -> None:
-    index = BM25Index()
+@INDEXES
+def test_index_ranks_the_passage_with_the_phrase_first(new_index: Any) -> None:
+    index = new_index()
     index.add([[1, 2, 3, 4], [5, 6, 7], [1, 9, 9], [4, 3, 2, 1]])
     hits = index.search([1, 2, 3], 4)
     assert hits[0][0] == 0  # the exact phrase beats the same tokens in another order (3)
@@ -43,8 +60,31 @@ def test_index_ranks_the_passage_with_the_phrase_first() -> None:
     assert index.search([77], 3) == [] and len(index) == 4
 
 
-def test_memory_indexes_only_what_left_the_window() -> None:
-    memory = ContextMemory(window=16, passage_len=8, index=BM25Index())
+@needs_fts5
+def test_default_index_is_fts5_updated_in_place() -> None:
+    """Passages added after a search are found, and the results equal those of an index
+    built with all passages at once (no stale state from the earlier search)."""
+    assert isinstance(default_index(), FTS5Index)
+    g = torch.Generator().manual_seed(0)
+    passages = torch.randint(3, 60, (40, 8), generator=g).tolist()
+    grown, whole = FTS5Index(), FTS5Index()
+    whole.add(passages)
+    queries = [passages[i][2:6] for i in (3, 17, 35)] + [[7, 8, 9]]
+    for cut in (10, 25, 40):
+        grown.add(passages[len(grown):cut])
+        for q in queries:
+            if cut == 40:
+                assert grown.search(q, 5) == whole.search(q, 5)
+            hits = grown.search(q, 5)
+            assert all(pid < cut for pid, _ in hits)
+            assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
+    assert grown.search(passages[35][2:6], 1)[0][0] == 35
+    assert grown.nbytes() > 0 and len(grown) == 40
+
+
+@INDEXES
+def test_memory_indexes_only_what_left_the_window(new_index: Any) -> None:
+    memory = ContextMemory(window=16, passage_len=8, index=new_index())
     memory.extend(list(range(20)))  # 4 tokens outside the window: no whole passage yet
     assert memory.passages == 0
     memory.extend(list(range(20, 40)))  # 24 outside: passages [0, 8) [8, 16) [16, 24)

@@ -336,7 +336,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     niah.add_argument("--rag", choices=("off", "end"), default="off",
                       help="retrieval memory: end = the question recalls passages of the "
                            "haystack that left the window and quotes them back before it "
-                           "(sliding-window models; needs the retrieval extra)")
+                           "(sliding-window models)")
     niah.add_argument("--rag-budget", type=int, default=None, metavar="N",
                       help="tokens of quoted passages (default: a quarter of the window)")
     niah.set_defaults(func=_run_niah)

@@ -85,10 +85,10 @@ class TTTLMHarness(LM):
         if self.rag not in ("off", "end"):
             raise UserError(f"rag={self.rag!r} is not one of off, end")
         if self.rag == "end":
-            # A full-attention model or a missing bm25s: one line now, not at the first request.
-            from tttlm.memory.index import require_bm25s
+            # A full-attention model or no passage index: one line now, not at the first request.
+            from tttlm.memory.index import require_index
 
-            require_bm25s()
+            require_index()
             self._recall_session()
 
     def _recall_session(self) -> Any:

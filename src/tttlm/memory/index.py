@@ -1,11 +1,24 @@
-"""Passage indexes behind one small interface: lexical BM25 over token n-grams (``bm25s``,
-embedded, no service) by default. A dense index, or a client of a vector database, is another
+"""Passage indexes behind one small interface: lexical BM25 over token n-grams, embedded (no
+service). Two implementations:
+
+* :class:`FTS5Index` (the default): SQLite's FTS5 full-text index in memory (Python's standard
+  library), which adds passages in place: a recall after new context costs a query, not a
+  rebuild (at 128K tokens of memory: 0.1 ms per added passage, a few ms per query);
+* :class:`BM25Index`: ``bm25s`` (the ``retrieval`` extra), which builds its index in one go and
+  so rebuilds it at the first search after passages were added, linear in the memory (0.6 s at
+  128K tokens on a 2-core CPU; ``benchmarks/results/memory_index_cpu.md``).
+
+Their BM25 variants differ slightly (FTS5: k1 = 1.2, b = 0.75, IDF log((N - n + .5)/(n + .5))
+floored at 1e-6; bm25s: Lucene's IDF log(1 + (N - n + .5)/(n + .5))), so scores differ and
+near-ties may order differently. A dense index, or a client of a vector database, is another
 :class:`PassageIndex`.
 """
 
 from __future__ import annotations
 
 import abc
+import sqlite3
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,3 +109,74 @@ class BM25Index(PassageIndex):
         ids, scores = self._built.retrieve([terms], k=k, show_progress=False)  # type: ignore[attr-defined]
         found = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if s > 0]
         return sorted(found, key=lambda hit: (-hit[1], hit[0]))
+
+
+def fts5_available() -> bool:
+    """Whether this Python's SQLite has the FTS5 extension (most builds do)."""
+    try:
+        sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x)")
+    except sqlite3.Error:
+        return False
+    return True
+
+
+class FTS5Index(PassageIndex):
+    """BM25 over token n-grams in an in-memory SQLite FTS5 table, updated in place.
+
+    Terms are ``t17`` (token 17) and ``t17x4`` (the bigram 17, 4): letters and digits only,
+    which FTS5's tokenizer keeps whole. A query is the OR of its distinct terms, ranked by
+    FTS5's ``bm25()``; ties go to the earlier passage."""
+
+    def __init__(self, ngram: int = 2) -> None:
+        if not fts5_available():
+            raise UserError("this Python's SQLite has no FTS5; use the bm25s index "
+                            "(pip install 'tttlm[retrieval]', ContextMemory(index=BM25Index()))")
+        self.ngram = ngram
+        # One connection, used from whichever thread holds the memory (a server moves
+        # sessions between threads); the lock keeps its use serial.
+        self._db = sqlite3.connect(":memory:", check_same_thread=False)
+        self._db.execute("CREATE VIRTUAL TABLE passages USING fts5(terms)")
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def _terms(self, tokens: Sequence[int]) -> list[str]:
+        return ["t" + term.replace("_", "x") for term in ngram_terms(tokens, self.ngram)]
+
+    def __len__(self) -> int:
+        return self._count
+
+    def nbytes(self) -> int:
+        """Pages of the in-memory database (the FTS5 index and its document copy)."""
+        with self._lock:
+            pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+            size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return int(pages) * int(size)
+
+    def add(self, passages: Sequence[Sequence[int]]) -> None:
+        rows = [(self._count + i, " ".join(self._terms(p))) for i, p in enumerate(passages)]
+        with self._lock:
+            self._db.executemany("INSERT INTO passages(rowid, terms) VALUES (?, ?)", rows)
+        self._count += len(rows)
+
+    def search(self, query: Sequence[int], k: int) -> list[tuple[int, float]]:
+        terms = sorted(set(self._terms(query)))
+        if not self._count or not terms or k < 1:
+            return []
+        match = " OR ".join(f'"{term}"' for term in terms)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT rowid, -bm25(passages) AS score FROM passages WHERE passages MATCH ? "
+                "ORDER BY score DESC, rowid LIMIT ?", (match, int(k))).fetchall()
+        return [(int(pid), float(score)) for pid, score in rows if score > 0]
+
+
+def default_index() -> PassageIndex:
+    """:class:`FTS5Index` where SQLite has FTS5, else :class:`BM25Index` (needs bm25s)."""
+    return FTS5Index() if fts5_available() else BM25Index()
+
+
+def require_index() -> None:
+    """A one-line :class:`UserError` now, when no passage index can be built here (no FTS5 in
+    this Python's SQLite and no bm25s), rather than at the first request."""
+    if not fts5_available():
+        require_bm25s()

@@ -18,7 +18,7 @@ import numpy as np
 
 from tttlm.errors import UserError
 from tttlm.files import FolderLock, atomic_write_bytes, atomic_write_text
-from tttlm.memory.index import BM25Index, PassageIndex
+from tttlm.memory.index import PassageIndex, default_index
 
 MEMORY_FORMAT = "tttlm-memory"
 MEMORY_VERSION = 1
@@ -42,14 +42,15 @@ class ContextMemory:
         window: the model's attention window: the last ``window`` recorded tokens are still
             visible to attention and are not indexed.
         passage_len: tokens per passage (passages tile the stream, no overlap).
-        index: a :class:`PassageIndex` (default: BM25 over token uni- and bigrams).
+        index: a :class:`PassageIndex` (default: :func:`~tttlm.memory.index.default_index`,
+            BM25 over token uni- and bigrams).
     """
 
     def __init__(self, window: int, passage_len: int, index: PassageIndex | None = None) -> None:
         if window < 1 or passage_len < 1:
             raise UserError(f"window={window} and passage_len={passage_len} must be positive")
         self.window, self.passage_len = window, passage_len
-        self.index = index if index is not None else BM25Index()
+        self.index = index if index is not None else default_index()
         self.tokens: list[int] = []
         self._indexed = 0  # passages handed to the index
 

@@ -52,7 +52,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--rag", choices=["off", "end"], default="off",
                         help="retrieval memory: end = each prompt's end (its last 32 tokens) "
                              "recalls passages that left the window and reads them again "
-                             "before it; sessions keep their memory (retrieval extra)")
+                             "before it; sessions keep their memory")
     parser.add_argument("--rag-budget", type=int, default=None,
                         help="tokens of recalled passages per prompt (default: a quarter of "
                              "the window)")
@@ -92,10 +92,10 @@ def run(args: argparse.Namespace) -> int:
                          ttt=False if args.no_ttt else None, name=args.model_name)
     policy = None
     if args.rag == "end":
-        from tttlm.memory.index import require_bm25s
+        from tttlm.memory.index import require_index
         from tttlm.memory.recall import RecallPolicy
 
-        require_bm25s()  # a missing bm25s is one line now, not a failure at the first request
+        require_index()  # no index here: one line now, not a failure at the first request
         policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget)
     store = None
     if args.sessions:
