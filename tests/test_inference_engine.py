@@ -73,10 +73,10 @@ def test_e2e_decode_matches_training(prefill: int) -> None:
     assert (off - ref)[:, 8:].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["swa", "full"])
+@pytest.mark.parametrize("variant", ["swa", "full", "hybrid"])
 def test_baselines_decode_matches_training(variant: str) -> None:
     prefill = 5
-    model = tiny_model(variant=variant, num_ttt_layers=None)
+    model = tiny_model(variant=variant, num_ttt_layers=None, global_every=2)
     x, y = tokens(model, 2, T)
     ref = training_nll(model, x, y, ttt=False)
     check_rows(model, engine_nll(Engine(model), x, y, [prefill] * 2), ref, y, [prefill] * 2)
@@ -89,10 +89,11 @@ def test_ttt_off_matches_pretrain_mode() -> None:
     check_rows(model, engine_nll(Engine(model, ttt=False), x, y, [6]), ref, y, [6])
 
 
-@pytest.mark.parametrize("variant", ["e2e", "full"])
+@pytest.mark.parametrize("variant", ["e2e", "full", "hybrid"])
 def test_ragged_batch_matches_training(variant: str) -> None:
     """Prompts of different lengths: chunk boundaries fall at different steps per sequence."""
-    model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None)
+    model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None,
+                       global_every=2)
     x, y = tokens(model, 3, 30, seed=5)
     prefill = [3, 10, 17]
     ref = training_nll(model, x, y, ttt=variant == "e2e")
@@ -145,11 +146,11 @@ def test_works_under_every_grad_context() -> None:
     assert torch.equal(results["plain"], results["inference_mode"])
 
 
-@pytest.mark.parametrize("variant", ["e2e", "swa", "full"])
+@pytest.mark.parametrize("variant", ["e2e", "swa", "full", "hybrid"])
 def test_memory_constant_in_context(variant: str) -> None:
     """Reading 10x the window leaves an e2e/swa state the size it had after one token."""
     model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None,
-                       window=4, chunk_size=2)
+                       window=4, chunk_size=2, global_every=2)
     engine = Engine(model)
     window = model.config.window
     x, _ = tokens(model, 1, 10 * window)
@@ -158,7 +159,7 @@ def test_memory_constant_in_context(variant: str) -> None:
     for t in range(1, 10 * window):
         _, state = engine.step(state, x[:, t])
         sizes.add(state.nbytes())
-    if variant == "full":
+    if variant in ("full", "hybrid"):
         assert len(sizes) > 1  # the full-attention cache grows, by doubling
     else:
         assert sizes == {state.nbytes()}, sizes

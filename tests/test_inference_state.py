@@ -11,9 +11,10 @@ from _helpers import tiny_model, tokens
 from tttlm.inference import Engine, State
 
 
-@pytest.mark.parametrize("variant", ["e2e", "full"])
+@pytest.mark.parametrize("variant", ["e2e", "full", "hybrid"])
 def test_saved_session_continues_bit_identically(variant: str, tmp_path: Path) -> None:
-    model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None)
+    model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None,
+                       global_every=2)
     engine = Engine(model)
     x, _ = tokens(model, 2, 30)
     _, state = engine.prefill([x[0, :13], x[1, :6]])  # mid-chunk, different offsets

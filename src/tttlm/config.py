@@ -42,6 +42,9 @@ class Variant(str, enum.Enum):
     E2E = "e2e"  # sliding window + prime MLPs in the suffix blocks, trained by meta-learning
     SWA = "swa"  # the same Transformer with sliding-window attention, no prime MLPs
     FULL = "full"  # causal full attention, no prime MLPs
+    # the paper's hybrid baseline: sliding-window layers with a full-attention layer in every
+    # `global_every` (5:1 at the default 6), no prime MLPs
+    HYBRID = "hybrid"
 
 
 # name: (layers, hidden, heads, MLP width of the full-attention/SWA models, MLP width of E2E)
@@ -84,7 +87,7 @@ ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
 _ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
     num_kv_heads=None, head_dim=None, qk_norm=True, post_norms=True, rope_layout="interleaved",
     rope_freq_scaling=None, tie_embeddings=True, qkv_bias=False, attn_out_bias=False,
-    mlp_bias=False)
+    mlp_bias=False, global_every=6)
 
 
 def _check_rope_freq_scaling(scaling: Any) -> None:
@@ -115,12 +118,15 @@ class TTTConfig:
             ``None``: ``num_heads`` (the official multi-head attention).
         head_dim: width of one head; ``None``: ``hidden_size // num_heads`` (official).
         intermediate_size: width of every block's SwiGLU MLP.
-        variant: ``e2e``, ``swa`` or ``full`` (see :class:`Variant`).
+        variant: ``e2e``, ``swa``, ``full`` or ``hybrid`` (see :class:`Variant`).
         num_ttt_layers: S, the number of last blocks that carry a prime MLP updated at test time
             (``e2e`` only; the official choice is ``num_layers // 4``).
         prime_intermediate_size: width of the prime MLPs (defaults to ``intermediate_size``).
         window: sliding-window size k: a token attends to the k tokens ending at itself
-            (``swa`` and ``e2e``; ignored by ``full``).
+            (``swa``, ``e2e`` and the windowed layers of ``hybrid``; ignored by ``full``).
+        global_every: ``hybrid`` only: one block in every ``global_every`` has full attention,
+            the last of each group (blocks ``global_every - 1``, ``2 * global_every - 1``, …;
+            SWA:full 5:1 at 6, the paper's ratio); the others slide over ``window``.
         chunk_size: b, the tokens per test-time-training mini-batch; the inner step runs after
             every full chunk. ``swa``/``full`` use it only to bound memory of the loss.
         rope_theta: RoPE base θ.
@@ -189,6 +195,7 @@ class TTTConfig:
     qkv_bias: bool = False
     attn_out_bias: bool = False
     mlp_bias: bool = False
+    global_every: int = 6
 
     def __post_init__(self) -> None:
         try:
@@ -253,6 +260,14 @@ class TTTConfig:
                 raise ValueError(
                     f"num_ttt_layers={self.num_ttt_layers!r} must be between 1 and "
                     f"num_layers={self.num_layers}; the official choice is num_layers // 4")
+        if not isinstance(self.global_every, int) or isinstance(self.global_every, bool) or (
+                self.global_every < 2):
+            raise ValueError(f"global_every={self.global_every!r} must be an integer >= 2 (one "
+                             "full-attention block in every global_every; 6 gives SWA:full 5:1)")
+        if self.variant is Variant.HYBRID and self.global_every > self.num_layers:
+            raise ValueError(f"global_every={self.global_every} exceeds num_layers="
+                             f"{self.num_layers}: the hybrid would have no full-attention block; "
+                             "lower global_every")
         if self.variant is not Variant.FULL and self.window < self.chunk_size:
             raise ValueError(
                 f"window={self.window} is smaller than chunk_size={self.chunk_size}: a chunk "
@@ -295,7 +310,21 @@ class TTTConfig:
 
     @property
     def uses_window(self) -> bool:
+        """Some block slides over ``window`` (all of them but ``full``'s)."""
         return self.variant is not Variant.FULL
+
+    def layer_window(self, index: int) -> int | None:
+        """The attention window of block ``index``; ``None``: full causal attention."""
+        if self.variant is Variant.FULL:
+            return None
+        if self.variant is Variant.HYBRID and (index + 1) % self.global_every == 0:
+            return None
+        return self.window
+
+    @property
+    def full_attention_layers(self) -> list[int]:
+        """Blocks with full attention (whose decoding caches grow with the context)."""
+        return [i for i in range(self.num_layers) if self.layer_window(i) is None]
 
     def inner_lr_at(self, step: int) -> float:
         """η at outer step ``step`` (0-based): ``init + (lr - init) * min(1, (step+1)/warmup)``."""
@@ -322,6 +351,8 @@ class TTTConfig:
                       intermediate_size=ffn_e2e if variant is Variant.E2E else ffn_full)
         if variant is not Variant.E2E:
             fields.pop("num_ttt_layers", None)
+        if variant is Variant.HYBRID and layers < 6:
+            fields["global_every"] = 2  # tiny: 4 blocks, so 1:1 (blocks 1 and 3 full)
         fields.update(overrides)
         return cls(**fields)
 

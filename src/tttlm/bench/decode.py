@@ -37,9 +37,9 @@ def filled_state(engine: Engine, context: int, extra: int, generator: torch.Gene
 
     # Full attention keeps the whole context: caches of context + extra slots (the engine
     # reads a state's capacity off its buffers); a sliding window keeps its fixed ring.
-    slots = context + extra if engine.window is None else None
-    state.prefix_keys = [rand(t, slots) for t in state.prefix_keys]
-    state.prefix_values = [rand(t, slots) for t in state.prefix_values]
+    slots = [context + extra if w is None else None for w in engine.layer_windows]
+    state.prefix_keys = [rand(t, s) for t, s in zip(state.prefix_keys, slots)]
+    state.prefix_values = [rand(t, s) for t, s in zip(state.prefix_values, slots)]
     state.lengths = [context]
     if engine.is_e2e:
         # One token into the current chunk, so the timed steps complete no chunk.

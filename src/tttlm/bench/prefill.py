@@ -48,7 +48,7 @@ def prefill_flops(config: TTTConfig, T: int) -> float:
     prime = 3 * D * (config.prime_intermediate_size or 0)
     matmul = 2 * T * (L * block + S * prime + V * D)
     window = config.window if config.uses_window else None
-    attention = 4 * D * L * _attended_pairs(T, window)
+    attention = 4 * D * sum(_attended_pairs(T, config.layer_window(i)) for i in range(L))
     total = float(matmul + attention)
     if config.variant is Variant.E2E:
         b = config.chunk_size

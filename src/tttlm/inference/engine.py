@@ -218,6 +218,8 @@ class Engine:
         self._warned_skip = False
         self.ignore_bos_targets = ignore_bos_targets
         self.window = config.window if config.uses_window else None
+        # Per prefix block: its window (None: full attention, a cache that grows).
+        self.layer_windows = [config.layer_window(i) for i in range(config.num_prefix_layers)]
         self.chunk = config.chunk_size
         self.prefix: list[Block] = model.prefix_layers
         self.ttt_blocks: list[Block] = model.ttt_layers
@@ -272,14 +274,14 @@ class Engine:
                             "sequence)")
         config, p = self.config, self._param
         H, d = config.num_kv_heads, config.head_dim  # caches keep only the KV heads
-        cap = self.window + self.chunk if self.window is not None else self.chunk
+        caps = [self.chunk if w is None else w + self.chunk for w in self.layer_windows]
 
         def zeros(slots: int) -> torch.Tensor:
             return torch.zeros(batch, H, slots, d, device=p.device, dtype=p.dtype)
 
         state = State(lengths=[0] * batch, chunks_done=[0] * batch,
-                      prefix_keys=[zeros(cap) for _ in self.prefix],
-                      prefix_values=[zeros(cap) for _ in self.prefix],
+                      prefix_keys=[zeros(c) for c in caps],
+                      prefix_values=[zeros(c) for c in caps],
                       config_fingerprint=self._fingerprint, weights_digest=self._digest)
         if self.is_e2e:
             assert self.window is not None
@@ -352,7 +354,7 @@ class Engine:
                     self.finish_chunk(state, full, tokens[full])
             if (self.cuda_graphs and state.device.type == "cuda"
                     and len(rows) == state.batch_size):
-                if self.window is None:
+                if self.grows:
                     self._grow(state, max(state.lengths) + 1)
                 if self._graph is None or not self._graph.fits(state):
                     self._graph = None  # free the old graph's memory pool first
@@ -452,7 +454,7 @@ class Engine:
         chunk but the last learned from; the last (its last target is not known yet) becomes
         the pending chunk."""
         model, B, T = self.model, tokens.shape[0], tokens.shape[1]
-        if self.window is None:
+        if self.grows:
             self._grow(state, T)
         rings = list(zip(state.prefix_keys, state.prefix_values))
         h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
@@ -502,15 +504,22 @@ class Engine:
             state.ttt_keys_rope[j].copy_(rope_slots(state.ttt_keys[j], self.config))
         return logits[:, 0]
 
+    @property
+    def grows(self) -> bool:
+        """Whether some block's decoding cache grows with the context (full attention)."""
+        return None in self.layer_windows
+
     def _grow(self, state: State, needed: int) -> None:
-        """Full attention: double the cache until ``needed`` slots fit."""
-        cap = state.prefix_keys[0].shape[2]
+        """Full-attention blocks: double their caches until ``needed`` slots fit."""
+        full = [i for i, w in enumerate(self.layer_windows) if w is None]
+        cap = state.prefix_keys[full[0]].shape[2]
         if needed <= cap:
             return
         new = max(needed, 2 * cap)
         pad = (0, 0, 0, new - cap)
-        state.prefix_keys = [F.pad(t, pad) for t in state.prefix_keys]
-        state.prefix_values = [F.pad(t, pad) for t in state.prefix_values]
+        for i in full:
+            state.prefix_keys[i] = F.pad(state.prefix_keys[i], pad)
+            state.prefix_values[i] = F.pad(state.prefix_values[i], pad)
 
     def _control(self, state: State, rows: list[int] | None, n: int) -> _Control:
         """Device copies of the per-sequence counters a forward over n new tokens needs."""
@@ -528,12 +537,12 @@ class Engine:
         """Read ``tokens [B, n]``: every row in ``rows`` advances by n tokens, all within its
         pending chunk. Returns the logits of the last new token ``[B, V]`` if asked."""
         n = tokens.shape[1]
-        if self.window is None:
+        if self.grows:
             self._grow(state, max(state.lengths) + n)
         every = len(rows) == state.batch_size
         ctl = self._control(state, None if every else rows, n)
         # Full attention: slots past the longest sequence hold nothing yet.
-        used = max(state.lengths) + n if self.window is None else None
+        used = max(state.lengths) + n if self.grows else None
         logits = self._compute(state, tokens, ctl, ttt_forward, want_logits, used)
         for r in rows:
             state.lengths[r] += n
@@ -549,11 +558,14 @@ class Engine:
         # Rows outside ctl.rows are computed as if they advanced, but nothing of theirs is kept.
         rows = Rows(ctl.rows, B, device)
         h = self.model.embed(tokens)  # [B, n, D]
-        if self.prefix:
-            ring = RingStep.build(ctl.lengths, n, state.prefix_keys[0].shape[2], self.window,
-                                  used, rows, config, self._param.dtype)
-            for i, layer in enumerate(self.prefix):
-                h = layer(h, RingKV(state.prefix_keys[i], state.prefix_values[i], ring))
+        rings: dict[int | None, RingStep] = {}  # one per window (hybrid: two)
+        for i, layer in enumerate(self.prefix):
+            w = self.layer_windows[i]
+            if w not in rings:
+                rings[w] = RingStep.build(ctl.lengths, n, state.prefix_keys[i].shape[2], w,
+                                          used if w is None else None, rows, config,
+                                          self._param.dtype)
+            h = layer(h, RingKV(state.prefix_keys[i], state.prefix_values[i], rings[w]))
         if self.is_e2e:
             assert state.pending_hidden is not None and state.pending_tokens is not None
             assert self.window is not None

@@ -452,7 +452,6 @@ def _check_layout(state: State, model: Any, src: Path) -> None:
     would otherwise continue from a wrong position or fail deep inside a step)."""
     config = model.config
     B, H, d, b = state.batch_size, config.num_kv_heads, config.head_dim, config.chunk_size
-    windowed = config.uses_window
     e2e = config.variant is Variant.E2E
     problems: list[str] = []
 
@@ -471,11 +470,11 @@ def _check_layout(state: State, model: Any, src: Path) -> None:
             problems.append(f"{len(getattr(state, name))} {name} tensors, the model has {n}")
     if problems:
         raise UserError(f"session {src} does not fit this model: {problems[0]}; {_DAMAGED}")
-    cap = config.window + b if windowed else None
     for name in ("prefix_keys", "prefix_values"):
         for i, t in enumerate(getattr(state, name)):
-            shape(f"{name}.{i}", t, (B, H, cap, d))
-            if not windowed and t.shape[2:3] and t.shape[2] < max(state.lengths):
+            window = config.layer_window(i)
+            shape(f"{name}.{i}", t, (B, H, None if window is None else window + b, d))
+            if window is None and t.shape[2:3] and t.shape[2] < max(state.lengths):
                 problems.append(f"{name}.{i} holds {t.shape[2]} positions, fewer than "
                                 f"{max(state.lengths)} tokens read")
     if e2e:

@@ -373,14 +373,14 @@ class TTTForCausalLM(nn.Module):
         """``layers`` over whole sequences ``h [B, T, D]`` at positions ``0 .. T-1`` (prefix
         blocks, pretrain mode, baselines; training, evaluation and a fresh prefill alike).
         ``rings``: per layer, decoding buffers that receive the last keys (see
-        :class:`~tttlm.model.cache.WholeSequence`)."""
+        :class:`~tttlm.model.cache.WholeSequence`). ``layers`` start at block 0 (the prefix
+        blocks, or all): block ``i`` attends over ``config.layer_window(i)``."""
         config = self.config
         T = h.shape[1]
-        window = config.window if config.uses_window else None
         rope = self.rope_tables(torch.arange(T, device=h.device))
         compiled = self.compile_blocks if compiled is None else compiled
         for i, layer in enumerate(layers):
-            cache = WholeSequence(rope, window, config.chunk_size,
+            cache = WholeSequence(rope, config.layer_window(i), config.chunk_size,
                                   None if rings is None else rings[i])
             h = layer(h, cache, compiled=compiled)
         return h

@@ -500,8 +500,8 @@ def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
-# Presets that continue a model (a run of them without --init-from would train random weights).
-PRESETS_NEEDING_INIT = ("ttt-finetune", "books-32k")
+# Presets that continue a model: without --init-from they would fine-tune random weights.
+PRESETS_NEEDING_INIT = ("ttt-finetune",)
 
 
 def resolve_config(preset: str | None = None, config_file: str | os.PathLike[str] | None = None,
