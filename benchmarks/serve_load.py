@@ -112,10 +112,18 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
+def progress(what: str, since: float) -> None:
+    """One line per phase on stderr, so that a run cut short still says how far it got."""
+    print(f"[serve_load] {what} ({time.perf_counter() - since:.1f} s)", file=sys.stderr,
+          flush=True)
+
+
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    began = time.perf_counter()
     model = args.model or random_model(work / "model", args.preset, args.variant)
     sessions_dir, log = work / "sessions", work / "server.log"
     server = Server(model, sessions_dir, log, args)
+    progress("server up", began)
     client = server.client
     ids = [f"load-{i}" for i in range(args.sessions)]
     expected: dict[str, int] = {}
@@ -126,6 +134,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         created = client.post("/sessions", body={"session_id": sid, "document": text},
                               cast_to=object)
         expected[sid] = int(created["tokens"])
+        if len(expected) in (1, len(ids)) or len(expected) % 8 == 0:
+            progress(f"{len(expected)}/{len(ids)} sessions created", began)
     create_s = time.perf_counter() - start
     session_bytes = int(client.get(f"/sessions/{ids[0]}", cast_to=object)["bytes"])
 
@@ -156,6 +166,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                        "latency_p99_s": percentile(latencies, 99),
                        "latency_mean_s": statistics.fmean(latencies),
                        "short_replies": sum(n != args.tokens for *_, n in results)})
+        progress(f"round {r}: {generated} tokens in {wall:.1f} s", began)
     memory_after = gpu_memory_used_gib()
     held = {sid: client.get(f"/sessions/{sid}", cast_to=object)["tokens"] for sid in ids}
     disk_bytes = sum(f.stat().st_size for f in sessions_dir.rglob("*") if f.is_file())

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
+# device command). Run from the repository root on a CUDA machine:
+#
+#   OUT=out PART=train|prefill|recall|serve|variants bash benchmarks/pending_gpu.sh
+#
+# `serve` needs the serve extra and the openai client; on a machine without an index, bring
+# wheels built here for the device's Python (e.g. 3.12):
+#   pip download -d .wheels --python-version 3.12 --only-binary=:all: \
+#       --platform manylinux2014_x86_64 --implementation cp openai fastapi uvicorn
+# and install them there first: python -m pip install --no-index --find-links .wheels \
+#   openai fastapi uvicorn
+set -u
+: "${OUT:?set OUT to the output folder}" "${PART:?set PART}"
+export PYTHONPATH=src
+mkdir -p "$OUT"
+case "$PART" in
+  train)  # speed issue: tttlm train itself, micro-batch 8 (fits an H200) vs 4
+    timeout 560 python benchmarks/train_cli.py --preset 125m-8k --batch 16 --micro-batch 8 \
+      --steps 7 --skip 3 --runs e2e:compiled-graph full:compiled-graph \
+      --out "$OUT/train_cli_125m_8k_mb8" ;;
+  prefill)  # speed issue: Engine.prefill (what tttlm generate uses) beside the scoring forward
+    timeout 560 python -m tttlm.cli bench prefill --preset 3b --lengths 8192 131072 \
+      --compile compiled --attention first-order --paths model engine --repeats 2 \
+      --out "$OUT/prefill_engine_3b" ;;
+  recall)  # retrieval issue: the request cost of rag=end with the FTS5 index
+    timeout 560 python benchmarks/recall_latency.py --preset 760m \
+      --contexts 8192 32768 131072 --new-tokens 128 --requests 3 \
+      --out "$OUT/recall_latency_760m_fts5" ;;
+  serve)  # serving issue: 64 sessions of 32K context, e2e vs full (disk: full's sessions are
+          # 4x larger, so it gets fewer)
+    timeout 280 python benchmarks/serve_load.py --preset 125m --variant e2e --context 32768 \
+      --sessions 64 --in-memory 64 --max-batch 64 --tokens 64 --rounds 2 --device cuda \
+      --out "$OUT" --name serve_gpu_125m_e2e_32k
+    timeout 280 python benchmarks/serve_load.py --preset 125m --variant full --context 32768 \
+      --sessions 16 --in-memory 16 --max-batch 64 --tokens 64 --rounds 2 --device cuda \
+      --out "$OUT" --name serve_gpu_125m_full_32k ;;
+  variants)  # baselines issue: the paper's speed figure for the variants tttlm has
+    timeout 400 python -m tttlm.cli bench prefill --preset 3b --variants e2e swa full hybrid \
+      --lengths 8192 32768 131072 --compile compiled --repeats 2 --out "$OUT/prefill_variants_3b"
+    timeout 150 python -m tttlm.cli bench decode --presets 760m --variants e2e swa full hybrid \
+      --contexts 8192 131072 --modes graph --out "$OUT/decode_variants_760m" ;;
+  *) echo "PART=$PART: use train, prefill, recall, serve or variants" >&2; exit 2 ;;
+esac
