@@ -45,7 +45,13 @@ class Variant(str, enum.Enum):
     # the paper's hybrid baseline: sliding-window layers with a full-attention layer in every
     # `global_every` (5:1 at the default 6), no prime MLPs
     HYBRID = "hybrid"
+    # TTT-KVB (key-value binding, the layer TTT-E2E derives from) in the hybrid's place of
+    # full attention: SWA blocks with a TTT-KVB block in every `global_every`
+    TTT_KVB = "ttt_kvb"
 
+
+# Variants that mix SWA blocks with another kind of block, one in every `global_every`.
+MIXED = (Variant.HYBRID, Variant.TTT_KVB)
 
 # name: (layers, hidden, heads, MLP width of the full-attention/SWA models, MLP width of E2E)
 _SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -118,15 +124,16 @@ class TTTConfig:
             ``None``: ``num_heads`` (the official multi-head attention).
         head_dim: width of one head; ``None``: ``hidden_size // num_heads`` (official).
         intermediate_size: width of every block's SwiGLU MLP.
-        variant: ``e2e``, ``swa``, ``full`` or ``hybrid`` (see :class:`Variant`).
+        variant: ``e2e``, ``swa``, ``full``, ``hybrid`` or ``ttt_kvb`` (see :class:`Variant`).
         num_ttt_layers: S, the number of last blocks that carry a prime MLP updated at test time
             (``e2e`` only; the official choice is ``num_layers // 4``).
         prime_intermediate_size: width of the prime MLPs (defaults to ``intermediate_size``).
         window: sliding-window size k: a token attends to the k tokens ending at itself
             (``swa``, ``e2e`` and the windowed layers of ``hybrid``; ignored by ``full``).
-        global_every: ``hybrid`` only: one block in every ``global_every`` has full attention,
-            the last of each group (blocks ``global_every - 1``, ``2 * global_every - 1``, …;
-            SWA:full 5:1 at 6, the paper's ratio); the others slide over ``window``.
+        global_every: ``hybrid`` and ``ttt_kvb``: one block in every ``global_every`` has full
+            attention (``hybrid``) or a TTT-KVB layer instead of attention (``ttt_kvb``), the
+            last of each group (blocks ``global_every - 1``, ``2 * global_every - 1``, …; 5:1
+            at 6, the paper's hybrid ratio); the others slide over ``window``.
         chunk_size: b, the tokens per test-time-training mini-batch; the inner step runs after
             every full chunk. ``swa``/``full`` use it only to bound memory of the loss.
         rope_theta: RoPE base θ.
@@ -264,9 +271,10 @@ class TTTConfig:
                 self.global_every < 2):
             raise ValueError(f"global_every={self.global_every!r} must be an integer >= 2 (one "
                              "full-attention block in every global_every; 6 gives SWA:full 5:1)")
-        if self.variant is Variant.HYBRID and self.global_every > self.num_layers:
+        if self.variant in MIXED and self.global_every > self.num_layers:
             raise ValueError(f"global_every={self.global_every} exceeds num_layers="
-                             f"{self.num_layers}: the hybrid would have no full-attention block; "
+                             f"{self.num_layers}: the {self.variant.value} model would have no "
+                             "full-attention or TTT-KVB block; "
                              "lower global_every")
         if self.variant is not Variant.FULL and self.window < self.chunk_size:
             raise ValueError(
@@ -314,12 +322,17 @@ class TTTConfig:
         return self.variant is not Variant.FULL
 
     def layer_window(self, index: int) -> int | None:
-        """The attention window of block ``index``; ``None``: full causal attention."""
+        """The attention window of block ``index``; ``None``: full causal attention (a
+        TTT-KVB block, which has no attention, reports the window)."""
         if self.variant is Variant.FULL:
             return None
         if self.variant is Variant.HYBRID and (index + 1) % self.global_every == 0:
             return None
         return self.window
+
+    def is_kvb_layer(self, index: int) -> bool:
+        """Whether block ``index`` mixes tokens with TTT-KVB instead of attention."""
+        return self.variant is Variant.TTT_KVB and (index + 1) % self.global_every == 0
 
     @property
     def full_attention_layers(self) -> list[int]:
@@ -351,7 +364,7 @@ class TTTConfig:
                       intermediate_size=ffn_e2e if variant is Variant.E2E else ffn_full)
         if variant is not Variant.E2E:
             fields.pop("num_ttt_layers", None)
-        if variant is Variant.HYBRID and layers < 6:
+        if variant in MIXED and layers < 6:
             fields["global_every"] = 2  # tiny: 4 blocks, so 1:1 (blocks 1 and 3 full)
         fields.update(overrides)
         return cls(**fields)

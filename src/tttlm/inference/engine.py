@@ -207,6 +207,10 @@ class Engine:
                  inner_lr: float | None = None, ignore_bos_targets: bool = True,
                  cuda_graphs: bool = False) -> None:
         config = model.config
+        if any(config.is_kvb_layer(i) for i in range(config.num_layers)):
+            raise UserError("decoding a ttt_kvb model is not supported yet (its TTT-KVB blocks "
+                            "keep no decoding state); score it with tttlm eval loss or the "
+                            "model's forward pass")
         self.model = model
         self.config = config
         self.is_e2e = config.variant is Variant.E2E

@@ -47,6 +47,9 @@ class LayerCache:
     """
 
     rope: RopeTables | None = None
+    # All rows of whole sequences from position 0 (what a TTT-KVB block can read: it keeps
+    # no decoding state yet).
+    whole_sequence: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -61,6 +64,8 @@ class WholeSequence(LayerCache):
     :class:`RingKV`) that receive the rotated keys and values of the last ``C`` positions
     (token ``p`` in slot ``p % C``), so that decoding continues where this pass ends.
     """
+
+    whole_sequence = True
 
     def __init__(self, rope: RopeTables, window: int | None, block: int,
                  ring: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:

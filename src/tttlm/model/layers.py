@@ -18,6 +18,7 @@ from tttlm.config import TTTConfig
 from tttlm.model.cache import LayerCache, RopeTables
 from tttlm.ops.norm import rms_norm
 from tttlm.ops.rope import apply_rope
+from tttlm.ops.ttt_kvb import ttt_kvb
 
 # The prime MLP's three matrices of one block, in nn.Linear layout: w1 [F, D], w2 [D, F],
 # w3 [F, D], optionally with a leading batch axis (one copy per sequence).
@@ -91,10 +92,62 @@ class Attention(nn.Module):
         return self.wo(out.flatten(-2))
 
 
+class KVBMixer(nn.Module):
+    """TTT-KVB's own parameters (:mod:`tttlm.ops.ttt_kvb`): per head the initial fast weights
+    ``weight [H, d, d]`` (N(0, initializer_range)) and ``bias [H, d]`` (0), the LN inside ``f``
+    (``ln_weight`` 1, ``ln_bias`` 0), and ``lr``, a linear map from the block's normed input to
+    one inner learning-rate logit per head: ``eta = inner_lr * sigmoid(lr(x)) / d``. Queries,
+    keys and values come from the block's attention projections (QK-normed, no RoPE); the
+    output goes through its output projection."""
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        H, d = config.num_heads, config.head_dim
+        assert d is not None
+        self.head_dim, self.inner_lr, self.chunk = d, config.inner_lr, config.chunk_size
+        self.eps, self.std = config.rms_norm_eps, config.initializer_range
+        self.weight = nn.Parameter(torch.empty(H, d, d))
+        self.bias = nn.Parameter(torch.empty(H, d))
+        self.ln_weight = nn.Parameter(torch.empty(H, d))
+        self.ln_bias = nn.Parameter(torch.empty(H, d))
+        self.lr = nn.Linear(config.hidden_size, H)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.std)
+        nn.init.zeros_(self.bias)
+        nn.init.ones_(self.ln_weight)
+        nn.init.zeros_(self.ln_bias)
+        nn.init.normal_(self.lr.weight, 0.0, self.std)
+        nn.init.zeros_(self.lr.bias)
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                ) -> torch.Tensor:
+        """Whole sequences from the initial fast weights: ``x [B, T, D]`` (the normed input),
+        ``q [B, T, H, d]``, ``k, v [B, T, H_kv, d]``; returns ``[B, T, H, d]``."""
+        H = q.shape[2]
+        if k.shape[2] != H:  # grouped-query projections: each query head gets its group's
+            k = k.repeat_interleave(H // k.shape[2], dim=2)
+            v = v.repeat_interleave(H // v.shape[2], dim=2)
+        dtype, inner = q.dtype, self.weight.dtype  # the inner loop in the weights' precision
+        eta = self.inner_lr * torch.sigmoid(self.lr(x).to(inner)) / self.head_dim  # [B, T, H]
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.transpose(1, 2).to(inner)  # (fp32 under bf16 autocast)
+
+        # The inner loop (LN statistics, gradients, updates) in full precision, outside
+        # autocast, as the e2e inner step keeps its fast weights fp32.
+        with torch.autocast(q.device.type, enabled=False):
+            out, _, _ = ttt_kvb(heads(q), heads(k), heads(v), eta.transpose(1, 2),
+                                self.weight, self.bias, self.ln_weight, self.ln_bias,
+                                self.chunk, self.eps)
+        return out.transpose(1, 2).to(dtype)
+
+
 class Block(nn.Module):
     """``h += post(attn(pre(h)))``; TTT blocks then ``h += post'(prime(pre'(h)))``; then the MLP."""
 
-    def __init__(self, config: TTTConfig, has_prime: bool) -> None:
+    def __init__(self, config: TTTConfig, has_prime: bool, kvb: bool = False) -> None:
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
 
@@ -105,6 +158,8 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(D, eps)
         self.attn = Attention(config)
         self.attn_post_norm = post_norm()
+        # TTT-KVB mixes the tokens instead of attention (the ``ttt_kvb`` variant's blocks)
+        self.kvb = KVBMixer(config) if kvb else None
         self.has_prime = has_prime
         if has_prime:
             assert config.prime_intermediate_size is not None
@@ -144,6 +199,13 @@ class Block(nn.Module):
         through ``torch.compile`` (fused norms, RoPE and casts; first-order differentiable
         only, one backward pass per graph).
         """
+        if self.kvb is not None:
+            if not cache.whole_sequence:
+                raise NotImplementedError("a TTT-KVB block runs over whole sequences only "
+                                          "(training, evaluation); decoding is not supported")
+            x = self.attn_norm(h)
+            q, k, v = self.attn.project(x)
+            return self.attention_output(h, self.kvb(x, q, k, v), fast)
         inputs, output = _parts(compiled, cache.rope is not None)
         q, k, v = inputs(self, h, cache.rope)
         return output(self, h, cache.attend(q, k, v), fast)

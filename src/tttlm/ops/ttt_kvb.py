@@ -1,0 +1,96 @@
+"""TTT-KVB: the test-time-training layer TTT-E2E derives from (key-value binding; TTT-Linear of
+"Learning to (Learn at Test Time)", Sun et al. 2024), with a naive reference beside it.
+
+Per head, fast weights ``W [d, d]`` and ``b [d]`` define ``f(x) = x + LN(x W + b)`` (LN with
+learned ``gamma``, ``beta``). The inner loss of token ``s`` binds its key to its value,
+``l_s(W, b) = 1/2 |f(k_s) - v_s|^2``. Tokens are read in chunks of ``chunk``: within a chunk,
+every gradient is taken at the chunk's starting weights (mini-batch gradient descent), token ``t``
+reads with the weights after the steps of tokens ``s <= t`` of its chunk,
+``W_t = W - sum_{s<=t} eta_s grad_W l_s(W)``, and outputs ``f(q_t; W_t, b_t)``; the chunk's last
+weights start the next chunk. ``eta_s`` is a per-token, per-head learning rate.
+
+:func:`ttt_kvb` is the dual form (Sun et al.): the LN backward in closed form and the in-chunk
+sums as one masked ``[c, c]`` product, first-order differentiable, no gradient of a gradient.
+:func:`ttt_kvb_naive` does what the definition says, token by token, with autograd's gradient of
+each loss (a second-order graph for the outer gradient): the reference the tests hold it to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _layer_norm(y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LN over the last axis: output, normalised input and 1/std."""
+    mu = y.mean(-1, keepdim=True)
+    rstd = (y.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    x_hat = (y - mu) * rstd
+    return gamma * x_hat + beta, x_hat, rstd
+
+
+def ttt_kvb(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+            weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+            chunk: int, eps: float = 1e-6
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """TTT-KVB over ``q, k, v [B, H, T, d]`` with learning rates ``eta [B, H, T]``.
+
+    ``weight [B, H, d, d]``, ``bias [B, H, d]``: the fast weights before the first token
+    (broadcastable: ``[H, d, d]`` for learned initial weights); ``gamma, beta [H, d]``: the LN
+    inside ``f``. Returns the outputs ``[B, H, T, d]`` and the fast weights after the last full
+    or partial chunk (a partial chunk's steps are applied: the state to continue from only at
+    a chunk boundary).
+    """
+    T = q.shape[2]
+    g, bt = gamma[:, None, :], beta[:, None, :]  # [H, 1, d]: over the chunk's rows
+    outs = []
+    for s in range(0, T, chunk):
+        Q, K, V = q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk]
+        E = eta[:, :, s:s + chunk]  # [B, H, c]
+        c = Q.shape[2]
+        # The gradient of every token's loss w.r.t. y_s = k_s W + b, at the chunk's start.
+        out, x_hat, rstd = _layer_norm(K @ weight + bias[..., None, :], g, bt, eps)
+        grad_ln = g * (out + K - V)
+        grad_y = rstd * (grad_ln - grad_ln.mean(-1, keepdim=True)
+                         - x_hat * (grad_ln * x_hat).mean(-1, keepdim=True))
+        # q_t W_t + b_t = q_t W + b - sum_{s<=t} eta_s (q_t . k_s + 1) grad_y_s
+        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+        mix = ((Q @ K.transpose(-1, -2) + 1) * E[..., None, :]).masked_fill(~causal, 0)
+        z = Q @ weight + bias[..., None, :] - mix @ grad_y
+        outs.append(Q + _layer_norm(z, g, bt, eps)[0])
+        step = E[..., None] * grad_y  # [B, H, c, d]
+        weight = weight - K.transpose(-1, -2) @ step
+        bias = bias - step.sum(-2)
+    return torch.cat(outs, dim=2), weight, bias
+
+
+def ttt_kvb_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+                  weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor,
+                  beta: torch.Tensor, chunk: int, eps: float = 1e-6
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`ttt_kvb` by its definition: token by token, autograd's gradient of each
+    token's inner loss at the chunk's starting weights (slow; for tests)."""
+    B, H, T, d = q.shape
+    weight = weight.expand(B, H, d, d)
+    bias = bias.expand(B, H, d)
+
+    def f(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        y = (x.unsqueeze(-2) @ w).squeeze(-2) + b  # [B, H, d]
+        return x + _layer_norm(y, gamma, beta, eps)[0]
+
+    outs = []
+    with torch.enable_grad():
+        for s in range(0, T, chunk):
+            start_w, start_b = weight, bias
+            if not start_w.requires_grad:  # a leaf to differentiate the inner losses by
+                start_w, start_b = start_w.clone().requires_grad_(), start_b.clone()
+                start_b.requires_grad_()
+            w, b = start_w, start_b
+            for t in range(s, min(s + chunk, T)):
+                loss = 0.5 * (f(k[:, :, t], start_w, start_b) - v[:, :, t]).square().sum()
+                gw, gb = torch.autograd.grad(loss, (start_w, start_b), create_graph=True)
+                w = w - eta[:, :, t, None, None] * gw
+                b = b - eta[:, :, t, None] * gb
+                outs.append(f(q[:, :, t], w, b))
+            weight, bias = w, b
+    return torch.stack(outs, dim=2), weight, bias

@@ -1,0 +1,115 @@
+"""The ``ttt_kvb`` variant: SWA blocks with a TTT-KVB block in every ``global_every`` (the
+hybrid's placement), trained by the same trainer; decoding is refused in one line (not yet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from _helpers import tiny_model, tokens
+from tttlm import TTTConfig, TTTForCausalLM
+from tttlm.cli import main
+from tttlm.errors import UserError
+from tttlm.inference import Engine
+from tttlm.model.cache import WholeSequence
+from tttlm.ops.attention import attention_backend
+from tttlm.ops.ttt_kvb import ttt_kvb_naive
+
+
+def model() -> TTTForCausalLM:
+    return tiny_model(variant="ttt_kvb", num_ttt_layers=None, global_every=2)
+
+
+def test_blocks_and_parameters() -> None:
+    m = model()
+    assert [layer.kvb is not None for layer in m.layers] == [False, True, False, True]
+    for size in ("125m", "760m", "3b"):
+        with torch.device("meta"):
+            e2e, kvb = (TTTForCausalLM(TTTConfig.from_preset(size, v)).num_parameters()
+                        for v in ("e2e", "ttt_kvb"))
+        assert abs(kvb / e2e - 1) < 0.03, size  # within 3% of the e2e model's
+
+
+def test_forward_is_swa_blocks_and_the_naive_ttt_kvb() -> None:
+    """The model's loss equals one built from the blocks by hand, with the per-token
+    reference of TTT-KVB in the KVB blocks (float64), and learning changes it."""
+    m = model()
+    x, y = tokens(m, 2, 40)
+    with attention_backend("naive"), torch.no_grad():
+        out = m(x, y, ttt=False)
+    c = m.config
+    rope = m.rope_tables(torch.arange(x.shape[1]))
+    with attention_backend("naive"):
+        h = m.embed(x)
+        for layer in m.layers:
+            if layer.kvb is None:
+                h = layer(h, WholeSequence(rope, c.window, c.chunk_size))
+                continue
+            xn = layer.attn_norm(h)
+            q, k, v = layer.attn.project(xn)
+            kvb = layer.kvb
+            eta = c.inner_lr * torch.sigmoid(kvb.lr(xn)) / kvb.head_dim
+            z, _, _ = ttt_kvb_naive(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                    eta.transpose(1, 2), kvb.weight, kvb.bias, kvb.ln_weight,
+                                    kvb.ln_bias, c.chunk_size, c.rms_norm_eps)
+            h = layer.attention_output(h, z.transpose(1, 2).detach())
+        ref, _ = m.head_nll(h, y, False)
+    assert out.token_nll is not None
+    torch.testing.assert_close(out.token_nll, ref.detach(), rtol=0, atol=1e-10)
+    # with the inner learning rate at 0 the KVB blocks read their initial weights only
+    frozen = tiny_model(variant="ttt_kvb", num_ttt_layers=None, global_every=2, inner_lr=0.0)
+    with attention_backend("naive"), torch.no_grad():
+        assert (frozen(x, y, ttt=False).token_nll - out.token_nll).abs().max() > 1e-4
+
+
+def test_engine_refuses_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UserError, match="decoding a ttt_kvb model is not supported yet"):
+        Engine(model())
+    folder = TTTForCausalLM(TTTConfig.from_preset(
+        "tiny", "ttt_kvb", vocab_size=258, bos_token_id=256, eos_token_id=257)).save_pretrained(
+        tmp_path / "m")
+    assert main(["generate", "--model", str(folder), "--prompt", "Hi", "--max-new-tokens",
+                 "2", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tttlm generate: error: decoding a ttt_kvb model is not supported")
+
+
+def test_train_and_resume(tmp_path: Path) -> None:
+    from test_train_trainer import TEXT, losses, tiny_config
+    from tttlm.data import prepare
+    from tttlm.train.trainer import Trainer
+
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(4):
+        (src / f"d{i}.txt").write_text(f"Part {i}. " + TEXT * 20)
+    data = tmp_path / "data"
+    prepare([src], data, "bytes", val_docs=1, progress=False)
+    overrides = {"window": 16, "chunk_size": 8, "global_every": 2}
+
+    def config(out: str) -> object:
+        return tiny_config(data, tmp_path / out, mode="ttt_kvb", steps=3, save_every=1,
+                           eval_every=0, model_overrides=overrides)
+
+    straight = Trainer(config("a"))
+    straight.train()
+    first = Trainer(config("b"))
+    first.train(until=2)
+    resumed = Trainer(config("b"), resume=True)
+    resumed.train()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    for (name, a), (_, b) in zip(straight.module.state_dict().items(),
+                                 resumed.module.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_every_ttt_kvb_parameter_gets_a_gradient() -> None:
+    m = model()
+    x, y = tokens(m, 2, 20)
+    m(x, y, ttt=False).loss.backward()
+    names = [n for n, _ in m.named_parameters() if ".kvb." in n]
+    assert len(names) == 2 * 6  # weight, bias, ln_weight, ln_bias, lr.weight, lr.bias
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
