@@ -457,3 +457,25 @@ def test_kill_9_at_random_moments_resumes_bit_identically(data_dir: Path,
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_discarding_an_old_checkpoint_never_shows_half_of_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pruning old checkpoints killed midway (found by the kill -9 test above: a listed
+    checkpoint without its model file) leaves nothing listed that is not whole."""
+    old = tmp_path / ckpt.CHECKPOINTS / "step_00000002"
+    old.mkdir(parents=True)
+    (old / ckpt.STATE_FILE).write_text("{}")
+    (old / "model.safetensors").write_bytes(b"weights")
+
+    def killed(path: object, ignore_errors: bool = False) -> None:
+        (Path(str(path)) / "model.safetensors").unlink()  # one file gone, then the kill
+        raise SystemExit("killed")
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", killed)
+    with pytest.raises(SystemExit):
+        ckpt.discard_checkpoint(old)
+    monkeypatch.undo()
+    assert ckpt.list_checkpoints(tmp_path) == []
+    ckpt.recover_run_folder(tmp_path)
+    assert not any((tmp_path / ckpt.CHECKPOINTS).iterdir())

@@ -214,8 +214,24 @@ def commit_checkpoint(run_dir: str | os.PathLike[str], step: int, keep: int) -> 
     files.commit_dir(tmp, final)
     older = [path for s, path in list_checkpoints(run_dir) if s < step]
     for old in older[:max(0, len(older) - (keep - 1))]:
-        shutil.rmtree(old, ignore_errors=True)
+        discard_checkpoint(old)
     return final
+
+
+def discard_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that no moment shows part of it: renamed out of sight first
+    (one atomic step), then removed file by file. A kill while removing leaves a ``.del-``
+    folder, which :func:`recover_run_folder` drops, never a listed checkpoint that lacks a
+    file."""
+    trash = path.parent / f".del-{path.name}"
+    if trash.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        path.rename(trash)
+    except FileNotFoundError:
+        return
+    files.fsync_dir(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def commit_final(run_dir: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
@@ -300,7 +316,7 @@ def recover_run_folder(run_dir: str | os.PathLike[str]) -> None:
     if root.is_dir():
         for path in root.glob(".old-step_*"):
             files.recover_dir(root / path.name[len(".old-"):])
-        for path in root.glob(".tmp-step_*"):
+        for path in [*root.glob(".tmp-step_*"), *root.glob(".del-step_*")]:
             shutil.rmtree(path, ignore_errors=True)
     files.recover_dir(run / FINAL)
     files.remove_stale_staging(run, FINAL)
