@@ -1,5 +1,6 @@
 """The ``ttt_kvb`` variant: SWA blocks with a TTT-KVB block in every ``global_every`` (the
-hybrid's placement), trained by the same trainer; decoding is refused in one line (not yet)."""
+hybrid's placement), trained by the same trainer and decoded by the same engine (the engine's
+equivalence with the training forward and its sessions: test_inference_engine/_state)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from _helpers import tiny_model, tokens
 from tttlm import TTTConfig, TTTForCausalLM
 from tttlm.cli import main
-from tttlm.errors import UserError
 from tttlm.inference import Engine
 from tttlm.model.cache import WholeSequence
 from tttlm.ops.attention import attention_backend
@@ -64,16 +64,29 @@ def test_forward_is_swa_blocks_and_the_naive_ttt_kvb() -> None:
         assert (frozen(x, y, ttt=False).token_nll - out.token_nll).abs().max() > 1e-4
 
 
-def test_engine_refuses_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(UserError, match="decoding a ttt_kvb model is not supported yet"):
-        Engine(model())
+def test_generate_continues_a_session(tmp_path: Path) -> None:
+    """Greedy generation from a saved session equals generation in one go (the state holds
+    the KVB blocks' fast weights mid-chunk)."""
+    m = model()
+    engine = Engine(m)
+    x, _ = tokens(m, 1, 23)
+    whole = engine.generate([x[0].tolist()], 9, temperature=0.0)
+    _, state = engine.prefill(x[:, :10])
+    assert len(state.kvb) == 4 * 2 and state.kvb[0].shape == (1, *m.layers[1].kvb.weight.shape)
+    state.save(tmp_path / "s")
+    from tttlm.inference import State
+
+    loaded = State.load(tmp_path / "s", m)
+    rest = engine.generate([x[0, 10:].tolist()], 9, temperature=0.0, state=loaded)
+    assert rest.tokens == whole.tokens
+
+
+def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = TTTForCausalLM(TTTConfig.from_preset(
         "tiny", "ttt_kvb", vocab_size=258, bos_token_id=256, eos_token_id=257)).save_pretrained(
         tmp_path / "m")
     assert main(["generate", "--model", str(folder), "--prompt", "Hi", "--max-new-tokens",
-                 "2", "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("tttlm generate: error: decoding a ttt_kvb model is not supported")
+                 "3", "--device", "cpu"]) == 0
 
 
 def test_train_and_resume(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_naive
+from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_continue, ttt_kvb_naive
 
 
 def inputs(B: int, H: int, T: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -59,3 +59,29 @@ def test_learning_happens_and_is_causal() -> None:
 def test_gradcheck() -> None:
     args = inputs(1, 1, 6, 3, seed=4)
     assert torch.autograd.gradcheck(lambda *a: ttt_kvb(*a, chunk=4)[0], args)
+
+
+@pytest.mark.parametrize("prefix, spans", [(5, [3, 4, 1, 3]), (8, [1] * 9), (1, [3, 4, 4, 4, 2])])
+def test_continuing_equals_the_whole_sequence(prefix: int, spans: list[int]) -> None:
+    """A prefix read at once, then the rest in pieces that never cross a chunk boundary
+    (decoding: one token at a time), gives the whole sequence's outputs and weights."""
+    chunk, T = 4, prefix + sum(spans)
+    q, k, v, eta, w, b, gamma, beta = (t.detach() for t in inputs(2, 3, T, 5))
+    whole, w_end, b_end = ttt_kvb(q, k, v, eta, w, b, gamma, beta, chunk)
+    out, w_now, b_now, w_start, b_start = ttt_kvb(q[:, :, :prefix], k[:, :, :prefix],
+                                                  v[:, :, :prefix], eta[:, :, :prefix], w, b,
+                                                  gamma, beta, chunk, last_start=True)
+    outs, t = [out], prefix
+    for n in spans:
+        if t % chunk == 0:  # a new chunk starts: its gradients are taken at these weights
+            w_start, b_start = w_now, b_now
+        assert t // chunk == (t + n - 1) // chunk, "a span must stay in one chunk"
+        part = slice(t, t + n)
+        out, w_now, b_now = ttt_kvb_continue(q[:, :, part], k[:, :, part], v[:, :, part],
+                                             eta[:, :, part], w_start, b_start, w_now, b_now,
+                                             gamma, beta)
+        outs.append(out)
+        t += n
+    torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=0, atol=1e-12)
+    torch.testing.assert_close(w_now, w_end, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b_now, b_end, rtol=0, atol=1e-12)

@@ -46,7 +46,7 @@ from tttlm.config import MAX_INNER_LR, Variant, check_number
 from tttlm.errors import UserError
 from tttlm.inference.sampling import check_sampling, sample
 from tttlm.inference.state import State, weights_digest
-from tttlm.model.cache import RingKV, RingStep, Rows, TTTRing, TTTStep, rope_slots
+from tttlm.model.cache import KVBStep, RingKV, RingStep, Rows, TTTRing, TTTStep, rope_slots
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ops.rope import config_rope_angles
@@ -207,10 +207,6 @@ class Engine:
                  inner_lr: float | None = None, ignore_bos_targets: bool = True,
                  cuda_graphs: bool = False) -> None:
         config = model.config
-        if any(config.is_kvb_layer(i) for i in range(config.num_layers)):
-            raise UserError("decoding a ttt_kvb model is not supported yet (its TTT-KVB blocks "
-                            "keep no decoding state); score it with tttlm eval loss or the "
-                            "model's forward pass")
         self.model = model
         self.config = config
         self.is_e2e = config.variant is Variant.E2E
@@ -224,6 +220,9 @@ class Engine:
         self.window = config.window if config.uses_window else None
         # Per prefix block: its window (None: full attention, a cache that grows).
         self.layer_windows = [config.layer_window(i) for i in range(config.num_prefix_layers)]
+        # Prefix block -> its number among the TTT-KVB blocks (their state is State.kvb).
+        kvb = [i for i in range(config.num_prefix_layers) if config.is_kvb_layer(i)]
+        self.kvb_slots = {i: j for j, i in enumerate(kvb)}
         self.chunk = config.chunk_size
         self.prefix: list[Block] = model.prefix_layers
         self.ttt_blocks: list[Block] = model.ttt_layers
@@ -278,7 +277,9 @@ class Engine:
                             "sequence)")
         config, p = self.config, self._param
         H, d = config.num_kv_heads, config.head_dim  # caches keep only the KV heads
-        caps = [self.chunk if w is None else w + self.chunk for w in self.layer_windows]
+        # (a TTT-KVB block attends to nothing: an empty ring keeps the lists aligned)
+        caps = [0 if i in self.kvb_slots else self.chunk if w is None else w + self.chunk
+                for i, w in enumerate(self.layer_windows)]
 
         def zeros(slots: int) -> torch.Tensor:
             return torch.zeros(batch, H, slots, d, device=p.device, dtype=p.dtype)
@@ -287,6 +288,11 @@ class Engine:
                       prefix_keys=[zeros(c) for c in caps],
                       prefix_values=[zeros(c) for c in caps],
                       config_fingerprint=self._fingerprint, weights_digest=self._digest)
+        for i in self.kvb_slots:
+            mixer = self.prefix[i].kvb
+            assert mixer is not None
+            state.kvb += [w.detach().to(self._fast_dtype).unsqueeze(0).repeat(
+                batch, *([1] * w.dim())) for w in (mixer.weight, mixer.bias) * 2]
         if self.is_e2e:
             assert self.window is not None
             slots = self.window + self.chunk
@@ -460,7 +466,8 @@ class Engine:
         model, B, T = self.model, tokens.shape[0], tokens.shape[1]
         if self.grows:
             self._grow(state, T)
-        rings = list(zip(state.prefix_keys, state.prefix_values))
+        rings = [self._kvb_state(state, i) if i in self.kvb_slots else ring
+                 for i, ring in enumerate(zip(state.prefix_keys, state.prefix_values))]
         h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
         state.lengths = [T] * B
         if not self.is_e2e:
@@ -507,6 +514,11 @@ class Engine:
                 buf[:, :, W:W + c] = after[:, -c:].transpose(1, 2).to(buf.dtype)
             state.ttt_keys_rope[j].copy_(rope_slots(state.ttt_keys[j], self.config))
         return logits[:, 0]
+
+    def _kvb_state(self, state: State, layer: int) -> tuple[torch.Tensor, ...]:
+        """The four decoding tensors of TTT-KVB block ``layer`` (a prefix-block index)."""
+        j = self.kvb_slots[layer]
+        return tuple(state.kvb[4 * j:4 * j + 4])
 
     @property
     def grows(self) -> bool:
@@ -564,6 +576,9 @@ class Engine:
         h = self.model.embed(tokens)  # [B, n, D]
         rings: dict[int | None, RingStep] = {}  # one per window (hybrid: two)
         for i, layer in enumerate(self.prefix):
+            if i in self.kvb_slots:
+                h = layer(h, KVBStep(self._kvb_state(state, i), ctl.offset, rows))
+                continue
             w = self.layer_windows[i]
             if w not in rings:
                 rings[w] = RingStep.build(ctl.lengths, n, state.prefix_keys[i].shape[2], w,

@@ -22,6 +22,10 @@ Layout (``B`` sequences, ``H`` heads of width ``d``, window ``k``, chunk ``b``):
   is the chunk's last target.
 * ``fast``: the fast weights (the TTT blocks' prime-MLP w1, w2, w3), ``[B, ...]`` each, in
   float32 (float64 for a float64 model), as the official inner loop keeps them.
+* ``kvb``: per TTT-KVB block (``ttt_kvb`` models) four tensors: its fast weights ``[B, H, d,
+  d]`` and bias ``[B, H, d]`` at the start of the current chunk (where the chunk's gradients
+  are taken), then the same after the tokens read so far; float32 (float64 for a float64
+  model).
 * ``lengths`` / ``chunks_done``: per sequence, tokens read and chunks learned from.
 """
 
@@ -49,7 +53,7 @@ SESSION_FORMAT = "tttlm-session"
 SESSION_VERSION = 2  # 2: the manifest names the tensor file and its sha256
 TENSORS_NAME = "session.safetensors"  # version 1's tensor file
 META_NAME = "session.json"  # the manifest, written last
-_LISTS = ("prefix_keys", "prefix_values", "ttt_keys", "ttt_values", "fast")
+_LISTS = ("prefix_keys", "prefix_values", "ttt_keys", "ttt_values", "fast", "kvb")
 # Tensor files of version 2 are named by their content; temporary files of a save in progress.
 _TENSORS_RE = re.compile(r"^session(-[0-9a-f]{16})?\.safetensors$")
 _TEMP_RE = re.compile(r"^\.+session.*\.tmp-|^\.session-staged-")
@@ -94,6 +98,7 @@ class State:
     fast: list[torch.Tensor] = field(default_factory=list)
     # The inner optimizer's per-sequence state (momentum buffers, ...): name -> tensors [B, ...]
     inner: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    kvb: list[torch.Tensor] = field(default_factory=list)
     config_fingerprint: str = ""
     weights_digest: str = ""
     # Per sequence: inner steps skipped because their gradient or update was not finite (the
@@ -155,6 +160,7 @@ class State:
                      pending_tokens=opt(self.pending_tokens),
                      fast=[fn(t) for t in self.fast],
                      inner={k: [fn(t) for t in v] for k, v in self.inner.items()},
+                     kvb=[fn(t) for t in self.kvb],
                      config_fingerprint=self.config_fingerprint,
                      weights_digest=self.weights_digest,
                      skipped_updates=list(self.skipped_updates))
@@ -210,6 +216,7 @@ class State:
             fast=[torch.cat([s.fast[i] for s in states]) for i in range(len(first.fast))],
             inner={k: [torch.cat([s.inner[k][i] for s in states]) for i in range(len(v))]
                    for k, v in first.inner.items()},
+            kvb=cat_list("kvb"),
             config_fingerprint=first.config_fingerprint, weights_digest=first.weights_digest)
 
     # ------------------------------------------------------------------------ sessions
@@ -327,6 +334,7 @@ class State:
                     fast=group("fast"),
                     inner={k: [raw[f"inner.{k}.{i}"] for i in range(n)]
                            for k, n in inner_counts.items()},
+                    kvb=group("kvb"),
                     config_fingerprint=expected,
                     weights_digest=meta["weights_digest"] if check_weights else digest,
                     skipped_updates=list(meta["skipped_updates"]))
@@ -403,6 +411,8 @@ def _read_manifest(meta_file: Path) -> dict[str, Any]:
             meta["skipped_updates"] = [0] * batch
         _count_list(meta, "skipped_updates", batch)
         layers = meta.get("layers")
+        if isinstance(layers, dict):
+            layers.setdefault("kvb", 0)  # sessions written before ttt_kvb models existed
         if not (isinstance(layers, dict) and all(
                 isinstance(layers.get(n), int) and layers[n] >= 0 for n in _LISTS)):
             raise ValueError(f"layers must give a count for each of {', '.join(_LISTS)}")
@@ -463,17 +473,22 @@ def _check_layout(state: State, model: Any, src: Path) -> None:
                             f"{tuple('*' if w is None else w for w in want)}")
 
     n_prefix, n_ttt = len(model.prefix_layers), len(model.ttt_layers) if e2e else 0
+    kvb_blocks = [layer.kvb for layer in model.layers if layer.kvb is not None]
     counts = {"prefix_keys": n_prefix, "prefix_values": n_prefix, "ttt_keys": n_ttt,
-              "ttt_values": n_ttt, "fast": 3 * n_ttt}
+              "ttt_values": n_ttt, "fast": 3 * n_ttt, "kvb": 4 * len(kvb_blocks)}
     for name, n in counts.items():
         if len(getattr(state, name)) != n:
             problems.append(f"{len(getattr(state, name))} {name} tensors, the model has {n}")
     if problems:
         raise UserError(f"session {src} does not fit this model: {problems[0]}; {_DAMAGED}")
+    for j, mixer in enumerate(kvb_blocks):
+        for i, w in enumerate((mixer.weight, mixer.bias) * 2):
+            shape(f"kvb.{4 * j + i}", state.kvb[4 * j + i], (B, *w.shape))
     for name in ("prefix_keys", "prefix_values"):
         for i, t in enumerate(getattr(state, name)):
             window = config.layer_window(i)
-            shape(f"{name}.{i}", t, (B, H, None if window is None else window + b, d))
+            slots = 0 if config.is_kvb_layer(i) else None if window is None else window + b
+            shape(f"{name}.{i}", t, (B, H, slots, d))
             if window is None and t.shape[2:3] and t.shape[2] < max(state.lengths):
                 problems.append(f"{name}.{i} holds {t.shape[2]} positions, fewer than "
                                 f"{max(state.lengths)} tokens read")

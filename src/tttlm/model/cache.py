@@ -28,6 +28,7 @@ every position from device tensors, so that one decoding step can be captured in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -47,12 +48,15 @@ class LayerCache:
     """
 
     rope: RopeTables | None = None
-    # All rows of whole sequences from position 0 (what a TTT-KVB block can read: it keeps
-    # no decoding state yet).
-    whole_sequence: bool = False
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def ttt_kvb(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        """A TTT-KVB block's token mixing (``mixer``: its :class:`~tttlm.model.layers.KVBMixer`)
+        over the state this cache holds."""
+        raise NotImplementedError(f"{type(self).__name__} holds no TTT-KVB state")
 
 
 # ------------------------------------------------------------------------- whole sequences
@@ -62,13 +66,12 @@ class WholeSequence(LayerCache):
 
     ``ring``: optional ``(keys, values)`` buffers ``[B, H, C, d]`` of a decoding cache (see
     :class:`RingKV`) that receive the rotated keys and values of the last ``C`` positions
-    (token ``p`` in slot ``p % C``), so that decoding continues where this pass ends.
+    (token ``p`` in slot ``p % C``), so that decoding continues where this pass ends; for a
+    TTT-KVB block, the four tensors of its decoding state (``State.kvb``).
     """
 
-    whole_sequence = True
-
     def __init__(self, rope: RopeTables, window: int | None, block: int,
-                 ring: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                 ring: tuple[torch.Tensor, ...] | None = None) -> None:
         self.rope = rope
         self.window = window
         self.block = block
@@ -83,6 +86,24 @@ class WholeSequence(LayerCache):
             keys[:, :, slots] = k[:, T - kept:].transpose(1, 2).to(keys.dtype)
             values[:, :, slots] = v[:, T - kept:].transpose(1, 2).to(values.dtype)
         return sequence_attention(q, k, v, self.window, self.block)
+
+    def ttt_kvb(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        # (a TTT-KVB block's ``ring``: the four decoding tensors of State.kvb)
+        return mixer(x, q, k, v, self.ring)
+
+
+class KVBStep(LayerCache):
+    """A TTT-KVB block's decoding state (four tensors of :class:`~tttlm.inference.State`'s
+    ``kvb``) for new rows at chunk offsets ``offset [B]``, written in place for ``rows``."""
+
+    def __init__(self, state: tuple[torch.Tensor, ...], offset: torch.Tensor,
+                 rows: Rows) -> None:
+        self.state, self.offset, self.rows = state, offset, rows
+
+    def ttt_kvb(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> torch.Tensor:
+        return mixer.step(x, q, k, v, self.state, self.offset == 0, self.rows)
 
 
 # ---------------------------------------------------------------------------- TTT chunks

@@ -7,7 +7,7 @@ models import exactly."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tttlm.config import TTTConfig
-from tttlm.model.cache import LayerCache, RopeTables
+from tttlm.model.cache import LayerCache, RopeTables, Rows
 from tttlm.ops.norm import rms_norm
 from tttlm.ops.rope import apply_rope
-from tttlm.ops.ttt_kvb import ttt_kvb
+from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_continue
 
 # The prime MLP's three matrices of one block, in nn.Linear layout: w1 [F, D], w2 [D, F],
 # w3 [F, D], optionally with a leading batch axis (one copy per sequence).
@@ -121,27 +121,52 @@ class KVBMixer(nn.Module):
         nn.init.normal_(self.lr.weight, 0.0, self.std)
         nn.init.zeros_(self.lr.bias)
 
-    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-                ) -> torch.Tensor:
-        """Whole sequences from the initial fast weights: ``x [B, T, D]`` (the normed input),
-        ``q [B, T, H, d]``, ``k, v [B, T, H_kv, d]``; returns ``[B, T, H, d]``."""
-        H = q.shape[2]
+    def inputs(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, ...]:
+        """Head-major ``q, k, v [B, H, n, d]`` and ``eta [B, H, n]`` in the fast weights'
+        precision (fp32 under bf16 autocast) from ``x [B, n, D]`` (the block's normed input)
+        and the attention projections ``q [B, n, H, d]``, ``k, v [B, n, H_kv, d]``."""
+        H, inner = q.shape[2], self.weight.dtype
         if k.shape[2] != H:  # grouped-query projections: each query head gets its group's
             k = k.repeat_interleave(H // k.shape[2], dim=2)
             v = v.repeat_interleave(H // v.shape[2], dim=2)
-        dtype, inner = q.dtype, self.weight.dtype  # the inner loop in the weights' precision
-        eta = self.inner_lr * torch.sigmoid(self.lr(x).to(inner)) / self.head_dim  # [B, T, H]
+        eta = self.inner_lr * torch.sigmoid(self.lr(x).to(inner)) / self.head_dim  # [B, n, H]
+        return (*(t.transpose(1, 2).to(inner) for t in (q, k, v)), eta.transpose(1, 2))
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.transpose(1, 2).to(inner)  # (fp32 under bf16 autocast)
-
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                state: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Whole sequences from the initial fast weights (arguments as :meth:`inputs`);
+        returns ``[B, T, H, d]``. ``state``: four decoding tensors to fill (see
+        :class:`~tttlm.inference.State`'s ``kvb``)."""
+        qh, kh, vh, eta = self.inputs(x, q, k, v)
         # The inner loop (LN statistics, gradients, updates) in full precision, outside
         # autocast, as the e2e inner step keeps its fast weights fp32.
         with torch.autocast(q.device.type, enabled=False):
-            out, _, _ = ttt_kvb(heads(q), heads(k), heads(v), eta.transpose(1, 2),
-                                self.weight, self.bias, self.ln_weight, self.ln_bias,
-                                self.chunk, self.eps)
-        return out.transpose(1, 2).to(dtype)
+            out, *weights = ttt_kvb(qh, kh, vh, eta, self.weight, self.bias, self.ln_weight,
+                                    self.ln_bias, self.chunk, self.eps, last_start=True)
+        if state is not None:
+            w_now, b_now, w_start, b_start = weights
+            for buf, value in zip(state, (w_start, b_start, w_now, b_now)):
+                buf.copy_(value.detach().expand_as(buf))
+        return out.transpose(1, 2).to(q.dtype)
+
+    def step(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             state: Sequence[torch.Tensor], begins: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """New tokens ``[B, n]`` of decoding sequences, each row's within its current chunk
+        (``begins [B]``: the row's first new token starts a chunk); reads and updates
+        ``state`` in place for the written ``rows``; returns ``[B, n, H, d]``."""
+        qh, kh, vh, eta = self.inputs(x, q, k, v)
+        w_start, b_start, w_now, b_now = state
+        begin = begins[:, None, None]
+        w_start = torch.where(begin[..., None], w_now, w_start)  # a new chunk starts here
+        b_start = torch.where(begin, b_now, b_start)
+        with torch.autocast(q.device.type, enabled=False):
+            out, w_new, b_new = ttt_kvb_continue(qh, kh, vh, eta, w_start, b_start, w_now,
+                                                 b_now, self.ln_weight, self.ln_bias, self.eps)
+        index = rows.column[:, 0]
+        for buf, value in zip(state, (w_start, b_start, w_new, b_new)):
+            buf[index] = rows.keep(value).to(buf.dtype)
+        return out.transpose(1, 2).to(q.dtype)
 
 
 class Block(nn.Module):
@@ -199,13 +224,10 @@ class Block(nn.Module):
         through ``torch.compile`` (fused norms, RoPE and casts; first-order differentiable
         only, one backward pass per graph).
         """
-        if self.kvb is not None:
-            if not cache.whole_sequence:
-                raise NotImplementedError("a TTT-KVB block runs over whole sequences only "
-                                          "(training, evaluation); decoding is not supported")
+        if self.kvb is not None:  # TTT-KVB mixes the tokens: the cache says over which state
             x = self.attn_norm(h)
             q, k, v = self.attn.project(x)
-            return self.attention_output(h, self.kvb(x, q, k, v), fast)
+            return self.attention_output(h, cache.ttt_kvb(self.kvb, x, q, k, v), fast)
         inputs, output = _parts(compiled, cache.rope is not None)
         q, k, v = inputs(self, h, cache.rope)
         return output(self, h, cache.attend(q, k, v), fast)

@@ -29,39 +29,66 @@ def _layer_norm(y: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: f
     return gamma * x_hat + beta, x_hat, rstd
 
 
+def _span(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, E: torch.Tensor,
+          w_grad: torch.Tensor, b_grad: torch.Tensor, w_read: torch.Tensor,
+          b_read: torch.Tensor, g: torch.Tensor, bt: torch.Tensor, eps: float
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokens ``[B, H, c, d]`` that all lie in one chunk: their gradients at the chunk's
+    starting weights ``w_grad, b_grad``; each reads ``w_read, b_read`` (the weights after the
+    chunk's earlier tokens) minus the steps of the span's tokens up to itself. Returns the
+    outputs and the read weights after the span."""
+    c = Q.shape[2]
+    # The gradient of every token's loss w.r.t. y_s = k_s W + b, at the chunk's start.
+    out, x_hat, rstd = _layer_norm(K @ w_grad + b_grad[..., None, :], g, bt, eps)
+    grad_ln = g * (out + K - V)
+    grad_y = rstd * (grad_ln - grad_ln.mean(-1, keepdim=True)
+                     - x_hat * (grad_ln * x_hat).mean(-1, keepdim=True))
+    # q_t W_t + b_t = q_t W + b - sum_{s<=t} eta_s (q_t . k_s + 1) grad_y_s
+    causal = torch.ones(c, c, dtype=torch.bool, device=Q.device).tril()
+    mix = ((Q @ K.transpose(-1, -2) + 1) * E[..., None, :]).masked_fill(~causal, 0)
+    z = Q @ w_read + b_read[..., None, :] - mix @ grad_y
+    step = E[..., None] * grad_y  # [B, H, c, d]
+    return (Q + _layer_norm(z, g, bt, eps)[0], w_read - K.transpose(-1, -2) @ step,
+            b_read - step.sum(-2))
+
+
 def ttt_kvb(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
             weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-            chunk: int, eps: float = 1e-6
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            chunk: int, eps: float = 1e-6, last_start: bool = False
+            ) -> tuple[torch.Tensor, ...]:
     """TTT-KVB over ``q, k, v [B, H, T, d]`` with learning rates ``eta [B, H, T]``.
 
     ``weight [B, H, d, d]``, ``bias [B, H, d]``: the fast weights before the first token
     (broadcastable: ``[H, d, d]`` for learned initial weights); ``gamma, beta [H, d]``: the LN
-    inside ``f``. Returns the outputs ``[B, H, T, d]`` and the fast weights after the last full
-    or partial chunk (a partial chunk's steps are applied: the state to continue from only at
-    a chunk boundary).
+    inside ``f``. Returns the outputs ``[B, H, T, d]`` and the fast weights after the last
+    token (a partial last chunk's steps applied); with ``last_start`` also the weights at the
+    start of the last chunk (what :func:`ttt_kvb_continue` takes its gradients at).
     """
     T = q.shape[2]
     g, bt = gamma[:, None, :], beta[:, None, :]  # [H, 1, d]: over the chunk's rows
     outs = []
+    start = weight, bias
     for s in range(0, T, chunk):
-        Q, K, V = q[:, :, s:s + chunk], k[:, :, s:s + chunk], v[:, :, s:s + chunk]
-        E = eta[:, :, s:s + chunk]  # [B, H, c]
-        c = Q.shape[2]
-        # The gradient of every token's loss w.r.t. y_s = k_s W + b, at the chunk's start.
-        out, x_hat, rstd = _layer_norm(K @ weight + bias[..., None, :], g, bt, eps)
-        grad_ln = g * (out + K - V)
-        grad_y = rstd * (grad_ln - grad_ln.mean(-1, keepdim=True)
-                         - x_hat * (grad_ln * x_hat).mean(-1, keepdim=True))
-        # q_t W_t + b_t = q_t W + b - sum_{s<=t} eta_s (q_t . k_s + 1) grad_y_s
-        causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-        mix = ((Q @ K.transpose(-1, -2) + 1) * E[..., None, :]).masked_fill(~causal, 0)
-        z = Q @ weight + bias[..., None, :] - mix @ grad_y
-        outs.append(Q + _layer_norm(z, g, bt, eps)[0])
-        step = E[..., None] * grad_y  # [B, H, c, d]
-        weight = weight - K.transpose(-1, -2) @ step
-        bias = bias - step.sum(-2)
+        start = weight, bias
+        out, weight, bias = _span(q[:, :, s:s + chunk], k[:, :, s:s + chunk],
+                                  v[:, :, s:s + chunk], eta[:, :, s:s + chunk], weight, bias,
+                                  weight, bias, g, bt, eps)
+        outs.append(out)
+    if last_start:
+        return torch.cat(outs, dim=2), weight, bias, *start
     return torch.cat(outs, dim=2), weight, bias
+
+
+def ttt_kvb_continue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+                     w_start: torch.Tensor, b_start: torch.Tensor, w_now: torch.Tensor,
+                     b_now: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                     eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Continue a sequence with tokens ``[B, H, n, d]`` that all lie in its current chunk:
+    ``w_start, b_start`` are the weights at the chunk's start, ``w_now, b_now`` after its
+    tokens so far (equal at a chunk's first token). Returns the outputs and the new
+    ``w_now, b_now``; the same values as :func:`ttt_kvb` over the whole sequence."""
+    return _span(q, k, v, eta, w_start, b_start, w_now, b_now, gamma[:, None, :],
+                 beta[:, None, :], eps)
 
 
 def ttt_kvb_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
