@@ -126,3 +126,32 @@ def test_every_ttt_kvb_parameter_gets_a_gradient() -> None:
     assert len(names) == 2 * 6  # weight, bias, ln_weight, ln_bias, lr.weight, lr.bias
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_mlp_fast_weights_decode_as_they_train(tmp_path: Path) -> None:
+    """``kvb_fast=mlp``: prefill + teacher-forced decoding equals the training forward
+    (float64, ragged prompts, across chunks), and a saved session continues bit for bit."""
+    from test_inference_engine import check_rows, engine_nll, training_nll
+    from tttlm.inference import State
+
+    m = tiny_model(variant="ttt_kvb", num_ttt_layers=None, global_every=2, kvb_fast="mlp")
+    assert m.layers[1].kvb is not None and m.layers[1].kvb.fast_names == (
+        "weight1", "bias1", "weight2", "bias2")
+    x, y = tokens(m, 2, 30, seed=4)
+    prefill = [3, 10]
+    ref = training_nll(m, x, y, ttt=False)
+    check_rows(m, engine_nll(Engine(m), x, y, prefill), ref, y, prefill)
+    engine = Engine(m)
+    _, state = engine.prefill([x[0, :13], x[1, :6]])
+    state.save(tmp_path / "s")
+    loaded = State.load(tmp_path / "s", m)
+    for t in range(13, 22):
+        a, state = engine.step(state, x[:, t])
+        b, loaded = engine.step(loaded, x[:, t])
+        assert torch.equal(a, b), t
+    # a linear model's session does not load into an MLP one
+    linear = model()
+    _, other = Engine(linear).prefill(x[:, :5])
+    other.save(tmp_path / "linear")
+    with pytest.raises(ValueError, match="config fingerprint"):
+        State.load(tmp_path / "linear", m)

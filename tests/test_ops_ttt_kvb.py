@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_continue, ttt_kvb_naive
+from tttlm.ops.ttt_kvb import (
+    ttt_kvb,
+    ttt_kvb_continue,
+    ttt_kvb_mlp,
+    ttt_kvb_mlp_continue,
+    ttt_kvb_mlp_naive,
+    ttt_kvb_naive,
+)
 
 
 def inputs(B: int, H: int, T: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -85,3 +92,57 @@ def test_continuing_equals_the_whole_sequence(prefix: int, spans: list[int]) -> 
     torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=0, atol=1e-12)
     torch.testing.assert_close(w_now, w_end, rtol=0, atol=1e-12)
     torch.testing.assert_close(b_now, b_end, rtol=0, atol=1e-12)
+
+
+def mlp_inputs(B: int, H: int, T: int, d: int, m: int, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+        x = shift + scale * torch.randn(*shape, generator=g, dtype=torch.float64)
+        return x.requires_grad_()
+
+    q, k, v = rand(B, H, T, d), rand(B, H, T, d), rand(B, H, T, d)
+    eta = (0.5 * torch.rand(B, H, T, generator=g, dtype=torch.float64)).requires_grad_()
+    weights = (rand(H, d, m, scale=0.4), rand(H, m, scale=0.1), rand(H, m, d, scale=0.4),
+               rand(H, d, scale=0.1))
+    return q, k, v, eta, weights, rand(H, d, scale=0.1, shift=1.0), rand(H, d, scale=0.1)
+
+
+@pytest.mark.parametrize("T, chunk", [(11, 4), (6, 8)])
+def test_mlp_dual_form_is_the_definition(T: int, chunk: int) -> None:
+    q, k, v, eta, weights, gamma, beta = mlp_inputs(2, 3, T, 4, 8)
+    out, now, _ = ttt_kvb_mlp(q, k, v, eta, weights, gamma, beta, chunk)
+    ref, ref_now = ttt_kvb_mlp_naive(q, k, v, eta, weights, gamma, beta, chunk)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for a, b in zip(now, ref_now):
+        torch.testing.assert_close(a, b.expand_as(a), rtol=0, atol=1e-12)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(3),
+                        dtype=torch.float64)
+    args = (q, k, v, eta, *weights, gamma, beta)
+    fast = torch.autograd.grad((out * probe).sum() + sum(w.sum() for w in now), args)
+    slow = torch.autograd.grad((ref * probe).sum() + sum(w.sum() for w in ref_now), args)
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10, msg=f"grad of input {i}")
+
+
+def test_mlp_continuing_equals_the_whole_sequence() -> None:
+    chunk, prefix, spans = 4, 6, [2, 1, 1, 1, 1, 4, 3]
+    T = prefix + sum(spans)
+    q, k, v, eta, weights, gamma, beta = (
+        tuple(w.detach() for w in t) if isinstance(t, tuple) else t.detach()
+        for t in mlp_inputs(1, 2, T, 4, 8, seed=2))
+    whole, end, _ = ttt_kvb_mlp(q, k, v, eta, weights, gamma, beta, chunk)
+    out, now, start = ttt_kvb_mlp(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
+                                  eta[:, :, :prefix], weights, gamma, beta, chunk)
+    outs, t = [out], prefix
+    for n in spans:
+        if t % chunk == 0:
+            start = now
+        part = slice(t, t + n)
+        out, now = ttt_kvb_mlp_continue(q[:, :, part], k[:, :, part], v[:, :, part],
+                                        eta[:, :, part], start, now, gamma, beta)
+        outs.append(out)
+        t += n
+    torch.testing.assert_close(torch.cat(outs, 2), whole, rtol=0, atol=1e-12)
+    for a, b in zip(now, end):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

@@ -93,7 +93,7 @@ ROPE_SCALINGS: dict[str, tuple[str, ...]] = {
 _ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
     num_kv_heads=None, head_dim=None, qk_norm=True, post_norms=True, rope_layout="interleaved",
     rope_freq_scaling=None, tie_embeddings=True, qkv_bias=False, attn_out_bias=False,
-    mlp_bias=False, global_every=6)
+    mlp_bias=False, global_every=6, kvb_fast="linear")
 
 
 def _check_rope_freq_scaling(scaling: Any) -> None:
@@ -134,6 +134,8 @@ class TTTConfig:
             attention (``hybrid``) or a TTT-KVB layer instead of attention (``ttt_kvb``), the
             last of each group (blocks ``global_every - 1``, ``2 * global_every - 1``, …; 5:1
             at 6, the paper's hybrid ratio); the others slide over ``window``.
+        kvb_fast: ``ttt_kvb`` only: the fast weights of its TTT-KVB blocks, ``linear``
+            (``x W + b``, TTT-Linear) or ``mlp`` (a GELU MLP 4x the head width, TTT-MLP).
         chunk_size: b, the tokens per test-time-training mini-batch; the inner step runs after
             every full chunk. ``swa``/``full`` use it only to bound memory of the loss.
         rope_theta: RoPE base θ.
@@ -203,6 +205,7 @@ class TTTConfig:
     attn_out_bias: bool = False
     mlp_bias: bool = False
     global_every: int = 6
+    kvb_fast: str = "linear"
 
     def __post_init__(self) -> None:
         try:
@@ -271,6 +274,8 @@ class TTTConfig:
                 self.global_every < 2):
             raise ValueError(f"global_every={self.global_every!r} must be an integer >= 2 (one "
                              "full-attention block in every global_every; 6 gives SWA:full 5:1)")
+        if self.kvb_fast not in ("linear", "mlp"):
+            raise ValueError(f"kvb_fast={self.kvb_fast!r} is not known; use linear or mlp")
         if self.variant in MIXED and self.global_every > self.num_layers:
             raise ValueError(f"global_every={self.global_every} exceeds num_layers="
                              f"{self.num_layers}: the {self.variant.value} model would have no "

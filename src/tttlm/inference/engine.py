@@ -292,7 +292,7 @@ class Engine:
             mixer = self.prefix[i].kvb
             assert mixer is not None
             state.kvb += [w.detach().to(self._fast_dtype).unsqueeze(0).repeat(
-                batch, *([1] * w.dim())) for w in (mixer.weight, mixer.bias) * 2]
+                batch, *([1] * w.dim())) for w in mixer.fast_params() * 2]
         if self.is_e2e:
             assert self.window is not None
             slots = self.window + self.chunk
@@ -517,8 +517,10 @@ class Engine:
 
     def _kvb_state(self, state: State, layer: int) -> tuple[torch.Tensor, ...]:
         """The four decoding tensors of TTT-KVB block ``layer`` (a prefix-block index)."""
-        j = self.kvb_slots[layer]
-        return tuple(state.kvb[4 * j:4 * j + 4])
+        j, mixer = self.kvb_slots[layer], self.prefix[layer].kvb
+        assert mixer is not None
+        n = 2 * len(mixer.fast_names)  # the weights at the chunk's start, then now
+        return tuple(state.kvb[n * j:n * j + n])
 
     @property
     def grows(self) -> bool:

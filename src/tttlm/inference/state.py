@@ -22,10 +22,10 @@ Layout (``B`` sequences, ``H`` heads of width ``d``, window ``k``, chunk ``b``):
   is the chunk's last target.
 * ``fast``: the fast weights (the TTT blocks' prime-MLP w1, w2, w3), ``[B, ...]`` each, in
   float32 (float64 for a float64 model), as the official inner loop keeps them.
-* ``kvb``: per TTT-KVB block (``ttt_kvb`` models) four tensors: its fast weights ``[B, H, d,
-  d]`` and bias ``[B, H, d]`` at the start of the current chunk (where the chunk's gradients
-  are taken), then the same after the tokens read so far; float32 (float64 for a float64
-  model).
+* ``kvb``: per TTT-KVB block (``ttt_kvb`` models) its fast weights (``linear``: ``W [B, H, d,
+  d]``, ``b [B, H, d]``; ``mlp``: W1, b1, W2, b2) at the start of the current chunk (where the
+  chunk's gradients are taken), then the same after the tokens read so far; float32 (float64
+  for a float64 model).
 * ``lengths`` / ``chunks_done``: per sequence, tokens read and chunks learned from.
 """
 
@@ -475,15 +475,16 @@ def _check_layout(state: State, model: Any, src: Path) -> None:
     n_prefix, n_ttt = len(model.prefix_layers), len(model.ttt_layers) if e2e else 0
     kvb_blocks = [layer.kvb for layer in model.layers if layer.kvb is not None]
     counts = {"prefix_keys": n_prefix, "prefix_values": n_prefix, "ttt_keys": n_ttt,
-              "ttt_values": n_ttt, "fast": 3 * n_ttt, "kvb": 4 * len(kvb_blocks)}
+              "ttt_values": n_ttt, "fast": 3 * n_ttt,
+              "kvb": sum(2 * len(m.fast_names) for m in kvb_blocks)}
     for name, n in counts.items():
         if len(getattr(state, name)) != n:
             problems.append(f"{len(getattr(state, name))} {name} tensors, the model has {n}")
     if problems:
         raise UserError(f"session {src} does not fit this model: {problems[0]}; {_DAMAGED}")
-    for j, mixer in enumerate(kvb_blocks):
-        for i, w in enumerate((mixer.weight, mixer.bias) * 2):
-            shape(f"kvb.{4 * j + i}", state.kvb[4 * j + i], (B, *w.shape))
+    expected_kvb = [w for mixer in kvb_blocks for w in mixer.fast_params() * 2]
+    for i, (t, w) in enumerate(zip(state.kvb, expected_kvb)):
+        shape(f"kvb.{i}", t, (B, *w.shape))
     for name in ("prefix_keys", "prefix_values"):
         for i, t in enumerate(getattr(state, name)):
             window = config.layer_window(i)

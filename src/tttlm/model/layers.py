@@ -18,7 +18,7 @@ from tttlm.config import TTTConfig
 from tttlm.model.cache import LayerCache, RopeTables, Rows
 from tttlm.ops.norm import rms_norm
 from tttlm.ops.rope import apply_rope
-from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_continue
+from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_continue, ttt_kvb_mlp, ttt_kvb_mlp_continue
 
 # The prime MLP's three matrices of one block, in nn.Linear layout: w1 [F, D], w2 [D, F],
 # w3 [F, D], optionally with a leading batch axis (one copy per sequence).
@@ -93,12 +93,13 @@ class Attention(nn.Module):
 
 
 class KVBMixer(nn.Module):
-    """TTT-KVB's own parameters (:mod:`tttlm.ops.ttt_kvb`): per head the initial fast weights
-    ``weight [H, d, d]`` (N(0, initializer_range)) and ``bias [H, d]`` (0), the LN inside ``f``
-    (``ln_weight`` 1, ``ln_bias`` 0), and ``lr``, a linear map from the block's normed input to
-    one inner learning-rate logit per head: ``eta = inner_lr * sigmoid(lr(x)) / d``. Queries,
-    keys and values come from the block's attention projections (QK-normed, no RoPE); the
-    output goes through its output projection."""
+    """TTT-KVB's own parameters (:mod:`tttlm.ops.ttt_kvb`): per head the initial fast weights,
+    ``linear`` (``weight [H, d, d]``, ``bias [H, d]``) or ``mlp`` (``weight1 [H, d, 4d]``,
+    ``bias1``, ``weight2 [H, 4d, d]``, ``bias2``; matrices N(0, initializer_range), biases 0),
+    the LN inside ``f`` (``ln_weight`` 1, ``ln_bias`` 0), and ``lr``, a linear map from the
+    block's normed input to one inner learning-rate logit per head: ``eta = inner_lr *
+    sigmoid(lr(x)) / d``. Queries, keys and values come from the block's attention projections
+    (QK-normed, no RoPE); the output goes through its output projection."""
 
     def __init__(self, config: TTTConfig) -> None:
         super().__init__()
@@ -106,16 +107,28 @@ class KVBMixer(nn.Module):
         assert d is not None
         self.head_dim, self.inner_lr, self.chunk = d, config.inner_lr, config.chunk_size
         self.eps, self.std = config.rms_norm_eps, config.initializer_range
-        self.weight = nn.Parameter(torch.empty(H, d, d))
-        self.bias = nn.Parameter(torch.empty(H, d))
+        self.mlp = config.kvb_fast == "mlp"
+        m = 4 * d
+        shapes = ({"weight1": (H, d, m), "bias1": (H, m), "weight2": (H, m, d), "bias2": (H, d)}
+                  if self.mlp else {"weight": (H, d, d), "bias": (H, d)})
+        self.fast_names = tuple(shapes)
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape)))
         self.ln_weight = nn.Parameter(torch.empty(H, d))
         self.ln_bias = nn.Parameter(torch.empty(H, d))
         self.lr = nn.Linear(config.hidden_size, H)
         self.reset_parameters()
 
+    def fast_params(self) -> tuple[torch.Tensor, ...]:
+        """The initial fast weights, in the order the ops and ``State.kvb`` keep them."""
+        return tuple(getattr(self, name) for name in self.fast_names)
+
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, 0.0, self.std)
-        nn.init.zeros_(self.bias)
+        for p in self.fast_params():
+            if p.dim() == 3:
+                nn.init.normal_(p, 0.0, self.std)
+            else:
+                nn.init.zeros_(p)
         nn.init.ones_(self.ln_weight)
         nn.init.zeros_(self.ln_bias)
         nn.init.normal_(self.lr.weight, 0.0, self.std)
@@ -126,7 +139,7 @@ class KVBMixer(nn.Module):
         """Head-major ``q, k, v [B, H, n, d]`` and ``eta [B, H, n]`` in the fast weights'
         precision (fp32 under bf16 autocast) from ``x [B, n, D]`` (the block's normed input)
         and the attention projections ``q [B, n, H, d]``, ``k, v [B, n, H_kv, d]``."""
-        H, inner = q.shape[2], self.weight.dtype
+        H, inner = q.shape[2], self.ln_weight.dtype
         if k.shape[2] != H:  # grouped-query projections: each query head gets its group's
             k = k.repeat_interleave(H // k.shape[2], dim=2)
             v = v.repeat_interleave(H // v.shape[2], dim=2)
@@ -136,17 +149,23 @@ class KVBMixer(nn.Module):
     def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 state: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Whole sequences from the initial fast weights (arguments as :meth:`inputs`);
-        returns ``[B, T, H, d]``. ``state``: four decoding tensors to fill (see
-        :class:`~tttlm.inference.State`'s ``kvb``)."""
+        returns ``[B, T, H, d]``. ``state``: the decoding tensors to fill (``State.kvb``:
+        the fast weights at the last chunk's start, then after the last token)."""
         qh, kh, vh, eta = self.inputs(x, q, k, v)
         # The inner loop (LN statistics, gradients, updates) in full precision, outside
         # autocast, as the e2e inner step keeps its fast weights fp32.
         with torch.autocast(q.device.type, enabled=False):
-            out, *weights = ttt_kvb(qh, kh, vh, eta, self.weight, self.bias, self.ln_weight,
-                                    self.ln_bias, self.chunk, self.eps, last_start=True)
+            if self.mlp:
+                out, now, start = ttt_kvb_mlp(qh, kh, vh, eta, self.fast_params(),  # type: ignore[arg-type]
+                                              self.ln_weight, self.ln_bias, self.chunk,
+                                              self.eps)
+            else:
+                out, w, b, w0, b0 = ttt_kvb(qh, kh, vh, eta, self.weight, self.bias,
+                                            self.ln_weight, self.ln_bias, self.chunk,
+                                            self.eps, last_start=True)
+                now, start = (w, b), (w0, b0)
         if state is not None:
-            w_now, b_now, w_start, b_start = weights
-            for buf, value in zip(state, (w_start, b_start, w_now, b_now)):
+            for buf, value in zip(state, (*start, *now), strict=True):
                 buf.copy_(value.detach().expand_as(buf))
         return out.transpose(1, 2).to(q.dtype)
 
@@ -156,15 +175,20 @@ class KVBMixer(nn.Module):
         (``begins [B]``: the row's first new token starts a chunk); reads and updates
         ``state`` in place for the written ``rows``; returns ``[B, n, H, d]``."""
         qh, kh, vh, eta = self.inputs(x, q, k, v)
-        w_start, b_start, w_now, b_now = state
-        begin = begins[:, None, None]
-        w_start = torch.where(begin[..., None], w_now, w_start)  # a new chunk starts here
-        b_start = torch.where(begin, b_now, b_start)
+        n = len(self.fast_names)
+        now = tuple(state[n:])
+        # a row whose chunk starts here takes its gradients at the weights it has now
+        start = tuple(torch.where(begins.view(-1, *([1] * (w.dim() - 1))), w, s)
+                      for s, w in zip(state[:n], now))
         with torch.autocast(q.device.type, enabled=False):
-            out, w_new, b_new = ttt_kvb_continue(qh, kh, vh, eta, w_start, b_start, w_now,
-                                                 b_now, self.ln_weight, self.ln_bias, self.eps)
+            if self.mlp:
+                out, new = ttt_kvb_mlp_continue(qh, kh, vh, eta, start, now,  # type: ignore[arg-type]
+                                                self.ln_weight, self.ln_bias, self.eps)
+            else:
+                out, *new = ttt_kvb_continue(qh, kh, vh, eta, *start, *now, self.ln_weight,
+                                             self.ln_bias, self.eps)
         index = rows.column[:, 0]
-        for buf, value in zip(state, (w_start, b_start, w_new, b_new)):
+        for buf, value in zip(state, (*start, *new), strict=True):
             buf[index] = rows.keep(value).to(buf.dtype)
         return out.transpose(1, 2).to(q.dtype)
 

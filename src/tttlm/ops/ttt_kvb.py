@@ -121,3 +121,99 @@ def ttt_kvb_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.
                 outs.append(f(q[:, :, t], w, b))
             weight, bias = w, b
     return torch.stack(outs, dim=2), weight, bias
+
+
+# ------------------------------------------------------------------- MLP fast weights
+# TTT-MLP's form: f(x) = x + LN(gelu(x W1 + b1) W2 + b2), W1 [d, m], W2 [m, d]. Every gradient
+# of a chunk is taken at the chunk's starting weights, so both layers keep the dual form: a
+# token reads z_t = q_t W1 - sum_s eta_s (q_t . k_s + 1) dz_s and then
+# y_t = gelu(z_t) W2 - sum_s eta_s (gelu(z_t) . a_s + 1) dy_s, with a_s, dz_s, dy_s the
+# chunk-start activations and gradients of token s.
+MLPWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # W1, b1, W2, b2
+
+
+def _gelu_grad(z: torch.Tensor) -> torch.Tensor:
+    """d gelu(z) / dz for the exact (erf) GELU."""
+    cdf = 0.5 * (1.0 + torch.erf(z * 0.7071067811865476))
+    return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def _mlp_span(Q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, E: torch.Tensor,
+              grad_at: MLPWeights, read: MLPWeights, g: torch.Tensor, bt: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, MLPWeights]:
+    """:func:`_span` for MLP fast weights."""
+    w1, b1, w2, b2 = grad_at
+    c = Q.shape[2]
+    z = K @ w1 + b1[..., None, :]
+    a = torch.nn.functional.gelu(z)
+    out, x_hat, rstd = _layer_norm(a @ w2 + b2[..., None, :], g, bt, eps)
+    grad_ln = g * (out + K - V)
+    grad_y = rstd * (grad_ln - grad_ln.mean(-1, keepdim=True)
+                     - x_hat * (grad_ln * x_hat).mean(-1, keepdim=True))
+    grad_z = (grad_y @ w2.transpose(-1, -2)) * _gelu_grad(z)
+    causal = torch.ones(c, c, dtype=torch.bool, device=Q.device).tril()
+    r1, c1, r2, c2 = read
+    # first layer: its input is the query itself
+    mix1 = ((Q @ K.transpose(-1, -2) + 1) * E[..., None, :]).masked_fill(~causal, 0)
+    a_read = torch.nn.functional.gelu(Q @ r1 + c1[..., None, :] - mix1 @ grad_z)
+    mix2 = ((a_read @ a.transpose(-1, -2) + 1) * E[..., None, :]).masked_fill(~causal, 0)
+    y = a_read @ r2 + c2[..., None, :] - mix2 @ grad_y
+    step1, step2 = E[..., None] * grad_z, E[..., None] * grad_y
+    new = (r1 - K.transpose(-1, -2) @ step1, c1 - step1.sum(-2),
+           r2 - a.transpose(-1, -2) @ step2, c2 - step2.sum(-2))
+    return Q + _layer_norm(y, g, bt, eps)[0], new
+
+
+def ttt_kvb_mlp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+                weights: MLPWeights, gamma: torch.Tensor, beta: torch.Tensor, chunk: int,
+                eps: float = 1e-6) -> tuple[torch.Tensor, MLPWeights, MLPWeights]:
+    """:func:`ttt_kvb` with MLP fast weights ``(W1 [.., d, m], b1 [.., m], W2 [.., m, d],
+    b2 [.., d])``: returns the outputs, the weights after the last token and the weights at
+    the start of the last chunk."""
+    g, bt = gamma[:, None, :], beta[:, None, :]
+    outs, start = [], weights
+    for s in range(0, q.shape[2], chunk):
+        start = weights
+        part = slice(s, s + chunk)
+        out, weights = _mlp_span(q[:, :, part], k[:, :, part], v[:, :, part],
+                                 eta[:, :, part], weights, weights, g, bt, eps)
+        outs.append(out)
+    return torch.cat(outs, dim=2), weights, start
+
+
+def ttt_kvb_mlp_continue(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+                         start: MLPWeights, now: MLPWeights, gamma: torch.Tensor,
+                         beta: torch.Tensor, eps: float = 1e-6
+                         ) -> tuple[torch.Tensor, MLPWeights]:
+    """:func:`ttt_kvb_continue` with MLP fast weights."""
+    return _mlp_span(q, k, v, eta, start, now, gamma[:, None, :], beta[:, None, :], eps)
+
+
+def ttt_kvb_mlp_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eta: torch.Tensor,
+                      weights: MLPWeights, gamma: torch.Tensor, beta: torch.Tensor,
+                      chunk: int, eps: float = 1e-6) -> tuple[torch.Tensor, MLPWeights]:
+    """:func:`ttt_kvb_mlp` by its definition, token by token (for tests; ``weights``
+    unbatched, ``[H, ...]``)."""
+    B, T = q.shape[0], q.shape[2]
+    weights = tuple(w.expand(B, *w.shape) for w in weights)  # type: ignore[assignment]
+
+    def f(x: torch.Tensor, w: MLPWeights) -> torch.Tensor:
+        w1, b1, w2, b2 = w
+        a = torch.nn.functional.gelu((x.unsqueeze(-2) @ w1).squeeze(-2) + b1)
+        y = (a.unsqueeze(-2) @ w2).squeeze(-2) + b2
+        return x + _layer_norm(y, gamma, beta, eps)[0]
+
+    outs = []
+    with torch.enable_grad():
+        for s in range(0, T, chunk):
+            start = tuple(w if w.requires_grad else w.clone().requires_grad_() for w in weights)
+            now = start
+            for t in range(s, min(s + chunk, T)):
+                loss = 0.5 * (f(k[:, :, t], start) - v[:, :, t]).square().sum()  # type: ignore[arg-type]
+                grads = torch.autograd.grad(loss, start, create_graph=True)
+                e = eta[:, :, t]
+                now = tuple(w - (e[..., None, None] if w.dim() == 4 else e[..., None]) * gw
+                            for w, gw in zip(now, grads))
+                outs.append(f(q[:, :, t], now))  # type: ignore[arg-type]
+            weights = now  # type: ignore[assignment]
+    return torch.stack(outs, dim=2), weights  # type: ignore[return-value]
