@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|recall|serve|variants bash benchmarks/pending_gpu.sh
+#   OUT=out PART=train|prefill|recall|serve|variants|recurrent bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
 # wheels built here for the device's Python (e.g. 3.12):
@@ -10,6 +10,8 @@
 #       --platform manylinux2014_x86_64 --implementation cp openai fastapi uvicorn
 # and install them there first: python -m pip install --no-index --find-links .wheels \
 #   openai fastapi uvicorn
+# `recurrent` needs flash-linear-attention the same way (pip download ... flash-linear-attention
+# fla-core einops).
 set -u
 : "${OUT:?set OUT to the output folder}" "${PART:?set PART}"
 export PYTHONPATH=src
@@ -40,5 +42,12 @@ case "$PART" in
       --lengths 8192 32768 131072 --compile compiled --repeats 2 --out "$OUT/prefill_variants_3b"
     timeout 150 python -m tttlm.cli bench decode --presets 760m --variants e2e swa full hybrid \
       --contexts 8192 131072 --modes graph --out "$OUT/decode_variants_760m" ;;
-  *) echo "PART=$PART: use train, prefill, recall, serve or variants" >&2; exit 2 ;;
+  recurrent)  # baselines issue: the recurrent hybrids (first GPU run of their kernels)
+    timeout 400 python -m tttlm.cli bench prefill --preset 3b --variants ttt_kvb gated_deltanet \
+      --lengths 8192 32768 131072 --compile compiled --repeats 2 \
+      --out "$OUT/prefill_recurrent_3b"
+    timeout 150 python -m tttlm.cli bench decode --presets 760m \
+      --variants ttt_kvb gated_deltanet --contexts 8192 131072 --modes eager graph \
+      --out "$OUT/decode_recurrent_760m" ;;
+  *) echo "PART=$PART: use train, prefill, recall, serve, variants or recurrent" >&2; exit 2 ;;
 esac

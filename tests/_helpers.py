@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
+import pytest
 import torch
 
 from tttlm import TTTConfig, TTTForCausalLM
@@ -64,3 +67,8 @@ def grads(model: TTTForCausalLM) -> dict[str, torch.Tensor]:
     out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out
+
+
+# Gated DeltaNet runs through flash-linear-attention (the fla extra; the test set-up installs it).
+GDN = pytest.param("gated_deltanet", marks=pytest.mark.skipif(
+    importlib.util.find_spec("fla") is None, reason="flash-linear-attention is not installed"))

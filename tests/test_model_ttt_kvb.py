@@ -72,7 +72,8 @@ def test_generate_continues_a_session(tmp_path: Path) -> None:
     x, _ = tokens(m, 1, 23)
     whole = engine.generate([x[0].tolist()], 9, temperature=0.0)
     _, state = engine.prefill(x[:, :10])
-    assert len(state.kvb) == 4 * 2 and state.kvb[0].shape == (1, *m.layers[1].kvb.weight.shape)
+    assert len(state.mixers) == 4 * 2
+    assert state.mixers[0].shape == (1, *m.layers[1].kvb.weight.shape)
     state.save(tmp_path / "s")
     from tttlm.inference import State
 

@@ -46,7 +46,7 @@ from tttlm.config import MAX_INNER_LR, Variant, check_number
 from tttlm.errors import UserError
 from tttlm.inference.sampling import check_sampling, sample
 from tttlm.inference.state import State, weights_digest
-from tttlm.model.cache import KVBStep, RingKV, RingStep, Rows, TTTRing, TTTStep, rope_slots
+from tttlm.model.cache import MixerStep, RingKV, RingStep, Rows, TTTRing, TTTStep, rope_slots
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ops.rope import config_rope_angles
@@ -220,9 +220,16 @@ class Engine:
         self.window = config.window if config.uses_window else None
         # Per prefix block: its window (None: full attention, a cache that grows).
         self.layer_windows = [config.layer_window(i) for i in range(config.num_prefix_layers)]
-        # Prefix block -> its number among the TTT-KVB blocks (their state is State.kvb).
-        kvb = [i for i in range(config.num_prefix_layers) if config.is_kvb_layer(i)]
-        self.kvb_slots = {i: j for j, i in enumerate(kvb)}
+        # Recurrent prefix blocks (TTT-KVB, Gated DeltaNet) -> where their tensors start in
+        # State.mixers.
+        self.mixer_slots: dict[int, slice] = {}
+        at = 0
+        for i in range(config.num_prefix_layers):
+            mixer = model.layers[i].recurrent
+            if mixer is not None:
+                n = len(mixer.state_shapes())
+                self.mixer_slots[i] = slice(at, at + n)
+                at += n
         self.chunk = config.chunk_size
         self.prefix: list[Block] = model.prefix_layers
         self.ttt_blocks: list[Block] = model.ttt_layers
@@ -278,7 +285,7 @@ class Engine:
         config, p = self.config, self._param
         H, d = config.num_kv_heads, config.head_dim  # caches keep only the KV heads
         # (a TTT-KVB block attends to nothing: an empty ring keeps the lists aligned)
-        caps = [0 if i in self.kvb_slots else self.chunk if w is None else w + self.chunk
+        caps = [0 if i in self.mixer_slots else self.chunk if w is None else w + self.chunk
                 for i, w in enumerate(self.layer_windows)]
 
         def zeros(slots: int) -> torch.Tensor:
@@ -288,11 +295,10 @@ class Engine:
                       prefix_keys=[zeros(c) for c in caps],
                       prefix_values=[zeros(c) for c in caps],
                       config_fingerprint=self._fingerprint, weights_digest=self._digest)
-        for i in self.kvb_slots:
-            mixer = self.prefix[i].kvb
+        for i in self.mixer_slots:
+            mixer = self.prefix[i].recurrent
             assert mixer is not None
-            state.kvb += [w.detach().to(self._fast_dtype).unsqueeze(0).repeat(
-                batch, *([1] * w.dim())) for w in mixer.fast_params() * 2]
+            state.mixers += mixer.initial_state(batch, self._fast_dtype)
         if self.is_e2e:
             assert self.window is not None
             slots = self.window + self.chunk
@@ -466,7 +472,7 @@ class Engine:
         model, B, T = self.model, tokens.shape[0], tokens.shape[1]
         if self.grows:
             self._grow(state, T)
-        rings = [self._kvb_state(state, i) if i in self.kvb_slots else ring
+        rings = [self._mixer_state(state, i) if i in self.mixer_slots else ring
                  for i, ring in enumerate(zip(state.prefix_keys, state.prefix_values))]
         h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
         state.lengths = [T] * B
@@ -515,12 +521,9 @@ class Engine:
             state.ttt_keys_rope[j].copy_(rope_slots(state.ttt_keys[j], self.config))
         return logits[:, 0]
 
-    def _kvb_state(self, state: State, layer: int) -> tuple[torch.Tensor, ...]:
-        """The four decoding tensors of TTT-KVB block ``layer`` (a prefix-block index)."""
-        j, mixer = self.kvb_slots[layer], self.prefix[layer].kvb
-        assert mixer is not None
-        n = 2 * len(mixer.fast_names)  # the weights at the chunk's start, then now
-        return tuple(state.kvb[n * j:n * j + n])
+    def _mixer_state(self, state: State, layer: int) -> tuple[torch.Tensor, ...]:
+        """The decoding tensors of recurrent block ``layer`` (a prefix-block index)."""
+        return tuple(state.mixers[self.mixer_slots[layer]])
 
     @property
     def grows(self) -> bool:
@@ -578,8 +581,8 @@ class Engine:
         h = self.model.embed(tokens)  # [B, n, D]
         rings: dict[int | None, RingStep] = {}  # one per window (hybrid: two)
         for i, layer in enumerate(self.prefix):
-            if i in self.kvb_slots:
-                h = layer(h, KVBStep(self._kvb_state(state, i), ctl.offset, rows))
+            if i in self.mixer_slots:
+                h = layer(h, MixerStep(self._mixer_state(state, i), ctl.offset, rows))
                 continue
             w = self.layer_windows[i]
             if w not in rings:

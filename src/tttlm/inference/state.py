@@ -22,10 +22,12 @@ Layout (``B`` sequences, ``H`` heads of width ``d``, window ``k``, chunk ``b``):
   is the chunk's last target.
 * ``fast``: the fast weights (the TTT blocks' prime-MLP w1, w2, w3), ``[B, ...]`` each, in
   float32 (float64 for a float64 model), as the official inner loop keeps them.
-* ``kvb``: per TTT-KVB block (``ttt_kvb`` models) its fast weights (``linear``: ``W [B, H, d,
+* ``mixers``: per recurrent block, the tensors of its state. TTT-KVB (``ttt_kvb`` models): its
+  fast weights (``linear``: ``W [B, H, d,
   d]``, ``b [B, H, d]``; ``mlp``: W1, b1, W2, b2) at the start of the current chunk (where the
   chunk's gradients are taken), then the same after the tokens read so far; float32 (float64
-  for a float64 model).
+  for a float64 model). Gated DeltaNet: the last 3 inputs of its short convolutions of q, k, v
+  ``[B, H * d, 3]`` each, then the delta-rule state ``[B, H, d, d]``.
 * ``lengths`` / ``chunks_done``: per sequence, tokens read and chunks learned from.
 """
 
@@ -53,7 +55,7 @@ SESSION_FORMAT = "tttlm-session"
 SESSION_VERSION = 2  # 2: the manifest names the tensor file and its sha256
 TENSORS_NAME = "session.safetensors"  # version 1's tensor file
 META_NAME = "session.json"  # the manifest, written last
-_LISTS = ("prefix_keys", "prefix_values", "ttt_keys", "ttt_values", "fast", "kvb")
+_LISTS = ("prefix_keys", "prefix_values", "ttt_keys", "ttt_values", "fast", "mixers")
 # Tensor files of version 2 are named by their content; temporary files of a save in progress.
 _TENSORS_RE = re.compile(r"^session(-[0-9a-f]{16})?\.safetensors$")
 _TEMP_RE = re.compile(r"^\.+session.*\.tmp-|^\.session-staged-")
@@ -98,7 +100,7 @@ class State:
     fast: list[torch.Tensor] = field(default_factory=list)
     # The inner optimizer's per-sequence state (momentum buffers, ...): name -> tensors [B, ...]
     inner: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    kvb: list[torch.Tensor] = field(default_factory=list)
+    mixers: list[torch.Tensor] = field(default_factory=list)
     config_fingerprint: str = ""
     weights_digest: str = ""
     # Per sequence: inner steps skipped because their gradient or update was not finite (the
@@ -160,7 +162,7 @@ class State:
                      pending_tokens=opt(self.pending_tokens),
                      fast=[fn(t) for t in self.fast],
                      inner={k: [fn(t) for t in v] for k, v in self.inner.items()},
-                     kvb=[fn(t) for t in self.kvb],
+                     mixers=[fn(t) for t in self.mixers],
                      config_fingerprint=self.config_fingerprint,
                      weights_digest=self.weights_digest,
                      skipped_updates=list(self.skipped_updates))
@@ -216,7 +218,7 @@ class State:
             fast=[torch.cat([s.fast[i] for s in states]) for i in range(len(first.fast))],
             inner={k: [torch.cat([s.inner[k][i] for s in states]) for i in range(len(v))]
                    for k, v in first.inner.items()},
-            kvb=cat_list("kvb"),
+            mixers=cat_list("mixers"),
             config_fingerprint=first.config_fingerprint, weights_digest=first.weights_digest)
 
     # ------------------------------------------------------------------------ sessions
@@ -334,7 +336,7 @@ class State:
                     fast=group("fast"),
                     inner={k: [raw[f"inner.{k}.{i}"] for i in range(n)]
                            for k, n in inner_counts.items()},
-                    kvb=group("kvb"),
+                    mixers=group("mixers"),
                     config_fingerprint=expected,
                     weights_digest=meta["weights_digest"] if check_weights else digest,
                     skipped_updates=list(meta["skipped_updates"]))
@@ -412,7 +414,7 @@ def _read_manifest(meta_file: Path) -> dict[str, Any]:
         _count_list(meta, "skipped_updates", batch)
         layers = meta.get("layers")
         if isinstance(layers, dict):
-            layers.setdefault("kvb", 0)  # sessions written before ttt_kvb models existed
+            layers.setdefault("mixers", 0)  # sessions written before recurrent blocks existed
         if not (isinstance(layers, dict) and all(
                 isinstance(layers.get(n), int) and layers[n] >= 0 for n in _LISTS)):
             raise ValueError(f"layers must give a count for each of {', '.join(_LISTS)}")
@@ -473,22 +475,23 @@ def _check_layout(state: State, model: Any, src: Path) -> None:
                             f"{tuple('*' if w is None else w for w in want)}")
 
     n_prefix, n_ttt = len(model.prefix_layers), len(model.ttt_layers) if e2e else 0
-    kvb_blocks = [layer.kvb for layer in model.layers if layer.kvb is not None]
+    recurrent = [layer.recurrent for layer in model.layers if layer.recurrent is not None]
     counts = {"prefix_keys": n_prefix, "prefix_values": n_prefix, "ttt_keys": n_ttt,
               "ttt_values": n_ttt, "fast": 3 * n_ttt,
-              "kvb": sum(2 * len(m.fast_names) for m in kvb_blocks)}
+              "mixers": sum(len(m.state_shapes()) for m in recurrent)}
     for name, n in counts.items():
         if len(getattr(state, name)) != n:
             problems.append(f"{len(getattr(state, name))} {name} tensors, the model has {n}")
     if problems:
         raise UserError(f"session {src} does not fit this model: {problems[0]}; {_DAMAGED}")
-    expected_kvb = [w for mixer in kvb_blocks for w in mixer.fast_params() * 2]
-    for i, (t, w) in enumerate(zip(state.kvb, expected_kvb)):
-        shape(f"kvb.{i}", t, (B, *w.shape))
+    mixer_shapes = [s for mixer in recurrent for s in mixer.state_shapes()]
+    for i, (t, want) in enumerate(zip(state.mixers, mixer_shapes)):
+        shape(f"mixers.{i}", t, (B, *want))
     for name in ("prefix_keys", "prefix_values"):
         for i, t in enumerate(getattr(state, name)):
             window = config.layer_window(i)
-            slots = 0 if config.is_kvb_layer(i) else None if window is None else window + b
+            slots = (0 if config.is_recurrent_layer(i) else None if window is None
+                     else window + b)
             shape(f"{name}.{i}", t, (B, H, slots, d))
             if window is None and t.shape[2:3] and t.shape[2] < max(state.lengths):
                 problems.append(f"{name}.{i} holds {t.shape[2]} positions, fewer than "

@@ -52,11 +52,11 @@ class LayerCache:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def ttt_kvb(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
-        """A TTT-KVB block's token mixing (``mixer``: its :class:`~tttlm.model.layers.KVBMixer`)
-        over the state this cache holds."""
-        raise NotImplementedError(f"{type(self).__name__} holds no TTT-KVB state")
+    def mix(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor) -> torch.Tensor:
+        """A recurrent block's token mixing (``mixer``: its TTT-KVB or Gated DeltaNet layer,
+        :mod:`tttlm.model.layers`) over the state this cache holds."""
+        raise NotImplementedError(f"{type(self).__name__} holds no recurrent state")
 
 
 # ------------------------------------------------------------------------- whole sequences
@@ -67,7 +67,8 @@ class WholeSequence(LayerCache):
     ``ring``: optional ``(keys, values)`` buffers ``[B, H, C, d]`` of a decoding cache (see
     :class:`RingKV`) that receive the rotated keys and values of the last ``C`` positions
     (token ``p`` in slot ``p % C``), so that decoding continues where this pass ends; for a
-    TTT-KVB block, the four tensors of its decoding state (``State.kvb``).
+    recurrent block (TTT-KVB, Gated DeltaNet), the tensors of its decoding state
+    (``State.mixers``).
     """
 
     def __init__(self, rope: RopeTables, window: int | None, block: int,
@@ -87,22 +88,22 @@ class WholeSequence(LayerCache):
             values[:, :, slots] = v[:, T - kept:].transpose(1, 2).to(values.dtype)
         return sequence_attention(q, k, v, self.window, self.block)
 
-    def ttt_kvb(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
-        # (a TTT-KVB block's ``ring``: the four decoding tensors of State.kvb)
+    def mix(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor) -> torch.Tensor:
+        # (a recurrent block's ``ring``: the decoding tensors of State.mixers)
         return mixer(x, q, k, v, self.ring)
 
 
-class KVBStep(LayerCache):
-    """A TTT-KVB block's decoding state (four tensors of :class:`~tttlm.inference.State`'s
-    ``kvb``) for new rows at chunk offsets ``offset [B]``, written in place for ``rows``."""
+class MixerStep(LayerCache):
+    """A recurrent block's decoding state (its tensors of :class:`~tttlm.inference.State`'s
+    ``mixers``) for new rows at chunk offsets ``offset [B]``, written in place for ``rows``."""
 
     def __init__(self, state: tuple[torch.Tensor, ...], offset: torch.Tensor,
                  rows: Rows) -> None:
         self.state, self.offset, self.rows = state, offset, rows
 
-    def ttt_kvb(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                v: torch.Tensor) -> torch.Tensor:
+    def mix(self, mixer: Any, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            v: torch.Tensor) -> torch.Tensor:
         return mixer.step(x, q, k, v, self.state, self.offset == 0, self.rows)
 
 

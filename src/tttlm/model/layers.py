@@ -7,6 +7,7 @@ models import exactly."""
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ from torch import nn
 
 from tttlm.config import TTTConfig
 from tttlm.model.cache import LayerCache, RopeTables, Rows
+from tttlm.ops.gated_delta import gated_delta_rule
 from tttlm.ops.norm import rms_norm
 from tttlm.ops.rope import apply_rope
 from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_continue, ttt_kvb_mlp, ttt_kvb_mlp_continue
@@ -120,8 +122,17 @@ class KVBMixer(nn.Module):
         self.reset_parameters()
 
     def fast_params(self) -> tuple[torch.Tensor, ...]:
-        """The initial fast weights, in the order the ops and ``State.kvb`` keep them."""
+        """The initial fast weights, in the order the ops and ``State.mixers`` keep them."""
         return tuple(getattr(self, name) for name in self.fast_names)
+
+    def state_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes (without the batch axis) of the decoding state: the fast weights at the
+        current chunk's start, then after the tokens read so far."""
+        return [tuple(w.shape) for w in self.fast_params() * 2]
+
+    def initial_state(self, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        return [w.detach().to(dtype).unsqueeze(0).repeat(batch, *([1] * w.dim()))
+                for w in self.fast_params() * 2]
 
     def reset_parameters(self) -> None:
         for p in self.fast_params():
@@ -149,7 +160,7 @@ class KVBMixer(nn.Module):
     def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 state: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """Whole sequences from the initial fast weights (arguments as :meth:`inputs`);
-        returns ``[B, T, H, d]``. ``state``: the decoding tensors to fill (``State.kvb``:
+        returns ``[B, T, H, d]``. ``state``: the decoding tensors to fill (``State.mixers``:
         the fast weights at the last chunk's start, then after the last token)."""
         qh, kh, vh, eta = self.inputs(x, q, k, v)
         # The inner loop (LN statistics, gradients, updates) in full precision, outside
@@ -193,10 +204,117 @@ class KVBMixer(nn.Module):
         return out.transpose(1, 2).to(q.dtype)
 
 
+class GatedDeltaNetMixer(nn.Module):
+    """Gated DeltaNet's own parameters around the block's attention projections (q, k with the
+    block's QK-norm, v): causal depthwise convolutions of width 4 on q, k, v (then SiLU; q, k
+    L2-normalised per head), the log-decay ``g = -exp(A_log) * softplus(a(x) + dt_bias)`` and
+    write strength ``beta = sigmoid(b(x))`` per head and token, the gated delta rule
+    (:mod:`tttlm.ops.gated_delta`, flash-linear-attention), then a per-head RMSNorm gated by
+    ``silu(gate(x))``; the block's output projection follows. Initialisation as
+    flash-linear-attention's layer: A in [1, 16], dt in [1e-3, 0.1] log-uniform."""
+
+    CONV = 4
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__()
+        H, d, D = config.num_heads, config.head_dim, config.hidden_size
+        assert d is not None
+        self.heads, self.head_dim, self.std = H, d, config.initializer_range
+        self.eps = config.rms_norm_eps
+        C = H * d
+        self.conv_q = nn.Parameter(torch.empty(C, self.CONV))
+        self.conv_k = nn.Parameter(torch.empty(C, self.CONV))
+        self.conv_v = nn.Parameter(torch.empty(C, self.CONV))
+        self.a = nn.Linear(D, H, bias=False)
+        self.b = nn.Linear(D, H, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.gate = nn.Linear(D, C, bias=False)
+        self.o_norm = nn.Parameter(torch.empty(d))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for conv in (self.conv_q, self.conv_k, self.conv_v):
+            nn.init.uniform_(conv, -self.CONV ** -0.5, self.CONV ** -0.5)  # Conv1d's default
+        for lin in (self.a, self.b, self.gate):
+            nn.init.normal_(lin.weight, 0.0, self.std)
+        with torch.no_grad():
+            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3),
+                                                                   math.log(0.1)))
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        nn.init.ones_(self.o_norm)
+
+    def state_shapes(self) -> list[tuple[int, ...]]:
+        """The last ``CONV - 1`` inputs of the q, k, v convolutions, then the state."""
+        C, w = self.heads * self.head_dim, self.CONV - 1
+        return [(C, w), (C, w), (C, w), (self.heads, self.head_dim, self.head_dim)]
+
+    def initial_state(self, batch: int, dtype: torch.dtype) -> list[torch.Tensor]:
+        p = self.o_norm
+        return [torch.zeros(batch, *s, device=p.device, dtype=dtype)
+                for s in self.state_shapes()]
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, past: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise convolution of ``x [B, n, C]`` after ``past [B, C, CONV-1]`` (the
+        previous inputs; zeros at a sequence's start): SiLU of it, and the new past."""
+        xt = x.transpose(1, 2)  # [B, C, n]
+        if past is None:
+            past = xt.new_zeros(*xt.shape[:2], self.CONV - 1)
+        full = torch.cat((past.to(xt.dtype), xt), dim=2)
+        out = F.conv1d(full, weight.to(xt.dtype)[:, None, :], groups=weight.shape[0])
+        return F.silu(out).transpose(1, 2), full[:, :, -(self.CONV - 1):]
+
+    def _mix(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             past: Sequence[torch.Tensor | None], state: torch.Tensor | None, decoding: bool
+             ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        H, d = self.heads, self.head_dim
+        B, n = q.shape[:2]
+        if k.shape[2] != H:  # grouped-query projections: each query head gets its group's
+            k = k.repeat_interleave(H // k.shape[2], dim=2)
+            v = v.repeat_interleave(H // v.shape[2], dim=2)
+        mixed, new_past = [], []
+        for t, w, p in zip((q, k, v), (self.conv_q, self.conv_k, self.conv_v), past):
+            out, kept = self._conv(t.flatten(2), w, p)
+            mixed.append(out.view(B, n, H, d))
+            new_past.append(kept)
+        qc, kc, vc = mixed
+        qc, kc = F.normalize(qc, dim=-1, eps=1e-6), F.normalize(kc, dim=-1, eps=1e-6)
+        g = -self.A_log.exp() * F.softplus(self.a(x) + self.dt_bias)  # [B, n, H]
+        beta = torch.sigmoid(self.b(x))
+        with torch.autocast(q.device.type, enabled=False):
+            out, final = gated_delta_rule(qc, kc, vc, g, beta, state, decoding)
+        out = out.to(q.dtype)
+        gate = F.silu(self.gate(x)).view(B, n, H, d)
+        return rms_norm(out, self.o_norm, self.eps) * gate, new_past, final
+
+    def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                state: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Whole sequences from an empty state: ``x [B, T, D]`` (the normed input) and the
+        attention projections; returns ``[B, T, H, d]``. ``state``: the decoding tensors to
+        fill (``State.mixers``)."""
+        out, past, final = self._mix(x, q, k, v, (None, None, None), None, False)
+        if state is not None:
+            for buf, value in zip(state, (*past, final), strict=True):
+                buf.copy_(value.detach())
+        return out
+
+    def step(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             state: Sequence[torch.Tensor], begins: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """New tokens ``[B, n]`` of decoding sequences; reads and updates ``state`` in place
+        for the written ``rows`` (``begins``: unused, the rule has no chunks)."""
+        out, past, final = self._mix(x, q, k, v, state[:3], state[3], True)
+        index = rows.column[:, 0]
+        for buf, value in zip(state, (*past, final), strict=True):
+            buf[index] = rows.keep(value).to(buf.dtype)
+        return out
+
+
 class Block(nn.Module):
     """``h += post(attn(pre(h)))``; TTT blocks then ``h += post'(prime(pre'(h)))``; then the MLP."""
 
-    def __init__(self, config: TTTConfig, has_prime: bool, kvb: bool = False) -> None:
+    def __init__(self, config: TTTConfig, has_prime: bool, mixer: str = "attention") -> None:
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
 
@@ -207,8 +325,10 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(D, eps)
         self.attn = Attention(config)
         self.attn_post_norm = post_norm()
-        # TTT-KVB mixes the tokens instead of attention (the ``ttt_kvb`` variant's blocks)
-        self.kvb = KVBMixer(config) if kvb else None
+        # A recurrent layer mixes the tokens instead of attention (the ``ttt_kvb`` and
+        # ``gated_deltanet`` variants' mixed-in blocks); it uses the attention projections.
+        self.kvb = KVBMixer(config) if mixer == "ttt_kvb" else None
+        self.gdn = GatedDeltaNetMixer(config) if mixer == "gated_deltanet" else None
         self.has_prime = has_prime
         if has_prime:
             assert config.prime_intermediate_size is not None
@@ -218,6 +338,11 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(D, eps)
         self.mlp = SwiGLU(D, config.intermediate_size, bias=config.mlp_bias)
         self.mlp_post_norm = post_norm()
+
+    @property
+    def recurrent(self) -> KVBMixer | GatedDeltaNetMixer | None:
+        """The block's recurrent token mixer, or ``None`` for attention."""
+        return self.kvb if self.kvb is not None else self.gdn
 
     def feed_forward(self, h: torch.Tensor, fast: FastWeights | None = None) -> torch.Tensor:
         """Everything after attention: the prime MLP (with ``fast`` weights if given), the MLP."""
@@ -248,10 +373,11 @@ class Block(nn.Module):
         through ``torch.compile`` (fused norms, RoPE and casts; first-order differentiable
         only, one backward pass per graph).
         """
-        if self.kvb is not None:  # TTT-KVB mixes the tokens: the cache says over which state
+        recurrent = self.recurrent
+        if recurrent is not None:  # the cache says over which state it mixes
             x = self.attn_norm(h)
             q, k, v = self.attn.project(x)
-            return self.attention_output(h, cache.ttt_kvb(self.kvb, x, q, k, v), fast)
+            return self.attention_output(h, cache.mix(recurrent, x, q, k, v), fast)
         inputs, output = _parts(compiled, cache.rope is not None)
         q, k, v = inputs(self, h, cache.rope)
         return output(self, h, cache.attend(q, k, v), fast)

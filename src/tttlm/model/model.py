@@ -19,7 +19,7 @@ from tttlm.config import TTTConfig, Variant
 from tttlm.errors import UserError
 from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.cache import ChunkKV, WholeSequence
-from tttlm.model.layers import Block, KVBMixer, RMSNorm
+from tttlm.model.layers import Block, GatedDeltaNetMixer, KVBMixer, RMSNorm
 from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import config_rope_angles
@@ -142,7 +142,7 @@ class TTTForCausalLM(nn.Module):
         first_ttt = config.num_prefix_layers
         self.layers = nn.ModuleList(
             Block(config, has_prime=i >= first_ttt and config.variant is Variant.E2E,
-                  kvb=config.is_kvb_layer(i))
+                  mixer=config.layer_mixer(i))
             for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         # The official head is the embedding; imported models may have their own.
@@ -180,7 +180,7 @@ class TTTForCausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, KVBMixer):
+            elif isinstance(module, (KVBMixer, GatedDeltaNetMixer)):
                 module.reset_parameters()
 
     @property

@@ -1,0 +1,50 @@
+"""The gated delta rule of Gated DeltaNet (Yang, Kautz and Hatamizadeh, 2024) through
+flash-linear-attention (``fla``, the ``fla`` extra): its chunked Triton kernel for whole
+sequences and its fused recurrent kernel for decoding on CUDA, and its naive recurrent torch
+reference elsewhere (CPU, tests). Per head, with a state ``S [d_k, d_v]``, for each token:
+``S = exp(g_t) S``, ``u = beta_t (v_t - S^T k_t)``, ``S = S + k_t u^T``, ``o_t = S^T q_t * scale``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tttlm.errors import UserError
+
+
+def require_fla() -> Any:
+    """The ``fla`` package, or a one-line :class:`UserError` saying how to install it."""
+    try:
+        import fla
+    except ImportError:
+        raise UserError("gated_deltanet models need flash-linear-attention; install it with "
+                        "pip install 'tttlm[fla]'") from None
+    return fla
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+                     beta: torch.Tensor, initial_state: torch.Tensor | None = None,
+                     decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q, k [B, T, H, d_k]`` (L2-normalised), ``v [B, T, H, d_v]``, log-decays ``g`` and
+    write strengths ``beta [B, T, H]``, state ``[B, H, d_k, d_v]`` before the first token
+    (zeros when ``None``). Returns the outputs ``[B, T, H, d_v]`` (float32 on the reference
+    path) and the state after the last token (float32). ``decoding``: few tokens after a
+    state (the recurrent kernel rather than the chunked one on CUDA)."""
+    require_fla()
+    scale = q.shape[-1] ** -0.5
+    if q.is_cuda:
+        if decoding:
+            from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as kernel
+        else:
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
+        state = None if initial_state is None else initial_state.float()
+        out, final = kernel(q, k, v, g=g.float(), beta=beta.float(), scale=scale,
+                            initial_state=state, output_final_state=True)
+        return out, final
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    return naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale,
+                                            initial_state=initial_state,
+                                            output_final_state=True)

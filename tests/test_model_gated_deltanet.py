@@ -1,0 +1,98 @@
+"""The ``gated_deltanet`` variant: SWA blocks with a Gated DeltaNet block (flash-linear-
+attention's gated delta rule) in every ``global_every``; the engine's equivalence with the
+training forward and its sessions are in test_inference_engine / test_inference_state."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _helpers import tiny_model, tokens
+from tttlm import TTTConfig, TTTForCausalLM
+from tttlm.errors import UserError
+
+pytest.importorskip("fla")
+
+
+def model() -> TTTForCausalLM:
+    return tiny_model(variant="gated_deltanet", num_ttt_layers=None, global_every=2)
+
+
+def test_blocks_parameters_and_gradients() -> None:
+    m = model()
+    assert [layer.gdn is not None for layer in m.layers] == [False, True, False, True]
+    for size in ("125m", "760m", "3b"):
+        with torch.device("meta"):
+            e2e, gdn = (TTTForCausalLM(TTTConfig.from_preset(size, v)).num_parameters()
+                        for v in ("e2e", "gated_deltanet"))
+        assert abs(gdn / e2e - 1) < 0.03, size
+    x, y = tokens(m, 2, 20)
+    m(x, y, ttt=False).loss.backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, name
+
+
+def test_the_rule_reads_past_the_window() -> None:
+    """A token far beyond the window changes later outputs only through the recurrent
+    blocks' state: with a decay that empties the state at every token the model forgets it
+    like SWA."""
+    m = model()
+    with torch.no_grad():  # slow decay (the test helper's random norms make it fast)
+        for layer in m.layers:
+            if layer.gdn is not None:
+                layer.gdn.A_log.zero_()
+                layer.gdn.dt_bias.fill_(-6.0)
+    window = m.config.window
+    x, y = tokens(m, 1, 4 * window)
+    far = 3 * window  # past the receptive field of 2 SWA blocks and 2 short convolutions
+    other = x.clone()
+    other[0, 0] = (other[0, 0] + 1) % m.config.vocab_size
+    with torch.no_grad():
+        a, b = m(x, y, ttt=False).token_nll, m(other, y, ttt=False).token_nll
+        assert (a[0, far:] - b[0, far:]).abs().max() > 1e-9
+        for layer in m.layers:
+            if layer.gdn is not None:
+                layer.gdn.A_log.fill_(10.0)  # g = -e^10 softplus(..): exp(g) underflows to 0
+        a, b = m(x, y, ttt=False).token_nll, m(other, y, ttt=False).token_nll
+    assert torch.equal(a[0, far:], b[0, far:])
+
+
+def test_train_and_resume(tmp_path: Path) -> None:
+    from test_train_trainer import TEXT, losses, tiny_config
+    from tttlm.data import prepare
+    from tttlm.train.trainer import Trainer
+
+    src = tmp_path / "text"
+    src.mkdir()
+    for i in range(4):
+        (src / f"d{i}.txt").write_text(f"Part {i}. " + TEXT * 20)
+    data = tmp_path / "data"
+    prepare([src], data, "bytes", val_docs=1, progress=False)
+    overrides = {"window": 16, "chunk_size": 8, "global_every": 2}
+
+    def config(out: str) -> object:
+        return tiny_config(data, tmp_path / out, mode="gated_deltanet", steps=3, save_every=1,
+                           eval_every=0, model_overrides=overrides)
+
+    straight = Trainer(config("a"))
+    straight.train()
+    first = Trainer(config("b"))
+    first.train(until=2)
+    resumed = Trainer(config("b"), resume=True)
+    resumed.train()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    for (name, a), (_, b) in zip(straight.module.state_dict().items(),
+                                 resumed.module.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_without_fla_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    m = model()
+    x, y = tokens(m, 1, 8)
+    monkeypatch.setitem(sys.modules, "fla", None)  # as if it were not installed
+    with pytest.raises(UserError, match=r"need flash-linear-attention; install it with pip "
+                                        r"install 'tttlm\[fla\]'"):
+        m(x, y, ttt=False)
