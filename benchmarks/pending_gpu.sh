@@ -43,11 +43,12 @@ case "$PART" in
     timeout 150 python -m tttlm.cli bench decode --presets 760m --variants e2e swa full hybrid \
       --contexts 8192 131072 --modes graph --out "$OUT/decode_variants_760m" ;;
   recurrent)  # baselines issue: the recurrent hybrids (first GPU run of their kernels)
-    timeout 400 python -m tttlm.cli bench prefill --preset 3b --variants ttt_kvb gated_deltanet \
+    timeout 400 python -m tttlm.cli bench prefill --preset 3b \
+      --variants ttt_kvb gated_deltanet mamba2 \
       --lengths 8192 32768 131072 --compile compiled --repeats 2 \
       --out "$OUT/prefill_recurrent_3b"
     timeout 150 python -m tttlm.cli bench decode --presets 760m \
-      --variants ttt_kvb gated_deltanet --contexts 8192 131072 --modes eager graph \
+      --variants ttt_kvb gated_deltanet mamba2 --contexts 8192 131072 --modes eager graph \
       --out "$OUT/decode_recurrent_760m" ;;
   *) echo "PART=$PART: use train, prefill, recall, serve, variants or recurrent" >&2; exit 2 ;;
 esac

@@ -70,5 +70,7 @@ def grads(model: TTTForCausalLM) -> dict[str, torch.Tensor]:
 
 
 # Gated DeltaNet runs through flash-linear-attention (the fla extra; the test set-up installs it).
-GDN = pytest.param("gated_deltanet", marks=pytest.mark.skipif(
-    importlib.util.find_spec("fla") is None, reason="flash-linear-attention is not installed"))
+NEEDS_FLA = pytest.mark.skipif(importlib.util.find_spec("fla") is None,
+                               reason="flash-linear-attention is not installed")
+GDN = pytest.param("gated_deltanet", marks=NEEDS_FLA)
+MAMBA2 = pytest.param("mamba2", marks=NEEDS_FLA)

@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import tttlm.hf  # noqa: E402, F401  (registers model_type "tttlm")
-from _helpers import GDN, tiny_model  # noqa: E402
+from _helpers import GDN, MAMBA2, tiny_model  # noqa: E402
 from tttlm.hf import save_tokenizer  # noqa: E402
 from tttlm.inference import Engine  # noqa: E402
 
@@ -25,7 +25,7 @@ def ids(seed: int, *shape: int) -> torch.Tensor:
     return torch.randint(3, 250, shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("variant", ["hybrid", "ttt_kvb", GDN])
+@pytest.mark.parametrize("variant", ["hybrid", "ttt_kvb", GDN, MAMBA2])
 def test_generate_is_the_engines(variant: str, tmp_path: Path) -> None:
     tiny_model(vocab_size=258, bos_token_id=BOS, eos_token_id=EOS, variant=variant,
                num_ttt_layers=None, global_every=2).save_pretrained(tmp_path)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import GDN, assert_close, tiny_model, tokens
+from _helpers import GDN, MAMBA2, assert_close, tiny_model, tokens
 from tttlm import TTTForCausalLM
 from tttlm.inference import Engine
 from tttlm.ops.attention import attention_backend
@@ -73,7 +73,7 @@ def test_e2e_decode_matches_training(prefill: int) -> None:
     assert (off - ref)[:, 8:].abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["swa", "full", "hybrid", "ttt_kvb", GDN])
+@pytest.mark.parametrize("variant", ["swa", "full", "hybrid", "ttt_kvb", GDN, MAMBA2])
 def test_baselines_decode_matches_training(variant: str) -> None:
     prefill = 5
     model = tiny_model(variant=variant, num_ttt_layers=None, global_every=2)
@@ -89,7 +89,7 @@ def test_ttt_off_matches_pretrain_mode() -> None:
     check_rows(model, engine_nll(Engine(model, ttt=False), x, y, [6]), ref, y, [6])
 
 
-@pytest.mark.parametrize("variant", ["e2e", "full", "hybrid", "ttt_kvb", GDN])
+@pytest.mark.parametrize("variant", ["e2e", "full", "hybrid", "ttt_kvb", GDN, MAMBA2])
 def test_ragged_batch_matches_training(variant: str) -> None:
     """Prompts of different lengths: chunk boundaries fall at different steps per sequence."""
     model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None,
@@ -146,7 +146,7 @@ def test_works_under_every_grad_context() -> None:
     assert torch.equal(results["plain"], results["inference_mode"])
 
 
-@pytest.mark.parametrize("variant", ["e2e", "swa", "full", "hybrid", "ttt_kvb", GDN])
+@pytest.mark.parametrize("variant", ["e2e", "swa", "full", "hybrid", "ttt_kvb", GDN, MAMBA2])
 def test_memory_constant_in_context(variant: str) -> None:
     """Reading 10x the window leaves an e2e/swa state the size it had after one token."""
     model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None,

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from _helpers import GDN, tiny_model, tokens
+from _helpers import GDN, MAMBA2, tiny_model, tokens
 from tttlm.inference import Engine, State
 
 
-@pytest.mark.parametrize("variant", ["e2e", "full", "hybrid", "ttt_kvb", GDN])
+@pytest.mark.parametrize("variant", ["e2e", "full", "hybrid", "ttt_kvb", GDN, MAMBA2])
 def test_saved_session_continues_bit_identically(variant: str, tmp_path: Path) -> None:
     model = tiny_model(variant=variant, num_ttt_layers=2 if variant == "e2e" else None,
                        global_every=2)

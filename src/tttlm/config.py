@@ -50,12 +50,15 @@ class Variant(str, enum.Enum):
     TTT_KVB = "ttt_kvb"
     # Gated DeltaNet (Yang et al. 2024, through flash-linear-attention) in the same place
     GATED_DELTANET = "gated_deltanet"
+    # Mamba 2's state-space duality layer in the same place
+    MAMBA2 = "mamba2"
 
 
 # Variants that mix SWA blocks with another kind of block, one in every `global_every`.
-MIXED = (Variant.HYBRID, Variant.TTT_KVB, Variant.GATED_DELTANET)
+MIXED = (Variant.HYBRID, Variant.TTT_KVB, Variant.GATED_DELTANET, Variant.MAMBA2)
 # Variants whose mixed-in blocks replace attention by a recurrent token mixer.
-RECURRENT = {Variant.TTT_KVB: "ttt_kvb", Variant.GATED_DELTANET: "gated_deltanet"}
+RECURRENT = {Variant.TTT_KVB: "ttt_kvb", Variant.GATED_DELTANET: "gated_deltanet",
+             Variant.MAMBA2: "mamba2"}
 
 # name: (layers, hidden, heads, MLP width of the full-attention/SWA models, MLP width of E2E)
 _SIZES: dict[str, tuple[int, int, int, int, int]] = {
@@ -128,16 +131,16 @@ class TTTConfig:
             ``None``: ``num_heads`` (the official multi-head attention).
         head_dim: width of one head; ``None``: ``hidden_size // num_heads`` (official).
         intermediate_size: width of every block's SwiGLU MLP.
-        variant: ``e2e``, ``swa``, ``full``, ``hybrid``, ``ttt_kvb`` or ``gated_deltanet``
-            (see :class:`Variant`).
+        variant: ``e2e``, ``swa``, ``full``, ``hybrid``, ``ttt_kvb``, ``gated_deltanet`` or
+            ``mamba2`` (see :class:`Variant`).
         num_ttt_layers: S, the number of last blocks that carry a prime MLP updated at test time
             (``e2e`` only; the official choice is ``num_layers // 4``).
         prime_intermediate_size: width of the prime MLPs (defaults to ``intermediate_size``).
         window: sliding-window size k: a token attends to the k tokens ending at itself
             (``swa``, ``e2e`` and the windowed layers of ``hybrid``; ignored by ``full``).
-        global_every: ``hybrid``, ``ttt_kvb``, ``gated_deltanet``: one block in every
-            ``global_every`` has full attention (``hybrid``) or a TTT-KVB / Gated DeltaNet
-            layer instead of attention, the
+        global_every: ``hybrid``, ``ttt_kvb``, ``gated_deltanet``, ``mamba2``: one block in
+            every ``global_every`` has full attention (``hybrid``) or a TTT-KVB / Gated
+            DeltaNet / Mamba 2 layer instead of attention, the
             last of each group (blocks ``global_every - 1``, ``2 * global_every - 1``, …; 5:1
             at 6, the paper's hybrid ratio); the others slide over ``window``.
         kvb_fast: ``ttt_kvb`` only: the fast weights of its TTT-KVB blocks, ``linear``
@@ -342,7 +345,8 @@ class TTTConfig:
         return self.window
 
     def layer_mixer(self, index: int) -> str:
-        """How block ``index`` mixes tokens: ``attention``, ``ttt_kvb`` or ``gated_deltanet``."""
+        """How block ``index`` mixes tokens: ``attention``, ``ttt_kvb``, ``gated_deltanet`` or
+        ``mamba2``."""
         if self.variant in RECURRENT and (index + 1) % self.global_every == 0:
             return RECURRENT[self.variant]
         return "attention"

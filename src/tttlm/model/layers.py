@@ -17,7 +17,7 @@ from torch import nn
 
 from tttlm.config import TTTConfig
 from tttlm.model.cache import LayerCache, RopeTables, Rows
-from tttlm.ops.gated_delta import gated_delta_rule
+from tttlm.ops.gated_delta import gated_delta_rule, ssd_rule
 from tttlm.ops.norm import rms_norm
 from tttlm.ops.rope import apply_rope
 from tttlm.ops.ttt_kvb import ttt_kvb, ttt_kvb_continue, ttt_kvb_mlp, ttt_kvb_mlp_continue
@@ -204,14 +204,13 @@ class KVBMixer(nn.Module):
         return out.transpose(1, 2).to(q.dtype)
 
 
-class GatedDeltaNetMixer(nn.Module):
-    """Gated DeltaNet's own parameters around the block's attention projections (q, k with the
-    block's QK-norm, v): causal depthwise convolutions of width 4 on q, k, v (then SiLU; q, k
-    L2-normalised per head), the log-decay ``g = -exp(A_log) * softplus(a(x) + dt_bias)`` and
-    write strength ``beta = sigmoid(b(x))`` per head and token, the gated delta rule
-    (:mod:`tttlm.ops.gated_delta`, flash-linear-attention), then a per-head RMSNorm gated by
-    ``silu(gate(x))``; the block's output projection follows. Initialisation as
-    flash-linear-attention's layer: A in [1, 16], dt in [1e-3, 0.1] log-uniform."""
+class ConvRecurrentMixer(nn.Module):
+    """What Gated DeltaNet and Mamba 2 share around their recurrence: causal depthwise
+    convolutions of width 4 on the block's q, k, v projections (then SiLU), and a per-head
+    RMSNorm of the output gated by ``silu(gate(x))``; the block's output projection follows.
+    Subclasses define the recurrence (:meth:`_rule`) and its parameters. Decoding state
+    (``State.mixers``): the last 3 inputs of each convolution, then the recurrence's state
+    ``[H, d, d]``."""
 
     CONV = 4
 
@@ -225,28 +224,23 @@ class GatedDeltaNetMixer(nn.Module):
         self.conv_q = nn.Parameter(torch.empty(C, self.CONV))
         self.conv_k = nn.Parameter(torch.empty(C, self.CONV))
         self.conv_v = nn.Parameter(torch.empty(C, self.CONV))
-        self.a = nn.Linear(D, H, bias=False)
-        self.b = nn.Linear(D, H, bias=False)
-        self.A_log = nn.Parameter(torch.empty(H))
-        self.dt_bias = nn.Parameter(torch.empty(H))
         self.gate = nn.Linear(D, C, bias=False)
         self.o_norm = nn.Parameter(torch.empty(d))
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         for conv in (self.conv_q, self.conv_k, self.conv_v):
             nn.init.uniform_(conv, -self.CONV ** -0.5, self.CONV ** -0.5)  # Conv1d's default
-        for lin in (self.a, self.b, self.gate):
-            nn.init.normal_(lin.weight, 0.0, self.std)
-        with torch.no_grad():
-            self.A_log.copy_(torch.empty_like(self.A_log).uniform_(1, 16).log())
-            dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3),
-                                                                   math.log(0.1)))
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        nn.init.normal_(self.gate.weight, 0.0, self.std)
         nn.init.ones_(self.o_norm)
 
+    def _reset_decay(self, A_log: torch.Tensor, dt_bias: torch.Tensor) -> None:
+        """Mamba's initialisation: A in [1, 16], dt in [1e-3, 0.1] log-uniform."""
+        with torch.no_grad():
+            A_log.copy_(torch.empty_like(A_log).uniform_(1, 16).log())
+            dt = torch.exp(torch.empty_like(dt_bias).uniform_(math.log(1e-3), math.log(0.1)))
+            dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+
     def state_shapes(self) -> list[tuple[int, ...]]:
-        """The last ``CONV - 1`` inputs of the q, k, v convolutions, then the state."""
         C, w = self.heads * self.head_dim, self.CONV - 1
         return [(C, w), (C, w), (C, w), (self.heads, self.head_dim, self.head_dim)]
 
@@ -266,6 +260,12 @@ class GatedDeltaNetMixer(nn.Module):
         out = F.conv1d(full, weight.to(xt.dtype)[:, None, :], groups=weight.shape[0])
         return F.silu(out).transpose(1, 2), full[:, :, -(self.CONV - 1):]
 
+    def _rule(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              state: torch.Tensor | None, decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrence over ``q, k, v [B, n, H, d]`` (after the convolutions) from
+        ``state``: outputs and the state after the last token."""
+        raise NotImplementedError
+
     def _mix(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              past: Sequence[torch.Tensor | None], state: torch.Tensor | None, decoding: bool
              ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
@@ -279,15 +279,9 @@ class GatedDeltaNetMixer(nn.Module):
             out, kept = self._conv(t.flatten(2), w, p)
             mixed.append(out.view(B, n, H, d))
             new_past.append(kept)
-        qc, kc, vc = mixed
-        qc, kc = F.normalize(qc, dim=-1, eps=1e-6), F.normalize(kc, dim=-1, eps=1e-6)
-        g = -self.A_log.exp() * F.softplus(self.a(x) + self.dt_bias)  # [B, n, H]
-        beta = torch.sigmoid(self.b(x))
-        with torch.autocast(q.device.type, enabled=False):
-            out, final = gated_delta_rule(qc, kc, vc, g, beta, state, decoding)
-        out = out.to(q.dtype)
+        out, final = self._rule(x, *mixed, state, decoding)
         gate = F.silu(self.gate(x)).view(B, n, H, d)
-        return rms_norm(out, self.o_norm, self.eps) * gate, new_past, final
+        return rms_norm(out.to(q.dtype), self.o_norm, self.eps) * gate, new_past, final
 
     def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 state: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -303,12 +297,73 @@ class GatedDeltaNetMixer(nn.Module):
     def step(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              state: Sequence[torch.Tensor], begins: torch.Tensor, rows: Rows) -> torch.Tensor:
         """New tokens ``[B, n]`` of decoding sequences; reads and updates ``state`` in place
-        for the written ``rows`` (``begins``: unused, the rule has no chunks)."""
+        for the written ``rows`` (``begins``: unused, these rules have no chunks)."""
         out, past, final = self._mix(x, q, k, v, state[:3], state[3], True)
         index = rows.column[:, 0]
         for buf, value in zip(state, (*past, final), strict=True):
             buf[index] = rows.keep(value).to(buf.dtype)
         return out
+
+
+class GatedDeltaNetMixer(ConvRecurrentMixer):
+    """Gated DeltaNet (Yang, Kautz and Hatamizadeh, 2024): q, k L2-normalised per head, the
+    log-decay ``g = -exp(A_log) * softplus(a(x) + dt_bias)`` and write strength ``beta =
+    sigmoid(b(x))`` per head and token, the gated delta rule (:mod:`tttlm.ops.gated_delta`,
+    flash-linear-attention)."""
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        H, D = config.num_heads, config.hidden_size
+        self.a = nn.Linear(D, H, bias=False)
+        self.b = nn.Linear(D, H, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        for lin in (self.a, self.b):
+            nn.init.normal_(lin.weight, 0.0, self.std)
+        self._reset_decay(self.A_log, self.dt_bias)
+
+    def _rule(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              state: torch.Tensor | None, decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+        g = -self.A_log.exp() * F.softplus(self.a(x) + self.dt_bias)  # [B, n, H]
+        beta = torch.sigmoid(self.b(x))
+        with torch.autocast(q.device.type, enabled=False):
+            return gated_delta_rule(q, k, v, g, beta, state, decoding)
+
+
+class Mamba2Mixer(ConvRecurrentMixer):
+    """Mamba 2's state-space duality layer (Dao and Gu, 2024) in the block's projections: the
+    convolved q, k, v are its C, B and x (state size = head width, one group per head); per head
+    and token the step ``dt = softplus(dt_proj(x) + dt_bias)``, the decay ``exp(-exp(A_log) dt)``,
+    ``S = decay S + dt B x^T``, ``y = C^T S + D x``: a scalar-gated linear recurrence, run by
+    flash-linear-attention's simple-GLA kernels (:func:`tttlm.ops.gated_delta.ssd_rule`)."""
+
+    def __init__(self, config: TTTConfig) -> None:
+        super().__init__(config)
+        H, D = config.num_heads, config.hidden_size
+        self.dt_proj = nn.Linear(D, H, bias=False)
+        self.A_log = nn.Parameter(torch.empty(H))
+        self.dt_bias = nn.Parameter(torch.empty(H))
+        self.D = nn.Parameter(torch.empty(H))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.normal_(self.dt_proj.weight, 0.0, self.std)
+        self._reset_decay(self.A_log, self.dt_bias)
+        nn.init.ones_(self.D)
+
+    def _rule(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              state: torch.Tensor | None, decoding: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = F.softplus(self.dt_proj(x) + self.dt_bias)  # [B, n, H]
+        g = -self.A_log.exp() * dt
+        with torch.autocast(q.device.type, enabled=False):
+            out, final = ssd_rule(q, k, v * dt[..., None], g, state, decoding)
+        return out + self.D[:, None] * v, final
 
 
 class Block(nn.Module):
@@ -325,10 +380,12 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(D, eps)
         self.attn = Attention(config)
         self.attn_post_norm = post_norm()
-        # A recurrent layer mixes the tokens instead of attention (the ``ttt_kvb`` and
-        # ``gated_deltanet`` variants' mixed-in blocks); it uses the attention projections.
+        # A recurrent layer mixes the tokens instead of attention (the ``ttt_kvb``,
+        # ``gated_deltanet`` and ``mamba2`` variants' mixed-in blocks); it uses the attention
+        # projections.
         self.kvb = KVBMixer(config) if mixer == "ttt_kvb" else None
         self.gdn = GatedDeltaNetMixer(config) if mixer == "gated_deltanet" else None
+        self.ssd = Mamba2Mixer(config) if mixer == "mamba2" else None
         self.has_prime = has_prime
         if has_prime:
             assert config.prime_intermediate_size is not None
@@ -340,9 +397,12 @@ class Block(nn.Module):
         self.mlp_post_norm = post_norm()
 
     @property
-    def recurrent(self) -> KVBMixer | GatedDeltaNetMixer | None:
+    def recurrent(self) -> KVBMixer | ConvRecurrentMixer | None:
         """The block's recurrent token mixer, or ``None`` for attention."""
-        return self.kvb if self.kvb is not None else self.gdn
+        for mixer in (self.kvb, self.gdn, self.ssd):
+            if mixer is not None:
+                return mixer
+        return None
 
     def feed_forward(self, h: torch.Tensor, fast: FastWeights | None = None) -> torch.Tensor:
         """Everything after attention: the prime MLP (with ``fast`` weights if given), the MLP."""

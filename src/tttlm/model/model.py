@@ -19,7 +19,7 @@ from tttlm.config import TTTConfig, Variant
 from tttlm.errors import UserError
 from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.cache import ChunkKV, WholeSequence
-from tttlm.model.layers import Block, GatedDeltaNetMixer, KVBMixer, RMSNorm
+from tttlm.model.layers import Block, ConvRecurrentMixer, KVBMixer, RMSNorm
 from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import config_rope_angles
@@ -180,7 +180,7 @@ class TTTForCausalLM(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            elif isinstance(module, (KVBMixer, GatedDeltaNetMixer)):
+            elif isinstance(module, (KVBMixer, ConvRecurrentMixer)):
                 module.reset_parameters()
 
     @property

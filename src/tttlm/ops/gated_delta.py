@@ -19,8 +19,8 @@ def require_fla() -> Any:
     try:
         import fla
     except ImportError:
-        raise UserError("gated_deltanet models need flash-linear-attention; install it with "
-                        "pip install 'tttlm[fla]'") from None
+        raise UserError("gated_deltanet and mamba2 models need flash-linear-attention; "
+                        "install it with pip install 'tttlm[fla]'") from None
     return fla
 
 
@@ -48,3 +48,27 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     return naive_recurrent_gated_delta_rule(q, k, v, beta, g, scale=scale,
                                             initial_state=initial_state,
                                             output_final_state=True)
+
+
+def ssd_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
+             initial_state: torch.Tensor | None = None, decoding: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mamba 2's recurrence as a scalar-gated linear recurrence (flash-linear-attention's
+    simple GLA, scale 1): per head ``S = exp(g_t) S + k_t v_t^T``, ``o_t = S^T q_t``, with
+    ``q, k [B, T, H, d_k]``, ``v [B, T, H, d_v]``, ``g [B, T, H]``. Returns the outputs and the
+    state after the last token (float32); kernels as :func:`gated_delta_rule`."""
+    require_fla()
+    if q.is_cuda:
+        if decoding:
+            from fla.ops.simple_gla import fused_recurrent_simple_gla as kernel
+        else:
+            from fla.ops.simple_gla import chunk_simple_gla as kernel
+        state = None if initial_state is None else initial_state.float()
+        return kernel(q, k, v, g=g.float(), scale=1.0, initial_state=state,
+                      output_final_state=True)
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+
+    out, final = naive_recurrent_simple_gla(q, k, v, g, scale=1.0,
+                                            initial_state=initial_state,
+                                            output_final_state=True)
+    return out.float(), final

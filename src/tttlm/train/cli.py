@@ -37,9 +37,9 @@ def add_parser(subparsers: Any) -> None:
                    help="override one setting (repeatable), e.g. --set lr=1e-3 "
                         "--set model.window=256")
     p.add_argument("--mode", choices=("e2e", "swa", "full", "hybrid", "ttt_kvb",
-                                      "gated_deltanet"),
-                   help="model variant (hybrid, ttt_kvb, gated_deltanet: SWA with a full-"
-                        "attention, TTT-KVB or Gated DeltaNet block in every 6)")
+                                      "gated_deltanet", "mamba2"),
+                   help="model variant (hybrid, ttt_kvb, gated_deltanet, mamba2: SWA with a "
+                        "full-attention, TTT-KVB, Gated DeltaNet or Mamba 2 block in every 6)")
     p.add_argument("--no-ttt", dest="ttt", action="store_false", default=None,
                    help="train the e2e architecture without the inner loop (pretrain mode)")
     p.add_argument("--model", help="model size preset (tiny, 125m, 350m, 760m, 1b, 3b)")

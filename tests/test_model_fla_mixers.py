@@ -1,6 +1,7 @@
-"""The ``gated_deltanet`` variant: SWA blocks with a Gated DeltaNet block (flash-linear-
-attention's gated delta rule) in every ``global_every``; the engine's equivalence with the
-training forward and its sessions are in test_inference_engine / test_inference_state."""
+"""The ``gated_deltanet`` and ``mamba2`` variants: SWA blocks with a Gated DeltaNet / Mamba 2
+block (their recurrences from flash-linear-attention) in every ``global_every``; the engine's
+equivalence with the training forward and its sessions are in test_inference_engine /
+test_inference_state."""
 
 from __future__ import annotations
 
@@ -17,34 +18,39 @@ from tttlm.errors import UserError
 pytest.importorskip("fla")
 
 
-def model() -> TTTForCausalLM:
-    return tiny_model(variant="gated_deltanet", num_ttt_layers=None, global_every=2)
+VARIANTS = pytest.mark.parametrize("variant", ["gated_deltanet", "mamba2"])
 
 
-def test_blocks_parameters_and_gradients() -> None:
-    m = model()
-    assert [layer.gdn is not None for layer in m.layers] == [False, True, False, True]
+def model(variant: str = "gated_deltanet") -> TTTForCausalLM:
+    return tiny_model(variant=variant, num_ttt_layers=None, global_every=2)
+
+
+@VARIANTS
+def test_blocks_parameters_and_gradients(variant: str) -> None:
+    m = model(variant)
+    assert [layer.recurrent is not None for layer in m.layers] == [False, True, False, True]
     for size in ("125m", "760m", "3b"):
         with torch.device("meta"):
-            e2e, gdn = (TTTForCausalLM(TTTConfig.from_preset(size, v)).num_parameters()
-                        for v in ("e2e", "gated_deltanet"))
-        assert abs(gdn / e2e - 1) < 0.03, size
+            e2e, other = (TTTForCausalLM(TTTConfig.from_preset(size, v)).num_parameters()
+                          for v in ("e2e", variant))
+        assert abs(other / e2e - 1) < 0.03, size
     x, y = tokens(m, 2, 20)
     m(x, y, ttt=False).loss.backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().max() > 0, name
 
 
-def test_the_rule_reads_past_the_window() -> None:
+@VARIANTS
+def test_the_rule_reads_past_the_window(variant: str) -> None:
     """A token far beyond the window changes later outputs only through the recurrent
     blocks' state: with a decay that empties the state at every token the model forgets it
     like SWA."""
-    m = model()
+    m = model(variant)
+    mixers = [layer.recurrent for layer in m.layers if layer.recurrent is not None]
     with torch.no_grad():  # slow decay (the test helper's random norms make it fast)
-        for layer in m.layers:
-            if layer.gdn is not None:
-                layer.gdn.A_log.zero_()
-                layer.gdn.dt_bias.fill_(-6.0)
+        for mixer in mixers:
+            mixer.A_log.zero_()
+            mixer.dt_bias.fill_(-6.0)
     window = m.config.window
     x, y = tokens(m, 1, 4 * window)
     far = 3 * window  # past the receptive field of 2 SWA blocks and 2 short convolutions
@@ -53,14 +59,14 @@ def test_the_rule_reads_past_the_window() -> None:
     with torch.no_grad():
         a, b = m(x, y, ttt=False).token_nll, m(other, y, ttt=False).token_nll
         assert (a[0, far:] - b[0, far:]).abs().max() > 1e-9
-        for layer in m.layers:
-            if layer.gdn is not None:
-                layer.gdn.A_log.fill_(10.0)  # g = -e^10 softplus(..): exp(g) underflows to 0
+        for mixer in mixers:
+            mixer.A_log.fill_(10.0)  # g = -e^10 softplus(..): exp(g) underflows to 0
         a, b = m(x, y, ttt=False).token_nll, m(other, y, ttt=False).token_nll
     assert torch.equal(a[0, far:], b[0, far:])
 
 
-def test_train_and_resume(tmp_path: Path) -> None:
+@VARIANTS
+def test_train_and_resume(variant: str, tmp_path: Path) -> None:
     from test_train_trainer import TEXT, losses, tiny_config
     from tttlm.data import prepare
     from tttlm.train.trainer import Trainer
@@ -74,7 +80,7 @@ def test_train_and_resume(tmp_path: Path) -> None:
     overrides = {"window": 16, "chunk_size": 8, "global_every": 2}
 
     def config(out: str) -> object:
-        return tiny_config(data, tmp_path / out, mode="gated_deltanet", steps=3, save_every=1,
+        return tiny_config(data, tmp_path / out, mode=variant, steps=3, save_every=1,
                            eval_every=0, model_overrides=overrides)
 
     straight = Trainer(config("a"))
@@ -89,8 +95,9 @@ def test_train_and_resume(tmp_path: Path) -> None:
         assert torch.equal(a, b), name
 
 
-def test_without_fla_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    m = model()
+@VARIANTS
+def test_without_fla_one_line(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = model(variant)
     x, y = tokens(m, 1, 8)
     monkeypatch.setitem(sys.modules, "fla", None)  # as if it were not installed
     with pytest.raises(UserError, match=r"need flash-linear-attention; install it with pip "
