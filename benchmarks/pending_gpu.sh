@@ -2,7 +2,8 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|recall|serve|variants|recurrent bash benchmarks/pending_gpu.sh
+#   OUT=out PART=train|prefill|recall|serve|variants|recurrent|compare \
+#     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
 # wheels built here for the device's Python (e.g. 3.12):
@@ -50,5 +51,9 @@ case "$PART" in
     timeout 150 python -m tttlm.cli bench decode --presets 760m \
       --variants ttt_kvb gated_deltanet mamba2 --contexts 8192 131072 --modes eager graph \
       --out "$OUT/decode_recurrent_760m" ;;
-  *) echo "PART=$PART: use train, prefill, recall, serve, variants or recurrent" >&2; exit 2 ;;
+  compare)  # baselines issue: the small same-tokens training comparison of all seven
+    timeout 560 python benchmarks/variants_small.py --device cuda --work /tmp/variants-small \
+      --out "$OUT/variants_small_h200" ;;
+  *) echo "PART=$PART: use train, prefill, recall, serve, variants, recurrent or compare" >&2
+     exit 2 ;;
 esac
