@@ -57,7 +57,9 @@ def run_one(data: Path, work: Path, preset: str, variant: str, mode: str, args: 
                 *(("--set", "model.vocab_size=128256") if args.official_vocab else ()),
                 *(a for s in args.set for a in ("--set", s)))
     row: dict[str, Any] = {"variant": variant, "step_mode": mode, "micro_batch": args.micro_batch,
-                           "batch": args.batch, "command": shlex.join(cmd[2:])}
+                           "batch": args.batch,
+                           # (the scratch folder as $WORK: no machine's paths in reports)
+                           "command": shlex.join(cmd[2:]).replace(str(work), "$WORK")}
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     row["wall_s"] = round(time.perf_counter() - start, 1)
