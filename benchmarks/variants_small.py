@@ -89,7 +89,9 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     env = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {gpu}",
            "python": platform.python_version(), "torch": torch.__version__,
-           "command": "python benchmarks/variants_small.py " + shlex.join(sys.argv[1:]),
+           # (the scratch folder as $WORK: no machine's paths in reports)
+           "command": ("python benchmarks/variants_small.py " + shlex.join(sys.argv[1:]))
+           .replace(str(args.work), "$WORK"),
            "train_tokens_per_variant": tokens, "wall_s": round(time.perf_counter() - began)}
     report = {"title": f"All variants, small-scale, same tokens ({device.type})", "env": env,
               "settings": {"hidden": cfg.hidden_size, "blocks": cfg.num_layers,
@@ -104,8 +106,9 @@ def main() -> None:
              f"Settings: {report['settings']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows.values()]
-    lines += ["", "Small-scale: a 4-block, width-128 model, ~0.4M tokens per variant; the "
-              "mixed variants at 1:1 (four blocks cannot hold 5:1). Loss by position on "
+    lines += ["", f"Small-scale: a 4-block, width-128 model, {tokens:,} training tokens per "
+              "variant; the mixed variants at 1:1 (four blocks cannot hold 5:1). Loss by "
+              "position on "
               f"{cfg.eval_sequences} held-out windows of {cfg.seq_len} tokens (the quickstart's "
               f"evaluation); positions >= {W} are beyond the window."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
