@@ -103,3 +103,28 @@ def test_without_fla_one_line(variant: str, monkeypatch: pytest.MonkeyPatch) -> 
     with pytest.raises(UserError, match=r"need flash-linear-attention; install it with pip "
                                         r"install 'tttlm\[fla\]'"):
         m(x, y, ttt=False)
+
+
+@VARIANTS
+def test_bf16_model_decodes_with_float32_state(variant: str) -> None:
+    """A bf16 model keeps the recurrent state in float32, and its decoding strays from the
+    float64 model's no farther than its own bf16 training forward does (this test model's
+    large weights make bf16 coarse: the bound is measured, not assumed)."""
+    import copy
+
+    from tttlm.inference import Engine
+
+    m = model(variant)
+    low_model = copy.deepcopy(m).to(torch.bfloat16)
+    x, _ = tokens(m, 2, 12)
+    with torch.no_grad():
+        _, exact = m.head_nll(m.run_blocks(m.embed(x), list(m.layers)), None, True)
+        _, coarse = low_model.head_nll(low_model.run_blocks(low_model.embed(x),
+                                                            list(low_model.layers)), None, True)
+    bound = (coarse.double() - exact).abs().max() + 0.1
+    low = Engine(low_model)
+    logits, state = low.prefill(x[:, :5])
+    assert all(t.dtype == torch.float32 for t in state.mixers)
+    for t in range(5, 12):
+        assert (logits.double() - exact[:, t - 1]).abs().max() <= bound, t
+        logits, state = low.step(state, x[:, t])

@@ -4,6 +4,7 @@ equivalence with the training forward and its sessions: test_inference_engine/_s
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,19 @@ def test_mlp_fast_weights_decode_as_they_train(tmp_path: Path) -> None:
     other.save(tmp_path / "linear")
     with pytest.raises(ValueError, match="config fingerprint"):
         State.load(tmp_path / "linear", m)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_bf16_model_decodes_with_float32_state(kind: str) -> None:
+    """A bf16 model (serving, benchmarks) keeps the KVB state in float32 and decodes near the
+    float64 model (bf16 projections: logits within a few hundredths)."""
+    m = tiny_model(variant="ttt_kvb", num_ttt_layers=None, global_every=2, kvb_fast=kind)
+    x, _ = tokens(m, 2, 16)
+    high, low = Engine(m), Engine(copy.deepcopy(m).to(torch.bfloat16))
+    ref_logits, ref = high.prefill(x[:, :7])
+    logits, state = low.prefill(x[:, :7])
+    assert all(t.dtype == torch.float32 for t in state.mixers)
+    for t in range(7, 16):
+        assert (logits.double() - ref_logits).abs().max() < 0.25, t
+        logits, state = low.step(state, x[:, t])
+        ref_logits, ref = high.step(ref, x[:, t])

@@ -150,12 +150,24 @@ class KVBMixer(nn.Module):
         """Head-major ``q, k, v [B, H, n, d]`` and ``eta [B, H, n]`` in the fast weights'
         precision (fp32 under bf16 autocast) from ``x [B, n, D]`` (the block's normed input)
         and the attention projections ``q [B, n, H, d]``, ``k, v [B, n, H_kv, d]``."""
-        H, inner = q.shape[2], self.ln_weight.dtype
+        H, inner = q.shape[2], self.inner_dtype
         if k.shape[2] != H:  # grouped-query projections: each query head gets its group's
             k = k.repeat_interleave(H // k.shape[2], dim=2)
             v = v.repeat_interleave(H // v.shape[2], dim=2)
         eta = self.inner_lr * torch.sigmoid(self.lr(x).to(inner)) / self.head_dim  # [B, n, H]
         return (*(t.transpose(1, 2).to(inner) for t in (q, k, v)), eta.transpose(1, 2))
+
+    @property
+    def inner_dtype(self) -> torch.dtype:
+        """float32 (float64 for a float64 model): the inner loop and its state never run in
+        bf16, as the e2e fast weights (a bf16 model keeps its decoding state in float32)."""
+        return torch.float64 if self.ln_weight.dtype == torch.float64 else torch.float32
+
+    def _inner(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+        """The initial fast weights and the LN parameters in :attr:`inner_dtype`."""
+        inner = self.inner_dtype
+        return (tuple(p.to(inner) for p in self.fast_params()), self.ln_weight.to(inner),
+                self.ln_bias.to(inner))
 
     def forward(self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 state: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
@@ -165,14 +177,13 @@ class KVBMixer(nn.Module):
         qh, kh, vh, eta = self.inputs(x, q, k, v)
         # The inner loop (LN statistics, gradients, updates) in full precision, outside
         # autocast, as the e2e inner step keeps its fast weights fp32.
+        fast, ln_w, ln_b = self._inner()
         with torch.autocast(q.device.type, enabled=False):
             if self.mlp:
-                out, now, start = ttt_kvb_mlp(qh, kh, vh, eta, self.fast_params(),  # type: ignore[arg-type]
-                                              self.ln_weight, self.ln_bias, self.chunk,
-                                              self.eps)
+                out, now, start = ttt_kvb_mlp(qh, kh, vh, eta, fast,  # type: ignore[arg-type]
+                                              ln_w, ln_b, self.chunk, self.eps)
             else:
-                out, w, b, w0, b0 = ttt_kvb(qh, kh, vh, eta, self.weight, self.bias,
-                                            self.ln_weight, self.ln_bias, self.chunk,
+                out, w, b, w0, b0 = ttt_kvb(qh, kh, vh, eta, *fast, ln_w, ln_b, self.chunk,
                                             self.eps, last_start=True)
                 now, start = (w, b), (w0, b0)
         if state is not None:
@@ -187,17 +198,18 @@ class KVBMixer(nn.Module):
         ``state`` in place for the written ``rows``; returns ``[B, n, H, d]``."""
         qh, kh, vh, eta = self.inputs(x, q, k, v)
         n = len(self.fast_names)
-        now = tuple(state[n:])
+        _, ln_w, ln_b = self._inner()
+        now = tuple(t.to(qh.dtype) for t in state[n:])
         # a row whose chunk starts here takes its gradients at the weights it has now
-        start = tuple(torch.where(begins.view(-1, *([1] * (w.dim() - 1))), w, s)
+        start = tuple(torch.where(begins.view(-1, *([1] * (w.dim() - 1))), w, s.to(w.dtype))
                       for s, w in zip(state[:n], now))
         with torch.autocast(q.device.type, enabled=False):
             if self.mlp:
                 out, new = ttt_kvb_mlp_continue(qh, kh, vh, eta, start, now,  # type: ignore[arg-type]
-                                                self.ln_weight, self.ln_bias, self.eps)
+                                                ln_w, ln_b, self.eps)
             else:
-                out, *new = ttt_kvb_continue(qh, kh, vh, eta, *start, *now, self.ln_weight,
-                                             self.ln_bias, self.eps)
+                out, *new = ttt_kvb_continue(qh, kh, vh, eta, *start, *now, ln_w, ln_b,
+                                             self.eps)
         index = rows.column[:, 0]
         for buf, value in zip(state, (*start, *new), strict=True):
             buf[index] = rows.keep(value).to(buf.dtype)
