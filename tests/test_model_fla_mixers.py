@@ -6,7 +6,6 @@ test_inference_state."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -63,36 +62,6 @@ def test_the_rule_reads_past_the_window(variant: str) -> None:
             mixer.A_log.fill_(10.0)  # g = -e^10 softplus(..): exp(g) underflows to 0
         a, b = m(x, y, ttt=False).token_nll, m(other, y, ttt=False).token_nll
     assert torch.equal(a[0, far:], b[0, far:])
-
-
-@VARIANTS
-def test_train_and_resume(variant: str, tmp_path: Path) -> None:
-    from test_train_trainer import TEXT, losses, tiny_config
-    from tttlm.data import prepare
-    from tttlm.train.trainer import Trainer
-
-    src = tmp_path / "text"
-    src.mkdir()
-    for i in range(4):
-        (src / f"d{i}.txt").write_text(f"Part {i}. " + TEXT * 20)
-    data = tmp_path / "data"
-    prepare([src], data, "bytes", val_docs=1, progress=False)
-    overrides = {"window": 16, "chunk_size": 8, "global_every": 2}
-
-    def config(out: str) -> object:
-        return tiny_config(data, tmp_path / out, mode=variant, steps=3, save_every=1,
-                           eval_every=0, model_overrides=overrides)
-
-    straight = Trainer(config("a"))
-    straight.train()
-    first = Trainer(config("b"))
-    first.train(until=2)
-    resumed = Trainer(config("b"), resume=True)
-    resumed.train()
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    for (name, a), (_, b) in zip(straight.module.state_dict().items(),
-                                 resumed.module.state_dict().items()):
-        assert torch.equal(a, b), name
 
 
 @VARIANTS

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -86,33 +84,3 @@ def test_prefill_flops_count_each_block_window() -> None:
     assert f_swa < f_hybrid < f_full
     # 2 of 12 blocks full: the attention part is 10/12 swa's plus 2/12 full's
     assert f_hybrid - f_swa == pytest.approx((f_full - f_swa) * 2 / 12)
-
-
-def test_train_and_resume_hybrid(tmp_path: Path) -> None:
-    from test_train_trainer import TEXT, losses, tiny_config
-    from tttlm.data import prepare
-    from tttlm.train.trainer import Trainer
-
-    src = tmp_path / "text"
-    src.mkdir()
-    for i in range(4):
-        (src / f"d{i}.txt").write_text(f"Part {i}. " + TEXT * 20)
-    data = tmp_path / "data"
-    prepare([src], data, "bytes", val_docs=1, progress=False)
-    overrides = {"window": 16, "chunk_size": 8, "global_every": 2}
-
-    def config(out: str) -> object:
-        return tiny_config(data, tmp_path / out, mode="hybrid", steps=3, save_every=1,
-                           eval_every=0, model_overrides=overrides)
-
-    straight = Trainer(config("a"))
-    straight.train()
-    first = Trainer(config("b"))
-    first.train(until=2)
-    resumed = Trainer(config("b"), resume=True)
-    resumed.train()
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    for (name, a), (_, b) in zip(straight.module.state_dict().items(),
-                                 resumed.module.state_dict().items()):
-        assert torch.equal(a, b), name
-    assert straight.model_config.full_attention_layers == [1, 3]

@@ -91,35 +91,6 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                  "3", "--device", "cpu"]) == 0
 
 
-def test_train_and_resume(tmp_path: Path) -> None:
-    from test_train_trainer import TEXT, losses, tiny_config
-    from tttlm.data import prepare
-    from tttlm.train.trainer import Trainer
-
-    src = tmp_path / "text"
-    src.mkdir()
-    for i in range(4):
-        (src / f"d{i}.txt").write_text(f"Part {i}. " + TEXT * 20)
-    data = tmp_path / "data"
-    prepare([src], data, "bytes", val_docs=1, progress=False)
-    overrides = {"window": 16, "chunk_size": 8, "global_every": 2}
-
-    def config(out: str) -> object:
-        return tiny_config(data, tmp_path / out, mode="ttt_kvb", steps=3, save_every=1,
-                           eval_every=0, model_overrides=overrides)
-
-    straight = Trainer(config("a"))
-    straight.train()
-    first = Trainer(config("b"))
-    first.train(until=2)
-    resumed = Trainer(config("b"), resume=True)
-    resumed.train()
-    assert losses(tmp_path / "a") == losses(tmp_path / "b")
-    for (name, a), (_, b) in zip(straight.module.state_dict().items(),
-                                 resumed.module.state_dict().items()):
-        assert torch.equal(a, b), name
-
-
 def test_every_ttt_kvb_parameter_gets_a_gradient() -> None:
     m = model()
     x, y = tokens(m, 2, 20)

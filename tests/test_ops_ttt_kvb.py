@@ -16,7 +16,9 @@ from tttlm.ops.ttt_kvb import (
 )
 
 
-def inputs(B: int, H: int, T: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+def inputs(B: int, H: int, T: int, d: int, seed: int = 0, mlp: int | None = None) -> tuple:
+    """Random float64 arguments: q, k, v, eta, the fast weights (``W, b`` spread out; with
+    ``mlp`` = m, a tuple ``(W1 [d, m], b1, W2 [m, d], b2)``), gamma, beta."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
@@ -25,8 +27,12 @@ def inputs(B: int, H: int, T: int, d: int, seed: int = 0) -> tuple[torch.Tensor,
 
     q, k, v = rand(B, H, T, d), rand(B, H, T, d), rand(B, H, T, d)
     eta = (0.5 * torch.rand(B, H, T, generator=g, dtype=torch.float64)).requires_grad_()
-    return (q, k, v, eta, rand(H, d, d, scale=0.3), rand(H, d, scale=0.1),
-            rand(H, d, scale=0.1, shift=1.0), rand(H, d, scale=0.1))
+    if mlp is None:
+        return (q, k, v, eta, rand(H, d, d, scale=0.3), rand(H, d, scale=0.1),
+                rand(H, d, scale=0.1, shift=1.0), rand(H, d, scale=0.1))
+    fast = (rand(H, d, mlp, scale=0.4), rand(H, mlp, scale=0.1), rand(H, mlp, d, scale=0.4),
+            rand(H, d, scale=0.1))
+    return q, k, v, eta, fast, rand(H, d, scale=0.1, shift=1.0), rand(H, d, scale=0.1)
 
 
 @pytest.mark.parametrize("T, chunk", [(11, 4), (8, 4), (5, 8), (7, 1)])
@@ -94,23 +100,9 @@ def test_continuing_equals_the_whole_sequence(prefix: int, spans: list[int]) -> 
     torch.testing.assert_close(b_now, b_end, rtol=0, atol=1e-12)
 
 
-def mlp_inputs(B: int, H: int, T: int, d: int, m: int, seed: int = 0) -> tuple:
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
-        x = shift + scale * torch.randn(*shape, generator=g, dtype=torch.float64)
-        return x.requires_grad_()
-
-    q, k, v = rand(B, H, T, d), rand(B, H, T, d), rand(B, H, T, d)
-    eta = (0.5 * torch.rand(B, H, T, generator=g, dtype=torch.float64)).requires_grad_()
-    weights = (rand(H, d, m, scale=0.4), rand(H, m, scale=0.1), rand(H, m, d, scale=0.4),
-               rand(H, d, scale=0.1))
-    return q, k, v, eta, weights, rand(H, d, scale=0.1, shift=1.0), rand(H, d, scale=0.1)
-
-
 @pytest.mark.parametrize("T, chunk", [(11, 4), (6, 8)])
 def test_mlp_dual_form_is_the_definition(T: int, chunk: int) -> None:
-    q, k, v, eta, weights, gamma, beta = mlp_inputs(2, 3, T, 4, 8)
+    q, k, v, eta, weights, gamma, beta = inputs(2, 3, T, 4, mlp=8)
     out, now, _ = ttt_kvb_mlp(q, k, v, eta, weights, gamma, beta, chunk)
     ref, ref_now = ttt_kvb_mlp_naive(q, k, v, eta, weights, gamma, beta, chunk)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
@@ -130,7 +122,7 @@ def test_mlp_continuing_equals_the_whole_sequence() -> None:
     T = prefix + sum(spans)
     q, k, v, eta, weights, gamma, beta = (
         tuple(w.detach() for w in t) if isinstance(t, tuple) else t.detach()
-        for t in mlp_inputs(1, 2, T, 4, 8, seed=2))
+        for t in inputs(1, 2, T, 4, seed=2, mlp=8))
     whole, end, _ = ttt_kvb_mlp(q, k, v, eta, weights, gamma, beta, chunk)
     out, now, start = ttt_kvb_mlp(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix],
                                   eta[:, :, :prefix], weights, gamma, beta, chunk)

@@ -351,10 +351,6 @@ class TTTConfig:
             return RECURRENT[self.variant]
         return "attention"
 
-    def is_kvb_layer(self, index: int) -> bool:
-        """Whether block ``index`` mixes tokens with TTT-KVB instead of attention."""
-        return self.layer_mixer(index) == "ttt_kvb"
-
     def is_recurrent_layer(self, index: int) -> bool:
         """Whether block ``index`` mixes tokens with a recurrent layer (a state of fixed size
         instead of a key/value cache)."""

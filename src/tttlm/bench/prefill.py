@@ -48,10 +48,10 @@ def prefill_flops(config: TTTConfig, T: int) -> float:
     prime = 3 * D * (config.prime_intermediate_size or 0)
     matmul = 2 * T * (L * block + S * prime + V * D)
     window = config.window if config.uses_window else None
-    # TTT-KVB blocks mix tokens through their dual form instead: per token and head, k W,
-    # q W and the chunk's update (3 d^2), q.k and the in-chunk mix over c tokens (2 c d)
+    # Recurrent blocks (TTT-KVB, Gated DeltaNet, Mamba 2) mix tokens through a d x d state per
+    # head instead: per token about 3 d^2 (read, write, update) and 2 c d within a chunk
     H, d, c = config.num_heads, config.head_dim or D // config.num_heads, config.chunk_size
-    attention = sum(2 * T * H * d * (3 * d + 2 * c) if config.is_kvb_layer(i)
+    attention = sum(2 * T * H * d * (3 * d + 2 * c) if config.is_recurrent_layer(i)
                     else 4 * D * _attended_pairs(T, config.layer_window(i)) for i in range(L))
     total = float(matmul + attention)
     if config.variant is Variant.E2E:

@@ -17,6 +17,7 @@ near-ties may order differently. A dense index, or a client of a vector database
 from __future__ import annotations
 
 import abc
+import functools
 import sqlite3
 import threading
 from collections.abc import Sequence
@@ -111,8 +112,9 @@ class BM25Index(PassageIndex):
         return sorted(found, key=lambda hit: (-hit[1], hit[0]))
 
 
+@functools.cache
 def fts5_available() -> bool:
-    """Whether this Python's SQLite has the FTS5 extension (most builds do)."""
+    """Whether this Python's SQLite has the FTS5 extension (most builds do; asked once)."""
     try:
         sqlite3.connect(":memory:").execute("CREATE VIRTUAL TABLE t USING fts5(x)")
     except sqlite3.Error:
