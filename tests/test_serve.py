@@ -225,6 +225,15 @@ def test_fork_and_delete(server: Server, engine: Engine) -> None:
     assert sid == "forkme"
     fork = client.post(f"/sessions/{sid}/fork", body={"session_id": "forked"}, cast_to=object)
     assert fork["id"] == "forked" and fork["tokens"] == 6
+    # Copy-on-write: the fork's state is the parent's files, hard-linked, not copies.
+    sessions = server.log.parent / "sessions"
+
+    def files(session: str) -> dict[str, int]:
+        meta = json.loads((sessions / session / "serve.json").read_text())
+        return {p.name: p.stat().st_ino for p in (sessions / session / meta["state"]).iterdir()
+                if not p.name.startswith(".")}
+
+    assert files("forked") == files(sid) and "session.json" in files(sid)
     a = continue_session(client, "forked", [11], 5)
     b = continue_session(client, sid, [11], 5)
     assert a == b == expected(engine, [BOS, 5, 6, 7, 8, 9, 11], 5)

@@ -49,10 +49,12 @@ from safetensors import SafetensorError, safe_open
 from tttlm.config import Variant
 from tttlm.errors import UserError
 from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text, fsync_dir
+from tttlm.inference.pages import check_pages_manifest, file_sha256, read_pages, write_pages
 from tttlm.model.cache import rope_slots
 
 SESSION_FORMAT = "tttlm-session"
 SESSION_VERSION = 2  # 2: the manifest names the tensor file and its sha256
+PAGED_VERSION = 3  # 3: tensors in hashed pages, written only when changed (State.save paged)
 TENSORS_NAME = "session.safetensors"  # version 1's tensor file
 META_NAME = "session.json"  # the manifest, written last
 _LISTS = ("prefix_keys", "prefix_values", "ttt_keys", "ttt_values", "fast", "mixers")
@@ -228,7 +230,8 @@ class State:
                 "chunks_done": self.chunks_done, "skipped_updates": self.skipped_updates}
 
     def save(self, path: str | os.PathLike[str], *,
-             command: str = "generate --save-session") -> Path:
+             command: str = "generate --save-session", paged: bool = False,
+             base: str | os.PathLike[str] | None = None) -> Path:
         """Write the state to directory ``path``: a tensor file, then ``session.json``.
 
         ``session.json`` is the manifest, written last: it names the tensor file with its
@@ -238,19 +241,28 @@ class State:
         hash), so that an interrupted save leaves the previous session whole. The folder is
         locked while saving (``command`` names the owner in a refusal). An existing folder
         must be a session (it is replaced) or empty.
-        """
-        from tttlm.model.model import save_safetensors  # the model imports nothing of ours
 
+        ``paged=True`` writes the tensors as hashed pages (:mod:`tttlm.inference.pages`):
+        only the pages that neither ``path``'s current session nor the session in folder
+        ``base`` holds are written (after a few decoded tokens, a few pages per cache), and
+        the packs taken from ``base`` are hard-linked. A server saving a session after every
+        reply writes what the reply changed, not the whole state.
+        """
         out = Path(path)
         check_session_folder(out)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self._tensors().items()}
         with FolderLock(out, command):
             check_session_folder(out)  # again, now that nobody else writes there
+            if paged:
+                self._save_paged(out, tensors, None if base is None else Path(base))
+                return out
+            from tttlm.model.model import save_safetensors  # the model imports nothing of ours
+
             staged = out / f".session-staged-{uuid.uuid4().hex[:8]}.safetensors"
             try:
                 save_safetensors(staged, tensors, {k: json.dumps(v) for k, v in
                                                    self._counters().items()})
-                size, digest = staged.stat().st_size, _sha256(staged)
+                size, digest = staged.stat().st_size, file_sha256(staged)
                 name = f"session-{digest[:16]}.safetensors"
                 os.replace(staged, out / name)
             except BaseException:
@@ -266,6 +278,21 @@ class State:
                 if old.name not in (name, META_NAME, LOCK_NAME):
                     old.unlink(missing_ok=True)
         return out
+
+    def _save_paged(self, out: Path, tensors: dict[str, torch.Tensor],
+                    base: Path | None) -> None:
+        metadata = {k: json.dumps(v) for k, v in self._counters().items()}
+        fields = write_pages(out, tensors, metadata, current=_manifest_or_none(out),
+                             base=base, base_manifest=(None if base is None
+                                                       else _manifest_or_none(base)))
+        meta = {"format": SESSION_FORMAT, "version": PAGED_VERSION, **self._counters(),
+                "layers": {**{n: len(getattr(self, n)) for n in _LISTS},
+                           "inner": {k: len(v) for k, v in self.inner.items()}},
+                **fields}
+        atomic_write_text(out / META_NAME, json.dumps(meta) + "\n")
+        for old in out.iterdir():  # packs no page needs any more, crashed saves' temporaries
+            if old.name not in (*fields["packs"], META_NAME, LOCK_NAME):
+                old.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: Any,
@@ -303,10 +330,13 @@ class State:
         try:
             with safe_open(str(tensor_file), framework="pt", device=str(device)) as f:
                 recorded = f.metadata() or {}
-                raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                raw = ({} if meta["version"] >= PAGED_VERSION
+                       else {k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
         except SafetensorError as err:
             raise UserError(f"session {src}: {tensor_file.name} is not a readable safetensors "
                             f"file ({err}); {_DAMAGED}") from None
+        if meta["version"] >= PAGED_VERSION:
+            raw = read_pages(src, meta, device, _DAMAGED)
         if meta["version"] >= 2:
             # The counters are in the (hashed) tensor file too: an edited manifest shows.
             edited = [k for k in _COUNTERS if recorded.get(k) != json.dumps(meta[k])]
@@ -368,12 +398,14 @@ def _session_file(name: str) -> bool:
             or bool(_TEMP_RE.match(name)))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
+def _manifest_or_none(folder: Path) -> dict[str, Any] | None:
+    """A folder's session manifest when it is a readable paged one (whose pages a new save
+    may reuse), else None."""
+    try:
+        meta = _read_manifest(folder / META_NAME)
+    except (OSError, UserError):
+        return None
+    return meta if meta["version"] >= PAGED_VERSION else None
 
 
 def _count_list(meta: dict[str, Any], key: str, batch: int) -> list[int]:
@@ -396,9 +428,9 @@ def _read_manifest(meta_file: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != SESSION_FORMAT:
         raise UserError(f"{meta_file} is not a tttlm session manifest; {_DAMAGED}")
     version = meta.get("version")
-    if version not in (1, SESSION_VERSION):
+    if version not in (1, SESSION_VERSION, PAGED_VERSION):
         raise UserError(f"{meta_file} is a version-{version} session; this tttlm reads versions "
-                        f"1 and {SESSION_VERSION}: use the tttlm that wrote it")
+                        f"1 to {PAGED_VERSION}: use the tttlm that wrote it")
     try:
         for key in ("config_fingerprint", "weights_digest"):
             if not isinstance(meta.get(key), str):
@@ -429,6 +461,8 @@ def _read_manifest(meta_file: Path) -> dict[str, Any]:
                     and isinstance(tensors.get("sha256"), str)
                     and isinstance(tensors.get("bytes"), int)):
                 raise ValueError("tensors must name the tensor file, its bytes and sha256")
+        if version >= PAGED_VERSION:
+            check_pages_manifest(meta)
     except ValueError as err:
         raise UserError(f"session {src}: {META_NAME} is damaged ({err}); {_DAMAGED}") from None
     return meta
@@ -451,7 +485,7 @@ def _check_tensor_file(src: Path, meta: dict[str, Any]) -> Path:
         raise UserError(f"session {src}: {META_NAME} names {entry['file']}, which is missing; "
                         f"{_DAMAGED}")
     size = tensor_file.stat().st_size
-    if size != entry["bytes"] or _sha256(tensor_file) != entry["sha256"]:
+    if size != entry["bytes"] or file_sha256(tensor_file) != entry["sha256"]:
         raise UserError(f"session {src}: {entry['file']} is not the file {META_NAME} names "
                         f"({size} bytes, expected {entry['bytes']} with sha256 "
                         f"{entry['sha256'][:16]}…): it was cut or mixed with another save; "

@@ -373,12 +373,12 @@ def create_app(service: Service) -> FastAPI:
         try:
             store.claim(target)
             try:
-                session = await service.call(lambda: store.fork(session_id, target))
+                info = await service.call(lambda: store.fork(session_id, target))
             finally:
                 store.release(target)
         finally:
             store.release(session_id)
-        return session.info(in_memory=False)
+        return info
 
     app.include_router(v1)
     return app

@@ -13,8 +13,12 @@ On disk (``DIR`` is locked by the server with :class:`~tttlm.files.FolderLock`):
 
 A save writes a new ``state-N`` folder, then replaces ``serve.json`` (written atomically),
 then deletes older ``state-*`` folders, so a crash at any moment leaves the previous or the
-new session whole. Every session is saved when its request completes, before the reply ends:
-a ``kill -9`` loses at most the requests in flight. Hot sessions stay in an LRU of at most
+new session whole. States are saved paged (:mod:`tttlm.inference.pages`): the new folder
+hard-links the previous one's packs and adds one pack with the pages the request changed, so
+a reply of a few tokens writes a few pages per cache, not the whole state. A fork hard-links
+the session's files into a new folder: no copy on disk or in memory until it is continued.
+Every session is saved when its request completes, before the reply ends: a ``kill -9``
+loses at most the requests in flight. Hot sessions stay in an LRU of at most
 ``max_in_memory``; evicting one only drops it from memory (it is on disk already).
 
 A request checks a session out (it leaves the LRU; its state is the request's until it
@@ -38,6 +42,7 @@ from typing import Any
 from tttlm.errors import UserError
 from tttlm.files import FolderLock, atomic_write_text, fsync_dir
 from tttlm.inference.engine import Engine
+from tttlm.inference.pages import link_or_copy
 from tttlm.inference.state import State
 from tttlm.memory.memory import ContextMemory
 from tttlm.memory.recall import RecallPolicy
@@ -184,16 +189,31 @@ class SessionStore:
         while len(self.hot) > self.max_in_memory:
             self.hot.popitem(last=False)  # saved already: dropping it is the eviction
 
-    def fork(self, source: str, target: str) -> Session:
-        session = self.checkout(source)
-        try:
-            copy = self.new(target)
-            copy.state, copy.unread = session.state.clone(), list(session.unread)
-            copy.memory = session.memory.copy() if session.memory is not None else None
-            self.save(copy)
-        finally:
-            self.hot[source] = session  # unchanged: no save needed
-        return copy
+    def fork(self, source: str, target: str) -> dict[str, Any]:
+        """Copy a session on disk, where it is whole (a hot session was saved at check-in):
+        its files are immutable and are hard-linked, so a fork costs neither a copy of the
+        state nor memory until it is continued (copy-on-write: each side's later saves write
+        their own new pages)."""
+        meta = self._meta(source)
+        if self.exists(target):
+            raise APIError(409, f"session {target} exists already; continue it, delete it, "
+                                "or choose another session_id", code="session_exists")
+        src, dst = self.path(source), self.path(target)
+        if dst.exists():  # a fork or creation cut before its manifest was written
+            shutil.rmtree(dst)
+        dst.mkdir(parents=True)
+        for name in (meta["state"], meta.get("memory")):
+            if isinstance(name, str):
+                (dst / name).mkdir()
+                for file in (src / name).iterdir():
+                    if not file.name.startswith("."):  # not the lock, not temporaries
+                        link_or_copy(file, dst / name / file.name)
+                fsync_dir(dst / name)
+        fsync_dir(dst)
+        now = time.time()
+        atomic_write_text(dst / META, json.dumps({**meta, "created": now, "updated": now},
+                                                 indent=2) + "\n")
+        return self.info(target)
 
     def delete(self, session_id: str) -> None:
         if not self.exists(session_id):
@@ -211,7 +231,10 @@ class SessionStore:
         folder.mkdir(parents=True, exist_ok=True)
         number = session.saved + 1
         name = f"state-{number:06d}"
-        session.state.save(folder / name, command="serve")
+        previous = folder / f"state-{session.saved:06d}" if session.saved else None
+        # Paged: a reply rewrites a few pages of each cache, and only those are written; the
+        # unchanged packs of the previous save are hard-linked into the new folder.
+        session.state.save(folder / name, command="serve", paged=True, base=previous)
         memory_name = None
         if session.memory is not None:
             memory_name = f"memory-{number:06d}"
