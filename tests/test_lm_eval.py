@@ -144,3 +144,18 @@ def test_rag_end_recalls_and_matches_the_engine_when_nothing_left_the_window(
         rag.generate_until([req(context, {"until": ["\n"], "max_gen_toks": 4})])[0]
     with pytest.raises(UserError, match="rag='x'"):
         TTTLMHarness(lm.pretrained, device="cpu", rag="x")
+
+
+def test_rag_index_reaches_the_memory(lm: TTTLMHarness) -> None:
+    pytest.importorskip("faiss")
+    from tttlm.memory import DenseIndex
+
+    rag = TTTLMHarness(lm.pretrained, device="cpu", dtype="float64", rag="end", rag_budget=8,
+                       rag_query=4, rag_index="dense")
+    assert isinstance(rag._recall_session().memory.index, DenseIndex)
+    context = "Zebra quartz. " + TEXT * 2 + " Zebra"
+    assert rag.loglikelihood([req(context, " quartz")])[0][0] < 0
+    with pytest.raises(UserError, match="rag index 'x'"):
+        TTTLMHarness(lm.pretrained, device="cpu", rag="end", rag_index="x")
+    with pytest.raises(UserError, match="add rag=end"):
+        TTTLMHarness(lm.pretrained, device="cpu", rag_index="dense")

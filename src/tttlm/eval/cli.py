@@ -107,6 +107,13 @@ def _run_niah(args: argparse.Namespace) -> int:
                                 lengths=parse_int_list(args.lengths, "--lengths"),
                                 depths=parse_float_list(args.depths, "--depths", 0.0, 1.0),
                                 samples=args.samples, seed=args.seed, digits=args.digits)
+        if args.rag_index is not None:
+            from tttlm.memory.recall import check_index
+
+            if args.rag != "end":
+                raise EvalError(f"--rag-index {args.rag_index} chooses the index of --rag end; "
+                                "add --rag end or drop --rag-index")
+            check_index(args.rag_index)  # unknown or not installed: before any model loads
         models = _load_models(args)
         source = Path(args.haystack) if args.haystack else builtin_books("val")[0]
         prepared = (source / "meta.json").is_file()
@@ -130,11 +137,14 @@ def _run_niah(args: argparse.Namespace) -> int:
             if args.rag == "end":
                 from tttlm.eval.niah import recall_predictor
 
-                # Filed apart: a resumed run never mixes answers with and without retrieval.
+                # Filed apart: a resumed run never mixes answers with and without retrieval,
+                # nor those of two indexes (the default index keeps its earlier fingerprint).
                 em.label += " + retrieval"
                 em.fingerprint += f"+rag{args.rag_budget or ''}"
+                if args.rag_index is not None:
+                    em.fingerprint += f"-{args.rag_index}"
                 predictor = recall_predictor(em, tokenizer, logprob=not args.no_logprob,
-                                             budget=args.rag_budget)
+                                             budget=args.rag_budget, index=args.rag_index)
             else:
                 predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
             records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
@@ -339,6 +349,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(sliding-window models)")
     niah.add_argument("--rag-budget", type=int, default=None, metavar="N",
                       help="tokens of quoted passages (default: a quarter of the window)")
+    niah.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
+                      help="passage index of --rag end: fts5 (default; bm25 where SQLite "
+                           "lacks FTS5), bm25 (bm25s) or dense (the model's own mean hidden "
+                           "states, through faiss); bm25 and dense need the retrieval extra")
     niah.set_defaults(func=_run_niah)
 
     rep = sub.add_parser(

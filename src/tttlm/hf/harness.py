@@ -48,6 +48,8 @@ class TTTLMHarness(LM):
     tokens of each context (default 32), passages that left the window (``rag_budget``
     tokens, default a quarter of the window) for ``loglikelihood`` and ``generate_until``
     (one request at a time); ``loglikelihood_rolling`` scores documents without it.
+    ``rag_index`` its passage index: ``fts5`` (default; bm25 where SQLite lacks FTS5),
+    ``bm25`` or ``dense`` (the model's own mean hidden states, through faiss).
     """
 
     def __init__(self, pretrained: str, tokenizer: str | None = None,
@@ -55,7 +57,7 @@ class TTTLMHarness(LM):
                  batch_size: int | str = 1, max_length: int | None = None,
                  ttt: bool | None = None, inner_lr: float | None = None,
                  max_gen_toks: int = 256, rag: str = "off", rag_budget: int | None = None,
-                 rag_query: int = 32, **unused: Any) -> None:
+                 rag_query: int = 32, rag_index: str | None = None, **unused: Any) -> None:
         super().__init__()
         # A device lm-eval's command line names by default (cuda:0) that is not there is an
         # error that says what to pass, not a crash inside the weight loader.
@@ -81,14 +83,16 @@ class TTTLMHarness(LM):
         self.unused = unused
         self.rag = str(rag)
         self.rag_options = {"budget": int(rag_budget) if rag_budget is not None else None,
-                            "query_len": int(rag_query)}
+                            "query_len": int(rag_query),
+                            "index": str(rag_index) if rag_index is not None else None}
         if self.rag not in ("off", "end"):
             raise UserError(f"rag={self.rag!r} is not one of off, end")
+        if rag_index is not None and self.rag != "end":
+            raise UserError(f"rag_index={rag_index} chooses the index of rag=end; add rag=end "
+                            "or drop rag_index")
         if self.rag == "end":
-            # A full-attention model or no passage index: one line now, not at the first request.
-            from tttlm.memory.index import require_index
-
-            require_index()
+            # A full-attention model or no passage index: one line now, not at the first request
+            # (the session checks the index it is asked for).
             self._recall_session()
 
     def _recall_session(self) -> Any:

@@ -45,6 +45,17 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the decoding step as a CUDA graph")
+    parser.add_argument("--rag", choices=["off", "end"], default="off",
+                        help="retrieval memory: end = the text's last 32 tokens recall "
+                             "passages of the document that left the window and read them "
+                             "again before those tokens (sliding-window models; this run "
+                             "only, not with sessions)")
+    parser.add_argument("--rag-budget", type=int, default=None, metavar="N",
+                        help="tokens of recalled passages (default: a quarter of the window)")
+    parser.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
+                        help="passage index of --rag end: fts5 (default; bm25 where SQLite "
+                             "lacks FTS5), bm25 (bm25s) or dense (the model's own mean hidden "
+                             "states, through faiss); bm25 and dense need the retrieval extra")
     parser.set_defaults(func=run)
     return parser
 
@@ -135,6 +146,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("nothing to read; give --prompt TEXT and/or --document FILE")
     if args.document and not Path(args.document).is_file():
         raise UserError(f"--document {args.document} is not a file; give a text file")
+    if args.rag == "end" and (args.session or args.save_session):
+        # A session folder holds the decoding state alone; RecallSession and `tttlm serve
+        # --rag end` keep a memory beside it.
+        raise UserError("--rag end keeps its memory for this run only; drop --session and "
+                        "--save-session (tttlm serve --rag end keeps memories in sessions)")
+    if args.rag_index is not None:
+        from tttlm.memory.recall import check_index
+
+        if args.rag != "end":
+            raise UserError(f"--rag-index {args.rag_index} chooses the index of --rag end; add "
+                            "--rag end or drop --rag-index")
+        check_index(args.rag_index)  # unknown or not installed: before the model loads
     if args.save_session:
         check_session_folder(args.save_session)  # before the work that it would keep
     device = resolve_device(args.device, option="--device")
@@ -146,6 +169,11 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.tokenizer, model_dir, model.config.vocab_size)
     config = model.config
     engine = Engine(model, ttt=False if args.no_ttt else None, cuda_graphs=args.cuda_graphs)
+    policy = None
+    if args.rag == "end":
+        from tttlm.memory.recall import RecallPolicy
+
+        policy = RecallPolicy.for_engine(engine, budget=args.rag_budget, index=args.rag_index)
     state = State.load(args.session, model, device=device) if args.session else None
     if state is not None and state.batch_size != 1:
         raise UserError(f"session {args.session} holds {state.batch_size} sequences; the "
@@ -163,6 +191,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the prompt encodes to no tokens; give a longer --prompt")
 
     t0 = time.perf_counter()
+    read = len(ids)
+    if policy is not None:
+        # Read all but the query (recording it in the memory), then the recalled passages
+        # and the query, as RecallSession does.
+        memory = policy.new_memory(engine)
+        head, query = policy.split(ids)
+        if head:
+            _, state = engine.prefill([head], state)
+            memory.extend(head)
+        ids, recalled = policy.cue(memory, query)
+        read = len(head) + len(ids)
+        print(f"recalled {len(recalled)} passages "
+              f"({sum(len(p.tokens) for p in recalled)} tokens) of {memory.passages}",
+              file=sys.stderr)
     stream = engine.stream([ids], args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, state=state)
     _sync(device)
@@ -178,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.write("\n")
     n_new = len(stream.tokens[0])
     skipped = stream.state.skipped_updates[0]
-    print(f"read {len(ids)} tokens in {t1 - t0:.2f} s ({len(ids) / (t1 - t0):.1f} tok/s); "
+    print(f"read {read} tokens in {t1 - t0:.2f} s ({read / (t1 - t0):.1f} tok/s); "
           f"generated {n_new} tokens in {t2 - t1:.2f} s "
           f"({n_new / max(t2 - t1, 1e-9):.1f} tok/s); context now "
           f"{stream.state.lengths[0]} tokens"

@@ -1,19 +1,26 @@
-"""Passage indexes behind one small interface: lexical BM25 over token n-grams, embedded (no
-service). Two implementations:
+"""Passage indexes behind one small interface, :class:`PassageIndex` (add passages of token ids,
+search with a query's token ids), embedded in the process (no service). Three implementations:
 
-* :class:`FTS5Index` (the default): SQLite's FTS5 full-text index in memory (Python's standard
-  library), which adds passages in place: a recall after new context costs a query, not a
-  rebuild (at 128K tokens of memory: 0.1 ms per added passage, a few ms per query);
-* :class:`BM25Index`: ``bm25s`` (the ``retrieval`` extra), which builds its index in one go and
-  so rebuilds it at the first search after passages were added, linear in the memory (0.6 s at
-  128K tokens on a 2-core CPU; ``benchmarks/results/memory_index_cpu.md``).
+* :class:`FTS5Index` (the default): BM25 over token n-grams in SQLite's FTS5 full-text index in
+  memory (Python's standard library), which adds passages in place: a recall after new context
+  costs a query, not a rebuild (at 128K tokens of memory: 0.1 ms per added passage, a few ms
+  per query);
+* :class:`BM25Index`: BM25 over token n-grams through ``bm25s`` (the ``retrieval`` extra),
+  which builds its index in one go and so rebuilds it at the first search after passages were
+  added, linear in the memory (0.6 s at 128K tokens on a 2-core CPU;
+  ``benchmarks/results/memory_index_cpu.md``);
+* :class:`~tttlm.memory.dense.DenseIndex` (:mod:`tttlm.memory.dense`): cosine similarity of
+  passage embeddings (the model's own mean hidden states, or any embedding model) through
+  ``faiss`` (the ``retrieval`` extra).
 
-Their BM25 variants differ slightly (FTS5: k1 = 1.2, b = 0.75, IDF log((N - n + .5)/(n + .5))
+The two BM25 variants differ slightly (FTS5: k1 = 1.2, b = 0.75, IDF log((N - n + .5)/(n + .5))
 floored at 1e-6; bm25s: Lucene's IDF log(1 + (N - n + .5)/(n + .5))), so scores differ and
-near-ties may order differently. A dense index, or a client of a vector database, is another
-:class:`PassageIndex`.
+near-ties may order differently. A client of a vector database is another
+:class:`PassageIndex`: ``add``, ``search`` and ``__len__``, plus :meth:`PassageIndex.empty`
+(a fresh index of the same kind, for copies of a memory) and, for an index of vectors,
+:meth:`PassageIndex.vectors` / :meth:`PassageIndex.add_vectors` with an
+:attr:`PassageIndex.embedder_name`, so that copies and saved memories need not embed again.
 """
-
 from __future__ import annotations
 
 import abc
@@ -22,6 +29,8 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from typing import Any
+
+import numpy as np
 
 from tttlm.errors import UserError
 
@@ -36,8 +45,8 @@ class PassageIndex(abc.ABC):
     @abc.abstractmethod
     def search(self, query: Sequence[int], k: int) -> list[tuple[int, float]]:
         """The ``k`` best passages for the ``query`` tokens as ``(passage id, score)``, best
-        first; ties go to the earlier passage. Passages that share nothing with the query
-        are left out."""
+        first; ties go to the earlier passage; ``k`` is capped at the index's size. A lexical
+        index leaves out passages that share nothing with the query."""
 
     @abc.abstractmethod
     def __len__(self) -> int: ...
@@ -45,6 +54,26 @@ class PassageIndex(abc.ABC):
     def nbytes(self) -> int:
         """Bytes the index holds beyond the passages themselves (0 when unknown)."""
         return 0
+
+    def empty(self) -> PassageIndex:
+        """A new, empty index of the same kind and settings (a memory's copy fills it)."""
+        return type(self)()
+
+    # An index of vectors (dense) keeps what it computed from the passages, so that a copy
+    # or a saved memory does not embed them again; a lexical index is rebuilt from tokens.
+    @property
+    def embedder_name(self) -> str | None:
+        """The identity of what made :meth:`vectors` (an embedder's name), or ``None`` for
+        an index that keeps no vectors."""
+        return None
+
+    def vectors(self) -> np.ndarray | None:
+        """The passages' vectors ``[len, dim]`` in passage order, or ``None`` (no vectors)."""
+        return None
+
+    def add_vectors(self, vectors: np.ndarray) -> None:
+        """Index further passages by the vectors :meth:`vectors` gave for them."""
+        raise TypeError(f"{type(self).__name__} keeps no vectors; add passages with add()")
 
 
 def ngram_terms(tokens: Sequence[int], n: int) -> list[str]:
@@ -80,6 +109,9 @@ class BM25Index(PassageIndex):
 
     def __len__(self) -> int:
         return len(self._terms)
+
+    def empty(self) -> BM25Index:
+        return BM25Index(self.ngram)
 
     def nbytes(self) -> int:
         """The built index's arrays and vocabulary (approximate for the vocabulary's
@@ -146,6 +178,9 @@ class FTS5Index(PassageIndex):
 
     def __len__(self) -> int:
         return self._count
+
+    def empty(self) -> FTS5Index:
+        return FTS5Index(self.ngram)
 
     def nbytes(self) -> int:
         """Pages of the in-memory database (the FTS5 index and its document copy)."""

@@ -9,6 +9,8 @@ tokens, by default the model's chunk) lies wholly outside the window it is index
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -21,8 +23,11 @@ from tttlm.files import FolderLock, atomic_write_bytes, atomic_write_text
 from tttlm.memory.index import PassageIndex, default_index
 
 MEMORY_FORMAT = "tttlm-memory"
+# Still 1: the manifest's "vectors" entry is optional (saves without it load as before, and a
+# reader that does not know it rebuilds the index from the tokens, which stay the truth).
 MEMORY_VERSION = 1
 TOKENS_FILE = "memory-tokens.npy"
+VECTORS_FILE = "memory-vectors.npy"
 MANIFEST = "memory.json"
 
 
@@ -85,36 +90,65 @@ class ContextMemory:
         return sorted(chosen, key=lambda p: p.start)
 
     def copy(self) -> ContextMemory:
-        """An independent copy with a new index of the same kind (built from the tokens)."""
-        twin = ContextMemory(self.window, self.passage_len, type(self.index)())
-        twin.extend(self.tokens)
+        """An independent copy with a new index of the same kind (:meth:`PassageIndex.empty`),
+        given this index's vectors where it keeps any (a dense index: nothing is embedded
+        again), else built from the tokens."""
+        twin = ContextMemory(self.window, self.passage_len, self.index.empty())
+        twin._restore(self.tokens, self.index.vectors())
         return twin
+
+    def _restore(self, tokens: list[int] | np.ndarray, vectors: np.ndarray | None) -> None:
+        """Record ``tokens`` into this empty memory; with ``vectors`` (one per passage outside
+        the window) the index takes them instead of indexing the passages' tokens."""
+        if vectors is None:
+            self.extend(tokens)
+            return
+        self.tokens = [int(t) for t in tokens]
+        outside = max(0, len(self.tokens) - self.window) // self.passage_len
+        if len(vectors) != outside:
+            raise ValueError(f"{len(vectors)} vectors for {outside} passages")
+        if outside:
+            self.index.add_vectors(vectors)
+        self._indexed = outside
 
     def nbytes(self) -> int:
         """Bytes of the recorded tokens as saved (int32) and of the built index."""
         return 4 * len(self.tokens) + self.index.nbytes()
 
     # ------------------------------------------------------------------------- files
-    def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write the tokens, then the manifest (last, durably); the index is rebuilt on load
-        from the tokens, so a saved memory never disagrees with its index."""
+    def save(self, folder: str | os.PathLike[str], *, vectors: bool = True) -> Path:
+        """Write the tokens, the index's vectors (an index that keeps some, with ``vectors``),
+        then the manifest (last, durably). The tokens are the truth: a lexical index is
+        rebuilt from them on load, and the vectors are only reused by a loading index whose
+        embedder has the same name (the manifest names it and the file's hash)."""
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
+        name = self.index.embedder_name if vectors else None
+        array = self.index.vectors() if name is not None else None
         with FolderLock(out, "memory save"):
-            import io
-
-            buffer = io.BytesIO()
-            np.save(buffer, np.asarray(self.tokens, dtype=np.int32))
-            atomic_write_bytes(out / TOKENS_FILE, buffer.getvalue())
-            meta = {"format": MEMORY_FORMAT, "version": MEMORY_VERSION, "window": self.window,
-                    "passage_len": self.passage_len, "tokens": len(self.tokens)}
+            atomic_write_bytes(out / TOKENS_FILE, _npy(np.asarray(self.tokens, dtype=np.int32)))
+            meta: dict[str, object] = {
+                "format": MEMORY_FORMAT, "version": MEMORY_VERSION, "window": self.window,
+                "passage_len": self.passage_len, "tokens": len(self.tokens)}
+            if array is not None:
+                data = _npy(np.asarray(array, dtype=np.float32))
+                atomic_write_bytes(out / VECTORS_FILE, data)
+                meta["vectors"] = {"file": VECTORS_FILE, "embedder": name,
+                                   "shape": list(array.shape),
+                                   "sha256": hashlib.sha256(data).hexdigest()}
             atomic_write_text(out / MANIFEST, json.dumps(meta, indent=2) + "\n")
+            if array is None:
+                # An earlier save's vectors, which this manifest no longer names.
+                (out / VECTORS_FILE).unlink(missing_ok=True)
         return out
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str],
              index: PassageIndex | None = None) -> ContextMemory:
-        """Read a memory written by :meth:`save`."""
+        """Read a memory written by :meth:`save`, into ``index`` (default:
+        :func:`~tttlm.memory.index.default_index`). An index of vectors takes the saved ones
+        when its embedder has the name they were saved with (and the file is intact); else
+        the passages are indexed again from the tokens (embedded again, for a dense index)."""
         src = Path(folder)
         try:
             meta = json.loads((src / MANIFEST).read_text())
@@ -126,5 +160,33 @@ class ContextMemory:
             raise UserError(f"{src}: {MANIFEST} does not describe {TOKENS_FILE} (a torn or "
                             "mixed save); save the memory again")
         memory = cls(int(meta["window"]), int(meta["passage_len"]), index)
-        memory.extend(tokens)
+        vectors = _saved_vectors(src, meta.get("vectors"), memory.index.embedder_name)
+        outside = max(0, len(tokens) - memory.window) // memory.passage_len
+        if vectors is not None and len(vectors) != outside:
+            vectors = None  # a manifest at odds with itself: embed again from the tokens
+        memory._restore(tokens, vectors)
         return memory
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _saved_vectors(src: Path, entry: object, name: str | None) -> np.ndarray | None:
+    """The vectors a save kept, when ``name`` (the loading index's embedder) made them and
+    their file is the one the manifest describes; else ``None`` (then the passages are
+    embedded again: the vectors are a cache of the tokens, never needed)."""
+    if name is None or not isinstance(entry, dict) or entry.get("embedder") != name:
+        return None
+    try:
+        data = (src / VECTORS_FILE).read_bytes()
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            return None
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError):
+        return None
+    if array.ndim != 2 or list(array.shape) != entry.get("shape"):
+        return None
+    return array

@@ -10,6 +10,11 @@ they appeared; then the query, and generation continues. The quoted passages pas
 the model like any text (the fast weights learn from them too) but are not recorded in the
 memory again. ``rag="off"``: the engine alone, token for token (the memory still records).
 Deterministic: same inputs, same passages, same tokens.
+
+The passage index (``index``, :data:`RAG_INDEXES`): ``"fts5"`` (SQLite FTS5) or ``"bm25"``
+(``bm25s``), BM25 over token n-grams; ``"dense"``, cosine similarity of the model's own mean
+hidden states (:class:`~tttlm.memory.dense.ModelEmbedder`, through ``faiss``). Default
+(``None``): FTS5 where this Python's SQLite has it, else bm25s.
 """
 
 from __future__ import annotations
@@ -18,31 +23,79 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tttlm.errors import UserError
 from tttlm.inference import Engine, State
+from tttlm.memory.dense import DenseIndex, ModelEmbedder, require_faiss
+from tttlm.memory.index import (
+    BM25Index,
+    FTS5Index,
+    PassageIndex,
+    default_index,
+    fts5_available,
+    require_bm25s,
+    require_index,
+)
 from tttlm.memory.memory import ContextMemory, Passage
 
+if TYPE_CHECKING:
+    from tttlm.model.model import TTTForCausalLM
+
 RAG_MODES = ("off", "end")
+RAG_INDEXES = ("fts5", "bm25", "dense")
 MAX_PASSAGE = 64
+
+
+def check_index(kind: str | None) -> None:
+    """A one-line :class:`UserError` now when the index ``kind`` is unknown or cannot be built
+    here (a missing package, a SQLite without FTS5), rather than at the first recall."""
+    if kind is None:
+        require_index()
+    elif kind not in RAG_INDEXES:
+        raise UserError(f"rag index {kind!r} is not one of {', '.join(RAG_INDEXES)}")
+    elif kind == "fts5" and not fts5_available():
+        raise UserError("this Python's SQLite has no FTS5; use the bm25 or dense index "
+                        "(pip install 'tttlm[retrieval]')")
+    elif kind == "bm25":
+        require_bm25s()
+    elif kind == "dense":
+        require_faiss()
+
+
+def new_index(kind: str | None, model: TTTForCausalLM) -> PassageIndex:
+    """An empty passage index of ``kind`` (:data:`RAG_INDEXES`; ``None``: the default) for a
+    memory of ``model``'s context; ``"dense"`` embeds with the model itself."""
+    check_index(kind)
+    if kind is None:
+        return default_index()
+    if kind == "fts5":
+        return FTS5Index()
+    if kind == "bm25":
+        return BM25Index()
+    return DenseIndex(ModelEmbedder(model))
 
 
 @dataclass(frozen=True)
 class RecallPolicy:
     """How a query recalls: ``budget`` tokens of passages (the best of ``k``), each read after
-    ``separator``, then the separator and the query (the last ``query_len`` tokens)."""
+    ``separator``, then the separator and the query (the last ``query_len`` tokens); memories
+    index their passages in an ``index`` of that kind (:data:`RAG_INDEXES`, ``None``: the
+    default)."""
 
     budget: int
     query_len: int = 32
     k: int = 8
     separator: tuple[int, ...] = ()
+    index: str | None = None
 
     @classmethod
     def for_engine(cls, engine: Engine, *, budget: int | None = None, query_len: int = 32,
-                   k: int = 8, separator: Sequence[int] | None = None) -> RecallPolicy:
-        """The defaults for ``engine``'s model: a quarter of the window, the BOS separator.
-        A full-attention model (no window) is refused."""
+                   k: int = 8, separator: Sequence[int] | None = None,
+                   index: str | None = None) -> RecallPolicy:
+        """The defaults for ``engine``'s model: a quarter of the window, the BOS separator, the
+        default index. A full-attention model (no window), or an index that cannot be built
+        here, is refused."""
         window = engine.window
         if window is None:
             raise UserError("retrieval recalls what left the attention window, and a full-"
@@ -53,7 +106,8 @@ class RecallPolicy:
         if budget < 1:
             raise UserError(f"the recall budget ({budget} tokens) must be at least 1")
         sep = (engine.config.bos_token_id,) if separator is None else tuple(map(int, separator))
-        return cls(budget, query_len, k, sep)
+        check_index(index)
+        return cls(budget, query_len, k, sep, index)
 
     def new_memory(self, engine: Engine) -> ContextMemory:
         """An empty memory for ``engine``'s model. Passages no longer than a chunk nor than
@@ -61,7 +115,13 @@ class RecallPolicy:
         budget on what matches."""
         assert engine.window is not None
         return ContextMemory(engine.window,
-                             max(1, min(engine.chunk, self.budget, MAX_PASSAGE)))
+                             max(1, min(engine.chunk, self.budget, MAX_PASSAGE)),
+                             new_index(self.index, engine.model))
+
+    def load_memory(self, folder: str | os.PathLike[str], engine: Engine) -> ContextMemory:
+        """A memory saved by :meth:`ContextMemory.save`, in an index of this policy's kind (a
+        dense one takes the saved vectors when they are the same model's)."""
+        return ContextMemory.load(folder, new_index(self.index, engine.model))
 
     def split(self, tokens: list[int]) -> tuple[list[int], list[int]]:
         """``tokens`` as the head (read before recalling) and the query."""
@@ -89,17 +149,20 @@ class RecallSession:
         k: passages considered per recall.
         separator: tokens read before each quoted passage and before the query (default:
             ``[bos_token_id]``).
+        index: the passage index of a new memory: ``"fts5"``, ``"bm25"`` or ``"dense"`` (the
+            model's own hidden states through faiss); default: fts5, else bm25.
         state, memory: continue a session (default: new).
     """
 
     def __init__(self, engine: Engine, rag: str = "end", *, budget: int | None = None,
                  query_len: int = 32, k: int = 8, separator: Sequence[int] | None = None,
-                 state: State | None = None, memory: ContextMemory | None = None) -> None:
+                 index: str | None = None, state: State | None = None,
+                 memory: ContextMemory | None = None) -> None:
         if rag not in RAG_MODES:
             raise UserError(f"rag={rag!r} is not one of {', '.join(RAG_MODES)}")
         self.engine, self.rag = engine, rag
         self.policy = RecallPolicy.for_engine(engine, budget=budget, query_len=query_len, k=k,
-                                              separator=separator)
+                                              separator=separator, index=index)
         self.state = state if state is not None else engine.new_state(1)
         if self.state.batch_size != 1:
             raise UserError(f"a recall session holds one sequence, the state has "
@@ -170,7 +233,9 @@ class RecallSession:
     @classmethod
     def load(cls, folder: str | os.PathLike[str], engine: Engine, **options: Any
              ) -> RecallSession:
-        """Continue a session written by :meth:`save` on ``engine``'s model."""
+        """Continue a session written by :meth:`save` on ``engine``'s model; ``options`` as
+        the constructor takes them (``index``: the memory's index kind, as it was saved)."""
         src = Path(folder)
         state = State.load(src / "state", engine.model)
-        return cls(engine, state=state, memory=ContextMemory.load(src / "memory"), **options)
+        memory = ContextMemory.load(src / "memory", new_index(options.get("index"), engine.model))
+        return cls(engine, state=state, memory=memory, **options)

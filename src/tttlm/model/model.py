@@ -245,6 +245,14 @@ class TTTForCausalLM(nn.Module):
                                       return_fast_weights)
         return self._pretrain_forward(input_ids, labels, mask, opts, return_logits)
 
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final normed hidden states ``[B, T, D]`` of ``input_ids [B, T]``: what the head
+        reads, in pretrain mode (no inner updates; for ``e2e`` the prime MLPs at their
+        meta-learned weights). For a sequence no longer than a chunk the meta forward computes
+        the same, up to rounding: a chunk is predicted before its own update."""
+        self._check_inputs(input_ids, None, None, ttt=False)
+        return self.norm(self.run_blocks(self.embed(input_ids), list(self.layers)))
+
     def options(self, *, ttt: bool | None = None, inner_lr: float | None = None,
                 grad_mode: GradMode | str | None = None,
                 checkpoint_chunks: bool | None = None) -> ForwardOptions:
