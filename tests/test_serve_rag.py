@@ -4,6 +4,7 @@ eviction and a restart."""
 
 from __future__ import annotations
 
+import importlib.util
 import random
 from pathlib import Path
 
@@ -21,7 +22,13 @@ from tttlm import TTTConfig, TTTForCausalLM  # noqa: E402
 NEEDLE = [200, 201, 202, 203, 204, 205, 206, 207]
 
 
-def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path) -> None:
+DENSE = pytest.param(["--rag-index", "dense"], id="dense", marks=pytest.mark.skipif(
+    importlib.util.find_spec("faiss") is None, reason="faiss-cpu is not installed"))
+
+
+@pytest.mark.parametrize("index", [pytest.param([], id="default"), DENSE])
+def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path,
+                                                        index: list[str]) -> None:
     torch.manual_seed(0)
     config = TTTConfig.from_preset("tiny", window=16, chunk_size=8, hidden_size=32)
     model_dir = TTTForCausalLM(config).save_pretrained(tmp_path / "model")
@@ -29,7 +36,7 @@ def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path) -> None
     # The needle at the start, then 20 windows of other tokens (3..150).
     document = [*NEEDLE, *(rng.randrange(3, 150) for _ in range(320))]
     sessions = tmp_path / "sessions"
-    server = start(model_dir, sessions, tmp_path / "log", "--rag", "end",
+    server = start(model_dir, sessions, tmp_path / "log", "--rag", "end", *index,
                    "--max-sessions-in-memory", "0")  # every session is evicted after use
     try:
         client = server.client()
@@ -42,10 +49,12 @@ def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path) -> None
         quoted = 1 + 4 + 1
         after = client.get(f"/sessions/{sid}", cast_to=object)["tokens"]
         assert after == before + 4 + 2 + quoted
-        assert any(p.name.startswith("memory-") for p in (sessions / sid).iterdir())
+        (memory,) = [p for p in (sessions / sid).iterdir() if p.name.startswith("memory-")]
+        # A dense memory keeps its vectors: a reload does not embed the context again.
+        assert (memory / "memory-vectors.npy").is_file() == bool(index)
     finally:
         stop(server)
-    server = start(model_dir, sessions, tmp_path / "log", "--rag", "end")
+    server = start(model_dir, sessions, tmp_path / "log", "--rag", "end", *index)
     try:
         client = server.client()
         continue_session(client, sid, NEEDLE[:4], 1)  # the reloaded memory recalls again
@@ -53,3 +62,19 @@ def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path) -> None
     finally:
         stop(server)
     assert "Traceback" not in (tmp_path / "log").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rag-index", "dense"], "--rag-index dense chooses the index of --rag end"),
+    (["--rag", "end", "--rag-index", "vectors"], "rag index 'vectors' is not one of"),
+])
+def test_bad_rag_index_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                   args: list[str], message: str) -> None:
+    from tttlm.cli import main
+
+    config = TTTConfig.from_preset("tiny", window=16, chunk_size=8, hidden_size=32)
+    model_dir = TTTForCausalLM(config).save_pretrained(tmp_path / "model")
+    assert main(["serve", "--model", str(model_dir), "--sessions", str(tmp_path / "s"),
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tttlm serve: error: ") and message in err and err.count("\n") == 1

@@ -56,6 +56,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--rag-budget", type=int, default=None,
                         help="tokens of recalled passages per prompt (default: a quarter of "
                              "the window)")
+    parser.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
+                        help="passage index of --rag end: fts5 (default; bm25 where SQLite "
+                             "lacks FTS5), bm25 (bm25s) or dense (the model's own mean hidden "
+                             "states, through faiss; sessions keep the vectors); bm25 and "
+                             "dense need the retrieval extra")
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
     parser.add_argument("--device", default=None,
                         help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -92,11 +97,14 @@ def run(args: argparse.Namespace) -> int:
                          ttt=False if args.no_ttt else None, name=args.model_name)
     policy = None
     if args.rag == "end":
-        from tttlm.memory.index import require_index
         from tttlm.memory.recall import RecallPolicy
 
-        require_index()  # no index here: one line now, not a failure at the first request
-        policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget)
+        # An index that cannot be built here is one line now, not a failure at a request.
+        policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget,
+                                         index=args.rag_index)
+    elif args.rag_index is not None:
+        raise UserError(f"--rag-index {args.rag_index} chooses the index of --rag end; add "
+                        "--rag end or drop --rag-index")
     store = None
     if args.sessions:
         store = SessionStore(Path(args.sessions), served.engine, args.max_sessions_in_memory,

@@ -174,7 +174,9 @@ class SessionStore:
         memory = self._new_memory()
         if memory is not None and isinstance(meta.get("memory"), str):
             try:
-                memory = ContextMemory.load(self.path(session_id) / meta["memory"])
+                assert self.policy is not None
+                memory = self.policy.load_memory(self.path(session_id) / meta["memory"],
+                                                 self.engine)
             except UserError as err:
                 raise APIError(409, f"session {session_id} cannot be continued: {err}",
                                code="session_unusable") from None
