@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|recall|serve|variants|recurrent|compare \
+#   OUT=out PART=train|prefill|recall|serve|variants|recurrent|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -12,7 +12,11 @@
 # and install them there first: python -m pip install --no-index --find-links .wheels \
 #   openai fastapi uvicorn
 # `recurrent` needs flash-linear-attention the same way (pip download ... flash-linear-attention
-# fla-core einops).
+# fla-core einops). `finetune` needs gguf and accelerate the same way, and the SmolLM2 GGUF file
+# (93 MB, over one call's 64 MiB carry): split it here (split -n 2 FILE .gguf-parts/part-),
+# carry `.gguf-parts` in one call and `.gguf-parts2` in the next (a warm machine keeps the
+# first), then cat them together into .gguf/SmolLM2-135M-Instruct.Q4_1.gguf; each call of
+# this part advances the experiment (it resumes from --work) until the report is written.
 set -u
 : "${OUT:?set OUT to the output folder}" "${PART:?set PART}"
 export PYTHONPATH=src
@@ -54,6 +58,14 @@ case "$PART" in
   compare)  # baselines issue: the small same-tokens training comparison of all seven
     timeout 560 python benchmarks/variants_small.py --device cuda --work /tmp/variants-small \
       --out "$OUT/variants_small_h200" ;;
-  *) echo "PART=$PART: use train, prefill, recall, serve, variants, recurrent or compare" >&2
+  sessions)  # serving issue: per-reply session saves on the GPU (device -> host copy, hashing)
+    timeout 560 python benchmarks/session_save.py --preset 125m --dtype bfloat16 --replies 4 \
+      --tokens 64 --out "$OUT" --name session_save_125m_h200 ;;
+  finetune)  # pretrained-models issue: (a)-(d) from SmolLM2-135M, loss by position to 8K
+    timeout 570 python benchmarks/finetune_experiment.py --gguf .gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
+      --work /tmp/smol-exp --steps 120 --batch-size 16 --micro-batch-size 8 --seq-len 8192 \
+      --eval-sequences 32 --device cuda --out "$OUT" --name finetune_smollm2_h200 ;;
+  *) echo "PART=$PART: use train, prefill, recall, serve, variants, recurrent, compare," \
+       "sessions or finetune" >&2
      exit 2 ;;
 esac

