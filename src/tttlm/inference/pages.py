@@ -96,21 +96,16 @@ def cut_pages(tensors: dict[str, torch.Tensor], page_bytes: int
 
 
 def _known_pages(folder: Path, manifest: dict[str, Any] | None) -> dict[str, str]:
-    """page hash -> pack, for the pages a readable v3 manifest in ``folder`` lists (packs that
-    are gone are skipped)."""
-    if not manifest or not isinstance(manifest.get("pages"), dict):
+    """page hash -> pack, for the pages a paged manifest in ``folder`` lists (checked by
+    :func:`check_pages_manifest`). A pack that is gone or not the size the manifest names is
+    skipped: its pages are written again rather than referenced."""
+    if not manifest:
         return {}
-    known: dict[str, str] = {}
-    present: dict[str, bool] = {}
-    for entry in manifest["pages"].values():
-        for pack, key in entry.get("pages", []) if isinstance(entry, dict) else []:
-            if not (isinstance(pack, str) and PACK_RE.match(pack) and isinstance(key, str)):
-                continue
-            if pack not in present:
-                present[pack] = (folder / pack).is_file()
-            if present[pack]:
-                known.setdefault(key, pack)
-    return known
+    sizes = manifest["packs"]
+    intact = {pack for pack in sizes
+              if (folder / pack).is_file() and (folder / pack).stat().st_size == sizes[pack]}
+    return {key: pack for entry in manifest["pages"].values()
+            for pack, key in reversed(entry["pages"]) if pack in intact}
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
