@@ -230,3 +230,26 @@ def test_a_save_does_not_build_on_a_damaged_pack(tmp_path: Path) -> None:
     state.save(folder, paged=True)  # the pages of the cut pack are written again
     assert pack not in packs(folder)
     assert_same(state, State.load(folder, model))
+
+
+def test_generate_continues_a_session_with_paged_saves(tmp_path: Path) -> None:
+    from tttlm import TTTConfig, TTTForCausalLM
+    from tttlm.cli import main
+
+    torch.manual_seed(0)
+    config = TTTConfig.from_preset("tiny", window=64, chunk_size=32, hidden_size=32)
+    model = TTTForCausalLM(config)
+    folder = model.save_pretrained(tmp_path / "m")
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ["generate", "--model", str(folder), "--max-new-tokens", "3", "--seed", "0"]
+    assert main([*args, "--prompt", "Once upon a time", "--save-session", str(a)]) == 0
+    first = packs(a)
+    assert main([*args, "--prompt", " there", "--session", str(a), "--save-session",
+                 str(a)]) == 0
+    state = State.load(a, model)
+    assert new_bytes(first, packs(a)) < state_bytes(state) / 2  # a few pages, not the state
+    assert main([*args, "--prompt", " was", "--session", str(a), "--save-session",
+                 str(b)]) == 0
+    shared = set(packs(a)) & set(packs(b))  # b hard-links what it shares with a
+    assert shared and all((a / n).stat().st_ino == (b / n).stat().st_ino for n in shared)
+    assert State.load(b, model).lengths[0] > state.lengths[0]

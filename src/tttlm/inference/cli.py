@@ -227,7 +227,9 @@ def run(args: argparse.Namespace) -> int:
           + (f"; {skipped} non-finite inner updates skipped" if skipped else ""),
           file=sys.stderr)
     if args.save_session:
-        stream.state.save(args.save_session)
+        # Paged: continuing a session into its own folder (or from --session into a new one,
+        # whose packs are hard-linked) writes only the pages this run changed.
+        stream.state.save(args.save_session, paged=True, base=args.session)
         print(f"session saved to {args.save_session}", file=sys.stderr)
     return 0
 
