@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -43,6 +44,18 @@ def assert_same(a: State, b: State) -> None:
         assert ta[key].dtype == tb[key].dtype and torch.equal(ta[key], tb[key]), key
     assert (a.lengths, a.chunks_done, a.skipped_updates) == (b.lengths, b.chunks_done,
                                                              b.skipped_updates)
+
+
+def saved_after_9_tokens(tmp_path: Path) -> tuple[Any, Engine, torch.Tensor, State, Path]:
+    """The tiny model, its engine, a token sequence, the state after its first 9 tokens and
+    the folder that state was saved to (paged)."""
+    model = tiny_model()
+    engine = Engine(model)
+    x, _ = tokens(model, 1, 30)
+    _, state = engine.prefill(x[:, :9])
+    folder = tmp_path / "s"
+    state.save(folder, paged=True)
+    return model, engine, x, state, folder
 
 
 @pytest.mark.parametrize("variant", ["e2e", "full", "hybrid", "ttt_kvb", GDN, MAMBA2])
@@ -121,12 +134,7 @@ def test_a_base_session_shares_its_packs_by_hard_link(tmp_path: Path) -> None:
 
 
 def test_cut_replaced_missing_and_edited_packs_are_refused(tmp_path: Path) -> None:
-    model = tiny_model()
-    engine = Engine(model)
-    x, _ = tokens(model, 1, 30)
-    _, state = engine.prefill(x[:, :9])
-    folder = tmp_path / "s"
-    state.save(folder, paged=True)
+    model, engine, x, state, folder = saved_after_9_tokens(tmp_path)
     first = set(packs(folder))
     engine.step(state, x[:, 9])
     state.save(folder, paged=True)
@@ -163,12 +171,7 @@ def test_cut_replaced_missing_and_edited_packs_are_refused(tmp_path: Path) -> No
 
 def test_an_interrupted_paged_save_keeps_the_previous_session(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = tiny_model()
-    engine = Engine(model)
-    x, _ = tokens(model, 1, 30)
-    _, state = engine.prefill(x[:, :9])
-    folder = tmp_path / "s"
-    state.save(folder, paged=True)
+    model, engine, x, state, folder = saved_after_9_tokens(tmp_path)
     engine.step(state, x[:, 9])
 
     def crash(*args: object) -> None:
@@ -218,12 +221,7 @@ def test_link_or_copy_falls_back_to_a_copy(tmp_path: Path,
 
 
 def test_a_save_does_not_build_on_a_damaged_pack(tmp_path: Path) -> None:
-    model = tiny_model()
-    engine = Engine(model)
-    x, _ = tokens(model, 1, 30)
-    _, state = engine.prefill(x[:, :9])
-    folder = tmp_path / "s"
-    state.save(folder, paged=True)
+    model, engine, x, state, folder = saved_after_9_tokens(tmp_path)
     (pack,) = packs(folder)
     (folder / pack).write_bytes((folder / pack).read_bytes()[:-8])  # cut on disk
     engine.step(state, x[:, 9])

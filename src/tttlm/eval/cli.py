@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tttlm.memory.index import RAG_INDEX_HELP
+
 _DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 
 
@@ -107,13 +109,9 @@ def _run_niah(args: argparse.Namespace) -> int:
                                 lengths=parse_int_list(args.lengths, "--lengths"),
                                 depths=parse_float_list(args.depths, "--depths", 0.0, 1.0),
                                 samples=args.samples, seed=args.seed, digits=args.digits)
-        if args.rag_index is not None:
-            from tttlm.memory.recall import check_index
+        from tttlm.memory.recall import check_rag_options
 
-            if args.rag != "end":
-                raise EvalError(f"--rag-index {args.rag_index} chooses the index of --rag end; "
-                                "add --rag end or drop --rag-index")
-            check_index(args.rag_index)  # unknown or not installed: before any model loads
+        check_rag_options(args.rag, args.rag_index)
         models = _load_models(args)
         source = Path(args.haystack) if args.haystack else builtin_books("val")[0]
         prepared = (source / "meta.json").is_file()
@@ -350,9 +348,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     niah.add_argument("--rag-budget", type=int, default=None, metavar="N",
                       help="tokens of quoted passages (default: a quarter of the window)")
     niah.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
-                      help="passage index of --rag end: fts5 (default; bm25 where SQLite "
-                           "lacks FTS5), bm25 (bm25s) or dense (the model's own mean hidden "
-                           "states, through faiss); bm25 and dense need the retrieval extra")
+                      help=RAG_INDEX_HELP)
     niah.set_defaults(func=_run_niah)
 
     rep = sub.add_parser(

@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tttlm.memory.index import RAG_INDEX_HELP
+
 if TYPE_CHECKING:
     import torch
 
@@ -53,9 +55,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--rag-budget", type=int, default=None, metavar="N",
                         help="tokens of recalled passages (default: a quarter of the window)")
     parser.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
-                        help="passage index of --rag end: fts5 (default; bm25 where SQLite "
-                             "lacks FTS5), bm25 (bm25s) or dense (the model's own mean hidden "
-                             "states, through faiss); bm25 and dense need the retrieval extra")
+                        help=RAG_INDEX_HELP)
     parser.set_defaults(func=run)
     return parser
 
@@ -151,13 +151,9 @@ def run(args: argparse.Namespace) -> int:
         # --rag end` keep a memory beside it.
         raise UserError("--rag end keeps its memory for this run only; drop --session and "
                         "--save-session (tttlm serve --rag end keeps memories in sessions)")
-    if args.rag_index is not None:
-        from tttlm.memory.recall import check_index
+    from tttlm.memory.recall import check_rag_options
 
-        if args.rag != "end":
-            raise UserError(f"--rag-index {args.rag_index} chooses the index of --rag end; add "
-                            "--rag end or drop --rag-index")
-        check_index(args.rag_index)  # unknown or not installed: before the model loads
+    check_rag_options(args.rag, args.rag_index)
     if args.save_session:
         check_session_folder(args.save_session)  # before the work that it would keep
     device = resolve_device(args.device, option="--device")

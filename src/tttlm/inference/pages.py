@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,15 +121,16 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
 
 
-def _write_pack(out: Path, pages: Iterable[Page], metadata: dict[str, str]) -> tuple[str, int,
-                                                                                       str]:
-    """Write the pages into a new pack in ``out``: its name, bytes and sha256."""
+def write_tensor_file(out: Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict[str, str]) -> tuple[str, int, str]:
+    """Write ``tensors`` durably into a new safetensors file in ``out`` named by its sha256
+    (``session-<16 hex>.safetensors``, so that a save never overwrites the file a manifest
+    names): its name, bytes and sha256."""
     from safetensors.torch import save_file
 
-    unique = {p.key: p.data for p in pages}
     staged = out / f".session-staged-{uuid.uuid4().hex[:8]}.safetensors"
     try:
-        atomic_save(staged, lambda tmp: save_file(unique, tmp, metadata=metadata))
+        atomic_save(staged, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         size, digest = staged.stat().st_size, file_sha256(staged)
         name = f"session-{digest[:16]}.safetensors"
         os.replace(staged, out / name)
@@ -167,7 +167,7 @@ def write_pages(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
         where, fresh, reused = {}, pages, set()  # mostly replaced pages: start afresh
     for pack in reused - local:
         link_or_copy(path_of(pack), out / pack)
-    name, size, digest = _write_pack(out, fresh, metadata)
+    name, size, digest = write_tensor_file(out, {p.key: p.data for p in fresh}, metadata)
     fsync_dir(out)
     for page in pages:
         layout[page.tensor]["pages"].append([where.get(page.key, name), page.key])

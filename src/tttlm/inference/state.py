@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import re
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,13 @@ from safetensors import SafetensorError, safe_open
 from tttlm.config import Variant
 from tttlm.errors import UserError
 from tttlm.files import LOCK_NAME, FolderLock, atomic_write_text, fsync_dir
-from tttlm.inference.pages import check_pages_manifest, file_sha256, read_pages, write_pages
+from tttlm.inference.pages import (
+    check_pages_manifest,
+    file_sha256,
+    read_pages,
+    write_pages,
+    write_tensor_file,
+)
 from tttlm.model.cache import rope_slots
 
 SESSION_FORMAT = "tttlm-session"
@@ -256,18 +261,8 @@ class State:
             if paged:
                 self._save_paged(out, tensors, None if base is None else Path(base))
                 return out
-            from tttlm.model.model import save_safetensors  # the model imports nothing of ours
-
-            staged = out / f".session-staged-{uuid.uuid4().hex[:8]}.safetensors"
-            try:
-                save_safetensors(staged, tensors, {k: json.dumps(v) for k, v in
-                                                   self._counters().items()})
-                size, digest = staged.stat().st_size, file_sha256(staged)
-                name = f"session-{digest[:16]}.safetensors"
-                os.replace(staged, out / name)
-            except BaseException:
-                staged.unlink(missing_ok=True)
-                raise
+            name, size, digest = write_tensor_file(
+                out, tensors, {k: json.dumps(v) for k, v in self._counters().items()})
             fsync_dir(out)
             meta = {"format": SESSION_FORMAT, "version": SESSION_VERSION, **self._counters(),
                     "layers": {**{n: len(getattr(self, n)) for n in _LISTS},

@@ -34,6 +34,11 @@ import numpy as np
 
 from tttlm.errors import UserError
 
+# The command lines' --rag-index help (here: this module imports no torch, the parsers load fast).
+RAG_INDEX_HELP = ("passage index of --rag end: fts5 (default; bm25 where SQLite lacks FTS5), "
+                  "bm25 (bm25s) or dense (the model's own mean hidden states, through faiss); "
+                  "bm25 and dense need the retrieval extra")
+
 
 class PassageIndex(abc.ABC):
     """Passages are token-id sequences, identified by their insertion order (0, 1, …)."""

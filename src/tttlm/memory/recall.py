@@ -63,6 +63,17 @@ def check_index(kind: str | None) -> None:
         require_faiss()
 
 
+def check_rag_options(rag: str, index: str | None) -> None:
+    """The command lines' ``--rag`` / ``--rag-index`` pair: a one-line :class:`UserError` for
+    an index without ``--rag end``, or one that cannot be built here (before a model loads)."""
+    if index is None:
+        return
+    if rag != "end":
+        raise UserError(f"--rag-index {index} chooses the index of --rag end; add --rag end "
+                        "or drop --rag-index")
+    check_index(index)
+
+
 def new_index(kind: str | None, model: TTTForCausalLM) -> PassageIndex:
     """An empty passage index of ``kind`` (:data:`RAG_INDEXES`; ``None``: the default) for a
     memory of ``model``'s context; ``"dense"`` embeds with the model itself."""

@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tttlm.memory.index import RAG_INDEX_HELP
+
 # FastAPI, uvicorn, torch and the model are imported in run(): `tttlm --help` builds every
 # subcommand's parser and should not pay for them (nor need the serve extra).
 
@@ -57,10 +59,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="tokens of recalled passages per prompt (default: a quarter of "
                              "the window)")
     parser.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
-                        help="passage index of --rag end: fts5 (default; bm25 where SQLite "
-                             "lacks FTS5), bm25 (bm25s) or dense (the model's own mean hidden "
-                             "states, through faiss; sessions keep the vectors); bm25 and "
-                             "dense need the retrieval extra")
+                        help=RAG_INDEX_HELP)
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
     parser.add_argument("--device", default=None,
                         help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -102,9 +101,10 @@ def run(args: argparse.Namespace) -> int:
         # An index that cannot be built here is one line now, not a failure at a request.
         policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget,
                                          index=args.rag_index)
-    elif args.rag_index is not None:
-        raise UserError(f"--rag-index {args.rag_index} chooses the index of --rag end; add "
-                        "--rag end or drop --rag-index")
+    else:
+        from tttlm.memory.recall import check_rag_options
+
+        check_rag_options(args.rag, args.rag_index)
     store = None
     if args.sessions:
         store = SessionStore(Path(args.sessions), served.engine, args.max_sessions_in_memory,
