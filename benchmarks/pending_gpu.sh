@@ -62,7 +62,7 @@ case "$PART" in
     timeout 560 python benchmarks/session_save.py --preset 125m --dtype bfloat16 --replies 4 \
       --tokens 64 --out "$OUT" --name session_save_125m_h200 ;;
   finetune)  # pretrained-models issue: (a)-(d) from SmolLM2-135M, loss by position to 8K
-    timeout 570 python benchmarks/finetune_experiment.py --gguf .gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
+    timeout 570 python benchmarks/finetune_experiment.py --source .gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
       --work /tmp/smol-exp --steps 120 --batch-size 16 --micro-batch-size 8 --seq-len 8192 \
       --eval-sequences 32 --device cuda --out "$OUT" --name finetune_smollm2_h200 ;;
   *) echo "PART=$PART: use train, prefill, recall, serve, variants, recurrent, compare," \

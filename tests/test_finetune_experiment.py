@@ -1,0 +1,77 @@
+"""``benchmarks/finetune_experiment.py`` end to end on a tiny random Llama (what the GPU run does
+with SmolLM2-135M): convert (a), (b) and the e2e conversion, prepare the books, train (c) and
+(d), evaluate, report; a rerun skips what is done, other settings in the same folder are
+refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "finetune_experiment.py"
+pytestmark = pytest.mark.slow
+
+
+def experiment_module():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("finetune_experiment", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def random_llama(folder: Path) -> Path:
+    import torch
+
+    from tttlm.hf.tokenizer import byte_level_spec
+
+    config = transformers.LlamaConfig(vocab_size=260, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    rust = tokenizers.Tokenizer.from_str(json.dumps(byte_level_spec()))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=rust, bos_token="<|bos|>",
+                                         eos_token="<|eos|>").save_pretrained(folder)
+    return folder
+
+
+def test_the_experiment_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    module = experiment_module()
+    source = random_llama(tmp_path / "random-llama")
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["--source", str(source), "--work", str(work), "--window", "16", "--chunk", "8",
+            "--seq-len", "64", "--steps", "2", "--batch-size", "1", "--eval-sequences", "2",
+            "--device", "cpu", "--out", str(out), "--name", "exp"]
+    assert module.main(args) == 0
+    report = json.loads((out / "exp.json").read_text())
+    rows = report["results"]
+    assert list(rows) == [module.LABELS[k] for k in "abcd"]
+    a, b = rows[module.LABELS["a"]], rows[module.LABELS["b"]]
+    # Inside the window the sliding-window conversion sees what the original sees.
+    assert b["inside_window"] == pytest.approx(a["inside_window"], abs=1e-4)
+    for row in rows.values():
+        assert row["sequences"] == 2 and row["past_window"] is not None
+    paired = report["verdict"]["paired_c_minus_d"]
+    assert paired["sequences"] == 2 and paired["stderr"] is not None
+    assert {"convert", "data", "train_c", "train_d", "eval"} <= set(report["seconds"])
+    md = (out / "exp.md").read_text()
+    assert "random-llama" in md and "(c) − (d)" in md and str(tmp_path) not in md
+    assert (out / "exp.png").is_file()
+    # A rerun reuses every step but the (resumed) evaluation.
+    before = json.loads((work / "seconds.json").read_text())
+    assert module.main(args) == 0
+    after = json.loads((work / "seconds.json").read_text())
+    assert {k: after[k] for k in ("convert", "data", "train_c", "train_d")} == {
+        k: before[k] for k in ("convert", "data", "train_c", "train_d")}
+    with pytest.raises(SystemExit, match="other settings"):
+        module.main([*args[:-2], "--steps", "3", "--name", "exp"])
