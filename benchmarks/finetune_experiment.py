@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import time
@@ -153,6 +152,36 @@ def verdict(rows: dict[str, Any], loss: dict[str, Any], length: int) -> dict[str
             "gap_closed_by_d": (b - d) / gap if gap > 0 else None}
 
 
+def run_niah(args: argparse.Namespace, steps: Steps, folders: list[Path],
+             labels: list[str]) -> dict[str, Any]:
+    """NIAH of (a)-(d), then of (b)-(d) with the retrieval memory (a full-attention model has
+    no window to recall into): accuracy and value log-probability per token by length, each
+    the mean over kinds, depths and samples."""
+    common = ["--lengths", args.niah, "--kinds", args.niah_kinds, "--depths", args.niah_depths,
+              "--samples", str(args.niah_samples), "--device", args.device, "--quiet"]
+    results: dict[str, Any] = {}
+    for rag, chosen in (("off", range(4)), ("end", range(1, 4))):
+        out = args.work / f"niah-{rag}"
+        steps.run(f"niah_{rag}", "eval", "niah",
+                  *[x for i in chosen for x in ("--model", str(folders[i]), "--label",
+                                                labels[i])],
+                  "--rag", rag, "--out", str(out), *common)
+        report = json.loads((out / "niah.json").read_text())
+        for model in report["models"]:
+            kinds = report["results"][model["label"]]
+            lengths = report["settings"]["lengths"]
+            per_length: dict[str, list[float]] = {"accuracy": [], "logprob_per_token": []}
+            for j in range(len(lengths)):
+                for metric in per_length:
+                    cells = [row[j] for kind in kinds.values() for row in kind[metric]
+                             if row[j] is not None]
+                    per_length[metric].append(sum(cells) / len(cells) if cells else math.nan)
+            results[model["label"]] = per_length
+    return {"lengths": [int(x) for x in report["settings"]["lengths"]],
+            "kinds": report["settings"]["kinds"], "depths": report["settings"]["depths"],
+            "samples": args.niah_samples, "results": results}
+
+
 def plot(loss: dict[str, Any], length: int, window: int, path: Path, title: str) -> bool:
     try:
         import matplotlib
@@ -177,6 +206,22 @@ def plot(loss: dict[str, Any], length: int, window: int, path: Path, title: str)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
+
+
+def relative_paths(value: Any, roots: dict[Path, str]) -> Any:
+    """``value`` (JSON) with every string that is a path under one of ``roots`` made relative
+    to it: reports name no folder of the machine that wrote them."""
+    if isinstance(value, dict):
+        return {k: relative_paths(v, roots) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_paths(v, roots) for v in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        for root in roots:
+            try:
+                return str(Path(value).resolve().relative_to(root))
+            except ValueError:
+                continue
+    return value
 
 
 def device_name(device: str) -> str:
@@ -223,6 +268,22 @@ def markdown(r: dict[str, Any]) -> str:
             lines += ["", f"Paired by sequence (whole sequences, the same text for both): "
                       f"(c) − (d) = {p['mean']:+.4f} ± {p['stderr']:.4f} nats (standard error, "
                       f"{p['sequences']} sequences)."]
+    if r.get("niah"):
+        n = r["niah"]
+        lengths = n["lengths"]
+        lines += ["", "## Needle in a haystack (`tttlm eval niah`)", "",
+                  f"Kinds {', '.join(n['kinds'])}; depths {', '.join(map(str, n['depths']))}; "
+                  f"{n['samples']} samples per cell; exact match of the greedy answer, and the "
+                  "log-probability per token of the value (teacher-forced). \"+ retrieval\": "
+                  "rag=end, the question's last 32 tokens recall passages that left the "
+                  "window (FTS5 BM25; a quarter of the window).", "",
+                  "| system | " + " | ".join(f"accuracy {x}" for x in lengths) + " | "
+                  + " | ".join(f"logprob/token {x}" for x in lengths) + " |",
+                  "|---|" + "---|" * (2 * len(lengths))]
+        for label, row in n["results"].items():
+            lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in row["accuracy"])
+                         + " | " + " | ".join(f"{v:.2f}" for v in row["logprob_per_token"])
+                         + " |")
     lines += ["", "Time (all runs of this experiment, resumed ones included): "
               f"{', '.join(f'{k} {t:.0f} s' for k, t in r['seconds'].items())}.",
               "", f"![loss by position]({r['name']}.png)" if r["plot"] else "",
@@ -254,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--ruler", action="store_true",
                         help="also RULER niah_single_1, niah_multikey_2, vt at 2K/4K/8K")
+    parser.add_argument("--niah", default=None, metavar="L,L,...",
+                        help="also tttlm eval niah at these lengths: (a)-(d), and (b)-(d) with "
+                             "the retrieval memory (rag=end)")
+    parser.add_argument("--niah-kinds", default="passkey,number,uuid")
+    parser.add_argument("--niah-depths", default="0.1,0.3,0.5,0.7,0.9")
+    parser.add_argument("--niah-samples", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--name", default="finetune_smollm2")
     args = parser.parse_args(argv)
@@ -309,10 +376,16 @@ def main(argv: list[str] | None = None) -> int:
             steps.run(f"ruler_{key}", "eval", "harness", "--model", str(folder), "--tasks",
                       "niah_single_1,niah_multikey_2,ruler_vt", "--lengths", "2k,4k,8k",
                       "--out", str(out))
-            ruler[LABELS[key]] = str(out)
+            ruler[LABELS[key]] = f"{out.name}/harness.json (in --work)"
     else:
         missing.append("RULER niah_single_1, niah_multikey_2 and vt at 2K/4K/8K (run with "
                        "--ruler)")
+    niah = None
+    if args.niah:
+        niah = run_niah(args, steps, folders, labels)
+    else:
+        missing.append("NIAH with and without the retrieval memory (run with --niah)")
+    missing.append("decode latency with the retrieval memory (GPU: benchmarks/recall_latency.py)")
     if args.steps * args.batch_size * args.seq_len < 500 * 16 * 8192:
         missing.append(f"the full fine-tune: {args.steps} × {args.batch_size} × {args.seq_len} "
                        f"tokens here, against the preset's 500 × 16 × 8192 (65.5M)")
@@ -332,6 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": {"sequences": min(r["sequences"] for r in rows.values()),
                  "data": "src/tttlm/resources/books/val.jsonl.gz"},
         "results": rows, "verdict": verdict(rows, loss, length), "ruler": ruler,
+        "niah": niah,
         "seconds": {k: round(v, 1) for k, v in steps.seconds.items()},
         "missing": missing,
     }
@@ -343,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
                 value[key] = None
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{args.name}.md").write_text(markdown(report))
-    shutil.copy2(evaluated / "loss.json", args.out / f"{args.name}_loss.json")
+    # The evaluation's own report, with paths relative to --work and to the repository.
+    (args.out / f"{args.name}_loss.json").write_text(json.dumps(
+        relative_paths(loss, {work.resolve(): "", ROOT: ""})) + "\n")
     print(markdown(report))
     return 0
 

@@ -51,7 +51,8 @@ def test_the_experiment_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     work, out = tmp_path / "work", tmp_path / "out"
     args = ["--source", str(source), "--work", str(work), "--window", "16", "--chunk", "8",
             "--seq-len", "64", "--steps", "2", "--batch-size", "1", "--eval-sequences", "2",
-            "--device", "cpu", "--out", str(out), "--name", "exp"]
+            "--device", "cpu", "--niah", "256", "--niah-kinds", "passkey", "--niah-depths",
+            "0.5", "--niah-samples", "1", "--out", str(out), "--name", "exp"]
     assert module.main(args) == 0
     report = json.loads((out / "exp.json").read_text())
     rows = report["results"]
@@ -63,9 +64,17 @@ def test_the_experiment_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
         assert row["sequences"] == 2 and row["past_window"] is not None
     paired = report["verdict"]["paired_c_minus_d"]
     assert paired["sequences"] == 2 and paired["stderr"] is not None
-    assert {"convert", "data", "train_c", "train_d", "eval"} <= set(report["seconds"])
+    assert {"convert", "data", "train_c", "train_d", "eval", "niah_off", "niah_end"} <= set(
+        report["seconds"])
+    niah = report["niah"]["results"]  # (a)-(d), then (b)-(d) with retrieval
+    assert len(niah) == 7 and sum("retrieval" in label for label in niah) == 3
+    for row in niah.values():
+        assert len(row["accuracy"]) == 1 and 0 <= row["accuracy"][0] <= 1
+        assert row["logprob_per_token"][0] < 0
     md = (out / "exp.md").read_text()
-    assert "random-llama" in md and "(c) − (d)" in md and str(tmp_path) not in md
+    assert "random-llama" in md and "(c) − (d)" in md and "Needle in a haystack" in md
+    for written in ("exp.md", "exp.json", "exp_loss.json"):
+        assert str(tmp_path) not in (out / written).read_text(), written
     assert (out / "exp.png").is_file()
     # A rerun reuses every step but the (resumed) evaluation.
     before = json.loads((work / "seconds.json").read_text())
