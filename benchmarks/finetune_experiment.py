@@ -193,10 +193,19 @@ def plot(loss: dict[str, Any], length: int, window: int, path: Path, title: str)
     fig, ax = plt.subplots(figsize=(7, 4))
     for model in loss["models"]:
         curve = loss["results"][model["label"]][str(length)]["curve"]
-        xs = [p + curve["bin"] / 2 for p, v in zip(curve["positions"], curve["mean_nll"])
-              if v is not None]
-        ys = [v for v in curve["mean_nll"] if v is not None]
-        ax.plot(xs, ys, label=model["label"])
+        # About 64 points: each the token-weighted mean of its run of stored bins (a curve
+        # per token over a few sequences is mostly noise).
+        runs = max(1, len(curve["positions"]) // 64)
+        xs, ys = [], []
+        for i in range(0, len(curve["positions"]), runs):
+            cells = [(v, c) for v, c in zip(curve["mean_nll"][i:i + runs],
+                                            curve["count"][i:i + runs]) if v is not None and c]
+            if cells:
+                end = min(length, curve["positions"][min(i + runs, len(curve["positions"])) - 1]
+                          + curve["bin"])
+                xs.append((curve["positions"][i] + end) / 2)
+                ys.append(sum(v * c for v, c in cells) / sum(c for _, c in cells))
+        ax.plot(xs, ys, label=model["label"], marker=".", markersize=3)
     ax.axvline(window, color="grey", linestyle=":", label=f"window ({window})")
     ax.set_xlabel("position in the sequence (tokens)")
     ax.set_ylabel("mean NLL (nats)")
