@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from tttlm import TTTConfig, TTTForCausalLM
+from tttlm.files import link_or_copy
 from tttlm.inference import Engine, State
-from tttlm.inference.pages import link_or_copy
 
 
 def folder_bytes(folder: Path) -> dict[str, tuple[int, int]]:

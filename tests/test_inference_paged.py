@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from _helpers import GDN, MAMBA2, tiny_model, tokens
+from tttlm import files
 from tttlm.errors import UserError
 from tttlm.inference import Engine, State, pages
 from tttlm.inference import state as state_module
@@ -215,7 +216,7 @@ def test_link_or_copy_falls_back_to_a_copy(tmp_path: Path,
         raise OSError("hard links not supported")
 
     monkeypatch.setattr(os, "link", no_links)
-    pages.link_or_copy(src, tmp_path / "b.bin")
+    files.link_or_copy(src, tmp_path / "b.bin")
     assert (tmp_path / "b.bin").read_bytes() == b"pack"
     assert (tmp_path / "b.bin").stat().st_ino != src.stat().st_ino
 

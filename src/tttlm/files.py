@@ -293,3 +293,18 @@ class FolderLock:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.release()
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Put a file that is never rewritten in place (a session's packs, manifests) at ``dst``:
+    a hard link where the file system allows, else a durable copy. An existing ``dst`` is
+    kept: callers name such files by their content, so the same name is the same file."""
+    if dst.exists():
+        return
+    try:
+        os.link(src, dst)
+    except OSError:
+        tmp = _temp_name(dst)
+        shutil.copyfile(src, tmp)
+        fsync_file(tmp)
+        os.replace(tmp, dst)

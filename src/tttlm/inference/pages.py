@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from tttlm.errors import UserError
-from tttlm.files import atomic_save, fsync_dir, fsync_file
+from tttlm.files import atomic_save, fsync_dir, link_or_copy
 
 PAGE_BYTES = 1 << 18  # 256 KiB: a 64-token reply touches one or two pages of each cache
 PACK_RE = re.compile(r"^session-[0-9a-f]{16}\.safetensors$")
@@ -79,14 +78,15 @@ def _slices(t: torch.Tensor, page_bytes: int) -> list[tuple[int, int]] | None:
 
 def cut_pages(tensors: dict[str, torch.Tensor], page_bytes: int
               ) -> tuple[dict[str, dict[str, Any]], list[Page]]:
-    """Cut CPU tensors into hashed pages: the manifest's per-tensor layout (pages still
-    without packs) and the pages, in order."""
+    """Cut tensors (on any device) into hashed CPU pages: the manifest's per-tensor layout
+    (pages still without packs) and the pages, in order."""
     pieces: list[tuple[str, torch.Tensor]] = []
     layout: dict[str, dict[str, Any]] = {}
     for name, t in tensors.items():
         spans = _slices(t, page_bytes)
         parts = [t] if spans is None else [t.narrow(_SLOT_AXIS, a, b - a) for a, b in spans]
-        pieces += [(name, p.contiguous()) for p in parts]
+        # One copy per page, on the host: a GPU state's pages are cut on the device.
+        pieces += [(name, p.contiguous().cpu()) for p in parts]
         layout[name] = {"dtype": dtype_name(t.dtype), "shape": list(t.shape),
                         "axis": None if spans is None else _SLOT_AXIS, "pages": []}
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
@@ -105,20 +105,6 @@ def _known_pages(folder: Path, manifest: dict[str, Any] | None) -> dict[str, str
               if (folder / pack).is_file() and (folder / pack).stat().st_size == sizes[pack]}
     return {key: pack for entry in manifest["pages"].values()
             for pack, key in reversed(entry["pages"]) if pack in intact}
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Put an immutable file at ``dst``: a hard link where the file system allows, else a
-    durable copy."""
-    if dst.exists():
-        return  # packs are named by their content: the same name is the same file
-    try:
-        os.link(src, dst)
-    except OSError:
-        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        shutil.copyfile(src, tmp)
-        fsync_file(tmp)
-        os.replace(tmp, dst)
 
 
 def write_tensor_file(out: Path, tensors: dict[str, torch.Tensor],
@@ -144,7 +130,7 @@ def write_pages(out: Path, tensors: dict[str, torch.Tensor], metadata: dict[str,
                 current: dict[str, Any] | None, base: Path | None = None,
                 base_manifest: dict[str, Any] | None = None,
                 page_bytes: int | None = None) -> dict[str, Any]:
-    """Save ``tensors`` (CPU) into folder ``out`` as pages, reusing the pages of ``out``'s
+    """Save ``tensors`` (any device) into folder ``out`` as pages, reusing the pages of ``out``'s
     current manifest and of ``base``'s. Returns the manifest fields ``tensors`` (this save's
     pack, which carries ``metadata``), ``pages`` and ``packs``; the caller writes the
     manifest, then deletes the packs it does not name."""

@@ -255,12 +255,13 @@ class State:
         """
         out = Path(path)
         check_session_folder(out)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._tensors().items()}
         with FolderLock(out, command):
             check_session_folder(out)  # again, now that nobody else writes there
-            if paged:
+            if paged:  # the pages are cut on the state's device, then copied to the host
+                tensors = {k: v.detach() for k, v in self._tensors().items()}
                 self._save_paged(out, tensors, None if base is None else Path(base))
                 return out
+            tensors = {k: v.detach().contiguous().cpu() for k, v in self._tensors().items()}
             name, size, digest = write_tensor_file(
                 out, tensors, {k: json.dumps(v) for k, v in self._counters().items()})
             fsync_dir(out)

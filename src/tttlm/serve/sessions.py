@@ -40,9 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from tttlm.errors import UserError
-from tttlm.files import FolderLock, atomic_write_text, fsync_dir
+from tttlm.files import FolderLock, atomic_write_text, fsync_dir, link_or_copy
 from tttlm.inference.engine import Engine
-from tttlm.inference.pages import link_or_copy
 from tttlm.inference.state import State
 from tttlm.memory.memory import ContextMemory
 from tttlm.memory.recall import RecallPolicy
