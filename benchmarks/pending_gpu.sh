@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|recall|serve|variants|recurrent|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|recall|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -11,16 +11,30 @@
 #       --platform manylinux2014_x86_64 --implementation cp openai fastapi uvicorn
 # and install them there first: python -m pip install --no-index --find-links .wheels \
 #   openai fastapi uvicorn
-# `recurrent` needs flash-linear-attention the same way (pip download ... flash-linear-attention
-# fla-core einops). `finetune` needs gguf and accelerate the same way, and the SmolLM2 GGUF file
-# (93 MB, over one call's 64 MiB carry): split it here (split -n 2 FILE .gguf-parts/part-),
+# `variants` and `decode` need flash-linear-attention for gated_deltanet and mamba2, brought
+# the same way (pip download ... flash-linear-attention fla-core einops); a wheel-only install
+# may leave the package off the path: PYTHONPATH=<site-packages of the wheels> is kept below.
+# `finetune` needs gguf and accelerate the same way, and the SmolLM2 GGUF file (93 MB, over one call's 64 MiB carry): split it here (split -n 2 FILE .gguf-parts/part-),
 # carry `.gguf-parts` in one call and `.gguf-parts2` in the next (a warm machine keeps the
 # first), then cat them together into .gguf/SmolLM2-135M-Instruct.Q4_1.gguf; each call of
 # this part advances the experiment (it resumes from --work) until the report is written.
 set -u
 : "${OUT:?set OUT to the output folder}" "${PART:?set PART}"
-export PYTHONPATH=src
+# (src first, keeping what the caller put on the path: wheels carried to the device)
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 mkdir -p "$OUT"
+# Reports are written to a scratch folder and only their JSON copied to $OUT (a call brings
+# back at most 8 files); benchmarks/merge_reports.py joins them into one report here.
+SCRATCH=$(mktemp -d)
+prefill_each() {  # SECONDS VARIANT...: the 3b prefill at 8K-128K, one process per variant
+  local each=$1; shift
+  for v in "$@"; do
+    timeout "$each" python -m tttlm.cli bench prefill --preset 3b --variants "$v" \
+      --lengths 8192 32768 131072 --compile compiled --repeats 2 \
+      --out "$SCRATCH/prefill_3b_$v" || echo "prefill $v: exit $?"
+    cp "$SCRATCH/prefill_3b_$v.json" "$OUT/" 2>/dev/null
+  done
+}
 case "$PART" in
   train)  # speed issue: tttlm train itself, micro-batch 8 (fits an H200) vs 4
     timeout 560 python benchmarks/train_cli.py --preset 125m-8k --batch 16 --micro-batch 8 \
@@ -36,36 +50,37 @@ case "$PART" in
       --out "$OUT/recall_latency_760m_fts5" ;;
   serve)  # serving issue: 64 sessions of 32K context, e2e vs full (disk: full's sessions are
           # 4x larger, so it gets fewer)
-    timeout 280 python benchmarks/serve_load.py --preset 125m --variant e2e --context 32768 \
-      --sessions 64 --in-memory 64 --max-batch 64 --tokens 64 --rounds 2 --device cuda \
+    timeout 270 python benchmarks/serve_load.py --preset 125m --variant e2e --context 32768 \
+      --dtype bfloat16 --sessions 64 --in-memory 64 --max-batch 64 --tokens 64 --rounds 2 --device cuda \
       --out "$OUT" --name serve_gpu_125m_e2e_32k
-    timeout 280 python benchmarks/serve_load.py --preset 125m --variant full --context 32768 \
-      --sessions 16 --in-memory 16 --max-batch 64 --tokens 64 --rounds 2 --device cuda \
+    timeout 270 python benchmarks/serve_load.py --preset 125m --variant full --context 32768 \
+      --dtype bfloat16 --sessions 16 --in-memory 16 --max-batch 64 --tokens 64 --rounds 2 --device cuda \
       --out "$OUT" --name serve_gpu_125m_full_32k ;;
-  variants)  # baselines issue: the paper's speed figure for the variants tttlm has
-    timeout 400 python -m tttlm.cli bench prefill --preset 3b --variants e2e swa full hybrid \
-      --lengths 8192 32768 131072 --compile compiled --repeats 2 --out "$OUT/prefill_variants_3b"
-    timeout 150 python -m tttlm.cli bench decode --presets 760m --variants e2e swa full hybrid \
-      --contexts 8192 131072 --modes graph --out "$OUT/decode_variants_760m" ;;
-  recurrent)  # baselines issue: the recurrent hybrids (first GPU run of their kernels)
-    timeout 400 python -m tttlm.cli bench prefill --preset 3b \
-      --variants ttt_kvb gated_deltanet mamba2 \
-      --lengths 8192 32768 131072 --compile compiled --repeats 2 \
-      --out "$OUT/prefill_recurrent_3b"
-    timeout 150 python -m tttlm.cli bench decode --presets 760m \
-      --variants ttt_kvb gated_deltanet mamba2 --contexts 8192 131072 --modes eager graph \
-      --out "$OUT/decode_recurrent_760m" ;;
-  compare)  # baselines issue: the small same-tokens training comparison of all seven
-    timeout 560 python benchmarks/variants_small.py --device cuda --work /tmp/variants-small \
-      --out "$OUT/variants_small_h200" ;;
+  variants)  # baselines issue: the paper's speed figure, all seven variants at 3b (one process
+    # each, so a variant that fails or overruns leaves the others' rows; about 60-100 s each on
+    # an H200: split the list over two calls with VARIANTS="...")
+    # shellcheck disable=SC2086
+    prefill_each 140 ${VARIANTS:-ttt_kvb gated_deltanet mamba2 hybrid e2e swa full} ;;
+  decode)  # baselines issue: decode latency of all seven at 760m
+    timeout "${LIMIT:-560}" python -m tttlm.cli bench decode --presets 760m \
+      --variants ${VARIANTS:-e2e swa full hybrid ttt_kvb gated_deltanet mamba2} \
+      --contexts 8192 131072 --modes graph --repeats 2 --out "$SCRATCH/decode_variants_760m" \
+      && cp "$SCRATCH/decode_variants_760m.json" "$OUT/" ;;
+  compare)  # baselines issue: the small same-tokens training comparison of all seven (12 blocks
+    # of width 512, 5:1 mixes; a cut run continues from --work in the next call)
+    timeout "${LIMIT:-540}" python benchmarks/variants_small.py --size gpu --device cuda \
+      --steps "${STEPS:-100}" --work /tmp/variants-small --out "$OUT/variants_small_h200" ;;
   sessions)  # serving issue: per-reply session saves on the GPU (device -> host copy, hashing)
     timeout 560 python benchmarks/session_save.py --preset 125m --dtype bfloat16 --replies 4 \
       --tokens 64 --out "$OUT" --name session_save_125m_h200 ;;
   finetune)  # pretrained-models issue: (a)-(d) from SmolLM2-135M, loss by position to 8K
-    timeout 570 python benchmarks/finetune_experiment.py --source .gguf/SmolLM2-135M-Instruct.Q4_1.gguf \
-      --work /tmp/smol-exp --steps 120 --batch-size 16 --micro-batch-size 8 --seq-len 8192 \
-      --eval-sequences 32 --device cuda --out "$OUT" --name finetune_smollm2_h200 ;;
-  *) echo "PART=$PART: use train, prefill, recall, serve, variants, recurrent, compare," \
+    # shellcheck disable=SC2086
+    timeout "${LIMIT:-570}" python benchmarks/finetune_experiment.py \
+      --source .gguf/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/smol-exp \
+      --steps "${STEPS:-40}" --batch-size 8 --seq-len 8192 --eval-sequences 32 --device cuda \
+      --niah 2048,4096,8192 --niah-kinds passkey,number,uuid --niah-depths 0.25,0.75 \
+      --niah-samples 4 ${FINETUNE_ARGS:-} --out "$OUT" --name finetune_smollm2_h200 ;;
+  *) echo "PART=$PART: use train, prefill, recall, serve, variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
 esac

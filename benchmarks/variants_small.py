@@ -1,18 +1,26 @@
-"""A small same-tokens comparison of every model variant: the quickstart's CPU setting (4 blocks,
-width 128, window 256, chunk 64, 100 steps of 4 x 1024 tokens of the shipped books, a 2K BPE),
-the same data, steps and seed for all, then loss by position on held-out books.
+"""A small same-tokens comparison of every model variant: the same data, steps and seed for all,
+then loss by position on held-out books.
 
     PYTHONPATH=src python benchmarks/variants_small.py --out benchmarks/results/variants_small_cpu
+    PYTHONPATH=src python benchmarks/variants_small.py --size gpu --device cuda \
+        --work /tmp/variants-small --out bench-results/variants_small_gpu
 
-Small-scale: four blocks cannot hold the paper's 5:1 hybrids, so the mixed variants put their
-full-attention / recurrent block at every second block (1:1, ``global_every=2``). It checks
-that the seven systems train and evaluate in one harness and shows their loss beyond the window;
-the numbers are far from the paper's scale. Writes OUT.json and OUT.md.
+``--size cpu``: the quickstart's CPU setting (4 blocks, width 128, window 256, chunk 64, 100
+steps of 4 x 1024 tokens of the shipped books, a 2K BPE). Four blocks cannot hold the paper's
+5:1 hybrids, so there the mixed variants put their full-attention / recurrent block at every
+second block (1:1, ``global_every=2``). ``--size gpu``: the quickstart's GPU setting (width 512,
+window 512, chunk 128, 16 x 4096 tokens a step, a 4K BPE) with 12 blocks, so the mixed
+variants are the paper's 5:1 (``global_every=6``: blocks 5 and 11), and 3 TTT blocks for e2e.
+It checks that the seven systems train and evaluate in one harness and shows their loss
+beyond the window; the numbers are far from the paper's scale. A variant whose final
+checkpoint is already in ``--work`` is not trained again (a cut run continues). Writes OUT.json
+and OUT.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import shlex
@@ -40,21 +48,34 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path("variants-small"))
-    p.add_argument("--device", default="cpu", help="cpu or cuda (the same small setting)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--size", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu: 4 blocks of width 128, 1:1 mixes; gpu: 12 blocks of width 512, 5:1")
     p.add_argument("--out", type=Path, required=True, help="report path without suffix")
     args = p.parse_args()
-    cfg = SIZES["cpu"]
+    if args.size == "gpu":
+        cfg, every = dataclasses.replace(SIZES["gpu"], num_layers=12, num_ttt_layers=3), 6
+    else:
+        cfg, every = SIZES["cpu"], 2
     steps = args.steps or cfg.steps
     began = time.perf_counter()
-    data = args.work / "data"
-    prepare_builtin(data, cfg.tokenizer, overwrite=True, progress=False)
+    # each setting its own folder: data (the sizes differ in tokenizer), runs and rows
+    base = args.work / f"{args.size}-{steps}steps"
+    data = base / "data"
+    if not (data / "meta.json").is_file():
+        prepare_builtin(data, cfg.tokenizer, overwrite=True, progress=False)
     rows: dict[str, dict[str, Any]] = {}
+    done_file = base / "rows.json"  # the variants an earlier, cut run trained
+    earlier = json.loads(done_file.read_text()) if done_file.is_file() else {}
     for mode in args.variants:
+        if mode in earlier and (base / "runs" / mode / ckpt.FINAL).exists():
+            rows[mode] = earlier[mode]
+            continue
         arch = model_overrides(cfg, "e2e" if mode == "e2e" else "full")
         if mode in ("hybrid", "ttt_kvb", "gated_deltanet", "mamba2"):
-            arch["global_every"] = 2
+            arch["global_every"] = every
         config = TrainConfig(model="tiny", mode=mode, model_overrides=arch, data=str(data),
-                             out_dir=str(args.work / "runs" / mode), seq_len=cfg.seq_len,
+                             out_dir=str(base / "runs" / mode), seq_len=cfg.seq_len,
                              batch_size=cfg.batch_size, steps=steps, lr=cfg.lr,
                              device=args.device,
                              log_every=max(1, steps // 10), eval_every=0, eval_sequences=0,
@@ -67,9 +88,10 @@ def main() -> None:
                       "train_loss": round(summary["loss"], 4),
                       "train_s": round(time.perf_counter() - t0, 1)}
         print(json.dumps(rows[mode]), flush=True)
+        atomic_write_text(done_file, json.dumps(rows, indent=2) + "\n")
         del trainer
     device = torch.device(args.device)
-    models = [load_model(args.work / "runs" / mode / ckpt.FINAL, device=device, label=mode)
+    models = [load_model(base / "runs" / mode / ckpt.FINAL, device=device, label=mode)
               for mode in args.variants]
     evaluation = evaluate_loss(models, load_corpus(data, split="val"), [cfg.seq_len],
                                mode=WindowMode.STREAM, max_sequences=cfg.eval_sequences,
@@ -83,8 +105,8 @@ def main() -> None:
             eval_loss=round(float(np.nanmean(curve)), 4),
             within_window=round(float(np.nanmean(curve[:W])), 4),
             beyond_window=round(float(np.nanmean(curve[W:])), 4),
-            **{f"loss_{a}_{b}": round(float(np.nanmean(curve[a:b])), 4)
-               for a, b in ((0, 256), (256, 512), (512, 768), (768, 1024))})
+            **{f"loss_{a}_{a + W}": round(float(np.nanmean(curve[a:a + W])), 4)
+               for a in range(0, cfg.seq_len, W)})
     tokens = steps * cfg.batch_size * cfg.seq_len
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "no GPU"
     env = {"machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {gpu}",
@@ -97,17 +119,19 @@ def main() -> None:
               "settings": {"hidden": cfg.hidden_size, "blocks": cfg.num_layers,
                            "window": W, "chunk": cfg.chunk_size, "seq_len": cfg.seq_len,
                            "steps": steps, "batch": cfg.batch_size, "lr": cfg.lr,
-                           "tokenizer": cfg.tokenizer, "global_every": 2,
+                           "tokenizer": cfg.tokenizer, "global_every": every,
                            "eval_sequences": cfg.eval_sequences},
               "rows": list(rows.values())}
     cols = ["variant", "params", "train_loss", "eval_loss", "within_window", "beyond_window",
-            "loss_0_256", "loss_256_512", "loss_512_768", "loss_768_1024", "train_s"]
+            *(f"loss_{a}_{a + W}" for a in range(0, cfg.seq_len, W)), "train_s"]
     lines = [f"# {report['title']}", "", *(f"- {k}: `{v}`" for k, v in env.items()), "",
              f"Settings: {report['settings']}.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows.values()]
-    lines += ["", f"Small-scale: a 4-block, width-128 model, {tokens:,} training tokens per "
-              "variant; the mixed variants at 1:1 (four blocks cannot hold 5:1). Loss by "
+    mix = ("1:1 (four blocks cannot hold 5:1)" if every == 2
+           else f"{every - 1}:1 (one block in every {every})")
+    lines += ["", f"Small-scale: a {cfg.num_layers}-block, width-{cfg.hidden_size} model, "
+              f"{tokens:,} training tokens per variant; the mixed variants at {mix}. Loss by "
               "position on "
               f"{cfg.eval_sequences} held-out windows of {cfg.seq_len} tokens (the quickstart's "
               f"evaluation); positions >= {W} are beyond the window."]

@@ -24,6 +24,15 @@ def require_fla() -> Any:
     return fla
 
 
+def _kernel_inputs(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """``q, k, v`` in one dtype for fla's Triton kernels, whose ``tl.dot`` refuses mixed operands
+    (under autocast the projections come out in bf16 while normalised keys may be float32): the
+    half-precision dtype when one is present (what autocast chose), else float32."""
+    half = [x.dtype for x in xs if x.dtype in (torch.bfloat16, torch.float16)]
+    dtype = half[0] if half else torch.float32
+    return [x.to(dtype) for x in xs]
+
+
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
                      beta: torch.Tensor, initial_state: torch.Tensor | None = None,
                      decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,6 +49,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         else:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
         state = None if initial_state is None else initial_state.float()
+        q, k, v = _kernel_inputs(q, k, v)
         out, final = kernel(q, k, v, g=g.float(), beta=beta.float(), scale=scale,
                             initial_state=state, output_final_state=True)
         return out, final
@@ -64,6 +74,7 @@ def ssd_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
         else:
             from fla.ops.simple_gla import chunk_simple_gla as kernel
         state = None if initial_state is None else initial_state.float()
+        q, k, v = _kernel_inputs(q, k, v)
         return kernel(q, k, v, g=g.float(), scale=1.0, initial_state=state,
                       output_final_state=True)
     from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
