@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import platform
 import shlex
@@ -88,8 +89,14 @@ def main() -> None:
                       "train_loss": round(summary["loss"], 4),
                       "train_s": round(time.perf_counter() - t0, 1)}
         print(json.dumps(rows[mode]), flush=True)
-        atomic_write_text(done_file, json.dumps(rows, indent=2) + "\n")
+        earlier[mode] = rows[mode]  # (kept with the rows of runs that trained other variants)
+        atomic_write_text(done_file, json.dumps(earlier, indent=2) + "\n")
+        # A graphed step holds its CUDA-graph memory pool until the graph object is collected;
+        # without this the next variant's step ran out of memory on an H200.
         del trainer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     device = torch.device(args.device)
     models = [load_model(base / "runs" / mode / ckpt.FINAL, device=device, label=mode)
               for mode in args.variants]
