@@ -153,6 +153,12 @@ def bench_prefill(device: torch.device, preset: str = "3b",
         with device:  # initialise on the card: seconds instead of a minute at 3b on a CPU
             model = TTTForCausalLM(config).eval()
         for T in lengths:
+            if any(compile_modes):
+                # Each length starts from fresh compiled graphs, as a run of one shape would:
+                # three lengths (three batch sizes, the last batch 1) in one process exceed
+                # torch.compile's recompile limit (8 graphs per function), and the last length
+                # silently fell back to eager for the TTT blocks' output (e2e at 128K).
+                torch.compiler.reset()
             B = batch if batch is not None else prefill_batch(T, tokens_per_step)
             g = torch.Generator(device="cpu").manual_seed(T)
             x = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(device)
