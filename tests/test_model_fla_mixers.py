@@ -97,3 +97,22 @@ def test_bf16_model_decodes_with_float32_state(variant: str) -> None:
     for t in range(5, 12):
         assert (logits.double() - exact[:, t - 1]).abs().max() <= bound, t
         logits, state = low.step(state, x[:, t])
+
+
+@pytest.mark.parametrize(("capability", "triton", "tilelang", "refused"), [
+    ((9, 0), "3.6.0", False, True),     # H100/H200 with the Triton of torch 2.11
+    ((9, 0), "3.4.0", False, True),
+    ((9, 0), "3.7.1", False, False),    # fixed
+    ((9, 0), "3.3.1", False, False),    # before the regression
+    ((9, 0), "3.6.0", True, False),     # tilelang supplies the kernel
+    ((8, 0), "3.6.0", False, False),    # A100
+    ((10, 0), "3.6.0", False, False),   # Blackwell
+])
+def test_hopper_backward_refusal(capability: tuple[int, int], triton: str, tilelang: bool,
+                                 refused: bool) -> None:
+    from tttlm.ops.gated_delta import hopper_backward_refusal
+
+    reason = hopper_backward_refusal(capability, triton, tilelang)
+    assert (reason is not None) == refused
+    if reason:
+        assert "3.7.1" in reason and "tilelang" in reason and "\n" not in reason

@@ -7,6 +7,9 @@ reference elsewhere (CPU, tests). Per head, with a state ``S [d_k, d_v]``, for e
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import re
 from typing import Any
 
 import torch
@@ -22,6 +25,37 @@ def require_fla() -> Any:
         raise UserError("gated_deltanet and mamba2 models need flash-linear-attention; "
                         "install it with pip install 'tttlm[fla]'") from None
     return fla
+
+
+def hopper_backward_refusal(capability: tuple[int, int], triton_version: str,
+                            has_tilelang: bool) -> str | None:
+    """Why fla's gated chunk backward cannot run here, or ``None``: flash-linear-attention 0.6
+    refuses it on Hopper (compute capability 9.x) under Triton >= 3.4 and < 3.7.1, which give
+    wrong gradients there (fla issue 640), unless tilelang provides the kernel."""
+    version = tuple(int(p) for p in re.findall(r"\d+", triton_version)[:3])
+    if capability[0] != 9 or has_tilelang or not (3, 4, 0) <= version < (3, 7, 1):
+        return None
+    return (f"training gated_deltanet or mamba2 on a Hopper GPU needs Triton >= 3.7.1 or "
+            f"tilelang: flash-linear-attention's gated backward gives wrong gradients under "
+            f"Triton {triton_version} there (fla issue 640); pip install -U 'triton>=3.7.1' or "
+            f"pip install tilelang (their forward, prefill and decoding, runs as it is)")
+
+
+@functools.cache
+def _refusal_on(device_index: int) -> str | None:
+    import triton
+
+    return hopper_backward_refusal(torch.cuda.get_device_capability(device_index),
+                                   triton.__version__,
+                                   importlib.util.find_spec("tilelang") is not None)
+
+
+def _check_backward(*xs: torch.Tensor) -> None:
+    """One line before the forward, rather than fla's error from inside the backward pass."""
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        reason = _refusal_on(xs[0].device.index or 0)
+        if reason:
+            raise UserError(reason)
 
 
 def _kernel_inputs(*xs: torch.Tensor) -> list[torch.Tensor]:
@@ -48,6 +82,8 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
             from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as kernel
         else:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as kernel
+        if not decoding:
+            _check_backward(q, k, v, g, beta)
         state = None if initial_state is None else initial_state.float()
         q, k, v = _kernel_inputs(q, k, v)
         out, final = kernel(q, k, v, g=g.float(), beta=beta.float(), scale=scale,
@@ -73,6 +109,8 @@ def ssd_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
             from fla.ops.simple_gla import fused_recurrent_simple_gla as kernel
         else:
             from fla.ops.simple_gla import chunk_simple_gla as kernel
+        if not decoding:
+            _check_backward(q, k, v, g)
         state = None if initial_state is None else initial_state.float()
         q, k, v = _kernel_inputs(q, k, v)
         return kernel(q, k, v, g=g.float(), scale=1.0, initial_state=state,
