@@ -159,3 +159,11 @@ def test_rag_index_reaches_the_memory(lm: TTTLMHarness) -> None:
         TTTLMHarness(lm.pretrained, device="cpu", rag="end", rag_index="x")
     with pytest.raises(UserError, match="add rag=end"):
         TTTLMHarness(lm.pretrained, device="cpu", rag_index="dense")
+
+
+def test_rag_separator_reaches_the_policy(lm: TTTLMHarness) -> None:
+    rag = TTTLMHarness(lm.pretrained, device="cpu", rag="end", rag_separator="\\n\\nQuote: ")
+    want = tuple(rag.tokenizer.encode("\n\nQuote: "))
+    assert want and rag._recall_session().policy.separator == want
+    with pytest.raises(UserError, match="add rag=end"):
+        TTTLMHarness(lm.pretrained, device="cpu", rag_separator="x")

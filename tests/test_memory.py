@@ -154,3 +154,36 @@ def test_bad_settings_are_user_errors() -> None:
         RecallSession(engine, "sometimes")
     with pytest.raises(UserError, match="prompt is empty"):
         RecallSession(engine).generate([], 1)
+
+
+def test_a_plain_text_separator_marks_the_quotes() -> None:
+    """``separator``: any tokens (``--rag-separator`` text, encoded) before each passage and
+    the query, in place of BOS."""
+    model = make()
+    engine = Engine(model)
+    assert engine.window is not None
+    document = haystack(17 * engine.window, needle_at=8)
+    session = RecallSession(engine, "end", query_len=4, separator=[10, 10])  # "\n\n" in bytes
+    session.read(document)
+    before = session.state.lengths[0]
+    question = [3, 4, 5, *NEEDLE[:4]]
+    context, passages = session.policy.cue(session.memory, question[-4:])
+    assert passages and context[:2] == [10, 10] and context[-6:] == [10, 10, *NEEDLE[:4]]
+    session.generate(question, 2, temperature=0.0)
+    quoted = sum(len(p.tokens) + 2 for p in session.last_recall) + 2
+    assert session.state.lengths[0] == before + (len(question) - 4) + quoted + 4 + 2
+
+
+def test_separator_text_of_the_command_line() -> None:
+    from tttlm.memory.recall import separator_tokens
+
+    def encode(text: str) -> list[int]:
+        return list(text.encode())
+
+    assert separator_tokens(None, encode) is None  # the policy's default (BOS)
+    assert separator_tokens("\\n\\nQuote: ", encode) == tuple(b"\n\nQuote: ")
+    assert separator_tokens("→ \\t", encode) == tuple("→ \t".encode())  # non-ASCII survives
+    assert separator_tokens("a\\b", encode) == (97, 8)
+    for bad in ("", "\\x"):
+        with pytest.raises(UserError, match="--rag-separator"):
+            separator_tokens(bad, encode)

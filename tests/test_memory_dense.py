@@ -311,3 +311,24 @@ def test_eval_niah_refuses_a_bad_index_before_loading(model_dir: Path, tmp_path:
                  "--rag-index", "nope", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tttlm eval niah: error: rag index 'nope'")
+
+
+def test_rag_separator_on_the_command_lines(model_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The key is 4711. " + "Filler text that leaves the window. " * 8)
+    args = ["generate", "--model", str(model_dir), "--document", str(doc), "--prompt",
+            "The key is", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main([*args, "--rag", "end", "--rag-separator", "\\n\\nQuote: "]) == 0
+    assert "recalled" in capsys.readouterr().err
+    assert main([*args, "--rag-separator", "\\n"]) == 2  # without --rag end
+    err = capsys.readouterr().err
+    assert err.startswith("tttlm generate: error: --rag-separator marks the passages of")
+    assert len(err.strip().splitlines()) == 1
+    assert main([*args, "--rag", "end", "--rag-separator", ""]) == 2
+    assert "encodes to no tokens" in capsys.readouterr().err
+    assert main(["eval", "niah", "--model", str(model_dir), "--lengths", "64",
+                 "--rag-separator", "\\n", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "add --rag end" in capsys.readouterr().err
+    assert main(["serve", "--model", str(model_dir), "--rag-separator", "\\n"]) == 2
+    assert "add --rag end" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tttlm.memory.index import RAG_INDEX_HELP
+from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
 
 _DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 
@@ -111,7 +111,7 @@ def _run_niah(args: argparse.Namespace) -> int:
                                 samples=args.samples, seed=args.seed, digits=args.digits)
         from tttlm.memory.recall import check_rag_options
 
-        check_rag_options(args.rag, args.rag_index)
+        check_rag_options(args.rag, args.rag_index, args.rag_separator)
         models = _load_models(args)
         source = Path(args.haystack) if args.haystack else builtin_books("val")[0]
         prepared = (source / "meta.json").is_file()
@@ -134,6 +134,7 @@ def _run_niah(args: argparse.Namespace) -> int:
         for em in models:
             if args.rag == "end":
                 from tttlm.eval.niah import recall_predictor
+                from tttlm.memory.recall import separator_tokens
 
                 # Filed apart: a resumed run never mixes answers with and without retrieval,
                 # nor those of two indexes (the default index keeps its earlier fingerprint).
@@ -141,8 +142,12 @@ def _run_niah(args: argparse.Namespace) -> int:
                 em.fingerprint += f"+rag{args.rag_budget or ''}"
                 if args.rag_index is not None:
                     em.fingerprint += f"-{args.rag_index}"
+                separator = separator_tokens(args.rag_separator, tokenizer.encode)
+                if separator is not None:
+                    em.fingerprint += "-sep" + ",".join(map(str, separator))
                 predictor = recall_predictor(em, tokenizer, logprob=not args.no_logprob,
-                                             budget=args.rag_budget, index=args.rag_index)
+                                             budget=args.rag_budget, index=args.rag_index,
+                                             separator=separator)
             else:
                 predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
             records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
@@ -349,6 +354,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="tokens of quoted passages (default: a quarter of the window)")
     niah.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
                       help=RAG_INDEX_HELP)
+    niah.add_argument("--rag-separator", default=None, metavar="TEXT",
+                      help=RAG_SEPARATOR_HELP)
     niah.set_defaults(func=_run_niah)
 
     rep = sub.add_parser(

@@ -377,12 +377,14 @@ def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
 
 def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = True,
                      extra_tokens: int = 8, budget: int | None = None,
-                     index: str | None = None) -> Predictor:
+                     index: str | None = None,
+                     separator: Sequence[int] | None = None) -> Predictor:
     """As :func:`model_predictor`, with the retrieval memory (``rag="end"``, see
     :mod:`tttlm.memory.recall`): the question (its exact span) is the query; the passages of
     the haystack that left the window and match it best are quoted back before it. The
     answer's log-probability is scored the same way, in a second session. ``index``: the
-    passage index (``fts5``, ``bm25``, ``dense``; default fts5, else bm25)."""
+    passage index (``fts5``, ``bm25``, ``dense``; default fts5, else bm25); ``separator``:
+    the tokens before each quoted passage and the question (default: BOS)."""
     from tttlm.inference import Engine
     from tttlm.memory import RecallSession
 
@@ -392,7 +394,8 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
 
     def session(sample: NiahSample) -> RecallSession:
         return RecallSession(Engine(em.model, ttt=em.ttt), "end", budget=budget,
-                             query_len=sample.length - sample.question_start, index=index)
+                             query_len=sample.length - sample.question_start, index=index,
+                             separator=separator)
 
     def predict(sample: NiahSample) -> Prediction:
         device = next(em.model.parameters()).device

@@ -49,7 +49,9 @@ class TTTLMHarness(LM):
     tokens, default a quarter of the window) for ``loglikelihood`` and ``generate_until``
     (one request at a time); ``loglikelihood_rolling`` scores documents without it.
     ``rag_index`` its passage index: ``fts5`` (default; bm25 where SQLite lacks FTS5),
-    ``bm25`` or ``dense`` (the model's own mean hidden states, through faiss).
+    ``bm25`` or ``dense`` (the model's own mean hidden states, through faiss);
+    ``rag_separator`` plain text read before each passage and the query, as
+    ``--rag-separator`` (default: BOS).
     """
 
     def __init__(self, pretrained: str, tokenizer: str | None = None,
@@ -57,7 +59,8 @@ class TTTLMHarness(LM):
                  batch_size: int | str = 1, max_length: int | None = None,
                  ttt: bool | None = None, inner_lr: float | None = None,
                  max_gen_toks: int = 256, rag: str = "off", rag_budget: int | None = None,
-                 rag_query: int = 32, rag_index: str | None = None, **unused: Any) -> None:
+                 rag_query: int = 32, rag_index: str | None = None,
+                 rag_separator: str | None = None, **unused: Any) -> None:
         super().__init__()
         # A device lm-eval's command line names by default (cuda:0) that is not there is an
         # error that says what to pass, not a crash inside the weight loader.
@@ -90,6 +93,14 @@ class TTTLMHarness(LM):
         if rag_index is not None and self.rag != "end":
             raise UserError(f"rag_index={rag_index} chooses the index of rag=end; add rag=end "
                             "or drop rag_index")
+        if rag_separator is not None:
+            if self.rag != "end":
+                raise UserError("rag_separator marks the passages of rag=end; add rag=end or "
+                                "drop rag_separator")
+            from tttlm.memory.recall import separator_tokens
+
+            self.rag_options["separator"] = separator_tokens(str(rag_separator),
+                                                             self.tokenizer.encode)
         if self.rag == "end":
             # A full-attention model or no passage index: one line now, not at the first request
             # (the session checks the index it is asked for).

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tttlm.memory.index import RAG_INDEX_HELP
+from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +56,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="tokens of recalled passages (default: a quarter of the window)")
     parser.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
                         help=RAG_INDEX_HELP)
+    parser.add_argument("--rag-separator", default=None, metavar="TEXT",
+                        help=RAG_SEPARATOR_HELP)
     parser.set_defaults(func=run)
     return parser
 
@@ -153,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                         "--save-session (tttlm serve --rag end keeps memories in sessions)")
     from tttlm.memory.recall import check_rag_options
 
-    check_rag_options(args.rag, args.rag_index)
+    check_rag_options(args.rag, args.rag_index, args.rag_separator)
     if args.save_session:
         check_session_folder(args.save_session)  # before the work that it would keep
     device = resolve_device(args.device, option="--device")
@@ -167,9 +169,11 @@ def run(args: argparse.Namespace) -> int:
     engine = Engine(model, ttt=False if args.no_ttt else None, cuda_graphs=args.cuda_graphs)
     policy = None
     if args.rag == "end":
-        from tttlm.memory.recall import RecallPolicy
+        from tttlm.memory.recall import RecallPolicy, separator_tokens
 
-        policy = RecallPolicy.for_engine(engine, budget=args.rag_budget, index=args.rag_index)
+        policy = RecallPolicy.for_engine(engine, budget=args.rag_budget, index=args.rag_index,
+                                         separator=separator_tokens(args.rag_separator,
+                                                                    tokenizer.encode))
     state = State.load(args.session, model, device=device) if args.session else None
     if state is not None and state.batch_size != 1:
         raise UserError(f"session {args.session} holds {state.batch_size} sequences; the "

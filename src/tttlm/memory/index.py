@@ -38,6 +38,9 @@ from tttlm.errors import UserError
 RAG_INDEX_HELP = ("passage index of --rag end: fts5 (default; bm25 where SQLite lacks FTS5), "
                   "bm25 (bm25s) or dense (the model's own mean hidden states, through faiss); "
                   "bm25 and dense need the retrieval extra")
+RAG_SEPARATOR_HELP = ("plain text read before each recalled passage and before the query, "
+                      "encoded with the model's tokenizer; backslash escapes such as \\n "
+                      "work (default: the BOS token, which joins documents in training)")
 
 
 class PassageIndex(abc.ABC):

@@ -20,7 +20,7 @@ hidden states (:class:`~tttlm.memory.dense.ModelEmbedder`, through ``faiss``). D
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,15 +63,39 @@ def check_index(kind: str | None) -> None:
         require_faiss()
 
 
-def check_rag_options(rag: str, index: str | None) -> None:
-    """The command lines' ``--rag`` / ``--rag-index`` pair: a one-line :class:`UserError` for
-    an index without ``--rag end``, or one that cannot be built here (before a model loads)."""
+def check_rag_options(rag: str, index: str | None, separator: str | None = None) -> None:
+    """The command lines' ``--rag`` / ``--rag-index`` / ``--rag-separator``: a one-line
+    :class:`UserError` for an index or a separator without ``--rag end``, or an index that
+    cannot be built here (before a model loads)."""
+    if separator is not None and rag != "end":
+        raise UserError("--rag-separator marks the passages of --rag end; add --rag end or "
+                        "drop --rag-separator")
     if index is None:
         return
     if rag != "end":
         raise UserError(f"--rag-index {index} chooses the index of --rag end; add --rag end "
                         "or drop --rag-index")
     check_index(index)
+
+
+def separator_tokens(text: str | None, encode: Callable[[str], Sequence[int]]
+                     ) -> tuple[int, ...] | None:
+    """``--rag-separator``'s tokens (``None``: the policy's default, the BOS token). A
+    pretrained model may read a plain-text marker such as ``"\\n\\n"`` better than its
+    end-of-text token; the command line's backslash escapes are decoded first."""
+    if text is None:
+        return None
+    try:
+        # (non-ASCII characters pass through as their own escapes, so they survive)
+        decoded = (text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+                   if "\\" in text else text)
+    except UnicodeDecodeError as err:
+        raise UserError(f"--rag-separator {text!r}: {err.reason}; write the text plainly or "
+                        "with escapes such as \\n") from None
+    tokens = tuple(int(t) for t in encode(decoded))
+    if not tokens:
+        raise UserError(f"--rag-separator {text!r} encodes to no tokens; give a non-empty text")
+    return tokens
 
 
 def new_index(kind: str | None, model: TTTForCausalLM) -> PassageIndex:

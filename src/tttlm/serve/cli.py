@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tttlm.memory.index import RAG_INDEX_HELP
+from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
 
 # FastAPI, uvicorn, torch and the model are imported in run(): `tttlm --help` builds every
 # subcommand's parser and should not pay for them (nor need the serve extra).
@@ -60,6 +60,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                              "the window)")
     parser.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
                         help=RAG_INDEX_HELP)
+    parser.add_argument("--rag-separator", default=None, metavar="TEXT",
+                        help=RAG_SEPARATOR_HELP)
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
     parser.add_argument("--device", default=None,
                         help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -96,15 +98,17 @@ def run(args: argparse.Namespace) -> int:
                          ttt=False if args.no_ttt else None, name=args.model_name)
     policy = None
     if args.rag == "end":
-        from tttlm.memory.recall import RecallPolicy
+        from tttlm.memory.recall import RecallPolicy, separator_tokens
 
         # An index that cannot be built here is one line now, not a failure at a request.
         policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget,
-                                         index=args.rag_index)
+                                         index=args.rag_index,
+                                         separator=separator_tokens(args.rag_separator,
+                                                                    served.tokenizer.encode))
     else:
         from tttlm.memory.recall import check_rag_options
 
-        check_rag_options(args.rag, args.rag_index)
+        check_rag_options(args.rag, args.rag_index, args.rag_separator)
     store = None
     if args.sessions:
         store = SessionStore(Path(args.sessions), served.engine, args.max_sessions_in_memory,
