@@ -165,7 +165,9 @@ def run_niah(args: argparse.Namespace, steps: Steps, folders: list[Path],
         steps.run(f"niah_{rag}", "eval", "niah",
                   *[x for i in chosen for x in ("--model", str(folders[i]), "--label",
                                                 labels[i])],
-                  "--rag", rag, "--out", str(out), *common)
+                  "--rag", rag, "--out", str(out), *common,
+                  *(["--rag-separator", args.rag_separator]
+                    if rag == "end" and args.rag_separator is not None else []))
         report = json.loads((out / "niah.json").read_text())
         for model in report["models"]:
             kinds = report["results"][model["label"]]
@@ -179,7 +181,8 @@ def run_niah(args: argparse.Namespace, steps: Steps, folders: list[Path],
             results[model["label"]] = per_length
     return {"lengths": [int(x) for x in report["settings"]["lengths"]],
             "kinds": report["settings"]["kinds"], "depths": report["settings"]["depths"],
-            "samples": args.niah_samples, "results": results}
+            "samples": args.niah_samples, "separator": args.rag_separator,
+            "results": results}
 
 
 def plot(loss: dict[str, Any], length: int, window: int, path: Path, title: str) -> bool:
@@ -285,7 +288,10 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{n['samples']} samples per cell; exact match of the greedy answer, and the "
                   "log-probability per token of the value (teacher-forced). \"+ retrieval\": "
                   "rag=end, the question's last 32 tokens recall passages that left the "
-                  "window (FTS5 BM25; a quarter of the window).", "",
+                  "window (FTS5 BM25; a quarter of the window), each passage and the question "
+                  "read after "
+                  + (f"the text {n['separator']!r}" if n.get("separator") is not None
+                     else "the BOS token") + ".", "",
                   "| system | " + " | ".join(f"accuracy {x}" for x in lengths) + " | "
                   + " | ".join(f"logprob/token {x}" for x in lengths) + " |",
                   "|---|" + "---|" * (2 * len(lengths))]
@@ -330,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--niah-kinds", default="passkey,number,uuid")
     parser.add_argument("--niah-depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--niah-samples", type=int, default=4)
+    parser.add_argument("--rag-separator", default=None, metavar="TEXT",
+                        help="NIAH with retrieval: text before each recalled passage and the "
+                             "question (tttlm eval niah --rag-separator; default: BOS)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--name", default="finetune_smollm2")
     args = parser.parse_args(argv)
