@@ -325,3 +325,17 @@ def test_cli_niah_with_retrieval(tmp_path: Path, capsys: pytest.CaptureFixture[s
     report = json.loads((out / "niah.json").read_text())
     assert list(report["results"]) == ["swa + retrieval"]
     assert "swa + retrieval" in capsys.readouterr().out
+
+
+def test_cli_niah_with_retrieval_at_every_chunk(tmp_path: Path) -> None:
+    model = save_tiny(tmp_path / "swa", "swa", window=64, chunk=32)
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The cat sat on the mat. It was warm. The dog slept by the door.\n" * 20)
+    out = tmp_path / "out"
+    args = ["eval", "niah", "--model", str(model), "--tokenizer", "bytes", "--haystack",
+            str(hay), "--lengths", "420", "--depths", "0", "--kinds", "passkey", "--samples",
+            "1", "--out", str(out), "--quiet", "--no-plots"]
+    for rag, label in (("chunk", "swa + retrieval (chunk)"), ("end", "swa + retrieval")):
+        assert main([*args, "--rag", rag]) == 0  # each filed apart in the one folder
+        report = json.loads((out / "niah.json").read_text())
+        assert list(report["results"]) == [label]

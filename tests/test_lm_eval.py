@@ -167,3 +167,11 @@ def test_rag_separator_reaches_the_policy(lm: TTTLMHarness) -> None:
     assert want and rag._recall_session().policy.separator == want
     with pytest.raises(UserError, match="add rag=end"):
         TTTLMHarness(lm.pretrained, device="cpu", rag_separator="x")
+
+
+def test_rag_chunk_reaches_the_session(lm: TTTLMHarness) -> None:
+    rag = TTTLMHarness(lm.pretrained, device="cpu", dtype="float64", rag="chunk", rag_budget=8,
+                       rag_query=4)
+    assert rag._recall_session().rag == "chunk"
+    context = "Zebra quartz. " + TEXT * 2 + " Zebra"
+    assert rag.loglikelihood([req(context, " quartz")])[0][0] < 0

@@ -187,3 +187,50 @@ def test_separator_text_of_the_command_line() -> None:
     for bad in ("", "\\x"):
         with pytest.raises(UserError, match="--rag-separator"):
             separator_tokens(bad, encode)
+
+
+def test_rag_chunk_quotes_before_each_chunk_once_passages_left_the_window() -> None:
+    model = make()
+    engine = Engine(model)
+    window, chunk = engine.window, engine.chunk
+    assert window is not None
+    # Within the first window nothing has left it: chunk mode reads as the engine alone.
+    short = haystack(window, needle_at=2)
+    plain, chunked = RecallSession(Engine(model), "off"), RecallSession(Engine(model), "chunk")
+    plain.read(short)
+    chunked.read(short)
+    assert chunked.quoted_while_reading == 0
+    for a, b in zip(plain.state.fast, chunked.state.fast, strict=True):
+        assert torch.equal(a, b)
+    # A long document: the needle, then 16 windows later its first half again, ending a chunk.
+    length = 17 * window
+    document = haystack(length, needle_at=8)
+    cue_at = 16 * window
+    document[cue_at - 4:cue_at] = NEEDLE[:4]
+    session = RecallSession(engine, "chunk", query_len=4)
+    quotes: list[list[int]] = []
+    original = session.policy.quote
+
+    def spy(memory: ContextMemory, query: list[int]) -> Any:
+        out = original(memory, query)
+        quotes.append([len(memory), *out[0]])
+        return out
+
+    object.__setattr__(session.policy, "quote", spy)
+    session.read(document)
+    assert len(session.memory) == length  # quotes are read, not recorded
+    assert session.state.lengths[0] == length + session.quoted_while_reading
+    assert session.quoted_while_reading == sum(len(q) - 1 for q in quotes) > 0
+    # One recall per chunk boundary once a passage left the window, and the needle's passage
+    # (16 windows back: its tokens are nowhere else outside the window) comes back before the
+    # chunk after the cue, between separators.
+    assert [q[0] for q in quotes] == list(range(window + chunk, length, chunk))
+    after_cue = next(q for q in quotes if q[0] == cue_at)[1:]
+    bos = model.config.bos_token_id
+    assert after_cue[0] == after_cue[-1] == bos
+    assert any(after_cue[i:i + 6] == [bos, *NEEDLE[:4], bos] for i in range(len(after_cue)))
+    # Deterministic: the same reading again gives the same state.
+    again = RecallSession(Engine(model), "chunk", query_len=4)
+    again.read(document)
+    for a, b in zip(session.state.fast, again.state.fast, strict=True):
+        assert torch.equal(a, b)

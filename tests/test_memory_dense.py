@@ -332,3 +332,15 @@ def test_rag_separator_on_the_command_lines(model_dir: Path, tmp_path: Path,
     assert "add --rag end" in capsys.readouterr().err
     assert main(["serve", "--model", str(model_dir), "--rag-separator", "\\n"]) == 2
     assert "add --rag end" in capsys.readouterr().err
+
+
+def test_generate_recalls_before_each_chunk(model_dir: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The key is 4711. " + "Filler text that leaves the window. " * 8)
+    args = ["generate", "--model", str(model_dir), "--document", str(doc), "--prompt",
+            "The key is", "--max-new-tokens", "4", "--temperature", "0"]
+    assert main([*args, "--rag", "chunk"]) == 0
+    err = capsys.readouterr().err
+    assert "tokens quoted before chunks while reading" in err
+    assert main([*args, "--rag", "chunk", "--save-session", str(tmp_path / "s")]) == 2

@@ -132,7 +132,7 @@ def _run_niah(args: argparse.Namespace) -> int:
         device = resolve_device(args.device, option="--device")
         records = {}
         for em in models:
-            if args.rag == "end":
+            if args.rag != "off":
                 from tttlm.eval.niah import recall_predictor
                 from tttlm.memory.recall import separator_tokens
 
@@ -145,9 +145,12 @@ def _run_niah(args: argparse.Namespace) -> int:
                 separator = separator_tokens(args.rag_separator, tokenizer.encode)
                 if separator is not None:
                     em.fingerprint += "-sep" + ",".join(map(str, separator))
+                if args.rag == "chunk":
+                    em.label += " (chunk)"
+                    em.fingerprint += "-chunk"
                 predictor = recall_predictor(em, tokenizer, logprob=not args.no_logprob,
                                              budget=args.rag_budget, index=args.rag_index,
-                                             separator=separator)
+                                             separator=separator, rag=args.rag)
             else:
                 predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
             records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
@@ -346,10 +349,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(default: the built-in held-out books)")
     niah.add_argument("--no-logprob", action="store_true",
                       help="skip the log-probability of the value (greedy answer only)")
-    niah.add_argument("--rag", choices=("off", "end"), default="off",
+    niah.add_argument("--rag", choices=("off", "end", "chunk"), default="off",
                       help="retrieval memory: end = the question recalls passages of the "
-                           "haystack that left the window and quotes them back before it "
-                           "(sliding-window models)")
+                           "haystack that left the window and quotes them back before it; "
+                           "chunk = also before each chunk of the haystack (sliding-window "
+                           "models)")
     niah.add_argument("--rag-budget", type=int, default=None, metavar="N",
                       help="tokens of quoted passages (default: a quarter of the window)")
     niah.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",

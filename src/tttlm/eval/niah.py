@@ -378,13 +378,14 @@ def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
 def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = True,
                      extra_tokens: int = 8, budget: int | None = None,
                      index: str | None = None,
-                     separator: Sequence[int] | None = None) -> Predictor:
+                     separator: Sequence[int] | None = None, rag: str = "end") -> Predictor:
     """As :func:`model_predictor`, with the retrieval memory (``rag="end"``, see
     :mod:`tttlm.memory.recall`): the question (its exact span) is the query; the passages of
     the haystack that left the window and match it best are quoted back before it. The
     answer's log-probability is scored the same way, in a second session. ``index``: the
     passage index (``fts5``, ``bm25``, ``dense``; default fts5, else bm25); ``separator``:
-    the tokens before each quoted passage and the question (default: BOS)."""
+    the tokens before each quoted passage and the question (default: BOS); ``rag="chunk"``
+    also recalls before each chunk of the haystack (:mod:`tttlm.memory.recall`)."""
     from tttlm.inference import Engine
     from tttlm.memory import RecallSession
 
@@ -393,7 +394,7 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
                         "retrieval does not apply; evaluate it without --rag")
 
     def session(sample: NiahSample) -> RecallSession:
-        return RecallSession(Engine(em.model, ttt=em.ttt), "end", budget=budget,
+        return RecallSession(Engine(em.model, ttt=em.ttt), rag, budget=budget,
                              query_len=sample.length - sample.question_start, index=index,
                              separator=separator)
 

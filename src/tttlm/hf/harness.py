@@ -88,20 +88,20 @@ class TTTLMHarness(LM):
         self.rag_options = {"budget": int(rag_budget) if rag_budget is not None else None,
                             "query_len": int(rag_query),
                             "index": str(rag_index) if rag_index is not None else None}
-        if self.rag not in ("off", "end"):
-            raise UserError(f"rag={self.rag!r} is not one of off, end")
-        if rag_index is not None and self.rag != "end":
+        if self.rag not in ("off", "end", "chunk"):
+            raise UserError(f"rag={self.rag!r} is not one of off, end, chunk")
+        if rag_index is not None and self.rag == "off":
             raise UserError(f"rag_index={rag_index} chooses the index of rag=end; add rag=end "
                             "or drop rag_index")
         if rag_separator is not None:
-            if self.rag != "end":
+            if self.rag == "off":
                 raise UserError("rag_separator marks the passages of rag=end; add rag=end or "
                                 "drop rag_separator")
             from tttlm.memory.recall import separator_tokens
 
             self.rag_options["separator"] = separator_tokens(str(rag_separator),
                                                              self.tokenizer.encode)
-        if self.rag == "end":
+        if self.rag != "off":
             # A full-attention model or no passage index: one line now, not at the first request
             # (the session checks the index it is asked for).
             self._recall_session()
@@ -109,7 +109,7 @@ class TTTLMHarness(LM):
     def _recall_session(self) -> Any:
         from tttlm.memory import RecallSession
 
-        return RecallSession(self.engine, "end", **self.rag_options)
+        return RecallSession(self.engine, self.rag, **self.rag_options)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str,
@@ -161,7 +161,7 @@ class TTTLMHarness(LM):
                     ) -> list[tuple[float, bool]]:
         """(log-probability, greedy?) of each continuation after its context, through the
         engine: context prefilled, continuation read one token per step."""
-        if self.rag == "end":
+        if self.rag != "off":
             scored = []
             for ctx, cont in pairs:
                 session = self._recall_session()
@@ -239,7 +239,7 @@ class TTTLMHarness(LM):
                 temperature = 0.0
             ids = [self.tokenizer.bos_id, *self.encode(context)]
             self.check_length(len(ids) + max_new, "generate_until")
-            if self.rag == "end":
+            if self.rag != "off":
                 new = self._recall_session().generate(ids, max_new, temperature=temperature,
                                                       seed=kwargs.pop("seed", 0))
                 eos = self.model.config.eos_token_id

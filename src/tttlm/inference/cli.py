@@ -47,11 +47,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="replay the decoding step as a CUDA graph")
-    parser.add_argument("--rag", choices=["off", "end"], default="off",
+    parser.add_argument("--rag", choices=["off", "end", "chunk"], default="off",
                         help="retrieval memory: end = the text's last 32 tokens recall "
                              "passages of the document that left the window and read them "
-                             "again before those tokens (sliding-window models; this run "
-                             "only, not with sessions)")
+                             "again before those tokens; chunk = also before each chunk of "
+                             "the document, recalled by the last 32 tokens read (sliding-"
+                             "window models; this run only, not with sessions)")
     parser.add_argument("--rag-budget", type=int, default=None, metavar="N",
                         help="tokens of recalled passages (default: a quarter of the window)")
     parser.add_argument("--rag-index", default=None, metavar="fts5|bm25|dense",
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("nothing to read; give --prompt TEXT and/or --document FILE")
     if args.document and not Path(args.document).is_file():
         raise UserError(f"--document {args.document} is not a file; give a text file")
-    if args.rag == "end" and (args.session or args.save_session):
+    if args.rag != "off" and (args.session or args.save_session):
         # A session folder holds the decoding state alone; RecallSession and `tttlm serve
         # --rag end` keep a memory beside it.
         raise UserError("--rag end keeps its memory for this run only; drop --session and "
@@ -168,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
     config = model.config
     engine = Engine(model, ttt=False if args.no_ttt else None, cuda_graphs=args.cuda_graphs)
     policy = None
-    if args.rag == "end":
+    if args.rag != "off":
         from tttlm.memory.recall import RecallPolicy, separator_tokens
 
         policy = RecallPolicy.for_engine(engine, budget=args.rag_budget, index=args.rag_index,
@@ -197,13 +198,15 @@ def run(args: argparse.Namespace) -> int:
         # and the query, as RecallSession does.
         memory = policy.new_memory(engine)
         head, query = policy.split(ids)
-        if head:
-            _, state = engine.prefill([head], state)
-            memory.extend(head)
+        quoted = 0
+        if head:  # (rag=chunk: recalling before each chunk of it too)
+            state, quoted = policy.read(engine, state, memory, head,
+                                        every_chunk=args.rag == "chunk")
         ids, recalled = policy.cue(memory, query)
-        read = len(head) + len(ids)
+        read = len(head) + quoted + len(ids)
         print(f"recalled {len(recalled)} passages "
-              f"({sum(len(p.tokens) for p in recalled)} tokens) of {memory.passages}",
+              f"({sum(len(p.tokens) for p in recalled)} tokens) of {memory.passages}"
+              + (f"; {quoted} tokens quoted before chunks while reading" if quoted else ""),
               file=sys.stderr)
     stream = engine.stream([ids], args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, state=state)

@@ -8,8 +8,15 @@ passages outside the window (BM25 over token n-grams; passages of up to 64 token
 separator (default: the model's BOS id, which joins documents in training), in the order
 they appeared; then the query, and generation continues. The quoted passages pass through
 the model like any text (the fast weights learn from them too) but are not recorded in the
-memory again. ``rag="off"``: the engine alone, token for token (the memory still records).
-Deterministic: same inputs, same passages, same tokens.
+memory again. ``rag="chunk"``: as ``end``, and also while reading, before each chunk of the
+text (every ``engine.chunk`` tokens of the recorded stream, once passages have left the
+window) the last ``query_len`` tokens read recall passages that are quoted, each after the
+separator, then a separator and the chunk: a long document is read with its matching earlier
+passages in view (costs up to ``budget`` + separators more tokens per chunk). The memory counts
+only recorded tokens toward the window, so with ``chunk`` some of the last window's text has
+already left attention (pushed out by quotes) before it is indexed. ``rag="off"``: the engine
+alone, token for token (the memory still records). Deterministic: same inputs, same passages,
+same tokens.
 
 The passage index (``index``, :data:`RAG_INDEXES`): ``"fts5"`` (SQLite FTS5) or ``"bm25"``
 (``bm25s``), BM25 over token n-grams; ``"dense"``, cosine similarity of the model's own mean
@@ -42,7 +49,7 @@ from tttlm.memory.memory import ContextMemory, Passage
 if TYPE_CHECKING:
     from tttlm.model.model import TTTForCausalLM
 
-RAG_MODES = ("off", "end")
+RAG_MODES = ("off", "end", "chunk")
 RAG_INDEXES = ("fts5", "bm25", "dense")
 MAX_PASSAGE = 64
 
@@ -67,12 +74,12 @@ def check_rag_options(rag: str, index: str | None, separator: str | None = None)
     """The command lines' ``--rag`` / ``--rag-index`` / ``--rag-separator``: a one-line
     :class:`UserError` for an index or a separator without ``--rag end``, or an index that
     cannot be built here (before a model loads)."""
-    if separator is not None and rag != "end":
+    if separator is not None and rag == "off":
         raise UserError("--rag-separator marks the passages of --rag end; add --rag end or "
                         "drop --rag-separator")
     if index is None:
         return
-    if rag != "end":
+    if rag == "off":
         raise UserError(f"--rag-index {index} chooses the index of --rag end; add --rag end "
                         "or drop --rag-index")
     check_index(index)
@@ -163,14 +170,48 @@ class RecallPolicy:
         cut = max(0, len(tokens) - self.query_len)
         return tokens[:cut], tokens[cut:]
 
+    def quote(self, memory: ContextMemory, query: list[int]) -> tuple[list[int], list[Passage]]:
+        """The passages ``query`` recalls (in stream order, each after the separator) and a
+        closing separator, ready to read; nothing when none is recalled."""
+        passages = memory.recall(query, self.budget, self.k)
+        if not passages:
+            return [], []
+        quoted = [t for p in passages for t in (*self.separator, *p.tokens)]
+        return [*quoted, *self.separator], passages
+
     def cue(self, memory: ContextMemory, query: list[int]) -> tuple[list[int], list[Passage]]:
         """What to read instead of ``query``: the recalled passages (in stream order, each
         after the separator), the separator, the query; and the passages."""
-        passages = memory.recall(query, self.budget, self.k)
-        if not passages:
-            return list(query), []
-        quoted = [t for p in passages for t in (*self.separator, *p.tokens)]
-        return [*quoted, *self.separator, *query], passages
+        quoted, passages = self.quote(memory, query)
+        return [*quoted, *query], passages
+
+    def read(self, engine: Engine, state: State | None, memory: ContextMemory,
+             tokens: list[int], *, every_chunk: bool = False) -> tuple[State, int]:
+        """Read ``tokens`` into ``state`` (``None``: a new one) and record them in
+        ``memory``. ``every_chunk`` (``rag="chunk"``): before each chunk of them, on the grid
+        of ``engine.chunk`` recorded tokens, quote what the last ``query_len`` recorded tokens
+        recall. Returns the state and the number of quoted tokens read."""
+        if not every_chunk:
+            _, state = engine.prefill([tokens], state)
+            memory.extend(tokens)
+            return state, 0
+        # The memory learns each piece before the next recall; the engine reads everything
+        # between two quotes in one prefill (so without a quote this is rag="off" exactly).
+        quoted_total, i, step, pending = 0, 0, engine.chunk, []
+        while i < len(tokens):
+            piece = tokens[i:i + step - len(memory) % step]
+            if len(memory) % step == 0 and memory.passages:
+                quoted, _ = self.quote(memory, memory.tokens[-self.query_len:])
+                if quoted and pending:
+                    _, state = engine.prefill([pending], state)
+                    pending = []
+                pending += quoted
+                quoted_total += len(quoted)
+            pending += piece
+            memory.extend(piece)
+            i += len(piece)
+        _, state = engine.prefill([pending], state)
+        return state, quoted_total
 
 
 class RecallSession:
@@ -178,7 +219,7 @@ class RecallSession:
 
     Args:
         engine: the :class:`~tttlm.inference.Engine` (a sliding-window model: ``e2e``/``swa``).
-        rag: ``"end"`` or ``"off"``.
+        rag: ``"end"``, ``"chunk"`` (also while reading, before each chunk) or ``"off"``.
         budget: tokens of quoted passages per recall (default ``window // 4``).
         query_len: prompt tokens used as the query.
         k: passages considered per recall.
@@ -205,16 +246,19 @@ class RecallSession:
         self.memory = memory if memory is not None else self.policy.new_memory(engine)
         self.last_recall: list[Passage] = []
         self.last_greedy = True
+        self.quoted_while_reading = 0  # tokens quoted before chunks (rag="chunk")
 
     def read(self, tokens: Sequence[int]) -> None:
-        """Read a document (no generation): into the state and the memory."""
+        """Read a document (no generation): into the state and the memory; with
+        ``rag="chunk"``, recalling before each chunk."""
         tokens = [int(t) for t in tokens]
         if tokens:
-            self.engine.prefill([tokens], self.state)
-            self.memory.extend(tokens)
+            self.state, quoted = self.policy.read(self.engine, self.state, self.memory, tokens,
+                                                  every_chunk=self.rag == "chunk")
+            self.quoted_while_reading += quoted
 
     def generate(self, prompt: Sequence[int], max_new_tokens: int, **sampling: Any) -> list[int]:
-        """Read ``prompt`` (recalling before its query with ``rag="end"``) and generate; the
+        """Read ``prompt`` (recalling before its query unless ``rag="off"``) and generate; the
         keyword arguments are :meth:`Engine.generate`'s sampling settings."""
         prompt = [int(t) for t in prompt]
         if not prompt:
