@@ -116,3 +116,14 @@ def test_hopper_backward_refusal(capability: tuple[int, int], triton: str, tilel
     assert (reason is not None) == refused
     if reason:
         assert "3.7.1" in reason and "tilelang" in reason and "\n" not in reason
+
+
+def testkernel_inputs_share_one_dtype() -> None:
+    """fla's Triton kernels refuse mixed q/k/v dtypes (autocast gives bf16 projections beside
+    float32 normalised keys): the half dtype wins when present, else float32."""
+    from tttlm.ops.gated_delta import kernel_inputs
+
+    f32, bf16 = torch.ones(2, dtype=torch.float32), torch.ones(2, dtype=torch.bfloat16)
+    assert [x.dtype for x in kernel_inputs(f32, bf16, f32)] == [torch.bfloat16] * 3
+    f64 = torch.ones(2, dtype=torch.float64)
+    assert [x.dtype for x in kernel_inputs(f64, f32, f32)] == [torch.float32] * 3

@@ -58,7 +58,7 @@ def _check_backward(*xs: torch.Tensor) -> None:
             raise UserError(reason)
 
 
-def _kernel_inputs(*xs: torch.Tensor) -> list[torch.Tensor]:
+def kernel_inputs(*xs: torch.Tensor) -> list[torch.Tensor]:
     """``q, k, v`` in one dtype for fla's Triton kernels, whose ``tl.dot`` refuses mixed operands
     (under autocast the projections come out in bf16 while normalised keys may be float32): the
     half-precision dtype when one is present (what autocast chose), else float32."""
@@ -85,7 +85,7 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
         if not decoding:
             _check_backward(q, k, v, g, beta)
         state = None if initial_state is None else initial_state.float()
-        q, k, v = _kernel_inputs(q, k, v)
+        q, k, v = kernel_inputs(q, k, v)
         out, final = kernel(q, k, v, g=g.float(), beta=beta.float(), scale=scale,
                             initial_state=state, output_final_state=True)
         return out, final
@@ -112,7 +112,7 @@ def ssd_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
         if not decoding:
             _check_backward(q, k, v, g)
         state = None if initial_state is None else initial_state.float()
-        q, k, v = _kernel_inputs(q, k, v)
+        q, k, v = kernel_inputs(q, k, v)
         return kernel(q, k, v, g=g.float(), scale=1.0, initial_state=state,
                       output_final_state=True)
     from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
