@@ -78,3 +78,45 @@ def test_bad_rag_index_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture
                  *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tttlm serve: error: ") and message in err and err.count("\n") == 1
+
+
+def test_rag_chunk_server_and_the_request_switch(tmp_path: Path) -> None:
+    import openai
+
+    from test_serve import NAME
+
+    torch.manual_seed(0)
+    config = TTTConfig.from_preset("tiny", window=16, chunk_size=8, hidden_size=32)
+    model_dir = TTTForCausalLM(config).save_pretrained(tmp_path / "model")
+    rng = random.Random(0)
+    document = [*NEEDLE, *(rng.randrange(3, 150) for _ in range(160)), *NEEDLE[:4],
+                *(rng.randrange(3, 150) for _ in range(12))]
+
+    def ask(client: object, sid: str, rag: str | None) -> None:
+        body = {"session_id": sid, "ignore_eos": True, **({"rag": rag} if rag else {})}
+        client.completions.create(model=NAME, prompt=NEEDLE[:4], max_tokens=2,  # type: ignore[attr-defined]
+                                  temperature=0, extra_body=body)
+
+    server = start(model_dir, tmp_path / "sessions", tmp_path / "log", "--rag", "chunk")
+    try:
+        client = server.client()
+        sid = new_session(client, document)["id"]
+        tokens = client.get(f"/sessions/{sid}", cast_to=object)["tokens"]
+        assert tokens > 1 + len(document)  # passages quoted before chunks while reading
+        ask(client, sid, "off")  # this request recalls nothing: the prompt and 2 tokens
+        after_off = client.get(f"/sessions/{sid}", cast_to=object)["tokens"]
+        assert after_off == tokens + 4 + 2
+        ask(client, sid, "end")  # one passage of 4 between separators before the query
+        assert client.get(f"/sessions/{sid}", cast_to=object)["tokens"] == after_off + 4 + 2 + 6
+    finally:
+        stop(server)
+    server = start(model_dir, tmp_path / "plain", tmp_path / "log2")
+    try:
+        client = server.client()
+        sid = new_session(client, document)["id"]
+        with pytest.raises(openai.BadRequestError, match="start it with --rag end"):
+            ask(client, sid, "end")
+        ask(client, sid, "off")
+    finally:
+        stop(server)
+    assert "Traceback" not in (tmp_path / "log").read_text()

@@ -36,7 +36,7 @@ class Service:
 
     def __init__(self, served: Served, store: SessionStore | None, *, limits: Limits,
                  max_batch: int = 32, api_key: str | None = None,
-                 policy: RecallPolicy | None = None) -> None:
+                 policy: RecallPolicy | None = None, rag: str = "end") -> None:
         limits.check()
         self.served = served
         self.engine = served.engine
@@ -44,7 +44,7 @@ class Service:
         self.store = store
         self.limits = limits
         self.api_key = api_key
-        self.worker = Worker(served.engine, store, max_batch, policy)
+        self.worker = Worker(served.engine, store, max_batch, policy, rag)
         self.vocab = served.engine.config.vocab_size
         self.eos = served.engine.config.eos_token_id
         self.started = int(time.time())
@@ -101,6 +101,10 @@ class Service:
         if len(stops) > self.limits.max_stops:
             raise bad_request(f"{len(stops)} stop strings; give at most "
                               f"{self.limits.max_stops}", "stop")
+        if body.rag not in (None, "off") and self.worker.policy is None:
+            raise bad_request(f"rag={body.rag!r} needs the retrieval memory, which this server "
+                              "runs without; start it with --rag end (or chunk), or drop rag",
+                              "rag")
         session_id = body.session_id or request.headers.get(SESSION_HEADER)
         if session_id is not None:
             check_session_id(session_id)
@@ -112,7 +116,7 @@ class Service:
                 temperature=1.0 if body.temperature is None else body.temperature,
                 top_k=body.top_k or None, top_p=body.top_p, seed=body.seed,
                 stop_ids=frozenset() if body.ignore_eos else frozenset({self.eos}),
-                logprobs=logprobs, session_id=session_id,
+                logprobs=logprobs, session_id=session_id, rag=body.rag,
                 deadline=time.monotonic() + self.limits.timeout))
         except BaseException:
             if session_id is not None:

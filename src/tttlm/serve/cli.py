@@ -51,10 +51,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds to let running requests finish at shutdown; the rest "
                              "end early with their sessions saved")
-    parser.add_argument("--rag", choices=["off", "end"], default="off",
+    parser.add_argument("--rag", choices=["off", "end", "chunk"], default="off",
                         help="retrieval memory: end = each prompt's end (its last 32 tokens) "
                              "recalls passages that left the window and reads them again "
-                             "before it; sessions keep their memory")
+                             "before it; chunk = also before each chunk of a long prompt or "
+                             "document; sessions keep their memory; a request may choose "
+                             "off/end/chunk with its rag field")
     parser.add_argument("--rag-budget", type=int, default=None,
                         help="tokens of recalled passages per prompt (default: a quarter of "
                              "the window)")
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     served = load_served(model_dir, device=args.device, dtype=args.dtype,
                          ttt=False if args.no_ttt else None, name=args.model_name)
     policy = None
-    if args.rag == "end":
+    if args.rag != "off":
         from tttlm.memory.recall import RecallPolicy, separator_tokens
 
         # An index that cannot be built here is one line now, not a failure at a request.
@@ -115,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
                              policy)
         store.open()  # a folder another server holds is refused here, before binding
     service = Service(served, store, limits=limits, max_batch=args.max_batch, api_key=api_key,
-                      policy=policy)
+                      policy=policy, rag="end" if args.rag == "off" else args.rag)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"tttlm serve: warning: listening on {args.host} without an API key; anyone who "
               f"can reach it can use it (set --api-key or ${API_KEY_ENV})", file=sys.stderr)

@@ -18,8 +18,9 @@ class StreamOptions(BaseModel):
 
 
 class Sampling(BaseModel):
-    """Fields both completion endpoints share. ``session_id``, ``top_k``, ``ignore_eos`` and
-    ``return_token_ids`` are extensions (``extra_body`` in the openai client)."""
+    """Fields both completion endpoints share. ``session_id``, ``top_k``, ``ignore_eos``,
+    ``return_token_ids`` and ``rag`` (this request's recall: ``off``, ``end`` or ``chunk``;
+    default the server's ``--rag``) are extensions (``extra_body`` in the openai client)."""
 
     model_config = ConfigDict(extra="ignore")
     model: str
@@ -39,6 +40,7 @@ class Sampling(BaseModel):
     session_id: str | None = None
     ignore_eos: bool = False
     return_token_ids: bool = False
+    rag: Literal["off", "end", "chunk"] | None = None
 
 
 class CompletionRequest(Sampling):

@@ -95,6 +95,7 @@ class Job:
     generator: torch.Generator | None = None
     prompt_tokens: int = 0
     memory: ContextMemory | None = None  # with retrieval: the sequence's memory
+    rag: str | None = None  # this request's recall (off, end, chunk); None: the server's
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -111,14 +112,15 @@ class Worker(threading.Thread):
     """Runs jobs and store operations one after another, decoding running jobs together."""
 
     def __init__(self, engine: Engine, store: SessionStore | None, max_batch: int,
-                 policy: RecallPolicy | None = None) -> None:
+                 policy: RecallPolicy | None = None, rag: str = "end") -> None:
         super().__init__(name="tttlm-serve-engine", daemon=True)
         if max_batch < 1:
             raise UserError(f"--max-batch {max_batch} must be >= 1")
         self.engine = engine
         self.store = store
         self.max_batch = max_batch
-        self.policy = policy  # retrieval (--rag end): recall before each prompt's end
+        self.policy = policy  # retrieval (--rag end|chunk): recall before each prompt's end
+        self.rag = rag  # the recall of a request that does not choose (with a policy)
         self.bos = engine.config.bos_token_id
         self.inbox: queue.Queue[Job | tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
         self.inbox = queue.Queue()
@@ -223,21 +225,32 @@ class Worker(threading.Thread):
                               else self.policy.new_memory(self.engine))
                 if job.session is not None:
                     job.session.memory = job.memory
+            rag = job.rag or self.rag
             if job.max_tokens == 0:  # read only (a document): the last token stays unread
                 if len(tokens) > 1:
-                    self.engine.prefill([tokens[:-1]], job.state)
                     if job.memory is not None:
-                        job.memory.extend(tokens[:-1])
+                        assert self.policy is not None
+                        job.state, _ = self.policy.read(self.engine, job.state, job.memory,
+                                                        tokens[:-1], every_chunk=rag == "chunk")
+                        if job.session is not None:
+                            job.session.state = job.state
+                    else:
+                        self.engine.prefill([tokens[:-1]], job.state)
                 self._finish(job, "length", unread=tokens[-1:])
                 return
-            if job.memory is not None:
+            if job.memory is not None and rag == "off":
+                job.memory.extend(tokens)  # recorded, nothing recalled
+            elif job.memory is not None:
                 assert self.policy is not None
-                # Retrieval: read the head, then the passages the query recalls, then the
-                # query (tttlm.memory.recall); the memory records the prompt, not the quotes.
+                # Retrieval: read the head (rag=chunk: recalling before each of its chunks),
+                # then the passages the query recalls, then the query (tttlm.memory.recall);
+                # the memory records the prompt, not the quotes.
                 head, query = self.policy.split(tokens)
                 if head:
-                    self.engine.prefill([head], job.state)
-                    job.memory.extend(head)
+                    job.state, _ = self.policy.read(self.engine, job.state, job.memory, head,
+                                                    every_chunk=rag == "chunk")
+                    if job.session is not None:
+                        job.session.state = job.state
                 tokens, _ = self.policy.cue(job.memory, query)
                 job.memory.extend(query)
             logits, job.state = self.engine.prefill([tokens], job.state)
