@@ -286,12 +286,17 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return TTTForCausalLM(config).save_pretrained(tmp_path_factory.mktemp("model"))
 
 
-def test_generate_with_the_dense_index(model_dir: Path, tmp_path: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def generate_args(model_dir: Path, tmp_path: Path) -> list[str]:
+    """``tttlm generate`` over a document whose key has left the window by the question."""
     doc = tmp_path / "doc.txt"
     doc.write_text("The key is 4711. " + "Filler text that leaves the window. " * 8)
-    args = ["generate", "--model", str(model_dir), "--document", str(doc), "--prompt",
+    return ["generate", "--model", str(model_dir), "--document", str(doc), "--prompt",
             "The key is", "--max-new-tokens", "4", "--temperature", "0"]
+
+
+def test_generate_with_the_dense_index(model_dir: Path, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    args = generate_args(model_dir, tmp_path)
     assert main([*args, "--rag", "end", "--rag-index", "dense"]) == 0
     err = capsys.readouterr().err
     assert "recalled" in err and "tok/s" in err
@@ -315,10 +320,7 @@ def test_eval_niah_refuses_a_bad_index_before_loading(model_dir: Path, tmp_path:
 
 def test_rag_separator_on_the_command_lines(model_dir: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    doc = tmp_path / "doc.txt"
-    doc.write_text("The key is 4711. " + "Filler text that leaves the window. " * 8)
-    args = ["generate", "--model", str(model_dir), "--document", str(doc), "--prompt",
-            "The key is", "--max-new-tokens", "4", "--temperature", "0"]
+    args = generate_args(model_dir, tmp_path)
     assert main([*args, "--rag", "end", "--rag-separator", "\\n\\nQuote: "]) == 0
     assert "recalled" in capsys.readouterr().err
     assert main([*args, "--rag-separator", "\\n"]) == 2  # without --rag end
@@ -336,10 +338,7 @@ def test_rag_separator_on_the_command_lines(model_dir: Path, tmp_path: Path,
 
 def test_generate_recalls_before_each_chunk(model_dir: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    doc = tmp_path / "doc.txt"
-    doc.write_text("The key is 4711. " + "Filler text that leaves the window. " * 8)
-    args = ["generate", "--model", str(model_dir), "--document", str(doc), "--prompt",
-            "The key is", "--max-new-tokens", "4", "--temperature", "0"]
+    args = generate_args(model_dir, tmp_path)
     assert main([*args, "--rag", "chunk"]) == 0
     err = capsys.readouterr().err
     assert "tokens quoted before chunks while reading" in err
