@@ -88,8 +88,10 @@ class TTTLMHarness(LM):
         self.rag_options = {"budget": int(rag_budget) if rag_budget is not None else None,
                             "query_len": int(rag_query),
                             "index": str(rag_index) if rag_index is not None else None}
-        if self.rag not in ("off", "end", "chunk"):
-            raise UserError(f"rag={self.rag!r} is not one of off, end, chunk")
+        from tttlm.memory import RAG_MODES
+
+        if self.rag not in RAG_MODES:
+            raise UserError(f"rag={self.rag!r} is not one of {', '.join(RAG_MODES)}")
         if rag_index is not None and self.rag == "off":
             raise UserError(f"rag_index={rag_index} chooses the index of rag=end; add rag=end "
                             "or drop rag_index")

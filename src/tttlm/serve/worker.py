@@ -228,14 +228,7 @@ class Worker(threading.Thread):
             rag = job.rag or self.rag
             if job.max_tokens == 0:  # read only (a document): the last token stays unread
                 if len(tokens) > 1:
-                    if job.memory is not None:
-                        assert self.policy is not None
-                        job.state, _ = self.policy.read(self.engine, job.state, job.memory,
-                                                        tokens[:-1], every_chunk=rag == "chunk")
-                        if job.session is not None:
-                            job.session.state = job.state
-                    else:
-                        self.engine.prefill([tokens[:-1]], job.state)
+                    self._read(job, tokens[:-1], rag)
                 self._finish(job, "length", unread=tokens[-1:])
                 return
             if job.memory is not None and rag == "off":
@@ -247,10 +240,7 @@ class Worker(threading.Thread):
                 # the memory records the prompt, not the quotes.
                 head, query = self.policy.split(tokens)
                 if head:
-                    job.state, _ = self.policy.read(self.engine, job.state, job.memory, head,
-                                                    every_chunk=rag == "chunk")
-                    if job.session is not None:
-                        job.session.state = job.state
+                    self._read(job, head, rag)
                 tokens, _ = self.policy.cue(job.memory, query)
                 job.memory.extend(query)
             logits, job.state = self.engine.prefill([tokens], job.state)
@@ -264,6 +254,16 @@ class Worker(threading.Thread):
                 job.state = None  # its row of the batch is the state from now on
         except Exception as err:
             self._fail(job, _as_api_error(err))
+
+    def _read(self, job: Job, tokens: list[int], rag: str) -> None:
+        """Read ``tokens`` into the job's state (in place) and, with retrieval, its memory
+        (``rag="chunk"``: recalling before each chunk)."""
+        assert job.state is not None
+        if job.memory is None:
+            self.engine.prefill([tokens], job.state)
+            return
+        assert self.policy is not None
+        self.policy.read(self.engine, job.state, job.memory, tokens, every_chunk=rag == "chunk")
 
     def _step(self) -> None:
         assert self.batch_state is not None
