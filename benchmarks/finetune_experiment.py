@@ -152,6 +152,17 @@ def verdict(rows: dict[str, Any], loss: dict[str, Any], length: int) -> dict[str
             "gap_closed_by_d": (b - d) / gap if gap > 0 else None}
 
 
+def reusable(report: Path, args: argparse.Namespace) -> bool:
+    """Whether a NIAH report in --work was made with this run's lengths, kinds and depths."""
+    if not report.is_file():
+        return False
+    made = json.loads(report.read_text())["settings"]
+    return ([int(x) for x in made["lengths"]] == [int(x) for x in args.niah.split(",")]
+            and list(made["kinds"]) == args.niah_kinds.split(",")
+            and [float(x) for x in made["depths"]]
+            == [float(x) for x in args.niah_depths.split(",")])
+
+
 def run_niah(args: argparse.Namespace, steps: Steps, folders: list[Path],
              labels: list[str]) -> dict[str, Any]:
     """NIAH of (a)-(d), then of (b)-(d) with the retrieval memory (a full-attention model has
@@ -162,12 +173,13 @@ def run_niah(args: argparse.Namespace, steps: Steps, folders: list[Path],
     results: dict[str, Any] = {}
     for rag, chosen in (("off", range(4)), ("end", range(1, 4))):
         out = args.work / f"niah-{rag}"
-        steps.run(f"niah_{rag}", "eval", "niah",
-                  *[x for i in chosen for x in ("--model", str(folders[i]), "--label",
-                                                labels[i])],
-                  "--rag", rag, "--out", str(out), *common,
-                  *(["--rag-separator", args.rag_separator]
-                    if rag == "end" and args.rag_separator is not None else []))
+        if not reusable(out / "niah.json", args):  # a resumed experiment keeps what it measured
+            steps.run(f"niah_{rag}", "eval", "niah",
+                      *[x for i in chosen for x in ("--model", str(folders[i]), "--label",
+                                                    labels[i])],
+                      "--rag", rag, "--out", str(out), *common,
+                      *(["--rag-separator", args.rag_separator]
+                        if rag == "end" and args.rag_separator is not None else []))
         report = json.loads((out / "niah.json").read_text())
         for model in report["models"]:
             kinds = report["results"][model["label"]]
@@ -378,11 +390,12 @@ def main(argv: list[str] | None = None) -> int:
     evaluated = work / "eval-loss"
     folders = [models["a"], models["b"], runs["c"] / "final", runs["d"] / "final"]
     labels = [LABELS[k] for k in "abcd"]
-    steps.run("eval", "eval", "loss", *[x for f, lab in zip(folders, labels)
-                                        for x in ("--model", str(f), "--label", lab)],
-              "--data", str(BOOKS / "val.jsonl.gz"), "--lengths", str(length),
-              "--max-sequences", str(args.eval_sequences), "--device", args.device,
-              "--out", str(evaluated), "--quiet")
+    if not (evaluated / "loss.json").is_file():
+        steps.run("eval", "eval", "loss", *[x for f, lab in zip(folders, labels)
+                                            for x in ("--model", str(f), "--label", lab)],
+                  "--data", str(BOOKS / "val.jsonl.gz"), "--lengths", str(length),
+                  "--max-sequences", str(args.eval_sequences), "--device", args.device,
+                  "--out", str(evaluated), "--quiet")
     loss = json.loads((evaluated / "loss.json").read_text())
     rows = summarise(loss, length, args.window)
     missing = []

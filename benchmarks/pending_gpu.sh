@@ -89,7 +89,7 @@ case "$PART" in
     timeout "${LIMIT:-570}" python benchmarks/finetune_experiment.py \
       --source .gguf/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/smol-exp \
       --steps "${STEPS:-40}" --batch-size 8 --seq-len 8192 --eval-sequences 32 --device cuda \
-      --niah 2048,4096,8192 --niah-kinds passkey,number,uuid --niah-depths 0.25,0.75 \
+      --niah 2048,4096,8192,16384 --niah-kinds passkey,number,uuid --niah-depths 0.25,0.75 \
       --niah-samples 4 --rag-separator "\\n\\n" ${FINETUNE_ARGS:-} --out "$OUT" --name finetune_smollm2_h200 ;;
   *) echo "PART=$PART: use train, prefill, recall, serve, variants, decode, compare," \
        "sessions or finetune" >&2
