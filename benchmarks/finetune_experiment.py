@@ -26,6 +26,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -122,6 +123,22 @@ def summarise(loss: dict[str, Any], length: int, window: int) -> dict[str, Any]:
     return rows
 
 
+def by_window(loss: dict[str, Any], length: int, window: int) -> dict[str, list[float | None]]:
+    """Mean NLL per model in each window-long span of positions (0..window, window..2 window,
+    ...): where a model's advantage appears."""
+    spans = -(-length // window)
+    table: dict[str, list[float | None]] = {}
+    for model in loss["models"]:
+        curve = loss["results"][model["label"]][str(length)]["curve"]
+        sums, counts = [0.0] * spans, [0] * spans
+        for start, mean, count in zip(curve["positions"], curve["mean_nll"], curve["count"]):
+            if mean is not None and count:
+                sums[start // window] += mean * count
+                counts[start // window] += count
+        table[model["label"]] = [t / n if n else None for t, n in zip(sums, counts)]
+    return table
+
+
 def paired(loss: dict[str, Any], length: int, first: str, second: str) -> dict[str, Any]:
     """Mean and standard error of the per-sequence difference of mean NLL (``first`` minus
     ``second``) over the sequences both read: the same text, so most of the spread between
@@ -163,17 +180,20 @@ def reusable(report: Path, args: argparse.Namespace) -> bool:
             == [float(x) for x in args.niah_depths.split(",")])
 
 
-def run_niah(args: argparse.Namespace, steps: Steps, folders: list[Path],
-             labels: list[str]) -> dict[str, Any]:
+def run_niah(args: argparse.Namespace, steps: Steps | None, folders: list[Path],
+             labels: list[str]) -> dict[str, Any] | None:
     """NIAH of (a)-(d), then of (b)-(d) with the retrieval memory (a full-attention model has
     no window to recall into): accuracy and value log-probability per token by length, each
-    the mean over kinds, depths and samples."""
+    the mean over kinds, depths and samples. Without ``steps`` nothing runs: None unless both
+    reports are already in --work."""
     common = ["--lengths", args.niah, "--kinds", args.niah_kinds, "--depths", args.niah_depths,
               "--samples", str(args.niah_samples), "--device", args.device, "--quiet"]
     results: dict[str, Any] = {}
     for rag, chosen in (("off", range(4)), ("end", range(1, 4))):
         out = args.work / f"niah-{rag}"
         if not reusable(out / "niah.json", args):  # a resumed experiment keeps what it measured
+            if steps is None:
+                return None
             steps.run(f"niah_{rag}", "eval", "niah",
                       *[x for i in chosen for x in ("--model", str(folders[i]), "--label",
                                                     labels[i])],
@@ -245,6 +265,13 @@ def relative_paths(value: Any, roots: dict[Path, str]) -> Any:
                 return str(Path(value).resolve().relative_to(root))
             except ValueError:
                 continue
+        # A folder of another machine (a work folder copied for --report-only): the part after
+        # a component named as one of the roots, else the last component.
+        parts = Path(value).parts
+        for root in roots:
+            if root.name and root.name in parts:
+                return str(Path(*parts[parts.index(root.name) + 1:]))
+        return Path(value).name
     return value
 
 
@@ -292,6 +319,21 @@ def markdown(r: dict[str, Any]) -> str:
             lines += ["", f"Paired by sequence (whole sequences, the same text for both): "
                       f"(c) − (d) = {p['mean']:+.4f} ± {p['stderr']:.4f} nats (standard error, "
                       f"{p['sequences']} sequences)."]
+    spans = r.get("by_window")
+    if spans:
+        w = s["window"]
+        count = len(next(iter(spans.values())))
+        lines += ["", f"Mean NLL by position, in spans of one window ({w} tokens):", "",
+                  "| model | " + " | ".join(f"{i * w}–{(i + 1) * w}" for i in range(count))
+                  + " |", "|---|" + "---|" * count]
+        for label, values in spans.items():
+            lines.append(f"| {label} | " + " | ".join(
+                "—" if v is None else f"{v:.4f}" for v in values) + " |")
+        c, d = spans.get(LABELS["c"]), spans.get(LABELS["d"])
+        if c and d:
+            lines.append("| (c) − (d) | " + " | ".join(
+                "—" if x is None or y is None else f"{x - y:+.4f}" for x, y in zip(c, d))
+                + " |")
     if r.get("niah"):
         n = r["niah"]
         lengths = n["lengths"]
@@ -311,6 +353,8 @@ def markdown(r: dict[str, Any]) -> str:
             lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in row["accuracy"])
                          + " | " + " | ".join(f"{v:.2f}" for v in row["logprob_per_token"])
                          + " |")
+    if r.get("remarks"):
+        lines += ["", "## How this run went", ""] + [f"- {m}" for m in r["remarks"]]
     lines += ["", "Time (all runs of this experiment, resumed ones included): "
               f"{', '.join(f'{k} {t:.0f} s' for k, t in r['seconds'].items())}.",
               "", f"![loss by position]({r['name']}.png)" if r["plot"] else "",
@@ -353,24 +397,34 @@ def main(argv: list[str] | None = None) -> int:
                              "question (tttlm eval niah --rag-separator; default: BOS)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--name", default="finetune_smollm2")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from what --work holds (a work "
+                             "folder copied from the machine that ran the steps); what it "
+                             "lacks is listed as missing")
+    parser.add_argument("--remark", action="append", default=[],
+                        help="a sentence for the report about how this run went (repeatable)")
     args = parser.parse_args(argv)
-    argv_used = sys.argv[1:] if argv is None else argv
+    argv_used = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
+    if args.report_only:
+        argv_used = strip_options(argv_used, ("--remark",))
     length = args.length or args.seq_len
     source = find_source(args.source)
-    if not source.exists():
+    if not source.exists() and not args.report_only:
         raise SystemExit(f"finetune_experiment: error: {source} does not exist; give --source")
     work = args.work
+    if args.report_only:
+        return report_only(args, source, argv_used, length)
     work.mkdir(parents=True, exist_ok=True)
     # A work folder holds one experiment: its steps are reused on a rerun only when they were
     # made with the same settings.
-    settings = {k: getattr(args, k) for k in ("window", "chunk", "ttt_layers", "seq_len",
-                                              "batch_size", "micro_batch_size", "steps", "lr",
-                                              "base_lr_scale", "seed")}
+    settings = experiment_settings(args)
     recorded = work / "settings.json"
     if recorded.is_file() and json.loads(recorded.read_text()) != settings:
         raise SystemExit(f"finetune_experiment: error: {work} holds an experiment with other "
                          f"settings ({recorded}); use another --work or delete it")
     recorded.write_text(json.dumps(settings, indent=2) + "\n")
+    machine = machine_record(args.device)
+    (work / "machine.json").write_text(json.dumps(machine, indent=2) + "\n")
     steps = Steps(work)
     models = {"a": work / "smol-full", "b": work / "smol-swa", "e2e": work / "smol-e2e"}
     conversions = {"a": [], "b": ["--to", "swa", "--window", str(args.window)],
@@ -397,8 +451,6 @@ def main(argv: list[str] | None = None) -> int:
                   "--max-sequences", str(args.eval_sequences), "--device", args.device,
                   "--out", str(evaluated), "--quiet")
     loss = json.loads((evaluated / "loss.json").read_text())
-    rows = summarise(loss, length, args.window)
-    missing = []
     ruler = None
     if args.ruler:
         ruler = {}
@@ -408,38 +460,104 @@ def main(argv: list[str] | None = None) -> int:
                       "niah_single_1,niah_multikey_2,ruler_vt", "--lengths", "2k,4k,8k",
                       "--out", str(out))
             ruler[LABELS[key]] = f"{out.name}/harness.json (in --work)"
-    else:
+    niah = run_niah(args, steps, folders, labels) if args.niah else None
+    return write_report(args, source, argv_used, length, loss, niah, ruler, steps.seconds,
+                        machine)
+
+
+def report_only(args: argparse.Namespace, source: Path, argv_used: list[str],
+                length: int) -> int:
+    """The report from a work folder that ran elsewhere: its loss evaluation is required, the
+    NIAH and RULER results are used where they are complete."""
+    work = args.work
+    need = [work / "eval-loss" / "loss.json", work / "machine.json"]
+    for path in need:
+        if not path.is_file():
+            raise SystemExit(f"finetune_experiment: error: {path} does not exist; --report-only "
+                             "needs a work folder whose loss evaluation has run")
+    recorded = work / "settings.json"
+    if recorded.is_file() and json.loads(recorded.read_text()) != experiment_settings(args):
+        raise SystemExit(f"finetune_experiment: error: {work} holds an experiment with other "
+                         f"settings ({recorded}); give the settings it ran with")
+    loss = json.loads(need[0].read_text())
+    niah = run_niah(args, None, [], [LABELS[k] for k in "abcd"]) if args.niah else None
+    ruler = ({LABELS[k]: f"ruler-{k}/harness.json (in --work)" for k in "abcd"}
+             if all((work / f"ruler-{k}" / "harness.json").is_file() for k in "abcd")
+             else None)
+    seconds = Steps(work).seconds
+    return write_report(args, source, argv_used, length, loss, niah, ruler, seconds,
+                        json.loads(need[1].read_text()))
+
+
+def missing_parts(args: argparse.Namespace, niah: dict[str, Any] | None,
+                  ruler: dict[str, Any] | None) -> list[str]:
+    missing = []
+    if ruler is None:
         missing.append("RULER niah_single_1, niah_multikey_2 and vt at 2K/4K/8K (run with "
                        "--ruler)")
-    niah = None
-    if args.niah:
-        niah = run_niah(args, steps, folders, labels)
-    else:
-        missing.append("NIAH with and without the retrieval memory (run with --niah)")
+    if niah is None:
+        missing.append("NIAH with and without the retrieval memory " + (
+            "(its reports in --work are not complete)" if args.niah else "(run with --niah)"))
     missing.append("decode latency with the retrieval memory (GPU: benchmarks/recall_latency.py)")
     if args.steps * args.batch_size * args.seq_len < 500 * 16 * 8192:
         missing.append(f"the full fine-tune: {args.steps} × {args.batch_size} × {args.seq_len} "
                        f"tokens here, against the preset's 500 × 16 × 8192 (65.5M)")
-    args.out.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def strip_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``options`` and their values (how a report was made is not how the
+    experiment is reproduced)."""
+    kept: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        elif not any(a.startswith(o + "=") for o in options):
+            kept.append(a)
+    return kept
+
+
+def experiment_settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("window", "chunk", "ttt_layers", "seq_len",
+                                          "batch_size", "micro_batch_size", "steps", "lr",
+                                          "base_lr_scale", "seed")}
+
+
+def machine_record(device: str) -> dict[str, Any]:
+    """Where the steps run, kept in --work so a report written elsewhere names it."""
     import torch
 
+    return {"device": device_name(device),
+            "versions": {"torch": torch.__version__, "python": sys.version.split()[0]}}
+
+
+def write_report(args: argparse.Namespace, source: Path, argv_used: list[str], length: int,
+                 loss: dict[str, Any], niah: dict[str, Any] | None, ruler: dict[str, Any] | None,
+                 seconds: dict[str, float], machine: dict[str, Any]) -> int:
+    rows = summarise(loss, length, args.window)
+    args.out.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "finetune_experiment", "name": args.name,
         "command": "python benchmarks/finetune_experiment.py " + " ".join(
-            a if not os.path.isabs(a) else Path(a).name for a in argv_used),
-        "device": device_name(args.device), "source": describe(source),
-        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+            shlex.quote(a if not os.path.isabs(a) else Path(a).name) for a in argv_used),
+        "device": machine["device"], "source": describe(source),
+        "versions": machine["versions"],
         "settings": {"window": args.window, "chunk": args.chunk, "ttt_layers": args.ttt_layers,
                      "seq_len": args.seq_len, "batch_size": args.batch_size,
                      "steps": args.steps, "lr": args.lr, "base_lr_scale": args.base_lr_scale,
                      "seed": args.seed, "length": length},
         "eval": {"sequences": min(r["sequences"] for r in rows.values()),
                  "data": "src/tttlm/resources/books/val.jsonl.gz"},
-        "results": rows, "verdict": verdict(rows, loss, length), "ruler": ruler,
+        "results": rows, "by_window": by_window(loss, length, args.window),
+        "verdict": verdict(rows, loss, length), "ruler": ruler,
         "niah": niah,
-        "seconds": {k: round(v, 1) for k, v in steps.seconds.items()},
-        "missing": missing,
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "missing": missing_parts(args, niah, ruler), "remarks": args.remark,
     }
+    work = args.work
     report["plot"] = plot(loss, length, args.window, args.out / f"{args.name}.png",
                           describe(source).split(" (")[0])
     for value in rows.values():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,11 +77,45 @@ def test_the_experiment_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     for written in ("exp.md", "exp.json", "exp_loss.json"):
         assert str(tmp_path) not in (out / written).read_text(), written
     assert (out / "exp.png").is_file()
-    # A rerun reuses every step but the (resumed) evaluation.
+    # A rerun reuses every step, evaluations included: nothing runs again.
     before = json.loads((work / "seconds.json").read_text())
     assert module.main(args) == 0
-    after = json.loads((work / "seconds.json").read_text())
-    assert {k: after[k] for k in ("convert", "data", "train_c", "train_d")} == {
-        k: before[k] for k in ("convert", "data", "train_c", "train_d")}
+    assert json.loads((work / "seconds.json").read_text()) == before
+    assert json.loads((out / "exp.json").read_text())["results"] == rows
+    # The report again from a copy of the work folder (as fetched from the machine that ran
+    # it), with remarks; what the copy lacks is listed as missing.
+    copied = tmp_path / "elsewhere" / "work"
+    shutil.copytree(work, copied)
+    shutil.rmtree(copied / "niah-end")
+    again = tmp_path / "again"
+    only = ["--report-only", *args[:args.index("--work")], "--work", str(copied),
+            *args[args.index("--work") + 2:args.index("--out")], "--out", str(again),
+            "--name", "exp", "--remark", "ran in two calls"]
+    assert module.main(only) == 0
+    redone = json.loads((again / "exp.json").read_text())
+    assert redone["results"] == rows and redone["by_window"] == report["by_window"]
+    assert redone["remarks"] == ["ran in two calls"] and redone["niah"] is None
+    # The command says how to reproduce the experiment, not how its report was written.
+    assert redone["command"] == report["command"].replace("--out out", "--out again")
+    assert any("not complete" in m for m in redone["missing"])
+    assert "## How this run went" in (again / "exp.md").read_text()
+    for written in ("exp.md", "exp.json", "exp_loss.json"):
+        assert str(tmp_path) not in (again / written).read_text(), written
+    (copied / "eval-loss" / "loss.json").unlink()
+    with pytest.raises(SystemExit, match="loss.json does not exist"):
+        module.main(only)
     with pytest.raises(SystemExit, match="other settings"):
         module.main([*args[:-2], "--steps", "3", "--name", "exp"])
+
+
+def test_report_helpers_name_no_folder_of_any_machine(tmp_path: Path) -> None:
+    module = experiment_module()
+    work = tmp_path / "smol-exp"
+    roots = {work: ""}
+    assert module.relative_paths({"m": [str(work / "runs" / "c")]}, roots) == {"m": ["runs/c"]}
+    # The same work folder on the machine that ran it, and a path outside any work folder.
+    assert module.relative_paths("/elsewhere/smol-exp/smol-full", roots) == "smol-full"
+    assert module.relative_paths("/opt/models/x.gguf", roots) == "x.gguf"
+    assert module.relative_paths("relative/kept", roots) == "relative/kept"
+    assert module.strip_options(["--a", "1", "--remark", "r", "--remark=s", "--b"],
+                                ("--remark",)) == ["--a", "1", "--b"]
