@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|recall|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|groups|recall|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -47,6 +47,9 @@ case "$PART" in
     timeout 560 python -m tttlm.cli bench prefill --preset 3b --lengths 8192 131072 \
       --compile compiled --attention first-order --paths model engine --repeats 2 \
       --out "$OUT/prefill_engine_3b" ;;
+  groups)  # speed issue: 3b e2e prefill memory and speed at 8K x 16 by TTT group size
+    timeout 560 python -m tttlm.cli bench prefill --preset 3b --variants e2e --lengths 8192 \
+      --compile compiled --ttt-groups all 8 4 2 --repeats 2 --out "$OUT/prefill_groups_3b_8k" ;;
   recall)  # retrieval issue: the request cost of rag=end with the FTS5 index
     timeout 560 python benchmarks/recall_latency.py --preset 760m \
       --contexts 8192 32768 131072 --new-tokens 128 --requests 3 \
@@ -91,7 +94,7 @@ case "$PART" in
       --steps "${STEPS:-40}" --batch-size 8 --seq-len 8192 --eval-sequences 32 --device cuda \
       --niah 2048,4096,8192,16384 --niah-kinds passkey,number,uuid --niah-depths 0.25,0.75 \
       --niah-samples 4 --rag-separator "\\n\\n" ${FINETUNE_ARGS:-} --out "$OUT" --name finetune_smollm2_h200 ;;
-  *) echo "PART=$PART: use train, prefill, recall, serve, variants, decode, compare," \
+  *) echo "PART=$PART: use train, prefill, groups, recall, serve, variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
 esac

@@ -20,7 +20,7 @@ SMOKE = {
     "decode": ["decode", "--presets", "tiny", "--contexts", "128", "512", "--modes", "eager",
                "--steps", "2", "--warmup", "1", "--dtype", "float32"],
     "prefill": ["prefill", "--preset", "tiny", "--lengths", "128", "--tokens-per-step", "256",
-                "--attention", "auto", "first-order"],
+                "--attention", "auto", "first-order", "--ttt-groups", "all", "1"],
 }
 
 
@@ -34,6 +34,26 @@ def test_bench_writes_reports(name: str, tmp_path: Path) -> None:
     assert "e2e" in text and "full" in text
     assert "torch" in text and out.with_suffix(".md").read_text().count("|") > 10
     assert not list(tmp_path.glob(".*tmp*"))  # written through temporary files, none left
+
+
+def test_prefill_times_each_ttt_group_for_e2e_only(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    assert main(["bench", *SMOKE["prefill"], "--device", "cpu", "--repeats", "1",
+                 "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    seen = {(r["variant"], r["attention"], r["ttt_group"]) for r in rows}
+    assert {g for v, _, g in seen if v == "e2e"} == {"all", 1}
+    assert {g for v, _, g in seen if v == "full"} == {"all"}
+    assert all("error" not in r for r in rows)
+    assert "ttt_group" in out.with_suffix(".md").read_text()
+
+
+def test_prefill_refuses_a_bad_ttt_group(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "prefill", "--device", "cpu", "--ttt-groups", "0"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("tttlm bench prefill: error: argument --ttt-groups: '0' is not")
 
 
 def test_graph_mode_needs_a_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,8 +8,8 @@ from __future__ import annotations
 STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
 
 PREFILL_COLUMNS = ["variant", "path", "blocks", "attention", "sdpa", "tokens", "batch",
-                   "micro_batch", "s_per_1k_tokens", "tokens_per_s", "mfu", "speedup_vs_full",
-                   "peak_gib", "error"]
+                   "micro_batch", "ttt_group", "s_per_1k_tokens", "tokens_per_s", "mfu",
+                   "speedup_vs_full", "peak_gib", "error"]
 
 TRAIN_COLUMNS = ["variant", "mode", "batch", "checkpoint_chunks", "s_median", "tokens_per_s",
                  "mfu", "ratio_vs_best_full", "peak_gib", "error"]

@@ -128,7 +128,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
                   tokens_per_step: int = 131072, repeats: int = 3,
                   compile_modes: tuple[bool, ...] = (False,),
                   paths: tuple[str, ...] = ("model",),
-                  attention: tuple[str, ...] = ("auto",)) -> list[dict[str, Any]]:
+                  attention: tuple[str, ...] = ("auto",),
+                  ttt_groups: tuple[int | None, ...] = (None,)) -> list[dict[str, Any]]:
     """Seconds per prefill and per 1K tokens, tokens/s, estimated MFU and peak memory.
 
     ``batch=None`` sizes each step to ``tokens_per_step`` tokens (the paper's 128K), so short
@@ -140,7 +141,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     the same tokens per step, in fewer sequences at a time. ``paths``: ``model`` (the forward
     pass that scores the prompt) and/or ``engine`` (``Engine.prefill``, what ``tttlm generate``
     runs). ``attention``: attention backends to time (:func:`tttlm.ops.attention.attention_backend`
-    names, e.g. ``first-order``).
+    names, e.g. ``first-order``). ``ttt_groups``: e2e's TTT chunks for at most this many
+    sequences at a time (``TTTForCausalLM.ttt_group``; ``None``: the whole step's batch).
     """
     from tttlm.model.model import TTTForCausalLM
     from tttlm.ops.attention import attention_backend
@@ -162,12 +164,15 @@ def bench_prefill(device: torch.device, preset: str = "3b",
             B = batch if batch is not None else prefill_batch(T, tokens_per_step)
             g = torch.Generator(device="cpu").manual_seed(T)
             x = torch.randint(0, config.vocab_size, (B, T + 1), generator=g).to(device)
-            for path, compiled, attn, backend in itertools.product(
-                    paths, compile_modes, attention, _sdpa_backends(device, variant)):
+            groups = ttt_groups if variant == "e2e" else (None,)
+            for path, compiled, attn, group, backend in itertools.product(
+                    paths, compile_modes, attention, groups, _sdpa_backends(device, variant)):
                 model.compile_blocks = compiled
+                model.ttt_group = group
                 row: dict[str, Any] = {"preset": preset, "variant": variant, "path": path,
                                        "tokens": T, "batch": B, "sdpa": backend or "default",
                                        "attention": attn,
+                                       "ttt_group": "all" if group is None else group,
                                        "blocks": "compiled" if compiled else "eager"}
                 try:
                     with attention_backend(attn):

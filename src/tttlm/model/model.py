@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,8 @@ from tttlm.model.layers import Block, ConvRecurrentMixer, KVBMixer, RMSNorm
 from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import config_rope_angles
-from tttlm.ttt.base import InnerState
-from tttlm.ttt.fast import FastWeights, PrimeWeights, flatten_fast
+from tttlm.ttt.base import InnerState, cat_states, index_state
+from tttlm.ttt.fast import FastWeights, PrimeWeights, cat_fast, flatten_fast, index_fast
 from tttlm.ttt.finite import FiniteGuard
 from tttlm.ttt.modes import GradMode
 from tttlm.ttt.optim import build_inner_optimizer
@@ -87,6 +87,10 @@ class ForwardOptions:
         lean_head: recompute the head's logits in backward passes instead of keeping them.
         compiled: run the code around attention through ``torch.compile``: the
             whole-sequence blocks always, the TTT chunks as :attr:`compile_chunks` decides.
+        ttt_group: without an outer gradient, run the TTT chunks of at most this many
+            sequences at a time (``None``: all). Each sequence's fast weights, their gradient
+            and their update are ``[B, ...]`` fp32 tensors (1.4 GB per sequence at 3b), so
+            their memory grows with the batch, not with the tokens; groups bound it.
     """
 
     ttt: bool
@@ -95,6 +99,7 @@ class ForwardOptions:
     checkpoint_chunks: bool = False
     lean_head: bool = True
     compiled: bool = False
+    ttt_group: int | None = None
 
     @property
     def compile_chunks(self) -> bool:
@@ -164,6 +169,9 @@ class TTTForCausalLM(nn.Module):
         # chunk graph). Meta-gradients differentiate the chunks' graphs twice (exact) or
         # backward through them twice (first order), which compiled graphs do not support.
         self.compile_blocks = False
+        # Without an outer gradient, the TTT chunks of at most this many sequences run at a
+        # time (ForwardOptions.ttt_group): bounds the per-sequence fast-weight memory.
+        self.ttt_group: int | None = None
         # Warned once that labels equal input_ids (the Hugging Face habit; see _check_inputs).
         self._warned_unshifted = False
         self.reset_parameters()
@@ -271,7 +279,7 @@ class TTTForCausalLM(nn.Module):
         return ForwardOptions(
             ttt=ttt, mode=mode, inner_lr=config.inner_lr if inner_lr is None else inner_lr,
             checkpoint_chunks=bool(checkpoint_chunks) and mode is not GradMode.NONE,
-            lean_head=self.lean_head, compiled=self.compile_blocks)
+            lean_head=self.lean_head, compiled=self.compile_blocks, ttt_group=self.ttt_group)
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
                       loss_mask: torch.Tensor | None,
@@ -431,7 +439,8 @@ class TTTForCausalLM(nn.Module):
         # 2. TTT blocks chunk by chunk with per-sequence fast weights and rolling KV caches.
         run = self.run_ttt_chunks(h, labels, mask, opts, learn_last=return_fast_weights,
                                   return_logits=return_logits,
-                                  return_fast_weights=return_fast_weights)
+                                  return_fast_weights=return_fast_weights,
+                                  return_state=False)
         out = TTTOutput(token_nll=torch.cat(run.nll, 1),
                         chunk_losses=torch.stack(run.chunk_losses, 1))
         out.loss = self._assemble(out.token_nll, mask, out.chunk_losses, ttt_weighting=True)
@@ -446,7 +455,8 @@ class TTTForCausalLM(nn.Module):
                        fast: FastWeights | None = None, inner_state: InnerState | None = None,
                        learn_last: bool = False,
                        return_logits: bool = False,
-                       return_fast_weights: bool = False) -> ChunkRun:
+                       return_fast_weights: bool = False,
+                       return_state: bool = True) -> ChunkRun:
         """The TTT blocks over ``h [B, T, D]`` (the prefix blocks' output), chunk by chunk:
         each chunk is predicted with the current fast weights, then (all but the last, unless
         ``learn_last``) takes one inner step on its loss. The training forward and the
@@ -455,10 +465,16 @@ class TTTForCausalLM(nn.Module):
         ``caches``: per TTT block, the keys (before RoPE) and values ``[B, past, H, d]`` of
         what precedes ``h`` (default: nothing); ``fast``: the fast weights in effect (default:
         the meta-learned W₀); ``inner_state``: the inner optimizer's state (default: its
-        initial state).
+        initial state). ``return_state=False``: the caller does not read the caches, fast
+        weights and inner state after the last chunk (they may be left empty).
         """
         config = self.config
         B = h.shape[0]
+        group = opts.ttt_group
+        if (group is not None and group < B and opts.mode is GradMode.NONE
+                and not return_fast_weights):
+            return self._grouped_chunks(h, labels, mask, opts, group, caches, fast, inner_state,
+                                        learn_last, return_logits, return_state)
         window, b = config.window, config.chunk_size
         # RoPE in the TTT blocks uses local positions: the chunk's keys sit at window .. +c-1.
         local = self.rope_tables(torch.arange(window + b, device=h.device))
@@ -517,6 +533,48 @@ class TTTForCausalLM(nn.Module):
                 run.history[-1] = snapshot(fast)
         run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
+
+    def _grouped_chunks(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                        opts: ForwardOptions, group: int, caches: list[KVPair] | None,
+                        fast: FastWeights | None, inner_state: InnerState | None,
+                        learn_last: bool, return_logits: bool, return_state: bool) -> ChunkRun:
+        """:meth:`run_ttt_chunks` over groups of ``group`` sequences in turn, joined into one
+        run. Sequences are independent without an outer gradient, so each group's results
+        are those of its rows in a whole-batch run; only one group's fast weights, gradients
+        and updates are alive at a time (and, with ``return_state``, every group's final
+        state)."""
+        one = replace(opts, ttt_group=None)
+        runs = []
+        for start in range(0, h.shape[0], group):
+            rows = slice(start, start + group)
+            run = self.run_ttt_chunks(
+                h[rows], labels[rows], mask[rows], one,
+                caches=None if caches is None else [(k[rows], v[rows]) for k, v in caches],
+                fast=None if fast is None else index_fast(fast, rows),
+                inner_state=None if inner_state is None else index_state(inner_state, rows),
+                learn_last=learn_last, return_logits=return_logits)
+            if not return_state:  # free this group's state before the next group runs
+                run.caches, run.start_caches, run.fast, run.inner_state = [], [], [], {}
+            runs.append(run)
+
+        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(parts, 0)
+
+        merged = ChunkRun(
+            nll=[joined(list(x)) for x in zip(*(r.nll for r in runs))],
+            chunk_losses=[joined(list(x)) for x in zip(*(r.chunk_losses for r in runs))],
+            logits=[None if x[0] is None else joined(list(x))
+                    for x in zip(*(r.logits for r in runs))],
+            norms=[joined(list(x)) for x in zip(*(r.norms for r in runs))],
+            hidden=None if runs[0].hidden is None else joined([r.hidden for r in runs]))
+        if return_state:
+            merged.caches = [(joined(list(k)), joined(list(v))) for k, v in
+                             (zip(*layer) for layer in zip(*(r.caches for r in runs)))]
+            merged.start_caches = [(joined(list(k)), joined(list(v))) for k, v in
+                                   (zip(*layer) for layer in zip(*(r.start_caches for r in runs)))]
+            merged.fast = cat_fast([r.fast for r in runs])
+            merged.inner_state = cat_states([r.inner_state for r in runs])
+        return merged
 
     def ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
                   rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVPair],

@@ -46,6 +46,11 @@ def index_fast(fast: Sequence[PrimeWeights], idx: torch.Tensor | slice | list[in
     return map_fast(lambda w: w[idx], fast)
 
 
+def cat_fast(parts: Sequence[Sequence[PrimeWeights]]) -> FastWeights:
+    """The fast weights of several batches as one batch, rows in order."""
+    return [PrimeWeights(*(torch.cat(ts) for ts in zip(*layers))) for layers in zip(*parts)]
+
+
 def detach_fast(fast: Sequence[PrimeWeights]) -> FastWeights:
     return map_fast(torch.Tensor.detach, fast)
 

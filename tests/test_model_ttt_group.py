@@ -1,0 +1,104 @@
+"""``ttt_group``: without an outer gradient the TTT chunks of a few sequences run at a time.
+
+Sequences are independent at test time, so a grouped run gives each sequence what the
+whole-batch run gives it (float64, CPU: to the last bit here; the test allows 1e-12 for a
+matmul library that blocks rows by batch size), and only one group's fast weights, gradients
+and updates are alive at once: what bounds prefill memory at a large batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import assert_close, grads, tiny_model, tokens
+from tttlm.inference import Engine
+
+ATOL = 1e-12
+B, T = 5, 23  # window 12, chunk 4: five full chunks and a partial one
+
+
+def scored(model, x, y, group):  # type: ignore[no-untyped-def]
+    model.ttt_group = group
+    with torch.no_grad():
+        return model(x, y, return_logits=True)
+
+
+@pytest.mark.parametrize("group", [1, 2, 4])
+def test_grouped_scoring_equals_the_whole_batch(group: int) -> None:
+    model = tiny_model()
+    x, y = tokens(model, B, T)
+    ref, got = scored(model, x, y, None), scored(model, x, y, group)
+    for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
+        assert_close(getattr(got, name), getattr(ref, name), atol=ATOL, name=name)
+
+
+def test_groups_bound_the_batch_of_every_inner_step() -> None:
+    model = tiny_model()
+    x, y = tokens(model, B, T)
+    batches: list[int] = []
+    step = model.inner_optimizer.step
+
+    def spy(loss, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(loss.shape[0])
+        return step(loss, *args, **kwargs)
+
+    model.inner_optimizer.step = spy  # type: ignore[method-assign]
+    scored(model, x, y, 2)
+    chunks = len(model.chunks(T)) - 1  # the last chunk is predicted, not learned from
+    assert batches == [2] * chunks + [2] * chunks + [1] * chunks
+
+
+def test_an_outer_gradient_ignores_groups() -> None:
+    """Training keeps the whole batch in one graph (micro-batches bound its memory)."""
+    model = tiny_model()
+    x, y = tokens(model, 3, T)
+    outs, grad_sets = [], []
+    for group in (None, 1):
+        model.ttt_group = group
+        out = model(x, y)
+        out.loss.backward()
+        outs.append(out.loss.detach())
+        grad_sets.append(grads(model))
+    assert torch.equal(outs[0], outs[1])
+    for name, g in grad_sets[0].items():
+        assert torch.equal(g, grad_sets[1][name]), name
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_grouped_engine_prefill_and_decode_equal_the_whole_batch(group: int) -> None:
+    model = tiny_model()
+    x, _ = tokens(model, B, T)
+    results = []
+    for g in (None, group):
+        model.ttt_group = g
+        engine = Engine(model)
+        first, state = engine.prefill(x)
+        later = []
+        logits = first
+        for _ in range(7):  # across a chunk boundary
+            logits, state = engine.step(state, logits.argmax(-1))
+            later.append(logits)
+        results.append((first, later, state))
+    (ref_first, ref_later, ref_state), (first, later, state) = results
+    assert_close(first, ref_first, atol=ATOL, name="prefill logits")
+    for i, (a, b) in enumerate(zip(later, ref_later)):
+        assert_close(a, b, atol=ATOL, name=f"step {i}")
+    for a, b in zip(state.fast, ref_state.fast):
+        assert_close(a, b, atol=ATOL, name="fast weights")
+    for a, b in zip(state.ttt_keys + state.ttt_values, ref_state.ttt_keys + ref_state.ttt_values):
+        assert_close(a, b, atol=ATOL, name="TTT caches")
+
+
+def test_return_fast_weights_runs_the_whole_batch() -> None:
+    model = tiny_model()
+    x, y = tokens(model, 3, T)
+    outs = []
+    for group in (None, 1):
+        model.ttt_group = group
+        with torch.no_grad():
+            outs.append(model(x, y, return_fast_weights=True))
+    assert torch.equal(outs[0].token_nll, outs[1].token_nll)
+    for a, b in zip(outs[0].fast_weights, outs[1].fast_weights):
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
