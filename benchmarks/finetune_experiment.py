@@ -375,7 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttt-layers", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=8192)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--micro-batch-size", type=lambda t: t if t == "auto" else int(t),
+                        default=None, metavar="N|auto",
+                        help="tttlm train --micro-batch-size for (c) and (d) (default: the "
+                             "preset's 1; auto: the largest that fits the GPU)")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--base-lr-scale", type=float, default=0.1)

@@ -20,7 +20,9 @@
 # warm, about 30 s idle), carry the second half in the next call and cat the two into
 # .gguf/SmolLM2-135M-Instruct.Q4_1.gguf. The experiment resumes from --work (/tmp/smol-exp), so
 # calls chained on one warm machine advance it until the report is written (~25 minutes of
-# device time in all at the defaults below: (c) trains at ~9K tokens/s on an H200).
+# device time in all at the defaults below: (c) trains at ~9K tokens/s on an H200, bound by
+# kernel launches at micro-batch 1: FINETUNE_ARGS="--micro-batch-size auto" tries the largest
+# micro-batch that fits).
 set -u
 : "${OUT:?set OUT to the output folder}" "${PART:?set PART}"
 # (src first, keeping what the caller put on the path: wheels carried to the device)

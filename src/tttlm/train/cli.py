@@ -49,7 +49,9 @@ def add_parser(subparsers: Any) -> None:
                    help="load weights only (context extension), from a model or run folder")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--batch-size", type=int, help="sequences per step over all processes")
-    p.add_argument("--micro-batch-size", type=int)
+    p.add_argument("--micro-batch-size", type=_micro_batch, metavar="N|auto",
+                   help="sequences per forward pass and process (0: all); auto: the largest "
+                        "that fits the GPU, measured at the start")
     p.add_argument("--steps", type=int, help="total optimizer steps (the schedule's length)")
     p.add_argument("--lr", type=float)
     p.add_argument("--device", help="auto, cpu or cuda")
@@ -82,6 +84,16 @@ def add_parser(subparsers: Any) -> None:
     q.add_argument("--no-progress", dest="progress", action="store_false",
                    help="no progress bars (for logs)")
     q.set_defaults(func=run_quickstart)
+
+
+def _micro_batch(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of sequences; give N or "
+                                         "'auto'") from None
 
 
 def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:

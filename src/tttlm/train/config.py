@@ -65,7 +65,9 @@ class TrainConfig:
         seq_len: tokens per training sequence.
         batch_size: sequences per optimizer step, over all processes together.
         micro_batch_size: sequences per forward pass and process (0: the whole per-process
-            batch at once); the rest is gradient accumulation.
+            batch at once); the rest is gradient accumulation. ``"auto"``: on a GPU, the
+            largest divisor of the per-process batch whose step fits, measured at the start
+            and recorded in the run's config (:mod:`tttlm.train.micro_batch`); 0 on a CPU.
         steps: optimizer steps of the whole run (the schedule's length).
         lr: peak outer learning rate (AdamW).
         base_lr_scale: multiplier of ``lr`` for the weights an ``e2e`` model shares with a
@@ -138,7 +140,7 @@ class TrainConfig:
     val_split: str = "val"
     seq_len: int = 256
     batch_size: int = 8
-    micro_batch_size: int = 0
+    micro_batch_size: int | str = 0
     steps: int = 100
     lr: float = 3e-3
     base_lr_scale: float = 1.0
@@ -195,8 +197,13 @@ class TrainConfig:
             value = getattr(self, name)
             if value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
+        if isinstance(self.micro_batch_size, str) and self.micro_batch_size != "auto":
+            raise ValueError(f"micro_batch_size={self.micro_batch_size!r} must be an integer "
+                             "or 'auto'")
         for name in ("micro_batch_size", "log_every", "eval_every", "eval_sequences",
                      "save_every", "num_threads"):
+            if isinstance(getattr(self, name), str):
+                continue
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.keep_checkpoints < 1:
@@ -239,7 +246,8 @@ class TrainConfig:
         if self.inner_lr is not None:
             check_number("inner_lr", self.inner_lr, minimum=0.0, maximum=MAX_INNER_LR,
                          hint="the official η is 1")
-        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+        if (isinstance(self.micro_batch_size, int) and self.micro_batch_size
+                and self.batch_size % self.micro_batch_size):
             raise ValueError(f"micro_batch_size={self.micro_batch_size} does not divide "
                              f"batch_size={self.batch_size}")
         check_device_name(self.device)
@@ -428,6 +436,11 @@ def parse_value(key: str, text: str) -> Any:
         return None
     if optional:
         kind = next(a for a in args if a is not type(None))
+    if set(args) == {int, str}:  # a number, or a word (micro_batch_size=auto)
+        try:
+            return int(text)
+        except ValueError:
+            return text
     if kind is bool:
         lowered = text.lower()
         if lowered in ("1", "true", "yes", "on"):

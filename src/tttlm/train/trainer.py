@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +51,9 @@ from tttlm.model.model import CONFIG_NAME, WEIGHTS_NAME, TTTForCausalLM, is_ttt_
 from tttlm.progress import progress_bar
 from tttlm.train import checkpoint as ckpt
 from tttlm.train import distributed as D
+from tttlm.train import micro_batch
 from tttlm.train import static_step as static_step_module
-from tttlm.train.config import TrainConfig
+from tttlm.train.config import CONFIG_FILE, TrainConfig
 from tttlm.train.gradients import accumulate_gradients, split_micro
 from tttlm.train.parallelize import data_parallel, parallelize
 from tttlm.train.static_step import StaticStep
@@ -212,7 +213,11 @@ class Trainer:
                             f"{self.dist.world_size} processes; change batch_size or the number "
                             "of processes")
         self.local_batch = config.batch_size // self.dist.world_size
-        if config.micro_batch_size and self.local_batch % config.micro_batch_size:
+        if config.micro_batch_size == micro_batch.AUTO and self.dist.world_size > 1:
+            raise UserError("micro_batch_size=auto measures one process's GPU; under torchrun "
+                            "give a number (every process must use the same)")
+        if (isinstance(config.micro_batch_size, int) and config.micro_batch_size
+                and self.local_batch % config.micro_batch_size):
             raise UserError(f"micro_batch_size={config.micro_batch_size} does not divide the "
                             f"per-process batch {self.local_batch}; change micro_batch_size")
         # bf16 autocast on a GPU unless the config says otherwise or the weights are float64
@@ -234,6 +239,10 @@ class Trainer:
                                       rank=self.dist.rank, world_size=self.dist.world_size)
             self.model_config = self._model_config()
             self.model = self._build_model()
+            if config.micro_batch_size == micro_batch.AUTO:
+                # Before the optimizer allocates anything; the run records the choice.
+                self.config = config = replace(
+                    config, micro_batch_size=self._auto_micro_batch())
             self.optimizer = build_optimizer(self.model, config, self.device,
                                              capturable=self.step_plan.graph)
             self.scheduler = build_scheduler(self.optimizer, config)
@@ -250,6 +259,42 @@ class Trainer:
         except BaseException:
             self.close()
             raise
+
+    def _auto_micro_batch(self) -> int:
+        """``micro_batch_size=auto`` resolved (:mod:`tttlm.train.micro_batch`): a resumed run's
+        recorded choice, else a measurement on the GPU (the whole batch on a CPU)."""
+        if self.resume_from is not None:
+            for run in (self.out_dir, self.resume_from.parent.parent):
+                saved = run / CONFIG_FILE
+                if saved.is_file():
+                    recorded = json.loads(saved.read_text()).get("micro_batch_size")
+                    if isinstance(recorded, int) and not isinstance(recorded, bool):
+                        return recorded
+        c = self.config
+        vocab = self.model_config.vocab_size
+        tokens = torch.Generator(device="cpu").manual_seed(0)  # the run's RNG is not touched
+
+        def step(m: int) -> None:
+            x = torch.randint(0, vocab, (m, c.seq_len + 1), generator=tokens)
+            batch = Batch(x[:, :-1], x[:, 1:], torch.ones(m, c.seq_len, dtype=torch.bool))
+            try:
+                forward_backward(self.model, [batch], ttt=c.ttt,
+                                 inner_lr=self.model_config.inner_lr, grad_mode=c.grad_mode,
+                                 checkpoint_chunks=c.activation_checkpointing,
+                                 autocast=self.autocast)
+            finally:
+                self.model.zero_grad(set_to_none=True)
+
+        measured = micro_batch.probe(self.device, step)
+        if measured is None:
+            return 0
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        # AdamW keeps two fp32 moments per trainable weight, allocated at the first step.
+        chosen = micro_batch.choose(self.local_batch, *measured, reserve=8 * trainable,
+                                    seq_len=c.seq_len)
+        _stderr(f"micro_batch_size=auto: {chosen or self.local_batch} sequences per forward "
+                "pass")
+        return chosen
 
     # ------------------------------------------------------------- the run folder
     def _claim_folder(self, resume: bool | str | os.PathLike[str],
