@@ -187,7 +187,8 @@ def run_niah(args: argparse.Namespace, steps: Steps | None, folders: list[Path],
     the mean over kinds, depths and samples. Without ``steps`` nothing runs: None unless both
     reports are already in --work."""
     common = ["--lengths", args.niah, "--kinds", args.niah_kinds, "--depths", args.niah_depths,
-              "--samples", str(args.niah_samples), "--device", args.device, "--quiet"]
+              "--samples", str(args.niah_samples), "--device", args.device, "--quiet",
+              "--batch-size", str(args.niah_batch_size)]
     results: dict[str, Any] = {}
     for rag, chosen in (("off", range(4)), ("end", range(1, 4))):
         out = args.work / f"niah-{rag}"
@@ -395,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--niah-kinds", default="passkey,number,uuid")
     parser.add_argument("--niah-depths", default="0.1,0.3,0.5,0.7,0.9")
     parser.add_argument("--niah-samples", type=int, default=4)
+    parser.add_argument("--niah-batch-size", type=int, default=1, metavar="N",
+                        help="NIAH prompts of one length decoded together (tttlm eval niah "
+                             "--batch-size; without retrieval)")
     parser.add_argument("--rag-separator", default=None, metavar="TEXT",
                         help="NIAH with retrieval: text before each recalled passage and the "
                              "question (tttlm eval niah --rag-separator; default: BOS)")

@@ -95,7 +95,7 @@ case "$PART" in
       --source .gguf/SmolLM2-135M-Instruct.Q4_1.gguf --work /tmp/smol-exp \
       --steps "${STEPS:-40}" --batch-size 8 --seq-len 8192 --eval-sequences 32 --device cuda \
       --niah 2048,4096,8192,16384 --niah-kinds passkey,number,uuid --niah-depths 0.25,0.75 \
-      --niah-samples 4 --rag-separator "\\n\\n" ${FINETUNE_ARGS:-} --out "$OUT" --name finetune_smollm2_h200 ;;
+      --niah-samples 4 --niah-batch-size 24 --rag-separator "\\n\\n" ${FINETUNE_ARGS:-} --out "$OUT" --name finetune_smollm2_h200 ;;
   *) echo "PART=$PART: use train, prefill, groups, recall, serve, variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

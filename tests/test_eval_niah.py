@@ -20,10 +20,11 @@ from tttlm.eval.adapters import (
     TokenCorpus,
     builtin_books,
     generate_and_score,
+    generate_and_score_batch,
     read_documents,
     tokenize_documents,
 )
-from tttlm.eval.common import load_model
+from tttlm.eval.common import EvalModel, load_model
 from tttlm.eval.niah import NeedleKind, NiahSettings, Prediction
 from tttlm.model import TTTForCausalLM
 
@@ -240,6 +241,68 @@ def test_engine_generation_matches_forward_reference(tmp_path: Path) -> None:
     assert fast[1] == pytest.approx(slow[1], abs=1e-9)
     assert no_ttt[0] == no_ttt_ref[0] and no_ttt[1] == pytest.approx(no_ttt_ref[1], abs=1e-9)
     assert no_ttt[1] != pytest.approx(fast[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["e2e", "full"])
+def test_batched_generation_equals_one_prompt_at_a_time(tmp_path: Path, variant: str) -> None:
+    """Rows of different lengths, answer lengths, token budgets (one of them 0), an empty
+    answer and an EOS that stops one row early: each row as generate_and_score gives it."""
+    model = TTTForCausalLM.from_pretrained(save_tiny(tmp_path / variant, variant),
+                                           dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    prompts = [[256, *torch.randint(0, 256, (n,), generator=g).tolist()]
+               for n in (44, 44, 37, 51)]
+    budgets = [12, 3, 0, 9]
+    answers = [[49, 50, 51], [], [52] * 11, [53, 54]]
+    with torch.inference_mode():
+        alone = [generate_and_score(model, p, n, a, eos_id=257)
+                 for p, n, a in zip(prompts, budgets, answers)]
+        eos = alone[0][0][4]  # a token row 0 generates: it stops there when it is EOS
+        alone_eos = [generate_and_score(model, p, n, a, eos_id=eos)
+                     for p, n, a in zip(prompts, budgets, answers)]
+        together = generate_and_score_batch(model, prompts, budgets, answers, eos_id=257)
+        together_eos = generate_and_score_batch(model, prompts, budgets, answers, eos_id=eos)
+    assert len(alone_eos[0][0]) < len(alone[0][0])
+    for got, want in [*zip(together, alone), *zip(together_eos, alone_eos)]:
+        assert got[0] == want[0]
+        assert (got[1] is None) == (want[1] is None)
+        if want[1] is not None:
+            assert got[1] == pytest.approx(want[1], abs=1e-9)
+    assert together[2][0] == [] and together[1][1] is None
+
+
+def test_batched_niah_gives_the_same_records(haystack: niah.Haystack, tmp_path: Path) -> None:
+    model = TTTForCausalLM.from_pretrained(save_tiny(tmp_path / "e2e", window=64, chunk=64),
+                                           dtype=torch.float64)
+    em = EvalModel(model=model, label="m", path="m", ttt=True, fingerprint="f")
+    settings = _settings(kinds=["passkey", "number"], samples=2)
+    predictor = niah.model_predictor(em, TOK)
+    sizes: list[int] = []
+    batch = predictor.batch
+
+    def counting(samples):  # type: ignore[no-untyped-def]
+        sizes.append(len(samples))
+        assert len({s.length for s in samples}) == 1  # one prompt length per batch
+        return batch(samples)
+
+    predictor.batch = counting
+    one = niah.evaluate_niah("m", haystack, TOK, settings, predictor, batch_size=1)
+    assert sizes == [1] * len(one)
+    sizes.clear()
+    # Half done before (a cut run): the rest goes in batches of up to 5.
+    niah.evaluate_niah("m", haystack, TOK, _settings(kinds=["passkey"], samples=2), predictor,
+                       out_dir=tmp_path / "out", batch_size=5)
+    sizes.clear()
+    many = niah.evaluate_niah("m", haystack, TOK, settings, predictor,
+                              out_dir=tmp_path / "out", batch_size=5)
+    assert sizes == [5, 1, 5, 1]  # the 6 "number" cells left at each length, 5 at a time
+    for a, b in zip(one, many):
+        assert a["prediction"] == b["prediction"] and a["correct"] == b["correct"]
+        assert a["logprob"] == pytest.approx(b["logprob"], abs=1e-9)
+        assert (a["kind"], a["length"], a["depth"], a["trial"]) == (
+            b["kind"], b["length"], b["depth"], b["trial"])
+    with pytest.raises(EvalError, match="batch size 0 must be positive"):
+        niah.evaluate_niah("m", haystack, TOK, settings, predictor, batch_size=0)
 
 
 def test_cli_niah_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

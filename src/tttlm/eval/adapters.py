@@ -181,26 +181,58 @@ def generate_and_score(model: TTTForCausalLM, prompt: Sequence[int], max_new_tok
 
     The prompt is prefilled once and the state cloned: one copy decodes greedily, the other
     reads the answer teacher-forced. At long context this halves the work of two passes.
-    ``answer=()`` skips the log-probability (``None``).
+    ``answer=()`` skips the log-probability (``None``). One row of
+    :func:`generate_and_score_batch`.
     """
+    return generate_and_score_batch(model, [prompt], [max_new_tokens], [answer], ttt=ttt,
+                                    eos_id=eos_id)[0]
+
+
+def generate_and_score_batch(model: TTTForCausalLM, prompts: Sequence[Sequence[int]],
+                             max_new_tokens: Sequence[int],
+                             answers: Sequence[Sequence[int]], *, ttt: bool | None = None,
+                             eos_id: int | None = None
+                             ) -> list[tuple[list[int], float | None]]:
+    """:func:`generate_and_score` for several prompts in one batch: one prefill, then every
+    decoding step reads one token for each row still going (the engine's ``active`` rows), so
+    a step costs about what one row's does when decoding is bound by kernel launches. Rows
+    with an empty answer get ``None``."""
     from tttlm.inference import Engine
 
+    B = len(prompts)
+    if not (len(max_new_tokens) == len(answers) == B):
+        raise ValueError("give one max_new_tokens and one answer per prompt")
     engine = Engine(model, ttt=ttt)
-    first, state = engine.prefill([list(prompt)])  # [1, V] logits after the prompt
-    scored = state.clone() if answer else None
-    logits, out = first, []
-    for _ in range(max_new_tokens):
-        token = int(logits[0].argmax())
-        if token == eos_id:
-            break
-        out.append(token)
-        if len(out) < max_new_tokens:
-            logits, state = engine.step(state, [token])
-    if scored is None:
-        return out, None
-    logprob, logits = 0.0, first
-    for i, token in enumerate(answer):
-        logprob += float(torch.log_softmax(logits[0].double(), -1)[token])
-        if i + 1 < len(answer):
-            logits, scored = engine.step(scored, [token])
-    return out, logprob
+    first, state = engine.prefill([list(p) for p in prompts])  # [B, V] logits after each
+    scored = state.clone() if any(answers) else None
+    outs: list[list[int]] = [[] for _ in range(B)]
+    logits, going = first, [r for r in range(B) if max_new_tokens[r] > 0]
+    while going:
+        tokens = [0] * B
+        stepping = []
+        for r in going:
+            token = int(logits[r].argmax())
+            if token == eos_id:
+                continue
+            outs[r].append(token)
+            if len(outs[r]) < max_new_tokens[r]:
+                tokens[r] = token
+                stepping.append(r)
+        if stepping:
+            logits, state = engine.step(state, tokens, active=stepping)
+        going = stepping
+    logprobs: list[float | None] = [0.0 if a else None for a in answers]
+    if scored is not None:
+        logits, i = first, 0
+        while True:
+            reading = [r for r in range(B) if i < len(answers[r])]
+            for r in reading:
+                lp = float(torch.log_softmax(logits[r].double(), -1)[answers[r][i]])
+                logprobs[r] = (logprobs[r] or 0.0) + lp
+            stepping = [r for r in reading if i + 1 < len(answers[r])]
+            if not stepping:
+                break
+            tokens = [answers[r][i] if r in stepping else 0 for r in range(B)]
+            logits, scored = engine.step(scored, tokens, active=stepping)
+            i += 1
+    return list(zip(outs, logprobs))

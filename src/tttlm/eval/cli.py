@@ -155,7 +155,8 @@ def _run_niah(args: argparse.Namespace) -> int:
                 predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
             records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
                                               predictor, fingerprint=em.fingerprint,
-                                              out_dir=out, progress=not args.quiet)
+                                              out_dir=out, progress=not args.quiet,
+                                              batch_size=args.batch_size)
         report = niah_report([em.info for em in models], haystack, settings, records,
                              device=device)
         written = write_niah_outputs(report, out, plots=not args.no_plots)
@@ -349,6 +350,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                            "(default: the built-in held-out books)")
     niah.add_argument("--no-logprob", action="store_true",
                       help="skip the log-probability of the value (greedy answer only)")
+    niah.add_argument("--batch-size", type=int, default=1, metavar="N",
+                      help="prompts of one length decoded together, N at a time (without "
+                           "--rag): on a GPU decoding is bound by kernel launches, so N "
+                           "prompts cost about what one does")
     niah.add_argument("--rag", choices=("off", "end", "chunk"), default="off",
                       help="retrieval memory: end = the question recalls passages of the "
                            "haystack that left the window and quotes them back before it; "

@@ -37,7 +37,7 @@ from tttlm.eval.adapters import (
     EvalError,
     TokenCorpus,
     Tokenizer,
-    generate_and_score,
+    generate_and_score_batch,
 )
 from tttlm.eval.common import EvalModel, PartialResults, progress_bar, write_json
 
@@ -357,22 +357,35 @@ Predictor = Callable[[NiahSample], "str | Prediction"]
 """Maps a sample to the text the prompt is continued with (or a :class:`Prediction`)."""
 
 
-def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
-                    logprob: bool = True, extra_tokens: int = 8) -> Predictor:
-    """Greedy generation (a few tokens past the answer's length) plus the answer's
-    log-probability, from one prefill of the prompt."""
+class BatchPredictor:
+    """A :data:`Predictor` that also predicts several samples at once (``batch``), for
+    samples of one prompt length: :func:`evaluate_niah` then sends them together."""
 
-    def predict(sample: NiahSample) -> Prediction:
+    def __init__(self, batch: Callable[[Sequence[NiahSample]], list[Prediction]]) -> None:
+        self.batch = batch
+
+    def __call__(self, sample: NiahSample) -> Prediction:
+        return self.batch([sample])[0]
+
+
+def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
+                    logprob: bool = True, extra_tokens: int = 8) -> BatchPredictor:
+    """Greedy generation (a few tokens past the answer's length) plus the answer's
+    log-probability, from one prefill of the prompt; a batch of samples shares the prefill
+    and every decoding step."""
+
+    def predict(samples: Sequence[NiahSample]) -> list[Prediction]:
         # bf16 autocast on GPU, as the loss evaluation: the paper's matmul precision.
         device = next(em.model.parameters()).device
         with torch.inference_mode(), autocast(device):
-            ids, lp = generate_and_score(em.model, sample.input_ids,
-                                         len(sample.answer_ids) + extra_tokens,
-                                         sample.answer_ids if logprob else (), ttt=em.ttt,
-                                         eos_id=tokenizer.eos_id)
-        return Prediction(tokenizer.decode(ids), lp)
+            results = generate_and_score_batch(
+                em.model, [s.input_ids for s in samples],
+                [len(s.answer_ids) + extra_tokens for s in samples],
+                [s.answer_ids if logprob else () for s in samples], ttt=em.ttt,
+                eos_id=tokenizer.eos_id)
+        return [Prediction(tokenizer.decode(ids), lp) for ids, lp in results]
 
-    return predict
+    return BatchPredictor(predict)
 
 
 def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = True,
@@ -415,7 +428,11 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
 # -------------------------------------------------------------------------------- runner
 def score_sample(sample: NiahSample, predictor: Predictor) -> dict[str, Any]:
     """One result record: the prediction, whether it is right, the answer's log-probability."""
-    result = predictor(sample)
+    return sample_record(sample, predictor(sample))
+
+
+def sample_record(sample: NiahSample, result: str | Prediction) -> dict[str, Any]:
+    """The result record of ``sample`` predicted as ``result``."""
     prediction = result if isinstance(result, Prediction) else Prediction(str(result))
     return {"kind": sample.kind.value, "length": sample.length, "depth": sample.depth,
             "trial": sample.trial, "key": sample.key, "value": sample.value,
@@ -459,9 +476,14 @@ class NiahSettings:
 def evaluate_niah(label: str, haystack: Haystack, tokenizer: Tokenizer, settings: NiahSettings,
                   predictor: Predictor, *,
                   fingerprint: str = "", out_dir: str | os.PathLike[str] | None = None,
-                  progress: bool = False) -> list[dict[str, Any]]:
+                  progress: bool = False, batch_size: int = 1) -> list[dict[str, Any]]:
     """Score every (kind, length, depth, trial) once; results go to ``partial.jsonl`` as they
-    come and are reused on a rerun with the same model, haystack and settings."""
+    come and are reused on a rerun with the same model, haystack and settings.
+    ``batch_size``: with a :class:`BatchPredictor`, samples of one length are predicted up
+    to this many at a time (the records are the same; only the batching differs)."""
+    if batch_size < 1:
+        raise EvalError(f"batch size {batch_size} must be positive; give --batch-size 1 or "
+                        "more")
     # Check every prompt fits before the first (possibly long) model call.
     for kind in settings.kinds:
         for length in settings.lengths:
@@ -471,22 +493,35 @@ def evaluate_niah(label: str, haystack: Haystack, tokenizer: Tokenizer, settings
     done = store.load() if store is not None else {}
     cells = [(k, L, d, t) for k in settings.kinds for L in settings.lengths
              for d in settings.depths for t in range(settings.samples)]
-    records = []
+    keys = {cell: [TEMPLATE_VERSION, haystack.fingerprint, fingerprint, label, settings.seed,
+                   settings.digits, cell[0].value, cell[1], cell[2], cell[3]] for cell in cells}
+    found = {cell: done[tuple(keys[cell])] for cell in cells if tuple(keys[cell]) in done}
+    batched = isinstance(predictor, BatchPredictor) and batch_size > 1
     with progress_bar(len(cells), f"niah {label}", progress) as bar:
-        for kind, length, depth, trial in cells:
-            key = [TEMPLATE_VERSION, haystack.fingerprint, fingerprint, label, settings.seed,
-                   settings.digits, kind.value, length, depth, trial]
-            record = done.get(tuple(key))
-            if record is None:
-                sample = build_sample(haystack, tokenizer, kind, length, depth, trial,
-                                      settings.seed, settings.digits)
-                record = score_sample(sample, predictor)
-                record.update(key=key, model=label)
-                if store is not None:
-                    store.append([record])
-            records.append(record)
-            bar.update(1)
-    return records
+        bar.update(len(found))
+        todo = [cell for cell in cells if cell not in found]
+        # Cells in order; a batch holds cells of one length (prompts of one length).
+        while todo:
+            group = [todo[0]]
+            if batched:
+                group += [c for c in todo[1:] if c[1] == todo[0][1]][:batch_size - 1]
+            samples = [build_sample(haystack, tokenizer, kind, length, depth, trial,
+                                    settings.seed, settings.digits)
+                       for kind, length, depth, trial in group]
+            results = (predictor.batch(samples) if batched  # type: ignore[union-attr]
+                       else [predictor(samples[0])])
+            made = []
+            for cell, sample, result in zip(group, samples, results):
+                record = sample_record(sample, result)
+                record.update(key=keys[cell], model=label)
+                found[cell] = record
+                made.append(record)
+            if store is not None:
+                store.append(made)
+            bar.update(len(group))
+            chosen = set(group)
+            todo = [c for c in todo if c not in chosen]
+    return [found[cell] for cell in cells]
 
 
 def niah_report(models: Sequence[dict[str, Any]], haystack: Haystack, settings: NiahSettings,
