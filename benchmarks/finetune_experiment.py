@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--niah-samples", type=int, default=4)
     parser.add_argument("--niah-batch-size", type=int, default=1, metavar="N",
                         help="NIAH prompts of one length decoded together (tttlm eval niah "
-                             "--batch-size; without retrieval)")
+                             "--batch-size)")
     parser.add_argument("--rag-separator", default=None, metavar="TEXT",
                         help="NIAH with retrieval: text before each recalled passage and the "
                              "question (tttlm eval niah --rag-separator; default: BOS)")

@@ -369,6 +369,37 @@ def test_retrieval_quotes_the_needle_back_before_the_question(haystack: niah.Hay
     assert isinstance(prediction, Prediction) and np.isfinite(prediction.logprob)
 
 
+@pytest.mark.parametrize("variant", ["e2e", "swa"])
+def test_batched_retrieval_equals_two_sessions_per_sample(haystack: niah.Haystack,
+                                                          tmp_path: Path, variant: str) -> None:
+    """A batch reads each haystack once and clones the state for scoring: each sample's
+    prediction and log-probability as the two sessions of one sample give them."""
+    pytest.importorskip("bm25s")
+    from tttlm.inference import Engine
+    from tttlm.memory import RecallSession
+
+    model = TTTForCausalLM.from_pretrained(save_tiny(tmp_path / variant, variant),
+                                           dtype=torch.float64)
+    em = EvalModel(model=model, label=variant, path=variant, ttt=variant == "e2e",
+                   fingerprint="f")
+    samples = [niah.build_sample(haystack, TOK, kind, 600, depth, trial=0, seed=3)
+               for kind in (NeedleKind.PASSKEY, NeedleKind.UUID) for depth in (0.1, 0.6)]
+
+    def two_sessions(sample: niah.NiahSample) -> tuple[str, float]:
+        def session() -> RecallSession:
+            return RecallSession(Engine(model, ttt=em.ttt), "end", budget=32,
+                                 query_len=sample.length - sample.question_start)
+        ids = session().generate(sample.input_ids, len(sample.answer_ids) + 8,
+                                 temperature=0.0, stop=(TOK.eos_id,))
+        ids = [t for t in ids if t != TOK.eos_id]
+        return TOK.decode(ids), -sum(session().score(sample.input_ids, sample.answer_ids))
+
+    predictor = niah.recall_predictor(em, TOK, budget=32)
+    for got, sample in zip(predictor.batch(samples), samples):
+        text, logprob = two_sessions(sample)
+        assert got.text == text and got.logprob == pytest.approx(logprob, abs=1e-9)
+
+
 def test_retrieval_refuses_full_attention(tmp_path: Path) -> None:
     em = load_model(save_tiny(tmp_path / "full", "full"))
     with pytest.raises(EvalError, match="full attention"):

@@ -25,13 +25,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
 from tttlm.errors import UserError
 from tttlm.model import TTTForCausalLM
+
+if TYPE_CHECKING:
+    from tttlm.inference import Engine, State
 
 META_FILE = "meta.json"
 
@@ -199,11 +202,20 @@ def generate_and_score_batch(model: TTTForCausalLM, prompts: Sequence[Sequence[i
     with an empty answer get ``None``."""
     from tttlm.inference import Engine
 
-    B = len(prompts)
-    if not (len(max_new_tokens) == len(answers) == B):
+    if not (len(max_new_tokens) == len(answers) == len(prompts)):
         raise ValueError("give one max_new_tokens and one answer per prompt")
     engine = Engine(model, ttt=ttt)
     first, state = engine.prefill([list(p) for p in prompts])  # [B, V] logits after each
+    return decode_and_score(engine, first, state, max_new_tokens, answers, eos_id=eos_id)
+
+
+def decode_and_score(engine: Engine, first: torch.Tensor, state: State,
+                     max_new_tokens: Sequence[int], answers: Sequence[Sequence[int]], *,
+                     eos_id: int | None = None) -> list[tuple[list[int], float | None]]:
+    """From ``state`` and its next-token logits ``first [B, V]``: each row's greedy
+    continuation (cut before EOS) and ``log p(answer | what was read)``, the state cloned
+    for the second (see :func:`generate_and_score_batch`)."""
+    B = state.batch_size
     scored = state.clone() if any(answers) else None
     outs: list[list[int]] = [[] for _ in range(B)]
     logits, going = first, [r for r in range(B) if max_new_tokens[r] > 0]

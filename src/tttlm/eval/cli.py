@@ -351,9 +351,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     niah.add_argument("--no-logprob", action="store_true",
                       help="skip the log-probability of the value (greedy answer only)")
     niah.add_argument("--batch-size", type=int, default=1, metavar="N",
-                      help="prompts of one length decoded together, N at a time (without "
-                           "--rag): on a GPU decoding is bound by kernel launches, so N "
-                           "prompts cost about what one does")
+                      help="prompts of one length decoded together, N at a time (--rag "
+                           "chunk: one at a time): on a GPU decoding is bound by kernel "
+                           "launches, so N prompts cost about what one does")
     niah.add_argument("--rag", choices=("off", "end", "chunk"), default="off",
                       help="retrieval memory: end = the question recalls passages of the "
                            "haystack that left the window and quotes them back before it; "

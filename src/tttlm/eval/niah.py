@@ -391,16 +391,23 @@ def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
 def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = True,
                      extra_tokens: int = 8, budget: int | None = None,
                      index: str | None = None,
-                     separator: Sequence[int] | None = None, rag: str = "end") -> Predictor:
+                     separator: Sequence[int] | None = None, rag: str = "end"
+                     ) -> BatchPredictor:
     """As :func:`model_predictor`, with the retrieval memory (``rag="end"``, see
     :mod:`tttlm.memory.recall`): the question (its exact span) is the query; the passages of
     the haystack that left the window and match it best are quoted back before it. The
     answer's log-probability is scored the same way, in a second session. ``index``: the
     passage index (``fts5``, ``bm25``, ``dense``; default fts5, else bm25); ``separator``:
     the tokens before each quoted passage and the question (default: BOS); ``rag="chunk"``
-    also recalls before each chunk of the haystack (:mod:`tttlm.memory.recall`)."""
+    also recalls before each chunk of the haystack (:mod:`tttlm.memory.recall`).
+
+    A batch (``rag="end"``) reads each haystack and recalls as a session would, then
+    decodes every sample's answer in one batch while a clone of it scores the answers: what
+    the two sessions of one sample give, without reading the haystack twice."""
+    from tttlm.eval.adapters import decode_and_score
     from tttlm.inference import Engine
     from tttlm.memory import RecallSession
+    from tttlm.memory.recall import RecallPolicy
 
     if not em.model.config.uses_window:
         raise EvalError(f"{em.label} has full attention: nothing leaves its window, so "
@@ -422,7 +429,28 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
                   if logprob else None)
         return Prediction(tokenizer.decode(ids), lp)
 
-    return predict
+    def predict_batch(samples: Sequence[NiahSample]) -> list[Prediction]:
+        policies = [RecallPolicy.for_engine(engine, budget=budget,
+                                            query_len=s.length - s.question_start,
+                                            index=index, separator=separator) for s in samples]
+        split = [p.split(list(s.input_ids)) for p, s in zip(policies, samples)]
+        if rag != "end" or not all(head for head, _ in split):
+            return [predict(s) for s in samples]  # recalls while reading: one at a time
+        memories = [p.new_memory(engine) for p in policies]
+        with autocast(next(em.model.parameters()).device):
+            _, state = engine.prefill([head for head, _ in split])
+            fed = []
+            for policy, memory, (head, query) in zip(policies, memories, split):
+                memory.extend(head)
+                fed.append(policy.cue(memory, query)[0])
+            first, state = engine.prefill(fed, state)
+            results = decode_and_score(
+                engine, first, state, [len(s.answer_ids) + extra_tokens for s in samples],
+                [s.answer_ids if logprob else () for s in samples], eos_id=tokenizer.eos_id)
+        return [Prediction(tokenizer.decode(ids), lp) for ids, lp in results]
+
+    engine = Engine(em.model, ttt=em.ttt)
+    return BatchPredictor(predict_batch)
 
 
 # -------------------------------------------------------------------------------- runner
