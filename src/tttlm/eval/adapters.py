@@ -233,18 +233,17 @@ def decode_and_score(engine: Engine, first: torch.Tensor, state: State,
         if stepping:
             logits, state = engine.step(state, tokens, active=stepping)
         going = stepping
-    logprobs: list[float | None] = [0.0 if a else None for a in answers]
+    totals = [0.0] * B
     if scored is not None:
         logits, i = first, 0
         while True:
             reading = [r for r in range(B) if i < len(answers[r])]
             for r in reading:
-                lp = float(torch.log_softmax(logits[r].double(), -1)[answers[r][i]])
-                logprobs[r] = (logprobs[r] or 0.0) + lp
+                totals[r] += float(torch.log_softmax(logits[r].double(), -1)[answers[r][i]])
             stepping = [r for r in reading if i + 1 < len(answers[r])]
             if not stepping:
                 break
             tokens = [answers[r][i] if r in stepping else 0 for r in range(B)]
             logits, scored = engine.step(scored, tokens, active=stepping)
             i += 1
-    return list(zip(outs, logprobs))
+    return [(out, total if answer else None) for out, total, answer in zip(outs, totals, answers)]

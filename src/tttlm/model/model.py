@@ -557,21 +557,23 @@ class TTTForCausalLM(nn.Module):
                 run.caches, run.start_caches, run.fast, run.inner_state = [], [], [], {}
             runs.append(run)
 
-        def joined(parts: list[torch.Tensor]) -> torch.Tensor:
-            return torch.cat(parts, 0)
+        def per_chunk(lists: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+            return [torch.cat(parts) for parts in zip(*lists)]
+
+        def pairs(per_run: list[list[KVPair]]) -> list[KVPair]:
+            return [(torch.cat([k for k, _ in layer]), torch.cat([v for _, v in layer]))
+                    for layer in zip(*per_run)]
 
         merged = ChunkRun(
-            nll=[joined(list(x)) for x in zip(*(r.nll for r in runs))],
-            chunk_losses=[joined(list(x)) for x in zip(*(r.chunk_losses for r in runs))],
-            logits=[None if x[0] is None else joined(list(x))
-                    for x in zip(*(r.logits for r in runs))],
-            norms=[joined(list(x)) for x in zip(*(r.norms for r in runs))],
-            hidden=None if runs[0].hidden is None else joined([r.hidden for r in runs]))
+            nll=per_chunk([r.nll for r in runs]),
+            chunk_losses=per_chunk([r.chunk_losses for r in runs]),
+            logits=[None if parts[0] is None else torch.cat(parts)  # type: ignore[arg-type]
+                    for parts in zip(*(r.logits for r in runs))],
+            norms=per_chunk([r.norms for r in runs]),
+            hidden=None if runs[0].hidden is None else torch.cat([r.hidden for r in runs]))
         if return_state:
-            merged.caches = [(joined(list(k)), joined(list(v))) for k, v in
-                             (zip(*layer) for layer in zip(*(r.caches for r in runs)))]
-            merged.start_caches = [(joined(list(k)), joined(list(v))) for k, v in
-                                   (zip(*layer) for layer in zip(*(r.start_caches for r in runs)))]
+            merged.caches = pairs([r.caches for r in runs])
+            merged.start_caches = pairs([r.start_caches for r in runs])
             merged.fast = cat_fast([r.fast for r in runs])
             merged.inner_state = cat_states([r.inner_state for r in runs])
         return merged

@@ -53,7 +53,7 @@ from tttlm.train import checkpoint as ckpt
 from tttlm.train import distributed as D
 from tttlm.train import micro_batch
 from tttlm.train import static_step as static_step_module
-from tttlm.train.config import CONFIG_FILE, TrainConfig
+from tttlm.train.config import CONFIG_FILE, TrainConfig, load_config_file
 from tttlm.train.gradients import accumulate_gradients, split_micro
 from tttlm.train.parallelize import data_parallel, parallelize
 from tttlm.train.static_step import StaticStep
@@ -267,7 +267,7 @@ class Trainer:
             for run in (self.out_dir, self.resume_from.parent.parent):
                 saved = run / CONFIG_FILE
                 if saved.is_file():
-                    recorded = json.loads(saved.read_text()).get("micro_batch_size")
+                    recorded = load_config_file(saved).get("micro_batch_size")
                     if isinstance(recorded, int) and not isinstance(recorded, bool):
                         return recorded
         c = self.config
