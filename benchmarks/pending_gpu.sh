@@ -52,8 +52,8 @@ case "$PART" in
   groups)  # speed issue: 3b e2e prefill memory and speed at 8K x 16 by TTT group size
     timeout 560 python -m tttlm.cli bench prefill --preset 3b --variants e2e --lengths 8192 \
       --compile compiled --ttt-groups all 8 4 2 --repeats 2 --out "$OUT/prefill_groups_3b_8k" ;;
-  recall)  # retrieval issue: the request cost of rag=end with the FTS5 index
-    timeout 560 python benchmarks/recall_latency.py --preset 760m \
+  recall)  # retrieval issue: the request cost of rag=end with the FTS5 index, beside full
+    timeout "${LIMIT:-560}" python benchmarks/recall_latency.py --preset 760m --variants e2e full \
       --contexts 8192 32768 131072 --new-tokens 128 --requests 3 \
       --out "$OUT/recall_latency_760m_fts5" ;;
   serve)  # serving issue: 64 sessions of 32K context, e2e vs full (disk: full's sessions are

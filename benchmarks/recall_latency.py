@@ -1,16 +1,20 @@
 """What the retrieval memory costs a request: ``RecallSession.generate`` with ``rag=end`` vs
-``rag=off`` after a long document, on a GPU with CUDA-graph decoding.
+``rag=off`` after a long document, on a GPU with CUDA-graph decoding, beside full attention.
 
-    PYTHONPATH=src python benchmarks/recall_latency.py --preset 760m \\
+    PYTHONPATH=src python benchmarks/recall_latency.py --preset 760m --variants e2e full \\
         --contexts 8192 32768 131072 --out OUT/recall_latency_760m
+    PYTHONPATH=src python benchmarks/recall_latency.py --model runs/smol-e2e/final \\
+        --model smol-full --contexts 32768 --out OUT/recall_latency_smollm2
 
-A random model of ``--preset`` (official vocabulary) reads a document of random tokens
-(``--contexts`` tokens), then answers ``--requests`` requests in turn, each a prompt of 96
-tokens whose last 32 repeat a span of the document's first window (so that recall finds it and
-quotes passages, up to a quarter of the window) followed by ``--new-tokens`` greedy tokens. Per
-request: the wall time, the part spent in the memory (index build + search, host side), and the
-tokens read (quoted passages included). The per-token decode step is the engine's either way:
-the memory records tokens on the host and is searched once per request.
+A random model of ``--preset`` in each of ``--variants`` (official vocabulary), or each saved
+``--model`` folder, reads a document of random tokens (``--contexts`` tokens), then answers
+``--requests`` requests in turn, each a prompt of 96 tokens whose last 32 repeat a span of the
+document's first window (so that recall finds it and quotes passages, up to a quarter of the
+window) followed by exactly ``--new-tokens`` greedy tokens (no stop token). Per request: the wall
+time, the part spent in the memory (index build + search, host side), and the tokens read
+(quoted passages included). The per-token decode step is the engine's either way: the memory
+records tokens on the host and is searched once per request. A full-attention model keeps the
+whole document in its cache and has no memory (rag=off only).
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ import torch
 
 from tttlm import TTTConfig, TTTForCausalLM
 from tttlm.bench import environment, write_report
+from tttlm.eval.common import default_label
 from tttlm.inference import Engine
 from tttlm.memory.memory import ContextMemory
 from tttlm.memory.recall import RecallSession
 
-COLUMNS = ("context", "rag", "requests", "request_s_median", "memory_s_median",
-           "read_tokens", "new_tokens", "ms_per_new_token", "ratio_vs_off", "index_mib",
-           "document_read_s")
+COLUMNS = ("model", "context", "rag", "requests", "request_s_median", "memory_s_median",
+           "read_tokens", "new_tokens", "ms_per_new_token", "ratio_vs_off", "ratio_vs_full",
+           "index_mib", "document_read_s")
 
 
 class TimedRecall:
@@ -60,12 +65,30 @@ class TimedRecall:
         ContextMemory.recall = self._original  # type: ignore[method-assign]
 
 
+class PlainSession:
+    """A full-attention model's session: the whole document stays in its cache (no memory)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.state = engine, engine.new_state(1)
+        self.last_recall: list[Any] = []
+        self.memory = None
+
+    def read(self, tokens: list[int]) -> None:
+        _, self.state = self.engine.prefill([tokens], self.state)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, **sampling: Any) -> list[int]:
+        out = self.engine.generate([prompt], max_new_tokens, state=self.state, **sampling)
+        self.state = out.state
+        return list(out.tokens[0])
+
+
 def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
             ) -> dict[str, Any]:
     vocab = engine.config.vocab_size
     gen = torch.Generator().manual_seed(context)
     document = torch.randint(3, vocab, (context,), generator=gen).tolist()
-    session = RecallSession(engine, rag)
+    session: RecallSession | PlainSession = (
+        PlainSession(engine) if engine.window is None else RecallSession(engine, rag))
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     start = time.perf_counter()
     session.read(document)
@@ -79,27 +102,51 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
         with TimedRecall() as timer:
             sync()
             start = time.perf_counter()
-            new = session.generate(prompt, args.new_tokens, temperature=0.0)
+            new = session.generate(prompt, args.new_tokens, temperature=0.0, stop=())
             sync()
             wall = time.perf_counter() - start
         quoted = sum(len(p.tokens) + 1 for p in session.last_recall)
         rows.append((wall, timer.seconds, len(prompt) + quoted + (1 if quoted else 0), len(new)))
     timed = rows[1:]
-    session.memory.recall(prompt[-32:], 1)  # (re)builds the index, to report its size
+    index_mib = None
+    if session.memory is not None:
+        session.memory.recall(prompt[-32:], 1)  # (re)builds the index, to report its size
+        index_mib = round(session.memory.index.nbytes() / 2**20, 2)
     return {"context": context, "rag": rag, "requests": len(timed),
             "request_s_median": round(statistics.median(w for w, *_ in timed), 4),
             "memory_s_median": round(statistics.median(m for _, m, *_ in timed), 4),
             "read_tokens": timed[-1][2], "new_tokens": timed[-1][3],
             "ms_per_new_token": round(1000 * statistics.median(w for w, *_ in timed)
                                       / args.new_tokens, 3),
-            "index_mib": round(session.memory.index.nbytes() / 2**20, 2),
+            "index_mib": index_mib,
             "document_read_s": round(read_s, 2),
             "request_times": [round(w, 4) for w, *_ in rows]}
+
+
+def models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
+           ) -> list[tuple[str, TTTForCausalLM]]:
+    """(label, model) for each ``--model`` folder, else ``--preset`` in each of ``--variants``
+    (random weights)."""
+    if args.model:
+        return [(default_label(path),
+                 TTTForCausalLM.from_pretrained(path, device=device, dtype=dtype).eval())
+                for path in args.model]
+    overrides = {} if args.preset != "tiny" else {"window": 64, "chunk_size": 16}
+    out = []
+    for variant in args.variants:
+        torch.manual_seed(0)
+        config = TTTConfig.from_preset(args.preset, variant, **overrides)
+        out.append((f"{args.preset} {variant}", TTTForCausalLM(config).to(device, dtype).eval()))
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="760m")
+    p.add_argument("--variants", nargs="+", default=["e2e"],
+                   help="variants of --preset to measure (e2e, swa, full)")
+    p.add_argument("--model", action="append", type=Path,
+                   help="a saved model folder (repeat for several; replaces --preset)")
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=3)
@@ -108,28 +155,39 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(0)
-    overrides = {} if args.preset != "tiny" else {"window": 64, "chunk_size": 16}
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = TTTForCausalLM(TTTConfig.from_preset(args.preset, **overrides)).to(device, dtype)
-    engine = Engine(model, cuda_graphs=args.graphs and device.type == "cuda")
-    rows = []
-    for context in args.contexts:
-        for rag in ("off", "end"):
-            rows.append(measure(engine, context, rag, args))
-            print(rows[-1], flush=True)
-        off, end = rows[-2], rows[-1]
-        end["ratio_vs_off"] = round(end["request_s_median"] / off["request_s_median"], 3)
+    rows: list[dict[str, Any]] = []
+    graphs = False
+    for label, model in models(args, device, dtype):
+        engine = Engine(model, cuda_graphs=args.graphs and device.type == "cuda")
+        graphs = engine.cuda_graphs
+        for context in args.contexts:
+            modes = ("off",) if engine.window is None else ("off", "end")
+            for rag in modes:
+                rows.append({"model": label, **measure(engine, context, rag, args)})
+                print(rows[-1], flush=True)
+            if len(modes) == 2:
+                off, end = rows[-2], rows[-1]
+                end["ratio_vs_off"] = round(end["request_s_median"] / off["request_s_median"], 3)
+        del engine, model
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    for full in [r for r in rows if r["index_mib"] is None]:
+        for row in rows:
+            if row is not full and row["context"] == full["context"]:
+                row["ratio_vs_full"] = round(row["request_s_median"] / full["request_s_median"], 3)
     env = environment(device)
     env["command"] = "python benchmarks/recall_latency.py " + shlex.join(sys.argv[1:])
-    write_report(args.out, f"Retrieval memory: request latency, {args.preset} e2e", env, rows,
+    names = ", ".join(dict.fromkeys(r["model"] for r in rows))
+    write_report(args.out, f"Retrieval memory: request latency, {names}", env, rows,
                  COLUMNS, notes=[
                      f"A request = a 96-token prompt + {args.new_tokens} greedy tokens "
-                     f"(CUDA-graph decoding: {engine.cuda_graphs}), after a document of "
+                     f"(CUDA-graph decoding: {graphs}), after a document of "
                      "`context` random tokens; median of the timed requests (a first one "
-                     "warms up). memory_s = time inside ContextMemory.recall (BM25 index "
-                     "build over the passages that left the window since the last search, "
-                     "and the search); read_tokens = prompt + quoted passages."])
+                     "warms up). memory_s = time inside ContextMemory.recall (index update "
+                     "with the passages that left the window since the last search, and the "
+                     "search); read_tokens = prompt + quoted passages; ratio_vs_full = this "
+                     "row's request time over the full-attention model's at the same context "
+                     "(full attention keeps the whole document in its cache: no memory)."])
 
 
 if __name__ == "__main__":
