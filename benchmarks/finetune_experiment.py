@@ -183,39 +183,67 @@ def reusable(report: Path, args: argparse.Namespace) -> bool:
 def run_niah(args: argparse.Namespace, steps: Steps | None, folders: list[Path],
              labels: list[str]) -> dict[str, Any] | None:
     """NIAH of (a)-(d), then of (b)-(d) with the retrieval memory (a full-attention model has
-    no window to recall into): accuracy and value log-probability per token by length, each
-    the mean over kinds, depths and samples. Without ``steps`` nothing runs: None unless both
-    reports are already in --work."""
+    no window to recall into): accuracy and value log-probability per token by length, over
+    kinds, depths and samples. Without ``steps`` nothing runs: the reports in --work are used,
+    and where one is missing, the records its cut run left (``partial.jsonl``), with their
+    sample counts; None when there are none."""
     common = ["--lengths", args.niah, "--kinds", args.niah_kinds, "--depths", args.niah_depths,
               "--samples", str(args.niah_samples), "--device", args.device, "--quiet",
               "--batch-size", str(args.niah_batch_size)]
-    results: dict[str, Any] = {}
+    lengths = [int(x) for x in args.niah.split(",")]
+    kinds = args.niah_kinds.split(",")
+    depths = [float(x) for x in args.niah_depths.split(",")]
+    records: dict[str, list[dict[str, Any]]] = {}
     for rag, chosen in (("off", range(4)), ("end", range(1, 4))):
         out = args.work / f"niah-{rag}"
-        if not reusable(out / "niah.json", args):  # a resumed experiment keeps what it measured
-            if steps is None:
-                return None
+        if not reusable(out / "niah.json", args) and steps is not None:
             steps.run(f"niah_{rag}", "eval", "niah",
                       *[x for i in chosen for x in ("--model", str(folders[i]), "--label",
                                                     labels[i])],
                       "--rag", rag, "--out", str(out), *common,
                       *(["--rag-separator", args.rag_separator]
                         if rag == "end" and args.rag_separator is not None else []))
-        report = json.loads((out / "niah.json").read_text())
-        for model in report["models"]:
-            kinds = report["results"][model["label"]]
-            lengths = report["settings"]["lengths"]
-            per_length: dict[str, list[float]] = {"accuracy": [], "logprob_per_token": []}
-            for j in range(len(lengths)):
-                for metric in per_length:
-                    cells = [row[j] for kind in kinds.values() for row in kind[metric]
-                             if row[j] is not None]
-                    per_length[metric].append(sum(cells) / len(cells) if cells else math.nan)
-            results[model["label"]] = per_length
-    return {"lengths": [int(x) for x in report["settings"]["lengths"]],
-            "kinds": report["settings"]["kinds"], "depths": report["settings"]["depths"],
+        if reusable(out / "niah.json", args):
+            for label, rows in json.loads((out / "niah.json").read_text())["samples"].items():
+                records[label] = rows
+        elif (out / "partial.jsonl").is_file():  # a cut run: what it scored
+            for line in (out / "partial.jsonl").read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    records.setdefault(r["model"], []).append(r)
+    if not records:
+        return None
+    results = {}
+    for label, rows in records.items():
+        kept = [r for r in rows if r["kind"] in kinds and r["depth"] in depths]
+        per_length: dict[str, list[Any]] = {"accuracy": [], "logprob_per_token": [],
+                                            "samples": []}
+        for length in lengths:
+            cell = [r for r in kept if r["length"] == length]
+            scored = [r["logprob"] / r["answer_tokens"] for r in cell
+                      if r.get("logprob") is not None]
+            per_length["samples"].append(len(cell))
+            per_length["accuracy"].append(
+                sum(r["correct"] for r in cell) / len(cell) if cell else None)
+            per_length["logprob_per_token"].append(sum(scored) / len(scored) if scored
+                                                   else None)
+        results[label] = per_length
+    return {"lengths": lengths, "kinds": kinds, "depths": depths,
             "samples": args.niah_samples, "separator": args.rag_separator,
+            "expected_per_length": len(kinds) * len(depths) * args.niah_samples,
             "results": results}
+
+
+def niah_gaps(niah: dict[str, Any]) -> list[str]:
+    """The NIAH rows a cut run did not finish: 'label at L (n of N)'."""
+    want = niah["expected_per_length"]
+    names = [LABELS[k] for k in "abcd"] + [LABELS[k] + " + retrieval" for k in "bcd"]
+    gaps = []
+    for name in names:
+        counts = niah["results"].get(name, {}).get("samples", [0] * len(niah["lengths"]))
+        gaps += [f"{name} at {length} ({n} of {want} samples)"
+                 for length, n in zip(niah["lengths"], counts) if n < want]
+    return gaps
 
 
 def plot(loss: dict[str, Any], length: int, window: int, path: Path, title: str) -> bool:
@@ -350,10 +378,29 @@ def markdown(r: dict[str, Any]) -> str:
                   "| system | " + " | ".join(f"accuracy {x}" for x in lengths) + " | "
                   + " | ".join(f"logprob/token {x}" for x in lengths) + " |",
                   "|---|" + "---|" * (2 * len(lengths))]
+        want = n.get("expected_per_length")
+
+        def cell(v: float | None, count: int | None) -> str:
+            if v is None:
+                return "—"
+            return f"{v:.2f}" if count is None or count == want else f"{v:.2f} ({count})"
+
         for label, row in n["results"].items():
-            lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in row["accuracy"])
-                         + " | " + " | ".join(f"{v:.2f}" for v in row["logprob_per_token"])
-                         + " |")
+            counts = row.get("samples") or [None] * len(lengths)
+            lines.append(f"| {label} | " + " | ".join(
+                cell(v, c) for v, c in zip(row["accuracy"], counts)) + " | " + " | ".join(
+                cell(v, c) for v, c in zip(row["logprob_per_token"], counts)) + " |")
+        if want is not None and niah_gaps(n):
+            lines += ["", f"A cell of fewer than the {want} samples of a length shows its "
+                      "count in brackets; — : not measured."]
+    for t in r.get("latency") or []:
+        lines += ["", f"## Request latency with the retrieval memory (`{t['file']}`)", "",
+                  f"Device: {t['device']}; torch {t['torch']}. Command: `{t['command']}`", "",
+                  "| " + " | ".join(LATENCY_COLUMNS) + " |",
+                  "|---|" + "---|" * (len(LATENCY_COLUMNS) - 1)]
+        lines += ["| " + " | ".join("" if row[k] is None else str(row[k])
+                                    for k in LATENCY_COLUMNS) + " |" for row in t["rows"]]
+        lines += [""] + list(t["notes"])
     if r.get("remarks"):
         lines += ["", "## How this run went", ""] + [f"- {m}" for m in r["remarks"]]
     lines += ["", "Time (all runs of this experiment, resumed ones included): "
@@ -402,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rag-separator", default=None, metavar="TEXT",
                         help="NIAH with retrieval: text before each recalled passage and the "
                              "question (tttlm eval niah --rag-separator; default: BOS)")
+    parser.add_argument("--latency", type=Path, action="append", default=[], metavar="JSON",
+                        help="a benchmarks/recall_latency.py report of these models to "
+                             "include (repeatable)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--name", default="finetune_smollm2")
     parser.add_argument("--report-only", action="store_true",
@@ -413,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     argv_used = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--report-only"]
     if args.report_only:
-        argv_used = strip_options(argv_used, ("--remark",))
+        argv_used = strip_options(argv_used, ("--remark", "--latency"))
     length = args.length or args.seq_len
     source = find_source(args.source)
     if not source.exists() and not args.report_only:
@@ -505,7 +555,11 @@ def missing_parts(args: argparse.Namespace, niah: dict[str, Any] | None,
     if niah is None:
         missing.append("NIAH with and without the retrieval memory " + (
             "(its reports in --work are not complete)" if args.niah else "(run with --niah)"))
-    missing.append("decode latency with the retrieval memory (GPU: benchmarks/recall_latency.py)")
+    else:
+        missing += [f"NIAH of {gap}" for gap in niah_gaps(niah)]
+    if not args.latency:
+        missing.append("decode latency with the retrieval memory (GPU: "
+                       "benchmarks/recall_latency.py, then --latency)")
     if args.steps * args.batch_size * args.seq_len < 500 * 16 * 8192:
         missing.append(f"the full fine-tune: {args.steps} × {args.batch_size} × {args.seq_len} "
                        f"tokens here, against the preset's 500 × 16 × 8192 (65.5M)")
@@ -531,6 +585,23 @@ def experiment_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {k: getattr(args, k) for k in ("window", "chunk", "ttt_layers", "seq_len",
                                           "batch_size", "micro_batch_size", "steps", "lr",
                                           "base_lr_scale", "seed")}
+
+
+LATENCY_COLUMNS = ("model", "context", "rag", "ms_per_new_token", "request_s_median",
+                   "memory_s_median", "read_tokens", "ratio_vs_off", "ratio_vs_full")
+
+
+def latency_report(path: Path) -> dict[str, Any]:
+    """The parts of a recall_latency.py report this report shows."""
+    try:
+        report = json.loads(path.read_text())
+        env = report["env"]
+        rows = [{k: row.get(k) for k in LATENCY_COLUMNS} for row in report["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"finetune_experiment: error: {path} is not a recall_latency.py "
+                         f"report ({err}); give the JSON that script wrote") from None
+    return {"file": path.name, "device": env.get("device"), "torch": env.get("torch"),
+            "command": env.get("command"), "notes": report.get("notes", []), "rows": rows}
 
 
 def machine_record(device: str) -> dict[str, Any]:
@@ -560,7 +631,7 @@ def write_report(args: argparse.Namespace, source: Path, argv_used: list[str], l
                  "data": "src/tttlm/resources/books/val.jsonl.gz"},
         "results": rows, "by_window": by_window(loss, length, args.window),
         "verdict": verdict(rows, loss, length), "ruler": ruler,
-        "niah": niah,
+        "niah": niah, "latency": [latency_report(path) for path in args.latency],
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "missing": missing_parts(args, niah, ruler), "remarks": args.remark,
     }

@@ -87,6 +87,7 @@ def test_the_experiment_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     copied = tmp_path / "elsewhere" / "work"
     shutil.copytree(work, copied)
     shutil.rmtree(copied / "niah-end")
+    shutil.rmtree(copied / "niah-off")
     again = tmp_path / "again"
     only = ["--report-only", *args[:args.index("--work")], "--work", str(copied),
             *args[args.index("--work") + 2:args.index("--out")], "--out", str(again),
@@ -101,6 +102,42 @@ def test_the_experiment_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "## How this run went" in (again / "exp.md").read_text()
     for written in ("exp.md", "exp.json", "exp_loss.json"):
         assert str(tmp_path) not in (again / written).read_text(), written
+    # A cut NIAH run: the complete report of one, the records the other left (partial.jsonl).
+    shutil.copytree(work / "niah-off", copied / "niah-off")
+    (copied / "niah-end").mkdir()
+    first = (work / "niah-end" / "partial.jsonl").read_text().splitlines()[0]
+    (copied / "niah-end" / "partial.jsonl").write_text(first + "\n")
+    assert module.main(only) == 0
+    partial = json.loads((again / "exp.json").read_text())["niah"]
+    assert partial["expected_per_length"] == 1
+    for label in [module.LABELS[k] for k in "abcd"]:  # (a)-(d) as in the whole run
+        assert partial["results"][label] == {**niah[label], "samples": [1]}
+    scored = json.loads(first)["model"]
+    assert partial["results"][scored] == {**niah[scored], "samples": [1]}
+    assert len(partial["results"]) == 5  # the other two retrieval rows were never scored
+    missing = json.loads((again / "exp.json").read_text())["missing"]
+    unscored = [module.LABELS[k] + " + retrieval" for k in "bcd"]
+    unscored.remove(scored)
+    assert [m for m in missing if m.startswith("NIAH")] == [
+        f"NIAH of {label} at 256 (0 of 1 samples)" for label in unscored]
+    table = (again / "exp.md").read_text()
+    assert f"| {scored} | " in table and "| — |" not in table.split(scored)[1].split("\n")[0]
+    # A latency report of recall_latency.py goes into the report, a wrong file is refused.
+    latency = tmp_path / "recall_latency_x.json"
+    latency.write_text(json.dumps({"env": {"device": "cpu", "torch": "t", "command": "c"},
+                                   "notes": ["n"], "rows": [
+                                       {"model": "m", "context": 64, "rag": "end",
+                                        "ms_per_new_token": 1.5, "ratio_vs_full": 0.5}]}))
+    assert module.main([*only, "--latency", str(latency)]) == 0
+    with_latency = json.loads((again / "exp.json").read_text())
+    assert with_latency["latency"][0]["rows"][0]["ms_per_new_token"] == 1.5
+    assert with_latency["latency"][0]["file"] == "recall_latency_x.json"
+    assert not any("decode latency" in m for m in with_latency["missing"])
+    assert "--latency" not in with_latency["command"]
+    assert "| m | 64 | end | 1.5 |" in (again / "exp.md").read_text()
+    latency.write_text("{}")
+    with pytest.raises(SystemExit, match="not a recall_latency.py report"):
+        module.main([*only, "--latency", str(latency)])
     (copied / "eval-loss" / "loss.json").unlink()
     with pytest.raises(SystemExit, match="loss.json does not exist"):
         module.main(only)
