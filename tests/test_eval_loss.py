@@ -308,3 +308,47 @@ def test_progress_in_a_log_is_plain_lines(models: dict[str, Path],
     err = capsys.readouterr().err
     assert err.startswith("eval loss") and "\r" not in err
     assert all(line.startswith("eval loss") for line in err.splitlines()), err
+
+
+def test_cli_ttt_group_learns_on_n_sequences_at_a_time_with_the_same_loss(
+        models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = tmp_path / "docs.jsonl"
+    rng = np.random.default_rng(1)
+    text.write_text("".join(json.dumps({"text": " ".join(rng.choice(["tea", "cup", "a"], 30))})
+                            + "\n" for _ in range(4)))
+    batches: list[int] = []
+    build = TTTForCausalLM.__init__
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        build(self, *args, **kwargs)
+        step = self.inner_optimizer.step
+
+        def spy(loss, *a, **k):  # type: ignore[no-untyped-def]
+            batches.append(loss.shape[0])
+            return step(loss, *a, **k)
+
+        self.inner_optimizer.step = spy
+
+    monkeypatch.setattr(TTTForCausalLM, "__init__", init)
+    reports = {}
+    for group in ("all", "1"):
+        batches.clear()
+        out = tmp_path / f"out-{group}"
+        assert main(["eval", "loss", "--model", str(models["e2e"]), "--data", str(text),
+                     "--tokenizer", "bytes", "--lengths", "48", "--max-sequences", "4",
+                     "--batch-size", "4", "--ttt-group", group, "--out", str(out), "--quiet",
+                     "--no-plots"]) == 0
+        reports[group] = json.loads((out / "loss.json").read_text())["results"]["e2e"]["48"]
+        assert batches and max(batches) == (4 if group == "all" else 1)
+    assert reports["1"]["sequences"] == reports["all"]["sequences"] == 4
+    assert reports["1"]["mean_nll"] == pytest.approx(reports["all"]["mean_nll"], rel=1e-6)
+
+
+def test_cli_refuses_a_bad_ttt_group(models: dict[str, Path],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "loss", "--model", str(models["e2e"]), "--lengths", "8", "--data", "x",
+              "--ttt-group", "0"])
+    assert exit_info.value.code == 2
+    assert "tttlm eval loss: error: argument --ttt-group: '0' is not a number" in (
+        capsys.readouterr().err)

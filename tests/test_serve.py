@@ -102,9 +102,11 @@ def engine(model_dir: Path) -> Engine:
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("serve")
+    # --ttt-group 2: requests read together learn two at a time, and must still equal the
+    # engine's one-sequence results (test_concurrent_requests_are_decoded_together_and_exactly)
     running = start(model_dir, root / "sessions", root / "server.log",
                     "--max-sessions-in-memory", "1", "--max-tokens", "3000",
-                    "--max-request-bytes", "100000")
+                    "--max-request-bytes", "100000", "--ttt-group", "2")
     yield running
     stop(running)
     # uvicorn re-raises the signal it shut down for, after a clean shutdown.

@@ -19,6 +19,7 @@ from typing import Any
 
 from tttlm.bench.names import PREFILL_COLUMNS, STEP_MODES, TRAIN_COLUMNS
 from tttlm.errors import UserError
+from tttlm.options import group_size, ttt_group
 
 DEFAULT_OUT_DIR = Path("bench-results")
 _GUIDE = "see benchmarks/README.md"
@@ -106,7 +107,7 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--attention", nargs="+", default=["auto"], metavar="BACKEND",
                    help="attention backends to time (auto, first-order, triton, banded, ...)")
     p.add_argument("--ttt-groups", nargs="+", default=["all"], metavar="N",
-                   type=_ttt_group,
+                   type=ttt_group,
                    help="e2e: run the TTT chunks of at most N sequences at a time (bounds the "
                         "fast weights' memory, which grows with the batch); 'all': the whole "
                         "batch")
@@ -160,20 +161,6 @@ def run_kernel(args: argparse.Namespace) -> int:
     return _write(args, title, device, rows,
                   ["backend", "phase", "ms_median", "speedup_vs_naive", "peak_gib"])
 
-
-def _ttt_group(text: str) -> int | str:
-    if text == "all":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of sequences; give N >= 1 "
-                                         "or 'all'")
-    return value
-
-
 def run_prefill(args: argparse.Namespace) -> int:
     _check_out(args)
     device = _device(args)
@@ -184,7 +171,7 @@ def run_prefill(args: argparse.Namespace) -> int:
                          tokens_per_step=args.tokens_per_step, repeats=args.repeats,
                          compile_modes=tuple(m == "compiled" for m in args.compile),
                          paths=tuple(args.paths), attention=tuple(args.attention),
-                         ttt_groups=tuple(None if g == "all" else g for g in args.ttt_groups))
+                         ttt_groups=tuple(group_size(g) for g in args.ttt_groups))
     size = (f"batch {args.batch}" if args.batch is not None
             else f"{args.tokens_per_step} tokens per step")
     return _write(args, f"Prefill, {args.preset}, {size}, bf16 autocast", device, rows,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
+from tttlm.options import TTT_GROUP_HELP, group_size, ttt_group
 
 _DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 
@@ -45,6 +46,7 @@ def _load_models(args: argparse.Namespace) -> list[Any]:
               for i, path in enumerate(args.model)]
     for em, label in zip(models, unique_labels([m.label for m in models])):
         em.label = label
+        em.model.ttt_group = group_size(args.ttt_group)
     return models
 
 
@@ -279,6 +281,8 @@ def _common(p: argparse.ArgumentParser, out_default: str, *, lengths: bool = Tru
                         "or a prepared data folder (default: the model folder's own)")
     p.add_argument("--no-ttt", action="store_true",
                    help="run e2e models without test-time training (pretrain mode)")
+    p.add_argument("--ttt-group", type=ttt_group, default="all", metavar="N",
+                   help=TTT_GROUP_HELP)
     p.add_argument("--device", default="auto",
                    help="cuda, cpu, ... (default: cuda when available, with bf16 autocast)")
     if resumable:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
+from tttlm.options import TTT_GROUP_HELP, group_size, ttt_group
 
 # FastAPI, uvicorn, torch and the model are imported in run(): `tttlm --help` builds every
 # subcommand's parser and should not pay for them (nor need the serve extra).
@@ -65,6 +66,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--rag-separator", default=None, metavar="TEXT",
                         help=RAG_SEPARATOR_HELP)
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
+    parser.add_argument("--ttt-group", type=ttt_group, default="all", metavar="N",
+                        help=TTT_GROUP_HELP)
     parser.add_argument("--device", default=None,
                         help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     served = load_served(model_dir, device=args.device, dtype=args.dtype,
                          ttt=False if args.no_ttt else None, name=args.model_name)
+    served.engine.model.ttt_group = group_size(args.ttt_group)
     policy = None
     if args.rag != "off":
         from tttlm.memory.recall import RecallPolicy, separator_tokens

@@ -1,0 +1,30 @@
+"""Command-line options shared by several commands (kept here so that no command imports
+another's parser)."""
+
+from __future__ import annotations
+
+import argparse
+
+TTT_GROUP_HELP = ("e2e: learn on the chunks of at most N sequences at a time when several "
+                  "are read together (each has its own fast weights, so memory grows with "
+                  "the sequences read at once, not with their length); the results are the "
+                  "same (default: all at once)")
+
+
+def ttt_group(text: str) -> int | str:
+    """``--ttt-group`` / ``--ttt-groups``: a number of sequences (at least 1) or ``all``."""
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of sequences; give N >= 1 "
+                                         "or 'all'")
+    return value
+
+
+def group_size(value: int | str | None) -> int | None:
+    """What ``TTTForCausalLM.ttt_group`` takes: None for ``all``."""
+    return None if value in (None, "all") else int(value)
