@@ -32,7 +32,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # docs/architecture.md, top to bottom: a layer imports only from itself and the layers above.
 LAYERS = ("leaves", "config", "ops", "ttt", "model", "inference", "memory", "data", "eval",
           "train", "convert", "hf", "serve", "bench", "cli")
-LEAVES = {"tttlm.errors", "tttlm.files", "tttlm.progress", "tttlm.lazy", "tttlm.devices"}
+LEAVES = {"tttlm.errors", "tttlm.files", "tttlm.progress", "tttlm.lazy", "tttlm.devices",
+          "tttlm.options"}
 CORE = ("config", "ops", "ttt", "model")
 OUTER = ("inference", "memory", "data", "eval", "train", "convert", "hf", "serve", "bench", "cli")
 
