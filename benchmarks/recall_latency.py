@@ -12,7 +12,8 @@ A random model of ``--preset`` in each of ``--variants`` (official vocabulary), 
 document's first window (so that recall finds it and quotes passages, up to a quarter of the
 window) followed by exactly ``--new-tokens`` greedy tokens (no stop token). Per request: the wall
 time, the part spent in the memory (index build + search, host side), and the tokens read
-(quoted passages included). The per-token decode step is the engine's either way: the memory
+(quoted passages included), split into the time to the first new token and the decoding after
+it per token. The per-token decode step is the engine's either way: the memory
 records tokens on the host and is searched once per request. A full-attention model keeps the
 whole document in its cache and has no memory (rag=off only).
 """
@@ -37,7 +38,8 @@ from tttlm.memory.memory import ContextMemory
 from tttlm.memory.recall import RecallSession
 
 COLUMNS = ("model", "context", "rag", "requests", "request_s_median", "memory_s_median",
-           "read_tokens", "new_tokens", "ms_per_new_token", "ratio_vs_off", "ratio_vs_full",
+           "read_tokens", "new_tokens", "ms_per_new_token", "first_token_s",
+           "decode_ms_per_token", "ratio_vs_off", "ratio_vs_full", "decode_vs_full",
            "index_mib", "document_read_s")
 
 
@@ -76,10 +78,10 @@ class PlainSession:
     def read(self, tokens: list[int]) -> None:
         _, self.state = self.engine.prefill([tokens], self.state)
 
-    def generate(self, prompt: list[int], max_new_tokens: int, **sampling: Any) -> list[int]:
-        out = self.engine.generate([prompt], max_new_tokens, state=self.state, **sampling)
-        self.state = out.state
-        return list(out.tokens[0])
+    def stream(self, prompt: list[int], max_new_tokens: int, **sampling: Any) -> Any:
+        stream = self.engine.stream([prompt], max_new_tokens, state=self.state, **sampling)
+        self.state = stream.state  # which the stream advances in place as it decodes
+        return stream
 
 
 def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
@@ -102,12 +104,19 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
         with TimedRecall() as timer:
             sync()
             start = time.perf_counter()
-            new = session.generate(prompt, args.new_tokens, temperature=0.0, stop=())
+            stream = session.stream(prompt, args.new_tokens, temperature=0.0, stop=())
+            next(stream)  # a Python int: the device has finished the prompt
+            first = time.perf_counter() - start
+            for _ in stream:
+                pass
             sync()
             wall = time.perf_counter() - start
+        new = stream.tokens[0]
         quoted = sum(len(p.tokens) + 1 for p in session.last_recall)
-        rows.append((wall, timer.seconds, len(prompt) + quoted + (1 if quoted else 0), len(new)))
+        rows.append((wall, timer.seconds, len(prompt) + quoted + (1 if quoted else 0), len(new),
+                     first))
     timed = rows[1:]
+    decode_ms = [1000 * (w - f) / max(1, n - 1) for w, _, _, n, f in timed]
     index_mib = None
     if session.memory is not None:
         session.memory.recall(prompt[-32:], 1)  # (re)builds the index, to report its size
@@ -118,6 +127,8 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
             "read_tokens": timed[-1][2], "new_tokens": timed[-1][3],
             "ms_per_new_token": round(1000 * statistics.median(w for w, *_ in timed)
                                       / args.new_tokens, 3),
+            "first_token_s": round(statistics.median(r[4] for r in timed), 4),
+            "decode_ms_per_token": round(statistics.median(decode_ms), 3),
             "index_mib": index_mib,
             "document_read_s": round(read_s, 2),
             "request_times": [round(w, 4) for w, *_ in rows]}
@@ -175,6 +186,8 @@ def main() -> None:
         for row in rows:
             if row is not full and row["context"] == full["context"]:
                 row["ratio_vs_full"] = round(row["request_s_median"] / full["request_s_median"], 3)
+                row["decode_vs_full"] = round(row["decode_ms_per_token"]
+                                              / full["decode_ms_per_token"], 3)
     env = environment(device)
     env["command"] = "python benchmarks/recall_latency.py " + shlex.join(sys.argv[1:])
     names = ", ".join(dict.fromkeys(r["model"] for r in rows))
@@ -185,8 +198,11 @@ def main() -> None:
                      "`context` random tokens; median of the timed requests (a first one "
                      "warms up). memory_s = time inside ContextMemory.recall (index update "
                      "with the passages that left the window since the last search, and the "
-                     "search); read_tokens = prompt + quoted passages; ratio_vs_full = this "
-                     "row's request time over the full-attention model's at the same context "
+                     "search); read_tokens = prompt + quoted passages; first_token_s = from the "
+                     "request to its first new token (recall, reading the prompt and the quoted "
+                     "passages); decode_ms_per_token = the rest of the request per further "
+                     "token; ratio_vs_full / decode_vs_full = this row's request time / decode "
+                     "time per token over the full-attention model's at the same context "
                      "(full attention keeps the whole document in its cache: no memory)."])
 
 

@@ -133,6 +133,34 @@ def test_rag_off_is_the_engine_token_for_token() -> None:
         assert torch.equal(a, b)
 
 
+def test_stream_is_generate_token_by_token_and_advances_the_session_at_its_end() -> None:
+    model = make()
+    window = Engine(model).window
+    assert window is not None
+    document = haystack(17 * window, needle_at=8)
+    question = [3, 4, 5, *NEEDLE[:4]]
+    sessions = [RecallSession(Engine(model), "end", query_len=4) for _ in range(2)]
+    for s in sessions:
+        s.read(document)
+    want = sessions[0].generate(question, 5, temperature=0.0, stop=())
+    streamed = sessions[1]
+    before, recorded = streamed.state.lengths[0], len(streamed.memory)
+    stream = streamed.stream(question, 5, temperature=0.0, stop=())
+    # The prompt is read when the stream is made: its head, the quotes and the query.
+    assert stream.read == stream.state.lengths[0] - before > len(question)
+    assert streamed.last_recall == sessions[0].last_recall and streamed.last_recall
+    got = [next(stream)[0] for _ in range(4)]
+    assert len(streamed.memory) == recorded + len(question) - 4  # the head only, so far
+    got += [t[0] for t in stream]
+    assert got == want == stream.tokens[0]
+    assert streamed.state.lengths[0] == sessions[0].state.lengths[0]
+    assert streamed.memory.tokens == sessions[0].memory.tokens
+    for a, b in zip(streamed.state.fast, sessions[0].state.fast, strict=True):
+        assert torch.equal(a, b)
+    assert list(stream) == []  # exhausted: the session advanced once
+    assert streamed.memory.tokens == sessions[0].memory.tokens
+
+
 def test_session_with_memory_survives_save_and_load(tmp_path: Path) -> None:
     model = make()
     document = haystack(10 * 16, needle_at=20)

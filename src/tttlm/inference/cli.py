@@ -168,13 +168,13 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(args.tokenizer, model_dir, model.config.vocab_size)
     config = model.config
     engine = Engine(model, ttt=False if args.no_ttt else None, cuda_graphs=args.cuda_graphs)
-    policy = None
+    session = None
     if args.rag != "off":
-        from tttlm.memory.recall import RecallPolicy, separator_tokens
+        from tttlm.memory.recall import RecallSession, separator_tokens
 
-        policy = RecallPolicy.for_engine(engine, budget=args.rag_budget, index=args.rag_index,
-                                         separator=separator_tokens(args.rag_separator,
-                                                                    tokenizer.encode))
+        session = RecallSession(engine, args.rag, budget=args.rag_budget, index=args.rag_index,
+                                separator=separator_tokens(args.rag_separator,
+                                                           tokenizer.encode))
     state = State.load(args.session, model, device=device) if args.session else None
     if state is not None and state.batch_size != 1:
         raise UserError(f"session {args.session} holds {state.batch_size} sequences; the "
@@ -192,24 +192,22 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("the prompt encodes to no tokens; give a longer --prompt")
 
     t0 = time.perf_counter()
-    read = len(ids)
-    if policy is not None:
-        # Read all but the query (recording it in the memory), then the recalled passages
-        # and the query, as RecallSession does.
-        memory = policy.new_memory(engine)
-        head, query = policy.split(ids)
-        quoted = 0
-        if head:  # (rag=chunk: recalling before each chunk of it too)
-            state, quoted = policy.read(engine, state, memory, head,
-                                        every_chunk=args.rag == "chunk")
-        ids, recalled = policy.cue(memory, query)
-        read = len(head) + quoted + len(ids)
+    sampling = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                "seed": args.seed}
+    if session is not None:
+        # The session reads all but the query into the state and the memory (rag=chunk:
+        # recalling before each chunk of it too), then the recalled passages and the query.
+        stream: Any = session.stream(ids, args.max_new_tokens, **sampling)
+        read = stream.read
+        recalled = session.last_recall
+        quoted = session.quoted_while_reading
         print(f"recalled {len(recalled)} passages "
-              f"({sum(len(p.tokens) for p in recalled)} tokens) of {memory.passages}"
+              f"({sum(len(p.tokens) for p in recalled)} tokens) of {session.memory.passages}"
               + (f"; {quoted} tokens quoted before chunks while reading" if quoted else ""),
               file=sys.stderr)
-    stream = engine.stream([ids], args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, state=state)
+    else:
+        stream = engine.stream([ids], args.max_new_tokens, state=state, **sampling)
+        read = len(ids)
     _sync(device)
     t1 = time.perf_counter()
     out = _TextStream(tokenizer)

@@ -257,18 +257,30 @@ class RecallSession:
                                                   every_chunk=self.rag == "chunk")
             self.quoted_while_reading += quoted
 
-    def generate(self, prompt: Sequence[int], max_new_tokens: int, **sampling: Any) -> list[int]:
-        """Read ``prompt`` (recalling before its query unless ``rag="off"``) and generate; the
-        keyword arguments are :meth:`Engine.generate`'s sampling settings."""
+    def stream(self, prompt: Sequence[int], max_new_tokens: int, **sampling: Any
+               ) -> RecallStream:
+        """Read ``prompt`` (recalling before its query unless ``rag="off"``) now, and return
+        the new tokens as they come (an iterator of one-token lists, like
+        :meth:`Engine.stream`); the session takes the new state and records the new tokens in
+        its memory when the iteration ends. The keyword arguments are :meth:`Engine.stream`'s
+        sampling settings."""
         prompt = [int(t) for t in prompt]
         if not prompt:
             raise UserError("the prompt is empty; give at least one token")
+        quoted_before = self.quoted_while_reading
         fed, recorded = self._cue(prompt)
-        out = self.engine.generate([fed], max_new_tokens, state=self.state, **sampling)
-        self.state = out.state
-        new = list(out.tokens[0])
-        self.memory.extend([*recorded, *new])
-        return new
+        read = (len(prompt) - len(recorded) + self.quoted_while_reading - quoted_before
+                + len(fed))
+        return RecallStream(self, self.engine.stream([fed], max_new_tokens, state=self.state,
+                                                     **sampling), recorded, read)
+
+    def generate(self, prompt: Sequence[int], max_new_tokens: int, **sampling: Any) -> list[int]:
+        """Read ``prompt`` (recalling before its query unless ``rag="off"``) and generate; the
+        keyword arguments are :meth:`Engine.generate`'s sampling settings."""
+        stream = self.stream(prompt, max_new_tokens, **sampling)
+        for _ in stream:
+            pass
+        return list(stream.tokens[0])
 
     def score(self, prompt: Sequence[int], continuation: Sequence[int]) -> list[float]:
         """Read ``prompt`` as :meth:`generate` does (recalling before its query), then the
@@ -318,3 +330,40 @@ class RecallSession:
         state = State.load(src / "state", engine.model)
         memory = ContextMemory.load(src / "memory", new_index(options.get("index"), engine.model))
         return cls(engine, state=state, memory=memory, **options)
+
+
+class RecallStream:
+    """:meth:`RecallSession.stream`'s tokens: iterate for ``[token]`` lists; ``tokens``,
+    ``finish_reasons`` and ``state`` as :class:`~tttlm.inference.engine.TokenStream`'s.
+    ``read`` is the number of tokens the prompt put into the window: the prompt, the passages
+    quoted for it and their separators."""
+
+    def __init__(self, session: RecallSession, stream: Any, recorded: list[int],
+                 read: int) -> None:
+        self.session, self.inner, self.read = session, stream, read
+        self._recorded: list[int] | None = recorded
+
+    def __iter__(self) -> RecallStream:
+        return self
+
+    def __next__(self) -> list[int]:
+        try:
+            return next(self.inner)
+        except StopIteration:
+            if self._recorded is not None:  # the session advances once, at the end
+                self.session.state = self.inner.state
+                self.session.memory.extend([*self._recorded, *self.inner.tokens[0]])
+                self._recorded = None
+            raise
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        return self.inner.tokens
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return self.inner.finish_reasons
+
+    @property
+    def state(self) -> State:
+        return self.inner.state
