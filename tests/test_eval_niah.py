@@ -433,3 +433,32 @@ def test_cli_niah_with_retrieval_at_every_chunk(tmp_path: Path) -> None:
         assert main([*args, "--rag", rag]) == 0  # each filed apart in the one folder
         report = json.loads((out / "niah.json").read_text())
         assert list(report["results"]) == [label]
+
+
+def test_cli_niah_rag_horizon_is_filed_apart_and_reaches_the_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tttlm.memory.recall import RecallPolicy
+
+    model = save_tiny(tmp_path / "swa", "swa", window=64, chunk=32)
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The cat sat on the mat. It was warm. The dog slept by the door.\n" * 20)
+    out = tmp_path / "out"
+    args = ["eval", "niah", "--model", str(model), "--tokenizer", "bytes", "--haystack",
+            str(hay), "--lengths", "420", "--depths", "0", "--kinds", "passkey", "--samples",
+            "1", "--out", str(out), "--quiet", "--no-plots", "--rag", "end"]
+    windows: list[int] = []
+    new_memory = RecallPolicy.new_memory
+
+    def spy(policy, engine):  # type: ignore[no-untyped-def]
+        memory = new_memory(policy, engine)
+        windows.append(memory.window)
+        return memory
+
+    monkeypatch.setattr(RecallPolicy, "new_memory", spy)
+    assert main(args) == 0
+    assert set(windows) == {64}
+    windows.clear()
+    assert main([*args, "--rag-horizon", "16"]) == 0
+    assert set(windows) == {16}  # not answered from the first run's records
+    samples = json.loads((out / "niah.json").read_text())["samples"]["swa + retrieval"]
+    assert len(samples) == 1 and "horizon16" in samples[0]["key"][2]

@@ -175,3 +175,11 @@ def test_rag_chunk_reaches_the_session(lm: TTTLMHarness) -> None:
     assert rag._recall_session().rag == "chunk"
     context = "Zebra quartz. " + TEXT * 2 + " Zebra"
     assert rag.loglikelihood([req(context, " quartz")])[0][0] < 0
+
+
+def test_rag_horizon_reaches_the_memory(lm: TTTLMHarness) -> None:
+    rag = TTTLMHarness(lm.pretrained, device="cpu", rag="end", rag_horizon=4)
+    session = rag._recall_session()
+    assert session.policy.horizon == 4 and session.memory.window == 4
+    with pytest.raises(UserError, match="add rag=end"):
+        TTTLMHarness(lm.pretrained, device="cpu", rag_horizon=4)

@@ -161,6 +161,29 @@ def test_stream_is_generate_token_by_token_and_advances_the_session_at_its_end()
     assert streamed.memory.tokens == sessions[0].memory.tokens
 
 
+def test_a_short_horizon_quotes_a_needle_still_in_the_window() -> None:
+    """By default only what left the window is indexed; ``horizon`` indexes passages once
+    they are that many tokens old, so a needle attention still sees, far from the query, is
+    quoted next to it too."""
+    model = make()
+    window = Engine(model).window
+    assert window == 16
+    document = haystack(40, needle_at=28)  # 40 - 28 = 12 tokens back: inside the window
+    question = [3, 4, 5, *NEEDLE[:4]]
+    default = RecallSession(Engine(model), "end", query_len=4)
+    near = RecallSession(Engine(model), "end", query_len=4, horizon=4)
+    assert default.memory.window == window and near.memory.window == 4
+    for session in (default, near):
+        session.read(document)
+        session.generate(question, 2, temperature=0.0)
+    assert not any(NEEDLE[0] in p.tokens for p in default.last_recall)
+    assert any(NEEDLE[:4] == p.tokens[i:i + 4] for p in near.last_recall
+               for i in range(len(p.tokens)))
+    for bad in (0, window + 1):
+        with pytest.raises(UserError, match="recall horizon"):
+            RecallSession(Engine(model), "end", horizon=bad)
+
+
 def test_session_with_memory_survives_save_and_load(tmp_path: Path) -> None:
     model = make()
     document = haystack(10 * 16, needle_at=20)
@@ -262,3 +285,21 @@ def test_rag_chunk_quotes_before_each_chunk_once_passages_left_the_window() -> N
     again.read(document)
     for a, b in zip(session.state.fast, again.state.fast, strict=True):
         assert torch.equal(a, b)
+
+
+def test_rag_horizon_on_the_command_line(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from tttlm.cli import main
+
+    folder = make().save_pretrained(tmp_path / "model")
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The key is 4711. " + "Filler text that leaves the window. " * 4)
+    args = ["generate", "--model", str(folder), "--document", str(doc), "--prompt",
+            "The key is", "--max-new-tokens", "2", "--temperature", "0", "--rag", "end"]
+    assert main([*args, "--rag-horizon", "8"]) == 0
+    assert "recalled" in capsys.readouterr().err
+    assert main([*args, "--rag-horizon", "17"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tttlm generate: error: the recall horizon (17 tokens) must be "
+                          "between 1 and the window (16)") and len(err.splitlines()) == 1
+

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
+from tttlm.memory.index import RAG_HORIZON_HELP, RAG_INDEX_HELP, RAG_SEPARATOR_HELP
 from tttlm.options import TTT_GROUP_HELP, group_size, ttt_group
 
 _DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
@@ -144,6 +144,8 @@ def _run_niah(args: argparse.Namespace) -> int:
                 em.fingerprint += f"+rag{args.rag_budget or ''}"
                 if args.rag_index is not None:
                     em.fingerprint += f"-{args.rag_index}"
+                if args.rag_horizon is not None:
+                    em.fingerprint += f"-horizon{args.rag_horizon}"
                 separator = separator_tokens(args.rag_separator, tokenizer.encode)
                 if separator is not None:
                     em.fingerprint += "-sep" + ",".join(map(str, separator))
@@ -152,7 +154,8 @@ def _run_niah(args: argparse.Namespace) -> int:
                     em.fingerprint += "-chunk"
                 predictor = recall_predictor(em, tokenizer, logprob=not args.no_logprob,
                                              budget=args.rag_budget, index=args.rag_index,
-                                             separator=separator, rag=args.rag)
+                                             separator=separator, rag=args.rag,
+                                             horizon=args.rag_horizon)
             else:
                 predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
             records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
@@ -369,6 +372,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help=RAG_INDEX_HELP)
     niah.add_argument("--rag-separator", default=None, metavar="TEXT",
                       help=RAG_SEPARATOR_HELP)
+    niah.add_argument("--rag-horizon", type=int, default=None, metavar="N",
+                      help=RAG_HORIZON_HELP)
     niah.set_defaults(func=_run_niah)
 
     rep = sub.add_parser(

@@ -391,15 +391,16 @@ def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
 def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = True,
                      extra_tokens: int = 8, budget: int | None = None,
                      index: str | None = None,
-                     separator: Sequence[int] | None = None, rag: str = "end"
-                     ) -> BatchPredictor:
+                     separator: Sequence[int] | None = None, rag: str = "end",
+                     horizon: int | None = None) -> BatchPredictor:
     """As :func:`model_predictor`, with the retrieval memory (``rag="end"``, see
     :mod:`tttlm.memory.recall`): the question (its exact span) is the query; the passages of
     the haystack that left the window and match it best are quoted back before it. The
     answer's log-probability is scored the same way, in a second session. ``index``: the
     passage index (``fts5``, ``bm25``, ``dense``; default fts5, else bm25); ``separator``:
     the tokens before each quoted passage and the question (default: BOS); ``rag="chunk"``
-    also recalls before each chunk of the haystack (:mod:`tttlm.memory.recall`).
+    also recalls before each chunk of the haystack (:mod:`tttlm.memory.recall`); ``horizon``:
+    passages are indexed once that many tokens old (default: once they left the window).
 
     A batch (``rag="end"``) reads each haystack and recalls as a session would, then
     decodes every sample's answer in one batch while a clone of it scores the answers: what
@@ -416,7 +417,7 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
     def session(sample: NiahSample) -> RecallSession:
         return RecallSession(Engine(em.model, ttt=em.ttt), rag, budget=budget,
                              query_len=sample.length - sample.question_start, index=index,
-                             separator=separator)
+                             separator=separator, horizon=horizon)
 
     def predict(sample: NiahSample) -> Prediction:
         device = next(em.model.parameters()).device
@@ -432,7 +433,8 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
     def predict_batch(samples: Sequence[NiahSample]) -> list[Prediction]:
         policies = [RecallPolicy.for_engine(engine, budget=budget,
                                             query_len=s.length - s.question_start,
-                                            index=index, separator=separator) for s in samples]
+                                            index=index, separator=separator,
+                                            horizon=horizon) for s in samples]
         split = [p.split(list(s.input_ids)) for p, s in zip(policies, samples)]
         if rag != "end" or not all(head for head, _ in split):
             return [predict(s) for s in samples]  # recalls while reading: one at a time

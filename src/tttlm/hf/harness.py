@@ -51,7 +51,8 @@ class TTTLMHarness(LM):
     ``rag_index`` its passage index: ``fts5`` (default; bm25 where SQLite lacks FTS5),
     ``bm25`` or ``dense`` (the model's own mean hidden states, through faiss);
     ``rag_separator`` plain text read before each passage and the query, as
-    ``--rag-separator`` (default: BOS).
+    ``--rag-separator`` (default: BOS); ``rag_horizon`` indexes passages once that many
+    tokens old (default: once they left the window), as ``--rag-horizon``.
     """
 
     def __init__(self, pretrained: str, tokenizer: str | None = None,
@@ -60,6 +61,7 @@ class TTTLMHarness(LM):
                  ttt: bool | None = None, inner_lr: float | None = None,
                  max_gen_toks: int = 256, rag: str = "off", rag_budget: int | None = None,
                  rag_query: int = 32, rag_index: str | None = None,
+                 rag_horizon: int | None = None,
                  rag_separator: str | None = None, **unused: Any) -> None:
         super().__init__()
         # A device lm-eval's command line names by default (cuda:0) that is not there is an
@@ -87,11 +89,15 @@ class TTTLMHarness(LM):
         self.rag = str(rag)
         self.rag_options = {"budget": int(rag_budget) if rag_budget is not None else None,
                             "query_len": int(rag_query),
-                            "index": str(rag_index) if rag_index is not None else None}
+                            "index": str(rag_index) if rag_index is not None else None,
+                            "horizon": int(rag_horizon) if rag_horizon is not None else None}
         from tttlm.memory import RAG_MODES
 
         if self.rag not in RAG_MODES:
             raise UserError(f"rag={self.rag!r} is not one of {', '.join(RAG_MODES)}")
+        if rag_horizon is not None and self.rag == "off":
+            raise UserError(f"rag_horizon={rag_horizon} sets when rag=end indexes passages; "
+                            "add rag=end or drop rag_horizon")
         if rag_index is not None and self.rag == "off":
             raise UserError(f"rag_index={rag_index} chooses the index of rag=end; add rag=end "
                             "or drop rag_index")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
+from tttlm.memory.index import RAG_HORIZON_HELP, RAG_INDEX_HELP, RAG_SEPARATOR_HELP
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +59,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=RAG_INDEX_HELP)
     parser.add_argument("--rag-separator", default=None, metavar="TEXT",
                         help=RAG_SEPARATOR_HELP)
+    parser.add_argument("--rag-horizon", type=int, default=None, metavar="N",
+                        help=RAG_HORIZON_HELP)
     parser.set_defaults(func=run)
     return parser
 
@@ -173,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         from tttlm.memory.recall import RecallSession, separator_tokens
 
         session = RecallSession(engine, args.rag, budget=args.rag_budget, index=args.rag_index,
+                                horizon=args.rag_horizon,
                                 separator=separator_tokens(args.rag_separator,
                                                            tokenizer.encode))
     state = State.load(args.session, model, device=device) if args.session else None

@@ -35,6 +35,9 @@ import numpy as np
 from tttlm.errors import UserError
 
 # The command lines' --rag-index help (here: this module imports no torch, the parsers load fast).
+RAG_HORIZON_HELP = ("index passages once they are N tokens old (at most the window; default: "
+                    "the window, i.e. once attention no longer sees them); shorter also quotes "
+                    "text still in the window but far from the query")
 RAG_INDEX_HELP = ("passage index of --rag end: fts5 (default; bm25 where SQLite lacks FTS5), "
                   "bm25 (bm25s) or dense (the model's own mean hidden states, through faiss); "
                   "bm25 and dense need the retrieval extra")

@@ -44,8 +44,9 @@ class ContextMemory:
     """The recorded tokens of one sequence and an index of the passages outside the window.
 
     Args:
-        window: the model's attention window: the last ``window`` recorded tokens are still
-            visible to attention and are not indexed.
+        window: the last ``window`` recorded tokens are not indexed: the model's attention
+            window (they are still visible to attention), or a recall policy's shorter
+            ``horizon``.
         passage_len: tokens per passage (passages tile the stream, no overlap).
         index: a :class:`PassageIndex` (default: :func:`~tttlm.memory.index.default_index`,
             BM25 over token uni- and bigrams).

@@ -16,7 +16,10 @@ passages in view (costs up to ``budget`` + separators more tokens per chunk). Th
 only recorded tokens toward the window, so with ``chunk`` some of the last window's text has
 already left attention (pushed out by quotes) before it is indexed. ``rag="off"``: the engine
 alone, token for token (the memory still records). Deterministic: same inputs, same passages,
-same tokens.
+same tokens. ``horizon`` (default: the window) indexes passages once they are that many tokens
+old: shorter, the memory also quotes text that attention still sees but far from the query (a
+small model copies a needle quoted next to the question far better than one 500 tokens back),
+and quotes cannot push a not-yet-indexed needle out of the window.
 
 The passage index (``index``, :data:`RAG_INDEXES`): ``"fts5"`` (SQLite FTS5) or ``"bm25"``
 (``bm25s``), BM25 over token n-grams; ``"dense"``, cosine similarity of the model's own mean
@@ -130,14 +133,16 @@ class RecallPolicy:
     k: int = 8
     separator: tuple[int, ...] = ()
     index: str | None = None
+    horizon: int | None = None
 
     @classmethod
     def for_engine(cls, engine: Engine, *, budget: int | None = None, query_len: int = 32,
                    k: int = 8, separator: Sequence[int] | None = None,
-                   index: str | None = None) -> RecallPolicy:
+                   index: str | None = None, horizon: int | None = None) -> RecallPolicy:
         """The defaults for ``engine``'s model: a quarter of the window, the BOS separator, the
-        default index. A full-attention model (no window), or an index that cannot be built
-        here, is refused."""
+        default index, passages indexed once they leave the window (``horizon``: once they
+        are that many tokens old, at most the window). A full-attention model (no window), or
+        an index that cannot be built here, is refused."""
         window = engine.window
         if window is None:
             raise UserError("retrieval recalls what left the attention window, and a full-"
@@ -149,14 +154,18 @@ class RecallPolicy:
             raise UserError(f"the recall budget ({budget} tokens) must be at least 1")
         sep = (engine.config.bos_token_id,) if separator is None else tuple(map(int, separator))
         check_index(index)
-        return cls(budget, query_len, k, sep, index)
+        if horizon is not None and not 1 <= horizon <= window:
+            raise UserError(f"the recall horizon ({horizon} tokens) must be between 1 and the "
+                            f"window ({window}); omit it to index what leaves the window")
+        return cls(budget, query_len, k, sep, index, horizon)
 
     def new_memory(self, engine: Engine) -> ContextMemory:
         """An empty memory for ``engine``'s model. Passages no longer than a chunk nor than
         the budget (so that one always fits), and at most 64 tokens: finer passages spend the
-        budget on what matches."""
+        budget on what matches. Passages are indexed once ``horizon`` tokens old (default:
+        once they left the window)."""
         assert engine.window is not None
-        return ContextMemory(engine.window,
+        return ContextMemory(self.horizon or engine.window,
                              max(1, min(engine.chunk, self.budget, MAX_PASSAGE)),
                              new_index(self.index, engine.model))
 
@@ -227,18 +236,22 @@ class RecallSession:
             ``[bos_token_id]``).
         index: the passage index of a new memory: ``"fts5"``, ``"bm25"`` or ``"dense"`` (the
             model's own hidden states through faiss); default: fts5, else bm25.
+        horizon: a new memory indexes passages once they are this many tokens old (at most
+            the window; default: the window, i.e. what attention no longer sees). Shorter
+            also quotes what is still in the window but far from the query.
         state, memory: continue a session (default: new).
     """
 
     def __init__(self, engine: Engine, rag: str = "end", *, budget: int | None = None,
                  query_len: int = 32, k: int = 8, separator: Sequence[int] | None = None,
-                 index: str | None = None, state: State | None = None,
-                 memory: ContextMemory | None = None) -> None:
+                 index: str | None = None, horizon: int | None = None,
+                 state: State | None = None, memory: ContextMemory | None = None) -> None:
         if rag not in RAG_MODES:
             raise UserError(f"rag={rag!r} is not one of {', '.join(RAG_MODES)}")
         self.engine, self.rag = engine, rag
         self.policy = RecallPolicy.for_engine(engine, budget=budget, query_len=query_len, k=k,
-                                              separator=separator, index=index)
+                                              separator=separator, index=index,
+                                              horizon=horizon)
         self.state = state if state is not None else engine.new_state(1)
         if self.state.batch_size != 1:
             raise UserError(f"a recall session holds one sequence, the state has "

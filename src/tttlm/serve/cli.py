@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tttlm.memory.index import RAG_INDEX_HELP, RAG_SEPARATOR_HELP
+from tttlm.memory.index import RAG_HORIZON_HELP, RAG_INDEX_HELP, RAG_SEPARATOR_HELP
 from tttlm.options import TTT_GROUP_HELP, group_size, ttt_group
 
 # FastAPI, uvicorn, torch and the model are imported in run(): `tttlm --help` builds every
@@ -65,6 +65,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help=RAG_INDEX_HELP)
     parser.add_argument("--rag-separator", default=None, metavar="TEXT",
                         help=RAG_SEPARATOR_HELP)
+    parser.add_argument("--rag-horizon", type=int, default=None, metavar="N",
+                        help=RAG_HORIZON_HELP)
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
     parser.add_argument("--ttt-group", type=ttt_group, default="all", metavar="N",
                         help=TTT_GROUP_HELP)
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
         # An index that cannot be built here is one line now, not a failure at a request.
         policy = RecallPolicy.for_engine(served.engine, budget=args.rag_budget,
-                                         index=args.rag_index,
+                                         index=args.rag_index, horizon=args.rag_horizon,
                                          separator=separator_tokens(args.rag_separator,
                                                                     served.tokenizer.encode))
     else:
