@@ -421,14 +421,20 @@ def test_cli_niah_with_retrieval(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert "swa + retrieval" in capsys.readouterr().out
 
 
-def test_cli_niah_with_retrieval_at_every_chunk(tmp_path: Path) -> None:
+def swa_niah_args(tmp_path: Path) -> tuple[list[str], Path]:
+    """``tttlm eval niah`` of a tiny swa model (window 64, chunks of 32) on a short haystack
+    at 420 tokens, one sample; and its output folder."""
     model = save_tiny(tmp_path / "swa", "swa", window=64, chunk=32)
     hay = tmp_path / "hay.txt"
     hay.write_text("The cat sat on the mat. It was warm. The dog slept by the door.\n" * 20)
     out = tmp_path / "out"
-    args = ["eval", "niah", "--model", str(model), "--tokenizer", "bytes", "--haystack",
+    return ["eval", "niah", "--model", str(model), "--tokenizer", "bytes", "--haystack",
             str(hay), "--lengths", "420", "--depths", "0", "--kinds", "passkey", "--samples",
-            "1", "--out", str(out), "--quiet", "--no-plots"]
+            "1", "--out", str(out), "--quiet", "--no-plots"], out
+
+
+def test_cli_niah_with_retrieval_at_every_chunk(tmp_path: Path) -> None:
+    args, out = swa_niah_args(tmp_path)
     for rag, label in (("chunk", "swa + retrieval (chunk)"), ("end", "swa + retrieval")):
         assert main([*args, "--rag", rag]) == 0  # each filed apart in the one folder
         report = json.loads((out / "niah.json").read_text())
@@ -439,13 +445,8 @@ def test_cli_niah_rag_horizon_is_filed_apart_and_reaches_the_memory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tttlm.memory.recall import RecallPolicy
 
-    model = save_tiny(tmp_path / "swa", "swa", window=64, chunk=32)
-    hay = tmp_path / "hay.txt"
-    hay.write_text("The cat sat on the mat. It was warm. The dog slept by the door.\n" * 20)
-    out = tmp_path / "out"
-    args = ["eval", "niah", "--model", str(model), "--tokenizer", "bytes", "--haystack",
-            str(hay), "--lengths", "420", "--depths", "0", "--kinds", "passkey", "--samples",
-            "1", "--out", str(out), "--quiet", "--no-plots", "--rag", "end"]
+    args, out = swa_niah_args(tmp_path)
+    args.extend(["--rag", "end"])
     windows: list[int] = []
     new_memory = RecallPolicy.new_memory
 
