@@ -195,14 +195,17 @@ def run_niah(args: argparse.Namespace, steps: Steps | None, folders: list[Path],
     depths = [float(x) for x in args.niah_depths.split(",")]
     records: dict[str, list[dict[str, Any]]] = {}
     for rag, chosen in (("off", range(4)), ("end", range(1, 4))):
-        out = args.work / f"niah-{rag}"
+        # (a resumed run never takes another horizon's report: each has its own folder)
+        horizon = args.rag_horizon if rag == "end" else None
+        out = args.work / (f"niah-{rag}" + (f"-horizon{horizon}" if horizon else ""))
         if not reusable(out / "niah.json", args) and steps is not None:
             steps.run(f"niah_{rag}", "eval", "niah",
                       *[x for i in chosen for x in ("--model", str(folders[i]), "--label",
                                                     labels[i])],
                       "--rag", rag, "--out", str(out), *common,
                       *(["--rag-separator", args.rag_separator]
-                        if rag == "end" and args.rag_separator is not None else []))
+                        if rag == "end" and args.rag_separator is not None else []),
+                      *(["--rag-horizon", str(horizon)] if horizon else []))
         if reusable(out / "niah.json", args):
             for label, rows in json.loads((out / "niah.json").read_text())["samples"].items():
                 records[label] = rows
@@ -230,6 +233,7 @@ def run_niah(args: argparse.Namespace, steps: Steps | None, folders: list[Path],
         results[label] = per_length
     return {"lengths": lengths, "kinds": kinds, "depths": depths,
             "samples": args.niah_samples, "separator": args.rag_separator,
+            "horizon": args.rag_horizon,
             "expected_per_length": len(kinds) * len(depths) * args.niah_samples,
             "results": results}
 
@@ -370,8 +374,10 @@ def markdown(r: dict[str, Any]) -> str:
                   f"Kinds {', '.join(n['kinds'])}; depths {', '.join(map(str, n['depths']))}; "
                   f"{n['samples']} samples per cell; exact match of the greedy answer, and the "
                   "log-probability per token of the value (teacher-forced). \"+ retrieval\": "
-                  "rag=end, the question's last 32 tokens recall passages that left the "
-                  "window (FTS5 BM25; a quarter of the window), each passage and the question "
+                  "rag=end, the question's last 32 tokens recall passages "
+                  + ("that left the window" if n.get("horizon") is None else
+                     f"at least {n['horizon']} tokens old (--rag-horizon)")
+                  + " (FTS5 BM25; a quarter of the window), each passage and the question "
                   "read after "
                   + (f"the text {n['separator']!r}" if n.get("separator") is not None
                      else "the BOS token") + ".", "",
@@ -452,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=Path, action="append", default=[], metavar="JSON",
                         help="a benchmarks/recall_latency.py report of these models to "
                              "include (repeatable)")
+    parser.add_argument("--rag-horizon", type=int, default=None, metavar="N",
+                        help="NIAH with retrieval: index passages once N tokens old (tttlm "
+                             "eval niah --rag-horizon; default: once they left the window)")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     parser.add_argument("--name", default="finetune_smollm2")
     parser.add_argument("--report-only", action="store_true",

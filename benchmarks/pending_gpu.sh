@@ -96,6 +96,8 @@ case "$PART" in
       --steps "${STEPS:-40}" --batch-size 8 --seq-len 8192 --eval-sequences 32 --device cuda \
       --niah 2048,4096,8192,16384 --niah-kinds passkey,number,uuid --niah-depths 0.25,0.75 \
       --niah-samples 4 --niah-batch-size 24 --rag-separator "\\n\\n" ${FINETUNE_ARGS:-} --out "$OUT" --name finetune_smollm2_h200 ;;
+    # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
+    # horizon (own folder in --work, so the default rows stay).
   *) echo "PART=$PART: use train, prefill, groups, recall, serve, variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

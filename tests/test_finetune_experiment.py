@@ -143,6 +143,12 @@ def test_the_experiment_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
         module.main(only)
     with pytest.raises(SystemExit, match="other settings"):
         module.main([*args[:-2], "--steps", "3", "--name", "exp"])
+    # Another recall horizon is measured into its own folder, not read from the first run's.
+    assert module.main([*args, "--rag-horizon", "8"]) == 0
+    horizon = json.loads((out / "exp.json").read_text())
+    assert (work / "niah-end-horizon8" / "niah.json").is_file()
+    assert horizon["niah"]["horizon"] == 8 and "--rag-horizon 8" in horizon["command"]
+    assert horizon["results"] == rows and "at least 8 tokens old" in (out / "exp.md").read_text()
 
 
 def test_report_helpers_name_no_folder_of_any_machine(tmp_path: Path) -> None:
