@@ -67,6 +67,9 @@ def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path,
 @pytest.mark.parametrize("args, message", [
     (["--rag-index", "dense"], "--rag-index dense chooses the index of --rag end"),
     (["--rag", "end", "--rag-index", "vectors"], "rag index 'vectors' is not one of"),
+    (["--rag-horizon", "8"], "--rag-horizon 8 sets when --rag end indexes passages"),
+    (["--rag", "end", "--rag-horizon", "17"],
+     "the recall horizon (17 tokens) must be between 1 and the window (16)"),
 ])
 def test_bad_rag_index_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                    args: list[str], message: str) -> None:

@@ -113,7 +113,7 @@ def _run_niah(args: argparse.Namespace) -> int:
                                 samples=args.samples, seed=args.seed, digits=args.digits)
         from tttlm.memory.recall import check_rag_options
 
-        check_rag_options(args.rag, args.rag_index, args.rag_separator)
+        check_rag_options(args.rag, args.rag_index, args.rag_separator, args.rag_horizon)
         models = _load_models(args)
         source = Path(args.haystack) if args.haystack else builtin_books("val")[0]
         prepared = (source / "meta.json").is_file()

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                         "--save-session (tttlm serve --rag end keeps memories in sessions)")
     from tttlm.memory.recall import check_rag_options
 
-    check_rag_options(args.rag, args.rag_index, args.rag_separator)
+    check_rag_options(args.rag, args.rag_index, args.rag_separator, args.rag_horizon)
     if args.save_session:
         check_session_folder(args.save_session)  # before the work that it would keep
     device = resolve_device(args.device, option="--device")

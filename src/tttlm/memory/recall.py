@@ -73,13 +73,17 @@ def check_index(kind: str | None) -> None:
         require_faiss()
 
 
-def check_rag_options(rag: str, index: str | None, separator: str | None = None) -> None:
-    """The command lines' ``--rag`` / ``--rag-index`` / ``--rag-separator``: a one-line
-    :class:`UserError` for an index or a separator without ``--rag end``, or an index that
-    cannot be built here (before a model loads)."""
+def check_rag_options(rag: str, index: str | None, separator: str | None = None,
+                      horizon: int | None = None) -> None:
+    """The command lines' ``--rag`` / ``--rag-index`` / ``--rag-separator`` /
+    ``--rag-horizon``: a one-line :class:`UserError` for any of them without ``--rag end``,
+    or an index that cannot be built here (before a model loads)."""
     if separator is not None and rag == "off":
         raise UserError("--rag-separator marks the passages of --rag end; add --rag end or "
                         "drop --rag-separator")
+    if horizon is not None and rag == "off":
+        raise UserError(f"--rag-horizon {horizon} sets when --rag end indexes passages; add "
+                        "--rag end or drop --rag-horizon")
     if index is None:
         return
     if rag == "off":

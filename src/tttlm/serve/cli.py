@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from tttlm.memory.recall import check_rag_options
 
-        check_rag_options(args.rag, args.rag_index, args.rag_separator)
+        check_rag_options(args.rag, args.rag_index, args.rag_separator, args.rag_horizon)
     store = None
     if args.sessions:
         store = SessionStore(Path(args.sessions), served.engine, args.max_sessions_in_memory,
