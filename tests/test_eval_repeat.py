@@ -97,6 +97,31 @@ def test_retrieval_quotes_the_first_reading_back(models: dict[str, Path]) -> Non
         item.first - L < p.start < item.first + 8 for p in session.last_recall)
 
 
+def test_the_horizon_reaches_the_memory_and_the_report(models: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from tttlm.memory.recall import RecallPolicy
+
+    em = load_model(models["swa"])
+    windows: list[int] = []
+    new_memory = RecallPolicy.new_memory
+
+    def spy(policy, engine):  # type: ignore[no-untyped-def]
+        memory = new_memory(policy, engine)
+        windows.append(memory.window)
+        return memory
+
+    monkeypatch.setattr(RecallPolicy, "new_memory", spy)
+    for horizon, window in ((None, 16), (8, 8)):
+        windows.clear()
+        settings = RepeatSettings(distances=[4], passage_len=16, cue=8, lead=8, samples=1,
+                                  rag=["end"], horizon=horizon)
+        report = evaluate_repeat([em], corpus(), settings, device=torch.device("cpu"),
+                                 progress=False)
+        assert report["settings"]["horizon"] == horizon and set(windows) == {window}
+    with pytest.raises(EvalError, match="add end to --rag"):
+        RepeatSettings(distances=[4], rag=["off"], horizon=8).check()
+
+
 def test_full_attention_runs_without_retrieval_only(models: dict[str, Path]) -> None:
     em = load_model(models["full"])
     with pytest.raises(EvalError, match="full attention"):

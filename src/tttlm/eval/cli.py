@@ -189,7 +189,8 @@ def _run_repeat(args: argparse.Namespace) -> int:
                  else default_distances(max(windows) if windows else None))
     settings = RepeatSettings(distances=distances, passage_len=args.passage_len, cue=args.cue,
                               lead=args.lead, samples=args.samples, seed=args.seed,
-                              rag=[m.strip() for m in args.rag.split(",") if m.strip()])
+                              rag=[m.strip() for m in args.rag.split(",") if m.strip()],
+                              horizon=args.rag_horizon)
     corpus = load_corpus(args.data, tokenizer=args.tokenizer, model_dirs=args.model,
                          split=args.split)
     report = evaluate_repeat(models, corpus, settings,
@@ -404,6 +405,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     rep.add_argument("--rag", default="off", metavar="off,end",
                      help="retrieval modes to run (default off; end: recall before each "
                           "reading's cue; sliding-window models only)")
+    rep.add_argument("--rag-horizon", type=int, default=None, metavar="N",
+                     help=RAG_HORIZON_HELP)
     rep.set_defaults(func=_run_repeat)
 
     har = sub.add_parser(

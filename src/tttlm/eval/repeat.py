@@ -40,6 +40,7 @@ class RepeatSettings:
     samples: int = 4
     seed: int = 0
     rag: list[str] = field(default_factory=lambda: ["off"])
+    horizon: int | None = None  # rag=end: passages indexed once this old (None: the window)
 
     def check(self) -> None:
         if not self.distances or min(self.distances) < 0:
@@ -51,6 +52,9 @@ class RepeatSettings:
         bad = [m for m in self.rag if m not in ("off", "end")]
         if bad:
             raise EvalError(f"rag mode(s) {bad} unknown; use off and/or end")
+        if self.horizon is not None and "end" not in self.rag:
+            raise EvalError(f"--rag-horizon {self.horizon} sets when --rag end indexes "
+                            "passages; add end to --rag or drop --rag-horizon")
 
 
 @dataclass
@@ -103,7 +107,7 @@ def score_item(em: EvalModel, item: RepeatItem, settings: RepeatSettings, rag: s
     from tttlm.memory import RecallSession
 
     engine = Engine(em.model, ttt=em.ttt)
-    session = RecallSession(engine, "end", query_len=cue)
+    session = RecallSession(engine, "end", query_len=cue, horizon=settings.horizon)
     # The first reading with retrieval too: the same treatment of both readings.
     first = session.score(item.tokens[:item.first + cue],
                           item.tokens[item.first + cue:item.first + P])
