@@ -74,3 +74,20 @@ NEEDS_FLA = pytest.mark.skipif(importlib.util.find_spec("fla") is None,
                                reason="flash-linear-attention is not installed")
 GDN = pytest.param("gated_deltanet", marks=NEEDS_FLA)
 MAMBA2 = pytest.param("mamba2", marks=NEEDS_FLA)
+
+
+def memory_windows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The ``window`` (how old a passage is when indexed) of every memory a recall policy
+    makes from now on, in order; the list fills as the test runs."""
+    from tttlm.memory.recall import RecallPolicy
+
+    windows: list[int] = []
+    new_memory = RecallPolicy.new_memory
+
+    def spy(policy, engine):  # type: ignore[no-untyped-def]
+        memory = new_memory(policy, engine)
+        windows.append(memory.window)
+        return memory
+
+    monkeypatch.setattr(RecallPolicy, "new_memory", spy)
+    return windows

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import memory_windows
 from tttlm.cli import main
 from tttlm.config import TTTConfig
 from tttlm.data.tokenizer import ByteTokenizer
@@ -443,19 +444,9 @@ def test_cli_niah_with_retrieval_at_every_chunk(tmp_path: Path) -> None:
 
 def test_cli_niah_rag_horizon_is_filed_apart_and_reaches_the_memory(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tttlm.memory.recall import RecallPolicy
-
     args, out = swa_niah_args(tmp_path)
     args.extend(["--rag", "end"])
-    windows: list[int] = []
-    new_memory = RecallPolicy.new_memory
-
-    def spy(policy, engine):  # type: ignore[no-untyped-def]
-        memory = new_memory(policy, engine)
-        windows.append(memory.window)
-        return memory
-
-    monkeypatch.setattr(RecallPolicy, "new_memory", spy)
+    windows = memory_windows(monkeypatch)
     assert main(args) == 0
     assert set(windows) == {64}
     windows.clear()

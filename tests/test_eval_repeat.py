@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import memory_windows
 from tttlm.cli import main
 from tttlm.config import TTTConfig
 from tttlm.eval.adapters import EvalError, TokenCorpus
@@ -99,18 +100,8 @@ def test_retrieval_quotes_the_first_reading_back(models: dict[str, Path]) -> Non
 
 def test_the_horizon_reaches_the_memory_and_the_report(models: dict[str, Path],
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    from tttlm.memory.recall import RecallPolicy
-
     em = load_model(models["swa"])
-    windows: list[int] = []
-    new_memory = RecallPolicy.new_memory
-
-    def spy(policy, engine):  # type: ignore[no-untyped-def]
-        memory = new_memory(policy, engine)
-        windows.append(memory.window)
-        return memory
-
-    monkeypatch.setattr(RecallPolicy, "new_memory", spy)
+    windows = memory_windows(monkeypatch)
     for horizon, window in ((None, 16), (8, 8)):
         windows.clear()
         settings = RepeatSettings(distances=[4], passage_len=16, cue=8, lead=8, samples=1,
