@@ -34,10 +34,10 @@ its own gradient; callers may wrap the engine in ``no_grad``/``inference_mode`` 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -83,47 +83,97 @@ def _buffers(state: State) -> tuple[int, ...]:
     return tuple(t.data_ptr() for t in tensors)
 
 
-class _DecodeGraph:
-    """One captured single-token step of a batch (``Engine._compute``) for one state.
+Out = TypeVar("Out")
+
+
+def _can_capture(device: torch.device) -> bool:
+    """Whether the engine's computations on ``device`` can be captured as CUDA graphs."""
+    return device.type == "cuda"
+
+
+def _capture(run: Callable[[], Out], warm: Callable[[], object],
+             device: torch.device) -> Callable[[], Out]:
+    """Capture ``run`` as a CUDA graph once ``warm`` ran on a side stream (as capture
+    requires: lazy initialisation must not happen inside it). The returned call replays the
+    graph and returns ``run``'s outputs: static tensors that the next replay overwrites."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        warm()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+
+    def replay() -> Out:
+        graph.replay()
+        return out
+
+    return replay
+
+
+class _ForwardGraph:
+    """``Engine._compute`` of ``n`` tokens for every sequence of one state, captured: a
+    decoding step (n = 1) or a whole chunk of a prompt (n = b).
 
     The graph reads the tokens and counters from static buffers and writes the state's
     buffers in place; it is valid while those buffers stay where they were captured.
     """
 
-    def __init__(self, engine: Engine, state: State, tokens: torch.Tensor) -> None:
-        B, device = state.batch_size, state.device
+    def __init__(self, engine: Engine, state: State, tokens: torch.Tensor, ttt_forward: bool,
+                 want_logits: bool) -> None:
+        B, n, device = state.batch_size, tokens.shape[1], state.device
         self.engine = engine
-        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.tokens = torch.zeros(B, n, dtype=torch.long, device=device)
         self.counters = torch.zeros(3, B, dtype=torch.long, device=device)
         self._load(state, tokens)
         ctl = _Control(self.counters[0], self.counters[1], self.counters[2], None)
-        # Warm-up on a side stream, as capture requires. It performs the coming step's
-        # writes, which the replay repeats with the same values, so the state stays right.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            engine._compute(state, self.tokens, ctl, True, True, None)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            logits = engine._compute(state, self.tokens, ctl, True, True, None)
-        assert logits is not None
-        self.logits = logits
-        self.batch = B
-        self.buffers = _buffers(state)
 
-    def fits(self, state: State) -> bool:
-        return state.batch_size == self.batch and _buffers(state) == self.buffers
+        def run() -> torch.Tensor | None:
+            return engine._compute(state, self.tokens, ctl, ttt_forward, want_logits, None)
+
+        def warm() -> None:
+            # The warm-up performs the coming call's writes. The replay repeats those of the
+            # caches with the same values; a recurrent block's state, though, is advanced
+            # from itself, so it is put back.
+            kept = [t.clone() for t in state.mixers]
+            run()
+            for t, old in zip(state.mixers, kept):
+                t.copy_(old)
+
+        self._replay = _capture(run, warm, device)
 
     def _load(self, state: State, tokens: torch.Tensor) -> None:
-        ctl = self.engine._control(state, None, 1)
-        self.tokens.copy_(tokens[:, None])
+        ctl = self.engine._control(state, None, tokens.shape[1])
+        self.tokens.copy_(tokens)
         self.counters.copy_(torch.stack((ctl.lengths, ctl.offset, ctl.past)))
 
-    def replay(self, state: State, tokens: torch.Tensor) -> torch.Tensor:
+    def replay(self, state: State, tokens: torch.Tensor) -> torch.Tensor | None:
         self._load(state, tokens)
-        self.graph.replay()
-        return self.logits
+        return self._replay()
+
+
+class _LearnGraph:
+    """The inner step of every sequence of one state once their TTT caches are full (the
+    steady state: every chunk's step has the same shapes), captured. Its warm-up computes
+    without writing (the step is not idempotent: it reads the fast weights it updates)."""
+
+    def __init__(self, engine: Engine, state: State, last_targets: torch.Tensor) -> None:
+        assert engine.window is not None
+        self.targets = last_targets.clone()
+        # The chunk's absolute start enters only the attention mask, through differences of
+        # positions: the value captured serves every later chunk.
+        start = engine.chunk * state.chunks_done[0]
+
+        def run(write: bool) -> torch.Tensor:
+            return engine._learn_rows(state, slice(None), engine.window, start, self.targets,
+                                      write)
+
+        self._replay = _capture(lambda: run(True), lambda: run(False), state.device)
+
+    def replay(self, last_targets: torch.Tensor) -> torch.Tensor:
+        self.targets.copy_(last_targets)
+        return self._replay()
 
 
 @dataclass
@@ -198,9 +248,13 @@ class Engine:
         inner_lr: η of the inner step (default ``config.inner_lr``).
         ignore_bos_targets: like the official data pipeline, a target equal to BOS does not
             count in a chunk's inner loss (matches training with ``labels == -100`` there).
-        cuda_graphs: on a CUDA device, replay the single-token step of a whole batch as one
-            captured CUDA graph (recaptured when the state's buffers change). The inner step
-            and prefill run eagerly.
+        cuda_graphs: on a CUDA device, replay the steps of a whole batch that repeat with the
+            same shapes as captured CUDA graphs: the single-token decoding step, a chunk of a
+            prompt read into a state that has read before (a session's next turn, a recalled
+            quote), and a chunk's inner step once the TTT caches are full. A state's graphs are
+            captured for its buffers (again when they change: another state, a grown cache);
+            a chunk's graphs at their second use, so that one-off reads stay eager. A fresh
+            state's first prompt runs the training forward eagerly.
     """
 
     def __init__(self, model: TTTForCausalLM, *, ttt: bool | None = None,
@@ -237,7 +291,11 @@ class Engine:
         self._digest = weights_digest(model)
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
         self.cuda_graphs = cuda_graphs
-        self._graph: _DecodeGraph | None = None
+        # The captured graphs of one state (batch size and buffer addresses), by computation;
+        # computations seen once, eagerly, for that state.
+        self._graphs: dict[tuple, Any] = {}
+        self._graphs_for: tuple | None = None
+        self._seen: set[tuple] = set()
 
     # --------------------------------------------------------------------------- helpers
     @property
@@ -368,19 +426,8 @@ class Engine:
                 full = [r for r in rows if self._pending(state, r) == self.chunk]
                 if full:
                     self.finish_chunk(state, full, tokens[full])
-            if (self.cuda_graphs and state.device.type == "cuda"
-                    and len(rows) == state.batch_size):
-                if self.grows:
-                    self._grow(state, max(state.lengths) + 1)
-                if self._graph is None or not self._graph.fits(state):
-                    self._graph = None  # free the old graph's memory pool first
-                    self._graph = _DecodeGraph(self, state, tokens)
-                logits = self._graph.replay(state, tokens)
-                for r in rows:
-                    state.lengths[r] += 1
-            else:
-                logits = self._forward(state, tokens[:, None], rows, ttt_forward=True,
-                                       want_logits=True)
+            logits = self._forward(state, tokens[:, None], rows, ttt_forward=True,
+                                   want_logits=True)
         assert logits is not None
         return logits.clone(), state
 
@@ -553,6 +600,25 @@ class Engine:
         sel = None if rows is None else torch.tensor(rows, device=device)
         return _Control(counters[0], counters[1], counters[2], sel)
 
+    def _graph(self, state: State, key: tuple, make: Callable[[], Any],
+               at_second_use: bool) -> Any:
+        """The captured graph ``key`` of ``state`` (``make`` captures it), or None where the
+        computation runs eagerly: no CUDA graphs, or (``at_second_use``) its first use for
+        this state's buffers."""
+        if not (self.cuda_graphs and _can_capture(state.device)):
+            return None
+        owner = (state.batch_size, _buffers(state))
+        if owner != self._graphs_for:
+            self._graphs.clear()  # free the old graphs' memory pools first
+            self._seen.clear()
+            self._graphs_for = owner
+        if key not in self._graphs:
+            if at_second_use and key not in self._seen:
+                self._seen.add(key)
+                return None
+            self._graphs[key] = make()
+        return self._graphs[key]
+
     def _forward(self, state: State, tokens: torch.Tensor, rows: list[int], ttt_forward: bool,
                  want_logits: bool) -> torch.Tensor | None:
         """Read ``tokens [B, n]``: every row in ``rows`` advances by n tokens, all within its
@@ -561,10 +627,19 @@ class Engine:
         if self.grows:
             self._grow(state, max(state.lengths) + n)
         every = len(rows) == state.batch_size
-        ctl = self._control(state, None if every else rows, n)
-        # Full attention: slots past the longest sequence hold nothing yet.
-        used = max(state.lengths) + n if self.grows else None
-        logits = self._compute(state, tokens, ctl, ttt_forward, want_logits, used)
+        graph = None
+        if every and n in (1, self.chunk):
+            graph = self._graph(
+                state, ("forward", n, ttt_forward, want_logits),
+                lambda: _ForwardGraph(self, state, tokens, ttt_forward, want_logits),
+                at_second_use=n > 1)
+        if graph is not None:
+            logits = graph.replay(state, tokens)
+        else:
+            ctl = self._control(state, None if every else rows, n)
+            # Full attention: slots past the longest sequence hold nothing yet.
+            used = max(state.lengths) + n if self.grows else None
+            logits = self._compute(state, tokens, ctl, ttt_forward, want_logits, used)
         for r in rows:
             state.lengths[r] += n
         return logits
@@ -649,16 +724,37 @@ class Engine:
     def _learn(self, state: State, rows: list[int], last_targets: torch.Tensor) -> None:
         """The inner step of ``rows`` (whose caches have one length), written to the state."""
         assert self.window is not None
+        start = self.chunk * state.chunks_done[rows[0]]
+        past = min(self.window, start)
+        every = len(rows) == state.batch_size
+        graph = None
+        if every and past == self.window:
+            graph = self._graph(state, ("learn",), lambda: _LearnGraph(self, state, last_targets),
+                                at_second_use=True)
+        if graph is not None:
+            norms = graph.replay(last_targets)
+        else:
+            sel = slice(None) if every else torch.tensor(rows, device=state.device)
+            norms = self._learn_rows(state, sel, past, start, last_targets, True)
+        self._count_skipped(state, rows, norms)
+
+    def _learn_rows(self, state: State, sel: torch.Tensor | slice, past: int, start: int,
+                    last_targets: torch.Tensor, write: bool) -> torch.Tensor:
+        """The inner step of rows ``sel`` (all: ``slice(None)``) whose TTT caches hold ``past``
+        keys, at the chunk starting at token ``start``; with ``write``, its results go to
+        the state. Returns the update norms ``[R]``. Under CUDA-graph capture nothing reads
+        the device from the host (a non-finite update is then dropped on the device)."""
+        assert self.window is not None
         W = self.window
-        idx = torch.tensor(rows, device=state.device)
-        new_fast, new_inner, caches, update_norm = self._inner_step(state, idx, rows,
+        new_fast, new_inner, caches, update_norm = self._inner_step(state, sel, past, start,
                                                                     last_targets)
-        self._count_skipped(state, rows, update_norm)
+        if not write:
+            return update_norm
         for w, new in zip(state.fast, flatten_fast(new_fast)):
-            w[idx] = new.to(w.dtype)
+            w[sel] = new.to(w.dtype)
         for key, tensors in new_inner.items():
             for t, new in zip(state.inner[key], tensors):
-                t[idx] = new.to(t.dtype)
+                t[sel] = new.to(t.dtype)
         if state.fast_cast is not None:
             # In place, so that a captured decode graph sees the new weights.
             for c, w in zip(state.fast_cast, state.fast):
@@ -666,12 +762,13 @@ class Engine:
         for j, (k, v) in enumerate(caches):
             # The cache after the chunk (the learning forward's keys: the training cache holds
             # those), right-aligned at slot W - 1; older slots are masked.
-            past = k.shape[1]
-            state.ttt_keys[j][idx, :, W - past:W] = k.transpose(1, 2).to(state.ttt_keys[j].dtype)
-            state.ttt_values[j][idx, :, W - past:W] = v.transpose(1, 2).to(
+            kept = k.shape[1]
+            state.ttt_keys[j][sel, :, W - kept:W] = k.transpose(1, 2).to(state.ttt_keys[j].dtype)
+            state.ttt_values[j][sel, :, W - kept:W] = v.transpose(1, 2).to(
                 state.ttt_values[j].dtype)
-            state.ttt_keys_rope[j][idx, :, :W] = rope_slots(state.ttt_keys[j][idx, :, :W],
+            state.ttt_keys_rope[j][sel, :, :W] = rope_slots(state.ttt_keys[j][sel, :, :W],
                                                             self.config)
+        return update_norm
 
     def _count_skipped(self, state: State, rows: list[int], norms: torch.Tensor) -> None:
         """Count the inner updates that were not finite (norms ``[R]`` or ``[R, n]``; the
@@ -691,10 +788,10 @@ class Engine:
                 "weights for that chunk; state.skipped_updates counts such skips (check the "
                 "model's weights and inner_lr)", RuntimeWarning, stacklevel=4)
 
-    def _inner_step(self, state: State, idx: torch.Tensor, rows: list[int],
+    def _inner_step(self, state: State, idx: torch.Tensor | slice, past: int, start: int,
                     last_targets: torch.Tensor
                     ) -> tuple[FastWeights, InnerState, list[tuple], torch.Tensor]:
-        """Learn from the pending chunk of ``rows``: the model's own chunk forward
+        """Learn from the pending chunk of rows ``idx``: the model's own chunk forward
         (:meth:`TTTForCausalLM.ttt_chunk`, as in training) over the chunk's prefix outputs, the
         cache at the chunk's start and the fast weights in effect, with its inner step.
 
@@ -704,7 +801,6 @@ class Engine:
         assert state.pending_hidden is not None and state.pending_tokens is not None
         assert self.window is not None
         W, b = self.window, self.chunk
-        past = min(W, b * state.chunks_done[rows[0]])
         # Leave inference mode: autograd refuses inference tensors, so everything read from
         # the state (or made under inference mode, like the RoPE tables) is copied first.
         with torch.inference_mode(False), torch.no_grad():
@@ -722,7 +818,6 @@ class Engine:
             fast = unflatten_fast([w[idx].clone() for w in state.fast])
             inner = map_state(torch.clone, index_state(state.inner, idx))
             opts = self.model.options(ttt=True, inner_lr=self.inner_lr)
-            start = b * state.chunks_done[rows[0]]
             *_, new_caches, new_fast, new_inner, update_norm, _ = self.model.ttt_chunk(
                 h, targets, counted, start, rope, caches, fast, inner, opts, True, False)
         return new_fast, new_inner, new_caches, update_norm

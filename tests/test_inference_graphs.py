@@ -1,0 +1,138 @@
+"""The engine's captured computations (``cuda_graphs=True``) equal its eager ones.
+
+On a GPU the real CUDA graphs run. On the CPU a stand-in capture runs the same code path: the
+static buffers a graph reads, its warm-up (which must leave the state as it found it, or as the
+replay will write it), which computations are captured and when. The stand-in runs the
+warm-up, then replays by calling the captured function, as a replayed graph does its kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+
+from _helpers import GDN, MAMBA2, tiny_model, tokens
+from tttlm import TTTForCausalLM
+from tttlm.inference import Engine, State
+from tttlm.inference import engine as engine_module
+
+
+def session(model: TTTForCausalLM, graphs: bool, turns: list[torch.Tensor],
+            new_tokens: int) -> tuple[list[torch.Tensor], State, Engine]:
+    """Read ``turns`` one after the other into one state (a session), then decode greedily;
+    returns every prefill's logits and every decoded step's logits."""
+    engine = Engine(model, cuda_graphs=graphs)
+    logits, state = engine.prefill(turns[0])
+    seen = [logits]
+    for turn in turns[1:]:
+        logits, state = engine.prefill(turn, state)
+        seen.append(logits)
+    for _ in range(new_tokens):
+        logits, state = engine.step(state, logits.argmax(-1))
+        seen.append(logits)
+    return seen, state, engine
+
+
+def assert_same(a: tuple[list[torch.Tensor], State, Engine],
+                b: tuple[list[torch.Tensor], State, Engine]) -> None:
+    """Bit for bit, except where full-attention blocks decode: a graph attends over all of a
+    cache's slots (the unused ones masked), the eager step over the used ones only, so the
+    softmax sums differ in rounding (~1e-15 in fp64; a state advanced twice is off by O(1))."""
+    atol = 1e-12 if a[2].grows else 0.0
+    assert len(a[0]) == len(b[0])
+    for i, (x, y) in enumerate(zip(a[0], b[0])):
+        assert torch.allclose(x, y, rtol=0, atol=atol), (
+            f"logits {i} differ by {(x - y).abs().max():.3g}")
+    sa, sb = a[1]._tensors(), b[1]._tensors()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.allclose(sa[name], sb[name], rtol=0, atol=atol), (
+            f"state tensor {name} differs")
+    assert (a[1].lengths, a[1].chunks_done) == (b[1].lengths, b[1].chunks_done)
+
+
+@pytest.fixture
+def stand_in(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Capture on the CPU: warm up, then replay = call. Returns the captures' keys."""
+    captured: list[tuple] = []
+
+    def capture(run: Callable[[], Any], warm: Callable[[], object],
+                device: torch.device) -> Callable[[], Any]:
+        warm()
+        captured.append(("capture",))
+        return run
+
+    real_graph = Engine._graph
+
+    def graph(self: Engine, state: State, key: tuple, make: Callable[[], Any],
+              at_second_use: bool) -> Any:
+        made = key in self._graphs
+        out = real_graph(self, state, key, make, at_second_use)
+        if out is not None and not made:
+            captured[-1] = key
+        return out
+
+    monkeypatch.setattr(engine_module, "_can_capture", lambda device: True)
+    monkeypatch.setattr(engine_module, "_capture", capture)
+    monkeypatch.setattr(Engine, "_graph", graph)
+    return captured
+
+
+def test_session_chunks_and_inner_steps_are_captured_and_exact(stand_in: list[tuple]) -> None:
+    """A prompt, then two more turns of several chunks each (the second once the TTT caches
+    are full), then decoding across chunk boundaries: the same logits and state, bit for bit,
+    with the chunk forward, the inner step and the decoding step captured."""
+    model = tiny_model()
+    b = model.config.chunk_size
+    x, _ = tokens(model, 2, 60, seed=3)
+    turns = [x[:, :9], x[:, 9:30], x[:, 30:51]]  # window 12, chunk 4
+    eager = session(model, False, turns, 11)
+    graphed = session(model, True, turns, 11)
+    assert_same(graphed, eager)
+    assert set(stand_in) == {("forward", b, False, False), ("forward", 1, True, True),
+                             ("learn",)}
+    # Every computation was captured once: the state's buffers never moved.
+    assert len(stand_in) == 3
+
+
+def test_one_off_reads_stay_eager(stand_in: list[tuple]) -> None:
+    """A chunk's forward or inner step used once for a state's buffers is not captured (a
+    capture costs more than a call); at its second use it is; the decoding step at once."""
+    model = tiny_model()
+    x, _ = tokens(model, 1, 30, seed=4)
+    engine = Engine(model, cuda_graphs=True)
+    _, state = engine.prefill(x[:, :16])  # a fresh state: the training forward, eager
+    _, state = engine.prefill(x[:, 16:20], state)  # one inner step, one chunk: seen once
+    assert stand_in == []
+    engine.step(state, x[:, 20].reshape(-1))  # the second inner step, the first decoding step
+    assert stand_in == [("learn",), ("forward", 1, True, True)]
+    # Another state (other buffers) starts over.
+    _, other = engine.prefill(x[:, :16])
+    _, other = engine.prefill(x[:, 16:20], other)
+    assert len(stand_in) == 2
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "ttt_kvb", GDN, MAMBA2])
+def test_recurrent_blocks_advance_once(stand_in: list[tuple], variant: str) -> None:
+    """A recurrent block's state is advanced from itself: a capture's warm-up must not leave
+    it advanced, or the replay advances it twice."""
+    model = tiny_model(variant=variant, num_ttt_layers=None, global_every=2)
+    x, _ = tokens(model, 2, 40, seed=6)
+    turns = [x[:, :7], x[:, 7:27]]
+    assert_same(session(model, True, turns, 9), session(model, False, turns, 9))
+    assert ("forward", 1, True, True) in stand_in
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("variant", ["e2e", "hybrid", "ttt_kvb"])
+def test_cuda_graphs_equal_eager_on_gpu(variant: str) -> None:
+    """The real graphs, fp32 on a GPU: the same kernels replayed, so the same numbers."""
+    model = tiny_model(variant=variant, dtype=torch.float32,
+                       num_ttt_layers=2 if variant == "e2e" else None, global_every=2).cuda()
+    x, _ = tokens(model, 2, 60, seed=3)
+    x = x.cuda()
+    turns = [x[:, :9], x[:, 9:30], x[:, 30:51]]
+    assert_same(session(model, True, turns, 11), session(model, False, turns, 11))
