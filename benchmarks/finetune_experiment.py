@@ -597,7 +597,8 @@ def experiment_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 LATENCY_COLUMNS = ("model", "context", "rag", "ms_per_new_token", "request_s_median",
-                   "memory_s_median", "read_tokens", "ratio_vs_off", "ratio_vs_full")
+                   "first_token_s", "decode_ms_per_token", "memory_s_median", "read_tokens",
+                   "ratio_vs_off", "ratio_vs_full", "decode_vs_full")
 
 
 def latency_report(path: Path) -> dict[str, Any]:
