@@ -78,9 +78,12 @@ class _Control(NamedTuple):
     rows: torch.Tensor | None  # [R]
 
 
-def _buffers(state: State) -> tuple[int, ...]:
+def _buffers(state: State) -> tuple[tuple[int, tuple[int, ...]], ...]:
+    """Where a state's tensors are and their shapes: what a captured graph was made for (a
+    graph keeps no tensor alive, so another state may come to lie at the same addresses;
+    with the same shapes it is served right)."""
     tensors = [*state._tensors().values(), *state.ttt_keys_rope, *(state.fast_cast or [])]
-    return tuple(t.data_ptr() for t in tensors)
+    return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
 
 
 Out = TypeVar("Out")
