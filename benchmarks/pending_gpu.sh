@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|groups|recall|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -54,8 +54,19 @@ case "$PART" in
       --compile compiled --ttt-groups all 8 4 2 --repeats 2 --out "$OUT/prefill_groups_3b_8k" ;;
   recall)  # retrieval issue: the request cost of rag=end with the FTS5 index, beside full
     timeout "${LIMIT:-560}" python benchmarks/recall_latency.py --preset 760m --variants e2e full \
-      --contexts 8192 32768 131072 --new-tokens 128 --requests 3 \
+      --contexts 8192 32768 131072 --new-tokens 128 --requests 3 --profile \
       --out "$OUT/recall_latency_760m_fts5" ;;
+  recall_smol)  # retrieval issue: where SmolLM2 e2e's time to the first token goes (reading
+    # the quoted passages); the timing does not depend on the weights, so the converted models
+    # serve (no fine-tune); the GGUF as for `finetune`
+    W=/tmp/smol-lat; G=.gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+    [ -f $W/full/config.json ] || python -m tttlm.cli convert hf $G $W/full > /dev/null &
+    [ -f $W/e2e/config.json ] || python -m tttlm.cli convert hf $G $W/e2e --to e2e \
+      --window 1024 --chunk 128 --seed 0 > /dev/null &
+    wait
+    timeout "${LIMIT:-480}" python benchmarks/recall_latency.py --model $W/e2e --model $W/full \
+      --contexts 32768 --new-tokens 128 --requests 3 --profile \
+      --out "$OUT/recall_latency_smollm2_profile" ;;
   serve)  # serving issue: 64 sessions of 32K context, e2e vs full (disk: full's sessions are
           # 4x larger, so it gets fewer)
     timeout 270 python benchmarks/serve_load.py --preset 125m --variant e2e --context 32768 \
@@ -97,8 +108,9 @@ case "$PART" in
       --niah 2048,4096,8192,16384 --niah-kinds passkey,number,uuid --niah-depths 0.25,0.75 \
       --niah-samples 4 --niah-batch-size 24 --rag-separator "\\n\\n" ${FINETUNE_ARGS:-} --out "$OUT" --name finetune_smollm2_h200 ;;
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
-    # horizon (own folder in --work, so the default rows stay).
-  *) echo "PART=$PART: use train, prefill, groups, recall, serve, variants, decode, compare," \
+    # horizon (own folder in --work, so the default rows stay; measured:
+    # results/finetune_smollm2_h200_horizon128.md).
+  *) echo "PART=$PART: use train, prefill, groups, recall, recall_smol, serve, variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
 esac

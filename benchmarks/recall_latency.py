@@ -16,6 +16,11 @@ time, the part spent in the memory (index build + search, host side), and the to
 it per token. The per-token decode step is the engine's either way: the memory
 records tokens on the host and is searched once per request. A full-attention model keeps the
 whole document in its cache and has no memory (rag=off only).
+
+``--profile``: one more request per row, reading its prompt and its first new token under
+``torch.profiler``: per row the wall time, the device's busy time, the kernel and graph launches,
+and (in ``OUT_profile.txt``) the operators by self device time, then by self host time: where
+the time to the first token goes when it is not the device's work.
 """
 
 from __future__ import annotations
@@ -116,6 +121,7 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
         rows.append((wall, timer.seconds, len(prompt) + quoted + (1 if quoted else 0), len(new),
                      first))
     timed = rows[1:]
+    profile = first_token_profile(session, gen, vocab, document) if args.profile else None
     decode_ms = [1000 * (w - f) / max(1, n - 1) for w, _, _, n, f in timed]
     index_mib = None
     if session.memory is not None:
@@ -131,7 +137,54 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
             "decode_ms_per_token": round(statistics.median(decode_ms), 3),
             "index_mib": index_mib,
             "document_read_s": round(read_s, 2),
-            "request_times": [round(w, 4) for w, *_ in rows]}
+            "request_times": [round(w, 4) for w, *_ in rows],
+            **({"profile": profile} if profile is not None else {})}
+
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+
+
+def first_token_profile(session: Any, gen: torch.Generator, vocab: int,
+                        document: list[int]) -> dict[str, Any]:
+    """One more request, up to its first new token (recall, reading the prompt and the quoted
+    passages, sampling), under torch.profiler."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    prompt = torch.randint(3, vocab, (64,), generator=gen).tolist() + document[:32]
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        stream = session.stream(prompt, 1, temperature=0.0, stop=())
+        next(stream)
+        wall = time.perf_counter() - start
+    for _ in stream:  # the session takes its state when the stream ends
+        pass
+    events = prof.key_averages()
+
+    def device_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", None)
+                     or getattr(e, "self_cuda_time_total", 0.0) or 0.0)
+
+    # (an operator's self device time is its kernels' too: count the kernels alone)
+    kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+
+    by_device = sorted(events, key=device_us, reverse=True)[:25]
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:25]
+    table = ["operator | calls | self device ms | self host ms"]
+    for title, chosen in (("by self device time", by_device), ("by self host time", by_host)):
+        table += [f"-- {title}"] + [
+            f"{e.key} | {e.count} | {device_us(e) / 1e3:.3f} | {e.self_cpu_time_total / 1e3:.3f}"
+            for e in chosen]
+    return {"wall_s": round(wall, 4),
+            "device_busy_s": round(sum(device_us(e) for e in kernels) / 1e6, 4),
+            "kernel_launches": sum(e.count for e in events if e.key in LAUNCHES),
+            "graph_launches": sum(e.count for e in events if e.key == "cudaGraphLaunch"),
+            "table": table}
 
 
 def models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
@@ -163,6 +216,8 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=3)
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-graphs", dest="graphs", action="store_false")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one more request's first token per row (OUT_profile.txt)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     device = torch.device(args.device)
@@ -188,6 +243,16 @@ def main() -> None:
                 row["ratio_vs_full"] = round(row["request_s_median"] / full["request_s_median"], 3)
                 row["decode_vs_full"] = round(row["decode_ms_per_token"]
                                               / full["decode_ms_per_token"], 3)
+    if args.profile:
+        lines = []
+        for row in rows:
+            prof = row["profile"]
+            lines += ["", f"## {row['model']}, context {row['context']}, rag={row['rag']}: "
+                      f"first token {prof['wall_s']} s, device busy {prof['device_busy_s']} s, "
+                      f"{prof['kernel_launches']} kernel and {prof['graph_launches']} graph "
+                      "launches", *prof.pop("table")]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}_profile.txt").write_text("\n".join(lines).lstrip() + "\n")
     env = environment(device)
     env["command"] = "python benchmarks/recall_latency.py " + shlex.join(sys.argv[1:])
     names = ", ".join(dict.fromkeys(r["model"] for r in rows))
