@@ -115,6 +115,11 @@ def _capture(run: Callable[[], Out], warm: Callable[[], object],
     return replay
 
 
+def _powers_of_two(n: int) -> list[int]:
+    """``n`` as a sum of distinct powers of two, largest first."""
+    return [1 << i for i in reversed(range(n.bit_length())) if n >> i & 1]
+
+
 class _ForwardGraph:
     """``Engine._compute`` of ``n`` tokens for every sequence of one state, captured: a
     decoding step (n = 1) or a whole chunk of a prompt (n = b).
@@ -252,11 +257,12 @@ class Engine:
         ignore_bos_targets: like the official data pipeline, a target equal to BOS does not
             count in a chunk's inner loss (matches training with ``labels == -100`` there).
         cuda_graphs: on a CUDA device, replay the steps of a whole batch that repeat with the
-            same shapes as captured CUDA graphs: the single-token decoding step, a chunk of a
-            prompt read into a state that has read before (a session's next turn, a recalled
-            quote), and a chunk's inner step once the TTT caches are full. A state's graphs are
-            captured for its buffers (again when they change: another state, a grown cache);
-            a chunk's graphs at their second use, so that one-off reads stay eager. A fresh
+            same shapes as captured CUDA graphs: the single-token decoding step, the pieces of
+            a prompt read into a state that has read before (a session's next turn, a recalled
+            quote: whole chunks, the rest as pieces whose lengths are powers of two), and a
+            chunk's inner step once the TTT caches are full. A state's graphs are captured for
+            its buffers (again when they change: another state, a grown cache); all but the
+            decoding step's at their second use, so that one-off reads stay eager. A fresh
             state's first prompt runs the training forward eagerly.
     """
 
@@ -603,12 +609,16 @@ class Engine:
         sel = None if rows is None else torch.tensor(rows, device=device)
         return _Control(counters[0], counters[1], counters[2], sel)
 
+    def _captures(self, state: State) -> bool:
+        """Whether computations on ``state`` run as captured CUDA graphs."""
+        return self.cuda_graphs and _can_capture(state.device)
+
     def _graph(self, state: State, key: tuple, make: Callable[[], Any],
                at_second_use: bool) -> Any:
         """The captured graph ``key`` of ``state`` (``make`` captures it), or None where the
         computation runs eagerly: no CUDA graphs, or (``at_second_use``) its first use for
         this state's buffers."""
-        if not (self.cuda_graphs and _can_capture(state.device)):
+        if not self._captures(state):
             return None
         owner = (state.batch_size, _buffers(state))
         if owner != self._graphs_for:
@@ -630,8 +640,19 @@ class Engine:
         if self.grows:
             self._grow(state, max(state.lengths) + n)
         every = len(rows) == state.batch_size
+        power = n & (n - 1) == 0
+        if every and not power and n != self.chunk and self._captures(state):
+            # Any other length is read as pieces whose lengths are powers of two (85 = 64 +
+            # 16 + 4 + 1): a few graphs that later reads reuse, not one per length. The same
+            # function of the tokens, summed in another order (rounding differs).
+            logits, t = None, 0
+            for size in _powers_of_two(n):
+                logits = self._forward(state, tokens[:, t:t + size], rows, ttt_forward,
+                                       want_logits and t + size == n)
+                t += size
+            return logits
         graph = None
-        if every and n in (1, self.chunk):
+        if every and (power or n == self.chunk):
             graph = self._graph(
                 state, ("forward", n, ttt_forward, want_logits),
                 lambda: _ForwardGraph(self, state, tokens, ttt_forward, want_logits),
