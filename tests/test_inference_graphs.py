@@ -21,11 +21,14 @@ from tttlm.inference import engine as engine_module
 
 
 def session(model: TTTForCausalLM, graphs: bool, turns: list[torch.Tensor],
-            new_tokens: int) -> tuple[list[torch.Tensor], State, Engine]:
+            new_tokens: int, eager_first: bool = False
+            ) -> tuple[list[torch.Tensor], State, Engine]:
     """Read ``turns`` one after the other into one state (a session), then decode greedily;
-    returns every prefill's logits and every decoded step's logits."""
+    returns every prefill's logits and every decoded step's logits. ``eager_first``: the first
+    turn (a fresh state's read) without graphs."""
     engine = Engine(model, cuda_graphs=graphs)
-    logits, state = engine.prefill(turns[0])
+    first = Engine(model) if eager_first else engine
+    logits, state = first.prefill(turns[0])
     seen = [logits]
     for turn in turns[1:]:
         logits, state = engine.prefill(turn, state)
@@ -82,15 +85,15 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
 
 
 def test_session_chunks_and_inner_steps_are_captured_and_exact(stand_in: list[tuple]) -> None:
-    """A prompt, then two more turns of whole chunks (the second once the TTT caches are
-    full), then decoding across chunk boundaries: the same logits and state, bit for bit,
-    with the chunk forward, the inner step and the decoding step captured."""
+    """A prompt (read eagerly), then two more turns of whole chunks (the second once the TTT
+    caches are full), then decoding across chunk boundaries: the same logits and state, bit
+    for bit, with the chunk forward, the inner step and the decoding step captured."""
     model = tiny_model()
     b = model.config.chunk_size
     x, _ = tokens(model, 2, 60, seed=3)
     turns = [x[:, :12], x[:, 12:28], x[:, 28:44]]  # window 12, chunk 4
     eager = session(model, False, turns, 11)
-    graphed = session(model, True, turns, 11)
+    graphed = session(model, True, turns, 11, eager_first=True)
     assert_same(graphed, eager)
     assert set(stand_in) == {("forward", b, False, False), ("forward", b, True, True),
                              ("forward", 1, True, True), ("learn",)}
@@ -112,14 +115,29 @@ def test_other_lengths_are_read_as_powers_of_two(stand_in: list[tuple]) -> None:
     assert sizes and all(n & (n - 1) == 0 for n in sizes) and sizes - {1, 8}
 
 
+@pytest.mark.parametrize("length", [44, 47])
+def test_a_fresh_prompt_learns_chunk_by_chunk_with_graphs(stand_in: list[tuple],
+                                                          length: int) -> None:
+    """A fresh state's prompt: with graphs its chunks are learned as decoding learns them
+    (the inner step captured once the caches are full) instead of the training forward's
+    chunk loop: equal to rounding, then decoding continues alike. A prompt ending on a chunk
+    boundary (44) keeps its last chunk pending, as the training forward's read does."""
+    model = tiny_model()
+    x, _ = tokens(model, 2, 60, seed=8)
+    turns = [x[:, :length]]
+    graphed = session(model, True, turns, 9)
+    assert ("learn",) in stand_in
+    assert_same(graphed, session(model, False, turns, 9), atol=1e-12)
+
+
 def test_one_off_reads_stay_eager(stand_in: list[tuple]) -> None:
     """A chunk's forward or inner step used once for a state's buffers is not captured (a
     capture costs more than a call); at its second use it is; the decoding step at once."""
     model = tiny_model()
     x, _ = tokens(model, 1, 30, seed=4)
     engine = Engine(model, cuda_graphs=True)
-    _, state = engine.prefill(x[:, :16])  # a fresh state: the training forward, eager
-    _, state = engine.prefill(x[:, 16:20], state)  # one inner step, one chunk: seen once
+    _, state = engine.prefill(x[:, :16])  # a fresh state: its inner steps (past < window)
+    _, state = engine.prefill(x[:, 16:20], state)  # one more inner step, one chunk: seen once
     assert stand_in == []
     engine.step(state, x[:, 20].reshape(-1))  # the second inner step, the first decoding step
     assert stand_in == [("learn",), ("forward", 1, True, True)]

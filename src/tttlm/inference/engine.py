@@ -263,7 +263,9 @@ class Engine:
             chunk's inner step once the TTT caches are full. A state's graphs are captured for
             its buffers (again when they change: another state, a grown cache); all but the
             decoding step's at their second use, so that one-off reads stay eager. A fresh
-            state's first prompt runs the training forward eagerly.
+            state's prompt runs the prefix blocks over the whole prompt, then learns its
+            chunks one by one as decoding does (instead of the training forward's chunk
+            loop), so that the inner step replays too (equal to rounding).
     """
 
     def __init__(self, model: TTTForCausalLM, *, ttt: bool | None = None,
@@ -532,6 +534,8 @@ class Engine:
                  for i, ring in enumerate(zip(state.prefix_keys, state.prefix_values))]
         h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
         state.lengths = [T] * B
+        if self.ttt and self._captures(state):
+            return self._learn_chunks(state, h, tokens)
         if not self.is_e2e:
             _, logits = model.head_nll(h[:, -1:], None, True)
             assert logits is not None
@@ -576,6 +580,29 @@ class Engine:
                 buf[:, :, W:W + c] = after[:, -c:].transpose(1, 2).to(buf.dtype)
             state.ttt_keys_rope[j].copy_(rope_slots(state.ttt_keys[j], self.config))
         return logits[:, 0]
+
+    def _learn_chunks(self, state: State, h: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """:meth:`_prefill_fresh`'s TTT part as decoding takes it (for CUDA graphs, which
+        the training forward's chunk loop is not): each full chunk but the last learned from
+        through :meth:`finish_chunk` (captured once the TTT caches are full), the last one
+        read as the pending chunk. The same function of the tokens as the training forward
+        (to rounding: the sums run in another order)."""
+        assert state.pending_hidden is not None and state.pending_tokens is not None
+        B, T, b = tokens.shape[0], tokens.shape[1], self.chunk
+        rows = list(range(B))
+        last = b * ((T - 1) // b)  # the pending chunk's first token
+        for start in range(0, last, b):
+            state.pending_hidden[:, :b] = h[:, start:start + b].to(state.pending_hidden.dtype)
+            state.pending_tokens[:, :b] = tokens[:, start:start + b]
+            self.finish_chunk(state, rows, tokens[:, start + b])
+        state.lengths = [last] * B
+        m = T - last
+        ctl = self._control(state, None, m)
+        logits = self._compute_ttt(state, h[:, last:], tokens[:, last:], ctl,
+                                   Rows(None, B, state.device), True, True)
+        state.lengths = [T] * B
+        assert logits is not None
+        return logits
 
     def _mixer_state(self, state: State, layer: int) -> tuple[torch.Tensor, ...]:
         """The decoding tensors of recurrent block ``layer`` (a prefix-block index)."""
@@ -689,6 +716,13 @@ class Engine:
                                           used if w is None else None, rows, config,
                                           self._param.dtype)
             h = layer(h, RingKV(state.prefix_keys[i], state.prefix_values[i], rings[w]))
+        return self._compute_ttt(state, h, tokens, ctl, rows, ttt_forward, want_logits)
+
+    def _compute_ttt(self, state: State, h: torch.Tensor, tokens: torch.Tensor, ctl: _Control,
+                     rows: Rows, ttt_forward: bool, want_logits: bool) -> torch.Tensor | None:
+        """The rest of :meth:`_compute` from the prefix blocks' output ``h [B, n, D]``: into
+        the pending chunk, through the TTT blocks, and the head."""
+        n, device = tokens.shape[1], tokens.device
         if self.is_e2e:
             assert state.pending_hidden is not None and state.pending_tokens is not None
             assert self.window is not None
