@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -47,8 +47,13 @@ case "$PART" in
       --out "$OUT/train_cli_125m_8k_mb8" ;;
   prefill)  # speed issue: Engine.prefill (what tttlm generate uses) beside the scoring forward
     timeout 560 python -m tttlm.cli bench prefill --preset 3b --lengths 8192 131072 \
-      --compile compiled --attention first-order --paths model engine --repeats 2 \
-      --out "$OUT/prefill_engine_3b" ;;
+      --compile compiled --attention first-order --paths model engine engine-graphs \
+      --repeats 2 --out "$OUT/prefill_engine_3b" ;;
+  prefill_small)  # speed issue: Engine.prefill of a small model (launch-bound per chunk), with
+    # and without the engine's CUDA graphs (the inner step replayed once the caches are full)
+    timeout 560 python -m tttlm.cli bench prefill --preset 125m --variants e2e \
+      --lengths 32768 131072 --batch 1 --paths model engine engine-graphs --repeats 2 \
+      --out "$OUT/prefill_engine_graphs_125m" ;;
   groups)  # speed issue: 3b e2e prefill memory and speed at 8K x 16 by TTT group size
     timeout 560 python -m tttlm.cli bench prefill --preset 3b --variants e2e --lengths 8192 \
       --compile compiled --ttt-groups all 8 4 2 --repeats 2 --out "$OUT/prefill_groups_3b_8k" ;;
@@ -110,7 +115,8 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, groups, recall, recall_smol, serve, variants, decode, compare," \
+  *) echo "PART=$PART: use train, prefill, prefill_small, groups, recall, recall_smol, serve," \
+       "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
 esac

@@ -131,3 +131,15 @@ def test_default_out_keeps_committed_results(tmp_path: Path, monkeypatch: pytest
     assert err.startswith("tttlm bench decode: error: ") and "--overwrite" in err
     assert report.read_bytes() == before
     assert main([*args, "--overwrite"]) == 0
+
+
+def test_prefill_times_the_engine_with_and_without_its_graphs(tmp_path: Path) -> None:
+    """``--paths engine engine-graphs``: Engine.prefill beside the same with
+    ``cuda_graphs=True`` (on a CPU no graph is captured: the route, not the speed)."""
+    out = tmp_path / "report"
+    assert main(["bench", "prefill", "--preset", "tiny", "--lengths", "128", "--batch", "1",
+                 "--variants", "e2e", "--paths", "engine", "engine-graphs", "--device", "cpu",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["path"] for r in rows] == ["engine", "engine-graphs"]
+    assert all("error" not in r and r["s_median"] > 0 for r in rows)

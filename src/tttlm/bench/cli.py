@@ -102,8 +102,10 @@ def add_parser(subparsers: Any) -> None:
                    help="tokens per step when --batch is not given (the paper's 128K)")
     p.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"],
                    help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks)")
-    p.add_argument("--paths", nargs="+", default=["model"], choices=["model", "engine"],
-                   help="the scoring forward pass (model) and/or Engine.prefill (engine)")
+    p.add_argument("--paths", nargs="+", default=["model"],
+                   choices=["model", "engine", "engine-graphs"],
+                   help="the scoring forward pass (model) and/or Engine.prefill (engine; "
+                        "engine-graphs: with its CUDA graphs, Engine(cuda_graphs=True))")
     p.add_argument("--attention", nargs="+", default=["auto"], metavar="BACKEND",
                    help="attention backends to time (auto, first-order, triton, banded, ...)")
     p.add_argument("--ttt-groups", nargs="+", default=["all"], metavar="N",

@@ -66,14 +66,17 @@ def _prefill(model: torch.nn.Module, x: torch.Tensor, ttt: bool, micro_batch: in
              path: str = "model") -> None:
     """``model``: the forward pass that scores the prompt (the training forward without outer
     gradient); ``engine``: ``Engine.prefill``, which reads the prompt into a decoding state
-    (caches, fast weights, pending chunk) and returns the next token's logits."""
+    (caches, fast weights, pending chunk) and returns the next token's logits;
+    ``engine-graphs``: the same with ``cuda_graphs=True`` (e2e: the chunks learned one by one,
+    the inner step replayed as a CUDA graph once the TTT caches are full)."""
     from tttlm.inference import Engine
 
     with torch.inference_mode(), autocast(x.device):  # bf16 on a GPU
         for i in range(0, x.shape[0], micro_batch):
             part = x[i:i + micro_batch]
-            if path == "engine":
-                Engine(model, ttt=ttt).prefill(part[:, :-1])
+            if path.startswith("engine"):
+                Engine(model, ttt=ttt, cuda_graphs=path == "engine-graphs").prefill(
+                    part[:, :-1])
             else:
                 model(part[:, :-1], labels=part[:, 1:], ttt=ttt)
 
@@ -140,9 +143,10 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     A step that does not fit in memory runs as consecutive micro-batches (``micro_batch``):
     the same tokens per step, in fewer sequences at a time. ``paths``: ``model`` (the forward
     pass that scores the prompt) and/or ``engine`` (``Engine.prefill``, what ``tttlm generate``
-    runs). ``attention``: attention backends to time (:func:`tttlm.ops.attention.attention_backend`
-    names, e.g. ``first-order``). ``ttt_groups``: e2e's TTT chunks for at most this many
-    sequences at a time (``TTTForCausalLM.ttt_group``; ``None``: the whole step's batch).
+    runs; ``engine-graphs`` with the engine's CUDA graphs). ``attention``: attention backends
+    to time (:func:`tttlm.ops.attention.attention_backend` names, e.g. ``first-order``).
+    ``ttt_groups``: e2e's TTT chunks for at most this many sequences at a time
+    (``TTTForCausalLM.ttt_group``; ``None``: the whole step's batch).
     """
     from tttlm.model.model import TTTForCausalLM
     from tttlm.ops.attention import attention_backend

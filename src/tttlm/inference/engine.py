@@ -99,13 +99,17 @@ def _capture(run: Callable[[], Out], warm: Callable[[], object],
     """Capture ``run`` as a CUDA graph once ``warm`` ran on a side stream (as capture
     requires: lazy initialisation must not happen inside it). The returned call replays the
     graph and returns ``run``'s outputs: static tensors that the next replay overwrites."""
+    # Under autocast, its cache of cast weights must stay off: a graph would keep reading
+    # the cached copies after the autocast region that made them has freed them.
+    cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
+                          enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side), cast:
         warm()
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), cast:
         out = run()
 
     def replay() -> Out:
