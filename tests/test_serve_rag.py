@@ -64,6 +64,34 @@ def test_rag_session_recalls_across_eviction_and_restart(tmp_path: Path,
     assert "Traceback" not in (tmp_path / "log").read_text()
 
 
+def test_rag_horizon_quotes_a_needle_still_in_the_window(tmp_path: Path) -> None:
+    """``--rag-horizon 8`` (window 16): a needle 8-16 tokens back is still in the window, so
+    by default it is not in the memory and nothing is quoted; with the horizon its passage is
+    indexed and quoted before the query."""
+    torch.manual_seed(0)
+    config = TTTConfig.from_preset("tiny", window=16, chunk_size=8, hidden_size=32)
+    model_dir = TTTForCausalLM(config).save_pretrained(tmp_path / "model")
+    rng = random.Random(1)
+    document = [*(rng.randrange(3, 150) for _ in range(4)), *NEEDLE,
+                *(rng.randrange(3, 150) for _ in range(8))]
+    read = {}
+    for horizon in ([], ["--rag-horizon", "8"]):
+        server = start(model_dir, tmp_path / f"sessions{len(horizon)}", tmp_path / "log",
+                       "--rag", "end", *horizon)
+        try:
+            client = server.client()
+            sid = new_session(client, document)["id"]
+            before = client.get(f"/sessions/{sid}", cast_to=object)["tokens"]
+            continue_session(client, sid, NEEDLE[:4], 2)
+            read[len(horizon)] = client.get(f"/sessions/{sid}", cast_to=object)["tokens"] - before
+        finally:
+            stop(server)
+    # the prompt and 2 new tokens; with the horizon also a separator, one passage (budget: a
+    # quarter of the window = 4 tokens) and the separator before the query
+    assert read == {0: 4 + 2, 2: 4 + 2 + 1 + 4 + 1}
+    assert "Traceback" not in (tmp_path / "log").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--rag-index", "dense"], "--rag-index dense chooses the index of --rag end"),
     (["--rag", "end", "--rag-index", "vectors"], "rag index 'vectors' is not one of"),
