@@ -306,8 +306,8 @@ class Engine:
         self._digest = weights_digest(model)
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, ...]] = {}
         self.cuda_graphs = cuda_graphs
-        # The captured graphs of one state (batch size and buffer addresses), by computation;
-        # computations seen once, eagerly, for that state.
+        # The captured graphs of one state (batch size, buffer addresses and shapes, and the
+        # engine's settings), by computation; computations seen once, eagerly, for that state.
         self._graphs: dict[tuple, Any] = {}
         self._graphs_for: tuple | None = None
         self._seen: set[tuple] = set()
@@ -651,7 +651,8 @@ class Engine:
         this state's buffers."""
         if not self._captures(state):
             return None
-        owner = (state.batch_size, _buffers(state))
+        # (η and the target rule are constants of a captured inner step)
+        owner = (state.batch_size, _buffers(state), self.inner_lr, self.ignore_bos_targets)
         if owner != self._graphs_for:
             self._graphs.clear()  # free the old graphs' memory pools first
             self._seen.clear()
