@@ -102,7 +102,9 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
     sync()
     read_s = time.perf_counter() - start
     rows = []
-    for r in range(args.requests + 1):  # the first one warms up (graph capture), not counted
+    # The first requests warm up, not counted: the engine captures a graph per piece length
+    # as the prompts and quotes bring new ones.
+    for r in range(args.warmup + args.requests):
         head = torch.randint(3, vocab, (64,), generator=gen).tolist()
         at = 32 * (r + 1)
         prompt = head + document[at:at + 32]
@@ -120,7 +122,7 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
         quoted = sum(len(p.tokens) + 1 for p in session.last_recall)
         rows.append((wall, timer.seconds, len(prompt) + quoted + (1 if quoted else 0), len(new),
                      first))
-    timed = rows[1:]
+    timed = rows[args.warmup:]
     profile = first_token_profile(session, gen, vocab, document) if args.profile else None
     decode_ms = [1000 * (w - f) / max(1, n - 1) for w, _, _, n, f in timed]
     index_mib = None
@@ -214,6 +216,7 @@ def main() -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--requests", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="requests before the timed ones")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-graphs", dest="graphs", action="store_false")
     p.add_argument("--profile", action="store_true",
@@ -259,11 +262,12 @@ def main() -> None:
     write_report(args.out, f"Retrieval memory: request latency, {names}", env, rows,
                  COLUMNS, notes=[
                      f"A request = a 96-token prompt + {args.new_tokens} greedy tokens "
-                     f"(CUDA-graph decoding: {graphs}), after a document of "
-                     "`context` random tokens; median of the timed requests (a first one "
-                     "warms up). memory_s = time inside ContextMemory.recall (index update "
-                     "with the passages that left the window since the last search, and the "
-                     "search); read_tokens = prompt + quoted passages; first_token_s = from the "
+                     f"(CUDA graphs: {graphs}), after a document of "
+                     "`context` random tokens; median of the timed requests (after "
+                     f"{args.warmup} that warm up). memory_s = time inside "
+                     "ContextMemory.recall (index update with the passages that left the "
+                     "window since the last search, and the search); read_tokens = prompt + "
+                     "quoted passages; first_token_s = from the "
                      "request to its first new token (recall, reading the prompt and the quoted "
                      "passages); decode_ms_per_token = the rest of the request per further "
                      "token; ratio_vs_full / decode_vs_full = this row's request time / decode "

@@ -311,6 +311,7 @@ class Engine:
         self._graphs: dict[tuple, Any] = {}
         self._graphs_for: tuple | None = None
         self._seen: set[tuple] = set()
+        self._fresh = False  # while a fresh state reads its first prompt
 
     # --------------------------------------------------------------------------- helpers
     @property
@@ -539,7 +540,11 @@ class Engine:
         h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
         state.lengths = [T] * B
         if self.ttt and self._captures(state):
-            return self._learn_chunks(state, h, tokens)
+            self._fresh = True
+            try:
+                return self._learn_chunks(state, h, tokens)
+            finally:
+                self._fresh = False
         if not self.is_e2e:
             _, logits = model.head_nll(h[:, -1:], None, True)
             assert logits is not None
@@ -644,11 +649,11 @@ class Engine:
         """Whether computations on ``state`` run as captured CUDA graphs."""
         return self.cuda_graphs and _can_capture(state.device)
 
-    def _graph(self, state: State, key: tuple, make: Callable[[], Any],
-               at_second_use: bool) -> Any:
+    def _graph(self, state: State, key: tuple, make: Callable[[], Any]) -> Any:
         """The captured graph ``key`` of ``state`` (``make`` captures it), or None where the
-        computation runs eagerly: no CUDA graphs, or (``at_second_use``) its first use for
-        this state's buffers."""
+        computation runs eagerly: no CUDA graphs, or its first use while a fresh state reads
+        its first prompt (a state read once, like a ragged batch's row, is not worth a
+        capture; a state read again, a session, is)."""
         if not self._captures(state):
             return None
         # (η and the target rule are constants of a captured inner step)
@@ -658,7 +663,7 @@ class Engine:
             self._seen.clear()
             self._graphs_for = owner
         if key not in self._graphs:
-            if at_second_use and key not in self._seen:
+            if self._fresh and key not in self._seen:
                 self._seen.add(key)
                 return None
             self._graphs[key] = make()
@@ -685,12 +690,13 @@ class Engine:
             return logits
         graph = None
         if every and (power or n == self.chunk):
-            graph = self._graph(
-                state, ("forward", n, ttt_forward, want_logits),
-                lambda: _ForwardGraph(self, state, tokens, ttt_forward, want_logits),
-                at_second_use=n > 1)
+            # (the last token's logits cost one row of the head: a graph always computes
+            # them, so that there is one graph per length and TTT forward, not two)
+            graph = self._graph(state, ("forward", n, ttt_forward),
+                                lambda: _ForwardGraph(self, state, tokens, ttt_forward, True))
         if graph is not None:
             logits = graph.replay(state, tokens)
+            logits = logits if want_logits else None
         else:
             ctl = self._control(state, None if every else rows, n)
             # Full attention: slots past the longest sequence hold nothing yet.
@@ -792,8 +798,7 @@ class Engine:
         every = len(rows) == state.batch_size
         graph = None
         if every and past == self.window:
-            graph = self._graph(state, ("learn",), lambda: _LearnGraph(self, state, last_targets),
-                                at_second_use=True)
+            graph = self._graph(state, ("learn",), lambda: _LearnGraph(self, state, last_targets))
         if graph is not None:
             norms = graph.replay(last_targets)
         else:
