@@ -265,11 +265,13 @@ class Engine:
             a prompt read into a state that has read before (a session's next turn, a recalled
             quote: whole chunks, the rest as pieces whose lengths are powers of two), and a
             chunk's inner step once the TTT caches are full. A state's graphs are captured for
-            its buffers (again when they change: another state, a grown cache); all but the
-            decoding step's at their second use, so that one-off reads stay eager. A fresh
-            state's prompt runs the prefix blocks over the whole prompt, then learns its
-            chunks one by one as decoding does (instead of the training forward's chunk
-            loop), so that the inner step replays too (equal to rounding).
+            its buffers (again when they change: another state, a grown cache), at their
+            first use, except while a fresh state reads its first prompt (at their second:
+            a state read once stays eager). That prompt runs the prefix blocks over the whole
+            prompt, then learns its chunks one by one as decoding does (instead of the
+            training forward's chunk loop), so that the inner step replays too (equal to
+            rounding). About 20 graphs per state at most (a piece length each, the inner
+            step, the decoding step), each with its own memory pool.
     """
 
     def __init__(self, model: TTTForCausalLM, *, ttt: bool | None = None,
