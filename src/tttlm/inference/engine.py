@@ -270,8 +270,9 @@ class Engine:
             a state read once stays eager). That prompt runs the prefix blocks over the whole
             prompt, then learns its chunks one by one as decoding does (instead of the
             training forward's chunk loop), so that the inner step replays too (equal to
-            rounding). About 20 graphs per state at most (a piece length each, the inner
-            step, the decoding step), each with its own memory pool.
+            rounding). At most about log2(chunk) + 3 graphs per state (a piece length each,
+            a whole chunk without the TTT blocks, the inner step), each with its own memory
+            pool.
     """
 
     def __init__(self, model: TTTForCausalLM, *, ttt: bool | None = None,
