@@ -146,6 +146,23 @@ def test_a_fresh_read_captures_at_second_use_a_session_at_once(stand_in: list[tu
     assert stand_in[-1] == ("learn",) and len(stand_in) == 4  # captured at the second
 
 
+def test_a_ragged_batch_rows_are_read_once(stand_in: list[tuple]) -> None:
+    """Prompts of different lengths continue a batch row by row, each row a new state read
+    once: nothing is captured for a computation used once, and the result is the eager one."""
+    model = tiny_model()
+    x, _ = tokens(model, 2, 30, seed=9)
+
+    def run(graphs: bool) -> tuple[torch.Tensor, State]:
+        _, state = Engine(model).prefill(x[:, :14])  # 3 chunks learned, 2 tokens pending
+        return Engine(model, cuda_graphs=graphs).prefill([x[0, 14:15], x[1, 14:16]], state)
+
+    (graphed, gs), (eager, es) = run(True), run(False)
+    assert stand_in == []
+    assert torch.equal(graphed, eager)
+    assert all(torch.equal(a, b) for a, b in zip(gs._tensors().values(),
+                                                 es._tensors().values()))
+
+
 @pytest.mark.parametrize("variant", ["hybrid", "ttt_kvb", GDN, MAMBA2])
 def test_recurrent_blocks_advance_once(stand_in: list[tuple], variant: str) -> None:
     """A recurrent block's state is advanced from itself: a capture's warm-up must not leave

@@ -33,6 +33,7 @@ its own gradient; callers may wrap the engine in ``no_grad``/``inference_mode`` 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -314,7 +315,9 @@ class Engine:
         self._graphs: dict[tuple, Any] = {}
         self._graphs_for: tuple | None = None
         self._seen: set[tuple] = set()
-        self._fresh = False  # while a fresh state reads its first prompt
+        # While a state is read that will not be read again as it is (a fresh state's first
+        # prompt, a ragged batch's row): graphs at their second use.
+        self._once = False
 
     # --------------------------------------------------------------------------- helpers
     @property
@@ -417,8 +420,9 @@ class Engine:
             else:
                 parts, rows = [], []
                 for r, prompt in enumerate(prompts):
-                    sub = state.select([r])
-                    parts.append(self._extend(sub, prompt[None]))
+                    sub = state.select([r])  # (new tensors, read once)
+                    with self._read_once():
+                        parts.append(self._extend(sub, prompt[None]))
                     rows.append(sub)
                 logits = torch.cat(parts)
                 # Update the caller's object in place, as every other path does.
@@ -543,11 +547,8 @@ class Engine:
         h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
         state.lengths = [T] * B
         if self.ttt and self._captures(state):
-            self._fresh = True
-            try:
+            with self._read_once():
                 return self._learn_chunks(state, h, tokens)
-            finally:
-                self._fresh = False
         if not self.is_e2e:
             _, logits = model.head_nll(h[:, -1:], None, True)
             assert logits is not None
@@ -648,15 +649,24 @@ class Engine:
         sel = None if rows is None else torch.tensor(rows, device=device)
         return _Control(counters[0], counters[1], counters[2], sel)
 
+    @contextlib.contextmanager
+    def _read_once(self) -> Iterator[None]:
+        """Mark the state read inside as one that is read once: graphs at second use."""
+        before, self._once = self._once, True
+        try:
+            yield
+        finally:
+            self._once = before
+
     def _captures(self, state: State) -> bool:
         """Whether computations on ``state`` run as captured CUDA graphs."""
         return self.cuda_graphs and _can_capture(state.device)
 
     def _graph(self, state: State, key: tuple, make: Callable[[], Any]) -> Any:
         """The captured graph ``key`` of ``state`` (``make`` captures it), or None where the
-        computation runs eagerly: no CUDA graphs, or its first use while a fresh state reads
-        its first prompt (a state read once, like a ragged batch's row, is not worth a
-        capture; a state read again, a session, is)."""
+        computation runs eagerly: no CUDA graphs, or its first use while a state that is
+        read once is read (a fresh state's first prompt, a ragged batch's row: not worth a
+        capture for one call; a session's state read again is)."""
         if not self._captures(state):
             return None
         # (η and the target rule are constants of a captured inner step)
@@ -666,7 +676,7 @@ class Engine:
             self._seen.clear()
             self._graphs_for = owner
         if key not in self._graphs:
-            if self._fresh and key not in self._seen:
+            if self._once and key not in self._seen:
                 self._seen.add(key)
                 return None
             self._graphs[key] = make()
