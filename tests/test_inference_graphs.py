@@ -129,6 +129,19 @@ def test_a_fresh_prompt_learns_chunk_by_chunk_with_graphs(stand_in: list[tuple],
     assert_same(graphed, session(model, False, turns, 9), atol=1e-12)
 
 
+def test_a_short_fresh_prompt_keeps_the_training_forward(stand_in: list[tuple]) -> None:
+    """A fresh prompt with fewer than two chunks to learn once the caches are full (window 12
+    + 2 chunks of 4 = 20 tokens) gains nothing from graphs: the training forward reads it, bit
+    for bit as without them."""
+    model = tiny_model()
+    x, _ = tokens(model, 2, 30, seed=10)
+    graphed = Engine(model, cuda_graphs=True).prefill(x[:, :20])
+    eager = Engine(model).prefill(x[:, :20])
+    assert stand_in == [] and torch.equal(graphed[0], eager[0])
+    assert all(torch.equal(a, b) for a, b in zip(graphed[1]._tensors().values(),
+                                                 eager[1]._tensors().values()))
+
+
 def test_a_fresh_read_captures_at_second_use_a_session_at_once(stand_in: list[tuple]) -> None:
     """A fresh state's first prompt captures a computation at its second use (a state read
     once, like a ragged batch's row, is not worth a capture); a state that has read before (a

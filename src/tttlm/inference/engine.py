@@ -546,7 +546,10 @@ class Engine:
                  for i, ring in enumerate(zip(state.prefix_keys, state.prefix_values))]
         h = model.run_blocks(model.embed(tokens), self.prefix, rings)  # [B, T, D]
         state.lengths = [T] * B
-        if self.ttt and self._captures(state):
+        if (self.ttt and self.window is not None and self._captures(state)
+                and T - self.window > 2 * self.chunk):
+            # (a prompt with at least two chunks learned once the caches are full: the second
+            # of them on is replayed; a shorter one is better read by the training forward)
             with self._read_once():
                 return self._learn_chunks(state, h, tokens)
         if not self.is_e2e:
