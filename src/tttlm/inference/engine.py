@@ -267,13 +267,13 @@ class Engine:
             quote: whole chunks, the rest as pieces whose lengths are powers of two), and a
             chunk's inner step once the TTT caches are full. A state's graphs are captured for
             its buffers (again when they change: another state, a grown cache), at their
-            first use, except while a fresh state reads its first prompt (at their second:
-            a state read once stays eager). That prompt runs the prefix blocks over the whole
-            prompt, then learns its chunks one by one as decoding does (instead of the
-            training forward's chunk loop), so that the inner step replays too (equal to
-            rounding). At most about log2(chunk) + 3 graphs per state (a piece length each,
-            a whole chunk without the TTT blocks, the inner step), each with its own memory
-            pool.
+            first use, except while a state read once is read (a fresh state's first prompt,
+            a ragged batch's row: at their second). A fresh prompt longer than the window by
+            more than two chunks runs the prefix blocks over the whole prompt, then learns its
+            chunks one by one as decoding does (instead of the training forward's chunk
+            loop), so that the inner step replays too (equal to rounding). At most about
+            log2(chunk) + 3 graphs per state (a piece length each, a whole chunk without the
+            TTT blocks, the inner step), each with its own memory pool.
     """
 
     def __init__(self, model: TTTForCausalLM, *, ttt: bool | None = None,
