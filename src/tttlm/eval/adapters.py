@@ -194,17 +194,18 @@ def generate_and_score(model: TTTForCausalLM, prompt: Sequence[int], max_new_tok
 def generate_and_score_batch(model: TTTForCausalLM, prompts: Sequence[Sequence[int]],
                              max_new_tokens: Sequence[int],
                              answers: Sequence[Sequence[int]], *, ttt: bool | None = None,
-                             eos_id: int | None = None
+                             eos_id: int | None = None, cuda_graphs: bool = False
                              ) -> list[tuple[list[int], float | None]]:
     """:func:`generate_and_score` for several prompts in one batch: one prefill, then every
     decoding step reads one token for each row still going (the engine's ``active`` rows), so
     a step costs about what one row's does when decoding is bound by kernel launches. Rows
-    with an empty answer get ``None``."""
+    with an empty answer get ``None``. ``cuda_graphs``: the engine's
+    (:class:`~tttlm.inference.Engine`)."""
     from tttlm.inference import Engine
 
     if not (len(max_new_tokens) == len(answers) == len(prompts)):
         raise ValueError("give one max_new_tokens and one answer per prompt")
-    engine = Engine(model, ttt=ttt)
+    engine = Engine(model, ttt=ttt, cuda_graphs=cuda_graphs)
     first, state = engine.prefill([list(p) for p in prompts])  # [B, V] logits after each
     return decode_and_score(engine, first, state, max_new_tokens, answers, eos_id=eos_id)
 

@@ -155,9 +155,14 @@ def _run_niah(args: argparse.Namespace) -> int:
                 predictor = recall_predictor(em, tokenizer, logprob=not args.no_logprob,
                                              budget=args.rag_budget, index=args.rag_index,
                                              separator=separator, rag=args.rag,
-                                             horizon=args.rag_horizon)
+                                             horizon=args.rag_horizon,
+                                             cuda_graphs=args.cuda_graphs)
             else:
-                predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob)
+                predictor = model_predictor(em, tokenizer, logprob=not args.no_logprob,
+                                            cuda_graphs=args.cuda_graphs)
+            if args.cuda_graphs and device.type == "cuda":
+                # (equal to rounding, not bit for bit: a resumed run does not mix the two)
+                em.fingerprint += "-graphs"
             records[em.label] = evaluate_niah(em.label, haystack, tokenizer, settings,
                                               predictor, fingerprint=em.fingerprint,
                                               out_dir=out, progress=not args.quiet,
@@ -362,6 +367,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                       help="prompts of one length decoded together, N at a time (--rag "
                            "chunk: one at a time): on a GPU decoding is bound by kernel "
                            "launches, so N prompts cost about what one does")
+    niah.add_argument("--cuda-graphs", action="store_true",
+                      help="on a GPU, the engine's CUDA graphs (Engine(cuda_graphs=True)): "
+                           "haystacks longer than the window read with the inner step "
+                           "replayed; equal to the eager engine to rounding")
     niah.add_argument("--rag", choices=("off", "end", "chunk"), default="off",
                       help="retrieval memory: end = the question recalls passages of the "
                            "haystack that left the window and quotes them back before it; "

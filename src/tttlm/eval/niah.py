@@ -369,10 +369,11 @@ class BatchPredictor:
 
 
 def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
-                    logprob: bool = True, extra_tokens: int = 8) -> BatchPredictor:
+                    logprob: bool = True, extra_tokens: int = 8,
+                    cuda_graphs: bool = False) -> BatchPredictor:
     """Greedy generation (a few tokens past the answer's length) plus the answer's
     log-probability, from one prefill of the prompt; a batch of samples shares the prefill
-    and every decoding step."""
+    and every decoding step. ``cuda_graphs``: the engine's (``Engine(cuda_graphs=True)``)."""
 
     def predict(samples: Sequence[NiahSample]) -> list[Prediction]:
         # bf16 autocast on GPU, as the loss evaluation: the paper's matmul precision.
@@ -382,7 +383,7 @@ def model_predictor(em: EvalModel, tokenizer: Tokenizer, *,
                 em.model, [s.input_ids for s in samples],
                 [len(s.answer_ids) + extra_tokens for s in samples],
                 [s.answer_ids if logprob else () for s in samples], ttt=em.ttt,
-                eos_id=tokenizer.eos_id)
+                eos_id=tokenizer.eos_id, cuda_graphs=cuda_graphs)
         return [Prediction(tokenizer.decode(ids), lp) for ids, lp in results]
 
     return BatchPredictor(predict)
@@ -392,7 +393,7 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
                      extra_tokens: int = 8, budget: int | None = None,
                      index: str | None = None,
                      separator: Sequence[int] | None = None, rag: str = "end",
-                     horizon: int | None = None) -> BatchPredictor:
+                     horizon: int | None = None, cuda_graphs: bool = False) -> BatchPredictor:
     """As :func:`model_predictor`, with the retrieval memory (``rag="end"``, see
     :mod:`tttlm.memory.recall`): the question (its exact span) is the query; the passages of
     the haystack that left the window and match it best are quoted back before it. The
@@ -415,7 +416,8 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
                         "retrieval does not apply; evaluate it without --rag")
 
     def session(sample: NiahSample) -> RecallSession:
-        return RecallSession(Engine(em.model, ttt=em.ttt), rag, budget=budget,
+        return RecallSession(Engine(em.model, ttt=em.ttt, cuda_graphs=cuda_graphs), rag,
+                             budget=budget,
                              query_len=sample.length - sample.question_start, index=index,
                              separator=separator, horizon=horizon)
 
@@ -451,7 +453,7 @@ def recall_predictor(em: EvalModel, tokenizer: Tokenizer, *, logprob: bool = Tru
                 [s.answer_ids if logprob else () for s in samples], eos_id=tokenizer.eos_id)
         return [Prediction(tokenizer.decode(ids), lp) for ids, lp in results]
 
-    engine = Engine(em.model, ttt=em.ttt)
+    engine = Engine(em.model, ttt=em.ttt, cuda_graphs=cuda_graphs)
     return BatchPredictor(predict_batch)
 
 

@@ -46,7 +46,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float64"],
                         help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="replay the decoding step as a CUDA graph")
+                        help="replay what repeats with one shape as CUDA graphs: the "
+                             "decoding step, a session's prompt pieces, the inner step once "
+                             "the caches are full (Engine(cuda_graphs=True); no-op off CUDA)")
     parser.add_argument("--rag", choices=["off", "end", "chunk"], default="off",
                         help="retrieval memory: end = the text's last 32 tokens recall "
                              "passages of the document that left the window and read them "
