@@ -69,9 +69,16 @@ case "$PART" in
     [ -f $W/e2e/config.json ] || python -m tttlm.cli convert hf $G $W/e2e --to e2e \
       --window 1024 --chunk 128 --seed 0 > /dev/null &
     wait
-    timeout "${LIMIT:-480}" python benchmarks/recall_latency.py --model $W/e2e --model $W/full \
+    timeout "${LIMIT:-360}" python benchmarks/recall_latency.py --model $W/e2e --model $W/full \
       --contexts 32768 --new-tokens 128 --requests 3 --profile \
-      --out "$OUT/recall_latency_smollm2_profile" ;;
+      --out "$OUT/recall_latency_smollm2_profile"
+    for graphs in "" --cuda-graphs; do  # NIAH's speed with and without the engine's graphs
+      start=$SECONDS
+      timeout 120 python -m tttlm.cli eval niah --model $W/e2e --lengths 8192 --samples 2 \
+        --kinds passkey,number --depths 0.25,0.75 --batch-size 8 --device cuda --quiet \
+        --no-plots $graphs --out "$W/niah$graphs" > /dev/null
+      echo "niah 8K x 8 ${graphs:-eager}: exit $?, $((SECONDS - start)) s" | tee -a "$OUT/niah_speed.txt"
+    done ;;
   serve)  # serving issue: 64 sessions of 32K context, e2e vs full (disk: full's sessions are
           # 4x larger, so it gets fewer)
     timeout 270 python benchmarks/serve_load.py --preset 125m --variant e2e --context 32768 \
