@@ -72,6 +72,12 @@ class TimedRecall:
         ContextMemory.recall = self._original  # type: ignore[method-assign]
 
 
+def sync() -> None:
+    """Wait for the GPU (timings end when its work does); nothing on a CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class PlainSession:
     """A full-attention model's session: the whole document stays in its cache (no memory)."""
 
@@ -96,7 +102,6 @@ def measure(engine: Engine, context: int, rag: str, args: argparse.Namespace
     document = torch.randint(3, vocab, (context,), generator=gen).tolist()
     session: RecallSession | PlainSession = (
         PlainSession(engine) if engine.window is None else RecallSession(engine, rag))
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     start = time.perf_counter()
     session.read(document)
     sync()
@@ -157,7 +162,6 @@ def first_token_profile(session: Any, gen: torch.Generator, vocab: int,
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
     prompt = torch.randint(3, vocab, (64,), generator=gen).tolist() + document[:32]
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     with profile(activities=activities) as prof:
         start = time.perf_counter()

@@ -91,3 +91,21 @@ def memory_windows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(RecallPolicy, "new_memory", spy)
     return windows
+
+
+def stand_in_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Let the engine take its CUDA-graph route on the CPU: a "capture" runs the warm-up,
+    then every replay calls what a graph would replay. Returns one entry per capture (its
+    ``("capture",)`` placeholder; the engine-graph tests replace it with the graph's key)."""
+    from tttlm.inference import engine as engine_module
+
+    captured: list[tuple] = []
+
+    def capture(run, warm, device):  # type: ignore[no-untyped-def]
+        warm()
+        captured.append(("capture",))
+        return run
+
+    monkeypatch.setattr(engine_module, "_can_capture", lambda device: True)
+    monkeypatch.setattr(engine_module, "_capture", capture)
+    return captured

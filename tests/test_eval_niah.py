@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import memory_windows
+from _helpers import memory_windows, stand_in_cuda_graphs
 from tttlm.cli import main
 from tttlm.config import TTTConfig
 from tttlm.data.tokenizer import ByteTokenizer
@@ -465,8 +465,6 @@ def test_cuda_graphs_route_gives_the_same_answers(haystack: niah.Haystack, tmp_p
     the same answers, the same log-probabilities to rounding (fp64)."""
     if rag == "end":
         pytest.importorskip("bm25s")
-    from tttlm.inference import engine as engine_module
-
     model = TTTForCausalLM.from_pretrained(save_tiny(tmp_path / "e2e"), dtype=torch.float64)
     em = EvalModel(model=model, label="m", path="m", ttt=True, fingerprint="f")
     samples = [niah.build_sample(haystack, TOK, kind, 600, depth, trial=0, seed=4)
@@ -478,15 +476,7 @@ def test_cuda_graphs_route_gives_the_same_answers(haystack: niah.Haystack, tmp_p
         return niah.model_predictor(em, TOK, cuda_graphs=graphs)
 
     plain = predictor(False).batch(samples)
-    captured: list[int] = []
-
-    def capture(run, warm, device):  # type: ignore[no-untyped-def]
-        warm()
-        captured.append(1)
-        return run
-
-    monkeypatch.setattr(engine_module, "_can_capture", lambda device: True)
-    monkeypatch.setattr(engine_module, "_capture", capture)
+    captured = stand_in_cuda_graphs(monkeypatch)
     graphed = predictor(True).batch(samples)
     assert captured  # the route was taken
     for a, b in zip(graphed, plain):

@@ -14,10 +14,9 @@ from typing import Any
 import pytest
 import torch
 
-from _helpers import GDN, MAMBA2, tiny_model, tokens
+from _helpers import GDN, MAMBA2, stand_in_cuda_graphs, tiny_model, tokens
 from tttlm import TTTForCausalLM
 from tttlm.inference import Engine, State
-from tttlm.inference import engine as engine_module
 
 
 def session(model: TTTForCausalLM, graphs: bool, turns: list[torch.Tensor],
@@ -59,15 +58,9 @@ def assert_same(a: tuple[list[torch.Tensor], State, Engine],
 
 @pytest.fixture
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """Capture on the CPU: warm up, then replay = call. Returns the captures' keys."""
-    captured: list[tuple] = []
-
-    def capture(run: Callable[[], Any], warm: Callable[[], object],
-                device: torch.device) -> Callable[[], Any]:
-        warm()
-        captured.append(("capture",))
-        return run
-
+    """Capture on the CPU (:func:`_helpers.stand_in_cuda_graphs`); returns the captures'
+    keys."""
+    captured = stand_in_cuda_graphs(monkeypatch)
     real_graph = Engine._graph
 
     def graph(self: Engine, state: State, key: tuple, make: Callable[[], Any]) -> Any:
@@ -77,8 +70,6 @@ def stand_in(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
             captured[-1] = key
         return out
 
-    monkeypatch.setattr(engine_module, "_can_capture", lambda device: True)
-    monkeypatch.setattr(engine_module, "_capture", capture)
     monkeypatch.setattr(Engine, "_graph", graph)
     return captured
 
