@@ -139,3 +139,26 @@ def test_frozen_weights() -> None:
     assert "layers.3.prime.w1.weight" not in g and g["layers.3.attn.wq.weight"].abs().sum() > 0
     model.requires_grad_(False)
     assert_close(model(x, labels=y).token_nll, ref, atol=1e-12, name="all frozen")
+
+
+def test_fast_weight_gradients_come_out_in_the_weights_layout() -> None:
+    """The per-sequence prime MLP: the values of ``x Wᵀ`` products, and gradients that are
+    contiguous like the weights (the inner step's norms and update then read them without a
+    copy or strided access)."""
+    from tttlm.model.layers import swiglu
+
+    g = torch.Generator().manual_seed(0)
+    B, n, D, F = 3, 5, 8, 12
+    x = torch.randn(B, n, D, generator=g, dtype=torch.float64, requires_grad=True)
+    w1, w3 = (torch.randn(B, F, D, generator=g, dtype=torch.float64, requires_grad=True)
+              for _ in range(2))
+    w2 = torch.randn(B, D, F, generator=g, dtype=torch.float64, requires_grad=True)
+    y = swiglu(x, w1, w2, w3)
+    ref = (torch.nn.functional.silu(x @ w1.mT) * (x @ w3.mT)) @ w2.mT
+    torch.testing.assert_close(y, ref, rtol=1e-13, atol=1e-13)
+    assert y.is_contiguous()
+    grads = torch.autograd.grad(y.pow(2).sum(), (x, w1, w2, w3))
+    refs = torch.autograd.grad(ref.pow(2).sum(), (x, w1, w2, w3))
+    for got, want in zip(grads, refs):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(t.is_contiguous() for t in grads[1:])

@@ -89,3 +89,47 @@ def test_inner_steps_skip_the_head_weight_gradient(monkeypatch: pytest.MonkeyPat
     model(x, labels=y).loss.backward()
     assert seen == [False, False, True, True, True]
     assert grads(model)["embed.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("block_rows", [None, 3], ids=["one-block", "row-blocks"])
+def test_inner_step_head_matches_naive(block_rows: int | None,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inner step's head (dx formed in the forward, scaled by each row's upstream in the
+    backward) against autograd through the materialised logits, float64: values and dx for
+    per-row weights as a masked per-sequence mean gives them; no gradient reaches W."""
+    from tttlm.ops import linear_nll as module
+
+    if block_rows is not None:
+        monkeypatch.setattr(module, "MAX_BLOCK_ELEMENTS", block_rows * 11)
+    x, W, y = _inputs(torch.float64)
+    w = torch.tensor([0.5, 0.0, 1.5, 0.25, 1.0, 2.0, 0.75], dtype=torch.float64)
+    nll = module.linear_nll_inner_step(x, W, y)
+    gx, = torch.autograd.grad((nll * w).sum(), (x,))
+    x2 = x.detach().requires_grad_(True)
+    ref = naive_linear_nll(x2, W.detach(), y)
+    rx, = torch.autograd.grad((ref * w).sum(), (x2,))
+    assert_close(nll, ref, rel_l2=1e-13, name="nll")
+    assert_close(gx, rx, rel_l2=1e-13, name="dx")
+    assert gx[1].abs().max() == 0  # a row of weight 0 (masked) gets nothing
+    assert W.grad is None
+    batched = module.linear_nll_inner_step(x.view(7, 1, -1), W, y.view(7, 1))
+    assert batched.shape == (7, 1)
+    assert torch.equal(batched.view(-1), nll)
+
+
+def test_inner_step_head_under_autocast_matches_lean_head() -> None:
+    """bf16 autocast: the NLL is the lean head's bit for bit (the same logits and softmax);
+    dx equal up to where each row's upstream scales it (before or after the bf16 cast)."""
+    from tttlm.ops.linear_nll import linear_nll_inner_step
+
+    x, W, y = _inputs(torch.float32, N=12, D=16, V=40)
+    w = torch.linspace(0.1, 1.0, 12)
+    outs = []
+    for fn in (linear_nll_inner_step, linear_nll):
+        xi = x.detach().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            nll = fn(xi, W.detach(), y)
+        gx, = torch.autograd.grad((nll * w).sum(), (xi,))
+        outs.append((nll, gx))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert_close(outs[0][1], outs[1][1], rel_l2=1e-2, name="dx bf16")

@@ -399,3 +399,47 @@ def test_only_a_learned_lr_adds_state_dict_keys() -> None:
         owner.inner_optimizer = build_inner_optimizer(name, 3)
         assert set(owner.state_dict()) == keys
     assert LearnedLRSGD(3).log_lr_scale.shape == (3,)
+
+
+# ------------------------------------------- low-precision leaves for steps without outer grad
+@pytest.mark.parametrize("name", ["sgd", "momentum", "learned_lr"])
+def test_bf16_leaves_give_the_autocast_step_bit_for_bit(name: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Evaluation under bf16 autocast: the inner gradient taken with respect to the bf16 copies
+    the blocks computed with (``wrt``) gives the step that differentiating the fp32 fast weights
+    through autocast's cast gives (gradient = that one widened), bit for bit."""
+    from _helpers import tiny_model, tokens
+
+    model = tiny_model(dtype=torch.float32, inner_optimizer=name)
+    x, y = tokens(model, 2, 20)  # five chunks: four inner steps
+    leaves_seen: list[bool] = []
+    original = model._inner_leaves
+
+    def spy(fast, h):  # type: ignore[no-untyped-def]
+        leaves = original(fast, h)
+        leaves_seen.append(leaves is not None and all(
+            w.dtype == torch.bfloat16 and w.requires_grad for layer in leaves for w in layer))
+        return leaves
+
+    monkeypatch.setattr(model, "_inner_leaves", spy)
+    runs = []
+    for takes_wrt in (True, False):
+        monkeypatch.setattr(type(model.inner_optimizer), "takes_wrt", takes_wrt)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, labels=y, return_fast_weights=True)
+        runs.append(out)
+    assert leaves_seen[:5] == [True] * 5 and not any(leaves_seen[5:])
+    new, old = runs
+    assert torch.equal(new.token_nll, old.token_nll)
+    assert torch.equal(new.inner_update_norms, old.inner_update_norms)
+    for a, b in zip(new.fast_weights, old.fast_weights):
+        for key in a:
+            assert a[key].dtype == torch.float32 and torch.equal(a[key], b[key]), key
+
+
+def test_wrt_is_refused_with_an_outer_gradient() -> None:
+    w0, data = _problem(torch.float32)
+    fast = flatten_fast(expand_fast(w0, B))
+    loss = _loss(unflatten_fast(fast), data[0], data[1])
+    with pytest.raises(ValueError, match="wrt"):
+        inner_gradient(loss, fast, CLIP_OFF, GradMode.FIRST_ORDER, wrt=fast)

@@ -333,6 +333,7 @@ class State:
                             f"file ({err}); {_DAMAGED}") from None
         if meta["version"] >= PAGED_VERSION:
             raw = read_pages(src, meta, device, _DAMAGED)
+        raw = {k: _aligned(t) for k, t in raw.items()}
         if meta["version"] >= 2:
             # The counters are in the (hashed) tensor file too: an edited manifest shows.
             edited = [k for k in _COUNTERS if recorded.get(k) != json.dumps(meta[k])]
@@ -462,6 +463,13 @@ def _read_manifest(meta_file: Path) -> dict[str, Any]:
     except ValueError as err:
         raise UserError(f"session {src}: {META_NAME} is damaged ({err}); {_DAMAGED}") from None
     return meta
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in memory aligned as PyTorch allocates it (64 bytes). A file's tensors come at
+    their offsets in it (8-byte aligned), and CPU matrix kernels round differently at other
+    alignments: a loaded session must continue bit for bit as the live state it saved."""
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _check_tensor_file(src: Path, meta: dict[str, Any]) -> Path:

@@ -39,7 +39,19 @@ class RMSNorm(nn.Module):
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """``(silu(x W1ᵀ) * (x W3ᵀ)) W2ᵀ``; weights may carry a leading batch axis matching x."""
-    return (F.silu(x @ w1.mT) * (x @ w3.mT)) @ w2.mT
+    if w1.dim() == 2:
+        return (F.silu(x @ w1.mT) * (x @ w3.mT)) @ w2.mT
+    # Per-sequence (fast) weights: each product as (W xᵀ)ᵀ, whose gradient W̄ = ȳᵀ x comes
+    # out of the batched matmul in W's own row-major layout. Written as x Wᵀ, autograd gives
+    # W̄ = (xᵀ ȳ)ᵀ, a transposed view: the inner step's norms then copy it and its update
+    # reads it with strides across rows, a pass over every fast weight each.
+    h = F.silu(_times_t(x, w1)) * _times_t(x, w3)
+    return _times_t(h, w2).contiguous()
+
+
+def _times_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x Wᵀ`` for ``x [B, n, i]``, ``w [B, o, i]``, computed as ``(W xᵀ)ᵀ``."""
+    return (w @ x.mT).mT
 
 
 class SwiGLU(nn.Module):

@@ -20,7 +20,12 @@ from tttlm.errors import UserError
 from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.cache import ChunkKV, WholeSequence
 from tttlm.model.layers import Block, ConvRecurrentMixer, KVBMixer, RMSNorm
-from tttlm.ops.linear_nll import MAX_BLOCK_ELEMENTS, head_weight_grad_unused, linear_nll
+from tttlm.ops.linear_nll import (
+    MAX_BLOCK_ELEMENTS,
+    head_weight_grad_unused,
+    linear_nll,
+    linear_nll_inner_step,
+)
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import config_rope_angles
 from tttlm.ttt.base import InnerState, cat_states, index_state
@@ -344,18 +349,23 @@ class TTTForCausalLM(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     def head_nll(self, h: torch.Tensor, labels: torch.Tensor | None, keep_logits: bool,
-                 outer_graph: bool = True, lean: bool | None = None
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                 outer_graph: bool = True, lean: bool | None = None, inner_step: bool = False,
+                 compiled: bool = False) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Final norm, tied head and per-token NLL (fp32) for ``h [B, c, D]``; returns the NLL
         ``[B, c]`` (with ``labels``) and the logits ``[B, c, V]`` (with ``keep_logits``).
 
         ``outer_graph=False`` says that at most one backward pass (an inner step) will run
         through the result: then keeping the logits costs a transient ``[B, c, V]`` only and
         saves the lean head's recomputation. ``lean``: recompute the logits in backward passes
-        (default: the model's ``lean_head``).
+        (default: the model's ``lean_head``). ``inner_step`` (with ``outer_graph=False``): that
+        pass will come, for the inner step, so the NLL's gradient with respect to ``h`` is
+        formed with the NLL from one product with the head (:func:`linear_nll_inner_step`;
+        ``compiled`` fuses its softmax work).
         """
         lean = self.lean_head if lean is None else lean
         x = self.norm(h)
+        if labels is not None and not keep_logits and inner_step and not outer_graph:
+            return linear_nll_inner_step(x, self.head_weight, labels, compiled), None
         # Logits larger than one of the lean head's row blocks (a chunk of many sequences) are
         # not kept either: the lean head forms them a block of rows at a time.
         large = h.shape[0] * h.shape[1] * self.config.vocab_size > MAX_BLOCK_ELEMENTS
@@ -597,17 +607,18 @@ class TTTForCausalLM(nn.Module):
         mode = opts.mode
         frozen = mode is GradMode.NONE  # no outer gradient: the cache is a constant
         with torch.enable_grad():
-            h, new_caches, fast, inner_state = self._ttt_blocks(
+            h, new_caches, fast, inner_state, leaves = self._ttt_blocks(
                 h, caches, start, rope, fast, inner_state, frozen, opts.compile_chunks, guard)
             nll, logits = self.head_nll(h, labels, keep_logits, outer_graph=not frozen,
-                                        lean=opts.lean_head)
+                                        lean=opts.lean_head, inner_step=update,
+                                        compiled=opts.compile_chunks)
             chunk_loss = masked_mean(nll, mask)  # [B]
             new_fast, new_state, norm = fast, inner_state, None
             if update:
                 with head_weight_grad_unused():
                     new_fast, new_state, norm = self.inner_optimizer(
                         chunk_loss, fast, inner_state, opts.inner_lr, self.config.inner_clip,
-                        mode)
+                        mode, wrt=leaves)
                 if frozen:
                     new_fast, new_state = (guard or FiniteGuard(deferred=False)).watch(
                         norm, fast, inner_state, new_fast, new_state)
@@ -622,20 +633,27 @@ class TTTForCausalLM(nn.Module):
                     rope: tuple[torch.Tensor, torch.Tensor], fast: FastWeights,
                     inner_state: InnerState, frozen: bool, compiled: bool,
                     guard: FiniteGuard | None
-                    ) -> tuple[torch.Tensor, list[KVPair], FastWeights, InnerState]:
-        """The TTT blocks over one chunk: the output, the caches after it, and the fast
-        weights (leaves requiring grad when ``frozen``) and inner state in effect. A pending
-        check in ``guard`` is read once the first block is queued (the GPU has work while the
-        host waits); when it fails, the blocks run again from the weights it kept."""
+                    ) -> tuple[torch.Tensor, list[KVPair], FastWeights, InnerState,
+                               FastWeights | None]:
+        """The TTT blocks over one chunk: the output, the caches after it, the fast weights
+        and inner state in effect, and (when ``frozen``) the leaves the inner gradient is
+        taken with respect to (``None``: the fast weights themselves). A pending check in
+        ``guard`` is read once the first block is queued (the GPU has work while the host
+        waits); when it fails, the blocks run again from the weights it kept."""
         while True:
+            leaves = None
             if frozen:
-                fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
-                        for layer in fast]
+                fast = [PrimeWeights(*(w.detach() for w in layer)) for layer in fast]
+                leaves = self._inner_leaves(fast, h)
+                if leaves is None:
+                    fast = [PrimeWeights(*(w.requires_grad_(True) for w in layer))
+                            for layer in fast]
             x, new_caches = h, []
             for j, layer in enumerate(self.ttt_layers):
                 cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen)
                 # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.
-                weights = PrimeWeights(*(w.to(h.dtype) for w in fast[j]))
+                weights = (leaves[j] if leaves is not None
+                           else PrimeWeights(*(w.to(h.dtype) for w in fast[j])))
                 x = layer(x, cache, weights, compiled=compiled)
                 new_caches.append((cache.keys, cache.values))
                 if j == 0 and guard is not None and guard.pending:
@@ -644,7 +662,22 @@ class TTTForCausalLM(nn.Module):
                         fast, inner_state = fixed
                         break
             else:
-                return x, new_caches, fast, inner_state
+                return x, new_caches, fast, inner_state, leaves
+
+    def _inner_leaves(self, fast: FastWeights, h: torch.Tensor) -> FastWeights | None:
+        """Without an outer gradient: the fast weights cast once to the dtype the blocks
+        compute in (autocast's, else ``h``'s), as leaves to differentiate, when that is
+        narrower than theirs and the inner optimizer takes them (``takes_wrt``). The products
+        see the same values as autocast's own cast would give them, and the inner gradient
+        arrives in that dtype: no cast pass over it (see ``inner_gradient``'s ``wrt``)."""
+        device = h.device.type
+        compute = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                   and h.dtype != torch.float64 else h.dtype)
+        if not self.inner_optimizer.takes_wrt or all(
+                w.dtype == compute for layer in fast for w in layer):
+            return None
+        return [PrimeWeights(*(w.to(compute).requires_grad_(True) for w in layer))
+                for layer in fast]
 
     # ------------------------------------------------------------------------ save / load
     def save_pretrained(self, directory: str | os.PathLike[str]) -> Path:

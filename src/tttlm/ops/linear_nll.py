@@ -20,6 +20,7 @@ and everything per-token in fp32 (fp64 for fp64 inputs).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,6 +158,63 @@ class _LinearNLLBackward(torch.autograd.Function):
                     grad_W += dz.mT @ u_x[rows].to(mm)
         grad_W = grad_W.to(W.dtype) if grad_W is not None else None
         return grad_x, grad_W, None, None, grad_g, None, None
+
+
+def nll_and_dlogits(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """From logits ``z [n, V]``: the NLL ``[n]`` (in ``acc``) and ``∂nll/∂z = p − Y`` in
+    ``z``'s dtype, the softmax statistics in ``acc``. One pass of elementwise work over the
+    logits, which :func:`linear_nll_inner_step` may have compiled (fused into two reads of
+    ``z`` and one write)."""
+    zf = z.to(acc)
+    lse = torch.logsumexp(zf, dim=-1)
+    nll = lse - zf.gather(1, labels[:, None]).squeeze(1)
+    # zf is z itself when z is in acc already: a fresh product, so it may be overwritten
+    p = zf.sub_(lse[:, None]).exp_()
+    return nll, _minus_onehot_(p, labels).to(z.dtype)
+
+
+@functools.cache
+def _compiled_nll_and_dlogits() -> Any:
+    return torch.compile(nll_and_dlogits, dynamic=True)
+
+
+class _LinearNLLInnerStep(torch.autograd.Function):
+    """The head for an inner step: the NLL, and from the same logits ``dx₀ = (p − Y) W`` per
+    row; the one backward pass returns ``g · dx₀`` (``dx`` is linear in each row's upstream
+    ``g``), so the logits are formed once instead of again in the backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                mm: torch.dtype, compiled: bool) -> torch.Tensor:
+        acc = _acc(x)
+        Wm = W.to(mm)
+        step = _compiled_nll_and_dlogits() if compiled else nll_and_dlogits
+        nll = x.new_empty(x.shape[0], dtype=acc)
+        dx0 = torch.empty_like(x)
+        for rows in _row_blocks(x.shape[0], W.shape[0]):
+            nll[rows], dz = step(x[rows].to(mm) @ Wm.mT, labels[rows], acc)
+            dx0[rows] = (dz @ Wm).to(x.dtype)
+        ctx.save_for_backward(dx0)
+        return nll
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
+        dx0, = ctx.saved_tensors
+        return dx0 * g.to(dx0.dtype)[:, None], None, None, None, None
+
+
+def linear_nll_inner_step(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          compiled: bool = False) -> torch.Tensor:
+    """:func:`linear_nll` for an inner step without outer gradient: one backward pass at
+    most, first order, and ``weight`` a constant (no gradient reaches it). The gradient with
+    respect to ``x`` is formed in the forward from the same logits (no second ``[N, V]``
+    product, no second softmax); ``compiled`` fuses the softmax work with ``torch.compile``."""
+    shape = x.shape[:-1]
+    nll = _LinearNLLInnerStep.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1),
+                                    _matmul_dtype(x), compiled)
+    return nll.view(shape)
 
 
 # Rows of the [N, V] logits materialised at once: about 1 GiB of fp32 at a 128K vocabulary, so

@@ -28,6 +28,10 @@ class InnerOptimizer(nn.Module):
     """One inner step on every sequence's fast weights; subclasses set ``name`` and ``step``."""
 
     name: ClassVar[str] = ""  # the key in tttlm.ttt.optim.INNER_OPTIMIZERS
+    # Whether step() takes ``wrt``: without an outer gradient, the model differentiates the
+    # low-precision copies its blocks computed with instead of the fast weights (see
+    # tttlm.ttt.inner.inner_gradient). An optimizer that does not is given leaves instead.
+    takes_wrt: ClassVar[bool] = False
 
     def __init__(self, num_layers: int) -> None:
         super().__init__()
@@ -48,15 +52,19 @@ class InnerOptimizer(nn.Module):
         ``[B]`` (fp32). ``clip`` bounds each sequence's gradient norm over all layers together
         (≤ 0: no clip). ``mode``: ``EXACT`` differentiates through the inner gradient;
         ``FIRST_ORDER`` treats it as a constant; ``NONE`` wants ``fast`` as leaves that require
-        grad and returns detached weights and state.
+        grad and returns detached weights and state. An optimizer with ``takes_wrt`` also
+        takes ``wrt`` (``NONE`` only): the leaves the loss was computed from in place of
+        ``fast``, low-precision copies of it; the update still applies to ``fast``.
         """
         raise NotImplementedError
 
     def forward(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
-                lr: float | torch.Tensor, clip: float, mode: GradMode
-                ) -> tuple[FastWeights, InnerState, torch.Tensor]:
+                lr: float | torch.Tensor, clip: float, mode: GradMode,
+                wrt: FastWeights | None = None) -> tuple[FastWeights, InnerState, torch.Tensor]:
         """Calling the module is :meth:`step` (so ``torch.func.functional_call`` works)."""
-        return self.step(loss, fast, state, lr, clip, mode)
+        if wrt is None:
+            return self.step(loss, fast, state, lr, clip, mode)
+        return self.step(loss, fast, state, lr, clip, mode, wrt=wrt)  # type: ignore[call-arg]
 
     def flat(self, fast: Sequence[PrimeWeights]) -> list[torch.Tensor]:
         """``fast`` as a flat list of tensors, checked to have one entry per layer."""

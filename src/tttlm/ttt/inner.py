@@ -22,7 +22,8 @@ def tensor_norms(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-sequence L2 norm of each tensor ``[B, ...]``: ``[N, B]`` (fp32, fp64 for fp64).
 
     One reduction per tensor, without a squared copy of gradients as large as the fast weights;
-    vector_norm's derivative is defined (zero) at a zero gradient.
+    vector_norm's derivative is defined (zero) at a zero gradient. (The model's fast-weight
+    gradients are contiguous, so the flattening is a view, not a copy.)
     """
     return torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=-1,
                                                  dtype=torch.float64 if g.dtype == torch.float64
@@ -61,14 +62,23 @@ class InnerGradient(NamedTuple):
 
 
 def inner_gradient(loss: torch.Tensor, fast: Sequence[torch.Tensor], clip: float,
-                   mode: GradMode) -> InnerGradient:
+                   mode: GradMode, wrt: Sequence[torch.Tensor] | None = None) -> InnerGradient:
     """Gradient of each sequence's ``loss [B]`` w.r.t. its own rows of ``fast`` (each
     ``[B, ...]``), its norms and the global-norm clip factor, treated as ``mode`` says:
-    differentiable (``EXACT``, create_graph) or constants (``FIRST_ORDER``, ``NONE``)."""
+    differentiable (``EXACT``, create_graph) or constants (``FIRST_ORDER``, ``NONE``).
+
+    ``wrt``: the tensors the loss was computed from in place of ``fast`` (``NONE`` only):
+    their low-precision copies (bf16 for fp32 weights), leaves that require grad. The gradient
+    is then taken, and returned, in their dtype: the same values as with respect to ``fast``
+    (whose gradient is that one cast up), without the cast pass over every fast weight, and
+    read at half the width by the norms and the update."""
     exact = mode is GradMode.EXACT
+    if wrt is not None and mode is not GradMode.NONE:
+        raise ValueError("inner_gradient: wrt is for steps without an outer gradient "
+                         "(GradMode.NONE)")
     # Sequences are independent, so ∂(Σ_b ℓ_b)/∂W[b] = ∂ℓ_b/∂W[b]: one backward for the batch.
-    grads = torch.autograd.grad(loss.sum(), list(fast), create_graph=exact,
-                                retain_graph=mode is not GradMode.NONE)
+    grads = torch.autograd.grad(loss.sum(), list(fast if wrt is None else wrt),
+                                create_graph=exact, retain_graph=mode is not GradMode.NONE)
     norms = tensor_norms(grads)
     norm = torch.linalg.vector_norm(norms, dim=0)
     scale = clip_scale(grads, clip, norm)
@@ -85,19 +95,22 @@ def per_sequence(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def descend(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             coef: torch.Tensor) -> list[torch.Tensor]:
-    """``W + coef·g`` for every tensor, ``coef [B]`` per sequence: one addcmul pass each."""
-    return [torch.addcmul(w, g, per_sequence(coef, g)) for w, g in zip(fast, grads)]
+    """``W + coef·g`` for every tensor, ``coef [B]`` per sequence: one addcmul pass each, in
+    W's dtype (a bf16 ``g`` is widened exactly inside the pass)."""
+    return [torch.addcmul(w, g, per_sequence(coef, w)) for w, g in zip(fast, grads)]
 
 
 def inner_step(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | torch.Tensor,
-               clip: float, mode: GradMode) -> tuple[list[torch.Tensor], torch.Tensor]:
+               clip: float, mode: GradMode, wrt: Sequence[torch.Tensor] | None = None
+               ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Take one step from per-sequence losses ``loss [B]`` on ``fast`` (each ``[B, ...]``).
 
     Returns the new fast weights and the norm of each sequence's update ``[B]``.
-    In ``NONE`` mode ``fast`` must be leaves that require grad; the results are detached.
-    This is :class:`tttlm.ttt.sgd.ClippedSGD` on a flat list of tensors.
+    In ``NONE`` mode ``fast`` must be leaves that require grad, or ``wrt`` their
+    low-precision copies that the loss was computed from (see :func:`inner_gradient`); the
+    results are detached. This is :class:`tttlm.ttt.sgd.ClippedSGD` on a flat list of tensors.
     """
-    g = inner_gradient(loss, fast, clip, mode)
+    g = inner_gradient(loss, fast, clip, mode, wrt)
     # W - η·scale·g in one pass per tensor (addcmul), η·scale per sequence.
     new = descend(fast, g.grads, -(lr * g.scale))
     if mode is GradMode.NONE:

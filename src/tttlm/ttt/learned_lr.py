@@ -35,6 +35,7 @@ class LearnedLRSGD(InnerOptimizer):
     ``log_lr_scale [num_layers]`` (zeros: the official step). Stateless."""
 
     name = "learned_lr"
+    takes_wrt = True
 
     def __init__(self, num_layers: int) -> None:
         super().__init__(num_layers)
@@ -45,16 +46,16 @@ class LearnedLRSGD(InnerOptimizer):
         return torch.exp(self.log_lr_scale)
 
     def step(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
-             lr: float | torch.Tensor, clip: float, mode: GradMode
-             ) -> tuple[FastWeights, InnerState, torch.Tensor]:
+             lr: float | torch.Tensor, clip: float, mode: GradMode,
+             wrt: FastWeights | None = None) -> tuple[FastWeights, InnerState, torch.Tensor]:
         flat = self.flat(fast)
-        g = inner_gradient(loss, flat, clip, mode)
+        g = inner_gradient(loss, flat, clip, mode, None if wrt is None else self.flat(wrt))
         coef = -(lr * g.scale)  # [B], as ClippedSGD
         factor = self.lr_scales().to(g.scale.dtype)  # [L]
         if mode is GradMode.NONE:
             factor = factor.detach()
         per_tensor = factor.repeat_interleave(3)  # [N]: w1, w2, w3 of each layer
-        new = [torch.addcmul(w, gr, per_sequence(coef * per_tensor[i], gr))
+        new = [torch.addcmul(w, gr, per_sequence(coef * per_tensor[i], w))
                for i, (w, gr) in enumerate(zip(flat, g.grads))]
         if mode is GradMode.NONE:
             new = [w.detach() for w in new]

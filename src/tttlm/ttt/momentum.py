@@ -39,6 +39,7 @@ class MomentumSGD(InnerOptimizer):
     one buffer per fast tensor (order of :func:`~tttlm.ttt.fast.flatten_fast`), ``[B, ...]``."""
 
     name = "momentum"
+    takes_wrt = True
 
     def __init__(self, num_layers: int, beta: float = 0.9) -> None:
         super().__init__(num_layers)
@@ -52,14 +53,14 @@ class MomentumSGD(InnerOptimizer):
         return {"momentum": [w.new_zeros(w.shape) for w in flatten_fast(fast)]}
 
     def step(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
-             lr: float | torch.Tensor, clip: float, mode: GradMode
-             ) -> tuple[FastWeights, InnerState, torch.Tensor]:
+             lr: float | torch.Tensor, clip: float, mode: GradMode,
+             wrt: FastWeights | None = None) -> tuple[FastWeights, InnerState, torch.Tensor]:
         flat = self.flat(fast)
         momentum = state.get("momentum")
         if momentum is None or len(momentum) != len(flat):
             raise ValueError("MomentumSGD.step needs the state from init_state (or a step) for "
                              "these fast weights")
-        g = inner_gradient(loss, flat, clip, mode)
+        g = inner_gradient(loss, flat, clip, mode, None if wrt is None else self.flat(wrt))
         coef = -(lr * g.scale)  # [B], as ClippedSGD
         # NONE: no graph at all (the results would be detached anyway)
         with torch.no_grad() if mode is GradMode.NONE else contextlib.nullcontext():
@@ -67,10 +68,11 @@ class MomentumSGD(InnerOptimizer):
             if self.beta:
                 # − η·β·m_old, so that W ends at W − η·(β·m_old + s·g) = W − η·m_new
                 new = descend(new, momentum, -(lr * g.scale.new_full(g.scale.shape, self.beta)))
-                m_new = [torch.addcmul(self.beta * m, gr, per_sequence(g.scale, gr))
+                # (in the buffers' dtype, whatever the gradient's: see inner_gradient's wrt)
+                m_new = [torch.addcmul(self.beta * m, gr, per_sequence(g.scale, m))
                          for m, gr in zip(momentum, g.grads)]  # β·m + s·g, each [B, ...]
             else:
-                m_new = [gr * per_sequence(g.scale, gr) for gr in g.grads]
+                m_new = [gr * per_sequence(g.scale, m) for m, gr in zip(momentum, g.grads)]
         with torch.no_grad():
             if self.beta:
                 update_norm = global_norm(m_new).float() * lr  # ‖η·m_new‖

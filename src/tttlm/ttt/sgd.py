@@ -15,9 +15,11 @@ class ClippedSGD(InnerOptimizer):
     bit for bit the official step. Stateless, no parameters (no state-dict keys)."""
 
     name = "sgd"
+    takes_wrt = True
 
     def step(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
-             lr: float | torch.Tensor, clip: float, mode: GradMode
-             ) -> tuple[FastWeights, InnerState, torch.Tensor]:
-        new, update_norm = inner_step(loss, self.flat(fast), lr, clip, mode)
+             lr: float | torch.Tensor, clip: float, mode: GradMode,
+             wrt: FastWeights | None = None) -> tuple[FastWeights, InnerState, torch.Tensor]:
+        new, update_norm = inner_step(loss, self.flat(fast), lr, clip, mode,
+                                      None if wrt is None else self.flat(wrt))
         return unflatten_fast(new), {}, update_norm

@@ -1,0 +1,259 @@
+"""Memory traffic and matmul FLOPs of one prefill step at a preset's real shapes, on a CPU.
+
+    PYTHONPATH=src python benchmarks/traffic.py --preset 3b --tokens 8192 --batch 4
+
+The step runs on fake tensors (``FakeTensorMode``: shapes only, no memory, no arithmetic)
+under bf16 autocast, through the scoring forward that ``tttlm bench prefill`` times. Every
+ATen op is logged with the bytes it reads and writes (its tensor arguments and results,
+counted once each) and, for matrix products, its FLOPs; ops are attributed to the line of
+``tttlm`` that issued them (backward ops to the forward line, through autograd's anomaly
+metadata). Attention is replaced by a stand-in that costs nothing here: its kernels are
+counted apart on a GPU (``benchmarks/profile_step.py``).
+
+What it tells: the time a step cannot beat on a card, ``FLOPs / matmul rate + bytes /
+bandwidth`` (defaults: an H200's measured 777 TFLOP/s and 4.8 TB/s), and which lines move
+the bytes, so that a GPU profile's copy and elementwise groups can be read line by line. It is
+a lower bound per op (every byte moved once at full bandwidth); eager op boundaries only
+(compiled blocks fuse some of the elementwise ops counted here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from tttlm.config import TTTConfig
+from tttlm.model.model import TTTForCausalLM
+from tttlm.ops.attention import AutoBackend, attention_backend, register_attention_backend
+
+# Ops that make views, allocate or only describe tensors: no bytes moved.
+_FREE = {"view", "_unsafe_view", "as_strided", "expand", "t", "transpose", "permute",
+         "unsqueeze", "squeeze", "slice", "select", "alias", "detach", "empty", "empty_like",
+         "empty_strided", "new_empty", "new_empty_strided", "unflatten", "split", "chunk",
+         "unbind", "_reshape_alias", "lift_fresh", "split_with_sizes", "diagonal",
+         "view_as_complex", "view_as_real", "_conj", "conj", "is_same_size"}
+_MATMUL = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "linear"}
+_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tensors(tree: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _bytes(tensors: list[torch.Tensor]) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        key = (id(t), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+# Ops that touch only the indexed elements of their source (gather) or destination (scatter).
+_GATHER = {"gather", "index_select", "index", "take_along_dim"}
+_SCATTER = {"scatter_add_", "scatter_", "scatter_add", "scatter", "index_put_", "index_add_",
+            "index_copy_"}
+
+
+def _moved(name: str, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> int:
+    """Bytes an op reads and writes, each tensor counted once (see the module docstring)."""
+    inputs, outputs = _tensors((args, kwargs)), _tensors(out)
+    if not outputs:  # a question about a tensor (its device, size, ...), not a kernel
+        return 0
+    if name in _GATHER:  # the indices, the gathered values read and written
+        return _bytes(inputs[1:]) + 2 * _bytes(outputs)
+    if name in _SCATTER:  # the indices and values read, as many destination values updated
+        return 3 * _bytes(inputs[1:])
+    if name == "copy_":  # the destination is written, the source read
+        return _bytes(inputs)
+    if name.endswith("_"):  # in place: the first argument is read and written
+        return _bytes(inputs) + _bytes(inputs[:1])
+    return _bytes(inputs) + _bytes(outputs)
+
+
+def _flops(name: str, args: tuple[Any, ...], out: Any) -> int:
+    if name not in _MATMUL:
+        return 0
+    a = next(t for t in args if isinstance(t, torch.Tensor) and t.dim() >= 2
+             and (name not in {"addmm", "baddbmm", "addbmm"} or t is not args[0]))
+    result = _tensors(out)[0]
+    return 2 * result.numel() * a.shape[-1]
+
+
+# The block code torch.compile fuses with ``compile_blocks`` (layers.py's compiled parts).
+_COMPILED_CODE = {"attention_inputs", "attention_output"}
+
+
+def _where() -> tuple[str, bool]:
+    """The innermost ``tttlm`` line of the current stack, or of the forward that made the
+    autograd node running now, and whether it lies in block code that ``compile_blocks``
+    compiles (norms, RoPE, casts and activations fused there; matmuls stay apart)."""
+    node = torch._C._current_autograd_node()
+    prefix = ""
+    frames: list[Any] = traceback.extract_stack()
+    if node is not None:
+        prefix = "backward of "
+        stack = node.metadata.get("traceback_", [])
+        if stack:
+            frames = [traceback.FrameSummary(*_split(line)) for line in _frames(stack)]
+    compiled = any(f.name in _COMPILED_CODE and f.filename.endswith("layers.py")
+                   for f in frames)
+    for frame in reversed(frames):
+        path = frame.filename.replace("\\", "/")
+        if "/tttlm/" in path and "/benchmarks/" not in path:
+            short = path[path.rindex("/tttlm/") + 1:]
+            return f"{prefix}{short}:{frame.lineno} {frame.name}", compiled
+    return prefix + "(outside tttlm)", compiled
+
+
+def _frames(stack: Any) -> list[str]:
+    text = "".join(stack) if isinstance(stack, list) else str(stack)
+    return [line for line in text.splitlines() if line.strip().startswith("File ")]
+
+
+def _split(line: str) -> tuple[str, int, str]:
+    # '  File "path", line N, in name'
+    parts = line.strip().split(", ")
+    path = parts[0][len('File "'):-1]
+    lineno = int(parts[1].split()[1])
+    name = parts[2][len("in "):] if len(parts) > 2 else "?"
+    return path, lineno, name
+
+
+class Census(TorchDispatchMode):
+    """Bytes and FLOPs of every op, by op name and by issuing line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_op: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # calls, bytes, flops
+        self.by_line: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        # "blocks": inside the block code compile_blocks compiles; "eager": everything else.
+        self.by_region: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # A host read of a value fake tensors do not hold: the input checks pass (ids in
+            # range, nothing bad found) and so does the finiteness guard (its flag is True).
+            if args[0].dtype != torch.bool:
+                return 0
+            return any(f.filename.replace("\\", "/").endswith("ttt/finite.py")
+                       for f in traceback.extract_stack())
+        out = func(*args, **kwargs)
+        name = func.overloadpacket.__name__
+        if name in _FREE:
+            return out
+        moved = _moved(name, args, kwargs, out)
+        if moved == 0:
+            return out
+        flops = _flops(name, args, out)
+        where, compiled = _where()
+        region = "blocks" if compiled else "eager"
+        self.by_region[region][0] += 1
+        self.by_region[region][1] += moved
+        self.by_region[region][2] += flops
+        for table, key in ((self.by_op, name), (self.by_line, f"{region}: {where} [{name}]")):
+            table[key][0] += 1
+            table[key][1] += moved
+            table[key][2] += flops
+        return out
+
+
+class _FreeAttention(torch.autograd.Function):
+    """Attention's output shape at no cost, with gradients of the shapes autograd expects."""
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = (q, k, v)
+        return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.new_empty(t.shape) for t in ctx.shapes)
+
+
+class FreeAttention(AutoBackend):
+    """The census's attention backend: no traffic counted (see the module docstring)."""
+
+    name = "census-free"
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
+                 **kwargs: Any) -> torch.Tensor:
+        return _FreeAttention.apply(q, k, v)
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
+              **kwargs: Any) -> torch.Tensor:
+        return _FreeAttention.apply(q, k, v)
+
+
+def census(preset: str, tokens: int, batch: int, variant: str = "e2e") -> Census:
+    config = TTTConfig.from_preset(preset, variant=variant)
+    register_attention_backend(FreeAttention(), replace=True)
+    counter = Census()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = TTTForCausalLM(config)
+        model.eval()
+        x = torch.zeros(batch, tokens + 1, dtype=torch.long)
+        with (torch.no_grad(), attention_backend("census-free"),
+              torch.autograd.set_detect_anomaly(True, check_nan=False),
+              torch.autocast("cpu", dtype=torch.bfloat16), counter):
+            model(x[:, :-1], labels=x[:, 1:], ttt=variant == "e2e")
+    return counter
+
+
+def report(counter: Census, tokens: int, batch: int, flops_rate: float, bandwidth: float,
+           top: int) -> dict[str, Any]:
+    total_bytes = sum(v[1] for v in counter.by_op.values())
+    total_flops = sum(v[2] for v in counter.by_op.values())
+    per_1k = 1000 / (tokens * batch)
+    matmul_s = total_flops / flops_rate * per_1k
+    moved_s = total_bytes / bandwidth * per_1k
+    lines = sorted(counter.by_line.items(), key=lambda kv: -kv[1][1])[:top]
+    ops = sorted(counter.by_op.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "tokens": tokens, "batch": batch,
+        "matmul_tflop": total_flops / 1e12, "moved_gb": total_bytes / 1e9,
+        "matmul_s_per_1k": matmul_s, "traffic_s_per_1k": moved_s,
+        "bound_s_per_1k": matmul_s + moved_s,
+        "regions": {k: {"calls": v[0], "gb": v[1] / 1e9, "tflop": v[2] / 1e12}
+                    for k, v in counter.by_region.items()},
+        "top_lines": [{"line": k, "calls": v[0], "gb": v[1] / 1e9, "tflop": v[2] / 1e12}
+                      for k, v in lines],
+        "top_ops": [{"op": k, "calls": v[0], "gb": v[1] / 1e9, "tflop": v[2] / 1e12}
+                    for k, v in ops],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="3b")
+    parser.add_argument("--variant", default="e2e")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--flops", type=float, default=777e12, help="matmul FLOP/s")
+    parser.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    counter = census(args.preset, args.tokens, args.batch, args.variant)
+    result = report(counter, args.tokens, args.batch, args.flops, args.bandwidth, args.top)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""``benchmarks/traffic.py``: the FLOPs and bytes it counts on fake tensors, against what the
+model's shapes say (tiny preset; no memory or arithmetic is spent)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from tttlm.config import TTTConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "traffic.py"
+
+
+@pytest.fixture(scope="module")
+def traffic():  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location("traffic_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["traffic_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_full_attention_flops_are_the_linear_layers_and_head(traffic) -> None:  # type: ignore[no-untyped-def]
+    c = TTTConfig.from_preset("tiny", variant="full")
+    B, T = 2, 96
+    counter = traffic.census("tiny", T, B, "full")
+    flops = sum(v[2] for v in counter.by_op.values())
+    D, F, V, L = c.hidden_size, c.intermediate_size, c.vocab_size, c.num_layers
+    assert flops == 2 * B * T * (L * (4 * D * D + 3 * D * F) + V * D)
+    assert sum(v[1] for v in counter.by_op.values()) > 0
+    assert set(counter.by_region) == {"blocks", "eager"}
+
+
+def test_prefill_forms_each_chunks_logits_once(traffic) -> None:  # type: ignore[no-untyped-def]
+    """Without an outer gradient, a chunk's head runs one [N, V] product for the NLL and one
+    for dx (chunks that take an inner step): no second product in a backward pass."""
+    c = TTTConfig.from_preset("tiny")
+    B, chunks = 2, 4
+    counter = traffic.census("tiny", chunks * c.chunk_size, B)
+    head = {k: v for k, v in counter.by_line.items()
+            if "ops/linear_nll.py" in k or "head_nll" in k}
+    assert not any(v[2] for k, v in head.items() if "backward of" in k)
+    N, V, D = B * c.chunk_size, c.vocab_size, c.hidden_size
+    assert sum(v[2] for v in head.values()) == 2 * N * V * D * (chunks + chunks - 1)
+    result = traffic.report(counter, chunks * c.chunk_size, B, 1e12, 1e12, top=5)
+    assert len(result["top_lines"]) == 5
+    assert result["bound_s_per_1k"] == pytest.approx(
+        result["matmul_s_per_1k"] + result["traffic_s_per_1k"])
