@@ -40,7 +40,9 @@ class RMSNorm(nn.Module):
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """``(silu(x W1ᵀ) * (x W3ᵀ)) W2ᵀ``; weights may carry a leading batch axis matching x."""
     if w1.dim() == 2:
-        return (F.silu(x @ w1.mT) * (x @ w3.mT)) @ w2.mT
+        # F.linear (the product x @ w.mT): autocast casts the weight itself, once per autocast
+        # region (its weight cache), where a transposed view of it would be cast every call.
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
     # Per-sequence (fast) weights: each product as (W xᵀ)ᵀ, whose gradient W̄ = ȳᵀ x comes
     # out of the batched matmul in W's own row-major layout. Written as x Wᵀ, autograd gives
     # W̄ = (xᵀ ȳ)ᵀ, a transposed view: the inner step's norms then copy it and its update

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -372,7 +373,8 @@ class TTTForCausalLM(nn.Module):
         if labels is not None and not keep_logits and (large or lean and outer_graph):
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
             return linear_nll(x, self.head_weight, labels), None
-        logits = x @ self.head_weight.mT  # [B, c, V]
+        # F.linear, not x @ W.mT: autocast casts W once per region, not once per chunk
+        logits = F.linear(x, self.head_weight)  # [B, c, V]
         nll = token_nll(logits, labels) if labels is not None else None
         return nll, (logits if keep_logits else None)
 

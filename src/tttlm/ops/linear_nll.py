@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tttlm.ops.loss import token_nll
 
@@ -51,6 +52,14 @@ def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     if x.dtype != torch.float64 and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _autocast_casts(W: torch.Tensor, mm: torch.dtype) -> bool:
+    """Whether autocast is on for W's device and casts to ``mm``: products then take W as it
+    is and get autocast's (cached) cast, the same values as ``W.to(mm)``."""
+    kind = W.device.type
+    return (W.dtype != mm and torch.is_autocast_enabled(kind)
+            and torch.get_autocast_dtype(kind) == mm)
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
@@ -188,12 +197,14 @@ class _LinearNLLInnerStep(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                 mm: torch.dtype, compiled: bool) -> torch.Tensor:
         acc = _acc(x)
-        Wm = W.to(mm)
+        # Under autocast, W goes to the products as it is: autocast casts it once per region
+        # (its weight cache) instead of once per chunk, a pass over the [V, D] head each.
+        Wm = W if _autocast_casts(W, mm) else W.to(mm)
         step = _compiled_nll_and_dlogits() if compiled else nll_and_dlogits
         nll = x.new_empty(x.shape[0], dtype=acc)
         dx0 = torch.empty_like(x)
         for rows in _row_blocks(x.shape[0], W.shape[0]):
-            nll[rows], dz = step(x[rows].to(mm) @ Wm.mT, labels[rows], acc)
+            nll[rows], dz = step(F.linear(x[rows].to(mm), Wm), labels[rows], acc)
             dx0[rows] = (dz @ Wm).to(x.dtype)
         ctx.save_for_backward(dx0)
         return nll
