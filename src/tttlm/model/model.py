@@ -92,7 +92,9 @@ class ForwardOptions:
         checkpoint_chunks: recompute each chunk in the backward pass (outer gradient only).
         lean_head: recompute the head's logits in backward passes instead of keeping them.
         compiled: run the code around attention through ``torch.compile``: the
-            whole-sequence blocks always, the TTT chunks as :attr:`compile_chunks` decides.
+            whole-sequence blocks always, the TTT chunks as :attr:`compile_chunks` decides;
+            and the head's elementwise work over the logits (inside autograd Functions
+            with their own derivatives, so in every mode).
         ttt_group: without an outer gradient, run the TTT chunks of at most this many
             sequences at a time (``None``: all). Each sequence's fast weights, their gradient
             and their update are ``[B, ...]`` fp32 tensors (1.4 GB per sequence at 3b), so
@@ -360,8 +362,10 @@ class TTTForCausalLM(nn.Module):
         saves the lean head's recomputation. ``lean``: recompute the logits in backward passes
         (default: the model's ``lean_head``). ``inner_step`` (with ``outer_graph=False``): that
         pass will come, for the inner step, so the NLL's gradient with respect to ``h`` is
-        formed with the NLL from one product with the head (:func:`linear_nll_inner_step`;
-        ``compiled`` fuses its softmax work).
+        formed with the NLL from one product with the head (:func:`linear_nll_inner_step`).
+        ``compiled``: the elementwise work over the logits of the lean and inner-step heads
+        runs fused by ``torch.compile`` (their derivatives are written out, so this holds in
+        every mode, gradients of gradients included).
         """
         lean = self.lean_head if lean is None else lean
         x = self.norm(h)
@@ -372,7 +376,7 @@ class TTTForCausalLM(nn.Module):
         large = h.shape[0] * h.shape[1] * self.config.vocab_size > MAX_BLOCK_ELEMENTS
         if labels is not None and not keep_logits and (large or lean and outer_graph):
             # Recomputes the logits in the backward passes instead of keeping [B, c, V] tensors.
-            return linear_nll(x, self.head_weight, labels), None
+            return linear_nll(x, self.head_weight, labels, compiled), None
         # F.linear, not x @ W.mT: autocast casts W once per region, not once per chunk
         logits = F.linear(x, self.head_weight)  # [B, c, V]
         nll = token_nll(logits, labels) if labels is not None else None
@@ -426,7 +430,7 @@ class TTTForCausalLM(nn.Module):
         nlls, logits = [], []
         for s, e in self.chunks(T):
             nll, lg = self.head_nll(h[:, s:e], None if labels is None else labels[:, s:e],
-                                    return_logits, lean=opts.lean_head)
+                                    return_logits, lean=opts.lean_head, compiled=opts.compiled)
             nlls.append(nll)
             logits.append(lg)
         out = TTTOutput(logits=torch.cat(logits, 1) if return_logits else None)
@@ -613,7 +617,7 @@ class TTTForCausalLM(nn.Module):
                 h, caches, start, rope, fast, inner_state, frozen, opts.compile_chunks, guard)
             nll, logits = self.head_nll(h, labels, keep_logits, outer_graph=not frozen,
                                         lean=opts.lean_head, inner_step=update,
-                                        compiled=opts.compile_chunks)
+                                        compiled=opts.compiled)
             chunk_loss = masked_mean(nll, mask)  # [B]
             new_fast, new_state, norm = fast, inner_state, None
             if update:

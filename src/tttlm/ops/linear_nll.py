@@ -66,59 +66,114 @@ def _acc(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _probs(x: torch.Tensor, W: torch.Tensor, lse: torch.Tensor, mm: torch.dtype) -> torch.Tensor:
-    """``softmax(x Wᵀ)`` from the saved log-sum-exp, in one fresh ``[N, V]`` buffer."""
-    p = (x.to(mm) @ W.to(mm).mT).to(lse.dtype)  # a new tensor: safe to update in place
-    return p.sub_(lse[:, None]).exp_()
-
-
 def _minus_onehot_(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``p − Y`` in place."""
+    if torch.compiler.is_compiling():
+        # Compiled: a comparison, which fuses into the surrounding elementwise pass (a scatter
+        # would split it, p written out and read back); p − 1 and p − 0 as the scatter gives.
+        onehot = torch.arange(p.shape[-1], device=p.device) == labels[:, None]
+        return p.sub_(onehot.to(p.dtype))
     return p.scatter_add_(1, labels[:, None], torch.full_like(p[:, :1], -1.0))
+
+
+# The elementwise work over one row block's [n, V] logits, between the products with the head.
+# Each is run as it is or compiled (``compiled``: fused by Inductor into a pass or two over
+# the logits, instead of one pass per operation, in fp32, over up to 1 GiB per block).
+def _stats(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-sum-exp and the NLL ``[n]`` of the logits ``z [n, V]``."""
+    zf = z.to(acc)
+    lse = torch.logsumexp(zf, dim=-1)
+    return lse, lse - zf.gather(1, labels[:, None]).squeeze(1)
+
+
+def _probs(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """``softmax(z)`` from the saved log-sum-exp. ``z`` is a fresh product, overwritten when
+    it is in ``lse``'s dtype already (eager: one ``[n, V]`` buffer; compiled code does not
+    write into its inputs, which would cost a copy back)."""
+    if torch.compiler.is_compiling():
+        return (z.to(lse.dtype) - lse[:, None]).exp()
+    return z.to(lse.dtype).sub_(lse[:, None]).exp_()
+
+
+def _dlogits(z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, g: torch.Tensor,
+             mm: torch.dtype) -> torch.Tensor:
+    """``g (p − Y)`` in ``mm``: the logits' gradient for upstream ``g [n]``."""
+    p = _probs(z, lse)
+    return _minus_onehot_(p, labels).mul_(g.to(p.dtype)[:, None]).to(mm)
+
+
+def _second(M: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor,
+            g: torch.Tensor, mm: torch.dtype, want_dz: bool
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """For ``M = u_x Wᵀ + x u_Wᵀ``: the gradient of ``g`` (``Σ p M − M[y]``) and, with
+    ``want_dz``, ``dz₂ = g p (M − Σ p M)`` and ``dz = g (p − Y)`` in ``mm``."""
+    p = _probs(z, lse)
+    acc = p.dtype
+    M = M.to(acc)
+    ga = g.to(acc)[:, None]
+    s = torch.einsum("nv,nv->n", M, p)  # Σ_v p M, without an [n, V] product
+    grad_g = s - M.gather(1, labels[:, None]).squeeze(1)
+    if not want_dz:
+        return grad_g, None, None
+    if torch.compiler.is_compiling():  # M may be the caller's tensor (see _probs)
+        dz2 = ((M - s[:, None]) * p * ga).to(mm)
+    else:
+        dz2 = M.sub_(s[:, None]).mul_(p).mul_(ga).to(mm)  # g p (M − Σ p M); M is spent
+    dz = _minus_onehot_(p, labels).mul_(ga).to(mm)  # g (p − Y); p is spent
+    return grad_g, dz2, dz
+
+
+@functools.cache
+def _compiled(fn: Any) -> Any:
+    return torch.compile(fn, dynamic=True)
+
+
+def _run(fn: Any, compiled: bool) -> Any:
+    return _compiled(fn) if compiled else fn
 
 
 class _LinearNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
-                mm: torch.dtype) -> torch.Tensor:
+                mm: torch.dtype, compiled: bool) -> torch.Tensor:
         acc = _acc(x)
         Wm = W.to(mm)
+        stats = _run(_stats, compiled)
         lse = x.new_empty(x.shape[0], dtype=acc)
         nll = x.new_empty(x.shape[0], dtype=acc)
         for rows in _row_blocks(x.shape[0], W.shape[0]):
-            z = (x[rows].to(mm) @ Wm.mT).to(acc)  # [n, V]
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            nll[rows] = lse[rows] - z.gather(1, labels[rows, None]).squeeze(1)
+            lse[rows], nll[rows] = stats(x[rows].to(mm) @ Wm.mT, labels[rows], acc)
         ctx.save_for_backward(x, W, labels, lse)
-        ctx.mm = mm
+        ctx.mm, ctx.compiled = mm, compiled
         return nll
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:
         x, W, labels, lse = ctx.saved_tensors
         need_dW = ctx.needs_input_grad[1] and not _SKIP_WEIGHT_GRAD
-        dx, dW = _LinearNLLBackward.apply(x, W, labels, lse, g, ctx.mm, need_dW)
-        return dx, dW, None, None
+        dx, dW = _LinearNLLBackward.apply(x, W, labels, lse, g, ctx.mm, need_dW, ctx.compiled)
+        return dx, dW, None, None, None
 
 
 class _LinearNLLBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
                 lse: torch.Tensor, g: torch.Tensor, mm: torch.dtype,
-                need_dW: bool) -> tuple[torch.Tensor, ...]:
+                need_dW: bool, compiled: bool) -> tuple[torch.Tensor, ...]:
         Wm = W.to(mm)
+        dlogits = _run(_dlogits, compiled)
         dx = torch.empty_like(x)
         # A frozen head (W not requiring grad) needs no [V, D] product.
         dW = torch.zeros(W.shape, dtype=_acc(x), device=W.device) if need_dW else None
         for rows in _row_blocks(x.shape[0], W.shape[0]):
-            p = _probs(x[rows], W, lse[rows], mm)
-            dz = _minus_onehot_(p, labels[rows]).mul_(g[rows].to(p.dtype)[:, None]).to(mm)
+            dz = dlogits(x[rows].to(mm) @ Wm.mT, lse[rows], labels[rows], g[rows], mm)
             dx[rows] = (dz @ Wm).to(x.dtype)
             if dW is not None:
                 dW += dz.mT @ x[rows].to(mm)
         dW = dW.to(W.dtype) if dW is not None else None
         ctx.save_for_backward(x, W, labels, lse, g)
-        ctx.mm = mm
+        ctx.mm, ctx.compiled = mm, compiled
         return dx, dW
 
     @staticmethod
@@ -128,8 +183,10 @@ class _LinearNLLBackward(torch.autograd.Function):
         x, W, labels, lse, g = ctx.saved_tensors
         need_x, need_W, need_g = (ctx.needs_input_grad[i] for i in (0, 1, 4))
         mm = ctx.mm
+        none = (None,) * 8
         if u_x is None and u_W is None:
-            return None, None, None, None, None, None, None
+            return none
+        second = _run(_second, ctx.compiled)
         Wm = W.to(mm)
         # [W, u_W] once, so that M = u_x Wᵀ + x u_Wᵀ is one product over the joined inner axis.
         right = torch.cat((Wm, u_W.to(mm)), -1) if u_W is not None and u_x is not None else None
@@ -144,18 +201,12 @@ class _LinearNLLBackward(torch.autograd.Function):
                 M = u_x[rows].to(mm) @ Wm.mT
             else:
                 M = xm @ u_W.to(mm).mT  # type: ignore[union-attr]
-            p = _probs(x[rows], W, lse[rows], mm)
-            acc = p.dtype
-            M = M.to(acc)
-            ga = g[rows].to(acc)[:, None]
-            y = labels[rows, None]
-            s = torch.einsum("nv,nv->n", M, p)  # Σ_v p M, without an [n, V] product
+            want_dz = grad_x is not None or grad_W is not None
+            gg, dz2, dz = second(M, xm @ Wm.mT, lse[rows], labels[rows], g[rows], mm, want_dz)
             if grad_g is not None:
-                grad_g[rows] = (s - M.gather(1, y).squeeze(1)).to(g.dtype)
-            if grad_x is None and grad_W is None:
+                grad_g[rows] = gg.to(g.dtype)
+            if not want_dz:
                 continue
-            dz2 = M.sub_(s[:, None]).mul_(p).mul_(ga).to(mm)  # g p (M − Σ p M); M is spent
-            dz = _minus_onehot_(p, labels[rows]).mul_(ga).to(mm)  # g (p − Y); p is spent
             if grad_x is not None:
                 gx = dz2 @ Wm
                 if u_W is not None:
@@ -166,7 +217,7 @@ class _LinearNLLBackward(torch.autograd.Function):
                 if u_x is not None:
                     grad_W += dz.mT @ u_x[rows].to(mm)
         grad_W = grad_W.to(W.dtype) if grad_W is not None else None
-        return grad_x, grad_W, None, None, grad_g, None, None
+        return grad_x, grad_W, None, None, grad_g, None, None, None
 
 
 def nll_and_dlogits(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
@@ -178,14 +229,8 @@ def nll_and_dlogits(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
     zf = z.to(acc)
     lse = torch.logsumexp(zf, dim=-1)
     nll = lse - zf.gather(1, labels[:, None]).squeeze(1)
-    # zf is z itself when z is in acc already: a fresh product, so it may be overwritten
-    p = zf.sub_(lse[:, None]).exp_()
-    return nll, _minus_onehot_(p, labels).to(z.dtype)
-
-
-@functools.cache
-def _compiled_nll_and_dlogits() -> Any:
-    return torch.compile(nll_and_dlogits, dynamic=True)
+    # (zf is z itself when z is in acc already: a fresh product, which _probs may overwrite)
+    return nll, _minus_onehot_(_probs(zf, lse), labels).to(z.dtype)
 
 
 class _LinearNLLInnerStep(torch.autograd.Function):
@@ -200,7 +245,7 @@ class _LinearNLLInnerStep(torch.autograd.Function):
         # Under autocast, W goes to the products as it is: autocast casts it once per region
         # (its weight cache) instead of once per chunk, a pass over the [V, D] head each.
         Wm = W if _autocast_casts(W, mm) else W.to(mm)
-        step = _compiled_nll_and_dlogits() if compiled else nll_and_dlogits
+        step = _run(nll_and_dlogits, compiled)
         nll = x.new_empty(x.shape[0], dtype=acc)
         dx0 = torch.empty_like(x)
         for rows in _row_blocks(x.shape[0], W.shape[0]):
@@ -238,11 +283,15 @@ def _row_blocks(n: int, vocab: int) -> list[slice]:
     return [slice(s, min(s + step, n)) for s in range(0, n, step)]
 
 
-def linear_nll(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``token_nll(x @ weight.T, labels)`` for ``x [..., D]``, ``weight [V, D]`` → ``[...]``."""
+def linear_nll(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+               compiled: bool = False) -> torch.Tensor:
+    """``token_nll(x @ weight.T, labels)`` for ``x [..., D]``, ``weight [V, D]`` → ``[...]``.
+    ``compiled``: the elementwise work over the logits (softmax statistics, their first and
+    second derivatives) runs fused by ``torch.compile``, a pass or two per row block instead
+    of one per operation."""
     shape = x.shape[:-1]
     nll = _LinearNLL.apply(x.reshape(-1, x.shape[-1]), weight, labels.reshape(-1),
-                           _matmul_dtype(x))
+                           _matmul_dtype(x), compiled)
     return nll.view(shape)
 
 
