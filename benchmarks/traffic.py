@@ -20,6 +20,7 @@ a lower bound per op (every byte moved once at full bandwidth); eager op boundar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -33,7 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from tttlm.config import TTTConfig
+from tttlm.model import layers
 from tttlm.model.model import TTTForCausalLM
+from tttlm.ops import linear_nll as linear_nll_module
 from tttlm.ops.attention import AutoBackend, attention_backend, register_attention_backend
 
 # Ops that make views, allocate or only describe tensors: no bytes moved.
@@ -140,6 +143,29 @@ class Census(TorchDispatchMode):
         self.by_line: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         # "blocks": inside the block code compile_blocks compiles; "eager": everything else.
         self.by_region: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        self.depth = 0  # > 0 inside a function counted as one fused pass (see fused())
+
+    def count(self, name: str, moved: int, flops: int) -> None:
+        where, compiled = _where()
+        region = "blocks" if compiled else "eager"
+        for table, key in ((self.by_region, region), (self.by_op, name),
+                           (self.by_line, f"{region}: {where} [{name}]")):
+            table[key][0] += 1
+            table[key][1] += moved
+            table[key][2] += flops
+
+    def fused(self, fn: Any) -> Any:
+        """``fn`` counted as one pass: its tensor arguments read once, its results written
+        once (a lower bound for what Inductor makes of it: reductions may read twice)."""
+        def run(*args: Any) -> Any:
+            self.depth += 1
+            try:
+                out = fn(*args)
+            finally:
+                self.depth -= 1
+            self.count(f"fused {fn.__name__}", _bytes(_tensors(args)) + _bytes(_tensors(out)), 0)
+            return out
+        return run
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -152,21 +178,11 @@ class Census(TorchDispatchMode):
                        for f in traceback.extract_stack())
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if name in _FREE:
+        if name in _FREE or self.depth:
             return out
         moved = _moved(name, args, kwargs, out)
-        if moved == 0:
-            return out
-        flops = _flops(name, args, out)
-        where, compiled = _where()
-        region = "blocks" if compiled else "eager"
-        self.by_region[region][0] += 1
-        self.by_region[region][1] += moved
-        self.by_region[region][2] += flops
-        for table, key in ((self.by_op, name), (self.by_line, f"{region}: {where} [{name}]")):
-            table[key][0] += 1
-            table[key][1] += moved
-            table[key][2] += flops
+        if moved:
+            self.count(name, moved, _flops(name, args, out))
         return out
 
 
@@ -197,19 +213,57 @@ class FreeAttention(AutoBackend):
         return _FreeAttention.apply(q, k, v)
 
 
-def census(preset: str, tokens: int, batch: int, variant: str = "e2e") -> Census:
+def census(preset: str, tokens: int, batch: int, variant: str = "e2e",
+           what: str = "prefill", compiled: bool = False) -> Census:
+    """Count one step on fake tensors: ``prefill`` (the scoring forward without gradient,
+    what ``tttlm bench prefill`` times) or ``train`` (the meta-training forward and the
+    backward of its loss, without the optimizer). ``compiled``: the model as with compiled
+    blocks, where the head's elementwise functions (``tttlm.ops.linear_nll``) are compiled:
+    each call is counted as one fused pass; the block code is still counted op by op."""
     config = TTTConfig.from_preset(preset, variant=variant)
     register_attention_backend(FreeAttention(), replace=True)
     counter = Census()
+    with contextlib.ExitStack() as stack:
+        if compiled:
+            # Block code runs eager here (fake tensors do not compile); the head's compiled
+            # functions run as counted fused passes.
+            stack.enter_context(_patched(layers, "_parts", lambda compiled, rotated: (
+                layers.Block.attention_inputs, layers.Block.attention_output)))
+            stack.enter_context(_patched(linear_nll_module, "_run", lambda fn, on: (
+                counter.fused(fn) if on else fn)))
+        _run_step(counter, config, tokens, batch, variant, what, compiled)
+    return counter
+
+
+@contextlib.contextmanager
+def _patched(module: Any, name: str, value: Any) -> Any:
+    """``module.name = value`` for the block (a name an older tree lacks is left unused)."""
+    missing = object()
+    old = getattr(module, name, missing)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        if old is missing:
+            delattr(module, name)
+        else:
+            setattr(module, name, old)
+
+
+def _run_step(counter: Census, config: TTTConfig, tokens: int, batch: int, variant: str,
+              what: str, compiled: bool) -> None:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = TTTForCausalLM(config)
-        model.eval()
+        model.compile_blocks = compiled
+        model.train(what == "train")
         x = torch.zeros(batch, tokens + 1, dtype=torch.long)
-        with (torch.no_grad(), attention_backend("census-free"),
-              torch.autograd.set_detect_anomaly(True, check_nan=False),
-              torch.autocast("cpu", dtype=torch.bfloat16), counter):
-            model(x[:, :-1], labels=x[:, 1:], ttt=variant == "e2e")
-    return counter
+        grad = torch.enable_grad() if what == "train" else torch.no_grad()
+        with (grad, attention_backend("census-free"),
+              torch.autograd.set_detect_anomaly(True, check_nan=False), counter):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x[:, :-1], labels=x[:, 1:], ttt=variant == "e2e")
+            if what == "train":
+                out.loss.backward()
 
 
 def report(counter: Census, tokens: int, batch: int, flops_rate: float, bandwidth: float,
@@ -235,19 +289,58 @@ def report(counter: Census, tokens: int, batch: int, flops_rate: float, bandwidt
     }
 
 
+def markdown(reports: list[dict[str, Any]], top: int = 12) -> str:
+    """The reports side by side (one column each), then each one's largest lines outside the
+    compiled block code."""
+    def row(name: str, values: list[str]) -> str:
+        return f"| {name} | " + " | ".join(values) + " |"
+
+    labels = [r.get("label") or f"{r['what']} {r['tokens']} x {r['batch']}" for r in reports]
+    out = [row("", labels), "|---|" + "---|" * len(reports)]
+    out.append(row("matmul TFLOP per step", [f"{r['matmul_tflop']:.1f}" for r in reports]))
+    out.append(row("GB moved per step", [f"{r['moved_gb']:,.0f}" for r in reports]))
+    for region, name in (("eager", "of which outside the block code"),
+                         ("blocks", "of which in block code (compiled where it applies)")):
+        out.append(row(name, [f"{r['regions'].get(region, {}).get('gb', 0):,.0f}"
+                              for r in reports]))
+    out.append(row("matmul s / 1K tokens", [f"{r['matmul_s_per_1k']:.4f}" for r in reports]))
+    out.append(row("traffic s / 1K tokens", [f"{r['traffic_s_per_1k']:.4f}" for r in reports]))
+    out.append(row("sum s / 1K tokens", [f"{r['bound_s_per_1k']:.4f}" for r in reports]))
+    for label, r in zip(labels, reports):
+        out += ["", f"Largest lines outside the block code, {label}:", "",
+                "| GB | TFLOP | calls | line [op] |", "|---|---|---|---|"]
+        eager = [x for x in r["top_lines"] if x["line"].startswith("eager: ")][:top]
+        out += [f"| {x['gb']:,.1f} | {x['tflop']:.1f} | {x['calls']} | "
+                f"`{x['line'][len('eager: '):]}` |" for x in eager]
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--what", choices=("prefill", "train"), default="prefill")
     parser.add_argument("--preset", default="3b")
     parser.add_argument("--variant", default="e2e")
+    parser.add_argument("--compiled", action="store_true",
+                        help="as with compiled blocks: the head's compiled functions counted "
+                             "as one fused pass each")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--flops", type=float, default=777e12, help="matmul FLOP/s")
     parser.add_argument("--bandwidth", type=float, default=4.8e12, help="bytes/s")
     parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--label", default="", help="the report's name in --markdown tables")
+    parser.add_argument("--out", type=Path, help="write the JSON report here")
+    parser.add_argument("--markdown", nargs="+", type=Path, metavar="JSON",
+                        help="no count: print the given JSON reports side by side (Markdown)")
     args = parser.parse_args()
-    counter = census(args.preset, args.tokens, args.batch, args.variant)
-    result = report(counter, args.tokens, args.batch, args.flops, args.bandwidth, args.top)
+    if args.markdown:
+        print(markdown([json.loads(p.read_text()) for p in args.markdown]), end="")
+        return 0
+    counter = census(args.preset, args.tokens, args.batch, args.variant, args.what,
+                     args.compiled)
+    result = {"label": args.label, "what": args.what, "preset": args.preset,
+              "variant": args.variant, "compiled": args.compiled, "torch": torch.__version__,
+              **report(counter, args.tokens, args.batch, args.flops, args.bandwidth, args.top)}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
