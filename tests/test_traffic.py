@@ -50,3 +50,27 @@ def test_prefill_forms_each_chunks_logits_once(traffic) -> None:  # type: ignore
     assert len(result["top_lines"]) == 5
     assert result["bound_s_per_1k"] == pytest.approx(
         result["matmul_s_per_1k"] + result["traffic_s_per_1k"])
+
+
+def test_training_step_with_the_compiled_head(traffic, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``--what train --compiled``: the meta-gradient's head work is counted as the fused
+    passes of linear_nll's compiled functions (no op-by-op softmax work left there), and the
+    Markdown view puts two reports side by side."""
+    eager = traffic.census("tiny", 128, 2, what="train")
+    fused = traffic.census("tiny", 128, 2, what="train", compiled=True)
+    names = {k.split("[")[-1].rstrip("]") for k in fused.by_line if "linear_nll.py" in k}
+    assert {"fused _stats", "fused _dlogits", "fused _second"} <= names
+    assert "exp_" not in names and "exp_" in {
+        k.split("[")[-1].rstrip("]") for k in eager.by_line if "linear_nll.py" in k}
+    # The same products, but for the Σ p·M reduction that eager runs as a batched product
+    einsum = sum(v[2] for k, v in eager.by_line.items()
+                 if "linear_nll.py" in k and k.endswith("[bmm]"))
+    assert einsum > 0
+    assert (sum(v[2] for v in fused.by_op.values())
+            == sum(v[2] for v in eager.by_op.values()) - einsum)
+    assert sum(v[1] for v in fused.by_op.values()) < sum(v[1] for v in eager.by_op.values())
+    reports = [dict(traffic.report(c, 128, 2, 1e12, 1e12, top=50), label=label, what="train")
+               for c, label in ((eager, "eager head"), (fused, "fused head"))]
+    table = traffic.markdown(reports)
+    assert table.splitlines()[0] == "|  | eager head | fused head |"
+    assert "Largest lines outside the block code, fused head:" in table
