@@ -102,7 +102,8 @@ def _where() -> tuple[str, bool]:
     """The innermost ``tttlm`` line of the current stack, or of the forward that made the
     autograd node running now, and whether it lies in block code that ``compile_blocks``
     compiles (norms, RoPE, casts and activations fused there; matmuls stay apart)."""
-    node = torch._C._current_autograd_node()
+    # (the autograd node running now; None outside a backward pass or on a torch without it)
+    node = getattr(torch._C, "_current_autograd_node", lambda: None)()
     prefix = ""
     frames: list[Any] = traceback.extract_stack()
     if node is not None:
