@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -49,6 +49,19 @@ case "$PART" in
     timeout 560 python -m tttlm.cli bench prefill --preset 3b --lengths 8192 131072 \
       --compile compiled --attention first-order --paths model engine engine-graphs \
       --repeats 2 --out "$OUT/prefill_engine_3b" ;;
+  traffic)  # speed issue: the traffic changes of benchmarks/results/traffic_census_cpu.md on a
+    # GPU, before and after, in one run: needs the earlier tree's src at .before/src, made here
+    # with `mkdir .before && git archive da38b74 src | tar -x -C .before` and carried
+    # (PART=prefill of compare_before_after.sh: 3b 8K and 128K; then its decode-train part and
+    # tttlm train itself at 125m 8K, compiled graph, micro-batch 8, for each side)
+    ROOT=$PWD BEFORE_SRC=.before/src OUT="$OUT" PART=prefill \
+      timeout 400 bash benchmarks/compare_before_after.sh
+    for side in before after; do
+      src=$PWD/src; [ $side = before ] && src=$PWD/.before/src
+      PYTHONPATH=$src timeout 90 python benchmarks/train_cli.py --preset 125m-8k --batch 16 \
+        --micro-batch 8 --steps 5 --skip 2 --runs e2e:compiled-graph \
+        --out "$OUT/train_cli_125m_8k_$side" || echo "train $side: exit $?"
+    done ;;
   prefill_small)  # speed issue: Engine.prefill of a small model (launch-bound per chunk), with
     # and without the engine's CUDA graphs (the inner step replayed once the caches are full)
     timeout 560 python -m tttlm.cli bench prefill --preset 125m --variants e2e \
@@ -122,7 +135,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
