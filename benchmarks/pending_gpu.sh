@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -62,6 +62,12 @@ case "$PART" in
         --micro-batch 8 --steps 5 --skip 2 --runs e2e:compiled-graph \
         --out "$OUT/train_cli_125m_8k_$side" || echo "train $side: exit $?"
     done ;;
+  first_order)  # speed issue: the first-order chunk attention (lower-right causal SDPA while
+    # the cache fits the window, which is every chunk at 8K; flex once it is full) against the
+    # Triton kernel, 3b e2e prefill (results/prefill_first_order_3b.md was before SDPA's part)
+    timeout 560 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 131072 --compile compiled --attention auto first-order --paths model \
+      --repeats 2 --out "$OUT/prefill_first_order_sdpa_3b" ;;
   prefill_small)  # speed issue: Engine.prefill of a small model (launch-bound per chunk), with
     # and without the engine's CUDA graphs (the inner step replayed once the caches are full)
     timeout 560 python -m tttlm.cli bench prefill --preset 125m --variants e2e \
@@ -135,7 +141,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

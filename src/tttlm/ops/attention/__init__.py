@@ -23,7 +23,8 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
 * ``banded``: windowed whole sequences through banded SDPA instead of ``flex_attention``,
   otherwise as ``auto``;
 * ``first-order``: chunks needing only first-order gradients (frozen caches: prefill,
-  evaluation) through ``flex_attention`` on CUDA once their cache is full, otherwise as
+  evaluation) through SDPA with a lower-right causal bias while their keys fit the window
+  (flash on a GPU), through ``flex_attention`` on CUDA once their cache is full, otherwise as
   ``auto`` (opt-in; to be measured against the Triton kernel).
 
 :func:`register_attention_backend` adds one (subclass :class:`AutoBackend` to replace one shape).

@@ -23,6 +23,7 @@ import torch
 
 from tttlm.ops.attention import flex, naive, sdpa
 from tttlm.ops.attention import triton as triton_path
+from tttlm.ops.attention._common import common_dtype
 from tttlm.ops.triton_runtime import triton_can_run
 
 
@@ -150,16 +151,22 @@ class BandedBackend(AutoBackend):
 
 class FirstOrderBackend(AutoBackend):
     """As ``auto``, but chunks that need only first-order gradients (their cached keys are
-    frozen: prefill and evaluation, not meta-training) go through ``flex_attention`` with a
-    block mask once their cache is full, instead of the Triton kernel built for gradients of
-    gradients. CUDA only; elsewhere, and for chunks that meta-training differentiates twice,
-    as ``auto``. Opt-in until a GPU measurement makes it the default."""
+    frozen: prefill and evaluation, not meta-training) go through kernels with a first-order
+    backward instead of the Triton kernel built for gradients of gradients: while no cached
+    key has left the window (every chunk of a prompt no longer than the window, the first
+    chunks of a longer one), SDPA with a lower-right causal bias (flash on a GPU; any device);
+    once the cache is full, ``flex_attention`` with a block mask (CUDA). Elsewhere, and for
+    chunks that meta-training differentiates twice, as ``auto``. Chunks are laid out as
+    :class:`~tttlm.model.cache.ChunkKV` lays them out (consecutive positions, the chunk's keys
+    last). Opt-in until a GPU measurement makes it the default."""
 
     name = "first-order"
 
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
               frozen_keys: int = 0) -> torch.Tensor:
+        if frozen_keys > 0 and (window is None or k.shape[1] <= window):
+            return sdpa.suffix_causal_attention(*common_dtype(q, k, v))
         if (frozen_keys > 0 and flex.flex_can_run(q)
                 and flex.flex_chunk_allowed(q, k, window)):
             assert window is not None

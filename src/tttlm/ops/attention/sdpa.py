@@ -14,6 +14,19 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     return out.transpose(1, 2)
 
 
+def suffix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``q [B, c, H, d]``, the last ``c`` of ``n`` consecutive positions, over all ``k, v
+    [B, n, H, d]``: query ``i`` sees keys ``j <= n - c + i`` (causal aligned at the bottom
+    right, through SDPA's lower-right causal bias: flash or memory-efficient kernels on a GPU,
+    no mask in memory). A TTT chunk over its cache while no key has left the window."""
+    from torch.nn.attention.bias import causal_lower_right  # on first use only
+
+    mask = causal_lower_right(q.shape[1], k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return out.transpose(1, 2)
+
+
 def banded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      window: int, block: int) -> torch.Tensor:
     """Sliding-window attention as query blocks of ``block`` rows, each over the
