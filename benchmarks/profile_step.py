@@ -28,16 +28,20 @@ from tttlm.bench.common import environment
 from tttlm.config import TTTConfig
 from tttlm.model.model import TTTForCausalLM
 
-# Kernel name patterns, first match wins.
+# Kernel name patterns, first match wins. Inductor's kernels (triton_poi_/red_/per_fused_...)
+# come before the eager groups: their names list the fused ops ("..._to_copy_add_mul..."),
+# which the copy pattern would otherwise claim.
 GROUPS = [
     ("chunk attention (Triton)", r"^_fwd_kernel|^_bwd_dq_kernel|^_bwd_dkdv_kernel|^_dbl_"),
     ("flash / cuDNN / flex attention", r"flash|fmha|cudnn|flex|triton_tem"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|sm90|sm80|cublas"),
+    ("compiled, with a reduction", r"^triton_(red|per)_"),
+    ("compiled, pointwise", r"^triton_poi_"),
     ("softmax / log-softmax", r"softmax"),
     ("reduction", r"reduce|Reduce"),
     ("copy / cast / cat", r"copy|Copy|cat|Cat|to_copy|fill"),
     ("elementwise", r"elementwise|vectorized|Elementwise|pointwise"),
-    ("compiled (Triton, fused)", r"^triton_"),
+    ("compiled, other", r"^triton_"),
 ]
 
 
