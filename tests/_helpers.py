@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,3 +112,14 @@ def stand_in_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     monkeypatch.setattr(engine_module, "_can_capture", lambda device: True)
     monkeypatch.setattr(engine_module, "_capture", capture)
     return captured
+
+
+def load_benchmark(name: str) -> Any:
+    """The script ``benchmarks/<name>.py`` imported as a module (scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look a module up by name
+    spec.loader.exec_module(module)
+    return module

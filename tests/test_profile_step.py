@@ -3,23 +3,14 @@ CUDA, cuBLAS, Inductor and our Triton kernels spell them land in the intended gr
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_step.py"
+from _helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def group():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("profile_step_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["profile_step_script"] = module
-    spec.loader.exec_module(module)
-    return module._group
+    return load_benchmark("profile_step")._group
 
 
 @pytest.mark.parametrize("name, expected", [

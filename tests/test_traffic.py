@@ -3,25 +3,15 @@ model's shapes say (tiny preset; no memory or arithmetic is spent)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
+from _helpers import load_benchmark
 from tttlm.config import TTTConfig
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "traffic.py"
 
 
 @pytest.fixture(scope="module")
 def traffic():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("traffic_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["traffic_script"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("traffic")
 
 
 def test_full_attention_flops_are_the_linear_layers_and_head(traffic) -> None:  # type: ignore[no-untyped-def]
@@ -52,7 +42,7 @@ def test_prefill_forms_each_chunks_logits_once(traffic) -> None:  # type: ignore
         result["matmul_s_per_1k"] + result["traffic_s_per_1k"])
 
 
-def test_training_step_with_the_compiled_head(traffic, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_training_step_with_the_compiled_head(traffic) -> None:  # type: ignore[no-untyped-def]
     """``--what train --compiled``: the meta-gradient's head work is counted as the fused
     passes of linear_nll's compiled functions (no op-by-op softmax work left there), and the
     Markdown view puts two reports side by side."""
