@@ -183,9 +183,8 @@ class _LinearNLLBackward(torch.autograd.Function):
         x, W, labels, lse, g = ctx.saved_tensors
         need_x, need_W, need_g = (ctx.needs_input_grad[i] for i in (0, 1, 4))
         mm = ctx.mm
-        none = (None,) * 8
         if u_x is None and u_W is None:
-            return none
+            return (None,) * 8
         second = _run(_second, ctx.compiled)
         Wm = W.to(mm)
         # [W, u_W] once, so that M = u_x Wᵀ + x u_Wᵀ is one product over the joined inner axis.
@@ -226,9 +225,8 @@ def nll_and_dlogits(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
     ``z``'s dtype, the softmax statistics in ``acc``. One pass of elementwise work over the
     logits, which :func:`linear_nll_inner_step` may have compiled (fused into two reads of
     ``z`` and one write)."""
-    zf = z.to(acc)
-    lse = torch.logsumexp(zf, dim=-1)
-    nll = lse - zf.gather(1, labels[:, None]).squeeze(1)
+    zf = z.to(acc)  # once: _stats and _probs then take it as it is
+    lse, nll = _stats(zf, labels, acc)
     # (zf is z itself when z is in acc already: a fresh product, which _probs may overwrite)
     return nll, _minus_onehot_(_probs(zf, lse), labels).to(z.dtype)
 
