@@ -102,3 +102,54 @@ def test_return_fast_weights_runs_the_whole_batch() -> None:
     for a, b in zip(outs[0].fast_weights, outs[1].fast_weights):
         for name in a:
             assert torch.equal(a[name], b[name]), name
+
+
+def test_auto_groups_by_the_fast_weights_working_set() -> None:
+    """``"auto"`` (the default) keeps a group's fast weights under a byte budget: the presets'
+    groups, a tiny budget's groups of one, and at least one sequence however large the model."""
+    from tttlm import TTTConfig, TTTForCausalLM
+    from tttlm.model.model import AUTO_GROUP_BYTES, FAST_BYTES_PER_PARAMETER
+
+    groups = {}
+    for preset in ("125m", "760m", "3b"):
+        with torch.device("meta"):
+            model = TTTForCausalLM(TTTConfig.from_preset(preset, variant="e2e"))
+        assert model.ttt_group == "auto"
+        per_sequence = FAST_BYTES_PER_PARAMETER * sum(
+            w.numel() for layer in model.ttt_layers for w in layer.prime.weights())
+        groups[preset] = model.resolved_ttt_group()
+        assert groups[preset] == AUTO_GROUP_BYTES // per_sequence
+        assert model.auto_ttt_group(budget=1) == 1
+    assert groups == {"125m": 78, "760m": 9, "3b": 2}
+    with torch.device("meta"):
+        full = TTTForCausalLM(TTTConfig.from_preset("125m", variant="full"))
+    assert full.resolved_ttt_group() is None
+
+
+def test_auto_with_a_small_budget_runs_groups_with_the_same_results(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model()
+    x, y = tokens(model, B, T)
+    ref = scored(model, x, y, None)
+    monkeypatch.setattr(type(model), "auto_ttt_group", lambda self: 2)
+    batches: list[int] = []
+    step = model.inner_optimizer.step
+
+    def spy(loss, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(loss.shape[0])
+        return step(loss, *args, **kwargs)
+
+    model.inner_optimizer.step = spy  # type: ignore[method-assign]
+    got = scored(model, x, y, "auto")
+    assert max(batches) == 2
+    for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
+        assert_close(getattr(got, name), getattr(ref, name), atol=ATOL, name=name)
+
+
+@pytest.mark.parametrize("bad", [0, -1, "some", 2.0])
+def test_a_bad_ttt_group_is_refused(bad: object) -> None:
+    model = tiny_model()
+    x, y = tokens(model, 2, T)
+    model.ttt_group = bad  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="ttt_group="), torch.no_grad():
+        model(x, y)

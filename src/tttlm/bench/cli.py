@@ -108,11 +108,12 @@ def add_parser(subparsers: Any) -> None:
                         "engine-graphs: with its CUDA graphs, Engine(cuda_graphs=True))")
     p.add_argument("--attention", nargs="+", default=["auto"], metavar="BACKEND",
                    help="attention backends to time (auto, first-order, triton, banded, ...)")
-    p.add_argument("--ttt-groups", nargs="+", default=["all"], metavar="N",
+    p.add_argument("--ttt-groups", nargs="+", default=["auto"], metavar="N",
                    type=ttt_group,
                    help="e2e: run the TTT chunks of at most N sequences at a time (bounds the "
                         "fast weights' memory, which grows with the batch); 'all': the whole "
-                        "batch")
+                        "batch; 'auto' (default): the model's default, TTTForCausalLM."
+                        "auto_ttt_group (3b: 2)")
     common(p, "prefill")
     p.set_defaults(func=run_prefill)
 

@@ -132,7 +132,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
                   compile_modes: tuple[bool, ...] = (False,),
                   paths: tuple[str, ...] = ("model",),
                   attention: tuple[str, ...] = ("auto",),
-                  ttt_groups: tuple[int | None, ...] = (None,)) -> list[dict[str, Any]]:
+                  ttt_groups: tuple[int | str | None, ...] = ("auto",)
+                  ) -> list[dict[str, Any]]:
     """Seconds per prefill and per 1K tokens, tokens/s, estimated MFU and peak memory.
 
     ``batch=None`` sizes each step to ``tokens_per_step`` tokens (the paper's 128K), so short
@@ -146,7 +147,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     runs; ``engine-graphs`` with the engine's CUDA graphs). ``attention``: attention backends
     to time (:func:`tttlm.ops.attention.attention_backend` names, e.g. ``first-order``).
     ``ttt_groups``: e2e's TTT chunks for at most this many sequences at a time
-    (``TTTForCausalLM.ttt_group``; ``None``: the whole step's batch).
+    (``TTTForCausalLM.ttt_group``; ``None``: the whole step's batch; ``"auto"``: the model's
+    default, recorded as the number it resolves to).
     """
     from tttlm.model.model import TTTForCausalLM
     from tttlm.ops.attention import attention_backend
@@ -173,6 +175,7 @@ def bench_prefill(device: torch.device, preset: str = "3b",
                     paths, compile_modes, attention, groups, _sdpa_backends(device, variant)):
                 model.compile_blocks = compiled
                 model.ttt_group = group
+                group = model.resolved_ttt_group()
                 row: dict[str, Any] = {"preset": preset, "variant": variant, "path": path,
                                        "tokens": T, "batch": B, "sdpa": backend or "default",
                                        "attention": attn,

@@ -290,7 +290,7 @@ def _common(p: argparse.ArgumentParser, out_default: str, *, lengths: bool = Tru
                         "or a prepared data folder (default: the model folder's own)")
     p.add_argument("--no-ttt", action="store_true",
                    help="run e2e models without test-time training (pretrain mode)")
-    p.add_argument("--ttt-group", type=ttt_group, default="all", metavar="N",
+    p.add_argument("--ttt-group", type=ttt_group, default="auto", metavar="N",
                    help=TTT_GROUP_HELP)
     p.add_argument("--device", default="auto",
                    help="cuda, cpu, ... (default: cuda when available, with bf16 autocast)")

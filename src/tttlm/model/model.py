@@ -39,6 +39,13 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 IGNORE_INDEX = -100
 # Modules only TTT-E2E has (what `tttlm convert hf --to e2e` adds to a full-attention model).
+# ``ttt_group="auto"``: groups of sequences whose fast-weight working set (the fp32 weights in
+# effect, their bf16 copies, the bf16 inner gradient, the updated fp32 weights, the chunk's
+# activations) stays under this many bytes. Measured on an H200 at 3b, 8K x 16, bf16 autocast
+# (benchmarks/results/prefill_groups_3b_8k.md): 6.0 GiB more peak memory per sequence read
+# together, for 346M fast-weight parameters per sequence, i.e. about 19 bytes per parameter.
+AUTO_GROUP_BYTES = 16 * 2**30
+FAST_BYTES_PER_PARAMETER = 19
 TTT_MODULES = frozenset({"prime", "prime_norm", "prime_post_norm", "inner_optimizer"})
 
 
@@ -99,6 +106,7 @@ class ForwardOptions:
             sequences at a time (``None``: all). Each sequence's fast weights, their gradient
             and their update are ``[B, ...]`` fp32 tensors (1.4 GB per sequence at 3b), so
             their memory grows with the batch, not with the tokens; groups bound it.
+            (``TTTForCausalLM.ttt_group="auto"`` resolves to a number here.)
     """
 
     ttt: bool
@@ -178,8 +186,9 @@ class TTTForCausalLM(nn.Module):
         # backward through them twice (first order), which compiled graphs do not support.
         self.compile_blocks = False
         # Without an outer gradient, the TTT chunks of at most this many sequences run at a
-        # time (ForwardOptions.ttt_group): bounds the per-sequence fast-weight memory.
-        self.ttt_group: int | None = None
+        # time (ForwardOptions.ttt_group): bounds the per-sequence fast-weight memory. "auto":
+        # as many as keep it under AUTO_GROUP_BYTES (see auto_ttt_group); None: all.
+        self.ttt_group: int | str | None = "auto"
         # Warned once that labels equal input_ids (the Hugging Face habit; see _check_inputs).
         self._warned_unshifted = False
         self.reset_parameters()
@@ -217,6 +226,30 @@ class TTTForCausalLM(nn.Module):
         """The meta-learned W₀ of every TTT layer, one (broadcast) copy per sequence."""
         return [PrimeWeights(*(w.unsqueeze(0).expand(batch, *w.shape)
                                for w in layer.prime.weights())) for layer in self.ttt_layers]
+
+    def auto_ttt_group(self, budget: int = AUTO_GROUP_BYTES) -> int | None:
+        """The ``ttt_group`` that ``"auto"`` means: the most sequences whose TTT chunks, run
+        together, keep the fast-weight working set under ``budget`` bytes (at least one);
+        ``None`` (all) for a model without fast weights. 3b: 2 sequences (346M fast-weight
+        parameters each); 125m: 78. Grouping leaves results unchanged (sequences are
+        independent without an outer gradient) and costs little time once a group fills the
+        GPU (3b at 8K x 16 on an H200: groups of 2 within 1% of the whole batch, 2.5x less
+        memory)."""
+        per_sequence = sum(w.numel() for layer in self.ttt_layers
+                           for w in layer.prime.weights()) * FAST_BYTES_PER_PARAMETER
+        if per_sequence == 0:
+            return None
+        return max(1, budget // per_sequence)
+
+    def resolved_ttt_group(self) -> int | None:
+        """:attr:`ttt_group` as a number of sequences (``None``: all), ``"auto"`` resolved."""
+        if self.ttt_group == "auto":
+            return self.auto_ttt_group()
+        if self.ttt_group is not None and (not isinstance(self.ttt_group, int)
+                                           or self.ttt_group < 1):
+            raise ValueError(f"ttt_group={self.ttt_group!r}: give a number of sequences "
+                             "(at least 1), 'auto' or None (all at once)")
+        return self.ttt_group
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -287,7 +320,8 @@ class TTTForCausalLM(nn.Module):
         return ForwardOptions(
             ttt=ttt, mode=mode, inner_lr=config.inner_lr if inner_lr is None else inner_lr,
             checkpoint_chunks=bool(checkpoint_chunks) and mode is not GradMode.NONE,
-            lean_head=self.lean_head, compiled=self.compile_blocks, ttt_group=self.ttt_group)
+            lean_head=self.lean_head, compiled=self.compile_blocks,
+            ttt_group=self.resolved_ttt_group())
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
                       loss_mask: torch.Tensor | None,

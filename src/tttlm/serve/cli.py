@@ -68,7 +68,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--rag-horizon", type=int, default=None, metavar="N",
                         help=RAG_HORIZON_HELP)
     parser.add_argument("--no-ttt", action="store_true", help="do not learn at test time")
-    parser.add_argument("--ttt-group", type=ttt_group, default="all", metavar="N",
+    parser.add_argument("--ttt-group", type=ttt_group, default="auto", metavar="N",
                         help=TTT_GROUP_HELP)
     parser.add_argument("--device", default=None,
                         help="auto (default: cuda if available, else cpu), cpu, cuda or cuda:N")
