@@ -108,8 +108,13 @@ def test_kernel_smoke_run_on_cpu(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert {(r["backend"], r["phase"]) for r in rows} == {
-        (b, p) for b in ("naive", "triton") for p in ("fwd", "fwd+bwd", "fwd+bwd+dbl")}
+        (b, p) for b in ("naive", "triton", "triton-all-tiles")
+        for p in ("fwd", "fwd+bwd", "fwd+bwd+dbl")}
     assert all(r["ms_median"] > 0 for r in rows)
+    errors = {r["backend"]: r["rel_l2_vs_fp32_naive"] for r in rows
+              if "rel_l2_vs_fp32_naive" in r}
+    # skipping wholly masked tiles changes no bit
+    assert errors["triton"] == errors["triton-all-tiles"]
     naive_error = next(r for r in rows if "rel_l2_vs_fp32_naive" in r and
                        r["backend"] == "naive")["rel_l2_vs_fp32_naive"]
     assert max(naive_error.values()) < 0.05  # bf16 against fp32, same code

@@ -28,13 +28,19 @@ if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split("."
     pytest.skip("the Triton CPU interpreter before 3.9 cannot run these kernels",
                 allow_module_level=True)
 
+import triton.language as tl  # noqa: E402
+
 from tttlm.ops.attention import (  # noqa: E402
     attention_backend,
     chunk_attention,
     naive_attention,
     window_mask,
 )
-from tttlm.ops.triton_chunk_attention import triton_chunk_attention  # noqa: E402
+from tttlm.ops.triton_chunk_attention import (  # noqa: E402
+    _key_tiles,
+    _query_tiles,
+    triton_chunk_attention,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp64 under the interpreter (exact up to summation order); fp32 on a GPU (no fp64 tile products
@@ -290,3 +296,115 @@ def test_model_with_kernel_matches_official_fixture(monkeypatch: pytest.MonkeyPa
     assert set(grads) == set(expected)
     for name, g in grads.items():
         assert_close(g, expected[name], rel_l2=GRAD_REL, name=name)
+
+
+# ------------------------------------------------------------------ skipping masked tiles
+def _all_orders(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                k_pos: torch.Tensor, window: int | None,
+                frozen: int = 0) -> list[torch.Tensor]:
+    """Output, first and (unless frozen) second derivatives, for a bit-for-bit comparison."""
+    out = triton_chunk_attention(q, k, v, q_pos, k_pos, window, frozen_keys=frozen)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(7),
+                     dtype=out.dtype).to(out.device).requires_grad_(True)
+    first = torch.autograd.grad(out, (q, k, v), do, create_graph=not frozen)
+    if frozen:
+        return [out, *first]
+    w = [torch.randn(g.shape, generator=torch.Generator().manual_seed(8 + i),
+                     dtype=g.dtype).to(g.device) for i, g in enumerate(first)]
+    second = torch.autograd.grad(sum((g * x).sum() for g, x in zip(first, w)), (q, k, v, do))
+    return [out, *first, *second]
+
+
+# (B, c, past, H, d, window, start, permute keys, frozen keys): a full cache whose window
+# leaves whole key tiles out of every query tile (interpreter tiles are 16 x 16); a short cache
+# (the causal diagonal); keys before position 0; no window; keys in shuffled order.
+SKIP_CASES = {
+    "full-cache-w24": (1, 40, 64, 2, 8, 24, 200, False, 0),
+    "short-cache-causal": (2, 48, 16, 1, 8, 100, 16, False, 0),
+    "cache-before-0": (1, 33, 50, 2, 8, 40, 20, False, 0),
+    "no-window": (1, 35, 20, 1, 8, None, 20, False, 0),
+    "shuffled-keys-w20": (1, 40, 50, 1, 8, 20, 100, True, 0),
+    "frozen-cache-w24": (2, 40, 64, 1, 8, 24, 200, False, 64),
+}
+
+
+@pytest.mark.parametrize("case", list(SKIP_CASES.values()), ids=list(SKIP_CASES))
+def test_skipping_masked_tiles_changes_no_bit(case: tuple,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels skip key (query) tiles that the window and causal masks cover wholly;
+    every output, gradient and second derivative is the same to the last bit as running
+    every tile."""
+    from tttlm.ops import triton_chunk_attention as kernel
+
+    B, c, past, H, d, window, start, shuffle, frozen = case
+    q, k, v, q_pos, k_pos = _inputs(B, c, past, H, d, start, seed=3)
+    if shuffle:
+        order = torch.randperm(past + c, generator=torch.Generator().manual_seed(5))
+        k_pos = k_pos[order.to(k_pos.device)]
+        k = k.detach()[:, order].requires_grad_(True)
+        v = v.detach()[:, order].requires_grad_(True)
+    results = {}
+    for skip in (False, True):
+        monkeypatch.setattr(kernel, "SKIP_MASKED_TILES", skip)
+        results[skip] = _all_orders(q, k, v, q_pos, k_pos, window, frozen)
+    for i, (a, e) in enumerate(zip(results[True], results[False])):
+        assert torch.equal(a, e), f"result {i} differs when masked tiles are skipped"
+    ref = naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
+    _close(results[True][0], ref, "output")
+
+
+@triton.jit
+def _ranges_kernel(QP, KP, OUT_K, OUT_Q, Tq, Tk, window, BM: tl.constexpr, BN: tl.constexpr):
+    """Stores what _key_tiles / _query_tiles return for query (key) block ``program_id``."""
+    pid = tl.program_id(0)
+    rows = pid * BM + tl.arange(0, BM)
+    qp = tl.load(QP + rows, mask=rows < Tq, other=0)
+    lo, hi = _key_tiles(KP, Tk, qp, rows < Tq, window, True, BN)
+    tl.store(OUT_K + 2 * pid, lo)
+    tl.store(OUT_K + 2 * pid + 1, hi)
+    cols = pid * BN + tl.arange(0, BN)
+    kp = tl.load(KP + cols, mask=cols < Tk, other=0)
+    lo, hi = _query_tiles(QP, Tq, kp, cols < Tk, window, True, BM)
+    tl.store(OUT_Q + 2 * pid, lo)
+    tl.store(OUT_Q + 2 * pid + 1, hi)
+
+
+def test_tile_ranges_cover_exactly_the_visible_tiles() -> None:
+    """The ranges the kernels loop over: for consecutive positions (every caller's), exactly
+    the tiles that hold a visible (query, key) pair; for shuffled keys, a superset."""
+    def brute(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, BM: int, BN: int,
+              over_keys: bool) -> list[tuple[int, int]]:
+        seen = window_mask(q_pos, k_pos, window).cpu()  # [Tq, Tk], True where visible
+        if over_keys:
+            seen = seen.T
+        out = []
+        n_other, step = (BM, BN) if not over_keys else (BN, BM)
+        for b in range(0, seen.shape[0], n_other):
+            hit = [t for t in range(0, seen.shape[1], step)
+                   if seen[b:b + n_other, t:t + step].any()]
+            out.append((hit[0], hit[-1] + step) if hit else (seen.shape[1], 0))
+        return out
+
+    BM = BN = 16
+    for c, past, window, start, shuffle in [(40, 64, 24, 200, False), (48, 16, 100, 16, False),
+                                             (33, 50, 40, 20, False), (40, 50, 20, 100, True)]:
+        q_pos = torch.arange(start, start + c)
+        k_pos = torch.arange(start - past, start + c)
+        if shuffle:
+            k_pos = k_pos[torch.randperm(past + c, generator=torch.Generator().manual_seed(5))]
+        n = max(triton.cdiv(c, BM), triton.cdiv(past + c, BN))
+        out_k = torch.zeros(2 * n, dtype=torch.int32)
+        out_q = torch.zeros(2 * n, dtype=torch.int32)
+        q_dev, k_dev = q_pos.to(DEVICE), k_pos.to(DEVICE)
+        out_k, out_q = out_k.to(DEVICE), out_q.to(DEVICE)
+        _ranges_kernel[(n,)](q_dev, k_dev, out_k, out_q, c, past + c, window, BM=BM, BN=BN)
+        got_k = [tuple(p) for p in out_k.view(-1, 2).tolist()][:triton.cdiv(c, BM)]
+        got_q = [tuple(p) for p in out_q.view(-1, 2).tolist()][:triton.cdiv(past + c, BN)]
+        want_k = brute(q_pos, k_pos, window, BM, BN, over_keys=False)
+        want_q = brute(q_pos, k_pos, window, BM, BN, over_keys=True)
+        if not shuffle:
+            assert got_k == want_k and got_q == want_q
+            assert any(hi - lo < past + c for lo, hi in got_k), "nothing skipped"
+        else:
+            for (lo, hi), (wlo, whi) in zip(got_k + got_q, want_k + want_q):
+                assert wlo >= whi or (lo <= wlo and hi >= whi)

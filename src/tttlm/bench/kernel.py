@@ -7,6 +7,7 @@ backward of that backward (the outer gradient through the inner step).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,9 @@ from tttlm.bench.common import median, peak_memory_gib, reset_peak_memory, time_
 from tttlm.ops.attention import naive_attention, window_mask
 
 PHASES = ("fwd", "fwd+bwd", "fwd+bwd+dbl")
+# "triton-all-tiles": the Triton kernels running every tile, as before they skipped the tiles
+# the window and causal masks cover wholly (the same results bit for bit).
+BACKENDS = ("naive", "triton", "triton-all-tiles")
 
 
 def _attention_fns(q_pos: torch.Tensor, k_pos: torch.Tensor,
@@ -24,8 +28,19 @@ def _attention_fns(q_pos: torch.Tensor, k_pos: torch.Tensor,
     from tttlm.ops.triton_chunk_attention import triton_chunk_attention
 
     mask = window_mask(q_pos, k_pos, window)
+    triton = functools.partial(triton_chunk_attention, q_pos=q_pos, k_pos=k_pos, window=window)
     return {"naive": lambda q, k, v: naive_attention(q, k, v, mask),
-            "triton": lambda q, k, v: triton_chunk_attention(q, k, v, q_pos, k_pos, window)}
+            "triton": triton, "triton-all-tiles": triton}
+
+
+def _tiles(backend: str) -> contextlib.AbstractContextManager[None]:
+    """Whether the Triton kernels skip wholly masked tiles while ``backend`` runs (for the
+    whole phase: its backward launches happen after the forward call returns)."""
+    if not backend.startswith("triton"):
+        return contextlib.nullcontext()
+    from tttlm.ops.triton_chunk_attention import skip_masked_tiles
+
+    return skip_masked_tiles(backend != "triton-all-tiles")
 
 
 def _step(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], do: torch.Tensor,
@@ -45,7 +60,7 @@ def _step(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], do: torch
 def bench_chunk_kernel(device: torch.device, window: int = 8192, chunk: int = 1024,
                        heads: int = 12, head_dim: int = 64, batch: int = 1,
                        dtype: torch.dtype = torch.bfloat16, repeats: int = 10,
-                       backends: tuple[str, ...] = ("naive", "triton")) -> list[dict[str, Any]]:
+                       backends: tuple[str, ...] = BACKENDS) -> list[dict[str, Any]]:
     """Time every phase of both paths with a full cache (the steady state of long sequences)
     and report their relative-L2 errors against the naive path in fp32."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -76,14 +91,16 @@ def bench_chunk_kernel(device: torch.device, window: int = 8192, chunk: int = 10
         for phase in PHASES:
             reset_peak_memory(device)
             try:
-                times = time_call(functools.partial(_step, fns[backend], inputs, do, w, phase),
-                                  device, repeats, warmup=2)
+                with _tiles(backend):
+                    times = time_call(functools.partial(_step, fns[backend], inputs, do, w,
+                                                        phase), device, repeats, warmup=2)
             except torch.OutOfMemoryError:
                 rows.append({**shape, "backend": backend, "phase": phase, "error": "OOM"})
                 continue
             rows.append({**shape, "backend": backend, "phase": phase,
                          "ms_median": 1e3 * median(times), "peak_gib": peak_memory_gib(device)})
-        result = [t.detach() for t in _step(fns[backend], inputs, do, w, PHASES[-1])]
+        with _tiles(backend):
+            result = [t.detach() for t in _step(fns[backend], inputs, do, w, PHASES[-1])]
         rows[-1]["rel_l2_vs_fp32_naive"] = {
             n: float((a.float() - e).norm() / e.norm()) for n, a, e in zip(names, result,
                                                                            reference)}
