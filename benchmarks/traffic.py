@@ -37,6 +37,7 @@ from tttlm.config import TTTConfig
 from tttlm.model import layers
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ops import linear_nll as linear_nll_module
+from tttlm.ops import rope as rope_module
 from tttlm.ops.attention import AutoBackend, attention_backend, register_attention_backend
 
 # Ops that make views, allocate or only describe tensors: no bytes moved.
@@ -219,8 +220,10 @@ def census(preset: str, tokens: int, batch: int, variant: str = "e2e",
     """Count one step on fake tensors: ``prefill`` (the scoring forward without gradient,
     what ``tttlm bench prefill`` times) or ``train`` (the meta-training forward and the
     backward of its loss, without the optimizer). ``compiled``: the model as with compiled
-    blocks, where the head's elementwise functions (``tttlm.ops.linear_nll``) are compiled:
-    each call is counted as one fused pass; the block code is still counted op by op."""
+    blocks, where the head's elementwise functions (``tttlm.ops.linear_nll``) and the TTT
+    chunks' frozen attention operands (``tttlm.ops.rope.frozen_chunk_operands``) are
+    compiled: each call is counted as one fused pass; the block code is still counted op by
+    op."""
     config = TTTConfig.from_preset(preset, variant=variant)
     register_attention_backend(FreeAttention(), replace=True)
     counter = Census()
@@ -232,6 +235,8 @@ def census(preset: str, tokens: int, batch: int, variant: str = "e2e",
                 layers.Block.attention_inputs, layers.Block.attention_output)))
             stack.enter_context(_patched(linear_nll_module, "_run", lambda fn, on: (
                 counter.fused(fn) if on else fn)))
+            stack.enter_context(_patched(rope_module, "_frozen_operands_compiled", lambda: (
+                counter.fused(rope_module._frozen_operands))))
         _run_step(counter, config, tokens, batch, variant, what, compiled)
     return counter
 

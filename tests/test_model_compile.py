@@ -29,7 +29,10 @@ def _run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
     ("full", False, ("exact",)),
 ], ids=["e2e-meta", "e2e-pretrain", "full"])
 def test_compiled_blocks_match_eager(variant: str, ttt: bool, modes: tuple[str, ...]) -> None:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
     from tttlm.ops import linear_nll as head
+    from tttlm.ops import rope
 
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -48,11 +51,16 @@ def test_compiled_blocks_match_eager(variant: str, ttt: bool, modes: tuple[str, 
     # The compiled path really ran, and layers shared their graphs (no recompile per layer):
     # at most 12 graphs of block code, plus one each for the head's elementwise functions
     # compiled in these modes (linear_nll's _stats, _dlogits and _second; the inner-step
-    # head's nll_and_dlogits), each compiled once for all shapes (dynamic).
+    # head's nll_and_dlogits), each compiled once for all shapes (dynamic), plus the TTT
+    # chunks' frozen attention operands (rope.frozen_chunk_operands, "none" mode only): one
+    # function for all layers, a graph per kind of cache (short of the window, equal to the
+    # chunk's length, dropping rows) and per gradient need (the last chunk takes no step).
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     head_graphs = head._compiled.cache_info().currsize if variant == "e2e" and ttt else 0
+    operand_graphs = len(_debug_get_cache_entry_list(rope._frozen_operands.__code__))
     assert head_graphs <= 4
-    assert 0 < graphs - head_graphs <= 12
+    assert operand_graphs <= 4 and (operand_graphs > 0) == (variant == "e2e" and ttt)
+    assert 0 < graphs - head_graphs - operand_graphs <= 12
 
 
 def test_rope_complex_form_matches_real_form_and_is_twice_differentiable() -> None:
@@ -69,3 +77,34 @@ def test_rope_complex_form_matches_real_form_and_is_twice_differentiable() -> No
     out = apply_rope(bf16, cos32, sin32)
     assert out.dtype == torch.bfloat16
     assert_close(out.double(), ref.detach(), rel_l2=1e-2, name="rope bf16")
+
+
+@pytest.mark.parametrize("past, c, keep", [(0, 4, 12), (8, 4, 12), (12, 4, 12), (10, 3, 12)])
+def test_frozen_chunk_operands_eager_and_compiled(past: int, c: int, keep: int) -> None:
+    """The TTT chunk's operands over a frozen cache: eager equal to rotating cache ⊕ chunk as
+    a whole (RoPE is per row) and keeping its last ``keep`` raw rows; compiled equal to eager
+    (fp64), gradients of the chunk's q, k, v included."""
+    from tttlm.ops.rope import frozen_chunk_operands
+
+    g = torch.Generator().manual_seed(past + c)
+    B, H, d = 2, 3, 8
+    cos, sin = rope_angles(torch.arange(past + c), d, 10000.0, torch.float64)
+    keys, values = (torch.randn(B, past, H, d, generator=g, dtype=torch.float64)
+                    for _ in range(2))
+    q, k, v = (torch.randn(B, c, H, d, generator=g, dtype=torch.float64, requires_grad=True)
+               for _ in range(3))
+    whole = torch.cat((keys, k), 1)
+    want = (apply_rope(q, cos[past:], sin[past:]), apply_rope(whole, cos, sin),
+            torch.cat((values, v), 1), whole[:, -keep:])
+    w = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in want]
+    want_grads = torch.autograd.grad(sum((t * x).sum() for t, x in zip(want, w)), (q, k, v))
+    for compiled in (False, True):
+        got = frozen_chunk_operands(q, keys, k, values, v, cos, sin, keep, compiled)
+        for name, a, e in zip(("q", "keys", "values", "next keys"), got, want, strict=True):
+            if compiled:
+                assert_close(a, e, atol=1e-12, name=name)
+            else:
+                assert torch.equal(a, e), name
+        grads_ = torch.autograd.grad(sum((t * x).sum() for t, x in zip(got, w)), (q, k, v))
+        for name, a, e in zip("qkv", grads_, want_grads):
+            assert_close(a, e, atol=1e-12, name=f"d{name}")

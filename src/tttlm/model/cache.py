@@ -34,7 +34,7 @@ import torch
 
 from tttlm.config import TTTConfig
 from tttlm.ops.attention import chunk_attention, decode_attention, sequence_attention
-from tttlm.ops.rope import apply_rope, config_rope_angles
+from tttlm.ops.rope import apply_rope, config_rope_angles, frozen_chunk_operands
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin [n, d/2]
 
@@ -120,35 +120,39 @@ class ChunkKV(LayerCache):
         frozen: no gradient is wanted for the cached keys and values (no outer gradient:
             evaluation, prefill, decoding). They are rotated apart so that no backward pass
             runs over them, and the attention kernel skips their gradient; first order only.
+        compiled: (frozen only) the operands in one compiled pass
+            (:func:`~tttlm.ops.rope.frozen_chunk_operands`).
 
     After :meth:`attend`, ``keys`` / ``values`` hold the cache for the next chunk: the last
     ``window`` rows of cache ⊕ chunk.
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, window: int,
-                 rope: RopeTables, frozen: bool) -> None:
+                 rope: RopeTables, frozen: bool, compiled: bool = False) -> None:
         self.keys, self.values = keys, values
         self.start = start
         self.window = window
         self.tables = rope
         self.frozen = frozen
+        self.compiled = compiled
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos, sin = self.tables
         c, past, start = q.shape[1], self.keys.shape[1], self.start
-        keys = torch.cat((self.keys, k), dim=1)
-        values = torch.cat((self.values, v), dim=1)
         q_pos = torch.arange(start, start + c, device=q.device)
         k_pos = torch.arange(start - past, start + c, device=q.device)
         if self.frozen:
-            # Same values as rotating keys as a whole: RoPE is per row.
-            k_rope = torch.cat((apply_rope(self.keys, cos[:past], sin[:past]),
-                                apply_rope(k, cos[past:], sin[past:])), dim=1)
+            q, k_rope, values, self.keys = frozen_chunk_operands(
+                q, self.keys, k, self.values, v, cos, sin, self.window, self.compiled)
         else:
+            keys = torch.cat((self.keys, k), dim=1)
+            values = torch.cat((self.values, v), dim=1)
             k_rope = apply_rope(keys, cos, sin)
-        out = chunk_attention(apply_rope(q, cos[past:], sin[past:]), k_rope, values, q_pos,
-                              k_pos, self.window, frozen_keys=past if self.frozen else 0)
-        self.keys, self.values = keys[:, -self.window:], values[:, -self.window:]
+            q = apply_rope(q, cos[past:], sin[past:])
+            self.keys = keys[:, -self.window:]
+        out = chunk_attention(q, k_rope, values, q_pos, k_pos, self.window,
+                              frozen_keys=past if self.frozen else 0)
+        self.values = values[:, -self.window:]
         return out
 
 

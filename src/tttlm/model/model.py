@@ -690,7 +690,8 @@ class TTTForCausalLM(nn.Module):
                             for layer in fast]
             x, new_caches = h, []
             for j, layer in enumerate(self.ttt_layers):
-                cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen)
+                cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen,
+                                compiled=compiled)
                 # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.
                 weights = (leaves[j] if leaves is not None
                            else PrimeWeights(*(w.to(h.dtype) for w in fast[j])))

@@ -13,6 +13,7 @@ same fp32 numbers). ``inv_freq`` follows transformers' ``linear`` and ``llama3``
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -92,3 +93,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     rotation = torch.complex(cos, sin)[:, None, :]  # [T, 1, d/2]
     out = torch.view_as_real(torch.view_as_complex(pairs) * rotation)
     return out.flatten(-2).to(dtype)
+
+
+def frozen_chunk_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
+                          values: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, keep: int, compiled: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A TTT chunk's attention operands over a cache that takes no gradient (evaluation,
+    prefill): ``q [B, c, H, d]`` and the chunk's ``k, v`` after the cached ``keys`` (before
+    RoPE) and ``values [B, past, H, d]``, with local tables ``[past + c, ...]``.
+
+    Returns the rotated queries, the rotated keys and the values of cache ⊕ chunk, and the
+    last ``keep`` raw keys (the next chunk's cache; its values are the last ``keep`` rows of
+    the values returned). Cached keys are rotated apart from the chunk's (RoPE is per row: the
+    same values), so that no backward pass runs over them.
+
+    ``compiled``: one ``torch.compile``'d function writes all four (a pass over the cache
+    instead of a concatenation, a rotation in three casts and passes, and a second
+    concatenation for the keys alone); the same math, rounded as Inductor fuses it.
+    """
+    # An empty cache (a sequence's first chunk) has nothing to fuse: eager, one graph fewer.
+    fn = _frozen_operands_compiled() if compiled and keys.shape[1] else _frozen_operands
+    return fn(q, keys, k, values, v, cos, sin, keep)
+
+
+def _frozen_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
+                     values: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, keep: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    past = keys.shape[1]
+    drop = max(0, past + k.shape[1] - keep)  # cached rows that leave the window
+    rotated = torch.cat((apply_rope(keys, cos[:past], sin[:past]),
+                         apply_rope(k, cos[past:], sin[past:])), dim=1)
+    return (apply_rope(q, cos[past:], sin[past:]), rotated, torch.cat((values, v), dim=1),
+            torch.cat((keys[:, drop:], k), dim=1))
+
+
+@functools.cache
+def _frozen_operands_compiled() -> Any:
+    # dynamic: the cache grows chunk by chunk up to the window; one graph for its lengths.
+    return torch.compile(_frozen_operands, dynamic=True)
