@@ -146,3 +146,45 @@ def test_session_of_another_optimizer_is_refused(tmp_path) -> None:  # type: ign
 
 def test_nll_tolerance_is_meaningful() -> None:
     assert NLL_ATOL <= 1e-9
+
+
+def test_bf16_caches_without_an_outer_gradient_change_no_bit() -> None:
+    """Under bf16 autocast, a fresh prefill keeps its TTT caches in bf16 (the projections'
+    own values) instead of fp32 copies; every result is the same to the last bit as with the
+    fp32 caches (the keys are rotated in fp32 and rounded once either way), and training
+    keeps fp32 caches (their gradients accumulate there)."""
+    model = tiny_model(dtype=torch.float32)
+    x, y = tokens(model, 2, T)
+    h_seen: list[torch.Tensor] = []
+    original = model.run_ttt_chunks
+
+    def spy(h, *args, **kwargs):  # type: ignore[no-untyped-def]
+        h_seen.append(h)
+        return original(h, *args, **kwargs)
+
+    model.run_ttt_chunks = spy  # type: ignore[method-assign]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, y)
+    model.run_ttt_chunks = original  # type: ignore[method-assign]
+    h = h_seen[0]
+    B, n = h.shape[0], model.config.num_kv_heads
+    mask = torch.ones_like(y, dtype=torch.bool)
+    runs = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        opts = model.options(ttt=True)
+        for dtype in (None, torch.float32):
+            caches = None if dtype is None else [
+                (h.new_zeros(B, 0, n, model.config.head_dim),) * 2 for _ in model.ttt_layers]
+            runs[dtype] = original(h, y, mask, opts, caches=caches, return_logits=True)
+    new, old = runs[None], runs[torch.float32]
+    assert new.caches[0][0].dtype == torch.bfloat16 and old.caches[0][0].dtype == torch.float32
+    for name in ("nll", "logits", "norms"):
+        for a, e in zip(getattr(new, name), getattr(old, name), strict=True):
+            assert torch.equal(a, e), name
+    for a, e in zip(flatten_fast(new.fast), flatten_fast(old.fast), strict=True):
+        assert torch.equal(a, e)
+    for (k, v), (k0, v0) in zip(new.caches, old.caches, strict=True):
+        assert torch.equal(k.float(), k0) and torch.equal(v.float(), v0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        train = original(h.detach(), y, mask, model.options(ttt=True, grad_mode="first_order"))
+    assert train.caches[0][0].dtype == torch.float32

@@ -539,7 +539,13 @@ class TTTForCausalLM(nn.Module):
             fast = [PrimeWeights(*(w.detach().requires_grad_(True) for w in layer))
                     for layer in fast]
         if caches is None:
-            empty = h.new_zeros(B, 0, config.num_kv_heads, config.head_dim)
+            # Without an outer gradient the caches hold keys and values in the dtype the blocks
+            # compute in (bf16 under autocast): the projections' own values, so the same
+            # results bit for bit, at half the bytes of fp32 copies (an empty fp32 start
+            # promoted every later concatenation to fp32, and attention cast it back per
+            # chunk). With an outer gradient, their gradients keep accumulating in h's dtype.
+            dtype = self.compute_dtype(h) if opts.mode is GradMode.NONE else h.dtype
+            empty = h.new_zeros(B, 0, config.num_kv_heads, config.head_dim, dtype=dtype)
             caches = [(empty, empty) for _ in self.ttt_layers]
         chunks = self.chunks(h.shape[1])
         run = ChunkRun()
@@ -705,15 +711,21 @@ class TTTForCausalLM(nn.Module):
             else:
                 return x, new_caches, fast, inner_state, leaves
 
+    @staticmethod
+    def compute_dtype(h: torch.Tensor) -> torch.dtype:
+        """The dtype the blocks' products compute in for hidden states ``h``: autocast's
+        where it is on (except for fp64 runs, which autocast leaves alone), else ``h``'s."""
+        device = h.device.type
+        return (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                and h.dtype != torch.float64 else h.dtype)
+
     def _inner_leaves(self, fast: FastWeights, h: torch.Tensor) -> FastWeights | None:
         """Without an outer gradient: the fast weights cast once to the dtype the blocks
         compute in (autocast's, else ``h``'s), as leaves to differentiate, when that is
         narrower than theirs and the inner optimizer takes them (``takes_wrt``). The products
         see the same values as autocast's own cast would give them, and the inner gradient
         arrives in that dtype: no cast pass over it (see ``inner_gradient``'s ``wrt``)."""
-        device = h.device.type
-        compute = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                   and h.dtype != torch.float64 else h.dtype)
+        compute = self.compute_dtype(h)
         if not self.inner_optimizer.takes_wrt or all(
                 w.dtype == compute for layer in fast for w in layer):
             return None
