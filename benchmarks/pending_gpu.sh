@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -62,6 +62,12 @@ case "$PART" in
         --micro-batch 8 --steps 5 --skip 2 --runs e2e:compiled-graph \
         --out "$OUT/train_cli_125m_8k_$side" || echo "train $side: exit $?"
     done ;;
+  kernel)  # speed issue: the Triton chunk kernels skipping the tiles the window and causal
+    # masks cover wholly (triton) against running every tile (triton-all-tiles; the same bits),
+    # 1024 queries over a full cache of 8192 keys, 3b's heads (32 x 80) and 125m's (12 x 64)
+    timeout 280 python -m tttlm.cli bench kernel --heads 32 --head-dim 80 --batch 2 \
+      --out "$OUT/kernel_chunk_attention_3b" || echo "kernel 3b: exit $?"
+    timeout 280 python -m tttlm.cli bench kernel --out "$OUT/kernel_chunk_attention_125m_tiles" ;;
   first_order)  # speed issue: the first-order chunk attention (lower-right causal SDPA while
     # the cache fits the window, which is every chunk at 8K; flex once it is full) against the
     # Triton kernel, 3b e2e prefill (results/prefill_first_order_3b.md was before SDPA's part)
@@ -141,7 +147,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
