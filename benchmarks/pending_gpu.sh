@@ -70,10 +70,12 @@ case "$PART" in
     timeout 280 python -m tttlm.cli bench kernel --out "$OUT/kernel_chunk_attention_125m_tiles" ;;
   first_order)  # speed issue: the first-order chunk attention (lower-right causal SDPA while
     # the cache fits the window, which is every chunk at 8K; flex once it is full) against the
-    # Triton kernel, 3b e2e prefill (results/prefill_first_order_3b.md was before SDPA's part)
+    # Triton kernel, 3b e2e prefill (results/prefill_first_order_3b.md was before SDPA's part);
+    # and `pieces` (first-order, plus the prefix blocks past the window as FlashAttention
+    # pieces merged by log-sum-exp instead of flex_attention: only 128K differs)
     timeout 560 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-      --lengths 8192 131072 --compile compiled --attention auto first-order --paths model \
-      --repeats 2 --out "$OUT/prefill_first_order_sdpa_3b" ;;
+      --lengths 8192 131072 --compile compiled --attention auto first-order pieces \
+      --paths model --repeats 2 --out "$OUT/prefill_first_order_sdpa_3b" ;;
   prefill_small)  # speed issue: Engine.prefill of a small model (launch-bound per chunk), with
     # and without the engine's CUDA graphs (the inner step replayed once the caches are full)
     timeout 560 python -m tttlm.cli bench prefill --preset 125m --variants e2e \

@@ -49,6 +49,7 @@ from tttlm.ops.attention.backends import (
     BandedBackend,
     FirstOrderBackend,
     NaiveBackend,
+    PiecesBackend,
     TritonBackend,
 )
 from tttlm.ops.attention.naive import naive_attention, window_mask
@@ -58,6 +59,7 @@ __all__ = [
     "AutoBackend",
     "BandedBackend",
     "FirstOrderBackend",
+    "PiecesBackend",
     "NaiveBackend",
     "TritonBackend",
     "attention_backend",
@@ -124,7 +126,7 @@ def attention_backend(name: str) -> Iterator[AttentionBackend]:
 
 
 for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend(),
-                 FirstOrderBackend()):
+                 FirstOrderBackend(), PiecesBackend()):
     register_attention_backend(_builtin)
 del _builtin
 

@@ -21,7 +21,7 @@ import abc
 
 import torch
 
-from tttlm.ops.attention import flex, naive, sdpa
+from tttlm.ops.attention import flex, naive, pieces, sdpa
 from tttlm.ops.attention import triton as triton_path
 from tttlm.ops.attention._common import common_dtype
 from tttlm.ops.triton_runtime import triton_can_run
@@ -172,3 +172,20 @@ class FirstOrderBackend(AutoBackend):
             assert window is not None
             return flex.flex_chunk_attention(q, k, v, window)
         return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
+
+
+class PiecesBackend(FirstOrderBackend):
+    """As ``first-order``, and windowed whole sequences that take no gradient (the prefix
+    blocks of a prefill or an evaluation longer than their window) as SDPA pieces merged by
+    log-sum-exp (:mod:`tttlm.ops.attention.pieces`: FlashAttention's kernels, which keep a head
+    width of 80 at 96 where ``flex_attention`` pads it to 128); with a gradient, as ``auto``.
+    Opt-in until a GPU measurement says which is faster."""
+
+    name = "pieces"
+
+    def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 window: int | None, block: int) -> torch.Tensor:
+        if pieces.pieces_can_run(q, window, block):
+            assert window is not None
+            return pieces.window_attention_pieces(*common_dtype(q, k, v), window, block)
+        return super().sequence(q, k, v, window, block)

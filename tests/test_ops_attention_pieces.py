@@ -1,0 +1,100 @@
+"""Sliding-window attention of a whole sequence from SDPA pieces merged by log-sum-exp
+(``ops/attention/pieces.py``) against the naive reference, and the ``pieces`` backend that uses
+it for prefix blocks without a gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _helpers import assert_close, tiny_model, tokens
+from tttlm.ops.attention import attention_backend, naive_attention, window_mask
+from tttlm.ops.attention.pieces import pieces_can_run, window_attention_pieces
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _qkv(B: int, T: int, H: int, d: int, dtype: torch.dtype, device: str,
+         seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(B, T, H, d, generator=g, dtype=torch.float64).to(device, dtype)
+                 for _ in range(3))
+
+
+# (B, T, H, d, window, block): whole blocks, a shorter last block, a block of one, a sequence
+# one past the window, several sequences.
+CASES = [(2, 37, 3, 8, 12, 4), (1, 64, 2, 16, 16, 8), (2, 50, 1, 8, 12, 3),
+         (1, 25, 2, 8, 8, 4), (1, 13, 1, 8, 12, 6)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_pieces_equal_naive_float64(case: tuple[int, ...]) -> None:
+    B, T, H, d, window, block = case
+    q, k, v = _qkv(B, T, H, d, torch.float64, "cpu", seed=T)
+    pos = torch.arange(T)
+    assert pieces_can_run(q, window, block)
+    got = window_attention_pieces(q, k, v, window, block)
+    assert_close(got, naive_attention(q, k, v, window_mask(pos, pos, window)), atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pieces_in_bf16_err_like_naive_bf16(device: str) -> None:
+    """bf16 (what a GPU prefill runs): no further from fp32 naive than naive bf16 is, with a
+    margin (the merge rounds the pieces' outputs once more); head width 80, as the 3b preset."""
+    q, k, v = _qkv(1, 96, 4, 80, torch.bfloat16, device, seed=5)
+    pos = torch.arange(96, device=device)
+    mask = window_mask(pos, pos, 32)
+    ref = naive_attention(q.float(), k.float(), v.float(), mask)
+    got = window_attention_pieces(q, k, v, 32, 16)
+    base = naive_attention(q, k, v, mask)
+    err = float((got.float() - ref).norm() / ref.norm())
+    assert got.dtype == torch.bfloat16
+    assert err <= 2 * float((base.float() - ref).norm() / ref.norm()) + 1e-3
+
+
+def test_when_the_pieces_apply() -> None:
+    q = torch.zeros(1, 40, 2, 8)
+    assert pieces_can_run(q, 16, 8)
+    assert not pieces_can_run(q, None, 8)  # no window
+    assert not pieces_can_run(q, 40, 8)  # the sequence fits the window
+    assert not pieces_can_run(q, 16, 16)  # a block as long as the window
+    assert not pieces_can_run(q, 16, 6)  # the window not a multiple of the block
+    with torch.enable_grad():
+        assert not pieces_can_run(q.requires_grad_(True), 16, 8)  # a gradient is wanted
+
+
+@pytest.mark.parametrize("variant", ["swa", "e2e"])
+def test_backend_prefills_like_auto_and_trains_like_auto(
+        variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pieces``: a model's evaluation (prefix blocks over a sequence longer than their
+    window, no gradient) equals ``auto``'s; with an outer gradient the backend is ``auto``'s
+    path (flex or banded), so losses and gradients equal it."""
+    from tttlm.ops.attention import pieces
+
+    calls = []
+    run = pieces.window_attention_pieces
+    monkeypatch.setattr(pieces, "window_attention_pieces",
+                        lambda *a: calls.append(a[0].shape) or run(*a))
+    model = tiny_model(variant=variant)
+    x, y = tokens(model, 2, 40)
+    with torch.no_grad():
+        with attention_backend("auto"):
+            ref = model(x, y, return_logits=True)
+        assert not calls
+        with attention_backend("pieces"):
+            got = model(x, y, return_logits=True)
+    assert len(calls) == model.config.num_prefix_layers
+    assert_close(got.logits, ref.logits, atol=1e-10)
+    calls.clear()
+    losses = []
+    for name in ("auto", "pieces"):
+        model.zero_grad()
+        with attention_backend(name):
+            out = model(x, y)
+        out.loss.backward()
+        losses.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()
+                                           if p.grad is not None]))
+    assert not calls
+    assert torch.equal(losses[0][0], losses[1][0])
+    for a, e in zip(losses[1][1], losses[0][1], strict=True):
+        assert torch.equal(a, e)
