@@ -1,6 +1,6 @@
-"""Sliding-window attention of a whole sequence from SDPA pieces merged by log-sum-exp
-(``ops/attention/pieces.py``) against the naive reference, and the ``pieces`` backend that uses
-it for prefix blocks without a gradient."""
+"""Sliding-window attention from SDPA pieces merged by log-sum-exp (``ops/attention/pieces.py``)
+against the naive reference — whole sequences (forward) and TTT chunks over a full, frozen cache
+(with the first-order backward) — and the ``pieces`` backend that uses them."""
 
 from __future__ import annotations
 
@@ -71,10 +71,12 @@ def test_backend_prefills_like_auto_and_trains_like_auto(
     path (flex or banded), so losses and gradients equal it."""
     from tttlm.ops.attention import pieces
 
-    calls = []
-    run = pieces.window_attention_pieces
+    calls, chunk_calls = [], []
+    run, run_chunk = pieces.window_attention_pieces, pieces.chunk_attention_pieces
     monkeypatch.setattr(pieces, "window_attention_pieces",
                         lambda *a: calls.append(a[0].shape) or run(*a))
+    monkeypatch.setattr(pieces, "chunk_attention_pieces",
+                        lambda *a: chunk_calls.append(a[0].shape) or run_chunk(*a))
     model = tiny_model(variant=variant)
     x, y = tokens(model, 2, 40)
     with torch.no_grad():
@@ -84,8 +86,13 @@ def test_backend_prefills_like_auto_and_trains_like_auto(
         with attention_backend("pieces"):
             got = model(x, y, return_logits=True)
     assert len(calls) == model.config.num_prefix_layers
+    # e2e: the TTT chunks after the cache fills (window 12, chunks of 4: 7 of 10 chunks),
+    # through the inner steps' gradients too (the logits follow the fast weights)
+    ttt = model.config.num_ttt_layers if variant == "e2e" else 0
+    assert len(chunk_calls) == 7 * ttt
     assert_close(got.logits, ref.logits, atol=1e-10)
     calls.clear()
+    chunk_calls.clear()
     losses = []
     for name in ("auto", "pieces"):
         model.zero_grad()
@@ -94,7 +101,58 @@ def test_backend_prefills_like_auto_and_trains_like_auto(
         out.loss.backward()
         losses.append((out.loss.detach(), [p.grad.clone() for p in model.parameters()
                                            if p.grad is not None]))
-    assert not calls
+    assert not calls and not chunk_calls
     assert torch.equal(losses[0][0], losses[1][0])
     for a, e in zip(losses[1][1], losses[0][1], strict=True):
         assert torch.equal(a, e)
+
+
+# (B, c, H, d, window, start): chunks after a full cache, one whose M piece is empty (window
+# = c + 1), a chunk of one query.
+CHUNK_CASES = [(2, 4, 3, 8, 12, 40), (1, 5, 2, 16, 6, 30), (1, 1, 2, 8, 5, 9),
+               (2, 8, 1, 8, 24, 24)]
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES, ids=[str(c) for c in CHUNK_CASES])
+def test_chunk_pieces_equal_naive_with_gradients_float64(case: tuple[int, ...]) -> None:
+    from tttlm.ops.attention.pieces import chunk_attention_pieces, chunk_pieces_can_run
+
+    B, c, H, d, window, start = case
+    g = torch.Generator().manual_seed(c + window)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randn(B, n, H, d, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    q, k, v = rand(c), rand(window + c), rand(window + c)
+    q_pos = torch.arange(start, start + c)
+    k_pos = torch.arange(start - window, start + c)
+    assert chunk_pieces_can_run(q, k, window, frozen_keys=window)
+    assert not chunk_pieces_can_run(q, k, window, frozen_keys=0)  # keys not frozen
+    assert not chunk_pieces_can_run(q, k[:, 1:], window, frozen_keys=window)  # not full
+    ref = naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
+    got = chunk_attention_pieces(q, k, v, window)
+    assert_close(got, ref, atol=1e-12, name="output")
+    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (q, k, v), do)
+    have = torch.autograd.grad(got, (q, k, v), do)
+    assert_close(have[0], want[0], atol=1e-12, name="dq")
+    for name, a, e in zip("kv", have[1:], want[1:]):
+        assert_close(a[:, window:], e[:, window:], atol=1e-12, name=f"d{name} of the chunk")
+        assert not a[:, :window].any(), f"d{name} of the frozen cache must be zero"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_chunk_pieces_in_bf16_err_like_naive_bf16(device: str) -> None:
+    from tttlm.ops.attention.pieces import chunk_attention_pieces
+
+    c, window, start = 32, 64, 200
+    q, _, _ = _qkv(1, c, 4, 80, torch.bfloat16, device, seed=7)
+    k, v, _ = _qkv(1, window + c, 4, 80, torch.bfloat16, device, seed=8)
+    q_pos = torch.arange(start, start + c, device=device)
+    k_pos = torch.arange(start - window, start + c, device=device)
+    mask = window_mask(q_pos, k_pos, window)
+    ref = naive_attention(q.float(), k.float(), v.float(), mask)
+    got = chunk_attention_pieces(q, k, v, window)
+    base = naive_attention(q, k, v, mask)
+    err = float((got.float() - ref).norm() / ref.norm())
+    assert err <= 2 * float((base.float() - ref).norm() / ref.norm()) + 1e-3

@@ -175,13 +175,23 @@ class FirstOrderBackend(AutoBackend):
 
 
 class PiecesBackend(FirstOrderBackend):
-    """As ``first-order``, and windowed whole sequences that take no gradient (the prefix
-    blocks of a prefill or an evaluation longer than their window) as SDPA pieces merged by
-    log-sum-exp (:mod:`tttlm.ops.attention.pieces`: FlashAttention's kernels, which keep a head
-    width of 80 at 96 where ``flex_attention`` pads it to 128); with a gradient, as ``auto``.
-    Opt-in until a GPU measurement says which is faster."""
+    """As ``first-order``, but where it would take ``flex_attention`` (which pads a head width
+    of 80 to 128 in its tiles), SDPA pieces merged by log-sum-exp
+    (:mod:`tttlm.ops.attention.pieces`: FlashAttention's kernels, a template for 96): windowed
+    whole sequences that take no gradient (the prefix blocks of a prefill or an evaluation
+    longer than their window), and TTT chunks over a full, frozen cache (first-order backward).
+    With a gradient through whole sequences, or a gradient of a gradient, as ``auto``. Opt-in
+    until a GPU measurement says which is faster."""
 
     name = "pieces"
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        if pieces.chunk_pieces_can_run(q, k, window, frozen_keys):
+            assert window is not None
+            return pieces.chunk_attention_pieces(*common_dtype(q, k, v), window)
+        return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
 
     def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  window: int | None, block: int) -> torch.Tensor:

@@ -14,12 +14,18 @@ Each piece returns its output and the log-sum-exp of its rows; the outputs are w
 union, to rounding. The first window's queries are plain causal attention. Compared with
 ``flex_attention`` (which pads a head width of 80 to 128 in its tiles), the pieces run
 FlashAttention's kernels (a template for 96) at the cost of three launches per block and a
-merge over the output. Forward only (prefill and evaluation: no gradient through the
-prefix blocks); the LSE-returning kernels are PyTorch's private SDPA ops, the CPU one on a CPU
-(tests), the CUDA flash one on a GPU.
+merge over the output. :func:`window_attention_pieces` (whole sequences) is forward only
+(prefill and evaluation take no gradient through the prefix blocks);
+:func:`chunk_attention_pieces` (a TTT chunk over a full, frozen cache) has a first-order
+backward: each piece's FlashAttention backward with the merged output and log-sum-exp gives
+that piece's share of the gradient exactly (what ring attention does). The LSE-returning
+kernels are PyTorch's private SDPA ops, the CPU ones on a CPU (tests), CUDA's flash ones on a
+GPU.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -42,21 +48,50 @@ def _piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [N, H, n, d]`` over ``k, v [N, H, m, d]`` (causal: square, n == m): the output and
     the rows' log-sum-exp ``[N, H, n]`` (fp32; natural log of the scaled scores)."""
+    out, lse, _ = _piece_with_aux(q, k, v, causal)
+    return out, lse
+
+
+def _piece_with_aux(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+    """:func:`_piece` and what the CUDA backward needs besides (sequence offsets, lengths,
+    random state: unused without dropout, passed back as the kernel gave them)."""
     if q.is_cuda:
-        out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal)
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal))
+        aux: tuple[Any, ...] = (cum_q, cum_k, max_q, max_k, seed, offset)
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0,
                                                                               causal)
-    return out, lse.reshape(out.shape[:-1])
+        aux = ()
+    return out, lse[..., :q.shape[2]].reshape(out.shape[:-1]), aux
+
+
+def _piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor, lse: torch.Tensor, causal: bool, aux: tuple[Any, ...]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The piece's share of dq, dk, dv given the *merged* ``out`` and ``lse`` (its
+    probabilities are then the union's, restricted to its keys)."""
+    if q.is_cuda:
+        cum_q, cum_k, max_q, max_k, seed, offset = aux
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal)
 
 
 def _merge(pieces: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
     """The softmax over the union of the pieces' keys, from their outputs and log-sum-exps."""
+    return _merge_with_lse(pieces, dtype)[0]
+
+
+def _merge_with_lse(pieces: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     lse = torch.logsumexp(torch.stack([p[1] for p in pieces]), dim=0)
     acc = torch.zeros_like(pieces[0][0], dtype=lse.dtype)
     for out, piece_lse in pieces:
         acc.addcmul_(out.to(lse.dtype), torch.exp(piece_lse - lse)[..., None])
-    return acc.to(dtype)
+    return acc.to(dtype), lse
 
 
 def _blocks(x: torch.Tensor, first: int, size: int, count: int, step: int) -> torch.Tensor:
@@ -104,3 +139,78 @@ def window_attention_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
             out[b, :, span] = merged.permute(1, 0, 2, 3).reshape(H, count * n, d)
             start += count * n
     return out.transpose(1, 2)
+
+
+def chunk_pieces_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
+                         frozen_keys: int) -> bool:
+    """Whether :func:`chunk_attention_pieces` applies: a chunk of ``c`` queries after a full,
+    frozen cache of ``window`` keys (``k`` = cache ⊕ chunk, ``window > c``), a first-order
+    gradient at most, and (on CUDA) a dtype and head width FlashAttention takes."""
+    c, d = q.shape[1], q.shape[-1]
+    if window is None or c >= window or frozen_keys != window or k.shape[1] != window + c:
+        return False
+    if q.is_cuda:
+        return q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+    return q.device.type == "cpu"
+
+
+def chunk_attention_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           window: int) -> torch.Tensor:
+    """A TTT chunk ``q [B, c, H, d]`` at positions ``s .. s+c-1`` over ``k, v [B, W+c, H, d]``
+    (the cache at ``s-W .. s-1``, then the chunk), query ``s+i`` seeing keys
+    ``(s+i-W, s+i]``: the pieces ``A`` (cache rows ``1 .. c``), ``M`` (rows ``c+1 .. W-1``)
+    and ``C`` (the chunk's own keys, causal), merged. Differentiable once; the cache's keys
+    and values get zero gradients (they are frozen: see :func:`chunk_pieces_can_run`)."""
+    return _ChunkPieces.apply(q, k, v, window)
+
+
+def _chunk_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]]:
+    """Per piece: heads-first q, k, v, whether causal, whether reversed (A). The first is C,
+    the chunk's own keys (the only ones whose gradient is taken)."""
+    W, c = window, q.shape[1]
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, n, d] views
+    parts = [(qh, kh[:, :, W:], vh[:, :, W:], True, False),
+             (qh.flip(2), kh[:, :, 1:c + 1].flip(2), vh[:, :, 1:c + 1].flip(2), True, True)]
+    if W - c - 1 > 0:
+        parts.append((qh, kh[:, :, c + 1:W], vh[:, :, c + 1:W], False, False))
+    return parts
+
+
+class _ChunkPieces(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                window: int) -> torch.Tensor:
+        parts = _chunk_operands(q, k, v, window)
+        results, auxes = [], []
+        for pq, pk, pv, causal, reverse in parts:
+            out, lse, aux = _piece_with_aux(pq, pk, pv, causal)
+            if reverse:
+                out, lse = out.flip(2), lse.flip(2)
+            results.append((out, lse))
+            auxes.append(aux)
+        out, lse = _merge_with_lse(results, q.dtype)  # [B, H, c, d], [B, H, c]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window, ctx.auxes = window, auxes
+        return out.transpose(1, 2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        W = ctx.window
+        dout = grad.transpose(1, 2)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device).transpose(1, 2)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        parts = _chunk_operands(q, k, v, W)
+        for i, ((pq, pk, pv, causal, reverse), aux) in enumerate(
+                zip(parts, ctx.auxes, strict=True)):
+            o, l_, g = ((out.flip(2), lse.flip(2), dout.flip(2)) if reverse
+                        else (out, lse, dout))
+            gq, gk, gv = _piece_backward(g, pq, pk, pv, o, l_, causal, aux)
+            dq += gq.flip(2) if reverse else gq
+            if i == 0:  # C: the chunk's own keys; the cache's (A, M) are frozen
+                dk[:, W:] = gk.transpose(1, 2)
+                dv[:, W:] = gv.transpose(1, 2)
+        return dq.transpose(1, 2).to(q.dtype), dk, dv, None
