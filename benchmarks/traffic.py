@@ -216,7 +216,8 @@ class FreeAttention(AutoBackend):
 
 
 def census(preset: str, tokens: int, batch: int, variant: str = "e2e",
-           what: str = "prefill", compiled: bool = False) -> Census:
+           what: str = "prefill", compiled: bool = False,
+           ttt_group: int | str | None = "auto") -> Census:
     """Count one step on fake tensors: ``prefill`` (the scoring forward without gradient,
     what ``tttlm bench prefill`` times) or ``train`` (the meta-training forward and the
     backward of its loss, without the optimizer). ``compiled``: the model as with compiled
@@ -237,7 +238,7 @@ def census(preset: str, tokens: int, batch: int, variant: str = "e2e",
                 counter.fused(fn) if on else fn)))
             stack.enter_context(_patched(rope_module, "_frozen_operands_compiled", lambda: (
                 counter.fused(rope_module._frozen_operands))))
-        _run_step(counter, config, tokens, batch, variant, what, compiled)
+        _run_step(counter, config, tokens, batch, variant, what, compiled, ttt_group)
     return counter
 
 
@@ -257,10 +258,11 @@ def _patched(module: Any, name: str, value: Any) -> Any:
 
 
 def _run_step(counter: Census, config: TTTConfig, tokens: int, batch: int, variant: str,
-              what: str, compiled: bool) -> None:
+              what: str, compiled: bool, ttt_group: int | str | None) -> None:
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = TTTForCausalLM(config)
         model.compile_blocks = compiled
+        model.ttt_group = ttt_group
         model.train(what == "train")
         x = torch.zeros(batch, tokens + 1, dtype=torch.long)
         grad = torch.enable_grad() if what == "train" else torch.no_grad()
@@ -329,6 +331,8 @@ def main() -> int:
     parser.add_argument("--compiled", action="store_true",
                         help="as with compiled blocks: the head's compiled functions counted "
                              "as one fused pass each")
+    parser.add_argument("--ttt-group", default="auto", metavar="N",
+                        help="the model's ttt_group: N sequences, 'all' or 'auto' (default)")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--flops", type=float, default=777e12, help="matmul FLOP/s")
@@ -342,10 +346,13 @@ def main() -> int:
     if args.markdown:
         print(markdown([json.loads(p.read_text()) for p in args.markdown]), end="")
         return 0
+    group = None if args.ttt_group == "all" else (
+        args.ttt_group if args.ttt_group == "auto" else int(args.ttt_group))
     counter = census(args.preset, args.tokens, args.batch, args.variant, args.what,
-                     args.compiled)
+                     args.compiled, ttt_group=group)
     result = {"label": args.label, "what": args.what, "preset": args.preset,
               "variant": args.variant, "compiled": args.compiled, "torch": torch.__version__,
+              "ttt_group": args.ttt_group,
               **report(counter, args.tokens, args.batch, args.flops, args.bandwidth, args.top)}
     text = json.dumps(result, indent=1)
     print(text)
