@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -68,6 +68,14 @@ case "$PART" in
     timeout 280 python -m tttlm.cli bench kernel --heads 32 --head-dim 80 --batch 2 \
       --out "$OUT/kernel_chunk_attention_3b" || echo "kernel 3b: exit $?"
     timeout 280 python -m tttlm.cli bench kernel --out "$OUT/kernel_chunk_attention_125m_tiles" ;;
+  speed)  # speed issue: 3b e2e prefill at 8K x 16 and 128K x 1 with the three chunk-attention
+    # backends (auto: the Triton kernel; first-order; pieces), and full attention (flash and
+    # cuDNN) beside them on the same card in the same call
+    timeout 420 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 131072 --compile compiled --attention auto first-order pieces \
+      --paths model --repeats 2 --out "$OUT/prefill_speed_e2e_3b" || echo "e2e: exit $?"
+    timeout 160 python -m tttlm.cli bench prefill --preset 3b --variants full \
+      --lengths 8192 131072 --compile compiled --repeats 2 --out "$OUT/prefill_speed_full_3b" ;;
   first_order)  # speed issue: the first-order chunk attention (lower-right causal SDPA while
     # the cache fits the window, which is every chunk at 8K; flex once it is full) against the
     # Triton kernel, 3b e2e prefill (results/prefill_first_order_3b.md was before SDPA's part);
@@ -149,7 +157,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
