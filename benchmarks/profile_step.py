@@ -27,6 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from tttlm.bench.common import environment
 from tttlm.config import TTTConfig
 from tttlm.model.model import TTTForCausalLM
+from tttlm.ops.attention import attention_backend
 
 # Kernel name patterns, first match wins. Inductor's kernels (triton_poi_/red_/per_fused_...)
 # come before the eager groups: their names list the fused ops ("..._to_copy_add_mul..."),
@@ -129,13 +130,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="+", help="what:preset:variant:tokens:batch[:compiled]")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--attention", default="auto",
+                        help="attention backend (tttlm.ops.attention names, e.g. first-order)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda")
     report: dict[str, Any] = {"env": environment(device), "cases": []}
     for case in args.cases:
         try:
-            report["cases"].append(profile_case(case, device, args.top))
+            with attention_backend(args.attention):
+                report["cases"].append(profile_case(case, device, args.top))
         except Exception as err:  # keep the other cases
             print(f"{case}: {err!r}"[:2000], flush=True)
             report["cases"].append({"case": case, "error": repr(err)[:2000]})

@@ -84,14 +84,36 @@ class NaiveBackend(AttentionBackend):
         return naive.naive_decode_attention(q, k, v, mask)
 
 
+def first_order_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      window: int | None, frozen_keys: int) -> torch.Tensor | None:
+    """A chunk whose cached keys are frozen (no outer gradient) through kernels with a
+    first-order backward, or ``None`` where none applies: while no cached key has left the
+    window, SDPA with a lower-right causal bias (any device); once the cache is full,
+    ``flex_attention`` with a block mask (CUDA). Chunks are laid out as
+    :class:`~tttlm.model.cache.ChunkKV` lays them out (consecutive positions, the chunk's keys
+    last)."""
+    if frozen_keys <= 0:
+        return None
+    if window is None or k.shape[1] <= window:
+        return sdpa.suffix_causal_attention(*common_dtype(q, k, v))
+    if flex.flex_can_run(q) and flex.flex_chunk_allowed(q, k, window):
+        return flex.flex_chunk_attention(q, k, v, window)
+    return None
+
+
 class AutoBackend(AttentionBackend):
     """The fastest path for the device, chosen per call:
 
     * sequence, no window (or one as long as the sequence): SDPA with ``is_causal`` (flash on
       GPU); a shorter window: ``flex_attention`` on CUDA (head dim >= 16, a bounded number of
       shapes), banded SDPA elsewhere;
-    * chunk: the Triton kernel on CUDA (fp16, bf16, fp32) when Triton is installed, the naive
-      reference elsewhere;
+    * chunk: without an outer gradient (frozen cached keys: prefill, evaluation), kernels with
+      a first-order backward: SDPA with a lower-right causal bias while the keys fit the
+      window, ``flex_attention`` with a block mask once the cache is full (CUDA); chunks that
+      meta-training differentiates twice, the Triton kernel on CUDA (fp16, bf16, fp32) when
+      Triton is installed; the naive reference elsewhere. (Measured on one H200, 3b e2e
+      prefill: 7.7% faster than the Triton kernel at 8K x 16 and 10.5% at 128K,
+      ``benchmarks/results/prefill_speed_3b.md``.)
     * decode: two matmuls for one query, SDPA with the mask for several.
     """
 
@@ -109,6 +131,15 @@ class AutoBackend(AttentionBackend):
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
               frozen_keys: int = 0) -> torch.Tensor:
+        first = first_order_chunk(q, k, v, window, frozen_keys)
+        if first is not None:
+            return first
+        return self.chunk_twice_differentiable(q, k, v, q_pos, k_pos, window, frozen_keys)
+
+    def chunk_twice_differentiable(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   q_pos: torch.Tensor, k_pos: torch.Tensor,
+                                   window: int | None, frozen_keys: int = 0) -> torch.Tensor:
+        """A chunk through kernels that meta-training can differentiate twice."""
         if q.is_cuda and q.dtype in triton_path.TRITON_DTYPES and triton_can_run(q):
             return triton_path.triton_chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
         return naive.naive_chunk_attention(q, k, v, q_pos, k_pos, window)
@@ -122,8 +153,9 @@ class AutoBackend(AttentionBackend):
 
 
 class TritonBackend(AutoBackend):
-    """As ``auto``, but chunks take the Triton kernel on any tensor Triton can run: CPU tensors
-    under ``TRITON_INTERPRET=1`` (the kernel's tests), fp64 there too; naive without Triton."""
+    """As ``auto``, but every chunk takes the Triton kernel (frozen caches too, as ``auto`` did
+    before it took first-order kernels there) on any tensor Triton can run: CPU tensors under
+    ``TRITON_INTERPRET=1`` (the kernel's tests), fp64 there too; naive without Triton."""
 
     name = "triton"
 
@@ -150,38 +182,22 @@ class BandedBackend(AutoBackend):
 
 
 class FirstOrderBackend(AutoBackend):
-    """As ``auto``, but chunks that need only first-order gradients (their cached keys are
-    frozen: prefill and evaluation, not meta-training) go through kernels with a first-order
-    backward instead of the Triton kernel built for gradients of gradients: while no cached
-    key has left the window (every chunk of a prompt no longer than the window, the first
-    chunks of a longer one), SDPA with a lower-right causal bias (flash on a GPU; any device);
-    once the cache is full, ``flex_attention`` with a block mask (CUDA). Elsewhere, and for
-    chunks that meta-training differentiates twice, as ``auto``. Chunks are laid out as
-    :class:`~tttlm.model.cache.ChunkKV` lays them out (consecutive positions, the chunk's keys
-    last). Opt-in until a GPU measurement makes it the default."""
+    """The name under which the first-order chunk kernels were opt-in; ``auto`` takes them now
+    (:func:`first_order_chunk`). Kept so that commands and scripts naming it still run."""
 
     name = "first-order"
 
-    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
-              frozen_keys: int = 0) -> torch.Tensor:
-        if frozen_keys > 0 and (window is None or k.shape[1] <= window):
-            return sdpa.suffix_causal_attention(*common_dtype(q, k, v))
-        if (frozen_keys > 0 and flex.flex_can_run(q)
-                and flex.flex_chunk_allowed(q, k, window)):
-            assert window is not None
-            return flex.flex_chunk_attention(q, k, v, window)
-        return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
 
-
-class PiecesBackend(FirstOrderBackend):
-    """As ``first-order``, but where it would take ``flex_attention`` (which pads a head width
+class PiecesBackend(AutoBackend):
+    """As ``auto``, but where it would take ``flex_attention`` (which pads a head width
     of 80 to 128 in its tiles), SDPA pieces merged by log-sum-exp
     (:mod:`tttlm.ops.attention.pieces`: FlashAttention's kernels, a template for 96): windowed
     whole sequences that take no gradient (the prefix blocks of a prefill or an evaluation
     longer than their window), and TTT chunks over a full, frozen cache (first-order backward).
-    With a gradient through whole sequences, or a gradient of a gradient, as ``auto``. Opt-in
-    until a GPU measurement says which is faster."""
+    With a gradient through whole sequences, or a gradient of a gradient, as ``auto``.
+    Measured slower than ``auto`` on one H200 (3b e2e prefill at 128K: 0.0531 against 0.0471
+    s per 1K tokens, ``benchmarks/results/prefill_speed_3b.md``): kept opt-in, for other
+    head widths and cards."""
 
     name = "pieces"
 
