@@ -24,6 +24,19 @@ def scored(model, x, y, group):  # type: ignore[no-untyped-def]
         return model(x, y, return_logits=True)
 
 
+def inner_step_batches(model):  # type: ignore[no-untyped-def]
+    """The batch size of every inner step ``model`` takes from now on (a list it fills)."""
+    batches: list[int] = []
+    step = model.inner_optimizer.step
+
+    def spy(loss, *args, **kwargs):  # type: ignore[no-untyped-def]
+        batches.append(loss.shape[0])
+        return step(loss, *args, **kwargs)
+
+    model.inner_optimizer.step = spy
+    return batches
+
+
 @pytest.mark.parametrize("group", [1, 2, 4])
 def test_grouped_scoring_equals_the_whole_batch(group: int) -> None:
     model = tiny_model()
@@ -36,14 +49,7 @@ def test_grouped_scoring_equals_the_whole_batch(group: int) -> None:
 def test_groups_bound_the_batch_of_every_inner_step() -> None:
     model = tiny_model()
     x, y = tokens(model, B, T)
-    batches: list[int] = []
-    step = model.inner_optimizer.step
-
-    def spy(loss, *args, **kwargs):  # type: ignore[no-untyped-def]
-        batches.append(loss.shape[0])
-        return step(loss, *args, **kwargs)
-
-    model.inner_optimizer.step = spy  # type: ignore[method-assign]
+    batches = inner_step_batches(model)
     scored(model, x, y, 2)
     chunks = len(model.chunks(T)) - 1  # the last chunk is predicted, not learned from
     assert batches == [2] * chunks + [2] * chunks + [1] * chunks
@@ -132,14 +138,7 @@ def test_auto_with_a_small_budget_runs_groups_with_the_same_results(
     x, y = tokens(model, B, T)
     ref = scored(model, x, y, None)
     monkeypatch.setattr(type(model), "auto_ttt_group", lambda self: 2)
-    batches: list[int] = []
-    step = model.inner_optimizer.step
-
-    def spy(loss, *args, **kwargs):  # type: ignore[no-untyped-def]
-        batches.append(loss.shape[0])
-        return step(loss, *args, **kwargs)
-
-    model.inner_optimizer.step = spy  # type: ignore[method-assign]
+    batches = inner_step_batches(model)
     got = scored(model, x, y, "auto")
     assert max(batches) == 2
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
