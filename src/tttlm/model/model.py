@@ -38,7 +38,6 @@ from tttlm.ttt.optim import build_inner_optimizer
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 IGNORE_INDEX = -100
-# Modules only TTT-E2E has (what `tttlm convert hf --to e2e` adds to a full-attention model).
 # ``ttt_group="auto"``: groups of sequences whose fast-weight working set (the fp32 weights in
 # effect, their bf16 copies, the bf16 inner gradient, the updated fp32 weights, the chunk's
 # activations) stays under this many bytes. Measured on an H200 at 3b, 8K x 16, bf16 autocast
@@ -46,6 +45,7 @@ IGNORE_INDEX = -100
 # together, for 346M fast-weight parameters per sequence, i.e. about 19 bytes per parameter.
 AUTO_GROUP_BYTES = 16 * 2**30
 FAST_BYTES_PER_PARAMETER = 19
+# Modules only TTT-E2E has (what `tttlm convert hf --to e2e` adds to a full-attention model).
 TTT_MODULES = frozenset({"prime", "prime_norm", "prime_post_norm", "inner_optimizer"})
 
 
