@@ -39,6 +39,7 @@ from tttlm.model.model import TTTForCausalLM
 from tttlm.ops import linear_nll as linear_nll_module
 from tttlm.ops import rope as rope_module
 from tttlm.ops.attention import AutoBackend, attention_backend, register_attention_backend
+from tttlm.options import group_size, ttt_group
 
 # Ops that make views, allocate or only describe tensors: no bytes moved.
 _FREE = {"view", "_unsafe_view", "as_strided", "expand", "t", "transpose", "permute",
@@ -331,7 +332,7 @@ def main() -> int:
     parser.add_argument("--compiled", action="store_true",
                         help="as with compiled blocks: the head's compiled functions counted "
                              "as one fused pass each")
-    parser.add_argument("--ttt-group", default="auto", metavar="N",
+    parser.add_argument("--ttt-group", default="auto", metavar="N", type=ttt_group,
                         help="the model's ttt_group: N sequences, 'all' or 'auto' (default)")
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=4)
@@ -346,8 +347,7 @@ def main() -> int:
     if args.markdown:
         print(markdown([json.loads(p.read_text()) for p in args.markdown]), end="")
         return 0
-    group = None if args.ttt_group == "all" else (
-        args.ttt_group if args.ttt_group == "auto" else int(args.ttt_group))
+    group = group_size(args.ttt_group)
     counter = census(args.preset, args.tokens, args.batch, args.variant, args.what,
                      args.compiled, ttt_group=group)
     result = {"label": args.label, "what": args.what, "preset": args.preset,

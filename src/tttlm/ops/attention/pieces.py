@@ -80,13 +80,10 @@ def _piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         dout, q, k, v, out, lse, 0.0, causal)
 
 
-def _merge(pieces: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype) -> torch.Tensor:
-    """The softmax over the union of the pieces' keys, from their outputs and log-sum-exps."""
-    return _merge_with_lse(pieces, dtype)[0]
-
-
-def _merge_with_lse(pieces: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge(pieces: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax over the union of the pieces' keys, from their outputs and log-sum-exps:
+    the merged output and log-sum-exp."""
     lse = torch.logsumexp(torch.stack([p[1] for p in pieces]), dim=0)
     acc = torch.zeros_like(pieces[0][0], dtype=lse.dtype)
     for out, piece_lse in pieces:
@@ -135,7 +132,7 @@ def window_attention_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
             if m > 0:
                 parts.append(_piece(qb, win(kh, start - W + n + 1, m),
                                     win(vh, start - W + n + 1, m), causal=False))
-            merged = _merge(parts, q.dtype)  # [count, H, n, d]
+            merged, _ = _merge(parts, q.dtype)  # [count, H, n, d]
             out[b, :, span] = merged.permute(1, 0, 2, 3).reshape(H, count * n, d)
             start += count * n
     return out.transpose(1, 2)
@@ -189,7 +186,7 @@ class _ChunkPieces(torch.autograd.Function):
                 out, lse = out.flip(2), lse.flip(2)
             results.append((out, lse))
             auxes.append(aux)
-        out, lse = _merge_with_lse(results, q.dtype)  # [B, H, c, d], [B, H, c]
+        out, lse = _merge(results, q.dtype)  # [B, H, c, d], [B, H, c]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.window, ctx.auxes = window, auxes
         return out.transpose(1, 2)
