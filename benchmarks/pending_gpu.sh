@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -84,6 +84,21 @@ case "$PART" in
     timeout 560 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
       --lengths 8192 131072 --compile compiled --attention auto first-order pieces \
       --paths model --repeats 2 --out "$OUT/prefill_first_order_sdpa_3b" ;;
+  operands)  # speed issue: a frozen chunk's attention operands (RoPE of cache and chunk, the
+    # values of cache + chunk, the next cache) as one Triton pass (after) against the compiled
+    # concatenations (before: the tree before it at .before/src, made with
+    # `mkdir .before && git archive 20eb58f src | tar -x -C .before` and carried); the kernel's
+    # CUDA tests first, then 3b e2e prefill at 8K x 16 and 128K x 1 for each side
+    timeout 90 python -m pytest -q -p no:warnings tests/test_ops_triton_rope.py
+    for side in before after; do
+      src=$PWD/src; [ $side = before ] && src=$PWD/.before/src
+      PYTHONPATH=$src timeout 230 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+        --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+        --out "$SCRATCH/prefill_operands_3b_$side" | grep -v "^{" | tail -3
+      cp "$SCRATCH/prefill_operands_3b_$side.json" "$OUT/" 2>/dev/null
+    done
+    timeout 100 python benchmarks/profile_step.py prefill:3b:e2e:8192:4:compiled \
+      --out "$OUT/profile_prefill_3b_8k_operands" | head -14 ;;
   prefill_small)  # speed issue: Engine.prefill of a small model (launch-bound per chunk), with
     # and without the engine's CUDA graphs (the inner step replayed once the caches are full)
     timeout 560 python -m tttlm.cli bench prefill --preset 125m --variants e2e \
@@ -157,7 +172,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

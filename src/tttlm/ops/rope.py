@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tttlm.config import TTTConfig
+from tttlm.ops.triton_runtime import triton_available
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None = None,
@@ -108,10 +109,18 @@ def frozen_chunk_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
     the values returned). Cached keys are rotated apart from the chunk's (RoPE is per row: the
     same values), so that no backward pass runs over them.
 
+    On a GPU with Triton (interleaved tables, a cache without gradient): one Triton pass over
+    the cache writes the keys, values and next cache, and a second rotates the queries
+    (:mod:`tttlm.ops.triton_rope`; the raw keys kept carry no gradient). Elsewhere,
     ``compiled``: one ``torch.compile``'d function writes all four (a pass over the cache
     instead of a concatenation, a rotation in three casts and passes, and a second
     concatenation for the keys alone); the same math, rounded as Inductor fuses it.
     """
+    if keys.shape[1] and keys.is_cuda and triton_available():
+        from tttlm.ops import triton_rope  # imports Triton
+
+        if triton_rope.triton_operands_can_run(q, keys, k, values, v, cos):
+            return triton_rope.triton_frozen_operands(q, keys, k, values, v, cos, sin, keep)
     # An empty cache (a sequence's first chunk) has nothing to fuse: eager, one graph fewer.
     fn = _frozen_operands_compiled() if compiled and keys.shape[1] else _frozen_operands
     return fn(q, keys, k, values, v, cos, sin, keep)

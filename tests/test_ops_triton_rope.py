@@ -1,0 +1,125 @@
+"""The Triton pass for a frozen chunk's attention operands (tttlm.ops.triton_rope) against its
+reference, tttlm.ops.rope.frozen_chunk_operands' eager path: the copies (values, next keys)
+bit for bit, the rotations and the gradients of q, k and v within one rounding (the reference's
+complex product contracts some products into FMAs, depending on the vector path it takes, so
+neither side is "the" rounding), and the fp64 gradient check.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Must be set before the kernels are decorated (Triton reads it at @triton.jit time).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+triton = pytest.importorskip("triton")
+if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
+    pytest.skip("the Triton CPU interpreter before 3.9 cannot run these kernels",
+                allow_module_level=True)
+
+from tttlm.ops import rope  # noqa: E402
+from tttlm.ops.rope import rope_angles  # noqa: E402
+from tttlm.ops.triton_rope import (  # noqa: E402
+    triton_frozen_operands,
+    triton_operands_can_run,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B: int, past: int, c: int, H: int, d: int, window: int, dtype: torch.dtype,
+            seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(DEVICE, dtype)
+
+    # q, k, v as views of one projection (rows of 3 × H × d), as the blocks make them
+    qkv = rand(B, c, 3, H, d)
+    q, k, v = qkv.unbind(2)
+    keys, values = rand(B, past, H, d), rand(B, past, H, d)
+    table = torch.float64 if dtype == torch.float64 else torch.float32
+    cos, sin = rope_angles(torch.arange(window - past, window + c, device=DEVICE), d, 10000.0,
+                           table)
+    return q, keys, k, values, v, cos, sin
+
+
+CASES = [  # B, past, c, H, d, window (keep): growing cache, full cache, rows straddling blocks
+    (2, 6, 5, 3, 8, 16),
+    (1, 16, 4, 2, 10, 16),
+    (3, 9, 7, 2, 6, 12),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", CASES)
+def test_outputs_equal_the_reference(case: tuple[int, ...], dtype: torch.dtype) -> None:
+    B, past, c, H, d, window = case
+    q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, dtype)
+    assert triton_operands_can_run(q, keys, k, values, v, cos)
+    got = triton_frozen_operands(q, keys, k, values, v, cos, sin, window)
+    want = rope._frozen_operands(q, keys, k, values, v, cos, sin, window)
+    for name, a, b in zip(("queries", "keys", "values", "next keys"), got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        if name in ("values", "next keys"):
+            assert torch.equal(a, b), name
+        else:  # default tolerances: within a rounding of the dtype (a wrong angle is O(1))
+            torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES[:2])
+def test_gradients_equal_the_reference(case: tuple[int, ...]) -> None:
+    B, past, c, H, d, window = case
+    q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, torch.bfloat16, 1)
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(B, n, H, d, generator=g).to(DEVICE, torch.bfloat16)
+             for n in (c, past + c, past + c)]
+
+    def run(fn):  # noqa: ANN001, ANN202
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = fn(leaves[0], keys, leaves[1], values, leaves[2], cos, sin, window)
+        torch.autograd.backward(out[:3], grads)
+        return [t.grad for t in leaves]
+
+    for name, a, b in zip("qkv", run(triton_frozen_operands), run(rope._frozen_operands)):
+        if name == "v":
+            assert torch.equal(a, b), name
+        else:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_gradcheck_fp64() -> None:
+    B, past, c, H, d, window = 2, 3, 2, 1, 4, 4  # small: each evaluation is a kernel launch
+    q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, torch.float64, 3)
+    leaves = tuple(t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+    def f(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return triton_frozen_operands(q, keys, k, values, v, cos, sin, window)[:3]
+
+    assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
+
+
+def test_a_cache_that_wants_gradients_is_left_to_the_reference() -> None:
+    q, keys, k, values, v, cos, sin = _inputs(1, 4, 4, 2, 8, 8, torch.float32)
+    assert not triton_operands_can_run(q, keys.requires_grad_(True), k, values, v, cos)
+    # transformers' half layout (tables as wide as the head) has no Triton pass
+    assert not triton_operands_can_run(q, keys.detach(), k, values, v, torch.cat((cos, cos), -1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the model takes the pass on CUDA")
+def test_model_evaluation_with_the_pass_matches_the_reference_on_cuda(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole no-gradient forward (fp32, window 12 < 40 tokens: the cache fills and rolls)
+    with the Triton pass, against the same forward with the reference's operands."""
+    from _helpers import tiny_model, tokens
+
+    model = tiny_model(dtype=torch.float32, head_dim=8).cuda()
+    x, y = (t.cuda() for t in tokens(model, 3, 40))
+    with torch.no_grad():
+        fast = model(x, labels=y).token_nll
+        monkeypatch.setattr(rope, "triton_available", lambda: False)
+        reference = model(x, labels=y).token_nll
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
