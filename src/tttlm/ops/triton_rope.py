@@ -5,8 +5,8 @@ chunk's keys at their local positions, the values of cache ⊕ chunk, the raw ke
 chunk keeps, and the rotated queries. Written with ``torch.cat`` and :func:`apply_rope` that
 is three concatenations and a rotation, each a pass over the whole cache; Inductor fuses them
 into three kernels of its own, which ran at a fifth of the H200's bandwidth (dynamic shapes,
-interleaved pairs). Here one kernel reads every cached row once and writes the three outputs,
-and a second rotates the queries.
+interleaved pairs). Here one kernel reads every row once and writes the three outputs (a
+launch for the cached rows, one for the chunk's), and a third launch rotates the queries.
 
 Interleaved RoPE only (the official layout: pairs ``(x[2i], x[2i+1])``, tables ``[n, d/2]``).
 The rotation is the reference's arithmetic (fp32, fp64 for fp64 tables: ``re·c − im·s``,
@@ -33,54 +33,39 @@ from tttlm.ops.triton_runtime import triton_interpreting
 
 
 @triton.jit
-def _two_source_rows(A, B, b, r, p, split, a_sb, a_sr, b_sb, b_sr, in_a, in_b):
-    """Elements ``2p`` and ``2p + 1`` of row ``r``: ``A``'s row ``r`` below ``split``,
-    ``B``'s row ``r - split`` from there on (a select, not a sum: zeros keep their sign)."""
-    off_a = b * a_sb + r * a_sr + 2 * p
-    off_b = b * b_sb + (r - split) * b_sr + 2 * p
-    even = tl.where(in_a, tl.load(A + off_a, mask=in_a, other=0.0),
-                    tl.load(B + off_b, mask=in_b, other=0.0))
-    odd = tl.where(in_a, tl.load(A + off_a + 1, mask=in_a, other=0.0),
-                   tl.load(B + off_b + 1, mask=in_b, other=0.0))
-    return even, odd
+def _rows_kernel(X, x_sb, x_sr, COS, SIN, t_sr, ROT, rot_sb, rot_sr,
+                 RAW, raw_sb, raw_sr, V, v_sb, v_sr, VOUT, vo_sb, vo_sr, dst0, drop, n, width,
+                 HALF: tl.constexpr, WRITE_RAW: tl.constexpr, WRITE_VALUES: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Rows ``0 .. n-1`` of ``X`` (``width`` = heads × d elements each, contiguous) rotated by
+    the tables' rows into ``ROT``'s rows ``dst0 + r``; with ``WRITE_RAW`` the unrotated rows
+    into ``RAW``'s rows ``dst0 + r - drop`` (those not dropped); with ``WRITE_VALUES`` ``V``'s
+    rows into ``VOUT``'s rows ``dst0 + r``. Grid: (batch, row blocks, element blocks).
 
-
-@triton.jit
-def _operands_kernel(KA, KB, ka_sb, ka_sr, kb_sb, kb_sr, COS, SIN, t_sr,
-                     ROT, rot_sb, rot_sr, RAW, raw_sb, raw_sr, drop,
-                     VA, VB, va_sb, va_sr, vb_sb, vb_sr, VOUT, vo_sb, vo_sr,
-                     split, n, pairs,
-                     HALF: tl.constexpr, WRITE_RAW: tl.constexpr, WRITE_VALUES: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Rows ``0 .. n-1`` of ``KA ⊕ KB`` (split at row ``split``) rotated by the tables'
-    rows into ``ROT``; with ``WRITE_RAW`` rows ``drop ..`` unrotated into ``RAW``; with
-    ``WRITE_VALUES`` rows of ``VA ⊕ VB`` into ``VOUT``. A row is ``pairs`` pairs (heads × d/2,
-    heads contiguous); grid: (batch, row blocks, pair blocks)."""
+    Tiles are whole runs of a row's elements (vector loads and stores); the interleaved pairs
+    are split and joined in registers."""
     b = tl.program_id(0).to(tl.int64)  # batch offsets of large caches pass 2**31
     r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
-    p = (tl.program_id(2) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
-    valid = (r < n) & (p < pairs)
-    in_a = valid & (r < split)
-    in_b = valid & (r >= split)
-    re, im = _two_source_rows(KA, KB, b, r, p, split, ka_sb, ka_sr, kb_sb, kb_sr, in_a, in_b)
+    e = (tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E))[None, :]
+    valid = (r < n) & (e < width)
+    x = tl.load(X + b * x_sb + r * x_sr + e, mask=valid, other=0.0)
+    re, im = tl.split(tl.reshape(x, (BLOCK_R, BLOCK_E // 2, 2)))
+    p = (tl.program_id(2) * (BLOCK_E // 2) + tl.arange(0, BLOCK_E // 2))[None, :]
+    in_table = (r < n) & (p < width // 2)
     i = p % HALF
-    cos = tl.load(COS + r * t_sr + i, mask=valid, other=0.0)
-    sin = tl.load(SIN + r * t_sr + i, mask=valid, other=0.0)
+    cos = tl.load(COS + r * t_sr + i, mask=in_table, other=0.0)
+    sin = tl.load(SIN + r * t_sr + i, mask=in_table, other=0.0)
     x_re = re.to(cos.dtype)
     x_im = im.to(cos.dtype)
-    out = ROT + b * rot_sb + r * rot_sr + 2 * p
-    tl.store(out, (x_re * cos - x_im * sin).to(ROT.dtype.element_ty), mask=valid)
-    tl.store(out + 1, (x_re * sin + x_im * cos).to(ROT.dtype.element_ty), mask=valid)
+    out = tl.join(x_re * cos - x_im * sin, x_re * sin + x_im * cos)
+    out = tl.reshape(out, (BLOCK_R, BLOCK_E)).to(ROT.dtype.element_ty)
+    row = dst0 + r
+    tl.store(ROT + b * rot_sb + row * rot_sr + e, out, mask=valid)
     if WRITE_RAW:
-        keep = valid & (r >= drop)
-        raw = RAW + b * raw_sb + (r - drop) * raw_sr + 2 * p
-        tl.store(raw, re, mask=keep)
-        tl.store(raw + 1, im, mask=keep)
+        tl.store(RAW + b * raw_sb + (row - drop) * raw_sr + e, x, mask=valid & (row >= drop))
     if WRITE_VALUES:
-        v0, v1 = _two_source_rows(VA, VB, b, r, p, split, va_sb, va_sr, vb_sb, vb_sr, in_a, in_b)
-        vout = VOUT + b * vo_sb + r * vo_sr + 2 * p
-        tl.store(vout, v0, mask=valid)
-        tl.store(vout + 1, v1, mask=valid)
+        val = tl.load(V + b * v_sb + r * v_sr + e, mask=valid, other=0.0)
+        tl.store(VOUT + b * vo_sb + row * vo_sr + e, val, mask=valid)
 
 
 def _rows_ok(x: torch.Tensor) -> bool:
@@ -100,36 +85,35 @@ def triton_operands_can_run(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor
             and all(_rows_ok(t) for t in (q, keys, k, values, v)))
 
 
-def _launch(ka: torch.Tensor, kb: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            rot: torch.Tensor, raw: torch.Tensor | None = None, drop: int = 0,
-            va: torch.Tensor | None = None, vb: torch.Tensor | None = None,
-            vout: torch.Tensor | None = None) -> None:
-    B, split, H, d = ka.shape
-    n = split + kb.shape[1]
-    pairs = H * d // 2
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor,
+            dst0: int = 0, raw: torch.Tensor | None = None, drop: int = 0,
+            values: torch.Tensor | None = None, vout: torch.Tensor | None = None) -> None:
+    """One source's rows ``x [B, n, H, d]`` into rows ``dst0 ..`` of the outputs (see
+    :func:`_rows_kernel`); the tables hold ``x``'s rows."""
+    B, n, H, d = x.shape
+    if n == 0:
+        return
+    width = H * d
     if triton_interpreting():
-        block_r, block_p, warps = 4, 32, 1
-    else:  # 16 rows × 256 pairs: 8K elements in flight per program
-        block_r, block_p, warps = 16, 256, 4
-    grid = (B, triton.cdiv(n, block_r), triton.cdiv(pairs, block_p))
-    write_raw, write_values = raw is not None, vout is not None
+        block_r, block_e, warps = 4, 16, 1
+    else:  # 8 rows × 512 elements per program: 16-byte vectors, 4K elements in flight
+        block_r, block_e, warps = 8, 512, 4
+    grid = (B, triton.cdiv(n, block_r), triton.cdiv(width, block_e))
     raw_t = raw if raw is not None else rot
-    va_t = va if va is not None else ka
-    vb_t = vb if vb is not None else kb
+    v_t = values if values is not None else x
     vout_t = vout if vout is not None else rot
-    _operands_kernel[grid](
-        ka, kb, ka.stride(0), ka.stride(1), kb.stride(0), kb.stride(1), cos, sin, cos.stride(0),
-        rot, rot.stride(0), rot.stride(1), raw_t, raw_t.stride(0), raw_t.stride(1), drop,
-        va_t, vb_t, va_t.stride(0), va_t.stride(1), vb_t.stride(0), vb_t.stride(1),
-        vout_t, vout_t.stride(0), vout_t.stride(1), split, n, pairs,
-        HALF=d // 2, WRITE_RAW=write_raw, WRITE_VALUES=write_values,
-        BLOCK_R=block_r, BLOCK_P=block_p, num_warps=warps)
+    _rows_kernel[grid](
+        x, x.stride(0), x.stride(1), cos, sin, cos.stride(0), rot, rot.stride(0), rot.stride(1),
+        raw_t, raw_t.stride(0), raw_t.stride(1), v_t, v_t.stride(0), v_t.stride(1),
+        vout_t, vout_t.stride(0), vout_t.stride(1), dst0, drop, n, width,
+        HALF=d // 2, WRITE_RAW=raw is not None, WRITE_VALUES=vout is not None,
+        BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of ``x [B, T, H, d]`` by tables ``[T, d/2]`` (one launch, no cache)."""
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(x, x[:, :0], cos, sin, out)
+    _launch(x, cos, sin, out)
     return out
 
 
@@ -145,7 +129,9 @@ class _FrozenOperands(torch.autograd.Function):
         rotated = torch.empty(B, n, H, d, dtype=k.dtype, device=k.device)
         joined = torch.empty(B, n, H, d, dtype=v.dtype, device=v.device)
         kept = torch.empty(B, n - drop, H, d, dtype=k.dtype, device=k.device)
-        _launch(keys, k, cos, sin, rotated, kept, drop, values, v, joined)
+        # The cached rows, then the chunk's: one launch each, every row read once.
+        _launch(keys, cos[:past], sin[:past], rotated, 0, kept, drop, values, joined)
+        _launch(k, cos[past:], sin[past:], rotated, past, kept, drop, v, joined)
         q_rot = _rotate(q, cos[past:], sin[past:])
         ctx.save_for_backward(cos[past:], sin[past:])
         ctx.sizes = (past, c, n - drop)
