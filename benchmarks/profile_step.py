@@ -34,6 +34,7 @@ from tttlm.ops.attention import attention_backend
 # which the copy pattern would otherwise claim.
 GROUPS = [
     ("chunk attention (Triton)", r"^_fwd_kernel|^_bwd_dq_kernel|^_bwd_dkdv_kernel|^_dbl_"),
+    ("RoPE + cache operands (Triton)", r"^_rows_kernel|^_operands_kernel"),
     ("flash / cuDNN / flex attention", r"flash|fmha|cudnn|flex|triton_tem"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|sm90|sm80|cublas"),
     ("compiled, with a reduction", r"^triton_(red|per)_"),

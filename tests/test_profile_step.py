@@ -15,6 +15,7 @@ def group():  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("name, expected", [
     ("_fwd_kernel", "chunk attention (Triton)"),
+    ("_rows_kernel", "RoPE + cache operands (Triton)"),
     ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<80, 128>>",
      "flash / cuDNN / flex attention"),
     ("triton_tem_fused_0", "flash / cuDNN / flex attention"),
