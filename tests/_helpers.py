@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,3 +124,19 @@ def load_benchmark(name: str) -> Any:
     sys.modules[spec.name] = module  # dataclasses and pickling look a module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def triton_or_skip() -> Any:
+    """Triton for a kernel test module, called at its top before anything imports a kernel:
+    without a GPU, its CPU interpreter (``TRITON_INTERPRET=1``, read at ``@triton.jit`` time);
+    the module is skipped when Triton is missing or its interpreter is too old."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    triton = pytest.importorskip("triton")
+    version = tuple(map(int, triton.__version__.split(".")[:2]))
+    if not torch.cuda.is_available() and version < (3, 9):
+        # Triton 3.6's interpreter turns runtime loop bounds into 1-element NumPy arrays and
+        # calls int() on them, which current NumPy refuses; 3.9 is the oldest verified here.
+        pytest.skip("the Triton CPU interpreter before 3.9 cannot run these kernels",
+                    allow_module_level=True)
+    return triton

@@ -9,24 +9,15 @@ before Triton compiles anything), in float64, on small shapes; skipped when Trit
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from _helpers import assert_close
+from _helpers import assert_close, triton_or_skip
 
-if not torch.cuda.is_available():
-    # Must be set before the kernels are decorated (Triton reads it at @triton.jit time).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
-    # Triton 3.6's interpreter turns runtime loop bounds into 1-element NumPy arrays and calls
-    # int() on them, which current NumPy refuses; 3.9 is the oldest interpreter verified here.
-    pytest.skip("the Triton CPU interpreter before 3.9 cannot run these kernels",
-                allow_module_level=True)
+triton = triton_or_skip()
 
 import triton.language as tl  # noqa: E402
 

@@ -7,18 +7,12 @@ neither side is "the" rounding), and the fp64 gradient check.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # Must be set before the kernels are decorated (Triton reads it at @triton.jit time).
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
-if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split(".")[:2])) < (3, 9):
-    pytest.skip("the Triton CPU interpreter before 3.9 cannot run these kernels",
-                allow_module_level=True)
+from _helpers import triton_or_skip
+
+triton = triton_or_skip()
 
 from tttlm.ops import rope  # noqa: E402
 from tttlm.ops.rope import rope_angles  # noqa: E402
