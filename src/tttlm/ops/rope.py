@@ -109,9 +109,9 @@ def frozen_chunk_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
     the values returned). Cached keys are rotated apart from the chunk's (RoPE is per row: the
     same values), so that no backward pass runs over them.
 
-    On a GPU with Triton (interleaved tables, a cache without gradient): one Triton pass over
-    the cache writes the keys, values and next cache, and a second rotates the queries
-    (:mod:`tttlm.ops.triton_rope`; the raw keys kept carry no gradient). Elsewhere,
+    On a GPU with Triton (interleaved tables, a cache without gradient): Triton reads every
+    row of cache and chunk once and writes the keys, values and next cache, and rotates the
+    queries (:mod:`tttlm.ops.triton_rope`; the raw keys kept carry no gradient). Elsewhere,
     ``compiled``: one ``torch.compile``'d function writes all four (a pass over the cache
     instead of a concatenation, a rotation in three casts and passes, and a second
     concatenation for the keys alone); the same math, rounded as Inductor fuses it.
