@@ -74,6 +74,12 @@ def _rows_ok(x: torch.Tensor) -> bool:
     return x.dim() == 4 and x.stride(3) == 1 and x.stride(2) == x.shape[3]
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the kernel reads it: as it is when :func:`_rows_ok` (a slice of rows needs no
+    copy), else a contiguous copy (a gradient laid out heads-first, say)."""
+    return x if _rows_ok(x) else x.contiguous()
+
+
 def triton_operands_can_run(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
                             values: torch.Tensor, v: torch.Tensor, cos: torch.Tensor) -> bool:
     """Whether :func:`triton_frozen_operands` takes these: interleaved tables, a cache that
@@ -134,7 +140,7 @@ class _FrozenOperands(torch.autograd.Function):
         _launch(k, cos[past:], sin[past:], rotated, past, kept, drop, v, joined)
         q_rot = _rotate(q, cos[past:], sin[past:])
         ctx.save_for_backward(cos[past:], sin[past:])
-        ctx.sizes = (past, c, n - drop)
+        ctx.past = past
         ctx.mark_non_differentiable(kept)
         return q_rot, rotated, joined, kept
 
@@ -143,13 +149,12 @@ class _FrozenOperands(torch.autograd.Function):
                  g_joined: torch.Tensor | None, g_kept: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, ...]:
         cos, sin = ctx.saved_tensors
-        past, c, _ = ctx.sizes
+        past = ctx.past
         # The transpose of a rotation is the rotation by minus the angle: the reference's
         # backward multiplies by the conjugate, the same products and sums.
         neg = -sin
-        dq = _rotate(g_q.contiguous(), cos, neg) if g_q is not None else None
-        dk = (_rotate(g_rot[:, past:].contiguous(), cos, neg)
-              if g_rot is not None else None)
+        dq = _rotate(_rows(g_q), cos, neg) if g_q is not None else None
+        dk = _rotate(_rows(g_rot[:, past:]), cos, neg) if g_rot is not None else None
         dv = g_joined[:, past:] if g_joined is not None else None
         return dq, None, dk, None, dv, None, None, None
 
@@ -158,7 +163,7 @@ def triton_frozen_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
                            values: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                            sin: torch.Tensor, keep: int
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`tttlm.ops.rope.frozen_chunk_operands` in two Triton launches (see the module
+    """:func:`tttlm.ops.rope.frozen_chunk_operands` in three Triton launches (see the module
     docstring); check :func:`triton_operands_can_run` first. The raw keys kept for the next
     chunk carry no gradient (a frozen cache)."""
     out = _FrozenOperands.apply(q, keys, k, values, v, cos, sin, keep)
