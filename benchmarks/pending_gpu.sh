@@ -89,9 +89,10 @@ case "$PART" in
     # concatenations (before: the tree before it at .before/src, made with
     # `mkdir .before && git archive 20eb58f src | tar -x -C .before` and carried); the kernel's
     # CUDA tests first, then 3b e2e prefill at 8K x 16 and 128K x 1 for each side
+    # SIDES="name=src-folder ..." picks the trees compared (default: .before/src, then src)
     timeout 90 python -m pytest -q -p no:warnings tests/test_ops_triton_rope.py
-    for side in before after; do
-      src=$PWD/src; [ $side = before ] && src=$PWD/.before/src
+    for pair in ${SIDES:-before=.before/src after=src}; do
+      side=${pair%%=*} src=$PWD/${pair#*=}
       PYTHONPATH=$src timeout 230 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
         --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
         --out "$SCRATCH/prefill_operands_3b_$side" | grep -v "^{" | tail -3

@@ -23,6 +23,16 @@ def _run(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, mode: str,
     return [out.loss, out.token_nll, *grads(model).values()]
 
 
+def _matmul_flops(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of the matrix products (the profiler counts mm, addmm, bmm) of a forward without
+    an outer gradient."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof, torch.no_grad():
+        model(x, labels=y)
+    return sum(e.flops or 0 for e in prof.events())
+
+
 @pytest.mark.parametrize("variant, ttt, modes", [
     ("e2e", True, ("none", "first_order", "exact")),
     ("e2e", False, ("exact",)),
@@ -48,6 +58,17 @@ def test_compiled_blocks_match_eager(variant: str, ttt: bool, modes: tuple[str, 
             # fp64: compiled and eager differ by summation order only (6e-14 seen); 1e-10
             # still fails a stray fp32 cast or an fp32 table in a compiled graph (~1e-7).
             assert_close(b, a, rel_l2=1e-10, name=f"{mode} output {i}")
+        if mode == "none":
+            # Without an outer gradient, the compiled chunks do no more matmul work than the
+            # eager ones, which autograd prunes to the fast weights' gradients: a compiled
+            # region's backward would also compute every frozen weight's (15% more matmul work here,
+            # over a third of the TTT blocks' backward products at 3b) if the weights
+            # required grad inside it (model.constant_parameters).
+            model.compile_blocks = False
+            eager_flops = _matmul_flops(model, x, y)
+            model.compile_blocks = True
+            assert _matmul_flops(model, x, y) <= eager_flops
+            assert all(p.requires_grad for p in model.parameters())
     # The compiled path really ran, and layers shared their graphs (no recompile per layer):
     # at most 12 graphs of block code, plus one each for the head's elementwise functions
     # compiled in these modes (linear_nll's _stats, _dlogits and _second; the inner-step
@@ -108,3 +129,27 @@ def test_frozen_chunk_operands_eager_and_compiled(past: int, c: int, keep: int) 
         grads_ = torch.autograd.grad(sum((t * x).sum() for t, x in zip(got, w)), (q, k, v))
         for name, a, e in zip("qkv", grads_, want_grads):
             assert_close(a, e, atol=1e-12, name=f"d{name}")
+
+
+def test_frozen_compiled_forward_casts_the_head_weight_once() -> None:
+    """Autocast keeps its bf16 copy of a weight for the whole forward only while the weight
+    requires grad: the frozen chunks make only the TTT blocks' weights constant, so the tied
+    head (the largest weight) is cast once, not once per chunk."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = tiny_model(dtype=torch.float32)
+    model.compile_blocks = True
+    x, y = tokens(model, 2, 40)
+    shape = list(model.embed.weight.shape)
+
+    def forward() -> None:
+        with torch.autocast("cpu", torch.bfloat16), torch.no_grad():
+            model(x, labels=y)
+
+    forward()  # compiles outside the profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        forward()
+    casts = [e for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes
+             and list(e.input_shapes[0]) == shape]
+    assert len(casts) == 1
+    assert all(p.requires_grad for p in model.parameters())

@@ -147,6 +147,19 @@ def test_no_grad_and_inference_mode_still_learn() -> None:
         assert_close(other.inner_update_norms, train.inner_update_norms, atol=EXACT, name=name)
 
 
+def test_constant_parameters_restores_what_required_grad() -> None:
+    from tttlm.model.model import constant_parameters
+
+    model = tiny_model()
+    frozen = model.embed.weight
+    frozen.requires_grad_(False)  # a parameter the caller froze stays frozen afterwards
+    with pytest.raises(RuntimeError, match="inside"), constant_parameters(model):
+        assert not any(p.requires_grad for p in model.parameters())
+        raise RuntimeError("inside")
+    assert not frozen.requires_grad
+    assert all(p.requires_grad for p in model.parameters() if p is not frozen)
+
+
 def test_gradcheck_second_order_path() -> None:
     """Finite differences of the meta loss against the exact second-order outer gradient."""
     model = tiny_model(vocab_size=11, hidden_size=8, num_heads=2, intermediate_size=6,

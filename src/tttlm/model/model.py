@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,25 @@ def is_ttt_parameter(name: str) -> bool:
     belongs to what TTT-E2E adds to a Transformer: the prime MLPs and their norms, a learned
     inner-LR scale."""
     return not TTT_MODULES.isdisjoint(name.split("."))
+
+
+@contextlib.contextmanager
+def constant_parameters(module: nn.Module) -> Iterator[None]:
+    """Within this block none of ``module``'s parameters requires grad (those that did do
+    again afterwards). For inner steps without an outer gradient: a region compiled by
+    ``torch.compile`` computes, in its backward, the gradient of every input that requires one
+    whether or not the caller asks for it (autograd prunes by the gradients it is asked for
+    only between nodes, not inside one), so the frozen weights' gradients (a third of the TTT
+    blocks' backward products) and the first TTT block's attention backward would run for
+    nothing."""
+    changed = [p for p in module.parameters() if p.requires_grad]
+    for p in changed:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
 
 
 @dataclass
@@ -652,7 +673,13 @@ class TTTForCausalLM(nn.Module):
         kept); without one, the update is checked before returning."""
         mode = opts.mode
         frozen = mode is GradMode.NONE  # no outer gradient: the cache is a constant
-        with torch.enable_grad():
+        # No outer gradient: the inner one is taken with respect to the fast weights only. Eager
+        # autograd prunes the rest by itself, compiled blocks need telling; only the blocks,
+        # since autocast caches its bf16 copy of a weight only while that requires grad (the
+        # tied head's would be cast again at every chunk).
+        constant = (constant_parameters(self.layers[self.config.num_prefix_layers:])
+                    if frozen and opts.compile_chunks else contextlib.nullcontext())
+        with torch.enable_grad(), constant:
             h, new_caches, fast, inner_state, leaves = self._ttt_blocks(
                 h, caches, start, rope, fast, inner_state, frozen, opts.compile_chunks, guard)
             nll, logits = self.head_nll(h, labels, keep_logits, outer_graph=not frozen,

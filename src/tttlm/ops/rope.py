@@ -121,8 +121,11 @@ def frozen_chunk_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
 
         if triton_rope.triton_operands_can_run(q, keys, k, values, v, cos):
             return triton_rope.triton_frozen_operands(q, keys, k, values, v, cos, sin, keep)
-    # An empty cache (a sequence's first chunk) has nothing to fuse: eager, one graph fewer.
-    fn = _frozen_operands_compiled() if compiled and keys.shape[1] else _frozen_operands
+    # An empty cache (a sequence's first chunk) has nothing to fuse, and the first TTT block's
+    # operands take no gradient (nothing before its attention learns at test time): eager, so
+    # that the compiled function keeps one graph per kind of cache.
+    fuse = compiled and keys.shape[1] and any(t.requires_grad for t in (q, k, v))
+    fn = _frozen_operands_compiled() if fuse else _frozen_operands
     return fn(q, keys, k, values, v, cos, sin, keep)
 
 
