@@ -76,8 +76,11 @@ def test_rolling_equals_tttlm_eval_loss(lm: TTTLMHarness) -> None:
     _, count, total = report["results"]["m"][str(len(TEXT))]["per_sequence"][0]
     assert count == len(TEXT)
     assert_close(torch.tensor(-got[0]), torch.tensor(total), atol=1e-9, name="rolling")
-    # Equal-length documents share a batch; the result does not depend on the batch.
-    assert got[2] == lm.loglikelihood_rolling([req(TEXT[::-1])])[0]
+    # Equal-length documents share a batch; the result does not depend on the batch, up to
+    # float64 rounding of batched products (the BLAS picks kernels by shape: one ulp of
+    # difference on some CPUs), as the model's own batch test allows.
+    alone = lm.loglikelihood_rolling([req(TEXT[::-1])])[0]
+    assert_close(torch.tensor(got[2]), torch.tensor(alone), rel_l2=1e-12, name="batch")
 
 
 def test_generate_until_is_the_engines_greedy_text(lm: TTTLMHarness) -> None:

@@ -116,8 +116,10 @@ def _time_fitting(model: torch.nn.Module, x: torch.Tensor, ttt: bool, backend: s
         except torch.OutOfMemoryError:
             if micro == 1:
                 raise
-            micro //= 2
-            gc.collect()
+        # After the handler, not in it: its exception holds the failed attempt's frames and
+        # their tensors until the handler ends.
+        micro //= 2
+        gc.collect()
 
 
 def prefill_batch(T: int, tokens_per_step: int) -> int:

@@ -179,6 +179,11 @@ class TTTForCausalLM(nn.Module):
 
     def __init__(self, config: TTTConfig) -> None:
         super().__init__()
+        # Loaded now, not on first use inside a forward (SDPA's causal bias and flex attention
+        # load it): importing torch._dynamo runs torch.fx.wrap, whose frame refers to itself
+        # and to every frame below it, so the first forward's activations and an engine's
+        # first state stayed alive until the next full garbage collection.
+        import torch._dynamo  # noqa: F401
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         first_ttt = config.num_prefix_layers
