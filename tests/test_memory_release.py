@@ -6,19 +6,16 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 # In a fresh interpreter: the first forward is where lazily loaded modules load.
 SCRIPT = textwrap.dedent("""
     import gc, types, weakref, torch
-    from tttlm.config import TTTConfig
+    from _helpers import tiny_model, tokens
     from tttlm.inference import Engine
-    from tttlm.model.model import TTTForCausalLM
 
-    config = TTTConfig(vocab_size=53, hidden_size=16, num_layers=4, num_heads=2,
-                       intermediate_size=24, num_ttt_layers=2, window=12, chunk_size=4,
-                       bos_token_id=1, eos_token_id=2)
-    model = TTTForCausalLM(config)
-    x = torch.randint(0, 53, (2, 40))
+    model = tiny_model()
+    x, y = tokens(model, 2, 40)
     gc.disable()
 
     def ours() -> int:
@@ -30,7 +27,7 @@ SCRIPT = textwrap.dedent("""
             if path == "engine":
                 _, out = Engine(model, ttt=True).prefill(x)
             else:
-                out = model(x, labels=x)
+                out = model(x, labels=y)
         ref = weakref.ref(out)
         del out
         print(path, ref() is None, ours())
@@ -39,7 +36,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_first_forward_frees_what_it_made() -> None:
     done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=Path(__file__).parent)  # for tests/_helpers
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()
     assert lines == ["engine True 0", "model True 0"], done.stdout

@@ -61,9 +61,9 @@ def test_compiled_blocks_match_eager(variant: str, ttt: bool, modes: tuple[str, 
         if mode == "none":
             # Without an outer gradient, the compiled chunks do no more matmul work than the
             # eager ones, which autograd prunes to the fast weights' gradients: a compiled
-            # region's backward would also compute every frozen weight's (15% more matmul work here,
-            # over a third of the TTT blocks' backward products at 3b) if the weights
-            # required grad inside it (model.constant_parameters).
+            # region's backward would also compute every frozen weight's (15% more matmul
+            # work here, over a third of the TTT blocks' backward products at 3b) if the
+            # weights required grad inside it (model.constant_parameters).
             model.compile_blocks = False
             eager_flops = _matmul_flops(model, x, y)
             model.compile_blocks = True
