@@ -21,7 +21,7 @@ import abc
 
 import torch
 
-from tttlm.ops.attention import flex, naive, pieces, sdpa
+from tttlm.ops.attention import flash, flex, naive, pieces, sdpa
 from tttlm.ops.attention import triton as triton_path
 from tttlm.ops.attention._common import common_dtype
 from tttlm.ops.triton_runtime import triton_can_run
@@ -87,15 +87,18 @@ class NaiveBackend(AttentionBackend):
 def first_order_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       window: int | None, frozen_keys: int) -> torch.Tensor | None:
     """A chunk whose cached keys are frozen (no outer gradient) through kernels with a
-    first-order backward, or ``None`` where none applies: while no cached key has left the
-    window, SDPA with a lower-right causal bias (any device); once the cache is full,
-    ``flex_attention`` with a block mask (CUDA). Chunks are laid out as
-    :class:`~tttlm.model.cache.ChunkKV` lays them out (consecutive positions, the chunk's keys
-    last)."""
+    first-order backward, or ``None`` where none applies: FlashAttention's sliding window for
+    fp16/bf16 on CUDA (any cache); otherwise, while no cached key has left the window, SDPA
+    with a lower-right causal bias (any device), and once the cache is full ``flex_attention``
+    with a block mask (CUDA). Chunks are laid out as :class:`~tttlm.model.cache.ChunkKV` lays
+    them out (consecutive positions, the chunk's keys last)."""
     if frozen_keys <= 0:
         return None
+    q, k, v = common_dtype(q, k, v)
+    if flash.flash_window_can_run(q):
+        return flash.flash_chunk_attention(q, k, v, window)
     if window is None or k.shape[1] <= window:
-        return sdpa.suffix_causal_attention(*common_dtype(q, k, v))
+        return sdpa.suffix_causal_attention(q, k, v)
     if flex.flex_can_run(q) and flex.flex_chunk_allowed(q, k, window):
         return flex.flex_chunk_attention(q, k, v, window)
     return None

@@ -1,0 +1,153 @@
+"""Where a prefill step's wall time goes beyond its GPU time: the host's side, chunk by chunk.
+
+    PYTHONPATH=src python benchmarks/host_gap.py 131072:1 8192:4 --out results/host_gap_3b
+
+For each case (``tokens:batch``, 3b e2e, compiled blocks, bf16 autocast, the scoring forward
+as ``tttlm bench prefill`` runs it) after two warm-up steps, one step is timed with:
+
+* each TTT chunk's host time (from entering ``ttt_chunk`` to leaving it) and its GPU time
+  (CUDA events recorded at the same two points);
+* the time the host spent waiting in the test-time finiteness check (``FiniteGuard.settle``,
+  which reads the previous update's flag once the next chunk's first block is queued);
+
+then the same step again with the check read at the end of the forward only (``--no-wait``
+variant: the flag is still copied per chunk; only the wait moves), so the cost of the
+per-chunk wait is measured, not guessed. CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tttlm.bench.common import environment
+from tttlm.config import TTTConfig
+from tttlm.model.model import TTTForCausalLM
+from tttlm.ttt import finite
+
+
+class Probe:
+    """Host and GPU timestamps around every ``ttt_chunk`` call, and the host's waits."""
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[float, float, Any, Any]] = []
+        self.wait_s = 0.0
+
+    def install(self, model: TTTForCausalLM) -> None:
+        inner = model.ttt_chunk
+        settle = finite.FiniteGuard.settle
+        probe = self
+
+        def ttt_chunk(*args: Any, **kwargs: Any) -> Any:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            out = inner(*args, **kwargs)
+            end.record()
+            probe.chunks.append((t0, time.perf_counter(), start, end))
+            return out
+
+        def timed_settle(guard: finite.FiniteGuard) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return settle(guard)
+            finally:
+                probe.wait_s += time.perf_counter() - t0
+
+        model.ttt_chunk = ttt_chunk  # type: ignore[method-assign]
+        finite.FiniteGuard.settle = timed_settle  # type: ignore[method-assign]
+        self._restore = (model, settle)
+
+    def remove(self) -> None:
+        model, settle = self._restore
+        del model.ttt_chunk
+        finite.FiniteGuard.settle = settle  # type: ignore[method-assign]
+
+
+def run_case(case: str, repeats: int) -> dict[str, Any]:
+    tokens, batch = (int(x) for x in case.split(":"))
+    config = TTTConfig.from_preset("3b", variant="e2e")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = TTTForCausalLM(config)
+    model.compile_blocks = True
+    model.eval()
+    x = torch.randint(0, config.vocab_size, (batch, tokens + 1), device="cuda")
+
+    def step() -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(x[:, :-1], labels=x[:, 1:], ttt=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for _ in range(2):
+        step()
+    result: dict[str, Any] = {"case": case}
+    result["wall_s"] = statistics.median(step() for _ in range(repeats))
+    probe = Probe()
+    probe.install(model)
+    try:
+        result["probed_wall_s"] = step()
+    finally:
+        probe.remove()
+    host = [t1 - t0 for t0, t1, _, _ in probe.chunks]
+    gpu = [s.elapsed_time(e) / 1e3 for _, _, s, e in probe.chunks]
+    result.update(chunks=len(host), chunk_host_s=sum(host), chunk_gpu_span_s=sum(gpu),
+                  settle_wait_s=probe.wait_s,
+                  chunk_host_median_ms=statistics.median(host) * 1e3,
+                  chunk_gpu_span_median_ms=statistics.median(gpu) * 1e3)
+    # The same steps with the finiteness flag read only at the end (no per-chunk wait).
+    settle = finite.FiniteGuard.settle
+    pending: list[finite.FiniteGuard] = []
+
+    def later(guard: finite.FiniteGuard) -> Any:
+        pending.append(guard)
+        return None
+
+    finite.FiniteGuard.settle = later  # type: ignore[method-assign]
+    original_watch = finite.FiniteGuard.watch
+
+    def watch(guard: finite.FiniteGuard, *args: Any) -> Any:
+        guard._pending = None  # noqa: SLF001 - the experiment drops the per-chunk read
+        return original_watch(guard, *args)
+
+    finite.FiniteGuard.watch = watch  # type: ignore[method-assign]
+    try:
+        step()
+        result["no_wait_wall_s"] = statistics.median(step() for _ in range(repeats))
+    finally:
+        finite.FiniteGuard.settle = settle  # type: ignore[method-assign]
+        finite.FiniteGuard.watch = original_watch  # type: ignore[method-assign]
+    result["s_per_1k"] = result["wall_s"] / (tokens * batch / 1024)
+    result["no_wait_s_per_1k"] = result["no_wait_wall_s"] / (tokens * batch / 1024)
+    print(json.dumps(result), flush=True)
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("cases", nargs="+", help="tokens:batch, e.g. 131072:1")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("host_gap.py: error: needs a CUDA device", file=sys.stderr)
+        return 2
+    report = {"environment": environment(torch.device("cuda")),
+              "cases": [run_case(c, args.repeats) for c in args.cases]}
+    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
