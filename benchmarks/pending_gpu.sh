@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -100,6 +100,24 @@ case "$PART" in
     done
     timeout 100 python benchmarks/profile_step.py prefill:3b:e2e:8192:4:compiled \
       --out "$OUT/profile_prefill_3b_8k_operands" | head -14 ;;
+  flash)  # speed issue: frozen TTT chunks through FlashAttention's window and the prefix
+    # blocks past their window as two batched cuDNN pieces (attention `pieces`): their CUDA
+    # tests, then 3b e2e prefill against the tree before them (.mid/src, made with
+    # `mkdir .mid && git archive d3fe354 src | tar -x -C .mid` and carried), full attention
+    # beside them (one card, one call)
+    timeout 100 python -m pytest -q -p no:warnings tests/test_ops_flash_window.py \
+      tests/test_ops_attention_pieces.py tests/test_ops_flex_chunk.py | tail -3
+    run() {  # NAME SRC SECONDS ARGS...: one bench process, its JSON copied to $OUT
+      local name=$1 src=$2 each=$3; shift 3
+      PYTHONPATH=$PWD/$src timeout "$each" python -m tttlm.cli bench prefill --preset 3b \
+        --compile compiled --repeats 2 --out "$SCRATCH/$name" "$@" | grep "^| [ef]" \
+        || echo "$name: exit $?"
+      cp "$SCRATCH/$name.json" "$OUT/" 2>/dev/null
+    }
+    run prefill_flash_3b_before .mid/src 130 --variants e2e --lengths 8192 131072 --paths model
+    run prefill_flash_3b_after src 190 --variants e2e --lengths 8192 32768 131072 --paths model
+    run prefill_flash_3b_pieces src 80 --variants e2e --lengths 131072 --attention pieces
+    run prefill_flash_3b_full src 110 --variants full --lengths 8192 131072 ;;
   prefill_small)  # speed issue: Engine.prefill of a small model (launch-bound per chunk), with
     # and without the engine's CUDA graphs (the inner step replayed once the caches are full)
     timeout 560 python -m tttlm.cli bench prefill --preset 125m --variants e2e \
@@ -173,7 +191,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

@@ -23,8 +23,10 @@ def _qkv(B: int, T: int, H: int, d: int, dtype: torch.dtype, device: str,
 
 # (B, T, H, d, window, block): whole blocks, a shorter last block, a block of one, a sequence
 # one past the window, several sequences.
+# Blocks as long as the window (two pieces, no M): whole ones, a shorter last one.
 CASES = [(2, 37, 3, 8, 12, 4), (1, 64, 2, 16, 16, 8), (2, 50, 1, 8, 12, 3),
-         (1, 25, 2, 8, 8, 4), (1, 13, 1, 8, 12, 6)]
+         (1, 25, 2, 8, 8, 4), (1, 13, 1, 8, 12, 6), (2, 48, 2, 8, 12, 12),
+         (1, 41, 3, 8, 8, 8), (1, 9, 1, 8, 8, 8)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
@@ -38,14 +40,16 @@ def test_pieces_equal_naive_float64(case: tuple[int, ...]) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pieces_in_bf16_err_like_naive_bf16(device: str) -> None:
-    """bf16 (what a GPU prefill runs): no further from fp32 naive than naive bf16 is, with a
-    margin (the merge rounds the pieces' outputs once more); head width 80, as the 3b preset."""
+@pytest.mark.parametrize("block", [16, 32])
+def test_pieces_in_bf16_err_like_naive_bf16(device: str, block: int) -> None:
+    """bf16 (what a GPU prefill runs, through cuDNN where it is): no further from fp32 naive
+    than naive bf16 is, with a margin (the merge rounds the pieces' outputs once more); head
+    width 80, as the 3b preset; blocks shorter than the window and as long as it."""
     q, k, v = _qkv(1, 96, 4, 80, torch.bfloat16, device, seed=5)
     pos = torch.arange(96, device=device)
     mask = window_mask(pos, pos, 32)
     ref = naive_attention(q.float(), k.float(), v.float(), mask)
-    got = window_attention_pieces(q, k, v, 32, 16)
+    got = window_attention_pieces(q, k, v, 32, block)
     base = naive_attention(q, k, v, mask)
     err = float((got.float() - ref).norm() / ref.norm())
     assert got.dtype == torch.bfloat16
@@ -57,7 +61,8 @@ def test_when_the_pieces_apply() -> None:
     assert pieces_can_run(q, 16, 8)
     assert not pieces_can_run(q, None, 8)  # no window
     assert not pieces_can_run(q, 40, 8)  # the sequence fits the window
-    assert not pieces_can_run(q, 16, 16)  # a block as long as the window
+    assert pieces_can_run(q, 16, 16)  # a block as long as the window: two pieces
+    assert not pieces_can_run(q, 16, 32)  # a block longer than the window
     assert not pieces_can_run(q, 16, 6)  # the window not a multiple of the block
     with torch.enable_grad():
         assert not pieces_can_run(q.requires_grad_(True), 16, 8)  # a gradient is wanted
