@@ -127,6 +127,9 @@ class AutoBackend(AttentionBackend):
         T = q.shape[1]
         if window is None or window >= T:
             return sdpa.causal_attention(q, k, v)
+        if pieces.cudnn_pieces_can_run(q, window):
+            assert window is not None
+            return pieces.window_attention_pieces(*common_dtype(q, k, v), window, window)
         if flex.flex_can_run(q) and flex.flex_shape_allowed(q, window):
             return flex.flex_window_attention(q, k, v, window)
         return sdpa.banded_attention(q, k, v, window, min(block, T))
