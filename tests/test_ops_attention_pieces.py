@@ -191,3 +191,19 @@ def test_chunk_pieces_gradients_on_cuda_bf16() -> None:
     for i, name in enumerate(("output", "dq", "dk", "dv")):
         ref = results["ref"][i]
         assert err(results["pieces"][i], ref) <= 2 * err(results["base"][i], ref) + 2e-3, name
+
+
+def test_auto_takes_the_cudnn_pieces_only_on_a_gpu_without_gradient() -> None:
+    """``auto``'s two-piece path for windowed whole sequences: CUDA, no gradient wanted, the
+    window shorter than the sequence; elsewhere it keeps flex / banded SDPA."""
+    from tttlm.ops.attention.pieces import cudnn_pieces_can_run
+
+    q = torch.zeros(1, 40, 2, 8, dtype=torch.bfloat16)
+    assert pieces_can_run(q, 16, 16)  # the CPU kernels would run them (tests)
+    assert not cudnn_pieces_can_run(q, 16)  # but auto does not on a CPU
+    assert not cudnn_pieces_can_run(q, None)
+    if torch.cuda.is_available():
+        g = q.cuda()
+        assert not cudnn_pieces_can_run(g, 40)  # the window covers the sequence
+        with torch.enable_grad():
+            assert not cudnn_pieces_can_run(g.requires_grad_(True), 16)

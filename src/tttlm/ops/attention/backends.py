@@ -108,15 +108,18 @@ class AutoBackend(AttentionBackend):
     """The fastest path for the device, chosen per call:
 
     * sequence, no window (or one as long as the sequence): SDPA with ``is_causal`` (flash on
-      GPU); a shorter window: ``flex_attention`` on CUDA (head dim >= 16, a bounded number of
-      shapes), banded SDPA elsewhere;
+      GPU); a shorter window: without a gradient on CUDA, two batched cuDNN pieces per
+      sequence merged by log-sum-exp (:func:`~tttlm.ops.attention.pieces.cudnn_pieces_can_run`);
+      else ``flex_attention`` on CUDA (head dim >= 16, a bounded number of shapes), banded
+      SDPA elsewhere;
     * chunk: without an outer gradient (frozen cached keys: prefill, evaluation), kernels with
-      a first-order backward: SDPA with a lower-right causal bias while the keys fit the
-      window, ``flex_attention`` with a block mask once the cache is full (CUDA); chunks that
+      a first-order backward (:func:`first_order_chunk`): FlashAttention's sliding window in
+      fp16/bf16 on CUDA; otherwise SDPA with a lower-right causal bias while the keys fit the
+      window, ``flex_attention`` with a block mask once the cache is full; chunks that
       meta-training differentiates twice, the Triton kernel on CUDA (fp16, bf16, fp32) when
       Triton is installed; the naive reference elsewhere. (Measured on one H200, 3b e2e
-      prefill: 7.7% faster than the Triton kernel at 8K x 16 and 10.5% at 128K,
-      ``benchmarks/results/prefill_speed_3b.md``.)
+      prefill at 128K: 0.0490 -> 0.0410 s per 1K tokens against flex for both,
+      ``benchmarks/results/prefill_flash_3b.md``.)
     * decode: two matmuls for one query, SDPA with the mask for several.
     """
 
@@ -195,15 +198,12 @@ class FirstOrderBackend(AutoBackend):
 
 
 class PiecesBackend(AutoBackend):
-    """As ``auto``, but where it would take ``flex_attention`` (which pads a head width
-    of 80 to 128 in its tiles), SDPA pieces merged by log-sum-exp
-    (:mod:`tttlm.ops.attention.pieces`: FlashAttention's kernels, a template for 96): windowed
-    whole sequences that take no gradient (the prefix blocks of a prefill or an evaluation
-    longer than their window), and TTT chunks over a full, frozen cache (first-order backward).
-    With a gradient through whole sequences, or a gradient of a gradient, as ``auto``.
-    Measured slower than ``auto`` on one H200 (3b e2e prefill at 128K: 0.0531 against 0.0471
-    s per 1K tokens, ``benchmarks/results/prefill_speed_3b.md``): kept opt-in, for other
-    head widths and cards."""
+    """As ``auto``, with the pieces of :mod:`tttlm.ops.attention.pieces` wherever they apply:
+    windowed whole sequences that take no gradient on any device (through FlashAttention on a
+    GPU without cuDNN's attention, the CPU kernels in tests), and TTT chunks over a full,
+    frozen cache as three FlashAttention pieces (first-order backward) where the flash window
+    of ``auto`` does not run (an older torch). With a gradient through whole sequences, or a
+    gradient of a gradient, as ``auto``."""
 
     name = "pieces"
 
