@@ -29,11 +29,11 @@ def _has_window() -> bool:
 
 
 def flash_window_can_run(q: torch.Tensor) -> bool:
-    """CUDA tensors in fp16/bf16 with a head width FlashAttention takes, on a torch whose op
-    has the window."""
+    """CUDA tensors in fp16/bf16 with a head width FlashAttention takes, on a card it runs
+    on (compute capability 8.0 or later) and a torch whose op has the window."""
     d = q.shape[-1]
     return (q.is_cuda and q.dtype in FLASH_DTYPES and d % 8 == 0 and d <= 256
-            and _has_window())
+            and _has_window() and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def flash_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

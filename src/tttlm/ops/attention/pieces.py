@@ -39,8 +39,8 @@ import torch.nn.functional as F
 
 def pieces_can_run(q: torch.Tensor, window: int | None, block: int) -> bool:
     """Whether :func:`window_attention_pieces` applies: no gradient is taken, the sequence
-    is longer than the window, the window a multiple of a shorter block, and (on CUDA) a dtype
-    and head width FlashAttention takes."""
+    is longer than the window, the window a multiple of a block no longer than it, and (on
+    CUDA) a dtype and head width FlashAttention takes."""
     T, d = q.shape[1], q.shape[-1]
     if window is None or window >= T or block < 1 or block > window or window % block:
         return False
@@ -53,11 +53,18 @@ def pieces_can_run(q: torch.Tensor, window: int | None, block: int) -> bool:
 
 def cudnn_pieces_can_run(q: torch.Tensor, window: int | None) -> bool:
     """Whether whole sequences take the two batched pieces through cuDNN (blocks as long as
-    the window): no gradient wanted, on a GPU whose torch has cuDNN's attention enabled.
+    the window): no gradient wanted, on a GPU of compute capability 8.0 or later whose torch
+    has cuDNN's attention enabled, heads no wider than 128 (where cuDNN's kernels are sure).
     Measured on one H200 at 3b (``benchmarks/results/prefill_flash_3b.md``): a 128K prefill
     0.0410 s per 1K tokens against 0.0440 with ``flex_attention`` there."""
-    return (q.is_cuda and window is not None and pieces_can_run(q, window, window)
-            and _cudnn_available())
+    return window is not None and pieces_can_run(q, window, window) and _cudnn_fits(q)
+
+
+def _cudnn_fits(q: torch.Tensor) -> bool:
+    """A CUDA tensor cuDNN's attention takes: compute capability 8.0 or later, heads no wider
+    than 128, cuDNN's attention enabled in this torch."""
+    return (q.is_cuda and q.shape[-1] <= 128 and _cudnn_available()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def _piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -66,7 +73,7 @@ def _piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     the rows' log-sum-exp ``[N, H, n]`` (fp32; natural log of the scaled scores). Forward
     only: on a GPU through cuDNN where this torch has it (its Hopper kernels run 1.6x
     FlashAttention's at 3b's head width of 80), else FlashAttention."""
-    if q.is_cuda and _cudnn_available():
+    if _cudnn_fits(q):
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False)[:2]
         return out, lse.reshape(out.shape[:-1])
