@@ -8,8 +8,9 @@ backward (first order), no mask in memory and no layout change: the op reads ``[
 as the blocks produce it. Measured on one H200 at 3b's heads (32 × 80, window 8192, chunks of
 1024; ``benchmarks/attention_window.py``): forward and backward of one chunk 1.53 ms against
 flex_attention's 2.11 (full cache, one sequence) and 0.91 against SDPA's lower-right causal
-bias 1.16 (half-full cache). Whole sequences keep flex_attention, faster there (40 against
-48 ms for 128K tokens).
+bias 1.16 (half-full cache). Not for whole sequences: there the window ran slower than
+flex_attention (48 against 40 ms for 128K tokens), and ``auto`` runs them as two cuDNN pieces
+(:mod:`tttlm.ops.attention.pieces`).
 """
 
 from __future__ import annotations
