@@ -210,3 +210,40 @@ def test_decoding_under_bf16_autocast_runs_and_agrees() -> None:
     assert _torch.isfinite(low.float()).all()
     # bf16 matmuls: agreement to about 1e-2 of the logit scale, not bitwise.
     assert (low.float() - ref).abs().max() < 5e-2 * ref.abs().max() + 5e-2
+
+
+def test_rings_under_bf16_autocast_are_bf16_and_change_no_bit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast a new state's key/value rings are bf16 (the dtype the blocks
+    compute in) instead of the fp32 weights' dtype: half the bytes, and attention reads them
+    in bf16 either way, so prefill, learning while decoding and decoding give the same logits
+    to the last bit as with fp32 rings. Read without autocast, such a state still runs."""
+    from tttlm import TTTConfig, TTTForCausalLM
+    from tttlm.inference import Engine
+
+    torch.manual_seed(0)
+    model = TTTForCausalLM(TTTConfig.from_preset("tiny"))
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for ring in ("compute", torch.float32):
+        engine = Engine(model)
+        if ring != "compute":
+            monkeypatch.setattr(engine, "_cache_dtype", lambda: torch.float32)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, state = engine.prefill(x[:, :70])
+            steps = [logits]
+            for t in range(70, 100):  # past a chunk boundary: the inner step runs too
+                logits, state = engine.step(state, x[:, t])
+                steps.append(logits)
+        runs[ring] = (steps, state)
+    (new, new_state), (old, old_state) = runs["compute"], runs[torch.float32]
+    assert new_state.prefix_keys[0].dtype == torch.bfloat16
+    assert new_state.ttt_keys[0].dtype == torch.bfloat16
+    assert old_state.prefix_keys[0].dtype == torch.float32
+    for a, e in zip(new, old, strict=True):
+        assert torch.equal(a, e)
+    for a, e in zip(new_state.fast, old_state.fast, strict=True):
+        assert torch.equal(a, e)
+    with torch.inference_mode():  # a bf16-ring state read by an fp32 model without autocast
+        logits, _ = Engine(model).step(new_state, x[:, -1])
+    assert torch.isfinite(logits).all()

@@ -79,12 +79,13 @@ class _Control(NamedTuple):
     rows: torch.Tensor | None  # [R]
 
 
-def _buffers(state: State) -> tuple[tuple[int, tuple[int, ...]], ...]:
-    """Where a state's tensors are and their shapes: what a captured graph was made for (a
-    graph keeps no tensor alive, so another state may come to lie at the same addresses;
-    with the same shapes it is served right)."""
+def _buffers(state: State) -> tuple[tuple[int, tuple[int, ...], torch.dtype], ...]:
+    """Where a state's tensors are, their shapes and dtypes: what a captured graph was made
+    for (a graph keeps no tensor alive, so another state may come to lie at the same
+    addresses; with the same shapes and dtypes it is served right; rings are in the dtype
+    the state was made under)."""
     tensors = [*state._tensors().values(), *state.ttt_keys_rope, *(state.fast_cast or [])]
-    return tuple((t.data_ptr(), tuple(t.shape)) for t in tensors)
+    return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors)
 
 
 Out = TypeVar("Out")
@@ -328,6 +329,18 @@ class Engine:
     def _fast_dtype(self) -> torch.dtype:
         return torch.float64 if self._param.dtype == torch.float64 else torch.float32
 
+    def _cache_dtype(self) -> torch.dtype:
+        """The dtype of a new state's key/value rings: the one the blocks compute in
+        (autocast's where it is on, as the model's own prefill keeps its caches). Attention
+        reads the keys and values in that dtype anyway, so the results are the same to the
+        last bit as with rings in the weights' dtype, at half their bytes under bf16 autocast
+        of fp32 weights (3b at 8K: about 8 GB a sequence in fp32)."""
+        p = self._param
+        device = p.device.type
+        if p.dtype != torch.float64 and torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return p.dtype
+
     def _local_rope(self) -> tuple[torch.Tensor, ...]:
         """RoPE tables of the TTT blocks' local positions ``0 .. k+b-1`` (built once)."""
         key = (self._param.device, self._param.dtype)
@@ -358,18 +371,20 @@ class Engine:
 
     # ----------------------------------------------------------------------------- state
     def new_state(self, batch: int = 1) -> State:
-        """The state of ``batch`` sequences that have read nothing yet."""
+        """The state of ``batch`` sequences that have read nothing yet; its key/value rings in
+        the dtype the blocks compute in here (under bf16 autocast: bf16)."""
         if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
             raise UserError(f"batch={batch!r} must be a positive integer (one state row per "
                             "sequence)")
         config, p = self.config, self._param
+        ring_dtype = self._cache_dtype()
         H, d = config.num_kv_heads, config.head_dim  # caches keep only the KV heads
         # (a TTT-KVB block attends to nothing: an empty ring keeps the lists aligned)
         caps = [0 if i in self.mixer_slots else self.chunk if w is None else w + self.chunk
                 for i, w in enumerate(self.layer_windows)]
 
         def zeros(slots: int) -> torch.Tensor:
-            return torch.zeros(batch, H, slots, d, device=p.device, dtype=p.dtype)
+            return torch.zeros(batch, H, slots, d, device=p.device, dtype=ring_dtype)
 
         state = State(lengths=[0] * batch, chunks_done=[0] * batch,
                       prefix_keys=[zeros(c) for c in caps],

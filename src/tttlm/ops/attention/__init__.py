@@ -43,6 +43,7 @@ from collections.abc import Iterator
 
 import torch
 
+from tttlm.ops.attention._common import common_dtype
 from tttlm.ops.attention.backends import (
     AttentionBackend,
     AutoBackend,
@@ -179,5 +180,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Several queries (prefill, the inner step) use SDPA, which never materialises ``[n, C]``
     scores.
     """
-    k, v = expand_kv_heads(q, k, v, 1)
+    # One dtype (autocast's where it is on): a state's rings may be narrower than q
+    # (made under autocast, read without it).
+    q, k, v = common_dtype(q, *expand_kv_heads(q, k, v, 1))
     return _REGISTRY[_active].decode(q, k, v, mask)
