@@ -247,3 +247,24 @@ def test_rings_under_bf16_autocast_are_bf16_and_change_no_bit(
     with torch.inference_mode():  # a bf16-ring state read by an fp32 model without autocast
         logits, _ = Engine(model).step(new_state, x[:, -1])
     assert torch.isfinite(logits).all()
+
+
+def test_a_session_made_under_autocast_reloads_and_continues_bit_for_bit(
+        tmp_path: Path) -> None:
+    """A state with bf16 rings (made under autocast) saved and loaded (its rings come back in
+    the weights' dtype) continues with the same logits as the state that stayed in memory."""
+    from tttlm import TTTConfig, TTTForCausalLM
+    from tttlm.inference import Engine, State
+
+    torch.manual_seed(0)
+    model = TTTForCausalLM(TTTConfig.from_preset("tiny"))
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(2))
+    engine = Engine(model)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, state = engine.prefill(x[:, :70])
+        assert state.prefix_keys[0].dtype == torch.bfloat16
+        state.save(tmp_path / "session")
+        kept, _ = engine.step(state, x[:, 70])
+        loaded = State.load(tmp_path / "session", model)
+        again, _ = engine.step(loaded, x[:, 70])
+    assert torch.equal(kept, again)
