@@ -10,8 +10,8 @@ as ``tttlm bench prefill`` runs it) after two warm-up steps, one step is timed w
 * the time the host spent waiting in the test-time finiteness check (``FiniteGuard.settle``,
   which reads the previous update's flag once the next chunk's first block is queued);
 
-then the same step again with the check read at the end of the forward only (``--no-wait``
-variant: the flag is still copied per chunk; only the wait moves), so the cost of the
+then the same step again with the check read at the end of the forward only (``no_wait_*``
+in the report: the flag is still copied per chunk; only the wait moves), so the cost of the
 per-chunk wait is measured, not guessed. CUDA only.
 """
 

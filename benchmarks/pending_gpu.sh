@@ -110,8 +110,9 @@ case "$PART" in
     run() {  # NAME SRC SECONDS ARGS...: one bench process, its JSON copied to $OUT
       local name=$1 src=$2 each=$3; shift 3
       PYTHONPATH=$PWD/$src timeout "$each" python -m tttlm.cli bench prefill --preset 3b \
-        --compile compiled --repeats 2 --out "$SCRATCH/$name" "$@" | grep "^| [ef]" \
+        --compile compiled --repeats 2 --out "$SCRATCH/$name" "$@" > /dev/null \
         || echo "$name: exit $?"
+      grep "^| [ef]" "$SCRATCH/$name.md" 2>/dev/null
       cp "$SCRATCH/$name.json" "$OUT/" 2>/dev/null
     }
     run prefill_flash_3b_before .mid/src 130 --variants e2e --lengths 8192 131072 --paths model

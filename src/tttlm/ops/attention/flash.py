@@ -6,7 +6,7 @@ mask at the bottom right when there are fewer queries than keys: exactly a chunk
 keys last), whether or not a cached key has left the window. One launch forward, one
 backward (first order), no mask in memory and no layout change: the op reads ``[B, T, H, d]``
 as the blocks produce it. Measured on one H200 at 3b's heads (32 × 80, window 8192, chunks of
-1024; ``benchmarks/attention_window.py``): forward and backward of one chunk 1.53 ms against
+1024; ``benchmarks/attention_window.py``): forward and backward of one chunk 1.52 ms against
 flex_attention's 2.11 (full cache, one sequence) and 0.91 against SDPA's lower-right causal
 bias 1.16 (half-full cache). Not for whole sequences: there the window ran slower than
 flex_attention (48 against 40 ms for 128K tokens), and ``auto`` runs them as two cuDNN pieces
@@ -31,10 +31,12 @@ def _has_window() -> bool:
 
 def flash_window_can_run(q: torch.Tensor) -> bool:
     """CUDA tensors in fp16/bf16 with a head width FlashAttention takes, on a card it runs
-    on (compute capability 8.0 or later) and a torch whose op has the window."""
+    on (compute capability 8.0 or later), a torch whose op has the window, and SDPA's flash
+    switch on (``sdpa_kernel`` / ``enable_flash_sdp`` turn this path off too)."""
     d = q.shape[-1]
     return (q.is_cuda and q.dtype in FLASH_DTYPES and d % 8 == 0 and d <= 256
-            and _has_window() and torch.cuda.get_device_capability(q.device) >= (8, 0))
+            and _has_window() and torch.backends.cuda.flash_sdp_enabled()
+            and torch.cuda.get_device_capability(q.device) >= (8, 0))
 
 
 def flash_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -82,11 +82,16 @@ def _piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 @functools.cache
-def _cudnn_available() -> bool:
-    """Whether cuDNN's attention is there and enabled (``torch.backends.cuda``)."""
+def _cudnn_built() -> bool:
+    """Whether this torch has cuDNN and its attention op."""
     return (hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention")
-            and torch.backends.cudnn.is_available()
-            and torch.backends.cuda.cudnn_sdp_enabled())
+            and torch.backends.cudnn.is_available())
+
+
+def _cudnn_available() -> bool:
+    """Whether cuDNN's attention is there and enabled now (``torch.backends.cuda``'s
+    switch, which ``sdpa_kernel`` and ``enable_cudnn_sdp`` set, is read at every call)."""
+    return _cudnn_built() and torch.backends.cuda.cudnn_sdp_enabled()
 
 
 def _piece_with_aux(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
