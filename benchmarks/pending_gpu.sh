@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -100,6 +100,20 @@ case "$PART" in
     done
     timeout 100 python benchmarks/profile_step.py prefill:3b:e2e:8192:4:compiled \
       --out "$OUT/profile_prefill_3b_8k_operands" | head -14 ;;
+  cudnn_chunks)  # speed issue: frozen TTT chunks as cuDNN pieces merged by log-sum-exp
+    # (attention `pieces`) against FlashAttention's window (`auto`): their CUDA tests, the
+    # kernels side by side, then 3b e2e prefill through both (one card, one call)
+    timeout 120 python -m pytest -q -p no:warnings tests/test_ops_flash_window.py \
+      tests/test_ops_attention_pieces.py | tail -3
+    timeout 100 python benchmarks/attention_window.py --out "$OUT/attention_window_cudnn" \
+      | grep -v '^ *"' || echo "attention_window: exit $?"
+    for att in auto pieces; do
+      timeout 170 python -m tttlm.cli bench prefill --preset 3b --compile compiled \
+        --repeats 2 --variants e2e --lengths 8192 131072 --paths model --attention "$att" \
+        --out "$SCRATCH/prefill_cudnn_chunks_$att" > /dev/null || echo "$att: exit $?"
+      grep "^| [ef]" "$SCRATCH/prefill_cudnn_chunks_$att.md" 2>/dev/null
+      cp "$SCRATCH/prefill_cudnn_chunks_$att.json" "$OUT/" 2>/dev/null
+    done ;;
   flash)  # speed issue: frozen TTT chunks through FlashAttention's window and the prefix
     # blocks past their window as two batched cuDNN pieces (attention `pieces`): their CUDA
     # tests, then 3b e2e prefill against the tree before them (.mid/src, made with
@@ -192,7 +206,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

@@ -4,6 +4,8 @@ against the naive reference — whole sequences (forward) and TTT chunks over a 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -91,10 +93,11 @@ def test_backend_prefills_like_auto_and_trains_like_auto(
         with attention_backend("pieces"):
             got = model(x, y, return_logits=True)
     assert len(calls) == model.config.num_prefix_layers
-    # e2e: the TTT chunks after the cache fills (window 12, chunks of 4: 7 of 10 chunks),
-    # through the inner steps' gradients too (the logits follow the fast weights)
+    # e2e: every TTT chunk with a cache (window 12, chunks of 4: 9 of 10 chunks; the caches
+    # of 4 and 8 keys leave none out, the rest are full), through the inner steps'
+    # gradients too (the logits follow the fast weights)
     ttt = model.config.num_ttt_layers if variant == "e2e" else 0
-    assert len(chunk_calls) == 7 * ttt
+    assert len(chunk_calls) == 9 * ttt
     assert_close(got.logits, ref.logits, atol=1e-10)
     calls.clear()
     chunk_calls.clear()
@@ -144,6 +147,42 @@ def test_chunk_pieces_equal_naive_with_gradients_float64(case: tuple[int, ...]) 
     for name, a, e in zip("kv", have[1:], want[1:]):
         assert_close(a[:, window:], e[:, window:], atol=1e-12, name=f"d{name} of the chunk")
         assert not a[:, :window].any(), f"d{name} of the frozen cache must be zero"
+
+
+# (B, c, H, d, window or None, past): caches that leave no key out of the window (two
+# pieces: the cache unmasked, the chunk causal), and ones that do not qualify.
+FILLING_CASES = [(2, 4, 3, 8, 12, 4), (1, 5, 2, 16, 20, 15), (2, 3, 1, 8, None, 7),
+                 (1, 1, 2, 8, 5, 4)]
+
+
+@pytest.mark.parametrize("case", FILLING_CASES, ids=[str(c) for c in FILLING_CASES])
+def test_chunk_pieces_over_a_filling_cache_equal_naive_float64(case: tuple[Any, ...]) -> None:
+    from tttlm.ops.attention.pieces import chunk_attention_pieces, chunk_pieces_can_run
+
+    B, c, H, d, window, past = case
+    g = torch.Generator().manual_seed(c + past)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randn(B, n, H, d, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    q, k, v = rand(c), rand(past + c), rand(past + c)
+    q_pos = torch.arange(past, past + c)
+    k_pos = torch.arange(past + c)
+    assert chunk_pieces_can_run(q, k, window, frozen_keys=past)
+    assert not chunk_pieces_can_run(q, k, window, frozen_keys=past - 1)  # not all frozen
+    if window is not None and c > 1:  # the window's edge cuts a cache that is not full
+        cut = torch.zeros(B, window - 1 + c, H, d, dtype=torch.float64)
+        assert not chunk_pieces_can_run(q, cut, window, frozen_keys=window - 1)
+    ref = naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
+    got = chunk_attention_pieces(q, k, v, window)
+    assert_close(got, ref, atol=1e-12, name="output")
+    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(ref, (q, k, v), do)
+    have = torch.autograd.grad(got, (q, k, v), do)
+    assert_close(have[0], want[0], atol=1e-12, name="dq")
+    for name, a, e in zip("kv", have[1:], want[1:]):
+        assert_close(a[:, past:], e[:, past:], atol=1e-12, name=f"d{name} of the chunk")
+        assert not a[:, :past].any(), f"d{name} of the frozen cache must be zero"
 
 
 @pytest.mark.parametrize("device", DEVICES)

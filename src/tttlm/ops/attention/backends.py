@@ -210,9 +210,7 @@ class PiecesBackend(AutoBackend):
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
               frozen_keys: int = 0) -> torch.Tensor:
-        if (pieces.chunk_pieces_can_run(q, k, window, frozen_keys)
-                and not flash.flash_window_can_run(common_dtype(q)[0])):
-            assert window is not None
+        if pieces.chunk_pieces_can_run(q, k, window, frozen_keys):
             return pieces.chunk_attention_pieces(*common_dtype(q, k, v), window)
         return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
 

@@ -70,13 +70,9 @@ def _cudnn_fits(q: torch.Tensor) -> bool:
 def _piece(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
            causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [N, H, n, d]`` over ``k, v [N, H, m, d]`` (causal: square, n == m): the output and
-    the rows' log-sum-exp ``[N, H, n]`` (fp32; natural log of the scaled scores). Forward
-    only: on a GPU through cuDNN where this torch has it (its Hopper kernels run 1.6x
-    FlashAttention's at 3b's head width of 80), else FlashAttention."""
-    if _cudnn_fits(q):
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, causal, False)[:2]
-        return out, lse.reshape(out.shape[:-1])
+    the rows' log-sum-exp ``[N, H, n]`` (fp32; natural log of the scaled scores). On a GPU
+    through cuDNN where this torch has it (its Hopper kernels run 1.6x FlashAttention's at
+    3b's head width of 80), else FlashAttention; the CPU's kernels on a CPU."""
     out, lse, _ = _piece_with_aux(q, k, v, causal)
     return out, lse
 
@@ -96,16 +92,22 @@ def _cudnn_available() -> bool:
 
 def _piece_with_aux(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[Any, ...]]:
-    """:func:`_piece` and what the CUDA backward needs besides (sequence offsets, lengths,
-    random state: unused without dropout, passed back as the kernel gave them)."""
-    if q.is_cuda:
+    """:func:`_piece` and what its backward needs besides: which kernel ran, and (CUDA)
+    sequence offsets, lengths, random state (unused without dropout, passed back as the
+    kernel gave them) and the log-sum-exp's own shape."""
+    if _cudnn_fits(q):
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
+            torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0,
+                                                               causal, False))
+        aux: tuple[Any, ...] = ("cudnn", cum_q, cum_k, max_q, max_k, seed, offset, lse.shape)
+    elif q.is_cuda:
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = (
             torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal))
-        aux: tuple[Any, ...] = (cum_q, cum_k, max_q, max_k, seed, offset)
+        aux = ("flash", cum_q, cum_k, max_q, max_k, seed, offset)
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0,
                                                                               causal)
-        aux = ()
+        aux = ("cpu",)
     return out, lse[..., :q.shape[2]].reshape(out.shape[:-1]), aux
 
 
@@ -113,9 +115,16 @@ def _piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
                     out: torch.Tensor, lse: torch.Tensor, causal: bool, aux: tuple[Any, ...]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The piece's share of dq, dk, dv given the *merged* ``out`` and ``lse`` (its
-    probabilities are then the union's, restricted to its keys)."""
-    if q.is_cuda:
-        cum_q, cum_k, max_q, max_k, seed, offset = aux
+    probabilities are then the union's, restricted to its keys), through the kernel family
+    its forward ran in."""
+    kind = aux[0]
+    if kind == "cudnn":
+        cum_q, cum_k, max_q, max_k, seed, offset, lse_shape = aux[1:]
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse.reshape(lse_shape), seed, offset, None, cum_q, cum_k,
+            max_q, max_k, 0.0, causal)
+    if kind == "flash":
+        cum_q, cum_k, max_q, max_k, seed, offset = aux[1:]
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -189,35 +198,54 @@ def window_attention_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
 
 def chunk_pieces_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
                          frozen_keys: int) -> bool:
-    """Whether :func:`chunk_attention_pieces` applies: a chunk of ``c`` queries after a full,
-    frozen cache of ``window`` keys (``k`` = cache ⊕ chunk, ``window > c``), a first-order
-    gradient at most, and (on CUDA) a dtype and head width FlashAttention takes."""
+    """Whether :func:`chunk_attention_pieces` applies: a chunk of ``c`` queries after a
+    frozen cache of ``frozen_keys`` keys (``k`` = cache ⊕ chunk) that is either full
+    (``window`` keys, ``window > c``) or leaves no key out of the window (cache + chunk
+    ``<= window``, or no window); a first-order gradient at most; and (on CUDA) a dtype and
+    head width FlashAttention takes."""
     c, d = q.shape[1], q.shape[-1]
-    if window is None or c >= window or frozen_keys != window or k.shape[1] != window + c:
+    past = k.shape[1] - c
+    if frozen_keys <= 0 or frozen_keys != past:
+        return False
+    if window is not None and past + c > window and not (past == window and c < window):
         return False
     if q.is_cuda:
         return q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
     return q.device.type == "cpu"
 
 
+def cudnn_chunk_pieces_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
+                               frozen_keys: int) -> bool:
+    """:func:`chunk_pieces_can_run` where the pieces run through cuDNN (see
+    :func:`cudnn_pieces_can_run`)."""
+    return chunk_pieces_can_run(q, k, window, frozen_keys) and _cudnn_fits(q)
+
+
 def chunk_attention_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           window: int) -> torch.Tensor:
-    """A TTT chunk ``q [B, c, H, d]`` at positions ``s .. s+c-1`` over ``k, v [B, W+c, H, d]``
-    (the cache at ``s-W .. s-1``, then the chunk), query ``s+i`` seeing keys
-    ``(s+i-W, s+i]``: the pieces ``A`` (cache rows ``1 .. c``), ``M`` (rows ``c+1 .. W-1``)
-    and ``C`` (the chunk's own keys, causal), merged. Differentiable once; the cache's keys
-    and values get zero gradients (they are frozen: see :func:`chunk_pieces_can_run`)."""
+                           window: int | None) -> torch.Tensor:
+    """A TTT chunk ``q [B, c, H, d]`` over ``k, v [B, P+c, H, d]`` (a frozen cache of ``P``
+    keys, then the chunk's own), query ``i`` seeing keys ``(P+i-window, P+i]``, as pieces
+    merged by log-sum-exp: ``C`` (the chunk's own keys, causal) and, over a full cache
+    (``P = window``), ``A`` (cache rows ``1 .. c``) and ``M`` (rows ``c+1 .. W-1``); over a
+    cache that leaves no key out of the window, ``M`` is the whole cache. Differentiable
+    once; the cache's keys and values get zero gradients (they are frozen: see
+    :func:`chunk_pieces_can_run`)."""
     return _ChunkPieces.apply(q, k, v, window)
 
 
-def _chunk_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
+def _chunk_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
                     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool, bool]]:
     """Per piece: heads-first q, k, v, whether causal, whether reversed (A). The first is C,
     the chunk's own keys (the only ones whose gradient is taken)."""
-    W, c = window, q.shape[1]
+    c = q.shape[1]
+    P = k.shape[1] - c
     qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, n, d] views
-    parts = [(qh, kh[:, :, W:], vh[:, :, W:], True, False),
-             (qh.flip(2), kh[:, :, 1:c + 1].flip(2), vh[:, :, 1:c + 1].flip(2), True, True)]
+    parts = [(qh, kh[:, :, P:], vh[:, :, P:], True, False)]
+    if window is None or P + c <= window:  # no cached key leaves the window
+        parts.append((qh, kh[:, :, :P], vh[:, :, :P], False, False))
+        return parts
+    W = window
+    parts.append((qh.flip(2), kh[:, :, 1:c + 1].flip(2), vh[:, :, 1:c + 1].flip(2), True, True))
     if W - c - 1 > 0:
         parts.append((qh, kh[:, :, c + 1:W], vh[:, :, c + 1:W], False, False))
     return parts
@@ -226,7 +254,7 @@ def _chunk_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
 class _ChunkPieces(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                window: int) -> torch.Tensor:
+                window: int | None) -> torch.Tensor:
         parts = _chunk_operands(q, k, v, window)
         results, auxes = [], []
         for pq, pk, pv, causal, reverse in parts:
@@ -244,12 +272,12 @@ class _ChunkPieces(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        W = ctx.window
+        P = k.shape[1] - q.shape[1]
         dout = grad.transpose(1, 2)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         dq = torch.zeros(q.shape, dtype=acc, device=q.device).transpose(1, 2)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        parts = _chunk_operands(q, k, v, W)
+        parts = _chunk_operands(q, k, v, ctx.window)
         for i, ((pq, pk, pv, causal, reverse), aux) in enumerate(
                 zip(parts, ctx.auxes, strict=True)):
             o, l_, g = ((out.flip(2), lse.flip(2), dout.flip(2)) if reverse
@@ -257,6 +285,6 @@ class _ChunkPieces(torch.autograd.Function):
             gq, gk, gv = _piece_backward(g, pq, pk, pv, o, l_, causal, aux)
             dq += gq.flip(2) if reverse else gq
             if i == 0:  # C: the chunk's own keys; the cache's (A, M) are frozen
-                dk[:, W:] = gk.transpose(1, 2)
-                dv[:, W:] = gv.transpose(1, 2)
+                dk[:, P:] = gk.transpose(1, 2)
+                dv[:, P:] = gv.transpose(1, 2)
         return dq.transpose(1, 2).to(q.dtype), dk, dv, None
