@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -114,6 +114,18 @@ case "$PART" in
       grep "^| [ef]" "$SCRATCH/prefill_cudnn_chunks_$att.md" 2>/dev/null
       cp "$SCRATCH/prefill_cudnn_chunks_$att.json" "$OUT/" 2>/dev/null
     done ;;
+  graphs)  # speed issue: the steady-state TTT chunk replayed as a CUDA graph
+    # (TTTForCausalLM.graph_chunks, `--compile graphed`) against launching its kernels, with
+    # the chunks' attention as FlashAttention's window (auto) and as cuDNN pieces (pieces), for
+    # the scoring forward and Engine.prefill (one card, one call)
+    timeout 150 python -m pytest -q -p no:warnings tests/test_model_chunk_graph.py \
+      tests/test_inference_graphs.py | tail -3
+    timeout 420 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 32768 131072 --compile compiled graphed --attention auto pieces \
+      --paths model --repeats 2 --out "$SCRATCH/prefill_graphs_3b" > /dev/null \
+      || echo "bench: exit $?"
+    grep "^| e" "$SCRATCH/prefill_graphs_3b.md" 2>/dev/null
+    cp "$SCRATCH/prefill_graphs_3b.json" "$OUT/" 2>/dev/null ;;
   flash)  # speed issue: frozen TTT chunks through FlashAttention's window and the prefix
     # blocks past their window as two batched cuDNN pieces (attention `pieces`): their CUDA
     # tests, then 3b e2e prefill against the tree before them (.mid/src, made with
@@ -206,7 +218,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

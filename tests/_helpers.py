@@ -110,8 +110,8 @@ def stand_in_cuda_graphs(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
         captured.append(("capture",))
         return run
 
-    monkeypatch.setattr(engine_module, "_can_capture", lambda device: True)
-    monkeypatch.setattr(engine_module, "_capture", capture)
+    monkeypatch.setattr(engine_module, "can_capture", lambda device: True)
+    monkeypatch.setattr(engine_module, "capture", capture)
     return captured
 
 

@@ -148,3 +148,23 @@ def test_prefill_times_the_engine_with_and_without_its_graphs(tmp_path: Path) ->
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["path"] for r in rows] == ["engine", "engine-graphs"]
     assert all("error" not in r and r["s_median"] > 0 for r in rows)
+
+
+def test_prefill_graphed_blocks_replay_the_steady_chunks(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--compile graphed``: compiled blocks with the TTT chunks over full caches replayed as
+    a graph (on a CPU its buffers run eagerly: the route, not the speed)."""
+    from tttlm.model.cuda_graph import ChunkGraph
+
+    steps = []
+    step = ChunkGraph.step
+    monkeypatch.setattr(ChunkGraph, "step", lambda self, *a: steps.append(1) or step(self, *a))
+    out = tmp_path / "report"
+    assert main(["bench", "prefill", "--preset", "tiny", "--lengths", "256", "--batch", "1",
+                 "--variants", "e2e", "--compile", "graphed", "--device", "cpu",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["blocks"] for r in rows] == ["graphed"]
+    assert all("error" not in r and r["s_median"] > 0 for r in rows)
+    # tiny: window 64, chunks of 32: chunks 2-6 of each run (warm-up, timed) are replayed
+    assert steps and len(steps) % 5 == 0

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tttlm.bench.names import PREFILL_COLUMNS, STEP_MODES, TRAIN_COLUMNS
+from tttlm.bench.names import BLOCK_MODES, PREFILL_COLUMNS, STEP_MODES, TRAIN_COLUMNS
 from tttlm.errors import UserError
 from tttlm.options import group_size, ttt_group
 
@@ -100,8 +100,11 @@ def add_parser(subparsers: Any) -> None:
                    help="sequences per step (default: --tokens-per-step / length, at least 1)")
     p.add_argument("--tokens-per-step", type=int, default=131072,
                    help="tokens per step when --batch is not given (the paper's 128K)")
-    p.add_argument("--compile", nargs="+", default=["eager"], choices=["eager", "compiled"],
-                   help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks)")
+    p.add_argument("--compile", nargs="+", default=["eager"],
+                   choices=["eager", "compiled", "graphed"],
+                   help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks); "
+                        "graphed: compiled, and the TTT chunks over full caches replayed as a "
+                        "CUDA graph (TTTForCausalLM.graph_chunks)")
     p.add_argument("--paths", nargs="+", default=["model"],
                    choices=["model", "engine", "engine-graphs"],
                    help="the scoring forward pass (model) and/or Engine.prefill (engine; "
@@ -172,7 +175,7 @@ def run_prefill(args: argparse.Namespace) -> int:
     rows = bench_prefill(device, preset=args.preset, variants=tuple(args.variants),
                          lengths=tuple(args.lengths), batch=args.batch,
                          tokens_per_step=args.tokens_per_step, repeats=args.repeats,
-                         compile_modes=tuple(m == "compiled" for m in args.compile),
+                         compile_modes=tuple(BLOCK_MODES[m] for m in args.compile),
                          paths=tuple(args.paths), attention=tuple(args.attention),
                          ttt_groups=tuple(group_size(g) for g in args.ttt_groups))
     size = (f"batch {args.batch}" if args.batch is not None

@@ -25,6 +25,7 @@ from tttlm.bench.common import (
     reset_peak_memory,
     time_call,
 )
+from tttlm.bench.names import BLOCKS_LABEL
 from tttlm.config import TTTConfig, Variant
 from tttlm.devices import autocast
 
@@ -131,7 +132,7 @@ def bench_prefill(device: torch.device, preset: str = "3b",
                   variants: tuple[str, ...] = ("e2e", "full"),
                   lengths: tuple[int, ...] = (8192,), batch: int | None = None,
                   tokens_per_step: int = 131072, repeats: int = 3,
-                  compile_modes: tuple[bool, ...] = (False,),
+                  compile_modes: tuple[bool | str, ...] = (False,),
                   paths: tuple[str, ...] = ("model",),
                   attention: tuple[str, ...] = ("auto",),
                   ttt_groups: tuple[int | str | None, ...] = ("auto",)
@@ -142,7 +143,9 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     prompts are timed at the batch a server would run them at. ``full`` is timed with SDPA's
     flash and cuDNN backends on CUDA; ``speedup_vs_full`` compares with the fastest ``full``
     row. ``compile_modes`` lists eager (False) and/or compiled blocks
-    (``TTTForCausalLM.compile_blocks``, True); a compiled row's first (warm-up) run compiles.
+    (``TTTForCausalLM.compile_blocks``, True) and/or ``"graphed"`` (compiled, and the TTT
+    chunks over full caches replayed as a CUDA graph: ``TTTForCausalLM.graph_chunks``); a
+    compiled row's first (warm-up) run compiles.
     A step that does not fit in memory runs as consecutive micro-batches (``micro_batch``):
     the same tokens per step, in fewer sequences at a time. ``paths``: ``model`` (the forward
     pass that scores the prompt) and/or ``engine`` (``Engine.prefill``, what ``tttlm generate``
@@ -175,14 +178,15 @@ def bench_prefill(device: torch.device, preset: str = "3b",
             groups = ttt_groups if variant == "e2e" else (None,)
             for path, compiled, attn, group, backend in itertools.product(
                     paths, compile_modes, attention, groups, _sdpa_backends(device, variant)):
-                model.compile_blocks = compiled
+                model.compile_blocks = bool(compiled)
+                model.graph_chunks = compiled == "graphed"
                 model.ttt_group = group
                 group = model.resolved_ttt_group()
                 row: dict[str, Any] = {"preset": preset, "variant": variant, "path": path,
                                        "tokens": T, "batch": B, "sdpa": backend or "default",
                                        "attention": attn,
                                        "ttt_group": "all" if group is None else group,
-                                       "blocks": "compiled" if compiled else "eager"}
+                                       "blocks": BLOCKS_LABEL[compiled]}
                 try:
                     with attention_backend(attn):
                         times, micro = _time_fitting(model, x, variant == "e2e", backend,

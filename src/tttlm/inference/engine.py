@@ -38,7 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Real
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +48,7 @@ from tttlm.errors import UserError
 from tttlm.inference.sampling import check_sampling, sample
 from tttlm.inference.state import State, weights_digest
 from tttlm.model.cache import MixerStep, RingKV, RingStep, Rows, TTTRing, TTTStep, rope_slots
+from tttlm.model.cuda_graph import can_capture, capture
 from tttlm.model.layers import Block
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ops.rope import config_rope_angles
@@ -88,39 +89,6 @@ def _buffers(state: State) -> tuple[tuple[int, tuple[int, ...], torch.dtype], ..
     return tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in tensors)
 
 
-Out = TypeVar("Out")
-
-
-def _can_capture(device: torch.device) -> bool:
-    """Whether the engine's computations on ``device`` can be captured as CUDA graphs."""
-    return device.type == "cuda"
-
-
-def _capture(run: Callable[[], Out], warm: Callable[[], object],
-             device: torch.device) -> Callable[[], Out]:
-    """Capture ``run`` as a CUDA graph once ``warm`` ran on a side stream (as capture
-    requires: lazy initialisation must not happen inside it). The returned call replays the
-    graph and returns ``run``'s outputs: static tensors that the next replay overwrites."""
-    # Under autocast, its cache of cast weights must stay off: a graph would keep reading
-    # the cached copies after the autocast region that made them has freed them.
-    cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
-                          enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), cast:
-        warm()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), cast:
-        out = run()
-
-    def replay() -> Out:
-        graph.replay()
-        return out
-
-    return replay
-
-
 def _powers_of_two(n: int) -> list[int]:
     """``n`` as a sum of distinct powers of two, largest first."""
     return [1 << i for i in reversed(range(n.bit_length())) if n >> i & 1]
@@ -155,7 +123,7 @@ class _ForwardGraph:
             for t, old in zip(state.mixers, kept):
                 t.copy_(old)
 
-        self._replay = _capture(run, warm, device)
+        self._replay = capture(run, warm, device)
 
     def _load(self, state: State, tokens: torch.Tensor) -> None:
         ctl = self.engine._control(state, None, tokens.shape[1])
@@ -183,7 +151,7 @@ class _LearnGraph:
             return engine._learn_rows(state, slice(None), engine.window, start, self.targets,
                                       write)
 
-        self._replay = _capture(lambda: run(True), lambda: run(False), state.device)
+        self._replay = capture(lambda: run(True), lambda: run(False), state.device)
 
     def replay(self, last_targets: torch.Tensor) -> torch.Tensor:
         self.targets.copy_(last_targets)
@@ -674,7 +642,7 @@ class Engine:
 
     def _captures(self, state: State) -> bool:
         """Whether computations on ``state`` run as captured CUDA graphs."""
-        return self.cuda_graphs and _can_capture(state.device)
+        return self.cuda_graphs and can_capture(state.device)
 
     def _graph(self, state: State, key: tuple, make: Callable[[], Any]) -> Any:
         """The captured graph ``key`` of ``state`` (``make`` captures it), or None where the

@@ -22,6 +22,7 @@ from tttlm.config import TTTConfig, Variant
 from tttlm.errors import UserError
 from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.cache import ChunkKV, WholeSequence
+from tttlm.model.cuda_graph import ChunkGraph, can_capture, capture, run_eagerly
 from tttlm.model.layers import Block, ConvRecurrentMixer, KVBMixer, RMSNorm
 from tttlm.ops.linear_nll import (
     MAX_BLOCK_ELEMENTS,
@@ -123,6 +124,10 @@ class ForwardOptions:
             whole-sequence blocks always, the TTT chunks as :attr:`compile_chunks` decides;
             and the head's elementwise work over the logits (inside autograd Functions
             with their own derivatives, so in every mode).
+        graph_chunks: without an outer gradient, once the TTT caches are full, capture one
+            chunk's step as a CUDA graph and replay it for the later chunks of the run
+            (:class:`~tttlm.model.cuda_graph.ChunkGraph`; off a GPU the same buffers run
+            eagerly). From ``TTTForCausalLM.graph_chunks``.
         ttt_group: without an outer gradient, run the TTT chunks of at most this many
             sequences at a time (``None``: all). Each sequence's fast weights, their gradient
             and their update are ``[B, ...]`` fp32 tensors (1.4 GB per sequence at 3b), so
@@ -136,6 +141,7 @@ class ForwardOptions:
     checkpoint_chunks: bool = False
     lean_head: bool = True
     compiled: bool = False
+    graph_chunks: bool = False
     ttt_group: int | None = None
 
     @property
@@ -215,6 +221,10 @@ class TTTForCausalLM(nn.Module):
         # time (ForwardOptions.ttt_group): bounds the per-sequence fast-weight memory. "auto":
         # as many as keep it under AUTO_GROUP_BYTES (see auto_ttt_group); None: all.
         self.ttt_group: int | str | None = "auto"
+        # Without an outer gradient, replay the step of a TTT chunk over full caches as a CUDA
+        # graph (ForwardOptions.graph_chunks): one launch per chunk instead of a thousand.
+        # Off until measured against eager launches (benchmarks/pending_gpu.sh PART=graphs).
+        self.graph_chunks = False
         # Warned once that labels equal input_ids (the Hugging Face habit; see _check_inputs).
         self._warned_unshifted = False
         self.reset_parameters()
@@ -347,6 +357,7 @@ class TTTForCausalLM(nn.Module):
             ttt=ttt, mode=mode, inner_lr=config.inner_lr if inner_lr is None else inner_lr,
             checkpoint_chunks=bool(checkpoint_chunks) and mode is not GradMode.NONE,
             lean_head=self.lean_head, compiled=self.compile_blocks,
+            graph_chunks=bool(self.graph_chunks) and mode is GradMode.NONE,
             ttt_group=self.resolved_ttt_group())
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
@@ -581,6 +592,7 @@ class TTTForCausalLM(nn.Module):
 
         # Test time: each update's finiteness is read while the next chunk runs.
         guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
+        graph: ChunkGraph | None = None
         for i, (s, e) in enumerate(chunks):
             update = opts.ttt and (i < len(chunks) - 1 or learn_last)
             past = caches[0][0].shape[1]
@@ -590,7 +602,19 @@ class TTTForCausalLM(nn.Module):
             # contiguous: compiled blocks then see one input layout for every chunk
             args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
                     inner_state, opts, update, return_logits, guard)
-            if opts.checkpoint_chunks:
+            # The steady state as a graph: full caches, a whole chunk, an update; not the last
+            # chunk, whose starting caches the caller keeps (the graph's are overwritten).
+            if (opts.graph_chunks and guard is not None and update and past == window
+                    and e - s == b and i < len(chunks) - 1 and not return_fast_weights):
+                if guard.pending and (kept := guard.settle()) is not None:
+                    guard.pop_corrected()
+                    fast, inner_state = kept
+                    args = (*args[:6], fast, inner_state, *args[8:])
+                if graph is None:
+                    graph = ChunkGraph(self, *args[:9], return_logits,
+                                       capture if can_capture(h.device) else run_eagerly)
+                result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
+            elif opts.checkpoint_chunks:
                 result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
             else:
                 result = self.ttt_chunk(*args)

@@ -1,0 +1,181 @@
+"""The steady-state TTT chunk of a prefill as a CUDA graph (``TTTForCausalLM.graph_chunks``,
+:class:`tttlm.model.cuda_graph.ChunkGraph`): the same results bit for bit as launching every
+chunk's kernels, non-finite updates dropped per sequence as the eager guard drops them.
+
+Off a GPU the graph's buffers run eagerly (``run_eagerly``), which checks everything but the
+capture itself; the CUDA test captures for real."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from _helpers import tiny_model, tokens
+from tttlm.model import cuda_graph
+from tttlm.model.cuda_graph import ChunkGraph
+
+SENTINEL = 7  # a label that marks the chunk whose update is made non-finite
+
+
+def _spy_graphs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    counts = {"graphs": 0, "steps": 0}
+    init, step = ChunkGraph.__init__, ChunkGraph.step
+
+    def counted_init(self: ChunkGraph, *a: Any, **k: Any) -> None:
+        counts["graphs"] += 1
+        init(self, *a, **k)
+
+    def counted_step(self: ChunkGraph, *a: Any, **k: Any) -> Any:
+        counts["steps"] += 1
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(ChunkGraph, "__init__", counted_init)
+    monkeypatch.setattr(ChunkGraph, "step", counted_step)
+    return counts
+
+
+def _forward(model: Any, x: torch.Tensor, y: torch.Tensor, graphed: bool) -> Any:
+    model.graph_chunks = graphed
+    with torch.no_grad():
+        return model(x, y, return_logits=True)
+
+
+@pytest.mark.parametrize("group", [None, 1])
+def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
+        group: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Window 12, chunks of 4, 40 tokens: chunks 3-8 have full caches and an update (the
+    last chunk, 9, runs as it always does); one graph per run of chunks (per group)."""
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float32)
+    model.ttt_group = group
+    x, y = tokens(model, 2, 40)
+    ref = _forward(model, x, y, graphed=False)
+    assert counts == {"graphs": 0, "steps": 0}
+    got = _forward(model, x, y, graphed=True)
+    runs = 1 if group is None else 2
+    assert counts == {"graphs": runs, "steps": 6 * runs}
+    for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
+def test_graphed_run_returns_the_same_state() -> None:
+    """What the engine keeps after a prefill: caches (after the last chunk and at its start),
+    fast weights, the last chunk's output; with ``learn_last`` too."""
+    model = tiny_model(dtype=torch.float32)
+    x, y = tokens(model, 2, 36)
+    with torch.no_grad():
+        h = model.run_blocks(model.embed(x), model.prefix_layers)
+        mask = torch.ones_like(y, dtype=torch.bool)
+        runs = []
+        for graphed in (False, True):
+            model.graph_chunks = graphed
+            opts = model.options()
+            assert opts.graph_chunks is graphed
+            runs.append(model.run_ttt_chunks(h, y, mask, opts, learn_last=True))
+    ref, got = runs
+    for a, b in zip(got.caches + got.start_caches, ref.caches + ref.start_caches, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for a, b in zip(got.fast, ref.fast, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert torch.equal(got.hidden, ref.hidden)
+    for a, b in zip(got.nll + got.norms, ref.nll + ref.norms, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_outer_gradient_never_takes_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float64)
+    model.graph_chunks = True
+    assert not model.options().graph_chunks  # gradients on: an outer gradient
+    x, y = tokens(model, 1, 40)
+    model(x, y).loss.backward()
+    assert counts["graphs"] == 0
+
+
+def _poison_marked_chunks(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inner update of sequence 0 is NaN in every chunk whose first label is SENTINEL
+    (marked by data, so that a graph's warm-up and replay of that chunk agree)."""
+    chunk = model.ttt_chunk
+    optimizer = model.inner_optimizer
+    step = optimizer.step
+
+    def poisoned_step(*a: Any, **k: Any) -> Any:
+        new, state, norm = step(*a, **k)
+        new = [type(layer)(*(w.clone() for w in layer)) for layer in new]
+        new[0][0][0] = float("nan")
+        norm = norm.clone()
+        norm[0] = float("nan")
+        return new, state, norm
+
+    def marked_chunk(h: torch.Tensor, labels: torch.Tensor, *a: Any) -> Any:
+        if int(labels[0, 0]) != SENTINEL:
+            return chunk(h, labels, *a)
+        monkeypatch.setattr(optimizer, "step", poisoned_step)
+        try:
+            return chunk(h, labels, *a)
+        finally:
+            monkeypatch.setattr(optimizer, "step", step)
+
+    monkeypatch.setattr(model, "ttt_chunk", marked_chunk)
+
+
+def test_a_non_finite_update_is_dropped_for_its_sequence_as_eagerly(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequence 0's update of chunk 5 (a graphed one) is NaN: it keeps its fast weights
+    there, as the eager guard keeps them; sequence 1 is untouched; the norm shows the NaN."""
+    model = tiny_model(dtype=torch.float32)
+    x, y = tokens(model, 2, 40)
+    y = y.clone()
+    c = model.config.chunk_size
+    y[0, ::c] = torch.where(y[0, ::c] == SENTINEL, SENTINEL + 1, y[0, ::c])
+    y[0, 5 * c] = SENTINEL
+    clean = _forward(model, x, y, graphed=False)
+    _poison_marked_chunks(model, monkeypatch)
+    ref = _forward(model, x, y, graphed=False)
+    got = _forward(model, x, y, graphed=True)
+    assert torch.isnan(ref.inner_update_norms[0, 5]) and not torch.isnan(
+        ref.inner_update_norms[1]).any()
+    assert not torch.equal(ref.token_nll[0], clean.token_nll[0])  # the drop mattered
+    assert torch.equal(ref.token_nll[1], clean.token_nll[1])
+    assert torch.isfinite(got.token_nll).all()
+    for name in ("token_nll", "logits"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    assert torch.equal(got.inner_update_norms.isnan(), ref.inner_update_norms.isnan())
+    finite = ~ref.inner_update_norms.isnan()
+    assert torch.equal(got.inner_update_norms[finite], ref.inner_update_norms[finite])
+
+
+def test_the_engine_prefill_takes_the_graph_and_continues_alike(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tttlm.inference.engine import Engine
+
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float32)
+    x, _ = tokens(model, 2, 38)
+    outs = []
+    for graphed in (False, True):
+        model.graph_chunks = graphed
+        engine = Engine(model)
+        logits, state = engine.prefill(x)
+        nxt, state = engine.step(state, logits.argmax(-1))
+        outs.append((logits, nxt, [w.clone() for w in state.fast]))
+    assert counts["graphs"] == 1
+    for a, b in zip(outs[1][:2], outs[0][:2], strict=True):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(outs[1][2], outs[0][2], strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_captured_chunks_equal_launched_chunks_on_cuda(autocast: bool) -> None:
+    assert cuda_graph.can_capture(torch.device("cuda"))
+    model = tiny_model(dtype=torch.float32).cuda()
+    x, y = (t.cuda() for t in tokens(model, 2, 64))
+    outs = []
+    for graphed in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            outs.append(_forward(model, x, y, graphed=graphed))
+    for name in ("token_nll", "logits", "inner_update_norms"):
+        assert torch.equal(getattr(outs[1], name), getattr(outs[0], name)), name
