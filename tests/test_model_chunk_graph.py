@@ -179,3 +179,19 @@ def test_captured_chunks_equal_launched_chunks_on_cuda(autocast: bool) -> None:
             outs.append(_forward(model, x, y, graphed=graphed))
     for name in ("token_nll", "logits", "inner_update_norms"):
         assert torch.equal(getattr(outs[1], name), getattr(outs[0], name)), name
+
+
+def test_too_few_steady_chunks_are_not_worth_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Window 12, chunks of 4: 28 tokens give chunks 3-5 with full caches and an update, fewer
+    than GRAPH_MIN_CHUNKS; 32 tokens give four."""
+    from tttlm.model.model import GRAPH_MIN_CHUNKS
+
+    assert GRAPH_MIN_CHUNKS == 4
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float32)
+    for length, graphs in ((28, 0), (32, 1)):
+        x, y = tokens(model, 1, length)
+        ref = _forward(model, x, y, graphed=False)
+        got = _forward(model, x, y, graphed=True)
+        assert counts["graphs"] == graphs, length
+        assert torch.equal(got.token_nll, ref.token_nll)

@@ -160,6 +160,65 @@ def test_constant_parameters_restores_what_required_grad() -> None:
     assert all(p.requires_grad for p in model.parameters() if p is not frozen)
 
 
+def test_linear_weights_in_restores_the_originals() -> None:
+    from tttlm.model.model import linear_weights_in
+
+    model = tiny_model(dtype=torch.float32)
+    before = dict(model.named_parameters())
+    with pytest.raises(RuntimeError, match="inside"), linear_weights_in(model.ttt_layers,
+                                                                       torch.bfloat16):
+        inside = dict(model.named_parameters())
+        cast = {n for n, p in inside.items() if p.dtype == torch.bfloat16}
+        # the TTT blocks' projections and MLPs; not their norms, not the prime MLPs
+        assert cast and all(".attn.w" in n or ".mlp.w" in n for n in cast)
+        assert {n for n in cast if n.startswith("layers.3.")} == {
+            f"layers.3.{m}.{w}.weight" for m, w in (("attn", "wq"), ("attn", "wk"),
+                                                    ("attn", "wv"), ("attn", "wo"),
+                                                    ("mlp", "w1"), ("mlp", "w2"),
+                                                    ("mlp", "w3"))}
+        assert not any(n.startswith("layers.0.") for n in cast)  # a prefix block
+        assert not any(inside[n].requires_grad for n in cast)
+        assert torch.equal(inside["layers.3.mlp.w1.weight"],
+                           before["layers.3.mlp.w1.weight"].to(torch.bfloat16))
+        raise RuntimeError("inside")
+    after = dict(model.named_parameters())
+    assert all(after[n] is p for n, p in before.items())
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_weights_cast_once_under_autocast_change_no_bit(
+        graphed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast without an outer gradient the TTT blocks' constant weights are
+    cast once per run: the same losses, logits and update norms bit for bit as autocast
+    casting them at every product."""
+    import contextlib
+
+    from tttlm.model import model as model_module
+
+    model = tiny_model(dtype=torch.float32)
+    model.graph_chunks = graphed
+    x, y = tokens(model, 2, 40)
+    entered = []
+    real = model_module.linear_weights_in
+
+    def spy(modules, dtype):  # type: ignore[no-untyped-def]
+        entered.append(dtype)
+        return real(modules, dtype)
+
+    def run() -> object:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, y, return_logits=True)
+
+    monkeypatch.setattr(model_module, "linear_weights_in", spy)
+    got = run()
+    assert entered == [torch.bfloat16]
+    monkeypatch.setattr(model_module, "linear_weights_in",
+                        lambda modules, dtype: contextlib.nullcontext())
+    ref = run()
+    for name in ("token_nll", "logits", "inner_update_norms"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
 def test_gradcheck_second_order_path() -> None:
     """Finite differences of the meta loss against the exact second-order outer gradient."""
     model = tiny_model(vocab_size=11, hidden_size=8, num_heads=2, intermediate_size=6,

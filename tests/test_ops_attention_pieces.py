@@ -203,27 +203,39 @@ def test_chunk_pieces_in_bf16_err_like_naive_bf16(device: str) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention's kernels need CUDA")
-def test_chunk_pieces_gradients_on_cuda_bf16() -> None:
-    """The CUDA flash forward and backward ops the pieces call, in bf16 with a head width of
-    80 (3b's), against fp32 naive: output and gradients near it as naive bf16's are."""
-    from tttlm.ops.attention.pieces import chunk_attention_pieces
+@pytest.mark.parametrize("kernels", ["cudnn", "flash"])
+@pytest.mark.parametrize("past", [192, 128])  # a full cache (the window), one it does not cut
+def test_chunk_pieces_gradients_on_cuda_bf16(kernels: str, past: int) -> None:
+    """The CUDA forward and backward ops the pieces call (cuDNN's where SDPA's cuDNN switch
+    is on, FlashAttention's under ``sdpa_kernel(FLASH_ATTENTION)``), in bf16 with a head width
+    of 80 (3b's), against fp32 naive: output and gradients near it as naive bf16's are."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tttlm.ops.attention.pieces import chunk_attention_pieces, cudnn_chunk_pieces_can_run
 
     c, window, start = 64, 192, 500
     q, _, _ = _qkv(2, c, 4, 80, torch.bfloat16, "cuda", seed=9)
-    k, v, do = _qkv(2, window + c, 4, 80, torch.bfloat16, "cuda", seed=10)
+    k, v, do = _qkv(2, past + c, 4, 80, torch.bfloat16, "cuda", seed=10)
     do = do[:, :c]
     q_pos = torch.arange(start, start + c, device="cuda")
-    k_pos = torch.arange(start - window, start + c, device="cuda")
+    k_pos = torch.arange(start - past, start + c, device="cuda")
     mask = window_mask(q_pos, k_pos, window)
+    backend = SDPBackend.CUDNN_ATTENTION if kernels == "cudnn" else SDPBackend.FLASH_ATTENTION
+    with sdpa_kernel(backend):
+        cudnn = cudnn_chunk_pieces_can_run(q, k, window, past)
+        if kernels == "cudnn" and not cudnn:
+            pytest.skip("this torch or card has no cuDNN attention")
+        assert cudnn == (kernels == "cudnn")
     results = {}
     for name, dtype in (("ref", torch.float32), ("base", torch.bfloat16),
                         ("pieces", torch.bfloat16)):
         qq, kk, vv = (t.detach().to(dtype).requires_grad_(True) for t in (q, k, v))
-        out = (chunk_attention_pieces(qq, kk, vv, window) if name == "pieces"
-               else naive_attention(qq, kk, vv, mask))
-        grads = torch.autograd.grad(out, (qq, kk, vv), do.to(dtype))
-        results[name] = [out.float(), grads[0].float(), grads[1][:, window:].float(),
-                         grads[2][:, window:].float()]
+        with sdpa_kernel(backend):
+            out = (chunk_attention_pieces(qq, kk, vv, window) if name == "pieces"
+                   else naive_attention(qq, kk, vv, mask))
+            grads = torch.autograd.grad(out, (qq, kk, vv), do.to(dtype))
+        results[name] = [out.float(), grads[0].float(), grads[1][:, past:].float(),
+                         grads[2][:, past:].float()]
     def err(x: torch.Tensor, ref: torch.Tensor) -> float:
         return float((x - ref).norm() / ref.norm())
 
@@ -246,3 +258,12 @@ def test_auto_takes_the_cudnn_pieces_only_on_a_gpu_without_gradient() -> None:
         assert not cudnn_pieces_can_run(g, 40)  # the window covers the sequence
         with torch.enable_grad():
             assert not cudnn_pieces_can_run(g.requires_grad_(True), 16)
+
+
+def test_cudnn_chunk_pieces_only_on_a_gpu() -> None:
+    """The chunk pieces run on a CPU (its kernels, tests), but their cuDNN form only on CUDA."""
+    from tttlm.ops.attention.pieces import chunk_pieces_can_run, cudnn_chunk_pieces_can_run
+
+    q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 16, 2, 8)
+    assert chunk_pieces_can_run(q, k, 12, 12)
+    assert not cudnn_chunk_pieces_can_run(q, k, 12, 12)

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,10 @@ IGNORE_INDEX = -100
 # together, for 346M fast-weight parameters per sequence, i.e. about 19 bytes per parameter.
 AUTO_GROUP_BYTES = 16 * 2**30
 FAST_BYTES_PER_PARAMETER = 19
+# A chunk graph is captured only for at least this many chunks: its warm-up and capture cost
+# about two chunks' time, which fewer replays would not win back.
+GRAPH_MIN_CHUNKS = 4
+
 # Modules only TTT-E2E has (what `tttlm convert hf --to e2e` adds to a full-attention model).
 TTT_MODULES = frozenset({"prime", "prime_norm", "prime_post_norm", "inner_optimizer"})
 
@@ -76,6 +80,34 @@ def constant_parameters(module: nn.Module) -> Iterator[None]:
     finally:
         for p in changed:
             p.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def linear_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+    """Within this block the ``nn.Linear`` weights and biases of ``modules`` (prime MLPs
+    apart: the fast weights stand in for theirs) are constant copies in ``dtype``; the
+    originals come back afterwards. For the TTT chunks without an outer gradient under
+    autocast to ``dtype``: a compiled chunk casts every constant weight again at each call
+    (autocast's cache of casts keeps only weights that require grad, and compiled code does
+    not use it), about 0.8 ms per chunk at 3b on an H200; autocast casts a weight already in
+    its dtype to itself, so the products see the same values."""
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    try:
+        for module in modules:
+            for name, linear in module.named_modules():
+                if not isinstance(linear, nn.Linear) or "prime" in name.split("."):
+                    continue
+                for attr in ("weight", "bias"):
+                    p = getattr(linear, attr)
+                    if p is None or not p.is_floating_point() or p.dtype == dtype:
+                        continue
+                    swapped.append((linear, attr, p))
+                    setattr(linear, attr,
+                            nn.Parameter(p.detach().to(dtype), requires_grad=False))
+        yield
+    finally:
+        for linear, attr, p in reversed(swapped):
+            setattr(linear, attr, p)
 
 
 @dataclass
@@ -590,53 +622,60 @@ class TTTForCausalLM(nn.Module):
         def snapshot(fast: FastWeights) -> dict[str, torch.Tensor]:
             return dict(zip(self.fast_weight_names(), flatten_fast(fast)))
 
-        # Test time: each update's finiteness is read while the next chunk runs.
-        guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
-        graph: ChunkGraph | None = None
-        for i, (s, e) in enumerate(chunks):
-            update = opts.ttt and (i < len(chunks) - 1 or learn_last)
-            past = caches[0][0].shape[1]
-            rows = slice(window - past, window + e - s)
-            rope = (local[0][rows], local[1][rows])
-            run.start_caches = caches
-            # contiguous: compiled blocks then see one input layout for every chunk
-            args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
-                    inner_state, opts, update, return_logits, guard)
-            # The steady state as a graph: full caches, a whole chunk, an update; not the last
-            # chunk, whose starting caches the caller keeps (the graph's are overwritten).
-            if (opts.graph_chunks and guard is not None and update and past == window
-                    and e - s == b and i < len(chunks) - 1 and not return_fast_weights):
-                if guard.pending and (kept := guard.settle()) is not None:
-                    guard.pop_corrected()
+        # Without an outer gradient under autocast, the constant weights of the TTT blocks are
+        # cast once for the run, not inside every compiled chunk (the same products).
+        cast = (linear_weights_in(self.ttt_layers, self.compute_dtype(h))
+                if opts.mode is GradMode.NONE and torch.is_autocast_enabled(h.device.type)
+                else contextlib.nullcontext())
+        with cast:
+            # Test time: each update's finiteness is read while the next chunk runs.
+            guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
+            graph: ChunkGraph | None = None
+            for i, (s, e) in enumerate(chunks):
+                update = opts.ttt and (i < len(chunks) - 1 or learn_last)
+                past = caches[0][0].shape[1]
+                rows = slice(window - past, window + e - s)
+                rope = (local[0][rows], local[1][rows])
+                run.start_caches = caches
+                # contiguous: compiled blocks then see one input layout for every chunk
+                args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
+                        inner_state, opts, update, return_logits, guard)
+                # The steady state as a graph: full caches, a whole chunk, an update; not the last
+                # chunk, whose starting caches the caller keeps (the graph's are overwritten).
+                if (opts.graph_chunks and guard is not None and update and past == window
+                        and e - s == b and i < len(chunks) - 1 and not return_fast_weights
+                        and (graph is not None or len(chunks) - 1 - i >= GRAPH_MIN_CHUNKS)):
+                    if guard.pending and (kept := guard.settle()) is not None:
+                        guard.pop_corrected()
+                        fast, inner_state = kept
+                        args = (*args[:6], fast, inner_state, *args[8:])
+                    if graph is None:
+                        graph = ChunkGraph(self, *args[:9], return_logits,
+                                           capture if can_capture(h.device) else run_eagerly)
+                    result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
+                elif opts.checkpoint_chunks:
+                    result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
+                else:
+                    result = self.ttt_chunk(*args)
+                if guard is not None and (kept := guard.pop_corrected()) is not None:
+                    # The previous update was not finite for some sequences: they kept their
+                    # weights, and this chunk ran on them.
                     fast, inner_state = kept
-                    args = (*args[:6], fast, inner_state, *args[8:])
-                if graph is None:
-                    graph = ChunkGraph(self, *args[:9], return_logits,
-                                       capture if can_capture(h.device) else run_eagerly)
-                result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
-            elif opts.checkpoint_chunks:
-                result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
-            else:
-                result = self.ttt_chunk(*args)
-            if guard is not None and (kept := guard.pop_corrected()) is not None:
-                # The previous update was not finite for some sequences: they kept their
-                # weights, and this chunk ran on them.
+                    if return_fast_weights:
+                        run.history[-1] = snapshot(fast)
+                nll, chunk_loss, lg, caches, new_fast, new_state, norm, run.hidden = result
+                run.nll.append(nll)
+                run.chunk_losses.append(chunk_loss)
+                run.logits.append(lg)
+                if update:
+                    fast, inner_state = new_fast, new_state
+                    run.norms.append(norm)
+                    if return_fast_weights:
+                        run.history.append(snapshot(fast))
+            if guard is not None and (kept := guard.settle()) is not None:
                 fast, inner_state = kept
                 if return_fast_weights:
                     run.history[-1] = snapshot(fast)
-            nll, chunk_loss, lg, caches, new_fast, new_state, norm, run.hidden = result
-            run.nll.append(nll)
-            run.chunk_losses.append(chunk_loss)
-            run.logits.append(lg)
-            if update:
-                fast, inner_state = new_fast, new_state
-                run.norms.append(norm)
-                if return_fast_weights:
-                    run.history.append(snapshot(fast))
-        if guard is not None and (kept := guard.settle()) is not None:
-            fast, inner_state = kept
-            if return_fast_weights:
-                run.history[-1] = snapshot(fast)
         run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
 

@@ -142,6 +142,38 @@ def _merge(pieces: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
     return acc.to(dtype), lse
 
 
+def _merge_chunk(pieces: list[tuple[torch.Tensor, torch.Tensor, bool]], dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_merge` of a chunk's pieces ``(out, lse, reversed)``, the reversed ones' rows
+    put back in order first."""
+    return _merge([(o.flip(2), lse.flip(2)) if rev else (o, lse) for o, lse, rev in pieces],
+                  dtype)
+
+
+def _sum_dq(parts: list[tuple[torch.Tensor, bool]], dtype: torch.dtype) -> torch.Tensor:
+    """The pieces' shares of dq summed in ``dtype`` (fp32, fp64 for fp64), reversed rows put
+    back in order."""
+    total = None
+    for g, rev in parts:
+        g = (g.flip(2) if rev else g).to(dtype)
+        total = g if total is None else total + g
+    assert total is not None
+    return total
+
+
+@functools.cache
+def _fused(fn: Any) -> Any:
+    """``fn`` compiled (one kernel for the merge or the sum instead of a dozen over small
+    tensors, a few per chunk and layer); the shapes are the chunk's, the same for every
+    chunk."""
+    return torch.compile(fn, dynamic=False)
+
+
+def _on_device(fn: Any, x: torch.Tensor) -> Any:
+    """``fn`` compiled on a GPU, as it is elsewhere (tests on a CPU need no compiler)."""
+    return _fused(fn) if x.is_cuda else fn
+
+
 def _blocks(x: torch.Tensor, first: int, size: int, count: int, step: int) -> torch.Tensor:
     """``count`` windows of ``size`` rows of ``x [H, T, d]`` (one sequence, heads first), the
     j-th starting at row ``first + j·step``: ``[count, H, size, d]``, a view (windows may
@@ -259,11 +291,9 @@ class _ChunkPieces(torch.autograd.Function):
         results, auxes = [], []
         for pq, pk, pv, causal, reverse in parts:
             out, lse, aux = _piece_with_aux(pq, pk, pv, causal)
-            if reverse:
-                out, lse = out.flip(2), lse.flip(2)
-            results.append((out, lse))
+            results.append((out, lse, reverse))
             auxes.append(aux)
-        out, lse = _merge(results, q.dtype)  # [B, H, c, d], [B, H, c]
+        out, lse = _on_device(_merge_chunk, q)(results, q.dtype)  # [B, H, c, d], [B, H, c]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.window, ctx.auxes = window, auxes
         return out.transpose(1, 2)
@@ -275,16 +305,17 @@ class _ChunkPieces(torch.autograd.Function):
         P = k.shape[1] - q.shape[1]
         dout = grad.transpose(1, 2)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device).transpose(1, 2)
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         parts = _chunk_operands(q, k, v, ctx.window)
+        shares = []
         for i, ((pq, pk, pv, causal, reverse), aux) in enumerate(
                 zip(parts, ctx.auxes, strict=True)):
             o, l_, g = ((out.flip(2), lse.flip(2), dout.flip(2)) if reverse
                         else (out, lse, dout))
             gq, gk, gv = _piece_backward(g, pq, pk, pv, o, l_, causal, aux)
-            dq += gq.flip(2) if reverse else gq
+            shares.append((gq, reverse))
             if i == 0:  # C: the chunk's own keys; the cache's (A, M) are frozen
                 dk[:, P:] = gk.transpose(1, 2)
                 dv[:, P:] = gv.transpose(1, 2)
+        dq = _on_device(_sum_dq, q)(shares, acc)
         return dq.transpose(1, 2).to(q.dtype), dk, dv, None
