@@ -185,9 +185,9 @@ def test_linear_weights_in_restores_the_originals() -> None:
     assert all(after[n] is p for n, p in before.items())
 
 
-@pytest.mark.parametrize("graphed", [False, True])
+@pytest.mark.parametrize(("graphed", "group"), [(False, None), (True, None), (False, 1)])
 def test_weights_cast_once_under_autocast_change_no_bit(
-        graphed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+        graphed: bool, group: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     """Under bf16 autocast without an outer gradient the TTT blocks' constant weights are
     cast once per run: the same losses, logits and update norms bit for bit as autocast
     casting them at every product."""
@@ -197,12 +197,16 @@ def test_weights_cast_once_under_autocast_change_no_bit(
 
     model = tiny_model(dtype=torch.float32)
     model.graph_chunks = graphed
+    model.ttt_group = group
     x, y = tokens(model, 2, 40)
     entered = []
     real = model_module.linear_weights_in
 
     def spy(modules, dtype):  # type: ignore[no-untyped-def]
-        entered.append(dtype)
+        # what the run finds to cast: everything once, then (groups' nested runs) nothing
+        entered.append(sum(isinstance(lin, torch.nn.Linear) and "prime" not in name
+                           and lin.weight.dtype == torch.float32
+                           for m in modules for name, lin in m.named_modules()))
         return real(modules, dtype)
 
     def run() -> object:
@@ -211,7 +215,7 @@ def test_weights_cast_once_under_autocast_change_no_bit(
 
     monkeypatch.setattr(model_module, "linear_weights_in", spy)
     got = run()
-    assert entered == [torch.bfloat16]
+    assert entered == [14] + [0] * (0 if group is None else 2)  # 2 blocks × 7 matrices
     monkeypatch.setattr(model_module, "linear_weights_in",
                         lambda modules, dtype: contextlib.nullcontext())
     ref = run()

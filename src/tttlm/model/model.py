@@ -590,10 +590,18 @@ class TTTForCausalLM(nn.Module):
         config = self.config
         B = h.shape[0]
         group = opts.ttt_group
+        # Without an outer gradient under autocast, the constant weights of the TTT blocks are
+        # cast once for the run (every group), not inside every compiled chunk (the same
+        # products); a nested run finds them cast already.
+        cast = (linear_weights_in(self.ttt_layers, self.compute_dtype(h))
+                if opts.mode is GradMode.NONE and torch.is_autocast_enabled(h.device.type)
+                else contextlib.nullcontext())
         if (group is not None and group < B and opts.mode is GradMode.NONE
                 and not return_fast_weights):
-            return self._grouped_chunks(h, labels, mask, opts, group, caches, fast, inner_state,
-                                        learn_last, return_logits, return_state)
+            with cast:
+                return self._grouped_chunks(h, labels, mask, opts, group, caches, fast,
+                                            inner_state, learn_last, return_logits,
+                                            return_state)
         window, b = config.window, config.chunk_size
         # RoPE in the TTT blocks uses local positions: the chunk's keys sit at window .. +c-1.
         local = self.rope_tables(torch.arange(window + b, device=h.device))
@@ -622,11 +630,6 @@ class TTTForCausalLM(nn.Module):
         def snapshot(fast: FastWeights) -> dict[str, torch.Tensor]:
             return dict(zip(self.fast_weight_names(), flatten_fast(fast)))
 
-        # Without an outer gradient under autocast, the constant weights of the TTT blocks are
-        # cast once for the run, not inside every compiled chunk (the same products).
-        cast = (linear_weights_in(self.ttt_layers, self.compute_dtype(h))
-                if opts.mode is GradMode.NONE and torch.is_autocast_enabled(h.device.type)
-                else contextlib.nullcontext())
         with cast:
             # Test time: each update's finiteness is read while the next chunk runs.
             guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
