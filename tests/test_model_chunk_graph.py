@@ -42,13 +42,15 @@ def _forward(model: Any, x: torch.Tensor, y: torch.Tensor, graphed: bool) -> Any
         return model(x, y, return_logits=True)
 
 
-@pytest.mark.parametrize("group", [None, 1])
+@pytest.mark.parametrize(("group", "optimizer"), [(None, "sgd"), (1, "sgd"),
+                                                  (None, "momentum"), (None, "learned_lr")])
 def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
-        group: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+        group: int | None, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Window 12, chunks of 4, 40 tokens: chunks 3-8 have full caches and an update (the
-    last chunk, 9, runs as it always does); one graph per run of chunks (per group)."""
+    last chunk, 9, runs as it always does); one graph per run of chunks (per group); inner
+    optimizers with a state (momentum) or parameters (learned_lr) alike."""
     counts = _spy_graphs(monkeypatch)
-    model = tiny_model(dtype=torch.float32)
+    model = tiny_model(dtype=torch.float32, inner_optimizer=optimizer)
     model.ttt_group = group
     x, y = tokens(model, 2, 40)
     ref = _forward(model, x, y, graphed=False)

@@ -99,7 +99,10 @@ def linear_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype) -> Itera
                     continue
                 for attr in ("weight", "bias"):
                     p = getattr(linear, attr)
-                    if p is None or not p.is_floating_point() or p.dtype == dtype:
+                    # (a parameter that is not a plain tensor, a DTensor under FSDP2, is
+                    # FSDP's to gather and cast: left alone)
+                    if (p is None or not p.is_floating_point() or p.dtype == dtype
+                            or type(p.data) is not torch.Tensor):
                         continue
                     swapped.append((linear, attr, p))
                     setattr(linear, attr,

@@ -20,11 +20,11 @@ union, to rounding. The first window's queries are plain causal attention. Compa
 kernels run the pieces at 1.6x FlashAttention's speed at that width on an H200, which pays
 for the reversals and the merge. :func:`window_attention_pieces` (whole sequences) is
 forward only (prefill and evaluation take no gradient through the prefix blocks);
-:func:`chunk_attention_pieces` (a TTT chunk over a full, frozen cache) has a first-order
-backward: each piece's FlashAttention backward with the merged output and log-sum-exp gives
-that piece's share of the gradient exactly (what ring attention does). The LSE-returning
-kernels are PyTorch's private SDPA ops: the CPU ones on a CPU (tests); on a GPU cuDNN's for
-whole sequences where it is enabled, FlashAttention's otherwise and for chunks.
+:func:`chunk_attention_pieces` (a TTT chunk over a frozen cache, full or not yet cut by the
+window) has a first-order backward: each piece's backward with the merged output and
+log-sum-exp gives that piece's share of the gradient exactly (what ring attention does). The
+LSE-returning kernels are PyTorch's private SDPA ops: the CPU ones on a CPU (tests); on a GPU
+cuDNN's where it is enabled (forward and backward), FlashAttention's otherwise.
 """
 
 from __future__ import annotations
@@ -170,7 +170,8 @@ def _fused(fn: Any) -> Any:
 
 
 def _on_device(fn: Any, x: torch.Tensor) -> Any:
-    """``fn`` compiled on a GPU, as it is elsewhere (tests on a CPU need no compiler)."""
+    """``fn`` compiled for a GPU tensor ``x``; on a CPU (tests) ``fn`` as it is, which needs
+    no compiler."""
     return _fused(fn) if x.is_cuda else fn
 
 
