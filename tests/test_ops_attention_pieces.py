@@ -115,6 +115,38 @@ def test_backend_prefills_like_auto_and_trains_like_auto(
         assert torch.equal(a, e)
 
 
+def _chunk_operands(B: int, c: int, H: int, d: int, past: int,
+                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.randn(B, n, H, d, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    return rand(c), rand(past + c), rand(past + c)
+
+
+def _assert_pieces_equal_naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               window: int | None, start: int) -> None:
+    """The chunk at ``start .. start+c-1`` over a frozen cache of ``P`` keys: output, dq and
+    the chunk's dk, dv as naive's in fp64; the cache's gradients zero."""
+    from tttlm.ops.attention.pieces import chunk_attention_pieces
+
+    c = q.shape[1]
+    past = k.shape[1] - c
+    q_pos = torch.arange(start, start + c)
+    k_pos = torch.arange(start - past, start + c)
+    ref = naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
+    got = chunk_attention_pieces(q, k, v, window)
+    assert_close(got, ref, atol=1e-12, name="output")
+    do = torch.randn(ref.shape, generator=torch.Generator().manual_seed(c), dtype=torch.float64)
+    want = torch.autograd.grad(ref, (q, k, v), do)
+    have = torch.autograd.grad(got, (q, k, v), do)
+    assert_close(have[0], want[0], atol=1e-12, name="dq")
+    for name, a, e in zip("kv", have[1:], want[1:]):
+        assert_close(a[:, past:], e[:, past:], atol=1e-12, name=f"d{name} of the chunk")
+        assert not a[:, :past].any(), f"d{name} of the frozen cache must be zero"
+
+
 # (B, c, H, d, window, start): chunks after a full cache, one whose M piece is empty (window
 # = c + 1), a chunk of one query.
 CHUNK_CASES = [(2, 4, 3, 8, 12, 40), (1, 5, 2, 16, 6, 30), (1, 1, 2, 8, 5, 9),
@@ -123,30 +155,14 @@ CHUNK_CASES = [(2, 4, 3, 8, 12, 40), (1, 5, 2, 16, 6, 30), (1, 1, 2, 8, 5, 9),
 
 @pytest.mark.parametrize("case", CHUNK_CASES, ids=[str(c) for c in CHUNK_CASES])
 def test_chunk_pieces_equal_naive_with_gradients_float64(case: tuple[int, ...]) -> None:
-    from tttlm.ops.attention.pieces import chunk_attention_pieces, chunk_pieces_can_run
+    from tttlm.ops.attention.pieces import chunk_pieces_can_run
 
     B, c, H, d, window, start = case
-    g = torch.Generator().manual_seed(c + window)
-
-    def rand(n: int) -> torch.Tensor:
-        return torch.randn(B, n, H, d, generator=g, dtype=torch.float64).requires_grad_(True)
-
-    q, k, v = rand(c), rand(window + c), rand(window + c)
-    q_pos = torch.arange(start, start + c)
-    k_pos = torch.arange(start - window, start + c)
+    q, k, v = _chunk_operands(B, c, H, d, window, seed=c + window)
     assert chunk_pieces_can_run(q, k, window, frozen_keys=window)
     assert not chunk_pieces_can_run(q, k, window, frozen_keys=0)  # keys not frozen
     assert not chunk_pieces_can_run(q, k[:, 1:], window, frozen_keys=window)  # not full
-    ref = naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
-    got = chunk_attention_pieces(q, k, v, window)
-    assert_close(got, ref, atol=1e-12, name="output")
-    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    want = torch.autograd.grad(ref, (q, k, v), do)
-    have = torch.autograd.grad(got, (q, k, v), do)
-    assert_close(have[0], want[0], atol=1e-12, name="dq")
-    for name, a, e in zip("kv", have[1:], want[1:]):
-        assert_close(a[:, window:], e[:, window:], atol=1e-12, name=f"d{name} of the chunk")
-        assert not a[:, :window].any(), f"d{name} of the frozen cache must be zero"
+    _assert_pieces_equal_naive(q, k, v, window, start)
 
 
 # (B, c, H, d, window or None, past): caches that leave no key out of the window (two
@@ -157,32 +173,16 @@ FILLING_CASES = [(2, 4, 3, 8, 12, 4), (1, 5, 2, 16, 20, 15), (2, 3, 1, 8, None, 
 
 @pytest.mark.parametrize("case", FILLING_CASES, ids=[str(c) for c in FILLING_CASES])
 def test_chunk_pieces_over_a_filling_cache_equal_naive_float64(case: tuple[Any, ...]) -> None:
-    from tttlm.ops.attention.pieces import chunk_attention_pieces, chunk_pieces_can_run
+    from tttlm.ops.attention.pieces import chunk_pieces_can_run
 
     B, c, H, d, window, past = case
-    g = torch.Generator().manual_seed(c + past)
-
-    def rand(n: int) -> torch.Tensor:
-        return torch.randn(B, n, H, d, generator=g, dtype=torch.float64).requires_grad_(True)
-
-    q, k, v = rand(c), rand(past + c), rand(past + c)
-    q_pos = torch.arange(past, past + c)
-    k_pos = torch.arange(past + c)
+    q, k, v = _chunk_operands(B, c, H, d, past, seed=c + past)
     assert chunk_pieces_can_run(q, k, window, frozen_keys=past)
     assert not chunk_pieces_can_run(q, k, window, frozen_keys=past - 1)  # not all frozen
     if window is not None and c > 1:  # the window's edge cuts a cache that is not full
         cut = torch.zeros(B, window - 1 + c, H, d, dtype=torch.float64)
         assert not chunk_pieces_can_run(q, cut, window, frozen_keys=window - 1)
-    ref = naive_attention(q, k, v, window_mask(q_pos, k_pos, window))
-    got = chunk_attention_pieces(q, k, v, window)
-    assert_close(got, ref, atol=1e-12, name="output")
-    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-    want = torch.autograd.grad(ref, (q, k, v), do)
-    have = torch.autograd.grad(got, (q, k, v), do)
-    assert_close(have[0], want[0], atol=1e-12, name="dq")
-    for name, a, e in zip("kv", have[1:], want[1:]):
-        assert_close(a[:, past:], e[:, past:], atol=1e-12, name=f"d{name} of the chunk")
-        assert not a[:, :past].any(), f"d{name} of the frozen cache must be zero"
+    _assert_pieces_equal_naive(q, k, v, window, past)
 
 
 @pytest.mark.parametrize("device", DEVICES)
