@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from tttlm.bench.common import cuda_event_seconds
 from tttlm.ops.attention import flex, naive, pieces, sdpa
 
 
@@ -39,21 +39,6 @@ def flash_window(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False,
         window_size_left=window - 1, window_size_right=0)[0]
     return out
-
-
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
 
 
 def rand(*shape: int, grad: bool = False) -> torch.Tensor:
@@ -146,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(name: str, fn: Callable[[], object]) -> None:
         try:
-            times[name] = timed(fn, args.repeats)
+            times[name] = cuda_event_seconds(fn, args.repeats)
             print(f"{name}: {times[name] * 1e3:.3f} ms", flush=True)
         except Exception as e:  # noqa: BLE001
             times[name] = float("nan")

@@ -10,27 +10,12 @@ ceilings the misses in the reports are counted against. Medians of CUDA-event ti
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
-from tttlm.bench.common import environment, write_report
-
-
-def _time_ms(fn, repeats: int = 20) -> float:  # type: ignore[no-untyped-def]
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from tttlm.bench.common import cuda_event_seconds, environment, write_report
 
 
 def main() -> int:
@@ -42,13 +27,13 @@ def main() -> int:
     for n in (4096, 8192, 16384):
         a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
         b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-        ms = _time_ms(lambda a=a, b=b: a @ b)
+        ms = 1e3 * cuda_event_seconds(lambda a=a, b=b: a @ b, 20)
         rows.append({"what": f"bf16 matmul {n}^3", "ms_median": ms,
                      "tflops": 2 * n**3 / ms / 1e9})
         print(rows[-1], flush=True)
     src = torch.randn(2**30, device=device)  # 4 GiB of fp32
     dst = torch.empty_like(src)
-    ms = _time_ms(lambda: dst.copy_(src))
+    ms = 1e3 * cuda_event_seconds(lambda: dst.copy_(src), 20)
     rows.append({"what": "device copy 4 GiB (read + write)", "ms_median": ms,
                  "gb_per_s": 2 * src.numel() * 4 / ms / 1e6})
     print(rows[-1], flush=True)

@@ -115,7 +115,7 @@ def test_backend_prefills_like_auto_and_trains_like_auto(
         assert torch.equal(a, e)
 
 
-def _chunk_operands(B: int, c: int, H: int, d: int, past: int,
+def _fp64_operands(B: int, c: int, H: int, d: int, past: int,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
 
@@ -158,7 +158,7 @@ def test_chunk_pieces_equal_naive_with_gradients_float64(case: tuple[int, ...]) 
     from tttlm.ops.attention.pieces import chunk_pieces_can_run
 
     B, c, H, d, window, start = case
-    q, k, v = _chunk_operands(B, c, H, d, window, seed=c + window)
+    q, k, v = _fp64_operands(B, c, H, d, window, seed=c + window)
     assert chunk_pieces_can_run(q, k, window, frozen_keys=window)
     assert not chunk_pieces_can_run(q, k, window, frozen_keys=0)  # keys not frozen
     assert not chunk_pieces_can_run(q, k[:, 1:], window, frozen_keys=window)  # not full
@@ -176,7 +176,7 @@ def test_chunk_pieces_over_a_filling_cache_equal_naive_float64(case: tuple[Any, 
     from tttlm.ops.attention.pieces import chunk_pieces_can_run
 
     B, c, H, d, window, past = case
-    q, k, v = _chunk_operands(B, c, H, d, past, seed=c + past)
+    q, k, v = _fp64_operands(B, c, H, d, past, seed=c + past)
     assert chunk_pieces_can_run(q, k, window, frozen_keys=past)
     assert not chunk_pieces_can_run(q, k, window, frozen_keys=past - 1)  # not all frozen
     if window is not None and c > 1:  # the window's edge cuts a cache that is not full

@@ -57,6 +57,23 @@ def time_call(fn: Callable[[], Any], device: torch.device, repeats: int,
     return times
 
 
+def cuda_event_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 3) -> float:
+    """Median GPU seconds of ``repeats`` calls of ``fn`` after ``warmup``, from CUDA events
+    around each call (kernel time and the gaps between its launches, without the host's
+    time before the first one)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def median(times: Sequence[float]) -> float:
     return statistics.median(times)
 

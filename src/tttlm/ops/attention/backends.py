@@ -200,10 +200,11 @@ class FirstOrderBackend(AutoBackend):
 class PiecesBackend(AutoBackend):
     """As ``auto``, with the pieces of :mod:`tttlm.ops.attention.pieces` wherever they apply:
     windowed whole sequences that take no gradient on any device (through FlashAttention on a
-    GPU without cuDNN's attention, the CPU kernels in tests), and TTT chunks over a full,
-    frozen cache as three FlashAttention pieces (first-order backward) where the flash window
-    of ``auto`` does not run (an older torch). With a gradient through whole sequences, or a
-    gradient of a gradient, as ``auto``."""
+    GPU without cuDNN's attention, the CPU kernels in tests), and every frozen TTT chunk with
+    a cache (full, or not yet cut by the window) as pieces with a first-order backward,
+    through cuDNN where it runs and FlashAttention otherwise, in place of ``auto``'s flash
+    window. With a gradient through whole sequences, or a gradient of a gradient, as
+    ``auto``."""
 
     name = "pieces"
 

@@ -36,18 +36,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tttlm.ops.attention.flash import FLASH_DTYPES
+
 
 def pieces_can_run(q: torch.Tensor, window: int | None, block: int) -> bool:
     """Whether :func:`window_attention_pieces` applies: no gradient is taken, the sequence
     is longer than the window, the window a multiple of a block no longer than it, and (on
     CUDA) a dtype and head width FlashAttention takes."""
-    T, d = q.shape[1], q.shape[-1]
+    T = q.shape[1]
     if window is None or window >= T or block < 1 or block > window or window % block:
         return False
     if torch.is_grad_enabled() and q.requires_grad:
         return False
+    return _kernels_take(q)
+
+
+def _kernels_take(q: torch.Tensor) -> bool:
+    """A device, dtype and head width the pieces' kernels take: the CPU's (tests), or on CUDA
+    what FlashAttention takes (fp16/bf16, heads a multiple of 8 up to 256)."""
     if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+        return q.dtype in FLASH_DTYPES and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256
     return q.device.type == "cpu"
 
 
@@ -236,15 +244,13 @@ def chunk_pieces_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
     (``window`` keys, ``window > c``) or leaves no key out of the window (cache + chunk
     ``<= window``, or no window); a first-order gradient at most; and (on CUDA) a dtype and
     head width FlashAttention takes."""
-    c, d = q.shape[1], q.shape[-1]
+    c = q.shape[1]
     past = k.shape[1] - c
     if frozen_keys <= 0 or frozen_keys != past:
         return False
     if window is not None and past + c > window and not (past == window and c < window):
         return False
-    if q.is_cuda:
-        return q.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
-    return q.device.type == "cpu"
+    return _kernels_take(q)
 
 
 def cudnn_chunk_pieces_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
