@@ -44,10 +44,18 @@ def capture(run: Callable[[], Out], warm: Callable[[], object],
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), cast:
         warm()
-    torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), cast:
-        out = run()
+    # capture_begin/end on the side stream, not `with torch.cuda.graph(...)`: that one
+    # synchronizes and empties the allocator's cache first, so every block the rest of the
+    # run (and the next run) allocates goes back to cudaMalloc. A prefill captures once per
+    # run (per TTT group), and the cache it would empty is what the prefix blocks just used.
+    with torch.cuda.stream(side), cast:
+        graph.capture_begin()
+        try:
+            out = run()
+        finally:
+            graph.capture_end()
+    torch.cuda.current_stream(device).wait_stream(side)
 
     def replay() -> Out:
         graph.replay()
@@ -107,16 +115,11 @@ class ChunkGraph:
         self.fast = [PrimeWeights(*(w.detach().clone() for w in layer)) for layer in fast]
         self.inner_state = map_state(lambda t: t.detach().clone(), inner_state)
 
-        def step() -> tuple[Any, ...]:
-            collect = _Collect()
+        def run() -> tuple[Any, ...]:
             nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, hidden = (
                 model.ttt_chunk(self.h, self.labels, self.mask, start, rope, self.caches,
                                 self.fast, self.inner_state, opts, True, keep_logits,
-                                collect))  # type: ignore[arg-type]
-            return nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, hidden
-
-        def run() -> tuple[Any, ...]:
-            nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, hidden = step()
+                                _Collect()))  # type: ignore[arg-type]
             with torch.no_grad():
                 for (k, v), (new_k, new_v) in zip(self.caches, new_caches, strict=True):
                     k.copy_(new_k)
@@ -127,8 +130,14 @@ class ChunkGraph:
                     torch.where(ok.view(-1, *([1] * (old.dim() - 1))), new, old, out=old)
             return nll, chunk_loss, logits, norm, hidden
 
-        # The warm-up computes without writing: the step reads the buffers it updates.
-        self._replay = capture_fn(run, step, h.device)
+        # The warm-up is this first chunk's step itself, writes included (capture records
+        # without running): its results are the first call's, so no chunk is computed twice.
+        self._first: tuple[Any, ...] | None = None
+
+        def warm() -> None:
+            self._first = run()
+
+        self._replay = capture_fn(run, warm, h.device)
 
     @staticmethod
     def _updated(fast: FastWeights, state: InnerState) -> list[torch.Tensor]:
@@ -146,7 +155,13 @@ class ChunkGraph:
              ) -> tuple[Any, ...]:
         """One chunk: ``ttt_chunk``'s results (update on), the caches, fast weights and state
         being this graph's buffers, which the next call overwrites. The per-chunk outputs are
-        copies."""
+        copies. The first call is the chunk the graph was made with, computed already."""
+        if self._first is not None:
+            nll, chunk_loss, logits, norm, hidden = self._first
+            self._first = None
+            return (nll.clone(), chunk_loss.clone(),
+                    None if logits is None else logits.clone(), self.caches, self.fast,
+                    self.inner_state, norm.clone(), hidden.clone())
         self.h.copy_(h)
         self.labels.copy_(labels)
         self.mask.copy_(mask)
