@@ -62,6 +62,38 @@ def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
+def test_graph_chunks_none_means_where_graphs_can_be_captured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``graph_chunks = None``: no graph off a GPU; where one can be captured, the graph,
+    whose first chunk is its warm-up (no chunk computed twice)."""
+    from tttlm.model import model as model_module
+
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float32)
+    calls = {"chunks": 0}
+    chunk = model.ttt_chunk
+
+    def counted_chunk(*a: Any, **k: Any) -> Any:
+        calls["chunks"] += 1
+        return chunk(*a, **k)
+
+    monkeypatch.setattr(model, "ttt_chunk", counted_chunk)
+    x, y = tokens(model, 2, 40)
+    ref = _forward(model, x, y, graphed=False)
+    launched = calls["chunks"]
+    got = _forward(model, x, y, graphed=None)  # type: ignore[arg-type]
+    with torch.no_grad():
+        assert model.options().graph_chunks is None
+    assert counts["graphs"] == 0 and calls["chunks"] == 2 * launched  # a CPU: no graph
+    monkeypatch.setattr(model_module, "can_capture", lambda device: True)
+    monkeypatch.setattr(model_module, "capture", cuda_graph.run_eagerly)
+    got = _forward(model, x, y, graphed=None)  # type: ignore[arg-type]
+    assert counts == {"graphs": 1, "steps": 6}
+    assert calls["chunks"] == 3 * launched
+    for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
 def test_graphed_run_returns_the_same_state() -> None:
     """What the engine keeps after a prefill: caches (after the last chunk and at its start),
     fast weights, the last chunk's output; with ``learn_last`` too."""

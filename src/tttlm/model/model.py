@@ -162,7 +162,8 @@ class ForwardOptions:
         graph_chunks: without an outer gradient, once the TTT caches are full, capture one
             chunk's step as a CUDA graph and replay it for the later chunks of the run
             (:class:`~tttlm.model.cuda_graph.ChunkGraph`; off a GPU the same buffers run
-            eagerly). From ``TTTForCausalLM.graph_chunks``.
+            eagerly). ``None``: where graphs can be captured (a CUDA device). From
+            ``TTTForCausalLM.graph_chunks``.
         ttt_group: without an outer gradient, run the TTT chunks of at most this many
             sequences at a time (``None``: all). Each sequence's fast weights, their gradient
             and their update are ``[B, ...]`` fp32 tensors (1.4 GB per sequence at 3b), so
@@ -176,7 +177,7 @@ class ForwardOptions:
     checkpoint_chunks: bool = False
     lean_head: bool = True
     compiled: bool = False
-    graph_chunks: bool = False
+    graph_chunks: bool | None = False
     ttt_group: int | None = None
 
     @property
@@ -392,7 +393,8 @@ class TTTForCausalLM(nn.Module):
             ttt=ttt, mode=mode, inner_lr=config.inner_lr if inner_lr is None else inner_lr,
             checkpoint_chunks=bool(checkpoint_chunks) and mode is not GradMode.NONE,
             lean_head=self.lean_head, compiled=self.compile_blocks,
-            graph_chunks=bool(self.graph_chunks) and mode is GradMode.NONE,
+            graph_chunks=(None if self.graph_chunks is None else bool(self.graph_chunks))
+            if mode is GradMode.NONE else False,
             ttt_group=self.resolved_ttt_group())
 
     def _check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None,
@@ -637,6 +639,8 @@ class TTTForCausalLM(nn.Module):
             # Test time: each update's finiteness is read while the next chunk runs.
             guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
             graph: ChunkGraph | None = None
+            graphs = (can_capture(h.device) if opts.graph_chunks is None
+                      else opts.graph_chunks)
             for i, (s, e) in enumerate(chunks):
                 update = opts.ttt and (i < len(chunks) - 1 or learn_last)
                 past = caches[0][0].shape[1]
@@ -648,7 +652,7 @@ class TTTForCausalLM(nn.Module):
                         inner_state, opts, update, return_logits, guard)
                 # The steady state as a graph: full caches, a whole chunk, an update; not the last
                 # chunk, whose starting caches the caller keeps (the graph's are overwritten).
-                if (opts.graph_chunks and guard is not None and update and past == window
+                if (graphs and guard is not None and update and past == window
                         and e - s == b and i < len(chunks) - 1 and not return_fast_weights
                         and (graph is not None or len(chunks) - 1 - i >= GRAPH_MIN_CHUNKS)):
                     if guard.pending and (kept := guard.settle()) is not None:
