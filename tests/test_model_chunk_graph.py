@@ -62,14 +62,17 @@ def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
-def test_graph_chunks_none_means_where_graphs_can_be_captured(
+def test_graph_chunks_none_takes_graphs_where_they_win(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """``graph_chunks = None``: no graph off a GPU; where one can be captured, the graph,
-    whose first chunk is its warm-up (no chunk computed twice)."""
+    """``graph_chunks = None`` (the default): no graph off a GPU; where one can be captured,
+    a graph for one sequence with at least ``GRAPH_AUTO_MIN_CHUNKS`` chunks to replay, whose
+    first chunk is its warm-up (no chunk computed twice); none for two sequences at a time."""
     from tttlm.model import model as model_module
 
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32)
+    assert model.graph_chunks is None
+    model.ttt_group = None
     calls = {"chunks": 0}
     chunk = model.ttt_chunk
 
@@ -78,18 +81,28 @@ def test_graph_chunks_none_means_where_graphs_can_be_captured(
         return chunk(*a, **k)
 
     monkeypatch.setattr(model, "ttt_chunk", counted_chunk)
-    x, y = tokens(model, 2, 40)
-    ref = _forward(model, x, y, graphed=False)
-    launched = calls["chunks"]
-    got = _forward(model, x, y, graphed=None)  # type: ignore[arg-type]
+
+    def run(batch: int, graphed: bool | None) -> tuple[Any, int]:
+        x, y = tokens(model, batch, 40, seed=batch)
+        calls["chunks"] = 0
+        out = _forward(model, x, y, graphed)  # type: ignore[arg-type]
+        return out, calls["chunks"]
+
+    ref, launched = run(1, False)
+    assert launched == 10
     with torch.no_grad():
+        model.graph_chunks = None
         assert model.options().graph_chunks is None
-    assert counts["graphs"] == 0 and calls["chunks"] == 2 * launched  # a CPU: no graph
+    assert run(1, None)[1] == launched and counts["graphs"] == 0  # a CPU: no graph
     monkeypatch.setattr(model_module, "can_capture", lambda device: True)
     monkeypatch.setattr(model_module, "capture", cuda_graph.run_eagerly)
-    got = _forward(model, x, y, graphed=None)  # type: ignore[arg-type]
-    assert counts == {"graphs": 1, "steps": 6}
-    assert calls["chunks"] == 3 * launched
+    run(1, None)
+    assert counts["graphs"] == 0  # 6 chunks to replay: fewer than GRAPH_AUTO_MIN_CHUNKS
+    monkeypatch.setattr(model_module, "GRAPH_AUTO_MIN_CHUNKS", 6)
+    run(2, None)
+    assert counts["graphs"] == 0  # two sequences at a time
+    got, computed = run(1, None)
+    assert counts == {"graphs": 1, "steps": 6} and computed == launched
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 

@@ -101,10 +101,12 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tokens-per-step", type=int, default=131072,
                    help="tokens per step when --batch is not given (the paper's 128K)")
     p.add_argument("--compile", nargs="+", default=["eager"],
-                   choices=["eager", "compiled", "graphed"],
-                   help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks); "
-                        "graphed: compiled, and the TTT chunks over full caches replayed as a "
-                        "CUDA graph (TTTForCausalLM.graph_chunks)")
+                   choices=list(BLOCK_MODES),
+                   help="blocks eager and/or compiled (TTTForCausalLM.compile_blocks), the TTT "
+                        "chunks over full caches replayed as a CUDA graph where the model's "
+                        "default takes one (TTTForCausalLM.graph_chunks = None: one sequence, "
+                        "at least 32 chunks); graphed / launched: compiled, with those graphs "
+                        "always / never")
     p.add_argument("--paths", nargs="+", default=["model"],
                    choices=["model", "engine", "engine-graphs"],
                    help="the scoring forward pass (model) and/or Engine.prefill (engine; "

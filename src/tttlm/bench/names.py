@@ -7,9 +7,14 @@ from __future__ import annotations
 # graph, or both.
 STEP_MODES = ("eager", "compiled", "graph", "compiled-graph")
 
-# How tttlm.bench.prefill runs the blocks, by --compile name: eager (False), compiled (True), or
-# compiled with the TTT chunks over full caches replayed as a CUDA graph ("graphed").
-BLOCK_MODES: dict[str, bool | str] = {"eager": False, "compiled": True, "graphed": "graphed"}
+# How tttlm.bench.prefill runs the blocks, by --compile name: eager (False) or compiled (True),
+# each with the model's default for CUDA graphs of the TTT chunks over full caches
+# (TTTForCausalLM.graph_chunks = None: where they win); compiled with those graphs always
+# ("graphed") or never ("launched").
+BLOCK_MODES: dict[str, bool | str] = {"eager": False, "compiled": True, "graphed": "graphed",
+                                      "launched": "launched"}
+# TTTForCausalLM.graph_chunks for each mode
+GRAPH_CHUNKS: dict[bool | str, bool | None] = {"graphed": True, "launched": False}
 BLOCKS_LABEL: dict[bool | str, str] = {mode: name for name, mode in BLOCK_MODES.items()}
 
 PREFILL_COLUMNS = ["variant", "path", "blocks", "attention", "sdpa", "tokens", "batch",

@@ -25,7 +25,7 @@ from tttlm.bench.common import (
     reset_peak_memory,
     time_call,
 )
-from tttlm.bench.names import BLOCKS_LABEL
+from tttlm.bench.names import BLOCKS_LABEL, GRAPH_CHUNKS
 from tttlm.config import TTTConfig, Variant
 from tttlm.devices import autocast
 
@@ -143,9 +143,10 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     prompts are timed at the batch a server would run them at. ``full`` is timed with SDPA's
     flash and cuDNN backends on CUDA; ``speedup_vs_full`` compares with the fastest ``full``
     row. ``compile_modes`` lists eager (False) and/or compiled blocks
-    (``TTTForCausalLM.compile_blocks``, True) and/or ``"graphed"`` (compiled, and the TTT
-    chunks over full caches replayed as a CUDA graph: ``TTTForCausalLM.graph_chunks``); a
-    compiled row's first (warm-up) run compiles.
+    (``TTTForCausalLM.compile_blocks``, True), both with the model's default for CUDA graphs
+    of the TTT chunks over full caches (``TTTForCausalLM.graph_chunks = None``), and/or
+    compiled with those graphs always (``"graphed"``) or never (``"launched"``); a compiled
+    row's first (warm-up) run compiles.
     A step that does not fit in memory runs as consecutive micro-batches (``micro_batch``):
     the same tokens per step, in fewer sequences at a time. ``paths``: ``model`` (the forward
     pass that scores the prompt) and/or ``engine`` (``Engine.prefill``, what ``tttlm generate``
@@ -179,7 +180,7 @@ def bench_prefill(device: torch.device, preset: str = "3b",
             for path, compiled, attn, group, backend in itertools.product(
                     paths, compile_modes, attention, groups, _sdpa_backends(device, variant)):
                 model.compile_blocks = bool(compiled)
-                model.graph_chunks = compiled == "graphed"
+                model.graph_chunks = GRAPH_CHUNKS.get(compiled)
                 model.ttt_group = group
                 group = model.resolved_ttt_group()
                 row: dict[str, Any] = {"preset": preset, "variant": variant, "path": path,

@@ -44,18 +44,13 @@ def capture(run: Callable[[], Out], warm: Callable[[], object],
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side), cast:
         warm()
-    graph = torch.cuda.CUDAGraph()
-    # capture_begin/end on the side stream, not `with torch.cuda.graph(...)`: that one
-    # synchronizes and empties the allocator's cache first, so every block the rest of the
-    # run (and the next run) allocates goes back to cudaMalloc. A prefill captures once per
-    # run (per TTT group), and the cache it would empty is what the prefix blocks just used.
-    with torch.cuda.stream(side), cast:
-        graph.capture_begin()
-        try:
-            out = run()
-        finally:
-            graph.capture_end()
     torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # (torch.cuda.graph empties the allocator's cache before capturing. Capturing without
+    # that, through capture_begin/end, ran a 3b prefill at 32K x 4 out of memory on an H100:
+    # the cache kept what the graph's own pool then had to allocate again.)
+    with torch.cuda.graph(graph), cast:
+        out = run()
 
     def replay() -> Out:
         graph.replay()

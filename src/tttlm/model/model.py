@@ -48,9 +48,15 @@ IGNORE_INDEX = -100
 # together, for 346M fast-weight parameters per sequence, i.e. about 19 bytes per parameter.
 AUTO_GROUP_BYTES = 16 * 2**30
 FAST_BYTES_PER_PARAMETER = 19
-# A chunk graph is captured only for at least this many chunks: its warm-up and capture cost
-# about two chunks' time, which fewer replays would not win back.
+# A chunk graph is captured only for at least this many chunks: its capture costs about a
+# chunk's time, which fewer replays would not win back.
 GRAPH_MIN_CHUNKS = 4
+# Where graph_chunks is None (the default), graphs are taken only where they were measured to
+# win: one sequence at a time (the host then queues a chunk's ~1000 launches about as fast as
+# the GPU runs them) and at least this many chunks to replay. 3b, one H100: 128K x 1 (119
+# replays) 0.0464 -> 0.0443 s/1K; 32K x 4 in groups of 2 (23 replays each) 0.0375 -> 0.0420
+# (benchmarks/results/prefill_graphs_3b.md).
+GRAPH_AUTO_MIN_CHUNKS = 32
 
 # Modules only TTT-E2E has (what `tttlm convert hf --to e2e` adds to a full-attention model).
 TTT_MODULES = frozenset({"prime", "prime_norm", "prime_post_norm", "inner_optimizer"})
@@ -162,7 +168,8 @@ class ForwardOptions:
         graph_chunks: without an outer gradient, once the TTT caches are full, capture one
             chunk's step as a CUDA graph and replay it for the later chunks of the run
             (:class:`~tttlm.model.cuda_graph.ChunkGraph`; off a GPU the same buffers run
-            eagerly). ``None``: where graphs can be captured (a CUDA device). From
+            eagerly). ``None``: where they were measured to win: a CUDA device, one
+            sequence at a time and at least ``GRAPH_AUTO_MIN_CHUNKS`` chunks to replay. From
             ``TTTForCausalLM.graph_chunks``.
         ttt_group: without an outer gradient, run the TTT chunks of at most this many
             sequences at a time (``None``: all). Each sequence's fast weights, their gradient
@@ -259,8 +266,9 @@ class TTTForCausalLM(nn.Module):
         self.ttt_group: int | str | None = "auto"
         # Without an outer gradient, replay the step of a TTT chunk over full caches as a CUDA
         # graph (ForwardOptions.graph_chunks): one launch per chunk instead of a thousand.
-        # Off until measured against eager launches (benchmarks/pending_gpu.sh PART=graphs).
-        self.graph_chunks = False
+        # None: where that was measured to win (GRAPH_AUTO_MIN_CHUNKS); True / False: always
+        # (from GRAPH_MIN_CHUNKS on) / never.
+        self.graph_chunks: bool | None = None
         # Warned once that labels equal input_ids (the Hugging Face habit; see _check_inputs).
         self._warned_unshifted = False
         self.reset_parameters()
@@ -639,8 +647,9 @@ class TTTForCausalLM(nn.Module):
             # Test time: each update's finiteness is read while the next chunk runs.
             guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
             graph: ChunkGraph | None = None
-            graphs = (can_capture(h.device) if opts.graph_chunks is None
-                      else opts.graph_chunks)
+            graphs, min_chunks = opts.graph_chunks, GRAPH_MIN_CHUNKS
+            if graphs is None:
+                graphs, min_chunks = can_capture(h.device) and B == 1, GRAPH_AUTO_MIN_CHUNKS
             for i, (s, e) in enumerate(chunks):
                 update = opts.ttt and (i < len(chunks) - 1 or learn_last)
                 past = caches[0][0].shape[1]
@@ -654,7 +663,7 @@ class TTTForCausalLM(nn.Module):
                 # chunk, whose starting caches the caller keeps (the graph's are overwritten).
                 if (graphs and guard is not None and update and past == window
                         and e - s == b and i < len(chunks) - 1 and not return_fast_weights
-                        and (graph is not None or len(chunks) - 1 - i >= GRAPH_MIN_CHUNKS)):
+                        and (graph is not None or len(chunks) - 1 - i >= min_chunks)):
                     if guard.pending and (kept := guard.settle()) is not None:
                         guard.pop_corrected()
                         fast, inner_state = kept
