@@ -114,18 +114,23 @@ case "$PART" in
       grep "^| [ef]" "$SCRATCH/prefill_cudnn_chunks_$att.md" 2>/dev/null
       cp "$SCRATCH/prefill_cudnn_chunks_$att.json" "$OUT/" 2>/dev/null
     done ;;
-  graphs)  # speed issue: the steady-state TTT chunk replayed as a CUDA graph
-    # (TTTForCausalLM.graph_chunks, `--compile graphed`) against launching its kernels, with
-    # the chunks' attention as FlashAttention's window (auto) and as cuDNN pieces (pieces), for
-    # the scoring forward and Engine.prefill (one card, one call)
+  graphs)  # speed issue: the model's default for CUDA graphs of the steady-state TTT chunk
+    # (graph_chunks=None: one sequence, >= 32 replays; `--compile compiled`) against launching
+    # every chunk's kernels (`--compile launched`), 3b at 8K x 16, 32K x 4 and 128K x 1, then
+    # Engine.prefill at 128K x 1 with the default (one card, one call; H100 figures so far:
+    # benchmarks/results/prefill_graphs_3b.md)
     timeout 150 python -m pytest -q -p no:warnings tests/test_model_chunk_graph.py \
       tests/test_inference_graphs.py | tail -3
-    timeout 420 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-      --lengths 32768 131072 --compile compiled graphed --attention auto pieces \
-      --paths model --repeats 2 --out "$SCRATCH/prefill_graphs_3b" > /dev/null \
-      || echo "bench: exit $?"
+    timeout 330 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 32768 131072 --compile launched compiled --paths model --repeats 3 \
+      --out "$SCRATCH/prefill_graphs_3b" > /dev/null || echo "bench: exit $?"
     grep "^| e" "$SCRATCH/prefill_graphs_3b.md" 2>/dev/null
-    cp "$SCRATCH/prefill_graphs_3b.json" "$OUT/" 2>/dev/null ;;
+    cp "$SCRATCH/prefill_graphs_3b.json" "$OUT/" 2>/dev/null
+    timeout 120 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 131072 --compile compiled --paths engine --repeats 3 \
+      --out "$SCRATCH/prefill_graphs_engine_3b" > /dev/null || echo "engine: exit $?"
+    grep "^| e" "$SCRATCH/prefill_graphs_engine_3b.md" 2>/dev/null
+    cp "$SCRATCH/prefill_graphs_engine_3b.json" "$OUT/" 2>/dev/null ;;
   flash)  # speed issue: frozen TTT chunks through FlashAttention's window and the prefix
     # blocks past their window as two batched cuDNN pieces (attention `pieces`): their CUDA
     # tests, then 3b e2e prefill against the tree before them (.mid/src, made with
