@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from tttlm.ops.triton_runtime import triton_available
 from tttlm.ttt.modes import GradMode  # defined apart (torch-free); imported from here too
 
 
@@ -96,8 +97,16 @@ def per_sequence(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def descend(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             coef: torch.Tensor) -> list[torch.Tensor]:
     """``W + coef·g`` for every tensor, ``coef [B]`` per sequence: one addcmul pass each, in
-    W's dtype (a bf16 ``g`` is widened exactly inside the pass)."""
-    return [torch.addcmul(w, g, per_sequence(coef, w)) for w, g in zip(fast, grads)]
+    W's dtype (a bf16 ``g`` is widened exactly inside the pass). On a GPU, where nothing needs
+    a gradient (no outer gradient), fp32 weights take one Triton pass each instead
+    (:mod:`tttlm.ops.triton_descend`: ATen's addcmul copies a bf16 gradient to fp32 first and
+    cannot vectorise the broadcast factor)."""
+    kernel = None
+    if fast and fast[0].is_cuda and triton_available():
+        from tttlm.ops import triton_descend as kernel  # imports Triton
+    return [kernel.triton_descend(w, g, coef)
+            if kernel is not None and kernel.triton_descend_can_run(w, g, coef)
+            else torch.addcmul(w, g, per_sequence(coef, w)) for w, g in zip(fast, grads)]
 
 
 def inner_step(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | torch.Tensor,
