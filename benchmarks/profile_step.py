@@ -2,8 +2,11 @@
 
     PYTHONPATH=src python benchmarks/profile_step.py prefill:3b:e2e:8192:16 train:125m:e2e:8192:1
 
-Each case is ``what:preset:variant:tokens:batch[:compiled]`` (``what`` is ``prefill`` or
-``train``; ``compiled`` sets ``TTTForCausalLM.compile_blocks``). The case
+Each case is ``what:preset:variant:tokens:batch[:compiled][:launched|:graphed]`` (``what`` is
+``prefill`` or ``train``; ``compiled`` sets ``TTTForCausalLM.compile_blocks``; ``launched`` /
+``graphed`` set ``graph_chunks`` off / on, default the model's: a prefill of one sequence with
+32 chunks or more to replay takes the graph, whose kernels the profiler may not list one by
+one). The case
 runs twice (warm-up, compilation), then once under ``torch.profiler``; the report gives wall
 time, the summed time of GPU kernels (wall minus that is time the GPU waited for the host), the
 number of kernel launches, time per kernel group and the top kernels. ``--out FILE`` also writes
@@ -59,12 +62,13 @@ def _device_time(event: Any) -> float:
 
 
 def _make_step(what: str, preset: str, variant: str, tokens: int, batch: int,
-               device: torch.device, compiled: bool) -> Any:
+               device: torch.device, compiled: bool, graphs: bool | None = None) -> Any:
     config = TTTConfig.from_preset(preset, variant=variant)
     torch.manual_seed(0)
     with device:
         model = TTTForCausalLM(config)
     model.compile_blocks = compiled
+    model.graph_chunks = graphs
     x = torch.randint(0, config.vocab_size, (batch, tokens + 1), device=device)
     ttt = variant == "e2e"
     if what == "prefill":
@@ -88,7 +92,9 @@ def _make_step(what: str, preset: str, variant: str, tokens: int, batch: int,
 def profile_case(case: str, device: torch.device, top: int) -> dict[str, Any]:
     what, preset, variant, tokens, batch, *flags = case.split(":")
     step = _make_step(what, preset, variant, int(tokens), int(batch), device,
-                      compiled="compiled" in flags)
+                      compiled="compiled" in flags,
+                      graphs=True if "graphed" in flags else False if "launched" in flags
+                      else None)
     for _ in range(2):
         step()
     torch.cuda.synchronize()
@@ -129,7 +135,8 @@ def profile_case(case: str, device: torch.device, top: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("cases", nargs="+", help="what:preset:variant:tokens:batch[:compiled]")
+    parser.add_argument("cases", nargs="+",
+                        help="what:preset:variant:tokens:batch[:compiled][:launched|:graphed]")
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--attention", default="auto",
                         help="attention backend (tttlm.ops.attention names, e.g. first-order)")
