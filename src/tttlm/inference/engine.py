@@ -242,7 +242,10 @@ class Engine:
             chunks one by one as decoding does (instead of the training forward's chunk
             loop), so that the inner step replays too (equal to rounding). At most about
             log2(chunk) + 3 graphs per state (a piece length each, a whole chunk without the
-            TTT blocks, the inner step), each with its own memory pool.
+            TTT blocks, the inner step), each with its own memory pool. (Without them, a
+            prompt's chunk loop is the model's, which takes its own chunk graph where
+            ``model.graph_chunks`` says: by default one sequence on a GPU with at least 32
+            chunks over full caches.)
     """
 
     def __init__(self, model: TTTForCausalLM, *, ttt: bool | None = None,

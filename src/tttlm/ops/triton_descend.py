@@ -35,7 +35,8 @@ def _descend_kernel(W, G, COEF, OUT, n, BLOCK: tl.constexpr):
     valid = offs < n
     w = tl.load(W + b * n + offs, mask=valid)
     g = tl.load(G + b * n + offs, mask=valid).to(w.dtype)
-    c = tl.load(COEF + b)
+    # (the factor broadcast by hand: older Triton's fma does not broadcast a scalar operand)
+    c = tl.broadcast_to(tl.load(COEF + b), (BLOCK,))
     tl.store(OUT + b * n + offs, tl.fma(g, c, w), mask=valid)
 
 
