@@ -28,6 +28,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tttlm.bench.common import environment
+from tttlm.bench.names import GRAPH_CHUNKS
 from tttlm.config import TTTConfig
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ops.attention import attention_backend
@@ -93,8 +94,7 @@ def profile_case(case: str, device: torch.device, top: int) -> dict[str, Any]:
     what, preset, variant, tokens, batch, *flags = case.split(":")
     step = _make_step(what, preset, variant, int(tokens), int(batch), device,
                       compiled="compiled" in flags,
-                      graphs=True if "graphed" in flags else False if "launched" in flags
-                      else None)
+                      graphs=next((GRAPH_CHUNKS[f] for f in flags if f in GRAPH_CHUNKS), None))
     for _ in range(2):
         step()
     torch.cuda.synchronize()
