@@ -107,6 +107,32 @@ def test_graph_chunks_none_takes_graphs_where_they_win(
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
+def test_graph_updates_its_buffers_in_place_with_their_bf16_copies(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the official SGD writes the graph's fast weights and the bf16
+    leaves the next chunk differentiates in one pass (``step_``): the same bits as launched
+    chunks, which cast the weights afresh and take ``step``."""
+    model = tiny_model(dtype=torch.float32)
+    calls: list[bool] = []
+    step_ = model.inner_optimizer.step_
+
+    def spy(*a: Any, **k: Any) -> Any:
+        wrt = k["wrt"]
+        calls.append(wrt is not None and all(w.dtype == torch.bfloat16 for l in wrt for w in l))
+        return step_(*a, **k)
+
+    monkeypatch.setattr(model.inner_optimizer, "step_", spy)
+    x, y = tokens(model, 2, 40)
+    outs = []
+    for graphed in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(_forward(model, x, y, graphed=graphed))
+        assert len(calls) == (6 if graphed else 0)
+    assert all(calls)
+    for name in ("token_nll", "logits", "inner_update_norms"):
+        assert torch.equal(getattr(outs[1], name), getattr(outs[0], name)), name
+
+
 def test_graphed_run_returns_the_same_state() -> None:
     """What the engine keeps after a prefill: caches (after the last chunk and at its start),
     fast weights, the last chunk's output; with ``learn_last`` too."""
@@ -143,36 +169,43 @@ def test_an_outer_gradient_never_takes_the_graph(monkeypatch: pytest.MonkeyPatch
 
 def _poison_marked_chunks(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The inner update of sequence 0 is NaN in every chunk whose first label is SENTINEL
-    (marked by data, so that a graph's warm-up and replay of that chunk agree)."""
+    (marked by data, so that a graph's warm-up and replay of that chunk agree): its loss
+    enters the inner optimizer times NaN, whether the step returns new weights (``step``)
+    or writes them in place (``step_``, a graph's buffers)."""
     chunk = model.ttt_chunk
     optimizer = model.inner_optimizer
-    step = optimizer.step
+    steps = {name: getattr(optimizer, name) for name in ("step", "step_")}
 
-    def poisoned_step(*a: Any, **k: Any) -> Any:
-        new, state, norm = step(*a, **k)
-        new = [type(layer)(*(w.clone() for w in layer)) for layer in new]
-        new[0][0][0] = float("nan")
-        norm = norm.clone()
-        norm[0] = float("nan")
-        return new, state, norm
+    def poisoned(step: Any) -> Any:
+        def poisoned_step(loss: torch.Tensor, *a: Any, **k: Any) -> Any:
+            nan = torch.ones_like(loss)
+            nan[0] = float("nan")
+            return step(loss * nan, *a, **k)
+        return poisoned_step
 
     def marked_chunk(h: torch.Tensor, labels: torch.Tensor, *a: Any) -> Any:
         if int(labels[0, 0]) != SENTINEL:
             return chunk(h, labels, *a)
-        monkeypatch.setattr(optimizer, "step", poisoned_step)
+        for name, step in steps.items():
+            monkeypatch.setattr(optimizer, name, poisoned(step))
         try:
             return chunk(h, labels, *a)
         finally:
-            monkeypatch.setattr(optimizer, "step", step)
+            for name, step in steps.items():
+                monkeypatch.setattr(optimizer, name, step)
 
     monkeypatch.setattr(model, "ttt_chunk", marked_chunk)
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 def test_a_non_finite_update_is_dropped_for_its_sequence_as_eagerly(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequence 0's update of chunk 5 (a graphed one) is NaN: it keeps its fast weights
-    there, as the eager guard keeps them; sequence 1 is untouched; the norm shows the NaN."""
+    there, as the eager guard keeps them; sequence 1 is untouched; the norm shows the NaN.
+    The graph's update written in place (the official SGD), or selected after it."""
     model = tiny_model(dtype=torch.float32)
+    if not in_place:
+        monkeypatch.setattr(model.inner_optimizer, "updates_in_place", False)
     x, y = tokens(model, 2, 40)
     y = y.clone()
     c = model.config.chunk_size

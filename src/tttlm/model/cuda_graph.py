@@ -92,8 +92,12 @@ class ChunkGraph:
     The graph reads the chunk (hidden states, labels, mask) from static buffers and updates
     its own buffers of the caches, fast weights and inner-optimizer state in place: the new
     caches are copied over the old, and the new fast weights and state are written where the
-    update is finite (``torch.where`` per sequence, the check the eager path defers) and the
-    old ones kept elsewhere, as :class:`~tttlm.ttt.finite.FiniteGuard` does. The chunk's
+    update is finite (the check the eager path defers) and the old ones kept elsewhere, as
+    :class:`~tttlm.ttt.finite.FiniteGuard` does. With an inner optimizer that
+    ``updates_in_place`` (the official SGD), the update itself writes them, together with
+    the fast weights' copies in the compute dtype that the next chunk differentiates: one
+    pass per tensor (on an H100 at 128K, the select and the cast had cost about 3 ms per
+    chunk). Otherwise a ``torch.where`` per sequence writes the new ones over. The chunk's
     absolute start enters only the attention mask through differences of positions, which
     are the same for every chunk over a full cache: the value captured serves them all.
     ``capture_fn``: :func:`capture` (CUDA), or :func:`run_eagerly` to run the same buffers
@@ -109,20 +113,25 @@ class ChunkGraph:
         self.caches = [(k.clone(), v.clone()) for k, v in caches]
         self.fast = [PrimeWeights(*(w.detach().clone() for w in layer)) for layer in fast]
         self.inner_state = map_state(lambda t: t.detach().clone(), inner_state)
+        self.in_place = model.inner_optimizer.updates_in_place
+        # The leaves the inner gradient is taken for, kept equal to the fast weights by the
+        # update (None: the fast weights themselves, or no narrower compute dtype).
+        self.low = model._inner_leaves(self.fast, h) if self.in_place else None
 
         def run() -> tuple[Any, ...]:
             nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, hidden = (
                 model.ttt_chunk(self.h, self.labels, self.mask, start, rope, self.caches,
                                 self.fast, self.inner_state, opts, True, keep_logits,
-                                _Collect()))  # type: ignore[arg-type]
+                                _Collect(), self.in_place, self.low))  # type: ignore[arg-type]
             with torch.no_grad():
                 for (k, v), (new_k, new_v) in zip(self.caches, new_caches, strict=True):
                     k.copy_(new_k)
                     v.copy_(new_v)
-                ok = torch.isfinite(norm)
-                for old, new in zip(self._updated(self.fast, self.inner_state),
-                                    self._updated(new_fast, new_state), strict=True):
-                    torch.where(ok.view(-1, *([1] * (old.dim() - 1))), new, old, out=old)
+                if not self.in_place:
+                    ok = torch.isfinite(norm)
+                    for old, new in zip(self._updated(self.fast, self.inner_state),
+                                        self._updated(new_fast, new_state), strict=True):
+                        torch.where(ok.view(-1, *([1] * (old.dim() - 1))), new, old, out=old)
             return nll, chunk_loss, logits, norm, hidden
 
         # The warm-up is this first chunk's step itself, writes included (capture records
@@ -167,6 +176,11 @@ class ChunkGraph:
             for layer, mine in zip(fast, self.fast, strict=True):
                 for a, b in zip(layer, mine):
                     b.copy_(a)
+            if self.low is not None:
+                with torch.no_grad():  # (leaves that require grad)
+                    for layer, mine in zip(fast, self.low, strict=True):
+                        for a, b in zip(layer, mine):
+                            b.copy_(a)  # cast to the compute dtype, as _inner_leaves does
             for old, new in zip(self._updated([], self.inner_state),
                                 self._updated([], inner_state), strict=True):
                 old.copy_(new)

@@ -745,7 +745,8 @@ class TTTForCausalLM(nn.Module):
     def ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
                   rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVPair],
                   fast: FastWeights, inner_state: InnerState, opts: ForwardOptions, update: bool,
-                  keep_logits: bool, guard: FiniteGuard | None = None) -> tuple[Any, ...]:
+                  keep_logits: bool, guard: FiniteGuard | None = None,
+                  in_place: bool = False, low: FastWeights | None = None) -> tuple[Any, ...]:
         """Predict one chunk ``h [B, c, D]`` (starting at position ``start``) through the TTT
         blocks with the ``fast`` weights, then (with ``update``) take the inner optimizer's step
         on its loss. ``rope``: local tables of the ``past + c`` keys. Returns the NLL
@@ -757,7 +758,14 @@ class TTTForCausalLM(nn.Module):
         and inner state (callers see it in the norms). ``guard``: a deferred
         :class:`~tttlm.ttt.finite.FiniteGuard` that may hold the previous chunk's unchecked
         update (then ``fast`` is its result, and ``guard.corrected`` says when it was not
-        kept); without one, the update is checked before returning."""
+        kept); without one, the update is checked before returning.
+
+        ``in_place`` (no outer gradient, an inner optimizer that ``updates_in_place``): the
+        update is written into ``fast``, the inner state and ``low`` for the sequences whose
+        update is finite, and those are returned as the new ones; the guard is not used.
+        ``low``: ``fast`` cast to the blocks' compute dtype, leaves that require grad, used
+        in place of a fresh cast (see ``_inner_leaves``). Both serve the buffers of a CUDA
+        graph (:class:`~tttlm.model.cuda_graph.ChunkGraph`)."""
         mode = opts.mode
         frozen = mode is GradMode.NONE  # no outer gradient: the cache is a constant
         # No outer gradient: the inner one is taken with respect to the fast weights only. Eager
@@ -768,13 +776,22 @@ class TTTForCausalLM(nn.Module):
                     if frozen and opts.compile_chunks else contextlib.nullcontext())
         with torch.enable_grad(), constant:
             h, new_caches, fast, inner_state, leaves = self._ttt_blocks(
-                h, caches, start, rope, fast, inner_state, frozen, opts.compile_chunks, guard)
+                h, caches, start, rope, fast, inner_state, frozen, opts.compile_chunks, guard,
+                low)
             nll, logits = self.head_nll(h, labels, keep_logits, outer_graph=not frozen,
                                         lean=opts.lean_head, inner_step=update,
                                         compiled=opts.compiled)
             chunk_loss = masked_mean(nll, mask)  # [B]
             new_fast, new_state, norm = fast, inner_state, None
-            if update:
+            if update and in_place:
+                if not (frozen and self.inner_optimizer.updates_in_place):
+                    raise ValueError("ttt_chunk: in_place needs GradMode.NONE and an inner "
+                                     "optimizer that updates_in_place")
+                with head_weight_grad_unused():
+                    norm = self.inner_optimizer.step_(chunk_loss, fast, inner_state,
+                                                      opts.inner_lr, self.config.inner_clip,
+                                                      wrt=leaves)
+            elif update:
                 with head_weight_grad_unused():
                     new_fast, new_state, norm = self.inner_optimizer(
                         chunk_loss, fast, inner_state, opts.inner_lr, self.config.inner_clip,
@@ -792,19 +809,20 @@ class TTTForCausalLM(nn.Module):
     def _ttt_blocks(self, h: torch.Tensor, caches: list[KVPair], start: int,
                     rope: tuple[torch.Tensor, torch.Tensor], fast: FastWeights,
                     inner_state: InnerState, frozen: bool, compiled: bool,
-                    guard: FiniteGuard | None
+                    guard: FiniteGuard | None, low: FastWeights | None = None
                     ) -> tuple[torch.Tensor, list[KVPair], FastWeights, InnerState,
                                FastWeights | None]:
         """The TTT blocks over one chunk: the output, the caches after it, the fast weights
         and inner state in effect, and (when ``frozen``) the leaves the inner gradient is
-        taken with respect to (``None``: the fast weights themselves). A pending check in
+        taken with respect to (``None``: the fast weights themselves; ``low`` where given).
+        A pending check in
         ``guard`` is read once the first block is queued (the GPU has work while the host
         waits); when it fails, the blocks run again from the weights it kept."""
         while True:
             leaves = None
             if frozen:
                 fast = [PrimeWeights(*(w.detach() for w in layer)) for layer in fast]
-                leaves = self._inner_leaves(fast, h)
+                leaves = self._inner_leaves(fast, h) if low is None else low
                 if leaves is None:
                     fast = [PrimeWeights(*(w.requires_grad_(True) for w in layer))
                             for layer in fast]

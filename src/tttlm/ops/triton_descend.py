@@ -13,8 +13,14 @@ times the factor, plus the weights, rounded once), which is how ATen's addcmul c
 a CPU: the same bits there (the tests, under the interpreter). On a GPU, ATen's own kernel may
 round the product before the sum; the two agree within one rounding.
 
-This module imports Triton at import time; reach it through :func:`tttlm.ttt.inner.descend`,
-which checks availability first.
+:func:`triton_descend_` is the same update written in place where it is finite, for the
+buffers of a CUDA graph (:class:`tttlm.model.cuda_graph.ChunkGraph`): a sequence whose update
+is not finite is neither read nor written, and a narrower copy of the new weights (the leaves
+the next chunk differentiates) is written by the same pass. Its reference is
+:func:`tttlm.ttt.inner.descend_` on a CPU.
+
+This module imports Triton at import time; reach it through :mod:`tttlm.ttt.inner`, which
+checks availability first.
 """
 
 from __future__ import annotations
@@ -40,6 +46,31 @@ def _descend_kernel(W, G, COEF, OUT, n, BLOCK: tl.constexpr):
     tl.store(OUT + b * n + offs, tl.fma(g, c, w), mask=valid)
 
 
+@triton.jit
+def _descend_in_place_kernel(W, G, COEF, OK, LOW, n, BLOCK: tl.constexpr,
+                             HAS_LOW: tl.constexpr, LOW_BF16: tl.constexpr):
+    """``W[b, i] += COEF[b] · G[b, i]`` (one rounding) where ``OK[b]``, and ``LOW[b, i]`` the
+    result in LOW's dtype (round to nearest even, as a cast); other sequences untouched."""
+    b = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # (a dropped sequence has no elements: its flag, 0 or 1, scales the bound)
+    take = offs < n * tl.load(OK + b).to(tl.int64)
+    w = tl.load(W + b * n + offs, mask=take)
+    g = tl.load(G + b * n + offs, mask=take).to(w.dtype)
+    c = tl.broadcast_to(tl.load(COEF + b), (BLOCK,))
+    new = tl.fma(g, c, w)
+    tl.store(W + b * n + offs, new, mask=take)
+    if LOW_BF16:
+        # Round to nearest even by hand, as ATen's cast does (NaN to its quiet NaN): the
+        # interpreter's fp32 -> bf16 cast truncates whatever rounding is asked for.
+        bits = new.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        bits = tl.where(new != new, 0x7FC0, bits).to(tl.uint16)
+        tl.store(LOW + b * n + offs, bits.to(tl.bfloat16, bitcast=True), mask=take)
+    elif HAS_LOW:
+        tl.store(LOW + b * n + offs, new.to(LOW.dtype.element_ty), mask=take)
+
+
 def triton_descend_can_run(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> bool:
     """Whether :func:`triton_descend` takes these: ``w [B, ...]`` fp32, ``g`` of its shape in
     fp32/bf16/fp16, both contiguous on one device, ``coef [B]``, nothing that needs a
@@ -61,3 +92,27 @@ def triton_descend(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torc
     _descend_kernel[(triton.cdiv(n, BLOCK), w.shape[0])](w, g, factor, out, n, BLOCK=BLOCK,
                                                           num_warps=8)
     return out
+
+
+def triton_descend_in_place_can_run(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor,
+                                    low: torch.Tensor | None) -> bool:
+    """Whether :func:`triton_descend_` takes these: as :func:`triton_descend_can_run`, and
+    ``low`` (if given) of ``w``'s shape, contiguous, on its device, in bf16/fp16/fp32."""
+    return (triton_descend_can_run(w, g, coef)
+            and (low is None or (low.shape == w.shape and low.is_contiguous()
+                                 and low.device == w.device
+                                 and low.dtype in (torch.bfloat16, torch.float16,
+                                                   torch.float32))))
+
+
+def triton_descend_(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, ok: torch.Tensor,
+                    low: torch.Tensor | None = None) -> None:
+    """``w[b] += coef[b]·g[b]`` in place for the sequences where ``ok [B]`` (bool), and
+    ``low[b]`` set to the result in its dtype; see :func:`triton_descend_in_place_can_run`."""
+    n = w[0].numel()
+    factor = coef.detach().to(w.dtype).contiguous()
+    flags = ok.to(torch.uint8).contiguous()
+    _descend_in_place_kernel[(triton.cdiv(n, BLOCK), w.shape[0])](
+        w, g, factor, flags, w if low is None else low, n, BLOCK=BLOCK,
+        HAS_LOW=low is not None, LOW_BF16=low is not None and low.dtype == torch.bfloat16,
+        num_warps=8)

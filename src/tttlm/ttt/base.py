@@ -32,6 +32,9 @@ class InnerOptimizer(nn.Module):
     # low-precision copies its blocks computed with instead of the fast weights (see
     # tttlm.ttt.inner.inner_gradient). An optimizer that does not is given leaves instead.
     takes_wrt: ClassVar[bool] = False
+    # Whether step_() writes a step without an outer gradient into the fast weights (the
+    # buffers of a CUDA graph of a prefill's chunk; see tttlm.model.cuda_graph.ChunkGraph).
+    updates_in_place: ClassVar[bool] = False
 
     def __init__(self, num_layers: int) -> None:
         super().__init__()
@@ -57,6 +60,15 @@ class InnerOptimizer(nn.Module):
         ``fast``, low-precision copies of it; the update still applies to ``fast``.
         """
         raise NotImplementedError
+
+    def step_(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
+              lr: float | torch.Tensor, clip: float, wrt: FastWeights | None = None
+              ) -> torch.Tensor:
+        """:meth:`step` without an outer gradient (``NONE``), written into ``fast``, ``state``
+        and ``wrt`` (the leaves, then updated to match) for the sequences whose update is
+        finite; the others keep theirs. Returns the update norms ``[B]``. Only where
+        ``updates_in_place``."""
+        raise NotImplementedError(f"{type(self).__name__} does not update in place")
 
     def forward(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
                 lr: float | torch.Tensor, clip: float, mode: GradMode,

@@ -109,6 +109,30 @@ def descend(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             else torch.addcmul(w, g, per_sequence(coef, w)) for w, g in zip(fast, grads)]
 
 
+def descend_(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coef: torch.Tensor,
+             ok: torch.Tensor, low: Sequence[torch.Tensor] | None = None) -> None:
+    """:func:`descend` written into ``fast`` for the sequences where ``ok [B]`` (the others
+    keep their weights), and ``low`` (copies of ``fast`` in a narrower dtype, if given) set
+    to the new weights cast to theirs: the update of a CUDA graph's own buffers. Under no
+    grad. On a GPU one Triton pass per tensor, which reads and writes nothing of a sequence
+    whose update is dropped (:func:`tttlm.ops.triton_descend.triton_descend_`); elsewhere
+    addcmul and two selects, the same bits."""
+    kernel = None
+    if fast and fast[0].is_cuda and triton_available():
+        from tttlm.ops import triton_descend as kernel  # imports Triton
+    with torch.no_grad():
+        for i, (w, g) in enumerate(zip(fast, grads, strict=True)):
+            lo = None if low is None else low[i]
+            if kernel is not None and kernel.triton_descend_in_place_can_run(w, g, coef, lo):
+                kernel.triton_descend_(w, g, coef, ok, lo)
+                continue
+            take = ok.view(-1, *([1] * (w.dim() - 1)))
+            new = torch.addcmul(w, g, per_sequence(coef, w))
+            torch.where(take, new, w, out=w)
+            if lo is not None:
+                torch.where(take, w.to(lo.dtype), lo, out=lo)
+
+
 def inner_step(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | torch.Tensor,
                clip: float, mode: GradMode, wrt: Sequence[torch.Tensor] | None = None
                ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -128,3 +152,18 @@ def inner_step(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | tor
         # ‖η·scale·g‖ = η·scale·‖g‖: no pass over the update itself
         update_norm = (g.scale * g.norm).float() * lr
     return new, update_norm
+
+
+def inner_step_(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | torch.Tensor,
+                clip: float, wrt: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+    """:func:`inner_step` without an outer gradient (``NONE``), written into ``fast`` (and
+    ``wrt``, their low-precision copies the loss was computed from, then updated to match)
+    for the sequences whose update is finite; the others keep their weights, as the
+    finiteness guard of a run of chunks has them do. Returns the update norms ``[B]``
+    (non-finite where the update was dropped). The same bits as :func:`inner_step` followed
+    by that guard's selection."""
+    g = inner_gradient(loss, fast, clip, GradMode.NONE, wrt)
+    with torch.no_grad():
+        update_norm = (g.scale * g.norm).float() * lr
+    descend_(fast, g.grads, -(lr * g.scale), torch.isfinite(update_norm), wrt)
+    return update_norm

@@ -6,7 +6,7 @@ import torch
 
 from tttlm.ttt.base import InnerOptimizer, InnerState
 from tttlm.ttt.fast import FastWeights, unflatten_fast
-from tttlm.ttt.inner import inner_step
+from tttlm.ttt.inner import inner_step, inner_step_
 from tttlm.ttt.modes import GradMode
 
 
@@ -16,6 +16,7 @@ class ClippedSGD(InnerOptimizer):
 
     name = "sgd"
     takes_wrt = True
+    updates_in_place = True
 
     def step(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
              lr: float | torch.Tensor, clip: float, mode: GradMode,
@@ -23,3 +24,9 @@ class ClippedSGD(InnerOptimizer):
         new, update_norm = inner_step(loss, self.flat(fast), lr, clip, mode,
                                       None if wrt is None else self.flat(wrt))
         return unflatten_fast(new), {}, update_norm
+
+    def step_(self, loss: torch.Tensor, fast: FastWeights, state: InnerState,
+              lr: float | torch.Tensor, clip: float, wrt: FastWeights | None = None
+              ) -> torch.Tensor:
+        return inner_step_(loss, self.flat(fast), lr, clip,
+                           None if wrt is None else self.flat(wrt))
