@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -131,23 +131,41 @@ case "$PART" in
       --out "$SCRATCH/prefill_graphs_engine_3b" > /dev/null || echo "engine: exit $?"
     grep "^| e" "$SCRATCH/prefill_graphs_engine_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_graphs_engine_3b.json" "$OUT/" 2>/dev/null ;;
-  descend)  # speed issue: the inner update as one Triton pass (ops/triton_descend.py)
-    # against ATen's addcmul (the tree before it at .before/src, made with
-    # `mkdir .before && git archive 2706de4 src | tar -x -C .before` and carried): the
-    # kernel's CUDA tests, then 3b e2e prefill at 8K x 16 and 128K x 1 for each side, and the
-    # profile of a 128K x 1 step after it
-    timeout 90 python -m pytest -q -p no:warnings tests/test_ops_triton_descend.py \
+  final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
+    # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
+    # faster counts) at 8K and 128K, and Engine.prefill (what tttlm generate runs) at 128K
+    timeout 290 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 32768 131072 --compile compiled --paths model --repeats 2 \
+      --out "$SCRATCH/prefill_final_3b_e2e" > /dev/null || echo "e2e: exit $?"
+    timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants full \
+      --lengths 8192 131072 --compile compiled --repeats 2 \
+      --out "$SCRATCH/prefill_final_3b_full" > /dev/null || echo "full: exit $?"
+    timeout 120 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 131072 --compile compiled --paths engine --repeats 2 \
+      --out "$SCRATCH/prefill_final_3b_engine" > /dev/null || echo "engine: exit $?"
+    for name in e2e full engine; do
+      grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
+      cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
+    done ;;
+  descend)  # speed issue: the inner update as one Triton pass (ops/triton_descend.py),
+    # then written into the chunk graph's buffers with their bf16 copies (triton_descend_),
+    # against ATen's addcmul: three trees, carried as .before/src (addcmul: `mkdir .before &&
+    # git archive 2706de4 src | tar -x -C .before`) and .mid/src (the Triton pass: f54cf30),
+    # and src. The kernels' CUDA tests, then 3b e2e prefill at 128K x 1 for each tree
+    # (the default: chunk graphs there), one card, one call
+    timeout 100 python -m pytest -q -p no:warnings tests/test_ops_triton_descend.py \
       tests/test_model_chunk_graph.py | tail -3
-    for pair in before=.before/src after=src; do
+    for pair in before=.before/src mid=.mid/src after=src; do
       side=${pair%%=*} src=$PWD/${pair#*=}
-      PYTHONPATH=$src timeout 200 python -m tttlm.cli bench prefill --preset 3b \
-        --variants e2e --lengths 8192 131072 --compile compiled --paths model --repeats 3 \
+      PYTHONPATH=$src timeout 130 python -m tttlm.cli bench prefill --preset 3b \
+        --variants e2e --lengths 131072 --compile compiled --paths model --repeats 2 \
         --out "$SCRATCH/prefill_descend_3b_$side" > /dev/null || echo "$side: exit $?"
       grep "^| e" "$SCRATCH/prefill_descend_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_descend_3b_$side.json" "$OUT/" 2>/dev/null
     done
-    timeout 120 python benchmarks/profile_step.py prefill:3b:e2e:131072:1:compiled:launched \
-      --out "$OUT/profile_prefill_3b_128k_descend.json" | head -14 ;;
+    # then where an 8K x 16 step goes now (no graphs there: 16 sequences)
+    timeout 110 python benchmarks/profile_step.py prefill:3b:e2e:8192:16:compiled \
+      --out "$OUT/profile_prefill_3b_8k16.json" | head -16 ;;
   flash)  # speed issue: frozen TTT chunks through FlashAttention's window and the prefix
     # blocks past their window as two batched cuDNN pieces (attention `pieces`): their CUDA
     # tests, then 3b e2e prefill against the tree before them (.mid/src, made with
