@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -131,6 +131,25 @@ case "$PART" in
       --out "$SCRATCH/prefill_graphs_engine_3b" > /dev/null || echo "engine: exit $?"
     grep "^| e" "$SCRATCH/prefill_graphs_engine_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_graphs_engine_3b.json" "$OUT/" 2>/dev/null ;;
+  session)  # speed issue, one call for a scarce machine, most needed first: the Triton
+    # update kernels' CUDA tests; this tree's 3b e2e prefill (the model's defaults) at 8K x 16
+    # and 128K x 1; full attention (flash and cuDNN) at 8K and 128K; then 128K x 1 for the
+    # trees before the graph's in-place update (.mid/src: f54cf30) and before the Triton
+    # update (.before/src: 2706de4), carried as in PART=descend
+    timeout 100 python -m pytest -q -p no:warnings tests/test_ops_triton_descend.py \
+      tests/test_model_chunk_graph.py | tail -3
+    bench() {  # NAME SRC SECONDS ARGS...: one bench process, its table rows shown
+      local name=$1 src=$2 each=$3; shift 3
+      PYTHONPATH=$PWD/$src timeout "$each" python -m tttlm.cli bench prefill --preset 3b \
+        --compile compiled --paths model --repeats 2 --out "$SCRATCH/$name" "$@" > /dev/null \
+        || echo "$name: exit $?"
+      grep "^| [ef]" "$SCRATCH/$name.md" 2>/dev/null
+      cp "$SCRATCH/$name.json" "$OUT/" 2>/dev/null
+    }
+    bench prefill_session_3b_e2e src 170 --variants e2e --lengths 8192 131072
+    bench prefill_session_3b_full src 120 --variants full --lengths 8192 131072
+    bench prefill_session_3b_mid .mid/src 95 --variants e2e --lengths 131072
+    bench prefill_session_3b_before .before/src 95 --variants e2e --lengths 131072 ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, and Engine.prefill (what tttlm generate runs) at 128K
