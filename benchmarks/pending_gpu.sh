@@ -140,7 +140,7 @@ case "$PART" in
       tests/test_model_chunk_graph.py | tail -3
     bench() {  # NAME SRC SECONDS ARGS...: one bench process, its table rows shown
       local name=$1 src=$2 each=$3; shift 3
-      local left=$((585 - SECONDS))  # (within one 10-minute device command)
+      local left=$((${DEADLINE:-585} - SECONDS))  # (within one device command)
       [ "$left" -lt "$each" ] && each=$left
       [ "$each" -lt 30 ] && { echo "$name: no time left"; return; }
       PYTHONPATH=$PWD/$src timeout "$each" python -m tttlm.cli bench prefill --preset 3b \
