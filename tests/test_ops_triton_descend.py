@@ -126,6 +126,8 @@ def test_triton_descend_in_place_writes_the_finite_sequences_only(
         assert torch.equal(low[1], before_low[1])
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the kernel on CPU tensors needs the interpreter "
+                    "(a GPU runs it compiled; the test above checks it there)")
 def test_descend_in_place_reference_equals_the_kernel() -> None:
     """descend_'s path off a GPU (addcmul and two selects) and the kernel give the same bits
     on a CPU, with and without the copy; NaN gradients of a dropped sequence go nowhere."""
