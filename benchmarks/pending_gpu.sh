@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -153,6 +153,19 @@ case "$PART" in
     bench prefill_session_3b_full src 140 --variants full --lengths 8192 131072
     bench prefill_session_3b_mid .mid/src 120 --variants e2e --lengths 131072
     bench prefill_session_3b_before .before/src 120 --variants e2e --lengths 131072 ;;
+  eager)  # speed issue: launched chunks (8K x 16 in TTT groups of 2: no graphs) writing the
+    # official SGD's updates into the run's own weights and their bf16 copies, against new
+    # weights and a cast each chunk (.mid/src: `mkdir .mid && git archive cd62c99 src | tar
+    # -x -C .mid`, carried); one card, one call
+    for pair in before=.mid/src after=src; do
+      side=${pair%%=*} src=$PWD/${pair#*=}
+      left=$((${DEADLINE:-585} - SECONDS)); each=$(( left < ${EACH:-240} ? left : ${EACH:-240} ))
+      PYTHONPATH=$src timeout "$each" python -m tttlm.cli bench prefill --preset 3b \
+        --variants e2e --lengths 8192 --compile compiled --paths model --repeats 2 \
+        --out "$SCRATCH/prefill_eager_3b_$side" > /dev/null || echo "$side: exit $?"
+      grep "^| e" "$SCRATCH/prefill_eager_3b_$side.md" 2>/dev/null
+      cp "$SCRATCH/prefill_eager_3b_$side.json" "$OUT/" 2>/dev/null
+    done ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, and Engine.prefill (what tttlm generate runs) at 128K

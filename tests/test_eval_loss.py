@@ -321,13 +321,14 @@ def test_cli_ttt_group_learns_on_n_sequences_at_a_time_with_the_same_loss(
 
     def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         build(self, *args, **kwargs)
-        step = self.inner_optimizer.step
+        def spied(step):  # type: ignore[no-untyped-def]
+            def spy(loss, *a, **k):  # type: ignore[no-untyped-def]
+                batches.append(loss.shape[0])
+                return step(loss, *a, **k)
+            return spy
 
-        def spy(loss, *a, **k):  # type: ignore[no-untyped-def]
-            batches.append(loss.shape[0])
-            return step(loss, *a, **k)
-
-        self.inner_optimizer.step = spy
+        for name in ("step", "step_"):  # new weights, or written in place
+            setattr(self.inner_optimizer, name, spied(getattr(self.inner_optimizer, name)))
 
     monkeypatch.setattr(TTTForCausalLM, "__init__", init)
     reports = {}

@@ -107,12 +107,17 @@ def test_graph_chunks_none_takes_graphs_where_they_win(
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
-def test_graph_updates_its_buffers_in_place_with_their_bf16_copies(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under bf16 autocast the official SGD writes the graph's fast weights and the bf16
-    leaves the next chunk differentiates in one pass (``step_``): the same bits as launched
-    chunks, which cast the weights afresh and take ``step``."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_updates_in_place_equal_new_weights_bit_for_bit(
+        autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The official SGD writes its updates into the run's own weights (from the run's second
+    update on: the first starts from W0, views of the parameters) and, under bf16 autocast,
+    into the bf16 leaves the next chunk differentiates, in one pass (``step_``), launched or
+    in a graph's buffers: the same bits as new weights each chunk (``updates_in_place``
+    off), which cast the weights afresh at every chunk. Window 12, chunks of 4, 40 tokens:
+    9 updates, 8 in place; chunks 3-8 graphed."""
     model = tiny_model(dtype=torch.float32)
+    params = [p.clone() for p in model.parameters()]
     calls: list[bool] = []
     step_ = model.inner_optimizer.step_
 
@@ -124,13 +129,17 @@ def test_graph_updates_its_buffers_in_place_with_their_bf16_copies(
     monkeypatch.setattr(model.inner_optimizer, "step_", spy)
     x, y = tokens(model, 2, 40)
     outs = []
-    for graphed in (False, True):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+    for in_place, graphed in ((False, False), (True, False), (True, True)):
+        monkeypatch.setattr(model.inner_optimizer, "updates_in_place", in_place)
+        calls.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outs.append(_forward(model, x, y, graphed=graphed))
-        assert len(calls) == (6 if graphed else 0)
-    assert all(calls)
-    for name in ("token_nll", "logits", "inner_update_norms"):
-        assert torch.equal(getattr(outs[1], name), getattr(outs[0], name)), name
+        assert len(calls) == (8 if in_place else 0)
+        assert all(calls) == autocast or not calls  # bf16 leaves exactly under autocast
+    for got in outs[1:]:
+        for name in ("token_nll", "logits", "inner_update_norms"):
+            assert torch.equal(getattr(got, name), getattr(outs[0], name)), name
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params, strict=True))
 
 
 def test_graphed_run_returns_the_same_state() -> None:
@@ -201,30 +210,31 @@ def _poison_marked_chunks(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_non_finite_update_is_dropped_for_its_sequence_as_eagerly(
         in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sequence 0's update of chunk 5 (a graphed one) is NaN: it keeps its fast weights
-    there, as the eager guard keeps them; sequence 1 is untouched; the norm shows the NaN.
-    The graph's update written in place (the official SGD), or selected after it."""
+    there, as the eager guard keeps them (the reference: new weights each chunk, launched);
+    sequence 1 is untouched; the norm shows the NaN. Updates written in place (the official
+    SGD; launched, and in the graph's buffers), or selected after them."""
     model = tiny_model(dtype=torch.float32)
-    if not in_place:
-        monkeypatch.setattr(model.inner_optimizer, "updates_in_place", False)
     x, y = tokens(model, 2, 40)
     y = y.clone()
     c = model.config.chunk_size
     y[0, ::c] = torch.where(y[0, ::c] == SENTINEL, SENTINEL + 1, y[0, ::c])
     y[0, 5 * c] = SENTINEL
+    monkeypatch.setattr(model.inner_optimizer, "updates_in_place", False)
     clean = _forward(model, x, y, graphed=False)
     _poison_marked_chunks(model, monkeypatch)
     ref = _forward(model, x, y, graphed=False)
-    got = _forward(model, x, y, graphed=True)
+    monkeypatch.setattr(model.inner_optimizer, "updates_in_place", in_place)
     assert torch.isnan(ref.inner_update_norms[0, 5]) and not torch.isnan(
         ref.inner_update_norms[1]).any()
     assert not torch.equal(ref.token_nll[0], clean.token_nll[0])  # the drop mattered
     assert torch.equal(ref.token_nll[1], clean.token_nll[1])
-    assert torch.isfinite(got.token_nll).all()
-    for name in ("token_nll", "logits"):
-        assert torch.equal(getattr(got, name), getattr(ref, name)), name
-    assert torch.equal(got.inner_update_norms.isnan(), ref.inner_update_norms.isnan())
-    finite = ~ref.inner_update_norms.isnan()
-    assert torch.equal(got.inner_update_norms[finite], ref.inner_update_norms[finite])
+    for got in (_forward(model, x, y, graphed=True), _forward(model, x, y, graphed=False)):
+        assert torch.isfinite(got.token_nll).all()
+        for name in ("token_nll", "logits"):
+            assert torch.equal(getattr(got, name), getattr(ref, name)), name
+        assert torch.equal(got.inner_update_norms.isnan(), ref.inner_update_norms.isnan())
+        finite = ~ref.inner_update_norms.isnan()
+        assert torch.equal(got.inner_update_norms[finite], ref.inner_update_norms[finite])
 
 
 def test_the_engine_prefill_takes_the_graph_and_continues_alike(

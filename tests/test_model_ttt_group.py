@@ -25,15 +25,18 @@ def scored(model, x, y, group):  # type: ignore[no-untyped-def]
 
 
 def inner_step_batches(model):  # type: ignore[no-untyped-def]
-    """The batch size of every inner step ``model`` takes from now on (a list it fills)."""
+    """The batch size of every inner step ``model`` takes from now on (a list it fills):
+    new weights (``step``) or written in place (``step_``)."""
     batches: list[int] = []
-    step = model.inner_optimizer.step
 
-    def spy(loss, *args, **kwargs):  # type: ignore[no-untyped-def]
-        batches.append(loss.shape[0])
-        return step(loss, *args, **kwargs)
+    def spied(step):  # type: ignore[no-untyped-def]
+        def spy(loss, *args, **kwargs):  # type: ignore[no-untyped-def]
+            batches.append(loss.shape[0])
+            return step(loss, *args, **kwargs)
+        return spy
 
-    model.inner_optimizer.step = spy
+    for name in ("step", "step_"):
+        setattr(model.inner_optimizer, name, spied(getattr(model.inner_optimizer, name)))
     return batches
 
 

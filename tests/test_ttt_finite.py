@@ -22,7 +22,10 @@ BAD_ROW = 1
 def patch_step(model: Any, at_call: int, fill: Callable[[torch.Tensor, torch.Tensor], None]
                ) -> list[int]:
     """Make the inner step's ``at_call``-th call (0-based) write ``fill(new, old)`` into row
-    ``BAD_ROW`` of every new fast weight and a NaN into its norm."""
+    ``BAD_ROW`` of every new fast weight and a NaN into its norm. Every step returns new
+    weights (``updates_in_place`` off): these tests are of the guard that checks them (an
+    update in place selects on the device; ``tests/test_model_chunk_graph.py``)."""
+    model.inner_optimizer.updates_in_place = False
     step = model.inner_optimizer.step
     calls = [0]
 
@@ -81,8 +84,9 @@ def test_engine_prefill_skips_a_non_finite_update_and_counts_nothing_twice() -> 
     model = tiny_model()
     b = model.config.chunk_size
     x, _ = tokens(model, 3, 4 * b + 2)
-    patch_step(model, 1, nan_row)
+    calls = patch_step(model, 1, nan_row)
     _, state = Engine(model).prefill(x)
+    assert calls[0] > 1  # the poisoned step ran
     assert all(bool(torch.isfinite(w).all()) for w in state.fast)
     reference = tiny_model()
     patch_step(reference, 1, old_row)

@@ -643,6 +643,15 @@ class TTTForCausalLM(nn.Module):
         def snapshot(fast: FastWeights) -> dict[str, torch.Tensor]:
             return dict(zip(self.fast_weight_names(), flatten_fast(fast)))
 
+        # Updates in place (the official SGD at test time): once this run's own weights are in
+        # effect (from its first update on; W0 are views of the parameters and ``fast`` the
+        # caller's), each update writes them and their copies in the compute dtype where it is
+        # finite, in one pass: no new weights, no cast of them at the next chunk, no guard.
+        given = fast
+        in_place = (opts.mode is GradMode.NONE and self.inner_optimizer.updates_in_place
+                    and not return_fast_weights and not opts.checkpoint_chunks)
+        low: FastWeights | None = None  # the compute-dtype copies of ``low_of``
+        low_of: FastWeights | None = None
         with cast:
             # Test time: each update's finiteness is read while the next chunk runs.
             guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
@@ -674,6 +683,14 @@ class TTTForCausalLM(nn.Module):
                     result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
                 elif opts.checkpoint_chunks:
                     result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
+                elif in_place and update and fast is not given and guard is not None:
+                    if guard.pending and (kept := guard.settle()) is not None:
+                        guard.pop_corrected()  # (once a run: the eager update before)
+                        fast, inner_state = kept
+                        args = (*args[:6], fast, inner_state, *args[8:])
+                    if low_of is not fast:
+                        low, low_of = self._inner_leaves(fast, h), fast
+                    result = self.ttt_chunk(*args[:11], None, True, low)
                 else:
                     result = self.ttt_chunk(*args)
                 if guard is not None and (kept := guard.pop_corrected()) is not None:
@@ -774,6 +791,10 @@ class TTTForCausalLM(nn.Module):
         # tied head's would be cast again at every chunk).
         constant = (constant_parameters(self.layers[self.config.num_prefix_layers:])
                     if frozen and opts.compile_chunks else contextlib.nullcontext())
+        if in_place and guard is not None and guard.pending:
+            raise ValueError("ttt_chunk: settle the guard before an update in place (its "
+                             "correction would not reach the weights written)")
+        given = fast
         with torch.enable_grad(), constant:
             h, new_caches, fast, inner_state, leaves = self._ttt_blocks(
                 h, caches, start, rope, fast, inner_state, frozen, opts.compile_chunks, guard,
@@ -791,6 +812,7 @@ class TTTForCausalLM(nn.Module):
                     norm = self.inner_optimizer.step_(chunk_loss, fast, inner_state,
                                                       opts.inner_lr, self.config.inner_clip,
                                                       wrt=leaves)
+                new_fast = given  # (``fast`` are its detached views: the same storage)
             elif update:
                 with head_weight_grad_unused():
                     new_fast, new_state, norm = self.inner_optimizer(

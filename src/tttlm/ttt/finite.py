@@ -14,6 +14,10 @@ GPU has work while the host waits. When every update was finite (always, in prac
 nothing else happens; otherwise the old weights are selected for the failed sequences and the
 caller redoes the first block with them. Under CUDA-graph capture or compilation, where the
 host cannot look, the selection runs on the device every time.
+
+An optimizer that updates in place (``InnerOptimizer.step_``, the official SGD on weights a run
+owns) needs none of this: its one pass over the weights reads and writes only the sequences
+whose update is finite.
 """
 
 from __future__ import annotations
