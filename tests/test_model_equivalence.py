@@ -223,6 +223,46 @@ def test_weights_cast_once_under_autocast_change_no_bit(
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
 
+@pytest.mark.parametrize(("graphed", "group"), [(False, None), (True, None), (False, 1)])
+def test_head_cast_once_under_autocast_changes_no_bit(
+        graphed: bool, group: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast without an outer gradient the head (the tied embedding) is a bf16
+    constant for the TTT chunks (a graph's products would cast it at every replay): the same
+    losses, logits and update norms bit for bit; the fp32 original is back afterwards."""
+    import contextlib
+
+    from tttlm.model import model as model_module
+
+    model = tiny_model(dtype=torch.float32)
+    model.graph_chunks = graphed
+    model.ttt_group = group
+    x, y = tokens(model, 2, 40)
+    original = model.embed.weight
+    seen: list[torch.dtype] = []
+    head_nll = model.head_nll
+
+    def spy(*a: object, **k: object) -> object:
+        seen.append(model.head_weight.dtype)
+        return head_nll(*a, **k)
+
+    monkeypatch.setattr(model, "head_nll", spy)
+
+    def run() -> object:
+        seen.clear()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x, y, return_logits=True)
+
+    got = run()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert model.embed.weight is original and original.dtype == torch.float32
+    monkeypatch.setattr(model_module, "head_weight_in",
+                        lambda model, dtype: contextlib.nullcontext())
+    ref = run()
+    assert set(seen) == {torch.float32}
+    for name in ("token_nll", "logits", "inner_update_norms"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+
+
 def test_gradcheck_second_order_path() -> None:
     """Finite differences of the meta loss against the exact second-order outer gradient."""
     model = tiny_model(vocab_size=11, hidden_size=8, num_heads=2, intermediate_size=6,

@@ -119,6 +119,27 @@ def linear_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype) -> Itera
             setattr(linear, attr, p)
 
 
+@contextlib.contextmanager
+def head_weight_in(model: TTTForCausalLM, dtype: torch.dtype) -> Iterator[None]:
+    """Within this block the output head's weight (the tied embedding, or ``lm_head``) is a
+    constant copy in ``dtype``; the original comes back afterwards. For the TTT chunks
+    without an outer gradient under autocast to ``dtype``, as :func:`linear_weights_in`:
+    inside a chunk's CUDA graph autocast's cache is off, so every product with the head
+    (the logits, and the inner step's ``dlogits @ W``) cast its 128256 x 2560 weight again,
+    twice a chunk (about 150 ms of a 3b 128K x 1 step's 4.9 s of kernels on an H100). The
+    products see the same values."""
+    owner = model.embed if model.lm_head is None else model.lm_head
+    p = owner.weight
+    if p.dtype == dtype or not p.is_floating_point() or type(p.data) is not torch.Tensor:
+        yield  # (already cast by an enclosing run; a DTensor is FSDP's to cast)
+        return
+    owner.weight = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    try:
+        yield
+    finally:
+        owner.weight = p
+
+
 @dataclass
 class TTTOutput:
     """What a forward pass returns.
@@ -603,10 +624,10 @@ class TTTForCausalLM(nn.Module):
         config = self.config
         B = h.shape[0]
         group = opts.ttt_group
-        # Without an outer gradient under autocast, the constant weights of the TTT blocks are
-        # cast once for the run (every group), not inside every compiled chunk (the same
-        # products); a nested run finds them cast already.
-        cast = (linear_weights_in(self.ttt_layers, self.compute_dtype(h))
+        # Without an outer gradient under autocast, the constant weights of the TTT blocks and
+        # the head are cast once for the run (every group), not inside every compiled chunk or
+        # graph (the same products); a nested run finds them cast already.
+        cast = (self._constants_in(self.compute_dtype(h))
                 if opts.mode is GradMode.NONE and torch.is_autocast_enabled(h.device.type)
                 else contextlib.nullcontext())
         if (group is not None and group < B and opts.mode is GradMode.NONE
@@ -714,6 +735,12 @@ class TTTForCausalLM(nn.Module):
                     run.history[-1] = snapshot(fast)
         run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
+
+    @contextlib.contextmanager
+    def _constants_in(self, dtype: torch.dtype) -> Iterator[None]:
+        """The TTT blocks' constant weights and the head in ``dtype`` within this block."""
+        with linear_weights_in(self.ttt_layers, dtype), head_weight_in(self, dtype):
+            yield
 
     def _grouped_chunks(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                         opts: ForwardOptions, group: int, caches: list[KVPair] | None,
