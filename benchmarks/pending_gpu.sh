@@ -153,15 +153,17 @@ case "$PART" in
     bench prefill_session_3b_full src 140 --variants full --lengths 8192 131072
     bench prefill_session_3b_mid .mid/src 120 --variants e2e --lengths 131072
     bench prefill_session_3b_before .before/src 120 --variants e2e --lengths 131072 ;;
-  eager)  # speed issue: launched chunks (8K x 16 in TTT groups of 2: no graphs) writing the
-    # official SGD's updates into the run's own weights and their bf16 copies, against new
-    # weights and a cast each chunk (.mid/src: `mkdir .mid && git archive cd62c99 src | tar
-    # -x -C .mid`, carried); one card, one call
+  eager)  # speed issue: what this session left untimed, against the tree timed last
+    # (.mid/src: `mkdir .mid && git archive cd62c99 src | tar -x -C .mid`, carried):
+    # launched chunks writing the official SGD's updates into the run's own weights and their
+    # bf16 copies (8K x 16 in TTT groups of 2, no graphs), and the head cast once per run
+    # instead of twice a replay inside the chunk graph (128K x 1); one card, one call.
+    # EACH caps one process's seconds, DEADLINE the whole part's
     for pair in before=.mid/src after=src; do
       side=${pair%%=*} src=$PWD/${pair#*=}
       left=$((${DEADLINE:-585} - SECONDS)); each=$(( left < ${EACH:-240} ? left : ${EACH:-240} ))
       PYTHONPATH=$src timeout "$each" python -m tttlm.cli bench prefill --preset 3b \
-        --variants e2e --lengths 8192 --compile compiled --paths model --repeats 2 \
+        --variants e2e --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
         --out "$SCRATCH/prefill_eager_3b_$side" > /dev/null || echo "$side: exit $?"
       grep "^| e" "$SCRATCH/prefill_eager_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_eager_3b_$side.json" "$OUT/" 2>/dev/null
