@@ -96,8 +96,9 @@ class ChunkGraph:
     :class:`~tttlm.ttt.finite.FiniteGuard` does. With an inner optimizer that
     ``updates_in_place`` (the official SGD), the update itself writes them, together with
     the fast weights' copies in the compute dtype that the next chunk differentiates: one
-    pass per tensor (on an H100 at 128K, the select and the cast had cost about 3 ms per
-    chunk). Otherwise a ``torch.where`` per sequence writes the new ones over. The chunk's
+    pass per tensor (3b on an H100 at 128K: 2.1 ms less per chunk than the select and the
+    cast, ``benchmarks/results/prefill_inplace_3b_h100.md``). Otherwise a ``torch.where``
+    per sequence writes the new ones over. The chunk's
     absolute start enters only the attention mask through differences of positions, which
     are the same for every chunk over a full cache: the value captured serves them all.
     ``capture_fn``: :func:`capture` (CUDA), or :func:`run_eagerly` to run the same buffers

@@ -126,8 +126,9 @@ def head_weight_in(model: TTTForCausalLM, dtype: torch.dtype) -> Iterator[None]:
     without an outer gradient under autocast to ``dtype``, as :func:`linear_weights_in`:
     inside a chunk's CUDA graph autocast's cache is off, so every product with the head
     (the logits, and the inner step's ``dlogits @ W``) cast its 128256 x 2560 weight again,
-    twice a chunk (about 150 ms of a 3b 128K x 1 step's 4.9 s of kernels on an H100). The
-    products see the same values."""
+    twice a chunk: most of the 178 ms of casts in a 3b 128K x 1 step's 4.9 s of kernels on an
+    H100 (``benchmarks/results/prefill_inplace_3b_h100.md``). The products see the same
+    values."""
     owner = model.embed if model.lm_head is None else model.lm_head
     p = owner.weight
     if p.dtype == dtype or not p.is_floating_point() or type(p.data) is not torch.Tensor:
@@ -808,8 +809,9 @@ class TTTForCausalLM(nn.Module):
         update is written into ``fast``, the inner state and ``low`` for the sequences whose
         update is finite, and those are returned as the new ones; the guard is not used.
         ``low``: ``fast`` cast to the blocks' compute dtype, leaves that require grad, used
-        in place of a fresh cast (see ``_inner_leaves``). Both serve the buffers of a CUDA
-        graph (:class:`~tttlm.model.cuda_graph.ChunkGraph`)."""
+        in place of a fresh cast (see ``_inner_leaves``). Both serve weights the caller owns
+        and nothing else reads: a run's own weights (:meth:`run_ttt_chunks`) and the buffers
+        of a CUDA graph (:class:`~tttlm.model.cuda_graph.ChunkGraph`)."""
         mode = opts.mode
         frozen = mode is GradMode.NONE  # no outer gradient: the cache is a constant
         # No outer gradient: the inner one is taken with respect to the fast weights only. Eager
@@ -864,9 +866,9 @@ class TTTForCausalLM(nn.Module):
         """The TTT blocks over one chunk: the output, the caches after it, the fast weights
         and inner state in effect, and (when ``frozen``) the leaves the inner gradient is
         taken with respect to (``None``: the fast weights themselves; ``low`` where given).
-        A pending check in
-        ``guard`` is read once the first block is queued (the GPU has work while the host
-        waits); when it fails, the blocks run again from the weights it kept."""
+        A pending check in ``guard`` is read once the first block is queued (the GPU has work
+        while the host waits); when it fails, the blocks run again from the weights it
+        kept."""
         while True:
             leaves = None
             if frozen:
