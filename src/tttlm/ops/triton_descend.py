@@ -71,6 +71,11 @@ def _descend_in_place_kernel(W, G, COEF, OK, LOW, n, BLOCK: tl.constexpr,
         tl.store(LOW + b * n + offs, new.to(LOW.dtype.element_ty), mask=take)
 
 
+def _factor(coef: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The per-sequence factor as the kernels read it: contiguous, in the weights' dtype."""
+    return coef.detach().to(w.dtype).contiguous()
+
+
 def triton_descend_can_run(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> bool:
     """Whether :func:`triton_descend` takes these: ``w [B, ...]`` fp32, ``g`` of its shape in
     fp32/bf16/fp16, both contiguous on one device, ``coef [B]``, nothing that needs a
@@ -88,7 +93,7 @@ def triton_descend(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor) -> torc
     coef.view(-1, 1, ...))``; see :func:`triton_descend_can_run`."""
     out = torch.empty_like(w)
     n = w[0].numel()
-    factor = coef.detach().to(w.dtype).contiguous()
+    factor = _factor(coef, w)
     _descend_kernel[(triton.cdiv(n, BLOCK), w.shape[0])](w, g, factor, out, n, BLOCK=BLOCK,
                                                           num_warps=8)
     return out
@@ -110,7 +115,7 @@ def triton_descend_(w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, ok: to
     """``w[b] += coef[b]·g[b]`` in place for the sequences where ``ok [B]`` (bool), and
     ``low[b]`` set to the result in its dtype; see :func:`triton_descend_in_place_can_run`."""
     n = w[0].numel()
-    factor = coef.detach().to(w.dtype).contiguous()
+    factor = _factor(coef, w)
     flags = ok.to(torch.uint8).contiguous()
     _descend_in_place_kernel[(triton.cdiv(n, BLOCK), w.shape[0])](
         w, g, factor, flags, w if low is None else low, n, BLOCK=BLOCK,

@@ -32,8 +32,9 @@ class InnerOptimizer(nn.Module):
     # low-precision copies its blocks computed with instead of the fast weights (see
     # tttlm.ttt.inner.inner_gradient). An optimizer that does not is given leaves instead.
     takes_wrt: ClassVar[bool] = False
-    # Whether step_() writes a step without an outer gradient into the fast weights (the
-    # buffers of a CUDA graph of a prefill's chunk; see tttlm.model.cuda_graph.ChunkGraph).
+    # Whether step_() writes a step without an outer gradient into the fast weights: those a
+    # run of chunks owns (TTTForCausalLM.run_ttt_chunks) and a CUDA graph's buffers
+    # (tttlm.model.cuda_graph.ChunkGraph).
     updates_in_place: ClassVar[bool] = False
 
     def __init__(self, num_layers: int) -> None:

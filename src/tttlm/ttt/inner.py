@@ -11,6 +11,7 @@ The pieces (:func:`inner_gradient`, :func:`descend`) are shared with the other i
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -94,6 +95,22 @@ def per_sequence(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return coef.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
 
 
+def _descend_kernels(fast: Sequence[torch.Tensor]) -> ModuleType | None:
+    """:mod:`tttlm.ops.triton_descend` for CUDA tensors where Triton is available, else None
+    (imported here, not at module import: it imports Triton)."""
+    if fast and fast[0].is_cuda and triton_available():
+        from tttlm.ops import triton_descend
+        return triton_descend
+    return None
+
+
+def update_norms(g: InnerGradient, lr: float | torch.Tensor) -> torch.Tensor:
+    """The norm of each sequence's update ``[B]`` (fp32): ‖η·scale·g‖ = η·scale·‖g‖, no pass
+    over the update itself."""
+    with torch.no_grad():
+        return (g.scale * g.norm).float() * lr
+
+
 def descend(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
             coef: torch.Tensor) -> list[torch.Tensor]:
     """``W + coef·g`` for every tensor, ``coef [B]`` per sequence: one addcmul pass each, in
@@ -101,9 +118,7 @@ def descend(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
     a gradient (no outer gradient), fp32 weights take one Triton pass each instead
     (:mod:`tttlm.ops.triton_descend`: ATen's addcmul copies a bf16 gradient to fp32 first and
     cannot vectorise the broadcast factor)."""
-    kernel = None
-    if fast and fast[0].is_cuda and triton_available():
-        from tttlm.ops import triton_descend as kernel  # imports Triton
+    kernel = _descend_kernels(fast)
     return [kernel.triton_descend(w, g, coef)
             if kernel is not None and kernel.triton_descend_can_run(w, g, coef)
             else torch.addcmul(w, g, per_sequence(coef, w)) for w, g in zip(fast, grads)]
@@ -117,9 +132,7 @@ def descend_(fast: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], coef: 
     grad. On a GPU one Triton pass per tensor, which reads and writes nothing of a sequence
     whose update is dropped (:func:`tttlm.ops.triton_descend.triton_descend_`); elsewhere
     addcmul and two selects, the same bits."""
-    kernel = None
-    if fast and fast[0].is_cuda and triton_available():
-        from tttlm.ops import triton_descend as kernel  # imports Triton
+    kernel = _descend_kernels(fast)
     with torch.no_grad():
         for i, (w, g) in enumerate(zip(fast, grads, strict=True)):
             lo = None if low is None else low[i]
@@ -148,10 +161,7 @@ def inner_step(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | tor
     new = descend(fast, g.grads, -(lr * g.scale))
     if mode is GradMode.NONE:
         new = [w.detach() for w in new]
-    with torch.no_grad():
-        # ‖η·scale·g‖ = η·scale·‖g‖: no pass over the update itself
-        update_norm = (g.scale * g.norm).float() * lr
-    return new, update_norm
+    return new, update_norms(g, lr)
 
 
 def inner_step_(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | torch.Tensor,
@@ -163,7 +173,6 @@ def inner_step_(loss: torch.Tensor, fast: Sequence[torch.Tensor], lr: float | to
     (non-finite where the update was dropped). The same bits as :func:`inner_step` followed
     by that guard's selection."""
     g = inner_gradient(loss, fast, clip, GradMode.NONE, wrt)
-    with torch.no_grad():
-        update_norm = (g.scale * g.norm).float() * lr
+    update_norm = update_norms(g, lr)
     descend_(fast, g.grads, -(lr * g.scale), torch.isfinite(update_norm), wrt)
     return update_norm

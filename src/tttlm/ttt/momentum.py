@@ -30,7 +30,7 @@ import torch
 
 from tttlm.ttt.base import InnerOptimizer, InnerState
 from tttlm.ttt.fast import FastWeights, flatten_fast, unflatten_fast
-from tttlm.ttt.inner import descend, global_norm, inner_gradient, per_sequence
+from tttlm.ttt.inner import descend, global_norm, inner_gradient, per_sequence, update_norms
 from tttlm.ttt.modes import GradMode
 
 
@@ -73,11 +73,10 @@ class MomentumSGD(InnerOptimizer):
                          for m, gr in zip(momentum, g.grads)]  # β·m + s·g, each [B, ...]
             else:
                 m_new = [gr * per_sequence(g.scale, m) for m, gr in zip(momentum, g.grads)]
+        # ‖η·m_new‖; without momentum as ClippedSGD, bit for bit
         with torch.no_grad():
-            if self.beta:
-                update_norm = global_norm(m_new).float() * lr  # ‖η·m_new‖
-            else:
-                update_norm = (g.scale * g.norm).float() * lr  # as ClippedSGD, bit for bit
+            update_norm = (global_norm(m_new).float() * lr if self.beta
+                           else update_norms(g, lr))
         return unflatten_fast(new), {"momentum": m_new}, update_norm
 
     def extra_repr(self) -> str:
