@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -168,6 +168,20 @@ case "$PART" in
       grep "^| e" "$SCRATCH/prefill_eager_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_eager_3b_$side.json" "$OUT/" 2>/dev/null
     done ;;
+  frozen)  # speed issue: a TTT chunk's backward over a frozen cache computing the cache's
+    # share of dq only (attention `frozen-dq`: FlashAttention's backward on the chunk's own
+    # keys, a Triton kernel for the cache) against the flash window's full backward (`auto`):
+    # the CUDA tests, the kernels side by side with tile configurations, then 3b e2e prefill
+    # at 8K x 16 and 128K x 1 through both (one card, one call)
+    timeout 120 python -m pytest -q -p no:warnings tests/test_ops_frozen_dq.py | tail -3
+    timeout 150 python benchmarks/frozen_dq.py --out "$OUT/frozen_dq_3b" \
+      --configs ${CONFIGS:-128,64,4,3 64,64,4,3 128,128,8,2 64,128,4,2 128,32,4,3} \
+      | cut -c1-400 || echo "frozen_dq: exit $?"
+    timeout 300 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 131072 --compile compiled --attention auto frozen-dq --paths model \
+      --repeats 2 --out "$SCRATCH/prefill_frozen_dq_3b" > /dev/null || echo "bench: exit $?"
+    grep "^| e" "$SCRATCH/prefill_frozen_dq_3b.md" 2>/dev/null
+    cp "$SCRATCH/prefill_frozen_dq_3b.json" "$OUT/" 2>/dev/null ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, and Engine.prefill (what tttlm generate runs) at 128K
@@ -295,7 +309,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, session, eager, frozen, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

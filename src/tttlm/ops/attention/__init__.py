@@ -49,6 +49,7 @@ from tttlm.ops.attention.backends import (
     AutoBackend,
     BandedBackend,
     FirstOrderBackend,
+    FrozenDqBackend,
     NaiveBackend,
     PiecesBackend,
     TritonBackend,
@@ -60,6 +61,7 @@ __all__ = [
     "AutoBackend",
     "BandedBackend",
     "FirstOrderBackend",
+    "FrozenDqBackend",
     "PiecesBackend",
     "NaiveBackend",
     "TritonBackend",
@@ -127,7 +129,7 @@ def attention_backend(name: str) -> Iterator[AttentionBackend]:
 
 
 for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend(),
-                 FirstOrderBackend(), PiecesBackend()):
+                 FirstOrderBackend(), PiecesBackend(), FrozenDqBackend()):
     register_attention_backend(_builtin)
 del _builtin
 

@@ -21,7 +21,7 @@ import abc
 
 import torch
 
-from tttlm.ops.attention import flash, flex, naive, pieces, sdpa
+from tttlm.ops.attention import flash, flex, frozen, naive, pieces, sdpa
 from tttlm.ops.attention import triton as triton_path
 from tttlm.ops.attention._common import common_dtype
 from tttlm.ops.triton_runtime import triton_can_run
@@ -221,3 +221,20 @@ class PiecesBackend(AutoBackend):
             # blocks as long as the window: two batched pieces per sequence
             return pieces.window_attention_pieces(*common_dtype(q, k, v), window, window)
         return super().sequence(q, k, v, window, block)
+
+
+class FrozenDqBackend(AutoBackend):
+    """As ``auto``, but a TTT chunk over a frozen cache takes
+    :func:`~tttlm.ops.attention.frozen.frozen_chunk_attention` where it runs: FlashAttention's
+    window forward, and a backward that computes the cache's share of dq only (no dk, dv for
+    keys whose gradient is thrown away). CPU tensors take it under Triton's interpreter
+    (tests)."""
+
+    name = "frozen-dq"
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        if frozen.frozen_can_run(q, k, window, frozen_keys):
+            return frozen.frozen_chunk_attention(*common_dtype(q, k, v), window)
+        return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)

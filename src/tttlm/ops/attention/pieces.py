@@ -135,6 +135,14 @@ def _piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         cum_q, cum_k, max_q, max_k, seed, offset = aux[1:]
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
             dout, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, causal, seed, offset)
+    return cpu_piece_backward(dout, q, k, v, out, lse, causal)
+
+
+def cpu_piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, causal: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A piece's share of dq, dk, dv through the CPU's flash backward (heads first,
+    ``lse [N, H, n]`` in the accumulation dtype), given the merged ``out`` and ``lse``."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, causal)
 

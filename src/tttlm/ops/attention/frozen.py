@@ -1,0 +1,148 @@
+"""A TTT chunk over a frozen cache whose backward skips the cache's dK and dV.
+
+The forward is FlashAttention's sliding window, as :func:`~tttlm.ops.attention.flash.
+flash_chunk_attention` runs it (one launch, its output and log-sum-exp kept). The backward
+splits the keys in two:
+
+* the chunk's own keys (causal, square): FlashAttention's backward given the *merged* output
+  and log-sum-exp, which gives this piece's share of dq and the chunk's dk, dv exactly;
+* the cached keys (frozen: no gradient wanted): only their share of dq, through the Triton
+  kernel of :mod:`tttlm.ops.triton_frozen_dq`, which also adds the first share in. Three of
+  FlashAttention's five tile products per cached key tile.
+
+The cache's dk, dv come back as zeros (autograd wants a gradient of the input's shape; the
+cache is detached, so it goes nowhere). First order only. On a CPU the forward is the dense
+reference and the chunk's piece goes through the CPU's flash backward, so that the Triton
+kernel's interpreter run (``TRITON_INTERPRET=1``) tests the whole backward there.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from tttlm.ops.attention import flash
+from tttlm.ops.triton_runtime import triton_available, triton_can_run, triton_interpreting
+
+
+def frozen_dq_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        dout: torch.Tensor, lse: torch.Tensor, frozen: int,
+                        window: int | None, scale: float) -> torch.Tensor:
+    """The reference of :func:`tttlm.ops.triton_frozen_dq.frozen_dq` (without the added
+    share): the cached keys' share of dq from dense scores, in fp32 (fp64 for fp64), returned
+    in that precision. ``q, out, dout [B, c, H, d]``, ``k, v [B, n, H, d]`` with the cache
+    its first ``frozen`` keys, ``lse [B, H, c]`` the forward's over all the keys."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c = q.shape[1]
+    qf, kf, vf, of, gf = (x.to(acc) for x in (q, k[:, :frozen], v[:, :frozen], out, dout))
+    scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+    probs = torch.exp(scores - lse.to(acc)[..., None])
+    pos = frozen + torch.arange(c, device=q.device)
+    diff = pos[:, None] - torch.arange(frozen, device=q.device)[None, :]
+    seen = diff < window if window is not None else torch.ones_like(diff, dtype=torch.bool)
+    probs = probs * seen
+    dp = torch.einsum("bqhd,bkhd->bhqk", gf, vf)
+    delta = (gf * of).sum(-1).transpose(1, 2)  # [B, H, c]
+    ds = probs * (dp - delta[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
+
+
+def frozen_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
+                   frozen_keys: int) -> bool:
+    """Whether :func:`frozen_chunk_attention` takes this chunk: every cached key frozen
+    (``k`` = cache ⊕ chunk, ``frozen_keys`` the cache's length, at least one), the chunk no
+    longer than the window, a head width the kernel splits (two powers of two of at least 16:
+    64, 80, 96, 128, ...), and either FlashAttention's window on CUDA with Triton installed,
+    or CPU tensors under Triton's interpreter (tests)."""
+    c, d = q.shape[1], q.shape[-1]
+    if frozen_keys <= 0 or frozen_keys != k.shape[1] - c:
+        return False
+    if window is not None and c > window:
+        return False
+    if not triton_available() or not triton_can_run(q):
+        return False
+    from tttlm.ops.triton_frozen_dq import head_split
+
+    if head_split(d) is None:
+        return False
+    if q.is_cuda:
+        return flash.flash_window_can_run(q)
+    return triton_interpreting()
+
+
+def frozen_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           window: int | None) -> torch.Tensor:
+    """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a frozen cache of ``P`` keys, then
+    the chunk's own), query ``i`` seeing keys ``j`` with ``0 <= P + i - j < window``: the
+    function of :func:`~tttlm.ops.attention.flash.flash_chunk_attention`, with a backward
+    that computes no dk, dv for the cache (see :func:`frozen_can_run`). One dtype in."""
+    return _FrozenChunk.apply(q, k, v, window)
+
+
+def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output and ``lse [B, H, c]`` (fp32; fp64 for fp64) from dense scores (CPU)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c, n = q.shape[1], k.shape[1]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) / math.sqrt(q.shape[-1])
+    diff = (n - c + torch.arange(c))[:, None] - torch.arange(n)[None, :]
+    seen = (diff >= 0) & (diff < window if window is not None else True)
+    scores = scores.masked_fill(~seen, float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(scores - lse[..., None]), v.to(acc))
+    return out.to(q.dtype), lse
+
+
+def _chunk_piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                          v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                          aux: tuple[Any, ...]) -> tuple[torch.Tensor, ...]:
+    """The chunk's own keys' share of dq and their dk, dv (causal, square), given the merged
+    output and log-sum-exp."""
+    if q.is_cuda:
+        rng_state, unused = aux
+        c = q.shape[1]
+        return torch.ops.aten._flash_attention_backward(
+            dout, q, k, v, out, lse, None, None, c, c, 0.0, True, rng_state, unused,
+            window_size_left=-1, window_size_right=0)
+    from tttlm.ops.attention.pieces import cpu_piece_backward
+
+    heads = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
+    return tuple(g.transpose(1, 2) for g in cpu_piece_backward(*heads, lse, causal=True))
+
+
+class _FrozenChunk(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                window: int | None) -> torch.Tensor:
+        if q.is_cuda:
+            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+            left = -1 if window is None or window >= k.shape[1] else window - 1
+            out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+                q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False,
+                window_size_left=left, window_size_right=0)
+            ctx.aux = (rng_state, unused)
+        else:
+            out, lse = _dense_forward(q, k, v, window)
+            ctx.aux = ()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        from tttlm.ops.triton_frozen_dq import frozen_dq
+
+        q, k, v, out, lse = ctx.saved_tensors
+        P = k.shape[1] - q.shape[1]
+        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+        dq_own, dk_own, dv_own = _chunk_piece_backward(
+            grad, q, k[:, P:], v[:, P:], out, lse, ctx.aux)
+        dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, 1.0 / math.sqrt(q.shape[-1]),
+                       dq_chunk=dq_own.contiguous())
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dk[:, P:] = dk_own
+        dv[:, P:] = dv_own
+        return dq, dk, dv, None

@@ -1,0 +1,160 @@
+"""The query gradient of a TTT chunk's attention over a frozen cache, in one Triton pass (GPU).
+
+Without an outer gradient (prefill, evaluation), the inner step differentiates a chunk's
+attention once, and the cached keys and values are detached: their gradients are thrown away.
+FlashAttention's backward computes them anyway: of the five products per key tile (``S = QKᵀ``,
+``dP = dO Vᵀ``, ``dQ += dS K``, ``dK += dSᵀ Q``, ``dV += Pᵀ dO``), the last two are wasted over
+the cache, which holds most of a chunk's keys (8192 of 9216 at 3b once the window is full).
+This kernel runs the first three over the cache only: ``dq = scale · Σ_j P_ij (dP_ij − D_i) k_j``
+with ``P`` recomputed from the forward's log-sum-exp and ``D_i = Σ_d dO_id O_id`` from the
+*merged* output, so its share is exact for a cache that is one piece of a larger key set (the
+chunk's own keys go through FlashAttention's backward, with the same output and log-sum-exp).
+
+A head width that is not a power of two is split into two that are (80 = 64 + 16) instead of
+padded (FlashAttention pads 80 to 96, ``flex_attention`` to 128). The reference is
+:func:`tttlm.ops.attention.frozen.frozen_dq_reference` (dense, fp32 or fp64).
+
+This module imports Triton at import time; reach it through
+:mod:`tttlm.ops.attention.frozen`, which checks availability first.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Tiles (queries, keys), warps, pipeline stages: measured on an H200 at 3b's heads (32 × 80,
+# benchmarks/frozen_dq.py); TTTLM_FROZEN_DQ="BM,BN,WARPS,STAGES" overrides them (tuning runs).
+DEFAULT_CONFIG = (128, 64, 8, 2)
+
+
+@triton.jit
+def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
+                      sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+                      so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sl_b, sl_h,
+                      sc_b, sc_t, sc_h, sdq_b, sdq_t, sdq_h,
+                      H, C, P, WINDOW, scale,
+                      BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+                      HAS_WINDOW: tl.constexpr, HAS_DQC: tl.constexpr):
+    """One tile of ``BM`` queries of one head: ``DQ = scale · Σ_j P (dP − D) k_j (+ DQC)``
+    over the cache keys ``j < P`` that query ``i`` (position ``P + i``) sees:
+    ``P + i − j < WINDOW``. Head width ``DA + DB`` (``DB`` 0 or a power of two).
+    Grid: (query tiles, batch × heads)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # (offsets of large batches pass 2**31)
+    h = (bh % H).to(tl.int64)
+    rows = pid_m * BM + tl.arange(0, BM)
+    row_ok = rows < C
+    da = tl.arange(0, DA)
+    q_at = Q + b * sq_b + h * sq_h + rows[:, None] * sq_t
+    o_at = O + b * so_b + h * so_h + rows[:, None] * so_t
+    do_at = DO + b * sdo_b + h * sdo_h + rows[:, None] * sdo_t
+    k_at = K + b * sk_b + h * sk_h
+    v_at = V + b * sv_b + h * sv_h
+    qa = tl.load(q_at + da[None, :], mask=row_ok[:, None], other=0.0)
+    doa = tl.load(do_at + da[None, :], mask=row_ok[:, None], other=0.0)
+    oa = tl.load(o_at + da[None, :], mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(doa.to(tl.float32) * oa.to(tl.float32), 1)
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        qb = tl.load(q_at + db[None, :], mask=row_ok[:, None], other=0.0)
+        dob = tl.load(do_at + db[None, :], mask=row_ok[:, None], other=0.0)
+        ob = tl.load(o_at + db[None, :], mask=row_ok[:, None], other=0.0)
+        delta += tl.sum(dob.to(tl.float32) * ob.to(tl.float32), 1)
+        acc_b = tl.zeros([BM, DB], dtype=tl.float32)
+    lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=row_ok, other=0.0).to(tl.float32)
+    lse2 = lse * 1.4426950408889634
+    qk_scale = scale * 1.4426950408889634
+    acc_a = tl.zeros([BM, DA], dtype=tl.float32)
+    lo = 0
+    if HAS_WINDOW:  # the tile's first query sees keys from P + first + 1 - WINDOW on
+        lo = tl.maximum(P + pid_m * BM + 1 - WINDOW, 0)
+        lo = (lo // BN) * BN
+    for start in range(lo, P, BN):
+        cols = start + tl.arange(0, BN)
+        col_ok = cols < P
+        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :], mask=col_ok[:, None], other=0.0)
+        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :], mask=col_ok[:, None], other=0.0)
+        s = tl.dot(qa, tl.trans(ka))
+        dp = tl.dot(doa, tl.trans(va))
+        if DB > 0:
+            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :], mask=col_ok[:, None],
+                         other=0.0)
+            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :], mask=col_ok[:, None],
+                         other=0.0)
+            s += tl.dot(qb, tl.trans(kb))
+            dp += tl.dot(dob, tl.trans(vb))
+        p = tl.math.exp2(s * qk_scale - lse2[:, None])
+        seen = col_ok[None, :]
+        if HAS_WINDOW:
+            seen = seen & (P + rows[:, None] - cols[None, :] < WINDOW)
+        p = tl.where(seen, p, 0.0)
+        ds = (p * (dp - delta[:, None])).to(ka.dtype)
+        acc_a += tl.dot(ds, ka)
+        if DB > 0:
+            acc_b += tl.dot(ds, kb)
+    dq_at = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t
+    dqc_at = DQC + b * sc_b + h * sc_h + rows[:, None] * sc_t
+    acc_a = acc_a * scale
+    if HAS_DQC:
+        acc_a += tl.load(dqc_at + da[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    tl.store(dq_at + da[None, :], acc_a.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    if DB > 0:
+        acc_b = acc_b * scale
+        if HAS_DQC:
+            acc_b += tl.load(dqc_at + db[None, :], mask=row_ok[:, None],
+                             other=0.0).to(tl.float32)
+        tl.store(dq_at + db[None, :], acc_b.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+def head_split(d: int) -> tuple[int, int] | None:
+    """A head width as two powers of two ``(a, b)``, ``a + b = d``, ``b`` 0 or smaller than
+    ``a``, both at least 16 (the smallest tile product); ``None`` where none exists."""
+    a = 1 << (d.bit_length() - 1)
+    b = d - a
+    if a < 16 or (b and (b < 16 or b & (b - 1))):
+        return None
+    return a, b
+
+
+def _config() -> tuple[int, int, int, int]:
+    given = os.environ.get("TTTLM_FROZEN_DQ")
+    if not given:
+        return DEFAULT_CONFIG
+    bm, bn, warps, stages = (int(x) for x in given.split(","))
+    return bm, bn, warps, stages
+
+
+def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              dout: torch.Tensor, lse: torch.Tensor, frozen: int, window: int | None,
+              scale: float, dq_chunk: torch.Tensor | None = None) -> torch.Tensor:
+    """The query gradient from the first ``frozen`` keys of ``k, v [B, n, H, d]`` for
+    ``q, out, dout [B, c, H, d]`` (query ``i`` at position ``frozen + i``), plus ``dq_chunk``
+    (the rest of the keys' share) when given; in ``q``'s dtype. ``lse [B, H, c]`` (fp32,
+    natural log of the scaled scores) and ``out`` are the forward's over *all* the keys."""
+    B, c, H, d = q.shape
+    split = head_split(d)
+    if split is None:
+        raise ValueError(f"head width {d} is not two powers of two of at least 16")
+    if any(t.stride(-1) != 1 for t in (q, k, v, out, dout, lse)) or (
+            dq_chunk is not None and dq_chunk.stride(-1) != 1):
+        raise ValueError("frozen_dq reads rows whose last axis is contiguous")
+    bm, bn, warps, stages = _config()
+    dq = torch.empty_like(q)
+    extra = dq_chunk if dq_chunk is not None else dq  # (unread without HAS_DQC)
+    grid = (triton.cdiv(c, bm), B * H)
+    _frozen_dq_kernel[grid](
+        q, k, v, out, dout, lse, extra, dq,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
+        extra.stride(0), extra.stride(1), extra.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, c, frozen, window or 0, scale,
+        BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
+        HAS_DQC=dq_chunk is not None, num_warps=warps, num_stages=stages)
+    return dq
