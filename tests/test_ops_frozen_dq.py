@@ -54,6 +54,7 @@ def test_head_split(d: int, split: tuple[int, int] | None) -> None:
     (32, 64, None, 64),   # no window
     (10, 30, 35, 96),     # a chunk shorter than a tile, a cache not a multiple of one
     (32, 32, 64, 16),     # the cache and chunk inside the window
+    (40, 100, 64, 80),    # tiles of 16: the edge, full and partial last key tiles all met
 ])
 def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
                                  dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:

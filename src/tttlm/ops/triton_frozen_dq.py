@@ -32,6 +32,46 @@ DEFAULT_CONFIG = (128, 64, 8, 2)
 
 
 @triton.jit
+def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at, v_at, sk_t, sv_t,
+             da, db, P, WINDOW, qk_scale, BN: tl.constexpr, DB: tl.constexpr,
+             MASK_COLS: tl.constexpr, MASK_WINDOW: tl.constexpr):
+    """One tile of ``BN`` cache keys into the accumulators (``qb, dob, db, acc_b``: the second
+    part of the head, placeholders when ``DB`` is 0). Masks only where asked: past the cache's
+    end (its last tile), and the window's lower edge (the first tiles a query tile reads)."""
+    cols = start + tl.arange(0, BN)
+    col_ok = cols < P
+    if MASK_COLS:
+        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :], mask=col_ok[:, None], other=0.0)
+        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :])
+        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :])
+    s = tl.dot(qa, tl.trans(ka))
+    dp = tl.dot(doa, tl.trans(va))
+    if DB > 0:
+        if MASK_COLS:
+            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :], mask=col_ok[:, None],
+                         other=0.0)
+            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :], mask=col_ok[:, None],
+                         other=0.0)
+        else:
+            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :])
+            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :])
+        s += tl.dot(qb, tl.trans(kb))
+        dp += tl.dot(dob, tl.trans(vb))
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    if MASK_COLS:
+        p = tl.where(col_ok[None, :], p, 0.0)
+    if MASK_WINDOW:
+        p = tl.where(P + rows[:, None] - cols[None, :] < WINDOW, p, 0.0)
+    ds = (p * (dp - delta[:, None])).to(ka.dtype)
+    acc_a += tl.dot(ds, ka)
+    if DB > 0:
+        acc_b += tl.dot(ds, kb)
+    return acc_a, acc_b
+
+
+@triton.jit
 def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
                       sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                       so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sl_b, sl_h,
@@ -47,7 +87,8 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # (offsets of large batches pass 2**31)
     h = (bh % H).to(tl.int64)
-    rows = pid_m * BM + tl.arange(0, BM)
+    first = pid_m * BM
+    rows = first + tl.arange(0, BM)
     row_ok = rows < C
     da = tl.arange(0, DA)
     q_at = Q + b * sq_b + h * sq_h + rows[:, None] * sq_t
@@ -59,6 +100,7 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
     doa = tl.load(do_at + da[None, :], mask=row_ok[:, None], other=0.0)
     oa = tl.load(o_at + da[None, :], mask=row_ok[:, None], other=0.0)
     delta = tl.sum(doa.to(tl.float32) * oa.to(tl.float32), 1)
+    acc_a = tl.zeros([BM, DA], dtype=tl.float32)
     if DB > 0:
         db = DA + tl.arange(0, DB)
         qb = tl.load(q_at + db[None, :], mask=row_ok[:, None], other=0.0)
@@ -66,37 +108,33 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
         ob = tl.load(o_at + db[None, :], mask=row_ok[:, None], other=0.0)
         delta += tl.sum(dob.to(tl.float32) * ob.to(tl.float32), 1)
         acc_b = tl.zeros([BM, DB], dtype=tl.float32)
+    else:  # placeholders, never read
+        db, qb, dob, acc_b = da, qa, doa, acc_a
     lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=row_ok, other=0.0).to(tl.float32)
-    lse2 = lse * 1.4426950408889634
+    lse2 = lse * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
     qk_scale = scale * 1.4426950408889634
-    acc_a = tl.zeros([BM, DA], dtype=tl.float32)
+    # Key tiles: [lo, edge) cross the window's lower edge (masked), [edge, full) are seen by
+    # every query of the tile, [full, P) is the cache's partial last tile.
+    full = (P // BN) * BN
     lo = 0
+    edge = 0
     if HAS_WINDOW:  # the tile's first query sees keys from P + first + 1 - WINDOW on
-        lo = tl.maximum(P + pid_m * BM + 1 - WINDOW, 0)
-        lo = (lo // BN) * BN
-    for start in range(lo, P, BN):
-        cols = start + tl.arange(0, BN)
-        col_ok = cols < P
-        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :], mask=col_ok[:, None], other=0.0)
-        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :], mask=col_ok[:, None], other=0.0)
-        s = tl.dot(qa, tl.trans(ka))
-        dp = tl.dot(doa, tl.trans(va))
-        if DB > 0:
-            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :], mask=col_ok[:, None],
-                         other=0.0)
-            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :], mask=col_ok[:, None],
-                         other=0.0)
-            s += tl.dot(qb, tl.trans(kb))
-            dp += tl.dot(dob, tl.trans(vb))
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])
-        seen = col_ok[None, :]
-        if HAS_WINDOW:
-            seen = seen & (P + rows[:, None] - cols[None, :] < WINDOW)
-        p = tl.where(seen, p, 0.0)
-        ds = (p * (dp - delta[:, None])).to(ka.dtype)
-        acc_a += tl.dot(ds, ka)
-        if DB > 0:
-            acc_b += tl.dot(ds, kb)
+        lo = (tl.maximum(P + first + 1 - WINDOW, 0) // BN) * BN
+        # its last query does not see keys below P + first + BM - WINDOW
+        edge = lo + tl.cdiv(tl.maximum(P + first + BM - WINDOW - lo, 0), BN) * BN
+        edge = tl.minimum(edge, full)
+    for start in range(lo, edge, BN):
+        acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
+                                v_at, sk_t, sv_t, da, db, P, WINDOW, qk_scale, BN, DB,
+                                False, True)
+    for start in range(tl.maximum(edge, lo), full, BN):
+        acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
+                                v_at, sk_t, sv_t, da, db, P, WINDOW, qk_scale, BN, DB,
+                                False, False)
+    for start in range(tl.maximum(full, lo), P, BN):
+        acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
+                                v_at, sk_t, sv_t, da, db, P, WINDOW, qk_scale, BN, DB,
+                                True, HAS_WINDOW)
     dq_at = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t
     dqc_at = DQC + b * sc_b + h * sc_h + rows[:, None] * sc_t
     acc_a = acc_a * scale
