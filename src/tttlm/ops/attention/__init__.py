@@ -25,7 +25,12 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
 * ``first-order``: chunks needing only first-order gradients (frozen caches: prefill,
   evaluation) through SDPA with a lower-right causal bias while their keys fit the window
   (flash on a GPU), through ``flex_attention`` on CUDA once their cache is full, otherwise as
-  ``auto`` (opt-in; to be measured against the Triton kernel).
+  ``auto`` (opt-in; to be measured against the Triton kernel);
+* ``pieces``: ``auto``, with windowed sequences and frozen chunks as SDPA pieces merged by
+  log-sum-exp (:mod:`.pieces`);
+* ``frozen-dq``: ``auto``, with a frozen chunk's backward computing only dq for its cache
+  (:mod:`.frozen`: FlashAttention's backward on the chunk's own keys, a Triton kernel for the
+  cache's share).
 
 :func:`register_attention_backend` adds one (subclass :class:`AutoBackend` to replace one shape).
 Backends resolve their fast paths lazily: nothing imports Triton or ``flex_attention`` at
