@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tttlm.ops.attention import flash
+from tttlm.ops.attention import flash, naive
 from tttlm.ops.triton_runtime import triton_available, triton_can_run, triton_interpreting
 
 
@@ -39,9 +39,8 @@ def frozen_dq_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: 
     qf, kf, vf, of, gf = (x.to(acc) for x in (q, k[:, :frozen], v[:, :frozen], out, dout))
     scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
     probs = torch.exp(scores - lse.to(acc)[..., None])
-    pos = frozen + torch.arange(c, device=q.device)
-    diff = pos[:, None] - torch.arange(frozen, device=q.device)[None, :]
-    seen = diff < window if window is not None else torch.ones_like(diff, dtype=torch.bool)
+    seen = naive.window_mask(frozen + torch.arange(c, device=q.device),
+                             torch.arange(frozen, device=q.device), window)
     probs = probs * seen
     dp = torch.einsum("bqhd,bkhd->bhqk", gf, vf)
     delta = (gf * of).sum(-1).transpose(1, 2)  # [B, H, c]
@@ -87,8 +86,8 @@ def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     c, n = q.shape[1], k.shape[1]
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) / math.sqrt(q.shape[-1])
-    diff = (n - c + torch.arange(c))[:, None] - torch.arange(n)[None, :]
-    seen = (diff >= 0) & (diff < window if window is not None else True)
+    seen = naive.window_mask(torch.arange(n - c, n, device=q.device),
+                             torch.arange(n, device=q.device), window)
     scores = scores.masked_fill(~seen, float("-inf"))
     lse = torch.logsumexp(scores, -1)
     out = torch.einsum("bhqk,bkhd->bqhd", torch.exp(scores - lse[..., None]), v.to(acc))
