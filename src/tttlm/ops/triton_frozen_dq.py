@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-# Tiles (queries, keys), warps, pipeline stages: measured on an H200 at 3b's heads (32 × 80,
-# benchmarks/frozen_dq.py); TTTLM_FROZEN_DQ="BM,BN,WARPS,STAGES" overrides them (tuning runs).
+# Tiles (queries, keys), warps, pipeline stages: a first choice for Hopper (eight warps hold a
+# 128-query tile's fp32 accumulators and scores without spilling), not yet tuned on a GPU:
+# benchmarks/frozen_dq.py times others; TTTLM_FROZEN_DQ="BM,BN,WARPS,STAGES" overrides it.
 DEFAULT_CONFIG = (128, 64, 8, 2)
 
 
