@@ -20,6 +20,7 @@ This module imports Triton at import time; reach it through
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -161,7 +162,13 @@ def head_split(d: int) -> tuple[int, int] | None:
 
 
 def _config() -> tuple[int, int, int, int]:
-    given = os.environ.get("TTTLM_FROZEN_DQ")
+    """The tiles to launch with: read per call (a tuning run changes the variable between
+    calls), parsed once per value (this runs for every chunk of every TTT block)."""
+    return _parse_config(os.environ.get("TTTLM_FROZEN_DQ", ""))
+
+
+@functools.cache
+def _parse_config(given: str) -> tuple[int, int, int, int]:
     if not given:
         return DEFAULT_CONFIG
     bm, bn, warps, stages = (int(x) for x in given.split(","))
