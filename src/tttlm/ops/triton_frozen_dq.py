@@ -27,10 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-# Tiles (queries, keys), warps, pipeline stages: a first choice for Hopper (eight warps hold a
-# 128-query tile's fp32 accumulators and scores without spilling), not yet tuned on a GPU:
-# benchmarks/frozen_dq.py times others; TTTLM_FROZEN_DQ="BM,BN,WARPS,STAGES" overrides it.
-DEFAULT_CONFIG = (128, 64, 8, 2)
+# Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
+# 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel alone
+# at batch 1: 64x64 with 4 warps and 3 stages 0.299 ms, 128x32/4/3 0.320, 64x64/4/4 0.332,
+# 128x64/8/2 (the first, untuned choice) 0.467. TTTLM_FROZEN_DQ="BM,BN,WARPS,STAGES"
+# overrides it.
+DEFAULT_CONFIG = (64, 64, 4, 3)
 
 
 @triton.jit

@@ -28,9 +28,11 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
   ``auto`` (opt-in; to be measured against the Triton kernel);
 * ``pieces``: ``auto``, with windowed sequences and frozen chunks as SDPA pieces merged by
   log-sum-exp (:mod:`.pieces`);
-* ``frozen-dq``: ``auto``, with a frozen chunk's backward computing only dq for its cache
-  (:mod:`.frozen`: FlashAttention's backward on the chunk's own keys, a Triton kernel for the
-  cache's share).
+* ``frozen-dq``: as ``auto``, whose frozen chunks on CUDA take a backward computing only dq
+  for their cache (:mod:`.frozen`: FlashAttention's backward on the chunk's own keys, a
+  Triton kernel for the cache's share); CPU tensors take it too, under Triton's interpreter;
+* ``flash-window``: ``auto``, with frozen chunks through FlashAttention's own window backward
+  (dq, dk, dv for every key), what ``auto`` ran before ``frozen-dq``'s backward.
 
 :func:`register_attention_backend` adds one (subclass :class:`AutoBackend` to replace one shape).
 Backends resolve their fast paths lazily: nothing imports Triton or ``flex_attention`` at
@@ -54,6 +56,7 @@ from tttlm.ops.attention.backends import (
     AutoBackend,
     BandedBackend,
     FirstOrderBackend,
+    FlashWindowBackend,
     FrozenDqBackend,
     NaiveBackend,
     PiecesBackend,
@@ -66,6 +69,7 @@ __all__ = [
     "AutoBackend",
     "BandedBackend",
     "FirstOrderBackend",
+    "FlashWindowBackend",
     "FrozenDqBackend",
     "PiecesBackend",
     "NaiveBackend",
@@ -134,7 +138,8 @@ def attention_backend(name: str) -> Iterator[AttentionBackend]:
 
 
 for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend(),
-                 FirstOrderBackend(), PiecesBackend(), FrozenDqBackend()):
+                 FirstOrderBackend(), PiecesBackend(), FrozenDqBackend(),
+                 FlashWindowBackend()):
     register_attention_backend(_builtin)
 del _builtin
 

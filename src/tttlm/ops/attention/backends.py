@@ -85,16 +85,25 @@ class NaiveBackend(AttentionBackend):
 
 
 def first_order_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      window: int | None, frozen_keys: int) -> torch.Tensor | None:
+                      window: int | None, frozen_keys: int,
+                      cache_dq_only: bool = True) -> torch.Tensor | None:
     """A chunk whose cached keys are frozen (no outer gradient) through kernels with a
-    first-order backward, or ``None`` where none applies: FlashAttention's sliding window for
-    fp16/bf16 on CUDA (any cache); otherwise, while no cached key has left the window, SDPA
-    with a lower-right causal bias (any device), and once the cache is full ``flex_attention``
-    with a block mask (CUDA). Chunks are laid out as :class:`~tttlm.model.cache.ChunkKV` lays
-    them out (consecutive positions, the chunk's keys last)."""
+    first-order backward, or ``None`` where none applies: on CUDA in fp16/bf16,
+    FlashAttention's sliding window forward, with a backward that computes the cache's share
+    of dq only (:func:`~tttlm.ops.attention.frozen.frozen_chunk_attention`; with
+    ``cache_dq_only=False``, or a head width its kernel does not split, FlashAttention's own
+    window backward); otherwise, while no cached key has left the window, SDPA with a
+    lower-right causal bias (any device), and once the cache is full ``flex_attention`` with a
+    block mask (CUDA). Chunks are laid out as :class:`~tttlm.model.cache.ChunkKV` lays them
+    out (consecutive positions, the chunk's keys last)."""
     if frozen_keys <= 0:
         return None
     q, k, v = common_dtype(q, k, v)
+    # (CUDA only: on a CPU the kernel runs under Triton's interpreter, for tests)
+    if cache_dq_only and q.is_cuda and frozen.frozen_can_run(q, k, window, frozen_keys):
+        # 3b on one H100: 8K x 16 0.02691 -> 0.02593 s per 1K tokens, 128K x 1 0.03898 ->
+        # 0.03562 (benchmarks/results/prefill_frozen_dq_3b_h100.md)
+        return frozen.frozen_chunk_attention(q, k, v, window)
     if flash.flash_window_can_run(q):
         return flash.flash_chunk_attention(q, k, v, window)
     if window is None or k.shape[1] <= window:
@@ -223,12 +232,28 @@ class PiecesBackend(AutoBackend):
         return super().sequence(q, k, v, window, block)
 
 
+class FlashWindowBackend(AutoBackend):
+    """As ``auto``, but a TTT chunk over a frozen cache on CUDA takes FlashAttention's own
+    window backward (dq, dk and dv for every key) instead of the cache-dq-only backward: what
+    ``auto`` ran before it took that one (benchmarks, a fallback)."""
+
+    name = "flash-window"
+
+    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
+              frozen_keys: int = 0) -> torch.Tensor:
+        first = first_order_chunk(q, k, v, window, frozen_keys, cache_dq_only=False)
+        if first is not None:
+            return first
+        return self.chunk_twice_differentiable(q, k, v, q_pos, k_pos, window, frozen_keys)
+
+
 class FrozenDqBackend(AutoBackend):
-    """As ``auto``, but a TTT chunk over a frozen cache takes
-    :func:`~tttlm.ops.attention.frozen.frozen_chunk_attention` where it runs: FlashAttention's
-    window forward, and a backward that computes the cache's share of dq only (no dk, dv for
-    keys whose gradient is thrown away). CPU tensors take it under Triton's interpreter
-    (tests)."""
+    """As ``auto``, which takes the same path on CUDA; but CPU tensors take it too, under
+    Triton's interpreter (tests): a TTT chunk over a frozen cache through
+    :func:`~tttlm.ops.attention.frozen.frozen_chunk_attention`, FlashAttention's window
+    forward (a dense one on a CPU) and a backward that computes the cache's share of dq only
+    (no dk, dv for keys whose gradient is thrown away)."""
 
     name = "frozen-dq"
 
