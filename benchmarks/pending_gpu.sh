@@ -169,16 +169,17 @@ case "$PART" in
       cp "$SCRATCH/prefill_eager_3b_$side.json" "$OUT/" 2>/dev/null
     done ;;
   frozen)  # speed issue: a TTT chunk's backward over a frozen cache computing the cache's
-    # share of dq only (attention `frozen-dq`: FlashAttention's backward on the chunk's own
-    # keys, a Triton kernel for the cache) against the flash window's full backward (`auto`):
+    # share of dq only (`auto` on CUDA, and `frozen-dq`: FlashAttention's backward on the
+    # chunk's own keys, a Triton kernel for the cache) against the flash window's full backward
+    # (`flash-window`, what `auto` ran before):
     # the kernels side by side with tile configurations (each checked against the flash
     # window first), 3b e2e prefill at 8K x 16 and 128K x 1 through both (one card, one
     # call), then the CUDA tests
     timeout 100 python benchmarks/frozen_dq.py --out "$OUT/frozen_dq_3b" \
-      --configs ${CONFIGS:-128,64,4,3 64,64,4,3 128,128,8,2} \
+      --configs ${CONFIGS:-128,32,4,3 64,64,4,4 128,64,8,2} \
       | cut -c1-600 || echo "frozen_dq: exit $?"
     timeout 290 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-      --lengths 8192 131072 --compile compiled --attention auto frozen-dq --paths model \
+      --lengths 8192 131072 --compile compiled --attention flash-window auto --paths model \
       --repeats 2 --out "$SCRATCH/prefill_frozen_dq_3b" > /dev/null || echo "bench: exit $?"
     grep "^| e" "$SCRATCH/prefill_frozen_dq_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_frozen_dq_3b.json" "$OUT/" 2>/dev/null
