@@ -210,3 +210,31 @@ def test_cuda_equals_the_flash_window(P: int, c: int) -> None:
                  (got[2][:, P:], want[2][:, P:])):
         err = (a.float() - b.float()).abs().max().item()
         assert err <= 2e-2 * max(b.float().abs().max().item(), 1.0), err
+
+
+@pytest.mark.parametrize("name, takes", [("auto", DEVICE == "cuda"), ("flash-window", False),
+                                         ("frozen-dq", True)])
+def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.MonkeyPatch
+                                ) -> None:
+    """``auto`` takes the cache-dq-only backward on CUDA only (on a CPU the kernel would run
+    under the interpreter), ``flash-window`` never, ``frozen-dq`` wherever it runs; the
+    output is the same either way."""
+    from tttlm.ops.attention import chunk_attention
+
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    c, P, window = 64, 192, 128
+    q, k, v = _operands(1, c, P, 2, 80, dtype)
+    pos = torch.arange(P + c, device=DEVICE)
+    calls = []
+    original = frozen.frozen_chunk_attention
+
+    def counted(*a: object) -> torch.Tensor:
+        calls.append(1)
+        return original(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(frozen, "frozen_chunk_attention", counted)
+    with attention_backend(name):
+        got = chunk_attention(q, k, v, pos[P:], pos, window, frozen_keys=P)
+    assert bool(calls) == takes
+    want = naive.naive_chunk_attention(q.double(), k.double(), v.double(), pos[P:], pos, window)
+    _close(got, want, dtype)

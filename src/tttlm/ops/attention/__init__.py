@@ -174,9 +174,12 @@ def chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Attention of a chunk's queries over cached keys plus the chunk's own keys.
 
     Positions are absolute token indices (used only for the mask); every query must see at
-    least one key. Differentiable twice. ``auto`` runs the Triton kernel on CUDA (``triton``
-    anywhere Triton runs), the naive reference otherwise. ``frozen_keys``: the first keys'
-    gradient is not wanted (a detached cache), so the kernel skips it; first order only.
+    least one key. Differentiable twice with ``frozen_keys=0``: ``auto`` runs the Triton
+    kernel on CUDA (``triton`` anywhere Triton runs), the naive reference otherwise.
+    ``frozen_keys``: the first keys' gradient is not wanted (a detached cache) and the
+    chunk is differentiated once (prefill, evaluation): ``auto`` takes first-order kernels
+    (:func:`~tttlm.ops.attention.backends.first_order_chunk`), whose backward on CUDA computes
+    only dq for those keys.
     """
     k, v = expand_kv_heads(q, k, v, 2)
     return _REGISTRY[_active].chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
