@@ -7,6 +7,8 @@ window of 8192 and chunks of 1024 (a full cache of one and two sequences, half-f
 nearly empty caches of two), this times forward + backward of each with CUDA events, and
 the Triton kernel alone for each tile configuration asked for (``--configs``; the first is
 the module's default unless named). Each path is checked against the flash window first.
+The Triton forward (``tttlm.ops.triton_window_fwd``, 80 = 64 + 16 unpadded) is timed alone
+against FlashAttention's, and in forward + backward, for each of ``--fwd-configs``.
 
     python benchmarks/frozen_dq.py --out results/frozen_dq_3b
 """
@@ -26,6 +28,8 @@ from tttlm.bench.common import cuda_event_seconds
 from tttlm.ops.attention import frozen
 from tttlm.ops.attention.flash import flash_chunk_attention
 from tttlm.ops.triton_frozen_dq import DEFAULT_CONFIG, frozen_dq
+from tttlm.ops.triton_window_fwd import DEFAULT_CONFIG as FWD_DEFAULT
+from tttlm.ops.triton_window_fwd import window_forward
 
 SHAPES = [(1, 8192), (2, 8192), (2, 4096), (2, 1024)]  # (sequences, cached keys)
 
@@ -37,7 +41,7 @@ def _bwd_flops(B: int, c: int, P: int, H: int, d: int, window: int) -> float:
 
 
 def _measure(B: int, P: int, c: int, H: int, d: int, W: int, repeats: int,
-             configs: list[str]) -> dict[str, float]:
+             configs: list[str], fwd_configs: list[str]) -> dict[str, float]:
     """One shape: the error against the flash window, then the timings."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(B, n, H, d, device="cuda", dtype=torch.bfloat16,
@@ -69,6 +73,21 @@ def _measure(B: int, P: int, c: int, H: int, d: int, W: int, repeats: int,
         row[f"kernel_ms[{config}]"] = 1e3 * cuda_event_seconds(
             lambda: frozen_dq(q, k, v, o, g, lse, P, W, 1 / math.sqrt(d)), repeats)
     os.environ.pop("TTTLM_FROZEN_DQ", None)
+
+    def triton_path(q, k, v, W):  # noqa: ANN001, ANN202  (the step's signature)
+        return frozen.frozen_chunk_attention(q, k, v, W, triton_forward=True)
+
+    for config in fwd_configs:
+        os.environ["TTTLM_WINDOW_FWD"] = config
+        with torch.no_grad():
+            o2, lse2 = window_forward(q, k, v, W, 1 / math.sqrt(d))
+        row[f"fwd_err[{config}]"] = max((o2.float() - o.float()).abs().max().item(),
+                                        (lse2 - lse).abs().max().item())
+        row[f"fwd_ms[{config}]"] = 1e3 * cuda_event_seconds(
+            lambda: window_forward(q, k, v, W, 1 / math.sqrt(d)), repeats)
+        row[f"triton_fwd_bwd_ms[{config}]"] = 1e3 * cuda_event_seconds(
+            step(triton_path), repeats)
+    os.environ.pop("TTTLM_WINDOW_FWD", None)
     return row
 
 
@@ -81,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--configs", nargs="*", default=[],
                     help="extra BM,BN,WARPS,STAGES tile configurations of the kernel")
+    ap.add_argument("--fwd-configs", nargs="*", default=[],
+                    help="extra tile configurations of the Triton forward")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -89,9 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     c, H, d, W = args.chunk, args.heads, args.head_dim, args.window
     configs = [",".join(map(str, DEFAULT_CONFIG))] + [x for x in args.configs
                                                        if x != ",".join(map(str, DEFAULT_CONFIG))]
+    first = ",".join(map(str, FWD_DEFAULT))
+    fwd_configs = [first] + [x for x in args.fwd_configs if x != first]
     rows = []
     for B, P in SHAPES:
-        rows.append(_measure(B, P, c, H, d, W, args.repeats, configs))
+        rows.append(_measure(B, P, c, H, d, W, args.repeats, configs, fwd_configs))
         print(json.dumps(rows[-1]), flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python benchmarks/frozen_dq.py " + " ".join(argv or sys.argv[1:]),

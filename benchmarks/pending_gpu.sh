@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -184,6 +184,20 @@ case "$PART" in
     grep "^| e" "$SCRATCH/prefill_frozen_dq_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_frozen_dq_3b.json" "$OUT/" 2>/dev/null
     timeout 120 python -m pytest -q -p no:warnings tests/test_ops_frozen_dq.py | tail -3 ;;
+  triton_fwd)  # speed issue: a frozen chunk's forward through the Triton kernel
+    # (ops/triton_window_fwd.py, head width 80 = 64 + 16 unpadded; attention `triton-fwd`)
+    # against FlashAttention's window forward (`auto`): the CUDA tests, the kernels side by
+    # side per tile configuration, then 3b e2e prefill at 8K x 16 and 128K x 1 through both
+    timeout 150 python -m pytest -q -p no:warnings tests/test_ops_triton_window_fwd.py \
+      tests/test_ops_frozen_dq.py | tail -3
+    timeout 120 python benchmarks/frozen_dq.py --out "$OUT/triton_fwd_3b" --configs \
+      --fwd-configs ${FWD_CONFIGS:-128,64,8,2 128,32,4,3 64,32,4,3 64,64,4,4} \
+      | cut -c1-900 || echo "frozen_dq: exit $?"
+    timeout 290 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 131072 --compile compiled --attention auto triton-fwd --paths model \
+      --repeats 2 --out "$SCRATCH/prefill_triton_fwd_3b" > /dev/null || echo "bench: exit $?"
+    grep "^| e" "$SCRATCH/prefill_triton_fwd_3b.md" 2>/dev/null
+    cp "$SCRATCH/prefill_triton_fwd_3b.json" "$OUT/" 2>/dev/null ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, and Engine.prefill (what tttlm generate runs) at 128K

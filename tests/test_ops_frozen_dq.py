@@ -62,7 +62,7 @@ def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
     """The cache's share of dq from the dense scores; with the chunk's share added in; small
     tiles too, so that several key tiles and the window's edge inside a tile are crossed."""
     q, k, v = _operands(2, c, P, 3, d, dtype)
-    out, lse = frozen._dense_forward(q, k, v, window) if DEVICE == "cpu" else _flash_out(
+    out, lse = frozen.window_forward_reference(q, k, v, window) if DEVICE == "cpu" else _flash_out(
         q, k, v, window)
     gen = torch.Generator().manual_seed(1)
     dout = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
@@ -87,7 +87,7 @@ def test_kernel_reads_strided_rows() -> None:
     q = fused[:, :, 1]
     kv = torch.randn(B, P + c, 2, H, d, generator=gen).to(DEVICE, dtype)
     k, v = kv[:, :, 0], kv[:, :, 1]
-    out, lse = frozen._dense_forward(q, k, v, 24) if DEVICE == "cpu" else _flash_out(
+    out, lse = frozen.window_forward_reference(q, k, v, 24) if DEVICE == "cpu" else _flash_out(
         q, k, v, 24)
     dout = torch.randn(B, H, c, d, generator=gen).to(DEVICE, dtype).transpose(1, 2)
     scale = 1.0 / math.sqrt(d)
@@ -103,13 +103,17 @@ def test_kernel_reads_strided_rows() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c, P, window, d", [(16, 48, 40, 80), (32, 64, None, 64),
                                              (10, 30, 35, 96), (32, 96, 96, 16)])
+@pytest.mark.parametrize("triton_forward", [False, True])
 def test_function_equals_naive_chunk_attention(c: int, P: int, window: int | None, d: int,
-                                               dtype: torch.dtype) -> None:
+                                               dtype: torch.dtype, triton_forward: bool
+                                               ) -> None:
     """Output, dq, and the chunk's own dk, dv as the naive reference's; the cache's dk, dv
-    zeros (it is frozen: the reference's own gradient there is not wanted)."""
+    zeros (it is frozen: the reference's own gradient there is not wanted). The forward
+    through FlashAttention (a dense one on a CPU) or the Triton kernel, whose log-sum-exp
+    the backward's two shares then read."""
     q, k, v = (x.requires_grad_() for x in _operands(2, c, P, 3, d, dtype, seed=5))
     assert frozen.frozen_can_run(q, k, window, P)
-    out = frozen.frozen_chunk_attention(q, k, v, window)
+    out = frozen.frozen_chunk_attention(q, k, v, window, triton_forward=triton_forward)
     q_pos = torch.arange(P, P + c, device=DEVICE)
     k_pos = torch.arange(P + c, device=DEVICE)
     ref = naive.naive_chunk_attention(q, k, v, q_pos, k_pos, window)
@@ -149,10 +153,12 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="fp64 takes the path on a CPU only (the "
                     "interpreter); on CUDA the kernel tests above cover it")
-def test_backend_in_a_model_equals_the_reference() -> None:
-    """The ``frozen-dq`` backend through a TTT model's scoring forward (every chunk after
-    the first over a frozen cache, the inner step differentiating it once): the same loss
-    and the same fast weights as the naive reference backend, in fp64."""
+@pytest.mark.parametrize("backend", ["frozen-dq", "triton-fwd"])
+def test_backend_in_a_model_equals_the_reference(backend: str) -> None:
+    """The ``frozen-dq`` backend (and ``triton-fwd``, its forward through Triton too) through
+    a TTT model's scoring forward (every chunk after the first over a frozen cache, the inner
+    step differentiating it once): the same loss and the same fast weights as the naive
+    reference backend, in fp64."""
     from tttlm import TTTConfig, TTTForCausalLM
 
     cfg = TTTConfig.from_preset("tiny", "e2e")
@@ -162,18 +168,18 @@ def test_backend_in_a_model_equals_the_reference() -> None:
     calls = []
     original = frozen.frozen_chunk_attention
 
-    def counted(*a: object) -> torch.Tensor:
-        calls.append(1)
-        return original(*a)  # type: ignore[arg-type]
+    def counted(*a: object, **kw: object) -> torch.Tensor:
+        calls.append(kw.get("triton_forward", False))
+        return original(*a, **kw)  # type: ignore[arg-type]
 
     results = {}
-    for name in ("naive", "frozen-dq"):
+    for name in ("naive", backend):
         with torch.no_grad(), attention_backend(name), pytest.MonkeyPatch.context() as mp:
             mp.setattr(frozen, "frozen_chunk_attention", counted)
             out = model(ids[:, :-1], labels=ids[:, 1:], ttt=True, return_fast_weights=True)
         results[name] = out
-    assert calls, "the frozen-dq path never ran"
-    a, b = results["naive"], results["frozen-dq"]
+    assert calls == [backend == "triton-fwd"] * len(calls) and calls, calls
+    a, b = results["naive"], results[backend]
     torch.testing.assert_close(b.token_nll, a.token_nll, rtol=1e-6, atol=1e-6)
     for wa, wb in zip(a.fast_weights, b.fast_weights, strict=True):
         assert wa.keys() == wb.keys()
@@ -213,7 +219,7 @@ def test_cuda_equals_the_flash_window(P: int, c: int) -> None:
 
 
 @pytest.mark.parametrize("name, takes", [("auto", DEVICE == "cuda"), ("flash-window", False),
-                                         ("frozen-dq", True)])
+                                         ("frozen-dq", True), ("triton-fwd", True)])
 def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.MonkeyPatch
                                 ) -> None:
     """``auto`` takes the cache-dq-only backward on CUDA only (on a CPU the kernel would run
@@ -228,13 +234,13 @@ def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.Monk
     calls = []
     original = frozen.frozen_chunk_attention
 
-    def counted(*a: object) -> torch.Tensor:
-        calls.append(1)
-        return original(*a)  # type: ignore[arg-type]
+    def counted(*a: object, **kw: object) -> torch.Tensor:
+        calls.append(kw.get("triton_forward", False))
+        return original(*a, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(frozen, "frozen_chunk_attention", counted)
     with attention_backend(name):
         got = chunk_attention(q, k, v, pos[P:], pos, window, frozen_keys=P)
-    assert bool(calls) == takes
+    assert calls == ([name == "triton-fwd"] if takes else [])
     want = naive.naive_chunk_attention(q.double(), k.double(), v.double(), pos[P:], pos, window)
     _close(got, want, dtype)

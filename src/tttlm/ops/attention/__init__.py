@@ -31,6 +31,8 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
 * ``frozen-dq``: as ``auto``, whose frozen chunks on CUDA take a backward computing only dq
   for their cache (:mod:`.frozen`: FlashAttention's backward on the chunk's own keys, a
   Triton kernel for the cache's share); CPU tensors take it too, under Triton's interpreter;
+* ``triton-fwd``: ``frozen-dq``, with those chunks' forward through a Triton kernel too
+  (:mod:`tttlm.ops.triton_window_fwd`: the head width split into powers of two, not padded);
 * ``flash-window``: ``auto``, with frozen chunks through FlashAttention's own window backward
   (dq, dk, dv for every key), what ``auto`` ran before ``frozen-dq``'s backward.
 
@@ -61,6 +63,7 @@ from tttlm.ops.attention.backends import (
     NaiveBackend,
     PiecesBackend,
     TritonBackend,
+    TritonForwardBackend,
 )
 from tttlm.ops.attention.naive import naive_attention, window_mask
 
@@ -74,6 +77,7 @@ __all__ = [
     "PiecesBackend",
     "NaiveBackend",
     "TritonBackend",
+    "TritonForwardBackend",
     "attention_backend",
     "attention_backend_names",
     "chunk_attention",
@@ -139,7 +143,7 @@ def attention_backend(name: str) -> Iterator[AttentionBackend]:
 
 for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend(),
                  FirstOrderBackend(), PiecesBackend(), FrozenDqBackend(),
-                 FlashWindowBackend()):
+                 FlashWindowBackend(), TritonForwardBackend()):
     register_attention_backend(_builtin)
 del _builtin
 

@@ -256,10 +256,21 @@ class FrozenDqBackend(AutoBackend):
     (no dk, dv for keys whose gradient is thrown away)."""
 
     name = "frozen-dq"
+    triton_forward = False
 
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
               frozen_keys: int = 0) -> torch.Tensor:
         if frozen.frozen_can_run(q, k, window, frozen_keys):
-            return frozen.frozen_chunk_attention(*common_dtype(q, k, v), window)
+            return frozen.frozen_chunk_attention(*common_dtype(q, k, v), window,
+                                                 triton_forward=self.triton_forward)
         return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
+
+
+class TritonForwardBackend(FrozenDqBackend):
+    """As ``frozen-dq``, with the forward of those chunks through the Triton kernel of
+    :mod:`tttlm.ops.triton_window_fwd` too (the head width split, not padded as
+    FlashAttention pads 80 to 96), whose log-sum-exp both backward shares read."""
+
+    name = "triton-fwd"
+    triton_forward = True

@@ -72,17 +72,33 @@ def frozen_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
 
 
 def frozen_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           window: int | None) -> torch.Tensor:
+                           window: int | None, triton_forward: bool = False) -> torch.Tensor:
     """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a frozen cache of ``P`` keys, then
     the chunk's own), query ``i`` seeing keys ``j`` with ``0 <= P + i - j < window``: the
     function of :func:`~tttlm.ops.attention.flash.flash_chunk_attention`, with a backward
-    that computes no dk, dv for the cache (see :func:`frozen_can_run`). One dtype in."""
-    return _FrozenChunk.apply(q, k, v, window)
+    that computes no dk, dv for the cache (see :func:`frozen_can_run`). One dtype in.
+    ``triton_forward``: the forward through :mod:`tttlm.ops.triton_window_fwd` instead of
+    FlashAttention's (CPU tensors: under the interpreter)."""
+    return _FrozenChunk.apply(q, k, v, window, triton_forward)
 
 
-def _dense_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output and ``lse [B, H, c]`` (fp32; fp64 for fp64) from dense scores (CPU)."""
+_NO_RNG: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _no_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Placeholders for FlashAttention's random state (seed, offset), made once per device
+    (before any CUDA graph is captured: a run's first chunks are launched)."""
+    if device not in _NO_RNG:
+        _NO_RNG[device] = (torch.zeros(2, dtype=torch.int64, device=device),
+                           torch.empty(0, dtype=torch.int64, device=device))
+    return _NO_RNG[device]
+
+
+def window_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output (in ``q``'s dtype) and ``lse [B, H, c]`` (fp32; fp64 for fp64) of a chunk
+    over cache ⊕ chunk from dense scores: the forward on a CPU, and the reference of
+    :func:`tttlm.ops.triton_window_fwd.window_forward`."""
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     c, n = q.shape[1], k.shape[1]
     scores = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), k.to(acc)) / math.sqrt(q.shape[-1])
@@ -108,22 +124,30 @@ def _chunk_piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     from tttlm.ops.attention.pieces import cpu_piece_backward
 
     heads = [x.transpose(1, 2) for x in (dout, q, k, v, out)]
+    # (the Triton forward's log-sum-exp is fp32 for every dtype; the CPU kernels want fp64's)
+    lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     return tuple(g.transpose(1, 2) for g in cpu_piece_backward(*heads, lse, causal=True))
 
 
 class _FrozenChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                window: int | None) -> torch.Tensor:
-        if q.is_cuda:
-            q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+                window: int | None, triton_forward: bool) -> torch.Tensor:
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        if triton_forward:
+            from tttlm.ops.triton_window_fwd import window_forward
+
+            out, lse = window_forward(q, k, v, window, 1.0 / math.sqrt(q.shape[-1]))
+            # FlashAttention's backward reads no random state without dropout
+            ctx.aux = _no_rng(q.device)
+        elif q.is_cuda:
             left = -1 if window is None or window >= k.shape[1] else window - 1
             out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
                 q, k, v, None, None, q.shape[1], k.shape[1], 0.0, True, False,
                 window_size_left=left, window_size_right=0)
             ctx.aux = (rng_state, unused)
         else:
-            out, lse = _dense_forward(q, k, v, window)
+            out, lse = window_forward_reference(q, k, v, window)
             ctx.aux = ()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.window = window
@@ -144,4 +168,4 @@ class _FrozenChunk(torch.autograd.Function):
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dk[:, P:] = dk_own
         dv[:, P:] = dv_own
-        return dq, dk, dv, None
+        return dq, dk, dv, None, None

@@ -1,0 +1,190 @@
+"""A TTT chunk's attention forward over its cache and its own keys, in one Triton pass (GPU).
+
+Query ``i`` of a chunk of ``c`` (position ``P + i``, after a cache of ``P`` keys) sees keys
+``j`` with ``0 <= P + i - j < window``: the window's lower edge over the cache, causal over the
+chunk's own keys. The kernel returns the output and the log-sum-exp of the scaled scores
+(fp32, natural log, ``[B, H, c]``), which is what FlashAttention's backward and
+:func:`tttlm.ops.triton_frozen_dq.frozen_dq` read, so it can stand in for FlashAttention's
+window forward in :mod:`tttlm.ops.attention.frozen`.
+
+Why not FlashAttention's: it pads a head width of 80 to 96 and, at one sequence (what a 128K
+prefill runs), launches 8 query tiles × 32 heads, two waves on 132 SMs at its 128-query tile.
+Here the head width is split into two powers of two (80 = 64 + 16) as in the dq kernel, and the
+masks run only on the tiles that need them: the window's edge and the causal diagonal.
+
+Its reference is :func:`tttlm.ops.attention.frozen.window_forward_reference` (dense, fp32 or
+fp64). This module imports Triton at import time; reach it through
+:mod:`tttlm.ops.attention.frozen`, which checks availability first.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from tttlm.ops.triton_frozen_dq import head_split
+
+# Tiles (queries, keys), warps, pipeline stages: a first choice (the dq kernel's measured best
+# at the same shapes), not yet tuned on a GPU; TTTLM_WINDOW_FWD="BM,BN,WARPS,STAGES" overrides
+# it (benchmarks/frozen_dq.py times others).
+DEFAULT_CONFIG = (64, 64, 4, 3)
+
+
+@triton.jit
+def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t, da, db,
+              N, P, WINDOW, qk_scale, BN: tl.constexpr, DB: tl.constexpr,
+              MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr):
+    """One tile of ``BN`` keys into the running max ``m_i`` (log2 units), sum ``l_i`` and the
+    accumulators (``qb, db, acc_b``: the head's second part, placeholders when ``DB`` is 0).
+    ``MASK_EDGE``: the window's lower edge crosses the tile; ``MASK_CAUSAL``: the diagonal does
+    (keys past ``N`` are masked there too: they lie past every query's own position)."""
+    cols = start + tl.arange(0, BN)
+    if MASK_CAUSAL:
+        col_ok = cols < N
+        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :], mask=col_ok[:, None], other=0.0)
+        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :])
+        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :])
+    s = tl.dot(qa, tl.trans(ka))
+    if DB > 0:
+        if MASK_CAUSAL:
+            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :], mask=col_ok[:, None],
+                         other=0.0)
+            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :], mask=col_ok[:, None],
+                         other=0.0)
+        else:
+            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :])
+            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :])
+        s += tl.dot(qb, tl.trans(kb))
+    s = s * qk_scale
+    if MASK_CAUSAL:
+        s = tl.where(cols[None, :] <= P + rows[:, None], s, float("-inf"))
+    if MASK_EDGE:
+        s = tl.where(P + rows[:, None] - cols[None, :] < WINDOW, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no key yet (the window's edge starts past this tile for it) keeps
+    # -inf; shifting by 0 there makes its terms 0 instead of exp2(-inf + inf) = NaN.
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.math.exp2(m_i - m_use)
+    p = tl.math.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(ka.dtype)
+    acc_a = acc_a * alpha[:, None] + tl.dot(p, va)
+    if DB > 0:
+        acc_b = acc_b * alpha[:, None] + tl.dot(p, vb)
+    return acc_a, acc_b, m_new, l_i
+
+
+@triton.jit
+def _window_fwd_kernel(Q, K, V, O, LSE,
+                       sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
+                       so_b, so_t, so_h, sl_b, sl_h,
+                       H, C, P, WINDOW, scale,
+                       BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr,
+                       DB: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """One tile of ``BM`` queries of one head over the keys it sees. Grid: (query tiles,
+    batch × heads)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # (offsets of large batches pass 2**31)
+    h = (bh % H).to(tl.int64)
+    first = pid_m * BM
+    rows = first + tl.arange(0, BM)
+    row_ok = rows < C
+    N = P + C
+    da = tl.arange(0, DA)
+    q_at = Q + b * sq_b + h * sq_h + rows[:, None] * sq_t
+    k_at = K + b * sk_b + h * sk_h
+    v_at = V + b * sv_b + h * sv_h
+    qa = tl.load(q_at + da[None, :], mask=row_ok[:, None], other=0.0)
+    acc_a = tl.zeros([BM, DA], dtype=tl.float32)
+    if DB > 0:
+        db = DA + tl.arange(0, DB)
+        qb = tl.load(q_at + db[None, :], mask=row_ok[:, None], other=0.0)
+        acc_b = tl.zeros([BM, DB], dtype=tl.float32)
+    else:  # placeholders, never read
+        db, qb, acc_b = da, qa, acc_a
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
+    # Key tiles: [lo, edge) cross the window's lower edge, [edge, diag) are seen whole by every
+    # query of the tile, [diag, hi) cross the causal diagonal (the tile's own positions).
+    hi = P + first + BM
+    diag = ((P + first) // BN) * BN
+    lo = 0
+    edge = 0
+    if HAS_WINDOW:  # the tile's first query sees keys from P + first + 1 - WINDOW on
+        lo = (tl.maximum(P + first + 1 - WINDOW, 0) // BN) * BN
+        # its last query does not see keys below P + first + BM - WINDOW
+        edge = lo + tl.cdiv(tl.maximum(P + first + BM - WINDOW - lo, 0), BN) * BN
+        edge = tl.minimum(edge, diag)
+    for start in range(lo, edge, BN):
+        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
+                                           v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
+                                           BN, DB, True, False)
+    for start in range(tl.maximum(edge, lo), diag, BN):
+        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
+                                           v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
+                                           BN, DB, False, False)
+    for start in range(tl.maximum(diag, lo), hi, BN):
+        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
+                                           v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
+                                           BN, DB, HAS_WINDOW, True)
+    # Rows past C saw no key: keep them finite (they are not stored).
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    o_at = O + b * so_b + h * so_h + rows[:, None] * so_t
+    tl.store(o_at + da[None, :], (acc_a / l_safe[:, None]).to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+    if DB > 0:
+        tl.store(o_at + db[None, :], (acc_b / l_safe[:, None]).to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+    lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453  # back to natural log
+    tl.store(LSE + b * sl_b + h * sl_h + rows, lse, mask=row_ok)
+
+
+def _config() -> tuple[int, int, int, int]:
+    """The tiles to launch with: read per call, parsed once per value (as the dq kernel's)."""
+    return _parse_config(os.environ.get("TTTLM_WINDOW_FWD", ""))
+
+
+@functools.cache
+def _parse_config(given: str) -> tuple[int, int, int, int]:
+    if not given:
+        return DEFAULT_CONFIG
+    bm, bn, warps, stages = (int(x) for x in given.split(","))
+    return bm, bn, warps, stages
+
+
+def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a cache of ``P`` keys, then the
+    chunk's own), query ``i`` seeing keys ``j`` with ``0 <= P + i - j < window`` (no lower
+    bound for ``None``): the output in ``q``'s dtype and ``lse [B, H, c]`` (fp32, natural
+    log of the scaled scores). The last axis of each input must be contiguous."""
+    B, c, H, d = q.shape
+    split = head_split(d)
+    if split is None:
+        raise ValueError(f"head width {d} is not two powers of two of at least 16")
+    if any(t.stride(-1) != 1 for t in (q, k, v)):
+        raise ValueError("window_forward reads rows whose last axis is contiguous")
+    P = k.shape[1] - c
+    if P < 0 or v.shape[1] != k.shape[1]:
+        raise ValueError(f"keys {k.shape[1]} and values {v.shape[1]} for a chunk of {c}")
+    bm, bn, warps, stages = _config()
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, c, device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(c, bm), B * H)
+    _window_fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        H, c, P, window or 0, scale,
+        BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
+        num_warps=warps, num_stages=stages)
+    return out, lse

@@ -1,0 +1,104 @@
+"""A TTT chunk's attention forward over cache ⊕ chunk in one Triton pass
+(tttlm.ops.triton_window_fwd) against its dense reference (output and log-sum-exp), in fp32
+and fp64 under Triton's interpreter on a CPU; on CUDA in bf16/fp16, and against
+FlashAttention's window forward, which it can replace."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _helpers import triton_or_skip
+
+triton = triton_or_skip()
+
+from tttlm.ops.attention import frozen, naive  # noqa: E402
+from tttlm.ops.triton_window_fwd import window_forward  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The interpreter's bf16 tile products are wrong on a CPU (see test_ops_frozen_dq).
+DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+# fp64 on the interpreter: the scale reaches the kernel as an fp32 argument.
+TOL = {torch.float64: 2e-6, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def _operands(B: int, c: int, P: int, H: int, d: int, dtype: torch.dtype, seed: int = 0
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, H, d, generator=gen) for n in (c, P + c, P + c))
+    return tuple(x.to(DEVICE, dtype) for x in (q, k, v))  # type: ignore[return-value]
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    err = (got.double() - ref.double()).abs().max().item()
+    assert err <= TOL[dtype] * max(ref.double().abs().max().item(), 1.0), err
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("c, P, window, d", [
+    (16, 48, 40, 80),     # the window cuts the cache
+    (32, 64, None, 64),   # no window
+    (10, 30, 35, 96),     # a chunk shorter than a tile, a cache not a multiple of one
+    (32, 32, 64, 16),     # the cache and chunk inside the window
+    (40, 100, 64, 80),    # tiles of 16: edge, whole and diagonal key tiles all met
+    (48, 0, 32, 80),      # no cache: causal over the chunk, the window inside it
+    (40, 60, 5, 80),      # a window shorter than a tile: rows that see no key of a tile
+])
+def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
+                                 dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output and log-sum-exp as the dense reference's, with the default tiles and with tiles
+    of 16 (several key tiles of each kind, and the window's edge inside the diagonal's)."""
+    q, k, v = _operands(2, c, P, 3, d, dtype)
+    ref_out, ref_lse = frozen.window_forward_reference(
+        *(x.to(torch.float64) for x in (q, k, v)), window)
+    for config in (None, "16,16,4,1"):
+        if config:
+            monkeypatch.setenv("TTTLM_WINDOW_FWD", config)
+        out, lse = window_forward(q, k, v, window, 1.0 / math.sqrt(d))
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        assert lse.shape == (2, 3, c) and torch.isfinite(lse).all()
+        _close(out, ref_out, dtype)
+        # log-sum-exp to fp32's precision (the backward reads it in fp32)
+        assert (lse.double() - ref_lse).abs().max().item() <= 1e-5 * ref_lse.abs().max().item()
+
+
+def test_equals_naive_chunk_attention_and_reads_strides() -> None:
+    """Views of fused projections (a row stride wider than the heads) give the naive chunk
+    attention's output; a head width the kernel cannot split and a non-contiguous last axis
+    are refused."""
+    dtype = DTYPES[0]
+    B, c, P, H, d, window = 2, 24, 40, 2, 80, 30
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, c, 3, H, d, generator=gen).to(DEVICE, dtype)[:, :, 1]
+    kv = torch.randn(B, P + c, 2, H, d, generator=gen).to(DEVICE, dtype)
+    k, v = kv[:, :, 0], kv[:, :, 1]
+    out, _ = window_forward(q, k, v, window, 1.0 / math.sqrt(d))
+    ref = naive.naive_chunk_attention(q.double(), k.double(), v.double(),
+                                      torch.arange(P, P + c, device=DEVICE),
+                                      torch.arange(P + c, device=DEVICE), window)
+    _close(out, ref, dtype)
+    with pytest.raises(ValueError, match="contiguous"):
+        window_forward(q, k[..., ::2], v[..., ::2], window, 1.0)
+    with pytest.raises(ValueError, match="powers of two"):
+        window_forward(q[..., :72], k[..., :72], v[..., :72], window, 1.0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="FlashAttention's window: CUDA")
+@pytest.mark.parametrize("P, c", [(8192, 1024), (3072, 1024), (96, 64)])
+def test_cuda_matches_the_flash_window(P: int, c: int) -> None:
+    """At 3b's heads in bf16: the output within bf16 rounding of FlashAttention's window
+    forward, the log-sum-exp within fp32 rounding of its."""
+    from tttlm.ops.attention.flash import flash_chunk_attention
+
+    q, k, v = _operands(1, c, P, 32, 80, torch.bfloat16)
+    window = 8192
+    out, lse = window_forward(q, k, v, window, 1.0 / math.sqrt(80))
+    ref = flash_chunk_attention(q, k, v, window)
+    left = -1 if window >= k.shape[1] else window - 1
+    ref_lse = torch.ops.aten._flash_attention_forward(
+        q, k, v, None, None, c, P + c, 0.0, True, False, window_size_left=left,
+        window_size_right=0)[1]
+    assert (out.float() - ref.float()).abs().max().item() <= 1e-2
+    assert (lse - ref_lse).abs().max().item() <= 1e-4
