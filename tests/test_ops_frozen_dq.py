@@ -222,9 +222,9 @@ def test_cuda_equals_the_flash_window(P: int, c: int) -> None:
                                          ("frozen-dq", True), ("triton-fwd", True)])
 def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.MonkeyPatch
                                 ) -> None:
-    """``auto`` takes the cache-dq-only backward on CUDA only (on a CPU the kernel would run
-    under the interpreter), ``flash-window`` never, ``frozen-dq`` wherever it runs; the
-    output is the same either way."""
+    """``auto`` takes the cache-dq-only backward on CUDA only (on a CPU the kernels would run
+    under the interpreter), ``flash-window`` never, ``frozen-dq`` and ``triton-fwd``
+    wherever they run; the output is the same either way."""
     from tttlm.ops.attention import chunk_attention
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
@@ -241,6 +241,15 @@ def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.Monk
     monkeypatch.setattr(frozen, "frozen_chunk_attention", counted)
     with attention_backend(name):
         got = chunk_attention(q, k, v, pos[P:], pos, window, frozen_keys=P)
-    assert calls == ([name == "triton-fwd"] if takes else [])
+    # auto: the Triton forward too, for a head width FlashAttention pads (80 here)
+    assert calls == ([name in ("triton-fwd", "auto")] if takes else [])
     want = naive.naive_chunk_attention(q.double(), k.double(), v.double(), pos[P:], pos, window)
     _close(got, want, dtype)
+
+
+@pytest.mark.parametrize("d, pads", [(80, True), (48, True), (144, True), (64, False),
+                                     (96, False), (128, False), (160, False), (72, False)])
+def test_flash_pads_head(d: int, pads: bool) -> None:
+    """The Triton forward replaces FlashAttention's where FlashAttention pads the head width
+    (to a multiple of 32) and the kernels split it; elsewhere FlashAttention's is kept."""
+    assert frozen.flash_pads_head(d) == pads

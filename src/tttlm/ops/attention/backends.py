@@ -88,22 +88,28 @@ def first_order_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       window: int | None, frozen_keys: int,
                       cache_dq_only: bool = True) -> torch.Tensor | None:
     """A chunk whose cached keys are frozen (no outer gradient) through kernels with a
-    first-order backward, or ``None`` where none applies: on CUDA in fp16/bf16,
-    FlashAttention's sliding window forward, with a backward that computes the cache's share
-    of dq only (:func:`~tttlm.ops.attention.frozen.frozen_chunk_attention`; with
-    ``cache_dq_only=False``, or a head width its kernel does not split, FlashAttention's own
-    window backward); otherwise, while no cached key has left the window, SDPA with a
+    first-order backward, or ``None`` where none applies: on CUDA in fp16/bf16, a backward
+    that computes the cache's share of dq only
+    (:func:`~tttlm.ops.attention.frozen.frozen_chunk_attention`), after a Triton forward
+    where FlashAttention would pad the head width (80 = 64 + 16 split, which it pads to 96)
+    and FlashAttention's sliding window forward otherwise (with ``cache_dq_only=False``,
+    or a head width the kernels do not split, FlashAttention's own window forward and
+    backward); otherwise, while no cached key has left the window, SDPA with a
     lower-right causal bias (any device), and once the cache is full ``flex_attention`` with a
     block mask (CUDA). Chunks are laid out as :class:`~tttlm.model.cache.ChunkKV` lays them
     out (consecutive positions, the chunk's keys last)."""
     if frozen_keys <= 0:
         return None
     q, k, v = common_dtype(q, k, v)
-    # (CUDA only: on a CPU the kernel runs under Triton's interpreter, for tests)
+    # (CUDA only: on a CPU the kernels run under Triton's interpreter, for tests)
     if cache_dq_only and q.is_cuda and frozen.frozen_can_run(q, k, window, frozen_keys):
-        # 3b on one H100: 8K x 16 0.02691 -> 0.02593 s per 1K tokens, 128K x 1 0.03898 ->
-        # 0.03562 (benchmarks/results/prefill_frozen_dq_3b_h100.md)
-        return frozen.frozen_chunk_attention(q, k, v, window)
+        # 3b on one H100 (benchmarks/results/frozen_dq_3b_h100.md): the cache-dq-only
+        # backward, 8K x 16 0.02691 -> 0.02593 s per 1K tokens, 128K x 1 0.03898 -> 0.03562;
+        # then the Triton forward, 0.02517 -> 0.02496 and 0.03517 -> 0.03484. The forward only
+        # where FlashAttention pads the head width (80 to 96): at a multiple of 32 it pads
+        # nothing, and the Triton forward is not measured against it there.
+        return frozen.frozen_chunk_attention(q, k, v, window,
+                                             triton_forward=frozen.flash_pads_head(q.shape[-1]))
     if flash.flash_window_can_run(q):
         return flash.flash_chunk_attention(q, k, v, window)
     if window is None or k.shape[1] <= window:
@@ -249,11 +255,12 @@ class FlashWindowBackend(AutoBackend):
 
 
 class FrozenDqBackend(AutoBackend):
-    """As ``auto``, which takes the same path on CUDA; but CPU tensors take it too, under
-    Triton's interpreter (tests): a TTT chunk over a frozen cache through
-    :func:`~tttlm.ops.attention.frozen.frozen_chunk_attention`, FlashAttention's window
-    forward (a dense one on a CPU) and a backward that computes the cache's share of dq only
-    (no dk, dv for keys whose gradient is thrown away)."""
+    """A TTT chunk over a frozen cache through
+    :func:`~tttlm.ops.attention.frozen.frozen_chunk_attention` wherever it runs (CPU tensors
+    too, under Triton's interpreter: tests): FlashAttention's window forward (a dense one on
+    a CPU) and a backward that computes the cache's share of dq only (no dk, dv for keys
+    whose gradient is thrown away). ``auto`` takes that backward on CUDA, after a Triton
+    forward for a split head width (``triton-fwd``)."""
 
     name = "frozen-dq"
     triton_forward = False
@@ -270,7 +277,9 @@ class FrozenDqBackend(AutoBackend):
 class TritonForwardBackend(FrozenDqBackend):
     """As ``frozen-dq``, with the forward of those chunks through the Triton kernel of
     :mod:`tttlm.ops.triton_window_fwd` too (the head width split, not padded as
-    FlashAttention pads 80 to 96), whose log-sum-exp both backward shares read."""
+    FlashAttention pads 80 to 96), whose log-sum-exp both backward shares read: what
+    ``auto`` runs on CUDA for a split head width; here for every head width and on CPU
+    tensors too (under the interpreter)."""
 
     name = "triton-fwd"
     triton_forward = True

@@ -71,6 +71,15 @@ def frozen_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
     return triton_interpreting()
 
 
+def flash_pads_head(d: int) -> bool:
+    """Whether FlashAttention pads head width ``d`` (its kernels are built for multiples of
+    32: 80 runs as 96) while the Triton kernels split it into two powers of two (80 = 64 + 16)
+    and pad nothing."""
+    from tttlm.ops.triton_frozen_dq import head_split
+
+    return d % 32 != 0 and head_split(d) is not None
+
+
 def frozen_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            window: int | None, triton_forward: bool = False) -> torch.Tensor:
     """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a frozen cache of ``P`` keys, then
