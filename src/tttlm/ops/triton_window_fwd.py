@@ -30,9 +30,11 @@ from tttlm.ops.triton_frozen_dq import head_split
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel at
-# one sequence: 64x32 with 4 warps and 3 stages 0.316 ms, 128x32/4/3 0.325, 64x64/4/3 0.374,
-# 128x64/8/2 0.458; FlashAttention's window forward 0.429. TTTLM_WINDOW_FWD="BM,BN,WARPS,
-# STAGES" overrides it (benchmarks/frozen_dq.py --fwd-configs times others).
+# one sequence: 64x64 with 4 warps and 4 stages 0.308 ms, 64x32/4/3 0.316, 128x32/4/3 0.325,
+# 64x64/4/3 0.374, 128x64/8/2 0.458; FlashAttention's window forward 0.429. The first two are
+# within noise of each other at two sequences too (0.565, 0.577); the whole-step table was
+# timed with 64x32/4/3. TTTLM_WINDOW_FWD="BM,BN,WARPS,STAGES" overrides it
+# (benchmarks/frozen_dq.py --fwd-configs times others).
 DEFAULT_CONFIG = (64, 32, 4, 3)
 
 
