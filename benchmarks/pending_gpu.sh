@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -198,6 +198,22 @@ case "$PART" in
       --repeats 2 --out "$SCRATCH/prefill_triton_fwd_3b" > /dev/null || echo "bench: exit $?"
     grep "^| e" "$SCRATCH/prefill_triton_fwd_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_triton_fwd_3b.json" "$OUT/" 2>/dev/null ;;
+  frozen_triton)  # speed issue: a frozen chunk's own keys' backward through Triton too
+    # (ops/triton_own_dkdv.py for dk, dv; their dq folded into the cache's dq kernel;
+    # attention `frozen-triton`) against FlashAttention's backward on those keys (`auto`):
+    # the CUDA tests, the kernels (each checked against the flash window first), then 3b e2e
+    # prefill at 8K x 16 and 128K x 1 through `flash-window`, `auto` and `frozen-triton`
+    timeout 150 python -m pytest -q -p no:warnings tests/test_ops_triton_own_dkdv.py \
+      tests/test_ops_frozen_dq.py tests/test_ops_triton_window_fwd.py | tail -3
+    timeout 120 python benchmarks/frozen_dq.py --out "$OUT/frozen_triton_3b" --configs \
+      --fwd-configs --own-configs ${OWN_CONFIGS:-64,32,4,3 128,64,8,2 32,64,4,3} \
+      | cut -c1-1200 || echo "frozen_dq: exit $?"
+    timeout 330 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+      --attention flash-window auto frozen-triton \
+      --out "$SCRATCH/prefill_frozen_triton_3b" > /dev/null || echo "bench: exit $?"
+    grep "^| e" "$SCRATCH/prefill_frozen_triton_3b.md" 2>/dev/null
+    cp "$SCRATCH/prefill_frozen_triton_3b.json" "$OUT/" 2>/dev/null ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, and Engine.prefill (what tttlm generate runs) at 128K

@@ -103,17 +103,20 @@ def test_kernel_reads_strided_rows() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("c, P, window, d", [(16, 48, 40, 80), (32, 64, None, 64),
                                              (10, 30, 35, 96), (32, 96, 96, 16)])
-@pytest.mark.parametrize("triton_forward", [False, True])
+@pytest.mark.parametrize("triton_forward, triton_backward", [(False, False), (True, False),
+                                                              (True, True)])
 def test_function_equals_naive_chunk_attention(c: int, P: int, window: int | None, d: int,
-                                               dtype: torch.dtype, triton_forward: bool
-                                               ) -> None:
+                                               dtype: torch.dtype, triton_forward: bool,
+                                               triton_backward: bool) -> None:
     """Output, dq, and the chunk's own dk, dv as the naive reference's; the cache's dk, dv
     zeros (it is frozen: the reference's own gradient there is not wanted). The forward
     through FlashAttention (a dense one on a CPU) or the Triton kernel, whose log-sum-exp
-    the backward's two shares then read."""
+    the backward's two shares then read; the own keys' share through FlashAttention's
+    backward (the CPU's on a CPU) or the Triton kernels."""
     q, k, v = (x.requires_grad_() for x in _operands(2, c, P, 3, d, dtype, seed=5))
     assert frozen.frozen_can_run(q, k, window, P)
-    out = frozen.frozen_chunk_attention(q, k, v, window, triton_forward=triton_forward)
+    out = frozen.frozen_chunk_attention(q, k, v, window, triton_forward=triton_forward,
+                                        triton_backward=triton_backward)
     q_pos = torch.arange(P, P + c, device=DEVICE)
     k_pos = torch.arange(P + c, device=DEVICE)
     ref = naive.naive_chunk_attention(q, k, v, q_pos, k_pos, window)
@@ -153,12 +156,12 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="fp64 takes the path on a CPU only (the "
                     "interpreter); on CUDA the kernel tests above cover it")
-@pytest.mark.parametrize("backend", ["frozen-dq", "triton-fwd"])
+@pytest.mark.parametrize("backend", ["frozen-dq", "triton-fwd", "frozen-triton"])
 def test_backend_in_a_model_equals_the_reference(backend: str) -> None:
-    """The ``frozen-dq`` backend (and ``triton-fwd``, its forward through Triton too) through
-    a TTT model's scoring forward (every chunk after the first over a frozen cache, the inner
-    step differentiating it once): the same loss and the same fast weights as the naive
-    reference backend, in fp64."""
+    """The ``frozen-dq`` backend (and ``triton-fwd``, its forward through Triton too, and
+    ``frozen-triton``, its whole backward too) through a TTT model's scoring forward (every
+    chunk after the first over a frozen cache, the inner step differentiating it once): the
+    same loss and the same fast weights as the naive reference backend, in fp64."""
     from tttlm import TTTConfig, TTTForCausalLM
 
     cfg = TTTConfig.from_preset("tiny", "e2e")
@@ -178,7 +181,7 @@ def test_backend_in_a_model_equals_the_reference(backend: str) -> None:
             mp.setattr(frozen, "frozen_chunk_attention", counted)
             out = model(ids[:, :-1], labels=ids[:, 1:], ttt=True, return_fast_weights=True)
         results[name] = out
-    assert calls == [backend == "triton-fwd"] * len(calls) and calls, calls
+    assert calls == [backend != "frozen-dq"] * len(calls) and calls, calls
     a, b = results["naive"], results[backend]
     torch.testing.assert_close(b.token_nll, a.token_nll, rtol=1e-6, atol=1e-6)
     for wa, wb in zip(a.fast_weights, b.fast_weights, strict=True):
@@ -219,7 +222,8 @@ def test_cuda_equals_the_flash_window(P: int, c: int) -> None:
 
 
 @pytest.mark.parametrize("name, takes", [("auto", DEVICE == "cuda"), ("flash-window", False),
-                                         ("frozen-dq", True), ("triton-fwd", True)])
+                                         ("frozen-dq", True), ("triton-fwd", True),
+                                         ("frozen-triton", True)])
 def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.MonkeyPatch
                                 ) -> None:
     """``auto`` takes the cache-dq-only backward on CUDA only (on a CPU the kernels would run
@@ -234,15 +238,19 @@ def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.Monk
     calls = []
     original = frozen.frozen_chunk_attention
 
+    backward = []
+
     def counted(*a: object, **kw: object) -> torch.Tensor:
         calls.append(kw.get("triton_forward", False))
+        backward.append(kw.get("triton_backward", False))
         return original(*a, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(frozen, "frozen_chunk_attention", counted)
     with attention_backend(name):
         got = chunk_attention(q, k, v, pos[P:], pos, window, frozen_keys=P)
     # auto: the Triton forward too, for a head width FlashAttention pads (80 here)
-    assert calls == ([name in ("triton-fwd", "auto")] if takes else [])
+    assert calls == ([name in ("triton-fwd", "auto", "frozen-triton")] if takes else [])
+    assert backward == ([name == "frozen-triton"] if takes else [])
     want = naive.naive_chunk_attention(q.double(), k.double(), v.double(), pos[P:], pos, window)
     _close(got, want, dtype)
 

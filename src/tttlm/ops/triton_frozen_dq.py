@@ -37,13 +37,14 @@ DEFAULT_CONFIG = (64, 64, 4, 3)
 
 @triton.jit
 def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at, v_at, sk_t, sv_t,
-             da, db, P, WINDOW, qk_scale, BN: tl.constexpr, DB: tl.constexpr,
-             MASK_COLS: tl.constexpr, MASK_WINDOW: tl.constexpr):
-    """One tile of ``BN`` cache keys into the accumulators (``qb, dob, db, acc_b``: the second
-    part of the head, placeholders when ``DB`` is 0). Masks only where asked: past the cache's
-    end (its last tile), and the window's lower edge (the first tiles a query tile reads)."""
+             da, db, P, LIMIT, WINDOW, qk_scale, BN: tl.constexpr, DB: tl.constexpr,
+             MASK_COLS: tl.constexpr, MASK_WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
+    """One tile of ``BN`` keys into the accumulators (``qb, dob, db, acc_b``: the second part
+    of the head, placeholders when ``DB`` is 0). Masks only where asked: keys from ``LIMIT``
+    on (the cache's or the chunk's end, in its last tile), the window's lower edge (the first
+    tiles a query tile reads), and the causal diagonal (the chunk's own keys)."""
     cols = start + tl.arange(0, BN)
-    col_ok = cols < P
+    col_ok = cols < LIMIT
     if MASK_COLS:
         ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :], mask=col_ok[:, None], other=0.0)
         va = tl.load(v_at + cols[:, None] * sv_t + da[None, :], mask=col_ok[:, None], other=0.0)
@@ -68,6 +69,8 @@ def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at, v_a
         p = tl.where(col_ok[None, :], p, 0.0)
     if MASK_WINDOW:
         p = tl.where(P + rows[:, None] - cols[None, :] < WINDOW, p, 0.0)
+    if CAUSAL:
+        p = tl.where(cols[None, :] <= P + rows[:, None], p, 0.0)
     ds = (p * (dp - delta[:, None])).to(ka.dtype)
     acc_a += tl.dot(ds, ka)
     if DB > 0:
@@ -82,11 +85,12 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
                       sc_b, sc_t, sc_h, sdq_b, sdq_t, sdq_h,
                       H, C, P, WINDOW, scale,
                       BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr, HAS_DQC: tl.constexpr):
+                      HAS_WINDOW: tl.constexpr, HAS_DQC: tl.constexpr, OWN: tl.constexpr):
     """One tile of ``BM`` queries of one head: ``DQ = scale · Σ_j P (dP − D) k_j (+ DQC)``
     over the cache keys ``j < P`` that query ``i`` (position ``P + i``) sees:
-    ``P + i − j < WINDOW``. Head width ``DA + DB`` (``DB`` 0 or a power of two).
-    Grid: (query tiles, batch × heads)."""
+    ``P + i − j < WINDOW``; with ``OWN``, over the chunk's own keys ``P <= j <= P + i`` too
+    (the chunk is no longer than the window). Head width ``DA + DB`` (``DB`` 0 or a power of
+    two). Grid: (query tiles, batch × heads)."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # (offsets of large batches pass 2**31)
@@ -129,16 +133,26 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
         edge = tl.minimum(edge, full)
     for start in range(lo, edge, BN):
         acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
-                                v_at, sk_t, sv_t, da, db, P, WINDOW, qk_scale, BN, DB,
-                                False, True)
+                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale, BN, DB,
+                                False, True, False)
     for start in range(tl.maximum(edge, lo), full, BN):
         acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
-                                v_at, sk_t, sv_t, da, db, P, WINDOW, qk_scale, BN, DB,
-                                False, False)
+                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale, BN, DB,
+                                False, False, False)
     for start in range(tl.maximum(full, lo), P, BN):
         acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
-                                v_at, sk_t, sv_t, da, db, P, WINDOW, qk_scale, BN, DB,
-                                True, HAS_WINDOW)
+                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale, BN, DB,
+                                True, HAS_WINDOW, False)
+    if OWN:  # own keys before the tile's first query: seen whole; then the diagonal's
+        below = P + (first // BN) * BN
+        for start in range(P, below, BN):
+            acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start,
+                                    k_at, v_at, sk_t, sv_t, da, db, P, P + C, WINDOW, qk_scale,
+                                    BN, DB, False, False, False)
+        for start in range(below, P + tl.minimum(first + BM, C), BN):
+            acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start,
+                                    k_at, v_at, sk_t, sv_t, da, db, P, P + C, WINDOW, qk_scale,
+                                    BN, DB, True, False, True)
     dq_at = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t
     dqc_at = DQC + b * sc_b + h * sc_h + rows[:, None] * sc_t
     acc_a = acc_a * scale
@@ -179,15 +193,20 @@ def _parse_config(given: str) -> tuple[int, int, int, int]:
 
 def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               dout: torch.Tensor, lse: torch.Tensor, frozen: int, window: int | None,
-              scale: float, dq_chunk: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float, dq_chunk: torch.Tensor | None = None, own: bool = False
+              ) -> torch.Tensor:
     """The query gradient from the first ``frozen`` keys of ``k, v [B, n, H, d]`` for
     ``q, out, dout [B, c, H, d]`` (query ``i`` at position ``frozen + i``), plus ``dq_chunk``
-    (the rest of the keys' share) when given; in ``q``'s dtype. ``lse [B, H, c]`` (fp32,
+    (the rest of the keys' share) when given, or with ``own`` the rest of the keys' own share
+    (the chunk's keys, causal: ``n = frozen + c``); in ``q``'s dtype. ``lse [B, H, c]`` (fp32,
     natural log of the scaled scores) and ``out`` are the forward's over *all* the keys."""
     B, c, H, d = q.shape
     split = head_split(d)
     if split is None:
         raise ValueError(f"head width {d} is not two powers of two of at least 16")
+    if own and (dq_chunk is not None or k.shape[1] != frozen + c):
+        raise ValueError("own=True adds the chunk's own keys itself: no dq_chunk, and keys "
+                         "= the cache + the chunk")
     if any(t.stride(-1) != 1 for t in (q, k, v, out, dout, lse)) or (
             dq_chunk is not None and dq_chunk.stride(-1) != 1):
         raise ValueError("frozen_dq reads rows whose last axis is contiguous")
@@ -204,5 +223,5 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, c, frozen, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        HAS_DQC=dq_chunk is not None, num_warps=warps, num_stages=stages)
+        HAS_DQC=dq_chunk is not None, OWN=own, num_warps=warps, num_stages=stages)
     return dq

@@ -33,6 +33,8 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
   Triton kernel for the cache's share); CPU tensors take it too, under Triton's interpreter;
 * ``triton-fwd``: ``frozen-dq``, with those chunks' forward through a Triton kernel too
   (:mod:`tttlm.ops.triton_window_fwd`: the head width split into powers of two, not padded);
+* ``frozen-triton``: ``triton-fwd``, with the chunk's own keys' backward through Triton too
+  (:mod:`tttlm.ops.triton_own_dkdv`; not yet timed on a GPU);
 * ``flash-window``: ``auto``, with frozen chunks through FlashAttention's own window backward
   (dq, dk, dv for every key), what ``auto`` ran before ``frozen-dq``'s backward.
 
@@ -60,6 +62,7 @@ from tttlm.ops.attention.backends import (
     FirstOrderBackend,
     FlashWindowBackend,
     FrozenDqBackend,
+    FrozenTritonBackend,
     NaiveBackend,
     PiecesBackend,
     TritonBackend,
@@ -74,6 +77,7 @@ __all__ = [
     "FirstOrderBackend",
     "FlashWindowBackend",
     "FrozenDqBackend",
+    "FrozenTritonBackend",
     "PiecesBackend",
     "NaiveBackend",
     "TritonBackend",
@@ -143,7 +147,8 @@ def attention_backend(name: str) -> Iterator[AttentionBackend]:
 
 for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend(),
                  FirstOrderBackend(), PiecesBackend(), FrozenDqBackend(),
-                 FlashWindowBackend(), TritonForwardBackend()):
+                 FlashWindowBackend(), TritonForwardBackend(),
+                 FrozenTritonBackend()):
     register_attention_backend(_builtin)
 del _builtin
 

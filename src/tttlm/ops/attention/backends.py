@@ -264,13 +264,15 @@ class FrozenDqBackend(AutoBackend):
 
     name = "frozen-dq"
     triton_forward = False
+    triton_backward = False
 
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
               frozen_keys: int = 0) -> torch.Tensor:
         if frozen.frozen_can_run(q, k, window, frozen_keys):
             return frozen.frozen_chunk_attention(*common_dtype(q, k, v), window,
-                                                 triton_forward=self.triton_forward)
+                                                 triton_forward=self.triton_forward,
+                                                 triton_backward=self.triton_backward)
         return super().chunk(q, k, v, q_pos, k_pos, window, frozen_keys)
 
 
@@ -283,3 +285,14 @@ class TritonForwardBackend(FrozenDqBackend):
 
     name = "triton-fwd"
     triton_forward = True
+
+
+class FrozenTritonBackend(FrozenDqBackend):
+    """As ``triton-fwd``, with the chunk's own keys' backward through Triton too
+    (:mod:`tttlm.ops.triton_own_dkdv` for their dk, dv, their dq folded into the cache's dq
+    kernel) instead of FlashAttention's: every kernel of a frozen chunk in Triton (not yet
+    timed on a GPU)."""
+
+    name = "frozen-triton"
+    triton_forward = True
+    triton_backward = True

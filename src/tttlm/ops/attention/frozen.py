@@ -81,14 +81,17 @@ def flash_pads_head(d: int) -> bool:
 
 
 def frozen_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           window: int | None, triton_forward: bool = False) -> torch.Tensor:
+                           window: int | None, triton_forward: bool = False,
+                           triton_backward: bool = False) -> torch.Tensor:
     """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a frozen cache of ``P`` keys, then
     the chunk's own), query ``i`` seeing keys ``j`` with ``0 <= P + i - j < window``: the
     function of :func:`~tttlm.ops.attention.flash.flash_chunk_attention`, with a backward
     that computes no dk, dv for the cache (see :func:`frozen_can_run`). One dtype in.
     ``triton_forward``: the forward through :mod:`tttlm.ops.triton_window_fwd` instead of
-    FlashAttention's (CPU tensors: under the interpreter)."""
-    return _FrozenChunk.apply(q, k, v, window, triton_forward)
+    FlashAttention's (CPU tensors: under the interpreter). ``triton_backward``: the chunk's
+    own keys' share through Triton too (:mod:`tttlm.ops.triton_own_dkdv` for dk, dv; their dq
+    folded into the cache's kernel) instead of FlashAttention's backward (CPU: the CPU's)."""
+    return _FrozenChunk.apply(q, k, v, window, triton_forward, triton_backward)
 
 
 _NO_RNG: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -101,6 +104,25 @@ def _no_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         _NO_RNG[device] = (torch.zeros(2, dtype=torch.int64, device=device),
                            torch.empty(0, dtype=torch.int64, device=device))
     return _NO_RNG[device]
+
+
+def own_dkdv_reference(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor,
+                       out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor, scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of :func:`tttlm.ops.triton_own_dkdv.own_dkdv`: the chunk's own keys'
+    dk, dv (causal) from dense scores, in fp32 (fp64 for fp64). ``q, out, dout, k_own, v_own
+    [B, c, H, d]``, ``lse [B, H, c]`` the forward's over all the keys."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    c = q.shape[1]
+    qf, kf, vf, of, gf = (x.to(acc) for x in (q, k_own, v_own, out, dout))
+    seen = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    probs = torch.exp(torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale - lse.to(acc)[..., None])
+    probs = probs * seen
+    dv = torch.einsum("bhqk,bqhd->bkhd", probs, gf)
+    dp = torch.einsum("bqhd,bkhd->bhqk", gf, vf)
+    delta = (gf * of).sum(-1).transpose(1, 2)  # [B, H, c]
+    ds = probs * (dp - delta[..., None])
+    return torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale, dv
 
 
 def window_forward_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -141,7 +163,8 @@ def _chunk_piece_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
 class _FrozenChunk(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                window: int | None, triton_forward: bool) -> torch.Tensor:
+                window: int | None, triton_forward: bool, triton_backward: bool
+                ) -> torch.Tensor:
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         if triton_forward:
             from tttlm.ops.triton_window_fwd import window_forward
@@ -160,6 +183,7 @@ class _FrozenChunk(torch.autograd.Function):
             ctx.aux = ()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.window = window
+        ctx.triton_backward = triton_backward
         return out
 
     @staticmethod
@@ -170,11 +194,18 @@ class _FrozenChunk(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         P = k.shape[1] - q.shape[1]
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        dq_own, dk_own, dv_own = _chunk_piece_backward(
-            grad, q, k[:, P:], v[:, P:], out, lse, ctx.aux)
-        dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, 1.0 / math.sqrt(q.shape[-1]),
-                       dq_chunk=dq_own.contiguous())
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        if ctx.triton_backward:
+            from tttlm.ops.triton_own_dkdv import own_dkdv
+
+            dk_own, dv_own = own_dkdv(q, k[:, P:], v[:, P:], out, grad, lse, scale)
+            dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, scale, own=True)
+        else:
+            dq_own, dk_own, dv_own = _chunk_piece_backward(
+                grad, q, k[:, P:], v[:, P:], out, lse, ctx.aux)
+            dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, scale,
+                           dq_chunk=dq_own.contiguous())
         dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dk[:, P:] = dk_own
         dv[:, P:] = dv_own
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
