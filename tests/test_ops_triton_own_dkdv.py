@@ -78,6 +78,12 @@ def test_kernels_equal_autograd(c: int, P: int, window: int | None, d: int,
         assert dk.dtype == dtype and dv.dtype == dtype
         _close(dk, want_dk, dtype)
         _close(dv, want_dv, dtype)
+        # written into views of larger gradients (rows of cache + chunk), the rest untouched
+        big_k, big_v = torch.full_like(k, 7.0), torch.full_like(v, 7.0)
+        own_dkdv(q, k[:, P:], v[:, P:], out, dout, lse, scale, dk=big_k[:, P:],
+                 dv=big_v[:, P:])
+        assert torch.equal(big_k[:, P:], dk) and torch.equal(big_v[:, P:], dv)
+        assert (big_k[:, :P] == 7).all() and (big_v[:, :P] == 7).all()
         _close(frozen_dq(q, k, v, out, dout, lse, P, window, scale, own=True), want_dq, dtype)
 
 
@@ -92,6 +98,8 @@ def test_refusals() -> None:
     with pytest.raises(ValueError, match="contiguous"):
         own_dkdv(q, k[:, 16:, :, ::2].repeat_interleave(2, -1)[..., ::2], v[:, 16:], out, out,
                  lse, 1.0)
+    with pytest.raises(ValueError, match="own keys' shape"):
+        own_dkdv(q, k[:, 16:], v[:, 16:], out, out, lse, 1.0, dk=torch.empty_like(k))
     with pytest.raises(ValueError, match="dq_chunk"):
         frozen_dq(q, k, v, out, out, lse, 16, None, 1.0, dq_chunk=q, own=True)
 

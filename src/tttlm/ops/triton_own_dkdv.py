@@ -145,12 +145,14 @@ def _parse_config(given: str) -> tuple[int, int, int, int]:
 
 
 def own_dkdv(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: torch.Tensor,
-             dout: torch.Tensor, lse: torch.Tensor, scale: float
+             dout: torch.Tensor, lse: torch.Tensor, scale: float,
+             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """``dk, dv [B, c, H, d]`` of a chunk's own keys ``k_own, v_own`` (causal: query ``i``
     sees own key ``j <= i``) for ``q, out, dout [B, c, H, d]``, in ``k_own``'s dtype.
     ``lse [B, H, c]`` (fp32, natural log of the scaled scores) and ``out`` are the forward's
-    over *all* the keys (cache and own), which makes these the own keys' exact gradients."""
+    over *all* the keys (cache and own), which makes these the own keys' exact gradients.
+    ``dk, dv``: where to write them (views of larger gradients, any row strides)."""
     B, c, H, d = q.shape
     split = head_split(d)
     if split is None:
@@ -163,8 +165,11 @@ def own_dkdv(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: tor
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     lse2 = (lse.float() * 1.4426950408889634).contiguous()
     bn, bm, warps, stages = _config()
-    dk = torch.empty_like(k_own)
-    dv = torch.empty_like(v_own)
+    dk = torch.empty_like(k_own) if dk is None else dk
+    dv = torch.empty_like(v_own) if dv is None else dv
+    if dk.shape != k_own.shape or dv.shape != v_own.shape or dk.stride(-1) != 1 or (
+            dv.stride(-1) != 1):
+        raise ValueError("own_dkdv writes dk, dv of the own keys' shape, last axis contiguous")
     grid = (triton.cdiv(c, bn), B * H)
     _own_dkdv_kernel[grid](
         q, k_own, v_own, dout, lse2, delta, dk, dv,

@@ -195,17 +195,20 @@ class _FrozenChunk(torch.autograd.Function):
         P = k.shape[1] - q.shape[1]
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         scale = 1.0 / math.sqrt(q.shape[-1])
+        # The cache's dk, dv are zeros (written once); the own keys' go into the rest.
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk[:, :P].zero_()
+        dv[:, :P].zero_()
         if ctx.triton_backward:
             from tttlm.ops.triton_own_dkdv import own_dkdv
 
-            dk_own, dv_own = own_dkdv(q, k[:, P:], v[:, P:], out, grad, lse, scale)
+            own_dkdv(q, k[:, P:], v[:, P:], out, grad, lse, scale, dk=dk[:, P:], dv=dv[:, P:])
             dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, scale, own=True)
         else:
             dq_own, dk_own, dv_own = _chunk_piece_backward(
                 grad, q, k[:, P:], v[:, P:], out, lse, ctx.aux)
             dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, scale,
                            dq_chunk=dq_own.contiguous())
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dk[:, P:] = dk_own
-        dv[:, P:] = dv_own
+            dk[:, P:] = dk_own
+            dv[:, P:] = dv_own
         return dq, dk, dv, None, None, None
