@@ -140,3 +140,27 @@ def triton_or_skip() -> Any:
         pytest.skip("the Triton CPU interpreter before 3.9 cannot run these kernels",
                     allow_module_level=True)
     return triton
+
+
+def chunk_operands(B: int, c: int, P: int, H: int, d: int, dtype: torch.dtype, device: str,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q [B, c, H, d]`` and ``k, v [B, P + c, H, d]`` (a cache of ``P``, then the chunk's
+    own keys), standard normal from ``seed``: the frozen-chunk kernels' operands."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, H, d, generator=gen) for n in (c, P + c, P + c))
+    return q.to(device, dtype), k.to(device, dtype), v.to(device, dtype)
+
+
+def kernel_dtypes(device: str) -> list[torch.dtype]:
+    """The dtypes a Triton attention kernel is tested in: bf16 and fp16 on CUDA; fp32 and fp64
+    on a CPU, where the interpreter's bf16/fp16 tile products are wrong (Triton 3.9)."""
+    if device == "cpu":
+        return [torch.float32, torch.float64]
+    return [torch.bfloat16, torch.float16]
+
+
+def assert_within(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    """Max-abs error at most ``tol`` times the reference's largest magnitude (at least 1)."""
+    err = (got.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    assert err <= tol * max(scale, 1.0), (err, scale)

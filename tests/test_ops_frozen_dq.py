@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from _helpers import triton_or_skip
+from _helpers import assert_within, chunk_operands, kernel_dtypes, triton_or_skip
 
 triton = triton_or_skip()
 
@@ -23,23 +23,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's tile products in bf16/fp16 are wrong (Triton 3.9 on a CPU): CPU runs
 # take fp32 and fp64; bf16 runs on CUDA only.
 # CUDA takes FlashAttention's dtypes (the forward and the chunk's piece are its kernels).
-DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+DTYPES = kernel_dtypes(DEVICE)
 # fp64 on the interpreter: the scale reaches the kernel as an fp32 argument (a relative
 # error of 2**-24 on every score), so agreement is to fp32's precision, not fp64's.
 TOL = {torch.float64: 2e-6, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-def _operands(B: int, c: int, P: int, H: int, d: int, dtype: torch.dtype, seed: int = 0
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, n, H, d, generator=gen) for n in (c, P + c, P + c))
-    return tuple(x.to(DEVICE, dtype) for x in (q, k, v))  # type: ignore[return-value]
-
-
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    err = (got.double() - ref.double()).abs().max().item()
-    scale = ref.double().abs().max().item()
-    assert err <= TOL[dtype] * max(scale, 1.0), (err, scale)
+    assert_within(got, ref, TOL[dtype])
 
 
 @pytest.mark.parametrize("d, split", [(16, (16, 0)), (64, (64, 0)), (80, (64, 16)),
@@ -61,7 +52,7 @@ def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
                                  dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cache's share of dq from the dense scores; with the chunk's share added in; small
     tiles too, so that several key tiles and the window's edge inside a tile are crossed."""
-    q, k, v = _operands(2, c, P, 3, d, dtype)
+    q, k, v = chunk_operands(2, c, P, 3, d, dtype, DEVICE)
     out, lse = frozen.window_forward_reference(q, k, v, window) if DEVICE == "cpu" else _flash_out(
         q, k, v, window)
     gen = torch.Generator().manual_seed(1)
@@ -113,7 +104,8 @@ def test_function_equals_naive_chunk_attention(c: int, P: int, window: int | Non
     through FlashAttention (a dense one on a CPU) or the Triton kernel, whose log-sum-exp
     the backward's two shares then read; the own keys' share through FlashAttention's
     backward (the CPU's on a CPU) or the Triton kernels."""
-    q, k, v = (x.requires_grad_() for x in _operands(2, c, P, 3, d, dtype, seed=5))
+    q, k, v = (x.requires_grad_()
+               for x in chunk_operands(2, c, P, 3, d, dtype, DEVICE, seed=5))
     assert frozen.frozen_can_run(q, k, window, P)
     out = frozen.frozen_chunk_attention(q, k, v, window, triton_forward=triton_forward,
                                         triton_backward=triton_backward)
@@ -141,14 +133,14 @@ def test_function_equals_naive_chunk_attention(c: int, P: int, window: int | Non
 ])
 def test_refusals(args: dict, why: str) -> None:
     c, P = 32, 48
-    q, k, _ = _operands(1, c, P, 2, args.get("d", 64), DTYPES[0])
+    q, k, _ = chunk_operands(1, c, P, 2, args.get("d", 64), DTYPES[0], DEVICE)
     assert not frozen.frozen_can_run(q, k, args.get("window", 64),
                                      args.get("frozen_keys", P)), why
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's switch, on a CPU")
 def test_cpu_tensors_need_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    q, k, _ = _operands(1, 16, 16, 2, 64, torch.float32)
+    q, k, _ = chunk_operands(1, 16, 16, 2, 64, torch.float32, DEVICE)
     assert frozen.frozen_can_run(q, k, 64, 16)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert not frozen.frozen_can_run(q, k, 64, 16)
@@ -207,7 +199,8 @@ def test_cuda_equals_the_flash_window(P: int, c: int) -> None:
     and the chunk's dk, dv within bf16 rounding of the flash window's own backward."""
     from tttlm.ops.attention.flash import flash_chunk_attention
 
-    q, k, v = (x.requires_grad_() for x in _operands(1, c, P, 32, 80, torch.bfloat16))
+    q, k, v = (x.requires_grad_()
+               for x in chunk_operands(1, c, P, 32, 80, torch.bfloat16, DEVICE))
     window = 8192
     out = frozen.frozen_chunk_attention(q, k, v, window)
     ref = flash_chunk_attention(q, k, v, window)
@@ -233,7 +226,7 @@ def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.Monk
 
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     c, P, window = 64, 192, 128
-    q, k, v = _operands(1, c, P, 2, 80, dtype)
+    q, k, v = chunk_operands(1, c, P, 2, 80, dtype, DEVICE)
     pos = torch.arange(P + c, device=DEVICE)
     calls = []
     original = frozen.frozen_chunk_attention

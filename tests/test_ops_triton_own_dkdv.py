@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from _helpers import triton_or_skip
+from _helpers import assert_within, chunk_operands, kernel_dtypes, triton_or_skip
 
 triton = triton_or_skip()
 
@@ -20,21 +20,13 @@ from tttlm.ops.triton_own_dkdv import own_dkdv  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's bf16 tile products are wrong on a CPU (see test_ops_frozen_dq).
-DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+DTYPES = kernel_dtypes(DEVICE)
 # fp64 on the interpreter: the scale reaches the kernel as an fp32 argument.
 TOL = {torch.float64: 2e-6, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
-def _operands(B: int, c: int, P: int, H: int, d: int, dtype: torch.dtype, seed: int = 0
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, n, H, d, generator=gen) for n in (c, P + c, P + c))
-    return tuple(x.to(DEVICE, dtype) for x in (q, k, v))  # type: ignore[return-value]
-
-
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    err = (got.double() - ref.double()).abs().max().item()
-    assert err <= TOL[dtype] * max(ref.double().abs().max().item(), 1.0), err
+    assert_within(got, ref, TOL[dtype])
 
 
 def _naive_grads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor,
@@ -61,7 +53,7 @@ def test_kernels_equal_autograd(c: int, P: int, window: int | None, d: int,
     """dq (cache and own keys, ``own=True``) and the own keys' dk, dv as autograd's through
     the naive chunk attention, given the merged output and log-sum-exp; with the default
     tiles and with tiles of 16; the dense reference of dk, dv agrees too."""
-    q, k, v = _operands(2, c, P, 3, d, dtype)
+    q, k, v = chunk_operands(2, c, P, 3, d, dtype, DEVICE)
     out, lse = frozen.window_forward_reference(q, k, v, window)
     gen = torch.Generator().manual_seed(1)
     dout = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
@@ -88,7 +80,7 @@ def test_kernels_equal_autograd(c: int, P: int, window: int | None, d: int,
 
 
 def test_refusals() -> None:
-    q, k, v = _operands(1, 16, 16, 2, 80, DTYPES[0])
+    q, k, v = chunk_operands(1, 16, 16, 2, 80, DTYPES[0], DEVICE)
     out, lse = frozen.window_forward_reference(q, k, v, None)
     with pytest.raises(ValueError, match="powers of two"):
         own_dkdv(q[..., :72], k[:, 16:, :, :72], v[:, 16:, :, :72], out[..., :72],
@@ -111,7 +103,8 @@ def test_cuda_matches_flash_backward(P: int, c: int) -> None:
     FlashAttention's window backward."""
     from tttlm.ops.attention.flash import flash_chunk_attention
 
-    q, k, v = (x.requires_grad_() for x in _operands(1, c, P, 32, 80, torch.bfloat16))
+    q, k, v = (x.requires_grad_()
+               for x in chunk_operands(1, c, P, 32, 80, torch.bfloat16, DEVICE))
     ref = flash_chunk_attention(q, k, v, 8192)
     g = torch.randn_like(ref)
     want = torch.autograd.grad(ref, (q, k, v), g)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from _helpers import triton_or_skip
+from _helpers import assert_within, chunk_operands, kernel_dtypes, triton_or_skip
 
 triton = triton_or_skip()
 
@@ -19,21 +19,13 @@ from tttlm.ops.triton_window_fwd import window_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's bf16 tile products are wrong on a CPU (see test_ops_frozen_dq).
-DTYPES = [torch.float32, torch.float64] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+DTYPES = kernel_dtypes(DEVICE)
 # fp64 on the interpreter: the scale reaches the kernel as an fp32 argument.
 TOL = {torch.float64: 2e-6, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
-def _operands(B: int, c: int, P: int, H: int, d: int, dtype: torch.dtype, seed: int = 0
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(B, n, H, d, generator=gen) for n in (c, P + c, P + c))
-    return tuple(x.to(DEVICE, dtype) for x in (q, k, v))  # type: ignore[return-value]
-
-
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
-    err = (got.double() - ref.double()).abs().max().item()
-    assert err <= TOL[dtype] * max(ref.double().abs().max().item(), 1.0), err
+    assert_within(got, ref, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,7 +42,7 @@ def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
                                  dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
     """Output and log-sum-exp as the dense reference's, with the default tiles and with tiles
     of 16 (several key tiles of each kind, and the window's edge inside the diagonal's)."""
-    q, k, v = _operands(2, c, P, 3, d, dtype)
+    q, k, v = chunk_operands(2, c, P, 3, d, dtype, DEVICE)
     ref_out, ref_lse = frozen.window_forward_reference(
         *(x.to(torch.float64) for x in (q, k, v)), window)
     for config in (None, "16,16,4,1"):
@@ -92,7 +84,7 @@ def test_cuda_matches_the_flash_window(P: int, c: int) -> None:
     forward, the log-sum-exp within fp32 rounding of its."""
     from tttlm.ops.attention.flash import flash_chunk_attention
 
-    q, k, v = _operands(1, c, P, 32, 80, torch.bfloat16)
+    q, k, v = chunk_operands(1, c, P, 32, 80, torch.bfloat16, DEVICE)
     window = 8192
     out, lse = window_forward(q, k, v, window, 1.0 / math.sqrt(80))
     ref = flash_chunk_attention(q, k, v, window)

@@ -20,12 +20,11 @@ This module imports Triton at import time; reach it through
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from tttlm.ops.triton_tiles import tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel alone
@@ -177,20 +176,6 @@ def head_split(d: int) -> tuple[int, int] | None:
     return a, b
 
 
-def _config() -> tuple[int, int, int, int]:
-    """The tiles to launch with: read per call (a tuning run changes the variable between
-    calls), parsed once per value (this runs for every chunk of every TTT block)."""
-    return _parse_config(os.environ.get("TTTLM_FROZEN_DQ", ""))
-
-
-@functools.cache
-def _parse_config(given: str) -> tuple[int, int, int, int]:
-    if not given:
-        return DEFAULT_CONFIG
-    bm, bn, warps, stages = (int(x) for x in given.split(","))
-    return bm, bn, warps, stages
-
-
 def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               dout: torch.Tensor, lse: torch.Tensor, frozen: int, window: int | None,
               scale: float, dq_chunk: torch.Tensor | None = None, own: bool = False
@@ -210,7 +195,7 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     if any(t.stride(-1) != 1 for t in (q, k, v, out, dout, lse)) or (
             dq_chunk is not None and dq_chunk.stride(-1) != 1):
         raise ValueError("frozen_dq reads rows whose last axis is contiguous")
-    bm, bn, warps, stages = _config()
+    bm, bn, warps, stages = tile_config("TTTLM_FROZEN_DQ", DEFAULT_CONFIG)
     dq = torch.empty_like(q)
     extra = dq_chunk if dq_chunk is not None else dq  # (unread without HAS_DQC)
     grid = (triton.cdiv(c, bm), B * H)

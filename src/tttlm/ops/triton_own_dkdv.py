@@ -20,14 +20,12 @@ This module imports Triton at import time; reach it through
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from tttlm.ops.triton_frozen_dq import head_split
+from tttlm.ops.triton_tiles import tile_config
 
 # Tiles (keys, queries), warps, pipeline stages: a first choice, not yet timed on a GPU;
 # TTTLM_OWN_DKDV="BN,BM,WARPS,STAGES" overrides it.
@@ -131,19 +129,6 @@ def _own_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
         tl.store(dv_at + db[None, :], dvb.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
-def _config() -> tuple[int, int, int, int]:
-    """The tiles to launch with: read per call, parsed once per value (as the dq kernel's)."""
-    return _parse_config(os.environ.get("TTTLM_OWN_DKDV", ""))
-
-
-@functools.cache
-def _parse_config(given: str) -> tuple[int, int, int, int]:
-    if not given:
-        return DEFAULT_CONFIG
-    bn, bm, warps, stages = (int(x) for x in given.split(","))
-    return bn, bm, warps, stages
-
-
 def own_dkdv(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: torch.Tensor,
              dout: torch.Tensor, lse: torch.Tensor, scale: float,
              dk: torch.Tensor | None = None, dv: torch.Tensor | None = None
@@ -164,7 +149,7 @@ def own_dkdv(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: tor
     # Per row, once: D = Σ dO·O and the log-sum-exp in log2 units ([B, H, c] fp32, one layout)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     lse2 = (lse.float() * 1.4426950408889634).contiguous()
-    bn, bm, warps, stages = _config()
+    bn, bm, warps, stages = tile_config("TTTLM_OWN_DKDV", DEFAULT_CONFIG)
     dk = torch.empty_like(k_own) if dk is None else dk
     dv = torch.empty_like(v_own) if dv is None else dv
     if dk.shape != k_own.shape or dv.shape != v_own.shape or dk.stride(-1) != 1 or (

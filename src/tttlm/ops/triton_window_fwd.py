@@ -19,14 +19,12 @@ fp64). This module imports Triton at import time; reach it through
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from tttlm.ops.triton_frozen_dq import head_split
+from tttlm.ops.triton_tiles import tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel at
@@ -151,19 +149,6 @@ def _window_fwd_kernel(Q, K, V, O, LSE,
     tl.store(LSE + b * sl_b + h * sl_h + rows, lse, mask=row_ok)
 
 
-def _config() -> tuple[int, int, int, int]:
-    """The tiles to launch with: read per call, parsed once per value (as the dq kernel's)."""
-    return _parse_config(os.environ.get("TTTLM_WINDOW_FWD", ""))
-
-
-@functools.cache
-def _parse_config(given: str) -> tuple[int, int, int, int]:
-    if not given:
-        return DEFAULT_CONFIG
-    bm, bn, warps, stages = (int(x) for x in given.split(","))
-    return bm, bn, warps, stages
-
-
 def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a cache of ``P`` keys, then the
@@ -179,7 +164,7 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     P = k.shape[1] - c
     if P < 0 or v.shape[1] != k.shape[1]:
         raise ValueError(f"keys {k.shape[1]} and values {v.shape[1]} for a chunk of {c}")
-    bm, bn, warps, stages = _config()
+    bm, bn, warps, stages = tile_config("TTTLM_WINDOW_FWD", DEFAULT_CONFIG)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, c, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(c, bm), B * H)
