@@ -174,3 +174,23 @@ def test_prefill_graphed_blocks_replay_the_steady_chunks(tmp_path: Path,
                  "--repeats", "1", "--out", str(out), "--overwrite"]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [r["blocks"] for r in rows] == ["launched", "compiled"] and not steps
+
+
+def test_environment_records_the_host_and_picks_the_card_row() -> None:
+    """Reports name the host's CPU; of nvidia-smi's rows, the card's own (by PCI bus), the
+    only one when no bus is known, and none where it cannot be told or is malformed."""
+    import torch
+
+    from tttlm.bench.common import GPU_STATE_FIELDS, environment, pick_gpu_row
+
+    env = environment(torch.device("cpu"))
+    assert env["host"]["cpus"] >= 1 and "gpu_state" not in env
+    rows = ("00000000:18:00.0, 1980, 1980, 120.5, 700.00, 35, 570.1\n"
+            "00000000:2A:00.0, 1755, 1980, 690.1, 700.00, 71, 570.1\n")
+    got = pick_gpu_row(rows, 0x2A)
+    assert got == dict(zip(GPU_STATE_FIELDS, ["1755", "1980", "690.1", "700.00", "71",
+                                              "570.1"], strict=True))
+    assert pick_gpu_row(rows, None) is None  # two cards, no bus: not told apart
+    assert pick_gpu_row(rows.splitlines()[0], None)["clocks.sm"] == "1980"
+    assert pick_gpu_row(rows, 0x99) is None
+    assert pick_gpu_row("garbage\nx:y:z, 1, 2\n", 0x18) is None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,12 +24,71 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    """Card, software versions and the command line: what makes a number reproducible."""
+    """Card, software versions and the command line: what makes a number reproducible; and
+    the host and the card's clocks, power and temperature at the start, which tell two
+    machines of one kind apart (a TTT step's many short kernels feel both)."""
     cuda = device.type == "cuda"
-    return {"device": describe_device(device),
-            "torch": torch.__version__, "triton": triton_version(),
-            "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])}
+    env = {"device": describe_device(device),
+           "torch": torch.__version__, "triton": triton_version(),
+           "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(),
+           "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+           "host": host_info()}
+    if cuda:
+        env["gpu_state"] = gpu_state(device)
+    return env
+
+
+def host_info() -> dict[str, Any]:
+    """The CPU model (from ``/proc/cpuinfo`` where there is one) and its logical cores."""
+    model = platform.processor() or None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"cpu": model, "cpus": os.cpu_count()}
+
+
+# What nvidia-smi reports of a card's state: SM clock now and at most, power now and its cap,
+# temperature (fields every driver since 2015 knows: an unknown one fails the whole query).
+GPU_STATE_FIELDS = ("clocks.sm", "clocks.max.sm", "power.draw", "power.limit",
+                    "temperature.gpu", "driver_version")
+
+
+def gpu_state(device: torch.device) -> dict[str, str] | None:
+    """``GPU_STATE_FIELDS`` of ``device``'s card from ``nvidia-smi``, or ``None`` where it is
+    missing, fails or the card cannot be told among several: a record, never a failure."""
+    try:
+        props = torch.cuda.get_device_properties(device)
+        got = subprocess.run(
+            ["nvidia-smi", f"--query-gpu=pci.bus_id,{','.join(GPU_STATE_FIELDS)}",
+             "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError, RuntimeError, ValueError):
+        return None
+    return pick_gpu_row(got, getattr(props, "pci_bus_id", None))
+
+
+def _pci_bus(bus_id: str) -> int | None:
+    """The bus of ``"00000000:18:00.0"`` (domain, bus, device.function, in hex), or ``None``."""
+    parts = bus_id.split(":")
+    try:
+        return int(parts[1], 16) if len(parts) == 3 else None
+    except ValueError:
+        return None
+
+
+def pick_gpu_row(text: str, bus: int | None) -> dict[str, str] | None:
+    """The row of ``nvidia-smi --query-gpu=pci.bus_id,GPU_STATE_FIELDS`` output for the card
+    on PCI bus ``bus`` (the only row where there is one and no bus is known), as a dict."""
+    rows = [[v.strip() for v in line.split(",")] for line in text.strip().splitlines()]
+    rows = [r for r in rows if len(r) == len(GPU_STATE_FIELDS) + 1]
+    if bus is not None:
+        rows = [r for r in rows if _pci_bus(r[0]) == bus]
+    if len(rows) != 1:
+        return None
+    return dict(zip(GPU_STATE_FIELDS, rows[0][1:], strict=True))
 
 
 def peak_flops(device: torch.device) -> float | None:
