@@ -216,7 +216,8 @@ case "$PART" in
     cp "$SCRATCH/prefill_frozen_triton_3b.json" "$OUT/" 2>/dev/null ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
-    # faster counts) at 8K and 128K, and Engine.prefill (what tttlm generate runs) at 128K
+    # faster counts) at 8K and 128K, Engine.prefill (what tttlm generate runs) at 128K, and
+    # (BASELINE=0 to skip) e2e through `flash-window` at 8K and 128K; about 6 minutes
     timeout 290 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
       --lengths 8192 32768 131072 --compile compiled --paths model --repeats 2 \
       --out "$SCRATCH/prefill_final_3b_e2e" > /dev/null || echo "e2e: exit $?"
@@ -226,7 +227,14 @@ case "$PART" in
     timeout 120 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
       --lengths 131072 --compile compiled --paths engine --repeats 2 \
       --out "$SCRATCH/prefill_final_3b_engine" > /dev/null || echo "engine: exit $?"
-    for name in e2e full engine; do
+    # the frozen chunks through FlashAttention's own window forward and backward, as `auto`
+    # ran them before the Triton kernels: the same call's baseline (machines of one kind
+    # differ by up to 10% on e2e, benchmarks/results/frozen_dq_3b_h100.md section 6)
+    [ "${BASELINE:-1}" = 1 ] && timeout 150 python -m tttlm.cli bench prefill --preset 3b \
+      --variants e2e --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+      --attention flash-window --out "$SCRATCH/prefill_final_3b_flash_window" > /dev/null \
+      || echo "flash-window: exit $?"
+    for name in e2e full engine flash_window; do
       grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
       cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
     done ;;
