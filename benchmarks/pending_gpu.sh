@@ -230,10 +230,12 @@ case "$PART" in
     # the frozen chunks through FlashAttention's own window forward and backward, as `auto`
     # ran them before the Triton kernels: the same call's baseline (machines of one kind
     # differ by up to 10% on e2e, benchmarks/results/frozen_dq_3b_h100.md section 6)
-    [ "${BASELINE:-1}" = 1 ] && timeout 150 python -m tttlm.cli bench prefill --preset 3b \
-      --variants e2e --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
-      --attention flash-window --out "$SCRATCH/prefill_final_3b_flash_window" > /dev/null \
-      || echo "flash-window: exit $?"
+    if [ "${BASELINE:-1}" = 1 ]; then
+      timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+        --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+        --attention flash-window --out "$SCRATCH/prefill_final_3b_flash_window" > /dev/null \
+        || echo "flash-window: exit $?"
+    fi
     for name in e2e full engine flash_window; do
       grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
       cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
