@@ -191,6 +191,37 @@ def _on_device(fn: Any, x: torch.Tensor) -> Any:
     return _fused(fn) if x.is_cuda else fn
 
 
+@functools.cache
+def _fused_any_length(fn: Any) -> Any:
+    """``fn`` compiled for shapes that vary with the sequence's length (the number of blocks):
+    marked dynamic after the first new shape instead of compiled again for each."""
+    return torch.compile(fn, dynamic=None)
+
+
+def _reverse_rows(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Contiguous copies of ``xs [N, H, n, d]`` with their rows (dim 2) reversed. Compiled
+    on a GPU: one pass per tensor at the card's bandwidth, where ATen's flip gathers at less
+    than half of it (89 ms of a 3b 128K step on an H100)."""
+    return tuple(x.flip(2).contiguous() for x in xs)
+
+
+def _merge_window(parts: list[tuple[torch.Tensor, torch.Tensor]], edge_out: torch.Tensor,
+                  edge_lse: torch.Tensor, pad: int, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_merge` of a block's pieces and its window edge (``A``), whose rows come
+    reversed and ``pad`` short (the block's last queries see none of it): put back in order
+    and padded inside the merge, which is one fused pass when compiled."""
+    a_out, a_lse = edge_out.flip(2), edge_lse.flip(2)
+    if pad:
+        a_out = F.pad(a_out, (0, 0, 0, pad))
+        a_lse = F.pad(a_lse, (0, pad), value=-math.inf)
+    return _merge([*parts, (a_out, a_lse)], dtype)[0]
+
+
+def _on_device_any_length(fn: Any, x: torch.Tensor) -> Any:
+    """As :func:`_on_device`, for shapes that vary with the sequence's length."""
+    return _fused_any_length(fn) if x.is_cuda else fn
+
+
 def _blocks(x: torch.Tensor, first: int, size: int, count: int, step: int) -> torch.Tensor:
     """``count`` windows of ``size`` rows of ``x [H, T, d]`` (one sequence, heads first), the
     j-th starting at row ``first + j·step``: ``[count, H, size, d]``, a view (windows may
@@ -224,22 +255,19 @@ def window_attention_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
 
             qb = win(qh, start, n)
             parts = [_piece(qb, win(kh, start, n), win(vh, start, n), causal=True)]
-            # A: reversed queries over reversed keys, causal; its rows reversed back. A block
-            # as long as the window has no M: A's keys stop before the block's first key
-            # (C has it), and the block's last query sees none of them.
-            a = min(n, W - 1)
-            a_out, a_lse = _piece(qb[:, :, :a].flip(2), win(kh, start - W + 1, a).flip(2),
-                                  win(vh, start - W + 1, a).flip(2), causal=True)
-            a_out, a_lse = a_out.flip(2), a_lse.flip(2)
-            if a < n:
-                a_out = F.pad(a_out, (0, 0, 0, n - a))
-                a_lse = F.pad(a_lse, (0, n - a), value=-math.inf)
-            parts.append((a_out, a_lse))
             m = W - n - 1
             if m > 0:
                 parts.append(_piece(qb, win(kh, start - W + n + 1, m),
                                     win(vh, start - W + n + 1, m), causal=False))
-            merged, _ = _merge(parts, q.dtype)  # [count, H, n, d]
+            # A: reversed queries over reversed keys, causal; its rows reversed back in the
+            # merge. A block as long as the window has no M: A's keys stop before the
+            # block's first key (C has it), and the block's last query sees none of them.
+            a = min(n, W - 1)
+            reversed_qkv = _on_device_any_length(_reverse_rows, q)(
+                qb[:, :, :a], win(kh, start - W + 1, a), win(vh, start - W + 1, a))
+            a_out, a_lse = _piece(*reversed_qkv, causal=True)
+            merged = _on_device_any_length(_merge_window, q)(
+                parts, a_out, a_lse, n - a, q.dtype)  # [count, H, n, d]
             out[b, :, span] = merged.permute(1, 0, 2, 3).reshape(H, count * n, d)
             start += count * n
     return out.transpose(1, 2)
