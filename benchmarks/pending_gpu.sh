@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -214,6 +214,20 @@ case "$PART" in
       --out "$SCRATCH/prefill_frozen_triton_3b" > /dev/null || echo "bench: exit $?"
     grep "^| e" "$SCRATCH/prefill_frozen_triton_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_frozen_triton_3b.json" "$OUT/" 2>/dev/null ;;
+  prefix_merge)  # speed issue: the prefix blocks' window edge reversed by a compiled copy
+    # and merged in one compiled pass (ops/attention/pieces.py) against ATen's flips and the
+    # eager merge: the tree before, carried as .before/src (`mkdir .before && git archive
+    # 4dbe236 src | tar -x -C .before`), and src; the pieces' CUDA tests, then 3b e2e prefill
+    # at 32K x 4 and 128K x 1 for each tree (8K has no block past the window), one card
+    timeout 120 python -m pytest -q -p no:warnings tests/test_ops_attention_pieces.py | tail -3
+    for pair in ${SIDES:-before=.before/src after=src}; do
+      side=${pair%%=*} src=$PWD/${pair#*=}
+      PYTHONPATH=$src timeout 200 python -m tttlm.cli bench prefill --preset 3b \
+        --variants e2e --lengths 32768 131072 --compile compiled --paths model --repeats 2 \
+        --out "$SCRATCH/prefill_prefix_merge_3b_$side" > /dev/null || echo "$side: exit $?"
+      grep "^| e" "$SCRATCH/prefill_prefix_merge_3b_$side.md" 2>/dev/null
+      cp "$SCRATCH/prefill_prefix_merge_3b_$side.json" "$OUT/" 2>/dev/null
+    done ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, Engine.prefill (what tttlm generate runs) at 128K, and
