@@ -267,4 +267,3 @@ def test_cudnn_chunk_pieces_only_on_a_gpu() -> None:
     q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 16, 2, 8)
     assert chunk_pieces_can_run(q, k, 12, 12)
     assert not cudnn_chunk_pieces_can_run(q, k, 12, 12)
-
