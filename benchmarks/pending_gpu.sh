@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -228,6 +228,10 @@ case "$PART" in
       grep "^| e" "$SCRATCH/prefill_prefix_merge_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_prefix_merge_3b_$side.json" "$OUT/" 2>/dev/null
     done ;;
+  head)  # speed issue: the inner step's head products at 3b's shapes, as called and
+    # transposed, with their kernels (about a minute)
+    timeout 120 python benchmarks/head_matmul.py --out "$OUT/head_matmul_3b" \
+      || echo "head_matmul: exit $?" ;;
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, Engine.prefill (what tttlm generate runs) at 128K, and
