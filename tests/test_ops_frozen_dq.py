@@ -17,7 +17,8 @@ from _helpers import assert_within, chunk_operands, kernel_dtypes, triton_or_ski
 triton = triton_or_skip()
 
 from tttlm.ops.attention import attention_backend, frozen, naive  # noqa: E402
-from tttlm.ops.triton_frozen_dq import frozen_dq, head_split  # noqa: E402
+from tttlm.ops.triton_frozen_dq import frozen_dq  # noqa: E402
+from tttlm.ops.triton_tiles import head_split  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The interpreter's tile products in bf16/fp16 are wrong (Triton 3.9 on a CPU): CPU runs

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.triton_tiles import tile_config
+from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel alone
@@ -164,16 +164,6 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
             acc_b += tl.load(dqc_at + db[None, :], mask=row_ok[:, None],
                              other=0.0).to(tl.float32)
         tl.store(dq_at + db[None, :], acc_b.to(DQ.dtype.element_ty), mask=row_ok[:, None])
-
-
-def head_split(d: int) -> tuple[int, int] | None:
-    """A head width as two powers of two ``(a, b)``, ``a + b = d``, ``b`` 0 or smaller than
-    ``a``, both at least 16 (the smallest tile product); ``None`` where none exists."""
-    a = 1 << (d.bit_length() - 1)
-    b = d - a
-    if a < 16 or (b and (b < 16 or b & (b - 1))):
-        return None
-    return a, b
 
 
 def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

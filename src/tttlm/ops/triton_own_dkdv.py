@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.triton_frozen_dq import head_split
-from tttlm.ops.triton_tiles import tile_config
+from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (keys, queries), warps, pipeline stages: a first choice, not yet timed on a GPU;
 # TTTLM_OWN_DKDV="BN,BM,WARPS,STAGES" overrides it.

@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.triton_frozen_dq import head_split
-from tttlm.ops.triton_tiles import tile_config
+from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel at

@@ -139,6 +139,9 @@ class AutoBackend(AttentionBackend):
     """
 
     name = "auto"
+    # A frozen chunk's backward computes only the cache's share of dq on CUDA (False: through
+    # FlashAttention's own window backward, ``flash-window``)
+    cache_dq_only = True
 
     def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  window: int | None, block: int) -> torch.Tensor:
@@ -155,7 +158,7 @@ class AutoBackend(AttentionBackend):
     def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
               frozen_keys: int = 0) -> torch.Tensor:
-        first = first_order_chunk(q, k, v, window, frozen_keys)
+        first = first_order_chunk(q, k, v, window, frozen_keys, self.cache_dq_only)
         if first is not None:
             return first
         return self.chunk_twice_differentiable(q, k, v, q_pos, k_pos, window, frozen_keys)
@@ -244,14 +247,7 @@ class FlashWindowBackend(AutoBackend):
     ``auto`` ran before it took that one (benchmarks, a fallback)."""
 
     name = "flash-window"
-
-    def chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None,
-              frozen_keys: int = 0) -> torch.Tensor:
-        first = first_order_chunk(q, k, v, window, frozen_keys, cache_dq_only=False)
-        if first is not None:
-            return first
-        return self.chunk_twice_differentiable(q, k, v, q_pos, k_pos, window, frozen_keys)
+    cache_dq_only = False
 
 
 class FrozenDqBackend(AutoBackend):

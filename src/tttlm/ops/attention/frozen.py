@@ -18,6 +18,7 @@ kernel's interpreter run (``TRITON_INTERPRET=1``) tests the whole backward there
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from tttlm.ops.attention import flash, naive
 from tttlm.ops.triton_runtime import triton_available, triton_can_run, triton_interpreting
+from tttlm.ops.triton_tiles import head_split
 
 
 def frozen_dq_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -62,8 +64,6 @@ def frozen_can_run(q: torch.Tensor, k: torch.Tensor, window: int | None,
         return False
     if not triton_available() or not triton_can_run(q):
         return False
-    from tttlm.ops.triton_frozen_dq import head_split
-
     if head_split(d) is None:
         return False
     if q.is_cuda:
@@ -75,8 +75,6 @@ def flash_pads_head(d: int) -> bool:
     """Whether FlashAttention pads head width ``d`` (its kernels are built for multiples of
     32: 80 runs as 96) while the Triton kernels split it into two powers of two (80 = 64 + 16)
     and pad nothing."""
-    from tttlm.ops.triton_frozen_dq import head_split
-
     return d % 32 != 0 and head_split(d) is not None
 
 
@@ -94,16 +92,12 @@ def frozen_chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return _FrozenChunk.apply(q, k, v, window, triton_forward, triton_backward)
 
 
-_NO_RNG: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
+@functools.cache
 def _no_rng(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Placeholders for FlashAttention's random state (seed, offset), made once per device
     (before any CUDA graph is captured: a run's first chunks are launched)."""
-    if device not in _NO_RNG:
-        _NO_RNG[device] = (torch.zeros(2, dtype=torch.int64, device=device),
-                           torch.empty(0, dtype=torch.int64, device=device))
-    return _NO_RNG[device]
+    return (torch.zeros(2, dtype=torch.int64, device=device),
+            torch.empty(0, dtype=torch.int64, device=device))
 
 
 def own_dkdv_reference(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor,

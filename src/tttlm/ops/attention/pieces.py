@@ -186,10 +186,12 @@ def _fused(fn: Any) -> Any:
     return torch.compile(fn, dynamic=False)
 
 
-def _on_device(fn: Any, x: torch.Tensor) -> Any:
-    """``fn`` compiled for a GPU tensor ``x``; on a CPU (tests) ``fn`` as it is, which needs
-    no compiler."""
-    return _fused(fn) if x.is_cuda else fn
+def _on_device(fn: Any, x: torch.Tensor, any_length: bool = False) -> Any:
+    """``fn`` compiled for a GPU tensor ``x`` (``any_length``: for shapes that vary with the
+    sequence's length); on a CPU (tests) ``fn`` as it is, which needs no compiler."""
+    if not x.is_cuda:
+        return fn
+    return _fused_any_length(fn) if any_length else _fused(fn)
 
 
 @functools.cache
@@ -218,10 +220,6 @@ def _merge_window(parts: list[tuple[torch.Tensor, torch.Tensor]], edge_out: torc
         a_lse = F.pad(a_lse, (0, pad), value=-math.inf)
     return _merge([*parts, (a_out, a_lse)], dtype)[0]
 
-
-def _on_device_any_length(fn: Any, x: torch.Tensor) -> Any:
-    """As :func:`_on_device`, for shapes that vary with the sequence's length."""
-    return _fused_any_length(fn) if x.is_cuda else fn
 
 
 def _blocks(x: torch.Tensor, first: int, size: int, count: int, step: int) -> torch.Tensor:
@@ -265,10 +263,10 @@ def window_attention_pieces(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w
             # merge. A block as long as the window has no M: A's keys stop before the
             # block's first key (C has it), and the block's last query sees none of them.
             a = min(n, W - 1)
-            reversed_qkv = _on_device_any_length(_reverse_rows, q)(
+            reversed_qkv = _on_device(_reverse_rows, q, any_length=True)(
                 qb[:, :, :a], win(kh, start - W + 1, a), win(vh, start - W + 1, a))
             a_out, a_lse = _piece(*reversed_qkv, causal=True)
-            merged = _on_device_any_length(_merge_window, q)(
+            merged = _on_device(_merge_window, q, any_length=True)(
                 parts, a_out, a_lse, n - a, q.dtype)  # [count, H, n, d]
             out[b, :, span] = merged.permute(1, 0, 2, 3).reshape(H, count * n, d)
             start += count * n
