@@ -331,8 +331,11 @@ def test_kill_9_loses_at_most_the_request_in_flight(model_dir: Path, engine: Eng
         client = first.client()
         sid = new_session(client, [7, 8, 9, 10])["id"]
         got = continue_session(client, sid, [20], 6)
+        # ignore_eos: sampled at temperature 1, the request could end on an EOS (and be
+        # saved, as a completed request is) before the kill lands; it must still be running
         stream = client.completions.create(model=NAME, prompt="lost", max_tokens=2000,
-                                           stream=True, extra_body={"session_id": sid})
+                                           stream=True, extra_body={"session_id": sid,
+                                                                    "ignore_eos": True})
         next(iter(stream))
     finally:
         stop(first, signal.SIGKILL)  # mid-request
@@ -344,7 +347,8 @@ def test_kill_9_loses_at_most_the_request_in_flight(model_dir: Path, engine: Eng
         assert got == expected(engine, [BOS, 7, 8, 9, 10, 20], 11)
         # A graceful shutdown ends a running request early and saves its session.
         stream = client.completions.create(model=NAME, prompt="", max_tokens=2000,
-                                           stream=True, extra_body={"session_id": sid})
+                                           stream=True, extra_body={"session_id": sid,
+                                                                    "ignore_eos": True})
         next(iter(stream))
     finally:
         stop(second)
