@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -228,6 +228,21 @@ case "$PART" in
       grep "^| e" "$SCRATCH/prefill_prefix_merge_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_prefix_merge_3b_$side.json" "$OUT/" 2>/dev/null
     done ;;
+  window_sequence)  # speed issue: the prefix blocks' whole-sequence window through the Triton
+    # window pass (ops/attention/window_sequence.py, `auto`) against cuDNN (`cudnn-sequence`):
+    # the CUDA tests, one block's attention per tile, then 3b e2e prefill at 8K x 16, 32K x 4
+    # and 128K x 1 through both (about 5 minutes)
+    timeout 100 python -m pytest -q -p no:warnings tests/test_ops_window_sequence.py \
+      tests/test_ops_triton_window_fwd.py | tail -3
+    timeout 120 python benchmarks/window_sequence.py --out "$OUT/window_sequence_3b" \
+      --fwd-configs 64,32,4,3 128,64,8,3 128,32,8,3 64,64,4,3 | cut -c1-1200 \
+      || echo "window_sequence: exit $?"
+    timeout 330 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 32768 131072 --compile compiled --paths model --repeats 2 \
+      --attention cudnn-sequence auto --out "$SCRATCH/prefill_window_sequence_3b" > /dev/null \
+      || echo "bench: exit $?"
+    grep "^| e" "$SCRATCH/prefill_window_sequence_3b.md" 2>/dev/null
+    cp "$SCRATCH/prefill_window_sequence_3b.json" "$OUT/" 2>/dev/null ;;
   head)  # speed issue: the inner step's head products at 3b's shapes, as called and
     # transposed, with their kernels (about a minute)
     timeout 120 python benchmarks/head_matmul.py --out "$OUT/head_matmul_3b" \
@@ -369,7 +384,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, session, eager, frozen, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

@@ -12,6 +12,10 @@ prefill runs), launches 8 query tiles × 32 heads, two waves on 132 SMs at its 1
 Here the head width is split into two powers of two (80 = 64 + 16) as in the dq kernel, and the
 masks run only on the tiles that need them: the window's edge and the causal diagonal.
 
+With no cache (``P = 0``) the same pass is a whole sequence's sliding-window (or causal)
+attention: the prefix blocks' forward without gradient, with tiles of its own
+(:data:`SEQUENCE_CONFIG`), through :mod:`tttlm.ops.attention.window_sequence`.
+
 Its reference is :func:`tttlm.ops.attention.frozen.window_forward_reference` (dense, fp32 or
 fp64). This module imports Triton at import time; reach it through
 :mod:`tttlm.ops.attention.frozen`, which checks availability first.
@@ -33,6 +37,11 @@ from tttlm.ops.triton_tiles import head_split, tile_config
 # timed with 64x32/4/3. TTTLM_WINDOW_FWD="BM,BN,WARPS,STAGES" overrides it
 # (benchmarks/frozen_dq.py --fwd-configs times others).
 DEFAULT_CONFIG = (64, 32, 4, 3)
+# Whole sequences (no cache; benchmarks/results/prefill_targets_3b_h100.md, window_sequence.py):
+# at 16 x 8K, 4 x 32K and 1 x 128K on one H100, 128x64/4/3 was the fastest of five tiles (13.8,
+# 24.0, 27.7 ms a block, against 14.4 for cuDNN's causal attention and 27.8 and 29.7 for the
+# cuDNN pieces); 64x32/4/3 (the chunk's) 16.7, 29.1, 32.2. TTTLM_WINDOW_SEQ overrides it.
+SEQUENCE_CONFIG = (128, 64, 4, 3)
 
 
 @triton.jit
@@ -149,11 +158,12 @@ def _window_fwd_kernel(Q, K, V, O, LSE,
 
 
 def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a cache of ``P`` keys, then the
     chunk's own), query ``i`` seeing keys ``j`` with ``0 <= P + i - j < window`` (no lower
     bound for ``None``): the output in ``q``'s dtype and ``lse [B, H, c]`` (fp32, natural
-    log of the scaled scores). The last axis of each input must be contiguous."""
+    log of the scaled scores). The last axis of each input must be contiguous. ``sequence``:
+    the tiles for whole sequences (:data:`SEQUENCE_CONFIG`) instead of a chunk's."""
     B, c, H, d = q.shape
     split = head_split(d)
     if split is None:
@@ -163,7 +173,8 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
     P = k.shape[1] - c
     if P < 0 or v.shape[1] != k.shape[1]:
         raise ValueError(f"keys {k.shape[1]} and values {v.shape[1]} for a chunk of {c}")
-    bm, bn, warps, stages = tile_config("TTTLM_WINDOW_FWD", DEFAULT_CONFIG)
+    bm, bn, warps, stages = (tile_config("TTTLM_WINDOW_SEQ", SEQUENCE_CONFIG) if sequence
+                             else tile_config("TTTLM_WINDOW_FWD", DEFAULT_CONFIG))
     out = torch.empty_like(q)
     lse = torch.empty(B, H, c, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(c, bm), B * H)

@@ -36,7 +36,9 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
 * ``frozen-triton``: ``triton-fwd``, with the chunk's own keys' backward through Triton too
   (:mod:`tttlm.ops.triton_own_dkdv`; no faster than `auto` on an H100: opt-in);
 * ``flash-window``: ``auto``, with frozen chunks through FlashAttention's own window backward
-  (dq, dk, dv for every key), what ``auto`` ran before ``frozen-dq``'s backward.
+  (dq, dk, dv for every key), what ``auto`` ran before ``frozen-dq``'s backward;
+* ``cudnn-sequence``: ``auto``, with whole sequences' sliding windows without gradient through
+  SDPA / the cuDNN pieces instead of the Triton window pass (:mod:`.window_sequence`).
 
 :func:`register_attention_backend` adds one (subclass :class:`AutoBackend` to replace one shape).
 Backends resolve their fast paths lazily: nothing imports Triton or ``flex_attention`` at
@@ -59,6 +61,7 @@ from tttlm.ops.attention.backends import (
     AttentionBackend,
     AutoBackend,
     BandedBackend,
+    CudnnSequenceBackend,
     FirstOrderBackend,
     FlashWindowBackend,
     FrozenDqBackend,
@@ -74,6 +77,7 @@ __all__ = [
     "AttentionBackend",
     "AutoBackend",
     "BandedBackend",
+    "CudnnSequenceBackend",
     "FirstOrderBackend",
     "FlashWindowBackend",
     "FrozenDqBackend",
@@ -148,7 +152,7 @@ def attention_backend(name: str) -> Iterator[AttentionBackend]:
 for _builtin in (AutoBackend(), NaiveBackend(), TritonBackend(), BandedBackend(),
                  FirstOrderBackend(), PiecesBackend(), FrozenDqBackend(),
                  FlashWindowBackend(), TritonForwardBackend(),
-                 FrozenTritonBackend()):
+                 FrozenTritonBackend(), CudnnSequenceBackend()):
     register_attention_backend(_builtin)
 del _builtin
 

@@ -7,12 +7,16 @@ import functools
 import torch
 
 
+def common_dtype_of(*xs: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`common_dtype` casts to."""
+    device = xs[0].device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return functools.reduce(torch.promote_types, (x.dtype for x in xs))
+
+
 def common_dtype(*xs: torch.Tensor) -> list[torch.Tensor]:
     """Cast to one dtype, as SDPA and einsum do: the autocast dtype inside an autocast region
     (q may be fp32 after the norms while v is bf16), else the promoted dtype."""
-    device = xs[0].device.type
-    if torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-    else:
-        dtype = functools.reduce(torch.promote_types, (x.dtype for x in xs))
+    dtype = common_dtype_of(*xs)
     return [x.to(dtype) for x in xs]

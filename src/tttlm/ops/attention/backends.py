@@ -21,7 +21,7 @@ import abc
 
 import torch
 
-from tttlm.ops.attention import flash, flex, frozen, naive, pieces, sdpa
+from tttlm.ops.attention import flash, flex, frozen, naive, pieces, sdpa, window_sequence
 from tttlm.ops.attention import triton as triton_path
 from tttlm.ops.attention._common import common_dtype
 from tttlm.ops.triton_runtime import triton_can_run
@@ -122,9 +122,11 @@ def first_order_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class AutoBackend(AttentionBackend):
     """The fastest path for the device, chosen per call:
 
-    * sequence, no window (or one as long as the sequence): SDPA with ``is_causal`` (flash on
-      GPU); a shorter window: without a gradient on CUDA, two batched cuDNN pieces per
-      sequence merged by log-sum-exp (:func:`~tttlm.ops.attention.pieces.cudnn_pieces_can_run`);
+    * sequence: a sliding window without gradient on CUDA, at a head width FlashAttention
+      pads (80), the Triton window pass (:mod:`.window_sequence`); no window (or one as long
+      as the sequence): SDPA with ``is_causal`` (flash on GPU); a shorter window: without a
+      gradient on CUDA, two batched cuDNN pieces per sequence merged by log-sum-exp
+      (:func:`~tttlm.ops.attention.pieces.cudnn_pieces_can_run`);
       else ``flex_attention`` on CUDA (head dim >= 16, a bounded number of shapes), banded
       SDPA elsewhere;
     * chunk: without an outer gradient (frozen cached keys: prefill, evaluation), kernels with
@@ -142,10 +144,18 @@ class AutoBackend(AttentionBackend):
     # A frozen chunk's backward computes only the cache's share of dq on CUDA (False: through
     # FlashAttention's own window backward, ``flash-window``)
     cache_dq_only = True
+    # A sliding window over whole sequences without gradient through the Triton window pass
+    # on CUDA where the head width is padded by the libraries (False: SDPA / cuDNN pieces,
+    # ``cudnn-sequence``)
+    triton_sequence = True
 
     def sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  window: int | None, block: int) -> torch.Tensor:
         T = q.shape[1]
+        if (self.triton_sequence and q.is_cuda
+                and window_sequence.window_sequence_can_run(q, k, v, window)):
+            assert window is not None
+            return window_sequence.window_sequence_attention(q, k, v, window)
         if window is None or window >= T:
             return sdpa.causal_attention(q, k, v)
         if pieces.cudnn_pieces_can_run(q, window):
@@ -250,6 +260,15 @@ class FlashWindowBackend(AutoBackend):
     cache_dq_only = False
 
 
+class CudnnSequenceBackend(AutoBackend):
+    """As ``auto``, but a sliding window over whole sequences without gradient keeps SDPA's
+    causal attention or the cuDNN pieces instead of the Triton window pass: what ``auto`` ran
+    before it took that one (benchmarks, a fallback)."""
+
+    name = "cudnn-sequence"
+    triton_sequence = False
+
+
 class FrozenDqBackend(AutoBackend):
     """A TTT chunk over a frozen cache through
     :func:`~tttlm.ops.attention.frozen.frozen_chunk_attention` wherever it runs (CPU tensors
@@ -286,8 +305,8 @@ class TritonForwardBackend(FrozenDqBackend):
 class FrozenTritonBackend(FrozenDqBackend):
     """As ``triton-fwd``, with the chunk's own keys' backward through Triton too
     (:mod:`tttlm.ops.triton_own_dkdv` for their dk, dv, their dq folded into the cache's dq
-    kernel) instead of FlashAttention's: every kernel of a frozen chunk in Triton (not yet
-    timed on a GPU)."""
+    kernel) instead of FlashAttention's: every kernel of a frozen chunk in Triton (no faster
+    than ``auto`` on an H100: benchmarks/results/prefill_targets_3b_h100.md)."""
 
     name = "frozen-triton"
     triton_forward = True
