@@ -85,6 +85,11 @@ def test_which_calls_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert can(q, k, v, 32)
     assert not can(q, k, v, None)
     assert not can(*(x[..., :64] for x in (q, k, v)), 32)
+    # rows past a 32-bit offset (900K tokens of 32 heads of 80): refused, never run
+    long = torch.empty(1, 900_000, 32, 80, device="meta", dtype=q.dtype)
+    assert not can(long, long, long, 8192)
+    if DEVICE == "cpu":  # (a meta tensor counts as a CPU one: the interpreter's switch)
+        assert can(long[:, :800_000], long[:, :800_000], long[:, :800_000], 8192)
     grad_q = q.clone().requires_grad_()
     assert not can(grad_q, k, v, 32)
     with torch.no_grad():
