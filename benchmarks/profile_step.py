@@ -151,6 +151,8 @@ def main() -> int:
         except Exception as err:  # keep the other cases
             print(f"{case}: {err!r}"[:2000], flush=True)
             report["cases"].append({"case": case, "error": repr(err)[:2000]})
+        # the card's clocks and power as the case left them (at the start they are idle's)
+        report["cases"][-1]["gpu_state_after"] = environment(device)["gpu_state"]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         if args.out:
