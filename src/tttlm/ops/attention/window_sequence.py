@@ -31,8 +31,8 @@ def window_sequence_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     window (full attention keeps SDPA's kernels: they are the baseline), no autograd graph
     wanted (the pass has no backward), a head width the kernels pad and the Triton pass
     splits (:func:`~tttlm.ops.attention.frozen.flash_pads_head`), rows a 32-bit offset
-    reaches, and a CUDA tensor in fp16 or bf16 (after autocast), or CPU tensors under Triton's
-    interpreter (tests)."""
+    reaches, and a CUDA tensor in fp16 or bf16 (after autocast) on a card of compute capability
+    8.0 or later, or CPU tensors under Triton's interpreter (tests)."""
     if window is None or not triton_available() or not triton_can_run(q):
         return False
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
@@ -43,8 +43,9 @@ def window_sequence_can_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     # at 3b's 2560 a row, sequences past ~800K tokens take the other paths.
     if any(x.shape[1] * x.stride(1) >= 2**31 for x in (q, k, v)):
         return False
-    if q.is_cuda:
-        return common_dtype_of(q, k, v) in KERNEL_DTYPES
+    if q.is_cuda:  # (compute capability 8.0 or later, as the chunk kernels: bf16 tile products)
+        return (common_dtype_of(q, k, v) in KERNEL_DTYPES
+                and torch.cuda.get_device_capability(q.device) >= (8, 0))
     return triton_interpreting()
 
 
