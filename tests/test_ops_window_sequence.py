@@ -40,6 +40,20 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
                                  naive.window_mask(pos, pos, window))
 
 
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """One entry per call of the pass (a spy around it)."""
+    seen: list[bool] = []
+    original = window_sequence.window_sequence_attention
+
+    def counted(*a: object, **kw: object) -> torch.Tensor:
+        seen.append(True)
+        return original(*a, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(window_sequence, "window_sequence_attention", counted)
+    return seen
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B, T, window, d", [
     (2, 200, 64, 80),    # the window's edge crosses many key tiles
@@ -101,20 +115,11 @@ def test_which_calls_it_takes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("name, takes", [("auto", DEVICE == "cuda"), ("cudnn-sequence", False),
                                          ("flash-window", DEVICE == "cuda")])
-def test_which_backends_take_it(name: str, takes: bool, monkeypatch: pytest.MonkeyPatch
-                                ) -> None:
+def test_which_backends_take_it(name: str, takes: bool, calls: list[bool]) -> None:
     """``auto`` takes the pass on CUDA only (on a CPU it would run under the interpreter),
     ``cudnn-sequence`` never; the output is the same either way."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     q, k, v = _operands(2, 192, 2, 80, dtype)
-    calls = []
-    original = window_sequence.window_sequence_attention
-
-    def counted(*a: object, **kw: object) -> torch.Tensor:
-        calls.append(True)
-        return original(*a, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(window_sequence, "window_sequence_attention", counted)
     for window in (64, 192):
         calls.clear()
         with torch.no_grad(), attention_backend(name):
@@ -137,7 +142,7 @@ class _EverywhereBackend(AutoBackend):
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="fp64 under the interpreter, on a CPU")
-def test_scoring_forward_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_scoring_forward_equals_the_reference(calls: list[bool]) -> None:
     """A tiny e2e model with heads of 48 (which the libraries pad and the pass splits into
     32 + 16), its sequence longer than the window: the prefix blocks through the pass give
     the naive backend's loss and fast weights, in fp64."""
@@ -148,14 +153,6 @@ def test_scoring_forward_equals_the_reference(monkeypatch: pytest.MonkeyPatch) -
     model = TTTForCausalLM(cfg).to(DEVICE, torch.float64).eval()
     ids = torch.randint(0, cfg.vocab_size, (2, 4 * cfg.chunk_size + 1), device=DEVICE)
     assert ids.shape[1] - 1 > cfg.window
-    calls = []
-    original = window_sequence.window_sequence_attention
-
-    def counted(*a: object, **kw: object) -> torch.Tensor:
-        calls.append(True)
-        return original(*a, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(window_sequence, "window_sequence_attention", counted)
     register_attention_backend(_EverywhereBackend(), replace=True)
     results = {}
     for name in ("naive", _EverywhereBackend.name):
