@@ -38,6 +38,9 @@ from tttlm.ops.attention import attention_backend
 # which the copy pattern would otherwise claim.
 GROUPS = [
     ("chunk attention (Triton)", r"^_fwd_kernel|^_bwd_dq_kernel|^_bwd_dkdv_kernel|^_dbl_"),
+    # (reports before these two groups counted their kernels as "other")
+    ("frozen chunk attention (Triton)", r"^_window_fwd_kernel|^_frozen_dq_kernel|^_own_dkdv_"),
+    ("inner update (Triton)", r"^_descend"),
     ("RoPE + cache operands (Triton)", r"^_rows_kernel|^_operands_kernel"),
     ("flash / cuDNN / flex attention", r"flash|fmha|cudnn|flex|triton_tem"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|sm90|sm80|cublas"),

@@ -16,6 +16,10 @@ def group():  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("name, expected", [
     ("_fwd_kernel", "chunk attention (Triton)"),
     ("_rows_kernel", "RoPE + cache operands (Triton)"),
+    ("_window_fwd_kernel", "frozen chunk attention (Triton)"),
+    ("_frozen_dq_kernel", "frozen chunk attention (Triton)"),
+    ("_own_dkdv_kernel", "frozen chunk attention (Triton)"),
+    ("_descend_in_place_kernel", "inner update (Triton)"),
     ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<80, 128>>",
      "flash / cuDNN / flex attention"),
     ("triton_tem_fused_0", "flash / cuDNN / flex attention"),
