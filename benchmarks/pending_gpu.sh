@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -243,6 +243,13 @@ case "$PART" in
       || echo "bench: exit $?"
     grep "^| e" "$SCRATCH/prefill_window_sequence_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_window_sequence_3b.json" "$OUT/" 2>/dev/null ;;
+  capture)  # speed issue: what capturing the steady-state chunk's CUDA graph costs a prefill
+    # (once per forward call; the 128K step's GPU was busy 91% of its wall time), then a
+    # profile of this tree at 128K x 1 (about 5 minutes)
+    timeout 300 python benchmarks/graph_capture.py 131072:1 32768:4 \
+      --out "$OUT/graph_capture_3b" | cut -c1-1500 || echo "graph_capture: exit $?"
+    timeout 200 python benchmarks/profile_step.py prefill:3b:e2e:131072:1:compiled:graphed \
+      --out "$OUT/profile_prefill_3b_128k.json" | head -30 || echo "profile: exit $?" ;;
   head)  # speed issue: the inner step's head products at 3b's shapes, as called and
     # transposed, with their kernels (about a minute)
     timeout 120 python benchmarks/head_matmul.py --out "$OUT/head_matmul_3b" \
@@ -384,7 +391,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
