@@ -30,9 +30,8 @@ from typing import Any
 import torch
 
 from tttlm.bench.common import environment
-from tttlm.config import TTTConfig
+from tttlm.bench.prefill import scoring_case
 from tttlm.model import model as model_module
-from tttlm.model.model import TTTForCausalLM
 
 
 def _timed_capture(record: list[dict[str, float]]) -> Any:
@@ -60,23 +59,9 @@ def _timed_capture(record: list[dict[str, float]]) -> Any:
 
 def run_case(case: str, repeats: int) -> dict[str, Any]:
     tokens, batch = (int(x) for x in case.split(":"))
-    config = TTTConfig.from_preset("3b", variant="e2e")
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = TTTForCausalLM(config)
-    model.compile_blocks = True
-    model.eval()
-    x = torch.randint(0, config.vocab_size, (batch, tokens + 1), device="cuda")
-
-    def step() -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(x[:, :-1], labels=x[:, 1:], ttt=True)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    result: dict[str, Any] = {"case": case, "chunks_per_sequence": tokens // config.chunk_size}
+    model, step = scoring_case("3b", tokens, batch, torch.device("cuda"))
+    result: dict[str, Any] = {"case": case,
+                              "chunks_per_sequence": tokens // model.config.chunk_size}
     for graphs in (True, False):
         model.graph_chunks = graphs
         for _ in range(2):

@@ -194,3 +194,23 @@ def test_environment_records_the_host_and_picks_the_card_row() -> None:
     assert pick_gpu_row(rows.splitlines()[0], None)["clocks.sm"] == "1980"
     assert pick_gpu_row(rows, 0x99) is None
     assert pick_gpu_row("garbage\nx:y:z, 1, 2\n", 0x18) is None
+
+
+def test_scoring_case_runs_the_scoring_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probes' shared case: a seeded e2e model in eval mode and a timed step that runs the
+    scoring forward with test-time training (no outer gradient), once per call."""
+    from tttlm.bench.prefill import scoring_case
+
+    model, step = scoring_case("tiny", 96, 2, torch.device("cpu"), compiled=False)
+    assert not model.training and not model.compile_blocks
+    assert model.config.variant.value == "e2e"
+    calls = []
+    original = model.run_ttt_chunks
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(torch.is_grad_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, "run_ttt_chunks", counted)
+    assert step() > 0 and step() > 0
+    assert calls == [False, False]

@@ -13,8 +13,9 @@ import functools
 import gc
 import itertools
 import math
-from collections.abc import Iterator
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,11 +24,15 @@ from tttlm.bench.common import (
     peak_flops,
     peak_memory_gib,
     reset_peak_memory,
+    sync,
     time_call,
 )
 from tttlm.bench.names import BLOCKS_LABEL, GRAPH_CHUNKS
 from tttlm.config import TTTConfig, Variant
 from tttlm.devices import autocast
+
+if TYPE_CHECKING:
+    from tttlm.model.model import TTTForCausalLM
 
 
 def _attended_pairs(T: int, window: int | None) -> int:
@@ -80,6 +85,31 @@ def _prefill(model: torch.nn.Module, x: torch.Tensor, ttt: bool, micro_batch: in
                     part[:, :-1])
             else:
                 model(part[:, :-1], labels=part[:, 1:], ttt=ttt)
+
+
+def scoring_case(preset: str, tokens: int, batch: int, device: torch.device,
+                 compiled: bool = True) -> tuple[TTTForCausalLM, Callable[[], float]]:
+    """A seeded ``preset`` e2e model (compiled blocks unless ``compiled=False``) and one timed
+    scoring forward of ``batch`` random sequences of ``tokens``, run as :func:`bench_prefill`
+    runs it (inference mode, bf16 autocast on a GPU): the call returns its wall seconds,
+    synchronised. For benchmarks that probe inside a prefill step."""
+    from tttlm.model.model import TTTForCausalLM
+
+    config = TTTConfig.from_preset(preset, variant="e2e")
+    torch.manual_seed(0)
+    with device:
+        model = TTTForCausalLM(config).eval()
+    model.compile_blocks = compiled
+    x = torch.randint(0, config.vocab_size, (batch, tokens + 1), device=device)
+
+    def step() -> float:
+        sync(device)
+        start = time.perf_counter()
+        _prefill(model, x, True, batch)
+        sync(device)
+        return time.perf_counter() - start
+
+    return model, step
 
 
 def _sdpa_backends(device: torch.device, variant: str) -> list[str | None]:
