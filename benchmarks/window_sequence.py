@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(rows[-1]), flush=True)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "command": "python benchmarks/window_sequence.py "
-                         + " ".join(a for a in (argv or sys.argv[1:])),
+                         + " ".join(argv or sys.argv[1:]),
               "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(report, indent=1))
     return 0

@@ -25,8 +25,9 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
 
 def environment(device: torch.device) -> dict[str, Any]:
     """Card, software versions and the command line: what makes a number reproducible; and
-    the host and the card's clocks, power and temperature at the start, which tell two
-    machines of one kind apart (a TTT step's many short kernels feel both)."""
+    the host and the card's clocks, power and temperature when this is called (after a
+    bench's runs: under load; before them: idle), which tell two machines of one kind apart
+    (a TTT step's many short kernels feel both)."""
     cuda = device.type == "cuda"
     env = {"device": describe_device(device),
            "torch": torch.__version__, "triton": triton_version(),

@@ -198,7 +198,7 @@ def _on_device(fn: Any, x: torch.Tensor, any_length: bool = False) -> Any:
 def _fused_any_length(fn: Any) -> Any:
     """``fn`` compiled for shapes that vary with the sequence's length (the number of blocks):
     marked dynamic after the first new shape instead of compiled again for each; uncompiled
-    where the compiler fails (this path is not yet run on a GPU by the tests' machines)."""
+    where the compiler fails (a GPU without a working compiler: the same values, one warning)."""
     return compile_or_fall_back(fn, dynamic=None)
 
 
@@ -219,7 +219,6 @@ def _merge_window(parts: list[tuple[torch.Tensor, torch.Tensor]], edge_out: torc
         a_out = F.pad(a_out, (0, 0, 0, pad))
         a_lse = F.pad(a_lse, (0, pad), value=-math.inf)
     return _merge([*parts, (a_out, a_lse)], dtype)[0]
-
 
 
 def _blocks(x: torch.Tensor, first: int, size: int, count: int, step: int) -> torch.Tensor:
