@@ -129,7 +129,7 @@ def test_auto_groups_by_the_fast_weights_working_set() -> None:
         groups[preset] = model.resolved_ttt_group()
         assert groups[preset] == AUTO_GROUP_BYTES // per_sequence
         assert model.auto_ttt_group(budget=1) == 1
-    assert groups == {"125m": 78, "760m": 9, "3b": 2}
+    assert groups == {"125m": 137, "760m": 17, "3b": 4}
     with torch.device("meta"):
         full = TTTForCausalLM(TTTConfig.from_preset("125m", variant="full"))
     assert full.resolved_ttt_group() is None

@@ -118,7 +118,7 @@ def add_parser(subparsers: Any) -> None:
                    help="e2e: run the TTT chunks of at most N sequences at a time (bounds the "
                         "fast weights' memory, which grows with the batch); 'all': the whole "
                         "batch; 'auto' (default): the model's default, TTTForCausalLM."
-                        "auto_ttt_group (3b: 2)")
+                        "auto_ttt_group (3b: 4)")
     common(p, "prefill")
     p.set_defaults(func=run_prefill)
 

@@ -46,7 +46,11 @@ IGNORE_INDEX = -100
 # activations) stays under this many bytes. Measured on an H200 at 3b, 8K x 16, bf16 autocast
 # (benchmarks/results/prefill_groups_3b_8k.md): 6.0 GiB more peak memory per sequence read
 # together, for 346M fast-weight parameters per sequence, i.e. about 19 bytes per parameter.
-AUTO_GROUP_BYTES = 16 * 2**30
+# 28 GiB: 3b reads 4 sequences together. Groups of 2 (16 GiB) left the host queueing a chunk's
+# ~700 launches for 2 x 1024 rows about as slowly as the GPU ran them: on one H100 at 8K x 16
+# (benchmarks/results/prefill_tiles_groups_3b_h100.md, section 2) groups of 2 / 4 / 8 took 0.02654 /
+# 0.02419 / 0.02395 s per 1K tokens at 26.5 / 34.4 / 54.1 GiB peak.
+AUTO_GROUP_BYTES = 28 * 2**30
 FAST_BYTES_PER_PARAMETER = 19
 # A chunk graph is captured only for at least this many chunks: its capture costs about a
 # chunk's time, which fewer replays would not win back.
@@ -332,11 +336,11 @@ class TTTForCausalLM(nn.Module):
     def auto_ttt_group(self, budget: int = AUTO_GROUP_BYTES) -> int | None:
         """The ``ttt_group`` that ``"auto"`` means: the most sequences whose TTT chunks, run
         together, keep the fast-weight working set under ``budget`` bytes (at least one);
-        ``None`` (all) for a model without fast weights. 3b: 2 sequences (346M fast-weight
-        parameters each); 125m: 78. Grouping leaves results unchanged (sequences are
-        independent without an outer gradient) and costs little time once a group fills the
-        GPU (3b at 8K x 16 on an H200: groups of 2 within 1% of the whole batch, 2.5x less
-        memory)."""
+        ``None`` (all) for a model without fast weights. 3b: 4 sequences (346M fast-weight
+        parameters each); 760m: 17; 125m: 137. Grouping leaves results unchanged (sequences
+        are independent without an outer gradient) and costs little time once a group fills
+        the GPU and the host keeps up with its launches (3b at 8K x 16 on one H100: groups of
+        4 within 1% of groups of 8, at 34 GiB peak instead of 54)."""
         per_sequence = sum(w.numel() for layer in self.ttt_layers
                            for w in layer.prime.weights()) * FAST_BYTES_PER_PARAMETER
         if per_sequence == 0:

@@ -36,7 +36,10 @@ from tttlm.ops.triton_tiles import head_split, tile_config
 # within noise of each other at two sequences too (0.565, 0.577); the whole-step table was
 # timed with 64x32/4/3. TTTLM_WINDOW_FWD="BM,BN,WARPS,STAGES" overrides it
 # (benchmarks/frozen_dq.py --fwd-configs times others).
-DEFAULT_CONFIG = (64, 32, 4, 3)
+# Retimed at 128x64/4/3 (the whole sequences' tiles, which the first sweep had not tried for
+# chunks; prefill_tiles_groups_3b_h100.md, section 1): 0.281 ms against 64x32/4/3's 0.366 at one
+# sequence, 0.593 against 0.658 at two; 3b e2e at 8K x 16 -7%, at 128K -1.2%.
+DEFAULT_CONFIG = (128, 64, 4, 3)
 # Whole sequences (no cache; benchmarks/results/prefill_targets_3b_h100.md, window_sequence.py):
 # at 16 x 8K, 4 x 32K and 1 x 128K on one H100, 128x64/4/3 was the fastest of five tiles (13.8,
 # 24.0, 27.7 ms a block, against 14.4 for cuDNN's causal attention and 27.8 and 29.7 for the
