@@ -52,8 +52,10 @@ IGNORE_INDEX = -100
 # 0.02419 / 0.02395 s per 1K tokens at 26.5 / 34.4 / 54.1 GiB peak.
 AUTO_GROUP_BYTES = 28 * 2**30
 FAST_BYTES_PER_PARAMETER = 19
-# A chunk graph is captured only for at least this many chunks: its capture costs about a
-# chunk's time, which fewer replays would not win back.
+# A chunk graph is captured only for at least this many chunks: its capture costs one or two
+# chunks' time (3b at 128K on H100s: 45-57 ms against ~32 ms a chunk, 1.1-1.4% of the step;
+# benchmarks/results/prefill_tiles_groups_3b_h100.md, section 3), which fewer replays would
+# not win back.
 GRAPH_MIN_CHUNKS = 4
 # Where graph_chunks is None (the default), graphs are taken only where they were measured to
 # win: one sequence at a time (the host then queues a chunk's ~1000 launches about as fast as
