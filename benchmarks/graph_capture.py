@@ -19,18 +19,15 @@ it, graphs forced on):
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from tttlm.bench.common import environment
-from tttlm.bench.prefill import scoring_case
+from tttlm.bench.prefill import probe_main, scoring_case
 from tttlm.model import model as model_module
 
 
@@ -84,20 +81,7 @@ def run_case(case: str, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cases", nargs="+", help="tokens:batch, e.g. 131072:1")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("graph_capture.py: error: needs a CUDA GPU; run it on one", file=sys.stderr)
-        return 2
-    report: dict[str, Any] = {"env": environment(torch.device("cuda")), "cases": []}
-    for case in args.cases:
-        report["cases"].append(run_case(case, args.repeats))
-        torch.cuda.empty_cache()  # (the case's model is gone: its cached blocks too)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return probe_main(argv, __doc__, "graph_capture.py", run_case)
 
 
 if __name__ == "__main__":

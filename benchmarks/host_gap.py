@@ -17,18 +17,14 @@ per-chunk wait is measured, not guessed. CUDA only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from tttlm.bench.common import environment
-from tttlm.bench.prefill import scoring_case
+from tttlm.bench.prefill import probe_main, scoring_case
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ttt import finite
 
@@ -120,18 +116,7 @@ def run_case(case: str, repeats: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("cases", nargs="+", help="tokens:batch, e.g. 131072:1")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("host_gap.py: error: needs a CUDA device", file=sys.stderr)
-        return 2
-    report = {"environment": environment(torch.device("cuda")),
-              "cases": [run_case(c, args.repeats) for c in args.cases]}
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    return probe_main(argv, __doc__, "host_gap.py", run_case, env_key="environment")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -250,6 +250,26 @@ case "$PART" in
       --out "$OUT/graph_capture_3b" | cut -c1-1500 || echo "graph_capture: exit $?"
     timeout 200 python benchmarks/profile_step.py prefill:3b:e2e:131072:1:compiled:graphed \
       --out "$OUT/profile_prefill_3b_128k.json" | head -30 || echo "profile: exit $?" ;;
+  rope)  # speed issue: the compiled RoPE in one pass (ops/rope.py; 0b51f8c) against the tree
+    # before it, carried as .before/src (`mkdir .before && git archive 2bc4c2c src | tar -x -C
+    # .before`): 3b e2e prefill at 8K x 16 and 128K x 1 and tttlm train 125m at 8K for each
+    # side, alternating, then a profile of this tree at 128K (the prefix blocks' QK-norm + RoPE
+    # kernel took 3.4 ms a block before; about 6 minutes)
+    for side in before after; do
+      src=$PWD/src; [ $side = before ] && src=$PWD/.before/src
+      PYTHONPATH=$src timeout 200 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+        --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+        --out "$SCRATCH/prefill_rope_3b_$side" > /dev/null || echo "prefill $side: exit $?"
+      grep "^| e" "$SCRATCH/prefill_rope_3b_$side.md" 2>/dev/null
+      cp "$SCRATCH/prefill_rope_3b_$side.json" "$OUT/" 2>/dev/null
+      PYTHONPATH=$src timeout 90 python benchmarks/train_cli.py --preset 125m-8k --batch 16 \
+        --micro-batch 8 --steps 5 --skip 2 --runs e2e:compiled-graph \
+        --out "$OUT/train_cli_125m_8k_rope_$side" || echo "train $side: exit $?"
+    done
+    timeout 150 python benchmarks/profile_step.py prefill:3b:e2e:131072:1:compiled:graphed \
+      --top 40 --out "$OUT/profile_prefill_3b_128k_rope.json" > "$SCRATCH/profile.txt" 2>&1 \
+      || echo "profile: exit $?"
+    head -16 "$SCRATCH/profile.txt" ;;
   head)  # speed issue: the inner step's head products at 3b's shapes, as called and
     # transposed, with their kernels (about a minute)
     timeout 120 python benchmarks/head_matmul.py --out "$OUT/head_matmul_3b" \

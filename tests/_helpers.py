@@ -164,3 +164,22 @@ def assert_within(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
     err = (got.double() - ref.double()).abs().max().item()
     scale = ref.double().abs().max().item()
     assert err <= tol * max(scale, 1.0), (err, scale)
+
+
+# The training tests' corpus text (tests/test_train_*.py).
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
+        "fortune, must be in want of a wife. ")
+
+
+def prepared_corpus(tmp_path_factory: pytest.TempPathFactory, docs: int = 8, repeats: int = 30,
+                    val_docs: int = 2) -> Path:
+    """A byte-level prepared corpus: ``docs`` documents of ``TEXT`` repeated ``repeats + 3i``
+    times (about 40 KB of train text at the defaults), the last ``val_docs`` for validation."""
+    from tttlm.data import prepare
+
+    src = tmp_path_factory.mktemp("text")
+    for i in range(docs):
+        (src / f"doc{i}.txt").write_text(f"Chapter {i}. " + TEXT * (repeats + 3 * i))
+    out = tmp_path_factory.mktemp("prepared")
+    prepare([src], out, "bytes", val_docs=val_docs, progress=False)
+    return out

@@ -14,6 +14,7 @@ from _helpers import load_benchmark
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a GPU")
 @pytest.mark.parametrize("name, args", [
     ("graph_capture", ["131072:1"]),
+    ("host_gap", ["131072:1"]),
     ("window_sequence", []),
 ])
 def test_refuses_without_a_gpu(name: str, args: list[str], tmp_path: Path,

@@ -130,6 +130,24 @@ def test_auto_groups_by_the_fast_weights_working_set() -> None:
         assert groups[preset] == AUTO_GROUP_BYTES // per_sequence
         assert model.auto_ttt_group(budget=1) == 1
     assert groups == {"125m": 137, "760m": 17, "3b": 4}
+
+
+def test_auto_groups_leave_room_on_smaller_gpus() -> None:
+    """On a GPU the budget is at most a third of its memory: 3b reads 4 sequences together on
+    80 GB and 141 GB cards (the measured peak at 8K x 16: 34 GiB), 2 on a 40 GB card, 1 on
+    24 GB, instead of running a 40 GB card out of memory."""
+    from tttlm import TTTConfig, TTTForCausalLM
+    from tttlm.model.model import AUTO_GROUP_BYTES, auto_group_budget
+
+    assert auto_group_budget(None) == AUTO_GROUP_BYTES
+    assert auto_group_budget(10**15) == AUTO_GROUP_BYTES
+    assert auto_group_budget(42 * 10**9) == 14 * 10**9
+    with torch.device("meta"):
+        model = TTTForCausalLM(TTTConfig.from_preset("3b", variant="e2e"))
+    # total_memory as torch reports it for an H200, an H100 80GB, an A100 40GB, a 24 GB card
+    groups = [model.auto_ttt_group(budget=auto_group_budget(b)) for b in
+              (150_109_003_776, 85_029_158_912, 42_298_834_944, 25_386_352_640)]
+    assert groups == [4, 4, 2, 1]
     with torch.device("meta"):
         full = TTTForCausalLM(TTTConfig.from_preset("125m", variant="full"))
     assert full.resolved_ttt_group() is None

@@ -22,9 +22,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_trainer import TEXT, losses, tiny_config
+from _helpers import prepared_corpus
+from test_train_trainer import losses, tiny_config
 from tttlm.cli import main
-from tttlm.data import prepare
 from tttlm.devices import resolve_device
 from tttlm.errors import UserError
 from tttlm.model import model as model_module
@@ -36,12 +36,7 @@ from tttlm.train.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("text")
-    for i in range(8):
-        (src / f"doc{i}.txt").write_text(f"Chapter {i}. " + TEXT * (30 + 3 * i))
-    out = tmp_path_factory.mktemp("prepared")
-    prepare([src], out, "bytes", val_docs=2, progress=False)
-    return out
+    return prepared_corpus(tmp_path_factory)
 
 
 def records(run: Path) -> list[dict]:

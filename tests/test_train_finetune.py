@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import prepared_corpus
 from test_train_faults import error_line
-from test_train_trainer import TEXT, losses, tiny_config
+from test_train_trainer import losses, tiny_config
 from tttlm import TTTConfig, TTTForCausalLM
 from tttlm.cli import main
 from tttlm.convert.ttt_ify import ttt_ify
-from tttlm.data import prepare
 from tttlm.model.model import is_ttt_parameter
 from tttlm.train import checkpoint as ckpt
 from tttlm.train.config import PRESETS, resolve_config
@@ -23,12 +23,7 @@ from tttlm.train.trainer import Trainer
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("text")
-    for i in range(6):
-        (src / f"doc{i}.txt").write_text(f"Chapter {i}. " + TEXT * (20 + 3 * i))
-    out = tmp_path_factory.mktemp("prepared")
-    prepare([src], out, "bytes", val_docs=1, progress=False)
-    return out
+    return prepared_corpus(tmp_path_factory, docs=6, repeats=20, val_docs=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from _helpers import prepared_corpus
 from test_train_faults import error_line, fast_args
-from test_train_trainer import TEXT, losses, tiny_config
+from test_train_trainer import losses, tiny_config
 from tttlm.cli import main
-from tttlm.data import prepare
 from tttlm.errors import UserError
 from tttlm.train import checkpoint as ckpt
 from tttlm.train.config import Parallel, StepMode, TrainConfig, resolve_config
@@ -36,12 +36,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("text")
-    for i in range(8):
-        (src / f"doc{i}.txt").write_text(f"Chapter {i}. " + TEXT * (30 + 3 * i))
-    out = tmp_path_factory.mktemp("prepared")
-    prepare([src], out, "bytes", val_docs=2, progress=False)
-    return out
+    return prepared_corpus(tmp_path_factory)
 
 
 def uncaptured(trainer: Trainer, warmup: int = 2) -> StaticStep:

@@ -11,25 +11,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from _helpers import TEXT, prepared_corpus
 from tttlm.data import prepare
 from tttlm.model.model import TTTForCausalLM
 from tttlm.train import checkpoint as ckpt
 from tttlm.train.config import TrainConfig
 from tttlm.train.trainer import Trainer, WarmupCosine
 
-TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good "
-        "fortune, must be in want of a wife. ")
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A byte-level prepared corpus: ~40 KB of train text and two val documents."""
-    src = tmp_path_factory.mktemp("text")
-    for i in range(8):
-        (src / f"doc{i}.txt").write_text(f"Chapter {i}. " + TEXT * (30 + 3 * i))
-    out = tmp_path_factory.mktemp("prepared")
-    prepare([src], out, "bytes", val_docs=2, progress=False)
-    return out
+    return prepared_corpus(tmp_path_factory)
 
 
 def tiny_config(data_dir: Path, out: Path, **kw: object) -> TrainConfig:

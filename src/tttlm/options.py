@@ -9,7 +9,8 @@ TTT_GROUP_HELP = ("e2e: learn on the chunks of at most N sequences at a time whe
                   "are read together (each has its own fast weights, so memory grows with "
                   "the sequences read at once, not with their length); the results are the "
                   "same. 'auto' (default): as many as keep the fast weights' working set "
-                  "under 28 GiB (3b: 4, 760m: 17, 125m: 137); 'all': all at once")
+                  "under 28 GiB, or a third of the GPU's memory where that is less (3b: 4 on "
+                  "an 80 GB GPU, 2 on a 40 GB one); 'all': all at once")
 
 
 def ttt_group(text: str) -> int | str:

@@ -13,6 +13,7 @@ import functools
 import gc
 import itertools
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tttlm.bench.common import (
+    environment,
     median,
     peak_flops,
     peak_memory_gib,
@@ -110,6 +112,32 @@ def scoring_case(preset: str, tokens: int, batch: int, device: torch.device,
         return time.perf_counter() - start
 
     return model, step
+
+
+def probe_main(argv: list[str] | None, doc: str, script: str,
+               run_case: Callable[[str, int], dict[str, Any]], env_key: str = "env") -> int:
+    """The command line of a script that probes inside 3b scoring steps: ``cases``
+    (``tokens:batch``), ``--repeats``, ``--out``; on a CUDA GPU only (one line and exit 2
+    without one). Writes ``{env_key: environment, "cases": [run_case(case, repeats)...]}`` as
+    ``OUT.json``."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("cases", nargs="+", help="tokens:batch, e.g. 131072:1")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{script}: error: needs a CUDA GPU; run it on one", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {env_key: environment(torch.device("cuda")), "cases": []}
+    for case in args.cases:
+        report["cases"].append(run_case(case, args.repeats))
+        torch.cuda.empty_cache()  # (the case's model is gone: its cached blocks too)
+    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    return 0
 
 
 def _sdpa_backends(device: torch.device, variant: str) -> list[str | None]:

@@ -50,7 +50,10 @@ IGNORE_INDEX = -100
 # ~700 launches for 2 x 1024 rows about as slowly as the GPU ran them: on one H100 at 8K x 16
 # (benchmarks/results/prefill_tiles_groups_3b_h100.md, section 2) groups of 2 / 4 / 8 took 0.02654 /
 # 0.02419 / 0.02395 s per 1K tokens at 26.5 / 34.4 / 54.1 GiB peak.
+# On a GPU with less memory the budget is a third of it (a 40 GB card: 3b in groups of 2, with
+# room for the model's weights and activations; 80 GB and more: 4).
 AUTO_GROUP_BYTES = 28 * 2**30
+AUTO_GROUP_SHARE_OF_GPU = 3
 FAST_BYTES_PER_PARAMETER = 19
 # A chunk graph is captured only for at least this many chunks: its capture costs one or two
 # chunks' time (3b at 128K on H100s: 45-57 ms against ~32 ms a chunk, 1.1-1.4% of the step;
@@ -244,6 +247,15 @@ class ChunkRun:
     hidden: torch.Tensor | None = None  # the last chunk's output [B, c, D]
 
 
+def auto_group_budget(gpu_memory: int | None) -> int:
+    """The fast-weight working set that ``ttt_group="auto"`` keeps a group under:
+    ``AUTO_GROUP_BYTES``, or a third of a GPU's ``gpu_memory`` bytes where that is less
+    (``None``: not on a GPU)."""
+    if gpu_memory is None:
+        return AUTO_GROUP_BYTES
+    return min(AUTO_GROUP_BYTES, gpu_memory // AUTO_GROUP_SHARE_OF_GPU)
+
+
 class TTTForCausalLM(nn.Module):
     """A Llama-like Transformer whose last blocks learn at test time (TTT-E2E).
 
@@ -335,14 +347,20 @@ class TTTForCausalLM(nn.Module):
         return [PrimeWeights(*(w.unsqueeze(0).expand(batch, *w.shape)
                                for w in layer.prime.weights())) for layer in self.ttt_layers]
 
-    def auto_ttt_group(self, budget: int = AUTO_GROUP_BYTES) -> int | None:
+    def auto_ttt_group(self, budget: int | None = None) -> int | None:
         """The ``ttt_group`` that ``"auto"`` means: the most sequences whose TTT chunks, run
         together, keep the fast-weight working set under ``budget`` bytes (at least one);
-        ``None`` (all) for a model without fast weights. 3b: 4 sequences (346M fast-weight
-        parameters each); 760m: 17; 125m: 137. Grouping leaves results unchanged (sequences
-        are independent without an outer gradient) and costs little time once a group fills
-        the GPU and the host keeps up with its launches (3b at 8K x 16 on one H100: groups of
-        4 within 1% of groups of 8, at 34 GiB peak instead of 54)."""
+        ``None`` (all) for a model without fast weights. ``budget`` defaults to
+        :func:`auto_group_budget` of the device the model is on: 3b then reads 4 sequences
+        together (346M fast-weight parameters each) on a GPU of 80 GB or more, 2 on one of
+        40 GB; 760m 17 and 125m 137 on a CPU. Grouping leaves results unchanged (sequences are
+        independent without an outer gradient) and costs little time once a group fills the
+        GPU and the host keeps up with its launches (3b at 8K x 16 on one H100: groups of 4
+        within 1% of groups of 8, at 34 GiB peak instead of 54)."""
+        if budget is None:
+            device = self.embed.weight.device
+            budget = auto_group_budget(torch.cuda.get_device_properties(device).total_memory
+                                       if device.type == "cuda" else None)
         per_sequence = sum(w.numel() for layer in self.ttt_layers
                            for w in layer.prime.weights()) * FAST_BYTES_PER_PARAMETER
         if per_sequence == 0:
