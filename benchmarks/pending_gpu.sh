@@ -250,11 +250,12 @@ case "$PART" in
       --out "$OUT/graph_capture_3b" | cut -c1-1500 || echo "graph_capture: exit $?"
     timeout 200 python benchmarks/profile_step.py prefill:3b:e2e:131072:1:compiled:graphed \
       --out "$OUT/profile_prefill_3b_128k.json" | head -30 || echo "profile: exit $?" ;;
-  rope)  # speed issue: the compiled RoPE in one pass (ops/rope.py; 0b51f8c) against the tree
-    # before it, carried as .before/src (`mkdir .before && git archive 2bc4c2c src | tar -x -C
-    # .before`): 3b e2e prefill at 8K x 16 and 128K x 1 and tttlm train 125m at 8K for each
-    # side, alternating, then a profile of this tree at 128K (the prefix blocks' QK-norm + RoPE
-    # kernel took 3.4 ms a block before; about 6 minutes)
+  rope)  # speed issue: the compiled RoPE in one pass (ops/rope.py; 0b51f8c) and a block's
+    # normed input cast once for its products without gradient (model/layers.products_input)
+    # against the tree before both, carried as .before/src (`mkdir .before && git archive
+    # 2bc4c2c src | tar -x -C .before`): 3b e2e prefill at 8K x 16 and 128K x 1 and tttlm
+    # train 125m at 8K for each side, alternating, then a profile of this tree at 128K (the
+    # prefix blocks' QK-norm + RoPE kernel took 3.4 ms a block before; about 6 minutes)
     for side in before after; do
       src=$PWD/src; [ $side = before ] && src=$PWD/.before/src
       PYTHONPATH=$src timeout 200 python -m tttlm.cli bench prefill --preset 3b --variants e2e \

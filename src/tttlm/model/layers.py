@@ -37,9 +37,22 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+def products_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in autocast's dtype where it feeds several products and takes no gradient: the
+    value each product's own cast would give, made once. Compiled, that is one buffer instead
+    of one per product (3b's prefix blocks wrote their normed input three times, for q, k and
+    v, at 128K rows of 2560). With a gradient each product keeps its own cast, whose backward
+    returns that product's share to x's dtype before the shares are summed."""
+    kind = x.device.type
+    if x.dtype == torch.float32 and not x.requires_grad and torch.is_autocast_enabled(kind):
+        return x.to(torch.get_autocast_dtype(kind))
+    return x
+
+
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
     """``(silu(x W1ᵀ) * (x W3ᵀ)) W2ᵀ``; weights may carry a leading batch axis matching x."""
     if w1.dim() == 2:
+        x = products_input(x)
         # F.linear (the product x @ w.mT): autocast casts the weight itself, once per autocast
         # region (its weight cache), where a transposed view of it would be cast every call.
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
@@ -70,6 +83,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: FastWeights | None = None) -> torch.Tensor:
         if weights is None and self.w1.bias is not None:
+            x = products_input(x)
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
         return swiglu(x, *(weights if weights is not None else self.weights()))
 
@@ -96,6 +110,7 @@ class Attention(nn.Module):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q ``[B, T, H, d]``, k (QK-normed when configured, before RoPE) and v
         ``[B, T, H_kv, d]``."""
+        x = products_input(x)
         # head-major, as the official "(head head_dim)" and transformers' view(..., -1, d)
         q = self.wq(x).unflatten(-1, (self.num_heads, self.head_dim))
         k = self.wk(x).unflatten(-1, (self.num_kv_heads, self.head_dim))
