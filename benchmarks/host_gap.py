@@ -111,7 +111,6 @@ def run_case(case: str, repeats: int) -> dict[str, Any]:
     result["s_per_1k"] = result["wall_s"] / (tokens * batch / 1024)
     result["no_wait_s_per_1k"] = result["no_wait_wall_s"] / (tokens * batch / 1024)
     print(json.dumps(result), flush=True)
-    torch.cuda.empty_cache()
     return result
 
 

@@ -8,11 +8,14 @@ loss (chunked, no ``[T, V]`` logits), as a prefill that scores the prompt does.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import gc
 import itertools
+import json
 import math
+import pathlib
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -120,10 +123,6 @@ def probe_main(argv: list[str] | None, doc: str, script: str,
     (``tokens:batch``), ``--repeats``, ``--out``; on a CUDA GPU only (one line and exit 2
     without one). Writes ``{env_key: environment, "cases": [run_case(case, repeats)...]}`` as
     ``OUT.json``."""
-    import argparse
-    import json
-    from pathlib import Path
-
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("cases", nargs="+", help="tokens:batch, e.g. 131072:1")
     ap.add_argument("--repeats", type=int, default=2)
@@ -136,7 +135,7 @@ def probe_main(argv: list[str] | None, doc: str, script: str,
     for case in args.cases:
         report["cases"].append(run_case(case, args.repeats))
         torch.cuda.empty_cache()  # (the case's model is gone: its cached blocks too)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
+    pathlib.Path(args.out).with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     return 0
 
 
