@@ -12,7 +12,13 @@ as ``tttlm bench prefill`` runs it) after two warm-up steps, one step is timed w
 
 then the same step again with the check read at the end of the forward only (``no_wait_*``
 in the report: the flag is still copied per chunk; only the wait moves), so the cost of the
-per-chunk wait is measured, not guessed. CUDA only.
+per-chunk wait is measured, not guessed.
+
+``timeline`` follows one more step phase by phase: the eager chunks (``ttt_chunk``: the chunks
+while the caches fill), the chunk graph's making (its first chunk, warm-up and capture) and its
+replays (``ChunkGraph.step``), each with its host time, its GPU span and the GPU's idle time
+before it (from the end of the span before, or from the step's start), and the idle time after
+the last one: where the GPU waits for the host, per phase. CUDA only.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any
 import torch
 
 from tttlm.bench.prefill import probe_main, scoring_case
+from tttlm.model import cuda_graph
 from tttlm.model.model import TTTForCausalLM
 from tttlm.ttt import finite
 
@@ -65,6 +72,81 @@ class Probe:
         model, settle = self._restore
         del model.ttt_chunk
         finite.FiniteGuard.settle = settle  # type: ignore[method-assign]
+
+
+class Timeline:
+    """Host times and CUDA events around the phases of a step: eager chunks, the chunk
+    graph's making, its replays."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, float, float, Any, Any]] = []
+        self._restore: list[tuple[Any, str, Any]] = []
+
+    def _wrap(self, owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+        spans = self.spans
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            t0 = time.perf_counter()
+            start.record()
+            out = inner(*args, **kwargs)
+            end.record()
+            spans.append((label, t0, time.perf_counter(), start, end))
+            return out
+
+        self._restore.append((owner, name, inner))
+        setattr(owner, name, timed)
+
+    def install(self, model: TTTForCausalLM) -> None:
+        self._wrap(model, "ttt_chunk", "eager chunk")
+        self._wrap(cuda_graph.ChunkGraph, "__init__", "graph made")
+        self._wrap(cuda_graph.ChunkGraph, "step", "graph step")
+
+    def remove(self) -> None:
+        for owner, name, inner in reversed(self._restore):
+            if isinstance(owner, type):
+                setattr(owner, name, inner)
+            else:
+                delattr(owner, name)  # (the instance attribute hid the method)
+
+    def report(self, begin: Any, finish: Any) -> dict[str, Any]:
+        """Per phase: count, host and GPU seconds, GPU idle before; the first spans in order."""
+        phases: dict[str, dict[str, float]] = {}
+        order = []
+        last = begin
+        for label, t0, t1, start, end in self.spans:
+            idle = last.elapsed_time(start) / 1e3
+            gpu = start.elapsed_time(end) / 1e3
+            phase = phases.setdefault(label, {"count": 0, "host_s": 0.0, "gpu_s": 0.0,
+                                              "idle_before_s": 0.0})
+            phase["count"] += 1
+            phase["host_s"] += t1 - t0
+            phase["gpu_s"] += gpu
+            phase["idle_before_s"] += idle
+            if len(order) < 16:
+                order.append({"phase": label, "host_ms": (t1 - t0) * 1e3, "gpu_ms": gpu * 1e3,
+                              "idle_before_ms": idle * 1e3})
+            last = end
+        return {"phases": phases, "first_spans": order,
+                "before_first_s": begin.elapsed_time(self.spans[0][3]) / 1e3 if self.spans
+                else None,
+                "after_last_s": last.elapsed_time(finish) / 1e3}
+
+
+def timeline_step(model: TTTForCausalLM, step: Any) -> dict[str, Any]:
+    """One step under :class:`Timeline`, its wall time beside."""
+    timeline = Timeline()
+    timeline.install(model)
+    begin, finish = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        begin.record()
+        wall = step()
+        finish.record()
+        finish.synchronize()
+    finally:
+        timeline.remove()
+    return {"wall_s": wall, **timeline.report(begin, finish)}
 
 
 def run_case(case: str, repeats: int) -> dict[str, Any]:
@@ -108,6 +190,7 @@ def run_case(case: str, repeats: int) -> dict[str, Any]:
     finally:
         finite.FiniteGuard.settle = settle  # type: ignore[method-assign]
         finite.FiniteGuard.watch = original_watch  # type: ignore[method-assign]
+    result["timeline"] = timeline_step(model, step)
     result["s_per_1k"] = result["wall_s"] / (tokens * batch / 1024)
     result["no_wait_s_per_1k"] = result["no_wait_wall_s"] / (tokens * batch / 1024)
     print(json.dumps(result), flush=True)

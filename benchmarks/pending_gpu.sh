@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -271,6 +271,27 @@ case "$PART" in
       --top 40 --out "$OUT/profile_prefill_3b_128k_rope.json" > "$SCRATCH/profile.txt" 2>&1 \
       || echo "profile: exit $?"
     head -16 "$SCRATCH/profile.txt" ;;
+  fold)  # speed issue: the Triton window forward's softmax with the scale folded into the
+    # shift and accumulating products (unmasked tiles), against the tree before it, carried as
+    # .mid/src (`mkdir .mid && git archive a51e066 src | tar -x -C .mid`): the whole sequences'
+    # and one chunk's kernels for each side, 3b e2e prefill at 8K x 16 and 128K x 1 for each
+    # side; first a 128K step's timeline by phase (benchmarks/host_gap.py; about 8 minutes)
+    timeout 170 python benchmarks/host_gap.py 131072:1 --repeats 1 \
+      --out "$OUT/host_gap_3b_128k" > /dev/null || echo "host_gap: exit $?"
+    for pair in before=.mid/src after=src; do
+      side=${pair%%=*} src=$PWD/${pair#*=}
+      PYTHONPATH=$src timeout 60 python benchmarks/window_sequence.py --repeats 10 \
+        --fwd-configs 128,64,4,3 --out "$OUT/window_sequence_fold_$side" > /dev/null \
+        || echo "window_sequence $side: exit $?"
+      PYTHONPATH=$src timeout 60 python benchmarks/frozen_dq.py --configs \
+        --fwd-configs 128,64,4,3 --out "$OUT/frozen_dq_fold_$side" > /dev/null \
+        || echo "frozen_dq $side: exit $?"
+      PYTHONPATH=$src timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+        --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+        --out "$SCRATCH/prefill_fold_3b_$side" > /dev/null || echo "prefill $side: exit $?"
+      grep "^| e" "$SCRATCH/prefill_fold_3b_$side.md" 2>/dev/null
+      cp "$SCRATCH/prefill_fold_3b_$side.json" "$OUT/" 2>/dev/null
+    done ;;
   head)  # speed issue: the inner step's head products at 3b's shapes, as called and
     # transposed, with their kernels (about a minute)
     timeout 120 python benchmarks/head_matmul.py --out "$OUT/head_matmul_3b" \
