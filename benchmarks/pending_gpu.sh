@@ -272,12 +272,16 @@ case "$PART" in
       || echo "profile: exit $?"
     head -16 "$SCRATCH/profile.txt" ;;
   fold)  # speed issue: the Triton window forward's softmax with the scale folded into the
-    # shift and accumulating products (unmasked tiles), against the tree before it, carried as
+    # shift and accumulating products (unmasked tiles), and the inner step's head work over
+    # the logits as one Triton kernel (ops/triton_head_nll.py, timed alone by head_nll.py),
+    # against the tree before it, carried as
     # .mid/src (`mkdir .mid && git archive a51e066 src | tar -x -C .mid`): the whole sequences'
     # and one chunk's kernels for each side, 3b e2e prefill at 8K x 16 and 128K x 1 for each
     # side; first a 128K step's timeline by phase (benchmarks/host_gap.py; about 8 minutes)
     timeout 170 python benchmarks/host_gap.py 131072:1 --repeats 1 \
       --out "$OUT/host_gap_3b_128k" > /dev/null || echo "host_gap: exit $?"
+    timeout 60 python benchmarks/head_nll.py --out "$OUT/head_nll_3b" > /dev/null \
+      || echo "head_nll: exit $?"
     for pair in before=.mid/src after=src; do
       side=${pair%%=*} src=$PWD/${pair#*=}
       PYTHONPATH=$src timeout 60 python benchmarks/window_sequence.py --repeats 10 \

@@ -16,10 +16,11 @@ from _helpers import load_benchmark
     ("graph_capture", ["131072:1"]),
     ("host_gap", ["131072:1"]),
     ("window_sequence", []),
+    ("head_nll", []),
 ])
 def test_refuses_without_a_gpu(name: str, args: list[str], tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
-    if name == "window_sequence":
+    if name in ("window_sequence", "head_nll"):
         pytest.importorskip("triton")  # (it imports the Triton kernel at its top)
     out = tmp_path / "report"
     assert load_benchmark(name).main([*args, "--out", str(out)]) == 2

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from tttlm.ops.loss import token_nll
+from tttlm.ops.triton_runtime import triton_available
 
 # Set while an inner gradient (with respect to fast weights only) is taken: the head weight's
 # gradient is then not wanted, but a custom Function's needs_input_grad cannot tell, since it is
@@ -231,6 +232,23 @@ def nll_and_dlogits(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
     return nll, _minus_onehot_(_probs(zf, lse), labels).to(z.dtype)
 
 
+def _nll_step(x: torch.Tensor, acc: torch.dtype, compiled: bool) -> Any:
+    """The inner step's work over one row block's logits: on a GPU with Triton, one kernel
+    (:mod:`tttlm.ops.triton_head_nll`: two reads of the logits instead of three), else
+    :func:`nll_and_dlogits` as it is or compiled."""
+    if x.is_cuda and acc == torch.float32 and triton_available():
+        from tttlm.ops import triton_head_nll
+
+        def step(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+            if triton_head_nll.nll_dlogits_can_run(z, labels, acc):
+                return triton_head_nll.nll_dlogits(z, labels)
+            return _run(nll_and_dlogits, compiled)(z, labels, acc)
+
+        return step
+    return _run(nll_and_dlogits, compiled)
+
+
 class _LinearNLLInnerStep(torch.autograd.Function):
     """The head for an inner step: the NLL, and from the same logits ``dx₀ = (p − Y) W`` per
     row; the one backward pass returns ``g · dx₀`` (``dx`` is linear in each row's upstream
@@ -243,7 +261,7 @@ class _LinearNLLInnerStep(torch.autograd.Function):
         # Under autocast, W goes to the products as it is: autocast casts it once per region
         # (its weight cache) instead of once per chunk, a pass over the [V, D] head each.
         Wm = W if _autocast_casts(W, mm) else W.to(mm)
-        step = _run(nll_and_dlogits, compiled)
+        step = _nll_step(x, acc, compiled)
         nll = x.new_empty(x.shape[0], dtype=acc)
         dx0 = torch.empty_like(x)
         for rows in _row_blocks(x.shape[0], W.shape[0]):
