@@ -276,7 +276,7 @@ case "$PART" in
     # the logits as one Triton kernel (ops/triton_head_nll.py, timed alone by head_nll.py),
     # against the tree before it, carried as
     # .mid/src (`mkdir .mid && git archive a51e066 src | tar -x -C .mid`): the whole sequences'
-    # and one chunk's kernels for each side, 3b e2e prefill at 8K x 16 and 128K x 1 for each
+    # window kernel for each side, 3b e2e prefill at 8K x 16 and 128K x 1 for each
     # side; first a 128K step's timeline by phase (benchmarks/host_gap.py; about 8 minutes)
     timeout 170 python benchmarks/host_gap.py 131072:1 --repeats 1 \
       --out "$OUT/host_gap_3b_128k" > /dev/null || echo "host_gap: exit $?"
@@ -284,12 +284,9 @@ case "$PART" in
       || echo "head_nll: exit $?"
     for pair in before=.mid/src after=src; do
       side=${pair%%=*} src=$PWD/${pair#*=}
-      PYTHONPATH=$src timeout 60 python benchmarks/window_sequence.py --repeats 10 \
+      PYTHONPATH=$src timeout 60 python benchmarks/window_sequence.py --repeats 5 \
         --fwd-configs 128,64,4,3 --out "$OUT/window_sequence_fold_$side" > /dev/null \
         || echo "window_sequence $side: exit $?"
-      PYTHONPATH=$src timeout 60 python benchmarks/frozen_dq.py --configs \
-        --fwd-configs 128,64,4,3 --out "$OUT/frozen_dq_fold_$side" > /dev/null \
-        || echo "frozen_dq $side: exit $?"
       PYTHONPATH=$src timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
         --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
         --out "$SCRATCH/prefill_fold_3b_$side" > /dev/null || echo "prefill $side: exit $?"
