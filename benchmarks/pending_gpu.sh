@@ -271,24 +271,26 @@ case "$PART" in
       --top 40 --out "$OUT/profile_prefill_3b_128k_rope.json" > "$SCRATCH/profile.txt" 2>&1 \
       || echo "profile: exit $?"
     head -16 "$SCRATCH/profile.txt" ;;
-  fold)  # speed issue: the Triton window forward's softmax with the scale folded into the
-    # shift and accumulating products (unmasked tiles), and the inner step's head work over
-    # the logits as one Triton kernel (ops/triton_head_nll.py, timed alone by head_nll.py),
-    # against the tree before it, carried as
-    # .mid/src (`mkdir .mid && git archive a51e066 src | tar -x -C .mid`): the whole sequences'
-    # window kernel for each side, 3b e2e prefill at 8K x 16 and 128K x 1 for each
-    # side; first a 128K step's timeline by phase (benchmarks/host_gap.py; about 8 minutes)
-    timeout 170 python benchmarks/host_gap.py 131072:1 --repeats 1 \
-      --out "$OUT/host_gap_3b_128k" > /dev/null || echo "host_gap: exit $?"
+  fold)  # speed issue, three changes against the tree before them, carried as .mid/src
+    # (`mkdir .mid && git archive a51e066 src | tar -x -C .mid`): the Triton window forward's
+    # softmax with the scale folded into the shift and accumulating products (unmasked
+    # tiles; the whole sequences' kernel timed alone by window_sequence.py); the inner step's
+    # head work over the logits as one Triton kernel (ops/triton_head_nll.py; alone by
+    # head_nll.py); a run's first update written in place like the others, so the host never
+    # waits for one (host_gap.py's timeline: the eager chunks while the caches fill). For
+    # each side: the timeline and step time at 128K x 1, the window kernel, 3b e2e prefill
+    # at 8K x 16 (about 8 minutes)
     timeout 60 python benchmarks/head_nll.py --out "$OUT/head_nll_3b" > /dev/null \
       || echo "head_nll: exit $?"
     for pair in before=.mid/src after=src; do
       side=${pair%%=*} src=$PWD/${pair#*=}
+      PYTHONPATH=$src timeout 170 python benchmarks/host_gap.py 131072:1 --repeats 2 \
+        --out "$OUT/host_gap_3b_128k_$side" > /dev/null || echo "host_gap $side: exit $?"
       PYTHONPATH=$src timeout 60 python benchmarks/window_sequence.py --repeats 5 \
         --fwd-configs 128,64,4,3 --out "$OUT/window_sequence_fold_$side" > /dev/null \
         || echo "window_sequence $side: exit $?"
-      PYTHONPATH=$src timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-        --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+      PYTHONPATH=$src timeout 100 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+        --lengths 8192 --compile compiled --paths model --repeats 2 \
         --out "$SCRATCH/prefill_fold_3b_$side" > /dev/null || echo "prefill $side: exit $?"
       grep "^| e" "$SCRATCH/prefill_fold_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_fold_3b_$side.json" "$OUT/" 2>/dev/null

@@ -110,12 +110,12 @@ def test_graph_chunks_none_takes_graphs_where_they_win(
 @pytest.mark.parametrize("autocast", [False, True])
 def test_updates_in_place_equal_new_weights_bit_for_bit(
         autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The official SGD writes its updates into the run's own weights (from the run's second
-    update on: the first starts from W0, views of the parameters) and, under bf16 autocast,
-    into the bf16 leaves the next chunk differentiates, in one pass (``step_``), launched or
-    in a graph's buffers: the same bits as new weights each chunk (``updates_in_place``
-    off), which cast the weights afresh at every chunk. Window 12, chunks of 4, 40 tokens:
-    9 updates, 8 in place; chunks 3-8 graphed."""
+    """The official SGD writes its updates into the run's own weights (a copy of W0, views
+    of the parameters, made before the first update) and, under bf16 autocast, into the
+    bf16 leaves the next chunk differentiates, in one pass (``step_``), launched or in a
+    graph's buffers: the same bits as new weights each chunk (``updates_in_place`` off),
+    which cast the weights afresh at every chunk. Window 12, chunks of 4, 40 tokens: 9
+    updates, all in place; chunks 3-8 graphed. The parameters stay as they were."""
     model = tiny_model(dtype=torch.float32)
     params = [p.clone() for p in model.parameters()]
     calls: list[bool] = []
@@ -134,7 +134,7 @@ def test_updates_in_place_equal_new_weights_bit_for_bit(
         calls.clear()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             outs.append(_forward(model, x, y, graphed=graphed))
-        assert len(calls) == (8 if in_place else 0)
+        assert len(calls) == (9 if in_place else 0)
         assert calls == [autocast] * len(calls)  # bf16 leaves exactly under autocast
     for got in outs[1:]:
         for name in ("token_nll", "logits", "inner_update_norms"):
@@ -206,25 +206,27 @@ def _poison_marked_chunks(model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(model, "ttt_chunk", marked_chunk)
 
 
+@pytest.mark.parametrize("chunk", [0, 5])
 @pytest.mark.parametrize("in_place", [True, False])
 def test_a_non_finite_update_is_dropped_for_its_sequence_as_eagerly(
-        in_place: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Sequence 0's update of chunk 5 (a graphed one) is NaN: it keeps its fast weights
-    there, as the eager guard keeps them (the reference: new weights each chunk, launched);
-    sequence 1 is untouched; the norm shows the NaN. Updates written in place (the official
-    SGD; launched, and in the graph's buffers), or selected after them."""
+        in_place: bool, chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sequence 0's update of the run's first chunk (launched), or of chunk 5 (a graphed
+    one), is NaN: it keeps its fast weights there, as the eager guard keeps them (the
+    reference: new weights each chunk, launched); sequence 1 is untouched; the norm shows
+    the NaN. Updates written in place (the official SGD; launched, and in the graph's
+    buffers), or selected after them."""
     model = tiny_model(dtype=torch.float32)
     x, y = tokens(model, 2, 40)
     y = y.clone()
     c = model.config.chunk_size
     y[0, ::c] = torch.where(y[0, ::c] == SENTINEL, SENTINEL + 1, y[0, ::c])
-    y[0, 5 * c] = SENTINEL
+    y[0, chunk * c] = SENTINEL
     monkeypatch.setattr(model.inner_optimizer, "updates_in_place", False)
     clean = _forward(model, x, y, graphed=False)
     _poison_marked_chunks(model, monkeypatch)
     ref = _forward(model, x, y, graphed=False)
     monkeypatch.setattr(model.inner_optimizer, "updates_in_place", in_place)
-    assert torch.isnan(ref.inner_update_norms[0, 5]) and not torch.isnan(
+    assert torch.isnan(ref.inner_update_norms[0, chunk]) and not torch.isnan(
         ref.inner_update_norms[1]).any()
     assert not torch.equal(ref.token_nll[0], clean.token_nll[0])  # the drop mattered
     assert torch.equal(ref.token_nll[1], clean.token_nll[1])

@@ -32,7 +32,7 @@ from tttlm.ops.linear_nll import (
 )
 from tttlm.ops.loss import masked_mean, token_nll
 from tttlm.ops.rope import config_rope_angles
-from tttlm.ttt.base import InnerState, cat_states, index_state
+from tttlm.ttt.base import InnerState, cat_states, index_state, map_state
 from tttlm.ttt.fast import FastWeights, PrimeWeights, cat_fast, flatten_fast, index_fast
 from tttlm.ttt.finite import FiniteGuard
 from tttlm.ttt.modes import GradMode
@@ -689,13 +689,21 @@ class TTTForCausalLM(nn.Module):
         def snapshot(fast: FastWeights) -> dict[str, torch.Tensor]:
             return dict(zip(self.fast_weight_names(), flatten_fast(fast)))
 
-        # Updates in place (the official SGD at test time): once this run's own weights are in
-        # effect (from its first update on; W0 are views of the parameters and ``fast`` the
-        # caller's), each update writes them and their copies in the compute dtype where it is
-        # finite, in one pass: no new weights, no cast of them at the next chunk, no guard.
-        given = fast
+        # Updates in place (the official SGD at test time): each update writes the run's own
+        # weights and their copies in the compute dtype where it is finite, in one pass: no
+        # new weights, no cast of them at the next chunk, no guard.
         in_place = (opts.mode is GradMode.NONE and self.inner_optimizer.updates_in_place
                     and not return_fast_weights and not opts.checkpoint_chunks)
+        if in_place and opts.ttt and (len(chunks) > 1 or learn_last):
+            # The run's own copy of W0 (the caller's weights, or views of the parameters)
+            # before its first update, which is then written in place as every later one is,
+            # where finite, on the device: no update waits for the host to read another's
+            # check. (The first update used to make new weights and the first update in place
+            # to read their check: the host waited there for the prefix blocks and that
+            # chunk, so it queued each later eager chunk only as the GPU ran the one before.)
+            fast = [PrimeWeights(*(w.detach().clone(memory_format=torch.contiguous_format)
+                                   for w in layer)) for layer in fast]
+            inner_state = map_state(lambda t: t.detach().clone(), inner_state)
         low: FastWeights | None = None  # the compute-dtype copies of ``low_of``
         low_of: FastWeights | None = None
         with cast:
@@ -729,11 +737,7 @@ class TTTForCausalLM(nn.Module):
                     result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
                 elif opts.checkpoint_chunks:
                     result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
-                elif in_place and update and fast is not given and guard is not None:
-                    if guard.pending and (kept := guard.settle()) is not None:
-                        guard.pop_corrected()  # (once a run: the eager update before)
-                        fast, inner_state = kept
-                        args = (*args[:6], fast, inner_state, *args[8:])
+                elif in_place and update and guard is not None:
                     if low_of is not fast:
                         low, low_of = self._inner_leaves(fast, h), fast
                     result = self.ttt_chunk(*args[:11], None, True, low)
