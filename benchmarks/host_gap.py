@@ -49,6 +49,8 @@ class Probe:
         probe = self
 
         def ttt_chunk(*args: Any, **kwargs: Any) -> Any:
+            if torch.cuda.is_current_stream_capturing():  # (a chunk graph's capture: no events)
+                return inner(*args, **kwargs)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             t0 = time.perf_counter()
             start.record()
@@ -80,18 +82,27 @@ class Timeline:
 
     def __init__(self) -> None:
         self.spans: list[tuple[str, float, float, Any, Any]] = []
+        self._depth = [0]
         self._restore: list[tuple[Any, str, Any]] = []
 
     def _wrap(self, owner: Any, name: str, label: str) -> None:
         inner = getattr(owner, name)
-        spans = self.spans
+        spans, depth = self.spans, self._depth
 
         def timed(*args: Any, **kwargs: Any) -> Any:
+            # Only the outermost phase (a graph's making runs a chunk inside), never inside a
+            # capture (events recorded there cannot be timed).
+            if depth[0] or torch.cuda.is_current_stream_capturing():
+                return inner(*args, **kwargs)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            t0 = time.perf_counter()
-            start.record()
-            out = inner(*args, **kwargs)
-            end.record()
+            depth[0] += 1
+            try:
+                t0 = time.perf_counter()
+                start.record()
+                out = inner(*args, **kwargs)
+                end.record()
+            finally:
+                depth[0] -= 1
             spans.append((label, t0, time.perf_counter(), start, end))
             return out
 

@@ -295,6 +295,13 @@ case "$PART" in
       grep "^| e" "$SCRATCH/prefill_fold_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_fold_3b_$side.json" "$OUT/" 2>/dev/null
     done ;;
+  timeline)  # speed issue: PART=fold's timelines alone (host_gap.py at 128K x 1, before
+    # and after, .mid/src carried as there; about 4 minutes)
+    for pair in before=.mid/src after=src; do
+      side=${pair%%=*} src=$PWD/${pair#*=}
+      PYTHONPATH=$src timeout 170 python benchmarks/host_gap.py 131072:1 --repeats 2 \
+        --out "$OUT/host_gap_3b_128k_$side" > /dev/null || echo "host_gap $side: exit $?"
+    done ;;
   head)  # speed issue: the inner step's head products at 3b's shapes, as called and
     # transposed, with their kernels (about a minute)
     timeout 120 python benchmarks/head_matmul.py --out "$OUT/head_matmul_3b" \
