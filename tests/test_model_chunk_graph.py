@@ -142,6 +142,42 @@ def test_updates_in_place_equal_new_weights_bit_for_bit(
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), params, strict=True))
 
 
+def test_an_in_place_run_leaves_the_callers_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run given fast weights (an engine session's) writes its updates into its own copies
+    of them, from the first update on: the caller's tensors keep their values, and the run
+    gives what new weights each chunk give (``updates_in_place`` off), bit for bit."""
+    model = tiny_model(dtype=torch.float32)
+    assert model.inner_optimizer.updates_in_place
+    x, y = tokens(model, 2, 36)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        h = model.run_blocks(model.embed(x), model.prefix_layers)
+        mask = torch.ones_like(y, dtype=torch.bool)
+        fast = [type(layer)(*(w + 0.01 * torch.randn(w.shape, generator=gen) for w in layer))
+                for layer in model.initial_fast_weights(2)]
+        state = model.inner_optimizer.init_state(fast)
+        for tensors in state.values():
+            for t in tensors:
+                t.copy_(torch.randn(t.shape, generator=gen))
+        kept_fast = [[w.clone() for w in layer] for layer in fast]
+        kept_state = {k: [t.clone() for t in v] for k, v in state.items()}
+        runs = []
+        for in_place in (True, False):
+            monkeypatch.setattr(model.inner_optimizer, "updates_in_place", in_place)
+            runs.append(model.run_ttt_chunks(h, y, mask, model.options(), fast=fast,
+                                             inner_state=state, learn_last=True))
+            for a, b in zip(fast, kept_fast, strict=True):
+                assert all(torch.equal(u, v) for u, v in zip(a, b))
+            for key, tensors in state.items():
+                assert all(torch.equal(u, v) for u, v in zip(tensors, kept_state[key]))
+    got, ref = runs
+    assert any(not torch.equal(u, v) for a, b in zip(got.fast, fast) for u, v in zip(a, b))
+    for a, b in zip(got.fast, ref.fast, strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    for a, b in zip(got.nll + got.norms, ref.nll + ref.norms, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_graphed_run_returns_the_same_state() -> None:
     """What the engine keeps after a prefill: caches (after the last chunk and at its start),
     fast weights, the last chunk's output; with ``learn_last`` too."""
