@@ -263,8 +263,9 @@ case "$PART" in
         --out "$SCRATCH/prefill_rope_3b_$side" > /dev/null || echo "prefill $side: exit $?"
       grep "^| e" "$SCRATCH/prefill_rope_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_rope_3b_$side.json" "$OUT/" 2>/dev/null
+      # (micro-batch 8 fits an H200; an 80 GB H100 ran out of memory there: MB=4)
       PYTHONPATH=$src timeout 90 python benchmarks/train_cli.py --preset 125m-8k --batch 16 \
-        --micro-batch 8 --steps 5 --skip 2 --runs e2e:compiled-graph \
+        --micro-batch "${MB:-8}" --steps 5 --skip 2 --runs e2e:compiled-graph \
         --out "$OUT/train_cli_125m_8k_rope_$side" || echo "train $side: exit $?"
     done
     timeout 150 python benchmarks/profile_step.py prefill:3b:e2e:131072:1:compiled:graphed \
