@@ -236,17 +236,18 @@ def _nll_step(x: torch.Tensor, acc: torch.dtype, compiled: bool) -> Any:
     """The inner step's work over one row block's logits: on a GPU with Triton, one kernel
     (:mod:`tttlm.ops.triton_head_nll`: two reads of the logits instead of three), else
     :func:`nll_and_dlogits` as it is or compiled."""
-    if x.is_cuda and acc == torch.float32 and triton_available():
-        from tttlm.ops import triton_head_nll
+    fallback = _run(nll_and_dlogits, compiled)
+    if not (x.is_cuda and acc == torch.float32 and triton_available()):
+        return fallback
+    from tttlm.ops import triton_head_nll
 
-        def step(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-            if triton_head_nll.nll_dlogits_can_run(z, labels, acc):
-                return triton_head_nll.nll_dlogits(z, labels)
-            return _run(nll_and_dlogits, compiled)(z, labels, acc)
+    def step(z: torch.Tensor, labels: torch.Tensor, acc: torch.dtype
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        if triton_head_nll.nll_dlogits_can_run(z, labels, acc):
+            return triton_head_nll.nll_dlogits(z, labels)
+        return fallback(z, labels, acc)
 
-        return step
-    return _run(nll_and_dlogits, compiled)
+    return step
 
 
 class _LinearNLLInnerStep(torch.autograd.Function):
