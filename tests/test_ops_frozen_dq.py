@@ -49,10 +49,14 @@ def test_head_split(d: int, split: tuple[int, int] | None) -> None:
     (32, 32, 64, 16),     # the cache and chunk inside the window
     (40, 100, 64, 80),    # tiles of 16: the edge, full and partial last key tiles all met
 ])
+@pytest.mark.parametrize("descriptors", [False, True])
 def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
-                                 dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+                                 dtype: torch.dtype, descriptors: bool,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """The cache's share of dq from the dense scores; with the chunk's share added in; small
-    tiles too, so that several key tiles and the window's edge inside a tile are crossed."""
+    tiles too, so that several key tiles and the window's edge inside a tile are crossed;
+    keys and values through pointers and through tensor descriptors (which read the chunk's
+    own keys past the cache's last tile, to be masked)."""
     q, k, v = chunk_operands(2, c, P, 3, d, dtype, DEVICE)
     out, lse = frozen.window_forward_reference(q, k, v, window) if DEVICE == "cpu" else _flash_out(
         q, k, v, window)
@@ -63,9 +67,11 @@ def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
     for config in (None, "16,16,4,1"):
         if config:
             monkeypatch.setenv("TTTLM_FROZEN_DQ", config)
-        _close(frozen_dq(q, k, v, out, dout, lse, P, window, scale), ref, dtype)
+        _close(frozen_dq(q, k, v, out, dout, lse, P, window, scale, descriptors=descriptors),
+               ref, dtype)
         extra = torch.randn(q.shape, generator=gen).to(DEVICE, dtype)
-        got = frozen_dq(q, k, v, out, dout, lse, P, window, scale, dq_chunk=extra)
+        got = frozen_dq(q, k, v, out, dout, lse, P, window, scale, dq_chunk=extra,
+                        descriptors=descriptors)
         _close(got, ref + extra.to(ref.dtype), dtype)
 
 
@@ -85,6 +91,10 @@ def test_kernel_reads_strided_rows() -> None:
     scale = 1.0 / math.sqrt(d)
     ref = frozen.frozen_dq_reference(q, k, v, out, dout, lse, P, 24, scale)
     _close(frozen_dq(q, k, v, out, dout, lse, P, 24, scale), ref, dtype)
+    _close(frozen_dq(q, k, v, out, dout, lse, P, 24, scale, descriptors=True), ref, dtype)
+    with pytest.raises(ValueError, match="descriptors"):  # heads not side by side in a row
+        apart = torch.randn(B, P + c, H, 2, d, generator=gen).to(DEVICE, dtype)[:, :, :, 0]
+        frozen_dq(q, apart, apart, out, dout, lse, P, 24, scale, descriptors=True)
     with pytest.raises(ValueError, match="contiguous"):
         frozen_dq(q, k[..., ::2], v, out, dout, lse, P, 24, scale)
     with pytest.raises(ValueError, match="powers of two"):

@@ -77,6 +77,8 @@ def test_kernels_equal_autograd(c: int, P: int, window: int | None, d: int,
         assert torch.equal(big_k[:, P:], dk) and torch.equal(big_v[:, P:], dv)
         assert (big_k[:, :P] == 7).all() and (big_v[:, :P] == 7).all()
         _close(frozen_dq(q, k, v, out, dout, lse, P, window, scale, own=True), want_dq, dtype)
+        _close(frozen_dq(q, k, v, out, dout, lse, P, window, scale, own=True,
+                         descriptors=True), want_dq, dtype)
 
 
 def test_refusals() -> None:

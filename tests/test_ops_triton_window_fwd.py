@@ -15,6 +15,7 @@ from _helpers import assert_within, chunk_operands, kernel_dtypes, triton_or_ski
 triton = triton_or_skip()
 
 from tttlm.ops.attention import frozen, naive  # noqa: E402
+from tttlm.ops.triton_kv import descriptors_apply  # noqa: E402
 from tttlm.ops.triton_window_fwd import window_forward  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,17 +39,21 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     (48, 0, 32, 80),      # no cache: causal over the chunk, the window inside it
     (40, 60, 5, 80),      # a window shorter than a tile: rows that see no key of a tile
 ])
+@pytest.mark.parametrize("descriptors", [False, True])
 def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
-                                 dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+                                 dtype: torch.dtype, descriptors: bool,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Output and log-sum-exp as the dense reference's, with the default tiles and with tiles
-    of 16 (several key tiles of each kind, and the window's edge inside the diagonal's)."""
+    of 16 (several key tiles of each kind, and the window's edge inside the diagonal's), keys
+    and values read through pointers and through tensor descriptors (rows past the keys
+    read as zeros there instead of masked)."""
     q, k, v = chunk_operands(2, c, P, 3, d, dtype, DEVICE)
     ref_out, ref_lse = frozen.window_forward_reference(
         *(x.to(torch.float64) for x in (q, k, v)), window)
     for config in (None, "16,16,4,1"):
         if config:
             monkeypatch.setenv("TTTLM_WINDOW_FWD", config)
-        out, lse = window_forward(q, k, v, window, 1.0 / math.sqrt(d))
+        out, lse = window_forward(q, k, v, window, 1.0 / math.sqrt(d), descriptors=descriptors)
         assert out.dtype == dtype and lse.dtype == torch.float32
         assert lse.shape == (2, 3, c) and torch.isfinite(lse).all()
         _close(out, ref_out, dtype)
@@ -71,8 +76,16 @@ def test_equals_naive_chunk_attention_and_reads_strides() -> None:
                                       torch.arange(P, P + c, device=DEVICE),
                                       torch.arange(P + c, device=DEVICE), window)
     _close(out, ref, dtype)
+    # the same through descriptors: the second sequence's keys start a row stride further
+    desc, _ = window_forward(q, k, v, window, 1.0 / math.sqrt(d), descriptors=True)
+    _close(desc, ref, dtype)
     with pytest.raises(ValueError, match="contiguous"):
         window_forward(q, k[..., ::2], v[..., ::2], window, 1.0)
+    # heads not side by side in a row: no descriptor reads them
+    apart = torch.randn(B, P + c, H, 2, d).to(DEVICE, dtype)[:, :, :, 0]
+    assert not descriptors_apply(apart)
+    with pytest.raises(ValueError, match="descriptors"):
+        window_forward(q, apart, apart, window, 1.0, descriptors=True)
     with pytest.raises(ValueError, match="powers of two"):
         window_forward(q[..., :72], k[..., :72], v[..., :72], window, 1.0)
 

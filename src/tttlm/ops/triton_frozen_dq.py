@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tttlm.ops.triton_kv import key_tile, kv_descriptors, use_descriptors
 from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
@@ -36,31 +37,27 @@ DEFAULT_CONFIG = (64, 64, 4, 3)
 
 @triton.jit
 def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at, v_at, sk_t, sv_t,
-             da, db, P, LIMIT, WINDOW, qk_scale, BN: tl.constexpr, DB: tl.constexpr,
-             MASK_COLS: tl.constexpr, MASK_WINDOW: tl.constexpr, CAUSAL: tl.constexpr):
+             da, db, P, LIMIT, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
+             BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+             MASK_COLS: tl.constexpr, MASK_WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+             DESC: tl.constexpr):
     """One tile of ``BN`` keys into the accumulators (``qb, dob, db, acc_b``: the second part
     of the head, placeholders when ``DB`` is 0). Masks only where asked: keys from ``LIMIT``
     on (the cache's or the chunk's end, in its last tile), the window's lower edge (the first
-    tiles a query tile reads), and the causal diagonal (the chunk's own keys)."""
+    tiles a query tile reads), and the causal diagonal (the chunk's own keys). ``DESC``: keys
+    and values through the descriptors ``KA, KB, VA, VB`` (the head's two parts at columns
+    ``col_a, col_b`` of sequence ``b32``), whose rows past ``LIMIT`` are read (the chunk's own
+    keys past the cache's) and masked out of ``p`` as the pointers' zeros are."""
     cols = start + tl.arange(0, BN)
     col_ok = cols < LIMIT
-    if MASK_COLS:
-        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :], mask=col_ok[:, None], other=0.0)
-        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :])
-        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :])
+    ka = key_tile(k_at, KA, b32, col_a, start, sk_t, da, LIMIT, BN, DA, MASK_COLS, DESC)
+    va = key_tile(v_at, VA, b32, col_a, start, sv_t, da, LIMIT, BN, DA, MASK_COLS, DESC)
+    if DB > 0:
+        kb = key_tile(k_at, KB, b32, col_b, start, sk_t, db, LIMIT, BN, DB, MASK_COLS, DESC)
+        vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, LIMIT, BN, DB, MASK_COLS, DESC)
     s = tl.dot(qa, tl.trans(ka))
     dp = tl.dot(doa, tl.trans(va))
     if DB > 0:
-        if MASK_COLS:
-            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :], mask=col_ok[:, None],
-                         other=0.0)
-            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :], mask=col_ok[:, None],
-                         other=0.0)
-        else:
-            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :])
-            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :])
         s += tl.dot(qb, tl.trans(kb))
         dp += tl.dot(dob, tl.trans(vb))
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
@@ -78,21 +75,26 @@ def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at, v_a
 
 
 @triton.jit
-def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
+def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, KA, KB, VA, VB,
                       sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                       so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sl_b, sl_h,
                       sc_b, sc_t, sc_h, sdq_b, sdq_t, sdq_h,
                       H, C, P, WINDOW, scale,
                       BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                      HAS_WINDOW: tl.constexpr, HAS_DQC: tl.constexpr, OWN: tl.constexpr):
+                      HAS_WINDOW: tl.constexpr, HAS_DQC: tl.constexpr, OWN: tl.constexpr,
+                      DESC: tl.constexpr):
     """One tile of ``BM`` queries of one head: ``DQ = scale · Σ_j P (dP − D) k_j (+ DQC)``
     over the cache keys ``j < P`` that query ``i`` (position ``P + i``) sees:
     ``P + i − j < WINDOW``; with ``OWN``, over the chunk's own keys ``P <= j <= P + i`` too
     (the chunk is no longer than the window). Head width ``DA + DB`` (``DB`` 0 or a power of
-    two). Grid: (query tiles, batch × heads)."""
+    two). Grid: (query tiles, batch × heads). ``DESC``: keys and values through the tensor
+    descriptors ``KA, KB, VA, VB`` instead of pointers."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # (offsets of large batches pass 2**31)
+    b32 = bh // H  # (descriptor coordinates are 32-bit)
+    col_a = (bh % H) * (DA + DB)
+    col_b = col_a + DA
+    b = b32.to(tl.int64)  # (offsets of large batches pass 2**31)
     h = (bh % H).to(tl.int64)
     first = pid_m * BM
     rows = first + tl.arange(0, BM)
@@ -132,26 +134,31 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
         edge = tl.minimum(edge, full)
     for start in range(lo, edge, BN):
         acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
-                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale, BN, DB,
-                                False, True, False)
+                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale,
+                                KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
+                                False, True, False, DESC)
     for start in range(tl.maximum(edge, lo), full, BN):
         acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
-                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale, BN, DB,
-                                False, False, False)
+                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale,
+                                KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
+                                False, False, False, DESC)
     for start in range(tl.maximum(full, lo), P, BN):
         acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
-                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale, BN, DB,
-                                True, HAS_WINDOW, False)
+                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale,
+                                KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
+                                True, HAS_WINDOW, False, DESC)
     if OWN:  # own keys before the tile's first query: seen whole; then the diagonal's
         below = P + (first // BN) * BN
         for start in range(P, below, BN):
             acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start,
                                     k_at, v_at, sk_t, sv_t, da, db, P, P + C, WINDOW, qk_scale,
-                                    BN, DB, False, False, False)
+                                    KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
+                                    False, False, False, DESC)
         for start in range(below, P + tl.minimum(first + BM, C), BN):
             acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start,
                                     k_at, v_at, sk_t, sv_t, da, db, P, P + C, WINDOW, qk_scale,
-                                    BN, DB, True, False, True)
+                                    KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
+                                    True, False, True, DESC)
     dq_at = DQ + b * sdq_b + h * sdq_h + rows[:, None] * sdq_t
     dqc_at = DQC + b * sc_b + h * sc_h + rows[:, None] * sc_t
     acc_a = acc_a * scale
@@ -168,13 +175,15 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ,
 
 def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               dout: torch.Tensor, lse: torch.Tensor, frozen: int, window: int | None,
-              scale: float, dq_chunk: torch.Tensor | None = None, own: bool = False
-              ) -> torch.Tensor:
+              scale: float, dq_chunk: torch.Tensor | None = None, own: bool = False,
+              descriptors: bool | None = None) -> torch.Tensor:
     """The query gradient from the first ``frozen`` keys of ``k, v [B, n, H, d]`` for
     ``q, out, dout [B, c, H, d]`` (query ``i`` at position ``frozen + i``), plus ``dq_chunk``
     (the rest of the keys' share) when given, or with ``own`` the rest of the keys' own share
     (the chunk's keys, causal: ``n = frozen + c``); in ``q``'s dtype. ``lse [B, H, c]`` (fp32,
-    natural log of the scaled scores) and ``out`` are the forward's over *all* the keys."""
+    natural log of the scaled scores) and ``out`` are the forward's over *all* the keys.
+    ``descriptors``: keys and values through tensor descriptors instead of pointers (``None``:
+    as :func:`~tttlm.ops.triton_kv.use_descriptors` decides)."""
     B, c, H, d = q.shape
     split = head_split(d)
     if split is None:
@@ -186,11 +195,18 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
             dq_chunk is not None and dq_chunk.stride(-1) != 1):
         raise ValueError("frozen_dq reads rows whose last axis is contiguous")
     bm, bn, warps, stages = tile_config("TTTLM_FROZEN_DQ", DEFAULT_CONFIG)
+    if use_descriptors(descriptors, k, v):
+        descriptors = True
+        ka, kb = kv_descriptors(k, bn, split)
+        va, vb = kv_descriptors(v, bn, split)
+    else:  # placeholders, never read
+        descriptors = False
+        ka = kb = va = vb = k
     dq = torch.empty_like(q)
     extra = dq_chunk if dq_chunk is not None else dq  # (unread without HAS_DQC)
     grid = (triton.cdiv(c, bm), B * H)
     _frozen_dq_kernel[grid](
-        q, k, v, out, dout, lse, extra, dq,
+        q, k, v, out, dout, lse, extra, dq, ka, kb, va, vb,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
@@ -198,5 +214,6 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, c, frozen, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        HAS_DQC=dq_chunk is not None, OWN=own, num_warps=warps, num_stages=stages)
+        HAS_DQC=dq_chunk is not None, OWN=own, DESC=descriptors, num_warps=warps,
+        num_stages=stages)
     return dq

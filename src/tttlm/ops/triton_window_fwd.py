@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from tttlm.ops.triton_kv import key_tile, kv_descriptors, use_descriptors
 from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
@@ -49,30 +50,22 @@ SEQUENCE_CONFIG = (128, 64, 4, 3)
 
 @triton.jit
 def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t, da, db,
-              N, P, WINDOW, qk_scale, BN: tl.constexpr, DB: tl.constexpr,
-              MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr):
+              N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
+              BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+              MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr):
     """One tile of ``BN`` keys into the running max ``m_i`` (log2 units), sum ``l_i`` and the
     accumulators (``qb, db, acc_b``: the head's second part, placeholders when ``DB`` is 0).
     ``MASK_EDGE``: the window's lower edge crosses the tile; ``MASK_CAUSAL``: the diagonal does
-    (keys past ``N`` are masked there too: they lie past every query's own position)."""
+    (keys past ``N`` are masked there too: they lie past every query's own position).
+    ``DESC``: keys and values through the descriptors ``KA, KB, VA, VB`` (the head's two
+    parts, at columns ``col_a, col_b`` of sequence ``b32``) instead of pointers."""
     cols = start + tl.arange(0, BN)
-    if MASK_CAUSAL:
-        col_ok = cols < N
-        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :], mask=col_ok[:, None], other=0.0)
-        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :], mask=col_ok[:, None], other=0.0)
-    else:
-        ka = tl.load(k_at + cols[:, None] * sk_t + da[None, :])
-        va = tl.load(v_at + cols[:, None] * sv_t + da[None, :])
+    ka = key_tile(k_at, KA, b32, col_a, start, sk_t, da, N, BN, DA, MASK_CAUSAL, DESC)
+    va = key_tile(v_at, VA, b32, col_a, start, sv_t, da, N, BN, DA, MASK_CAUSAL, DESC)
     s = tl.dot(qa, tl.trans(ka))
     if DB > 0:
-        if MASK_CAUSAL:
-            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :], mask=col_ok[:, None],
-                         other=0.0)
-            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :], mask=col_ok[:, None],
-                         other=0.0)
-        else:
-            kb = tl.load(k_at + cols[:, None] * sk_t + db[None, :])
-            vb = tl.load(v_at + cols[:, None] * sv_t + db[None, :])
+        kb = key_tile(k_at, KB, b32, col_b, start, sk_t, db, N, BN, DB, MASK_CAUSAL, DESC)
+        vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, N, BN, DB, MASK_CAUSAL, DESC)
         s = tl.dot(qb, tl.trans(kb), s)
     if MASK_CAUSAL or MASK_EDGE:
         s = s * qk_scale
@@ -104,17 +97,21 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_
 
 
 @triton.jit
-def _window_fwd_kernel(Q, K, V, O, LSE,
+def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                        so_b, so_t, so_h, sl_b, sl_h,
                        H, C, P, WINDOW, scale,
                        BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr,
-                       DB: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                       DB: tl.constexpr, HAS_WINDOW: tl.constexpr, DESC: tl.constexpr):
     """One tile of ``BM`` queries of one head over the keys it sees. Grid: (query tiles,
-    batch × heads)."""
+    batch × heads). ``DESC``: keys and values through the tensor descriptors ``KA, KB, VA,
+    VB`` (``[B, N, H · d]``, blocks of the head's two parts) instead of pointers."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)  # (offsets of large batches pass 2**31)
+    b32 = bh // H  # (descriptor coordinates are 32-bit)
+    col_a = (bh % H) * (DA + DB)
+    col_b = col_a + DA
+    b = b32.to(tl.int64)  # (offsets of large batches pass 2**31)
     h = (bh % H).to(tl.int64)
     first = pid_m * BM
     rows = first + tl.arange(0, BM)
@@ -149,15 +146,18 @@ def _window_fwd_kernel(Q, K, V, O, LSE,
     for start in range(lo, edge, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
-                                           BN, DB, True, False)
+                                           KA, KB, VA, VB, b32, col_a, col_b,
+                                           BN, DA, DB, True, False, DESC)
     for start in range(tl.maximum(edge, lo), diag, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
-                                           BN, DB, False, False)
+                                           KA, KB, VA, VB, b32, col_a, col_b,
+                                           BN, DA, DB, False, False, DESC)
     for start in range(tl.maximum(diag, lo), hi, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
-                                           BN, DB, HAS_WINDOW, True)
+                                           KA, KB, VA, VB, b32, col_a, col_b,
+                                           BN, DA, DB, HAS_WINDOW, True, DESC)
     # Rows past C saw no key: keep them finite (they are not stored).
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o_at = O + b * so_b + h * so_h + rows[:, None] * so_t
@@ -171,12 +171,16 @@ def _window_fwd_kernel(Q, K, V, O, LSE,
 
 
 def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
-                   scale: float, sequence: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, sequence: bool = False, descriptors: bool | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, c, H, d]`` over ``k, v [B, P + c, H, d]`` (a cache of ``P`` keys, then the
     chunk's own), query ``i`` seeing keys ``j`` with ``0 <= P + i - j < window`` (no lower
     bound for ``None``): the output in ``q``'s dtype and ``lse [B, H, c]`` (fp32, natural
     log of the scaled scores). The last axis of each input must be contiguous. ``sequence``:
-    the tiles for whole sequences (:data:`SEQUENCE_CONFIG`) instead of a chunk's."""
+    the tiles for whole sequences (:data:`SEQUENCE_CONFIG`) instead of a chunk's.
+    ``descriptors``: read keys and values through tensor descriptors (the GPU's tensor
+    copies) instead of pointers; ``None``: as :func:`~tttlm.ops.triton_kv.use_descriptors`
+    decides."""
     B, c, H, d = q.shape
     split = head_split(d)
     if split is None:
@@ -188,15 +192,22 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         raise ValueError(f"keys {k.shape[1]} and values {v.shape[1]} for a chunk of {c}")
     bm, bn, warps, stages = (tile_config("TTTLM_WINDOW_SEQ", SEQUENCE_CONFIG) if sequence
                              else tile_config("TTTLM_WINDOW_FWD", DEFAULT_CONFIG))
+    if use_descriptors(descriptors, k, v):
+        descriptors = True
+        ka, kb = kv_descriptors(k, bn, split)
+        va, vb = kv_descriptors(v, bn, split)
+    else:  # placeholders, never read
+        descriptors = False
+        ka = kb = va = vb = k
     out = torch.empty_like(q)
     lse = torch.empty(B, H, c, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(c, bm), B * H)
     _window_fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, ka, kb, va, vb,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         H, c, P, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        num_warps=warps, num_stages=stages)
+        DESC=descriptors, num_warps=warps, num_stages=stages)
     return out, lse
