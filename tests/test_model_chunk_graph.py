@@ -47,8 +47,9 @@ def _forward(model: Any, x: torch.Tensor, y: torch.Tensor, graphed: bool) -> Any
 def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
         group: int | None, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Window 12, chunks of 4, 40 tokens: chunks 3-8 have full caches and an update (the
-    last chunk, 9, runs as it always does); one graph per run of chunks (per group); inner
-    optimizers with a state (momentum) or parameters (learned_lr) alike."""
+    last chunk, 9, runs as it always does); one graph for every run of chunks (the second
+    group replays the first's, kept by the model); inner optimizers with a state (momentum)
+    or parameters (learned_lr) alike."""
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32, inner_optimizer=optimizer)
     model.ttt_group = group
@@ -57,7 +58,7 @@ def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
     assert counts == {"graphs": 0, "steps": 0}
     got = _forward(model, x, y, graphed=True)
     runs = 1 if group is None else 2
-    assert counts == {"graphs": runs, "steps": 6 * runs}
+    assert counts == {"graphs": 1, "steps": 6 * runs}
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
@@ -202,6 +203,86 @@ def test_graphed_run_returns_the_same_state() -> None:
         assert torch.equal(a, b)
 
 
+def test_a_kept_graph_serves_later_runs_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model keeps its chunk graph for later runs of the same shapes, whatever their
+    length: each gives the launched chunks' results bit for bit, with one graph made. A
+    parameter changed in place is read anew; a parameter replaced, another option, or
+    ``release_chunk_graph`` make a new graph."""
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float32)
+    inputs = [tokens(model, 2, 40, seed=1), tokens(model, 2, 44, seed=2),
+              tokens(model, 2, 40, seed=3)]
+
+    def same(graphs: int, steps: int) -> None:
+        before = dict(counts)
+        for x, y in inputs:
+            ref = _forward(model, x, y, graphed=False)
+            got = _forward(model, x, y, graphed=True)
+            for name in ("token_nll", "logits", "inner_update_norms"):
+                assert torch.equal(getattr(got, name), getattr(ref, name)), name
+        assert counts == {"graphs": before["graphs"] + graphs,
+                          "steps": before["steps"] + steps}
+
+    same(graphs=1, steps=6 + 7 + 6)
+    with torch.no_grad():  # in place: the same tensors, new values
+        model.ttt_layers[0].attn.wq.weight.mul_(1.5)
+    same(graphs=0, steps=19)
+    model.ttt_layers[1].mlp.w2.weight = torch.nn.Parameter(
+        model.ttt_layers[1].mlp.w2.weight.detach() * 0.5)
+    same(graphs=1, steps=19)
+    model.config.inner_clip = 0.5
+    same(graphs=1, steps=19)
+    model.release_chunk_graph()
+    same(graphs=1, steps=19)
+    model.keep_chunk_graph = False  # a graph per run, as before graphs were kept
+    same(graphs=3, steps=19)
+
+
+def test_a_run_keeps_its_state_when_a_later_run_replays_the_graph() -> None:
+    """A run's caches, fast weights and inner state (what a session keeps) are its own, not
+    the kept graph's buffers, which the next run's replays overwrite."""
+    model = tiny_model(dtype=torch.float32, inner_optimizer="momentum")
+    model.graph_chunks = True
+    with torch.no_grad():
+        runs, copies = [], []
+        for seed in (1, 2):
+            x, y = tokens(model, 1, 40, seed=seed)
+            h = model.run_blocks(model.embed(x), model.prefix_layers)
+            run = model.run_ttt_chunks(h, y, torch.ones_like(y, dtype=torch.bool),
+                                       model.options())
+            runs.append(run)
+            copies.append([t.clone() for t in _state_tensors(run)])
+    graph = model._kept_graph.graph
+    assert graph is not None
+    first = _state_tensors(runs[0])
+    buffers = {id(t) for t in (*(x for pair in graph.caches for x in pair),
+                               *(w for layer in graph.fast for w in layer),
+                               *(t for ts in graph.inner_state.values() for t in ts))}
+    assert not buffers & {id(t) for run in runs for t in _state_tensors(run)}
+    assert all(torch.equal(a, b) for a, b in zip(first, copies[0], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, copies[1], strict=True))
+
+
+def _state_tensors(run: Any) -> list[torch.Tensor]:
+    return [*(t for pair in run.caches + run.start_caches for t in pair),
+            *(w for layer in run.fast for w in layer),
+            *(t for name in sorted(run.inner_state) for t in run.inner_state[name])]
+
+
+def test_a_copied_model_keeps_no_graph() -> None:
+    import copy
+    import pickle
+
+    model = tiny_model(dtype=torch.float32)
+    x, y = tokens(model, 1, 40)
+    _forward(model, x, y, graphed=True)
+    assert model._kept_graph.graph is not None
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert twin._kept_graph.graph is None and not twin._kept_graph.casts
+        got, ref = _forward(twin, x, y, graphed=True), _forward(model, x, y, graphed=True)
+        assert torch.equal(got.token_nll, ref.token_nll)
+
+
 def test_an_outer_gradient_never_takes_the_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float64)
@@ -307,6 +388,34 @@ def test_captured_chunks_equal_launched_chunks_on_cuda(autocast: bool) -> None:
             outs.append(_forward(model, x, y, graphed=graphed))
     for name in ("token_nll", "logits", "inner_update_norms"):
         assert torch.equal(getattr(outs[1], name), getattr(outs[0], name)), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_kept_graph_replays_later_runs_on_cuda(autocast: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The graph captured by a first run replays a later one of another length, and again
+    after weights changed in place (a TTT block's projection, the tied head: read anew,
+    through their bf16 casts under autocast): launched chunks' results, one graph."""
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float32).cuda()
+
+    def same(seed: int, length: int) -> None:
+        x, y = (t.cuda() for t in tokens(model, 1, length, seed=seed))
+        outs = []
+        for graphed in (False, True):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                outs.append(_forward(model, x, y, graphed=graphed))
+        for name in ("token_nll", "logits", "inner_update_norms"):
+            assert torch.equal(getattr(outs[1], name), getattr(outs[0], name)), name
+
+    same(1, 64)
+    same(2, 72)
+    with torch.no_grad():
+        model.ttt_layers[0].attn.wq.weight.mul_(1.5)
+        model.embed.weight.mul_(0.9)
+    same(3, 64)
+    assert counts["graphs"] == 1
 
 
 def test_too_few_steady_chunks_are_not_worth_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:

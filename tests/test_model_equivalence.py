@@ -202,12 +202,12 @@ def test_weights_cast_once_under_autocast_change_no_bit(
     entered = []
     real = model_module.linear_weights_in
 
-    def spy(modules, dtype):  # type: ignore[no-untyped-def]
+    def spy(modules, dtype, store=None):  # type: ignore[no-untyped-def]
         # what the run finds to cast: everything once, then (groups' nested runs) nothing
         entered.append(sum(isinstance(lin, torch.nn.Linear) and "prime" not in name
                            and lin.weight.dtype == torch.float32
                            for m in modules for name, lin in m.named_modules()))
-        return real(modules, dtype)
+        return real(modules, dtype, store)
 
     def run() -> object:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -217,7 +217,7 @@ def test_weights_cast_once_under_autocast_change_no_bit(
     got = run()
     assert entered == [14] + [0] * (0 if group is None else 2)  # 2 blocks × 7 matrices
     monkeypatch.setattr(model_module, "linear_weights_in",
-                        lambda modules, dtype: contextlib.nullcontext())
+                        lambda modules, dtype, store=None: contextlib.nullcontext())
     ref = run()
     for name in ("token_nll", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
@@ -256,7 +256,7 @@ def test_head_cast_once_under_autocast_changes_no_bit(
     assert seen and set(seen) == {torch.bfloat16}
     assert model.embed.weight is original and original.dtype == torch.float32
     monkeypatch.setattr(model_module, "head_weight_in",
-                        lambda model, dtype: contextlib.nullcontext())
+                        lambda model, dtype, store=None: contextlib.nullcontext())
     ref = run()
     assert set(seen) == {torch.float32}
     for name in ("token_nll", "logits", "inner_update_norms"):

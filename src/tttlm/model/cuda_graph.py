@@ -7,6 +7,11 @@ thousand kernel launches, and the host takes about as long to queue them as the 
 run them (``benchmarks/host_gap.py``: 34.0 ms against 33.9 ms a chunk on an H100). Once the
 TTT caches are full every chunk's step has the same shapes, so it can be captured once and
 replayed: one launch per chunk, and the host is free to run ahead.
+
+The graph is kept for the model's later runs of the same shapes (:class:`KeptGraph`): its
+making took 89 ms of a 3.9 s 3b step at 128K on an H100, the GPU idle while the host records
+(``benchmarks/results/prefill_fold_head_3b_h100.md``, section 3), and emptied the allocator's
+cache, which the next run's first chunks then allocated again.
 """
 
 from __future__ import annotations
@@ -111,6 +116,8 @@ class ChunkGraph:
                  opts: ForwardOptions, keep_logits: bool,
                  capture_fn: Capture = capture) -> None:
         self.h, self.labels, self.mask = h.clone(), labels.clone(), mask.clone()
+        # (the run's RoPE tables are its own; the graph keeps the rows it reads for later runs)
+        self.rope = (rope[0].clone(), rope[1].clone())
         self.caches = [(k.clone(), v.clone()) for k, v in caches]
         self.fast = [PrimeWeights(*(w.detach().clone() for w in layer)) for layer in fast]
         self.inner_state = map_state(lambda t: t.detach().clone(), inner_state)
@@ -121,7 +128,7 @@ class ChunkGraph:
 
         def run() -> tuple[Any, ...]:
             nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, hidden = (
-                model.ttt_chunk(self.h, self.labels, self.mask, start, rope, self.caches,
+                model.ttt_chunk(self.h, self.labels, self.mask, start, self.rope, self.caches,
                                 self.fast, self.inner_state, opts, True, keep_logits,
                                 _Collect(), self.in_place, self.low))  # type: ignore[arg-type]
             with torch.no_grad():
@@ -143,6 +150,21 @@ class ChunkGraph:
             self._first = run()
 
         self._replay = capture_fn(run, warm, h.device)
+
+    def own_copies(self, caches: list[KVPair], fast: FastWeights, inner_state: InnerState
+                   ) -> tuple[list[KVPair], FastWeights, InnerState]:
+        """``caches``, ``fast`` and ``inner_state`` with every tensor that is one of this
+        graph's buffers replaced by a copy: what a run returns when the graph is kept for
+        later runs, whose replays overwrite the buffers."""
+        mine = {id(t) for t in (*(x for pair in self.caches for x in pair),
+                                *self._updated(self.fast, self.inner_state))}
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if id(t) in mine else t
+
+        return ([(own(k), own(v)) for k, v in caches],
+                [PrimeWeights(*(own(w) for w in layer)) for layer in fast],
+                map_state(own, inner_state))
 
     @staticmethod
     def _updated(fast: FastWeights, state: InnerState) -> list[torch.Tensor]:
@@ -188,3 +210,42 @@ class ChunkGraph:
         nll, chunk_loss, logits, norm, hidden = self._replay()
         return (nll.clone(), chunk_loss.clone(), None if logits is None else logits.clone(),
                 self.caches, self.fast, self.inner_state, norm.clone(), hidden.clone())
+
+
+class KeptGraph:
+    """A model's :class:`ChunkGraph` kept for its later runs, with the key of what the graph
+    read when captured (shapes, dtypes, options, the addresses of the parameters and
+    buffers), and the constant weights' casts (:func:`~tttlm.model.model.linear_weights_in`
+    into the same tensors every run, refreshed from the parameters, so that the graph's
+    reads of them stay valid). A run whose key differs makes a new graph. Copies of a model
+    (``copy.deepcopy``, pickling) start with none."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.graph: ChunkGraph | None = None
+        self.casts: dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
+
+    def find(self, key: tuple[Any, ...]) -> ChunkGraph | None:
+        """The kept graph if it was made under ``key``, else none (and the old one dropped,
+        so that its memory is free before the next capture)."""
+        if self.graph is not None and self.key == key:
+            return self.graph
+        self.key = self.graph = None
+        return None
+
+    def keep(self, key: tuple[Any, ...], graph: ChunkGraph) -> None:
+        self.key, self.graph = key, graph
+
+    def release(self) -> None:
+        """Drop the graph and the casts (their memory returns to the allocator's cache)."""
+        self.key = self.graph = None
+        self.casts.clear()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> KeptGraph:
+        return KeptGraph()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]

@@ -22,8 +22,9 @@ from tttlm.config import TTTConfig, Variant
 from tttlm.errors import UserError
 from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.cache import ChunkKV, WholeSequence
-from tttlm.model.cuda_graph import ChunkGraph, can_capture, capture, run_eagerly
+from tttlm.model.cuda_graph import ChunkGraph, KeptGraph, can_capture, capture, run_eagerly
 from tttlm.model.layers import Block, ConvRecurrentMixer, KVBMixer, RMSNorm
+from tttlm.ops.attention import get_attention_backend
 from tttlm.ops.linear_nll import (
     MAX_BLOCK_ELEMENTS,
     head_weight_grad_unused,
@@ -98,14 +99,16 @@ def constant_parameters(module: nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def linear_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype) -> Iterator[None]:
+def linear_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype,
+                      store: Casts | None = None) -> Iterator[None]:
     """Within this block the ``nn.Linear`` weights and biases of ``modules`` (prime MLPs
     apart: the fast weights stand in for theirs) are constant copies in ``dtype``; the
     originals come back afterwards. For the TTT chunks without an outer gradient under
     autocast to ``dtype``: a compiled chunk casts every constant weight again at each call
     (autocast's cache of casts keeps only weights that require grad, and compiled code does
     not use it), about 0.8 ms per chunk at 3b on an H200; autocast casts a weight already in
-    its dtype to itself, so the products see the same values."""
+    its dtype to itself, so the products see the same values. ``store``: the copies are
+    written into the same tensors at every entry (a kept CUDA graph reads them there)."""
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     try:
         for module in modules:
@@ -120,16 +123,36 @@ def linear_weights_in(modules: Iterable[nn.Module], dtype: torch.dtype) -> Itera
                             or type(p.data) is not torch.Tensor):
                         continue
                     swapped.append((linear, attr, p))
-                    setattr(linear, attr,
-                            nn.Parameter(p.detach().to(dtype), requires_grad=False))
+                    setattr(linear, attr, _cast_of(p, dtype, store, (id(linear), attr)))
         yield
     finally:
         for linear, attr, p in reversed(swapped):
             setattr(linear, attr, p)
 
 
+Casts = dict[tuple[int, str], tuple[nn.Parameter, nn.Parameter]]
+
+
+def _cast_of(p: nn.Parameter, dtype: torch.dtype, store: Casts | None,
+             key: tuple[int, str]) -> nn.Parameter:
+    """A constant copy of ``p`` in ``dtype``: a new tensor, or with a ``store`` the one kept
+    there for ``p`` under ``key``, overwritten with ``p``'s values (new when ``p`` is another
+    parameter than the last time)."""
+    kept = None if store is None else store.get(key)
+    if kept is not None and kept[0] is p and kept[1].dtype == dtype \
+            and kept[1].shape == p.shape and kept[1].device == p.device:
+        with torch.no_grad():
+            kept[1].copy_(p)
+        return kept[1]
+    cast = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    if store is not None:
+        store[key] = (p, cast)
+    return cast
+
+
 @contextlib.contextmanager
-def head_weight_in(model: TTTForCausalLM, dtype: torch.dtype) -> Iterator[None]:
+def head_weight_in(model: TTTForCausalLM, dtype: torch.dtype,
+                   store: Casts | None = None) -> Iterator[None]:
     """Within this block the output head's weight (the tied embedding, or ``lm_head``) is a
     constant copy in ``dtype``; the original comes back afterwards. For the TTT chunks
     without an outer gradient under autocast to ``dtype``, as :func:`linear_weights_in`:
@@ -137,13 +160,13 @@ def head_weight_in(model: TTTForCausalLM, dtype: torch.dtype) -> Iterator[None]:
     (the logits, and the inner step's ``dlogits @ W``) cast its 128256 x 2560 weight again,
     twice a chunk: most of the 178 ms of casts in a 3b 128K x 1 step's 4.9 s of kernels on an
     H100 (``benchmarks/results/prefill_inplace_3b_h100.md``). The products see the same
-    values."""
+    values. ``store``: as for :func:`linear_weights_in`."""
     owner = model.embed if model.lm_head is None else model.lm_head
     p = owner.weight
     if p.dtype == dtype or not p.is_floating_point() or type(p.data) is not torch.Tensor:
         yield  # (already cast by an enclosing run; a DTensor is FSDP's to cast)
         return
-    owner.weight = nn.Parameter(p.detach().to(dtype), requires_grad=False)
+    owner.weight = _cast_of(p, dtype, store, (id(owner), "weight"))
     try:
         yield
     finally:
@@ -309,6 +332,10 @@ class TTTForCausalLM(nn.Module):
         # None: where that was measured to win (GRAPH_AUTO_MIN_CHUNKS); True / False: always
         # (from GRAPH_MIN_CHUNKS on) / never.
         self.graph_chunks: bool | None = None
+        # Keep a chunk graph for the next runs of the same shapes (release_chunk_graph frees
+        # it): its capture is paid once per model and shape, not at every prefill.
+        self.keep_chunk_graph = True
+        self._kept_graph = KeptGraph()
         # Warned once that labels equal input_ids (the Hugging Face habit; see _check_inputs).
         self._warned_unshifted = False
         self.reset_parameters()
@@ -649,14 +676,20 @@ class TTTForCausalLM(nn.Module):
         config = self.config
         B = h.shape[0]
         group = opts.ttt_group
+        grouped = (group is not None and group < B and opts.mode is GradMode.NONE
+                   and not return_fast_weights)
+        graphs, min_chunks = opts.graph_chunks, GRAPH_MIN_CHUNKS
+        if graphs is None:
+            graphs, min_chunks = (can_capture(h.device) and (group if grouped else B) == 1,
+                                  GRAPH_AUTO_MIN_CHUNKS)
+        keep = bool(graphs) and self.keep_chunk_graph and opts.mode is GradMode.NONE
         # Without an outer gradient under autocast, the constant weights of the TTT blocks and
         # the head are cast once for the run (every group), not inside every compiled chunk or
         # graph (the same products); a nested run finds them cast already.
-        cast = (self._constants_in(self.compute_dtype(h))
+        cast = (self._constants_in(self.compute_dtype(h), keep)
                 if opts.mode is GradMode.NONE and torch.is_autocast_enabled(h.device.type)
                 else contextlib.nullcontext())
-        if (group is not None and group < B and opts.mode is GradMode.NONE
-                and not return_fast_weights):
+        if grouped:
             with cast:
                 return self._grouped_chunks(h, labels, mask, opts, group, caches, fast,
                                             inner_state, learn_last, return_logits,
@@ -710,9 +743,6 @@ class TTTForCausalLM(nn.Module):
             # Test time: each update's finiteness is read while the next chunk runs.
             guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
             graph: ChunkGraph | None = None
-            graphs, min_chunks = opts.graph_chunks, GRAPH_MIN_CHUNKS
-            if graphs is None:
-                graphs, min_chunks = can_capture(h.device) and B == 1, GRAPH_AUTO_MIN_CHUNKS
             for i, (s, e) in enumerate(chunks):
                 update = opts.ttt and (i < len(chunks) - 1 or learn_last)
                 past = caches[0][0].shape[1]
@@ -732,8 +762,14 @@ class TTTForCausalLM(nn.Module):
                         fast, inner_state = kept
                         args = (*args[:6], fast, inner_state, *args[8:])
                     if graph is None:
-                        graph = ChunkGraph(self, *args[:9], return_logits,
-                                           capture if can_capture(h.device) else run_eagerly)
+                        key = (self._graph_key(h, caches, fast, inner_state, opts,
+                                               return_logits, in_place) if keep else None)
+                        graph = None if key is None else self._kept_graph.find(key)
+                        if graph is None:
+                            graph = ChunkGraph(self, *args[:9], return_logits,
+                                               capture if can_capture(h.device) else run_eagerly)
+                            if key is not None:
+                                self._kept_graph.keep(key, graph)
                     result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
                 elif opts.checkpoint_chunks:
                     result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
@@ -762,14 +798,46 @@ class TTTForCausalLM(nn.Module):
                 fast, inner_state = kept
                 if return_fast_weights:
                     run.history[-1] = snapshot(fast)
+        if keep and graph is not None and return_state:
+            # The kept graph's next replays overwrite its buffers: the run returns its own.
+            caches, fast, inner_state = graph.own_copies(caches, fast, inner_state)
+            run.start_caches = graph.own_copies(run.start_caches, [], {})[0]
         run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
 
     @contextlib.contextmanager
-    def _constants_in(self, dtype: torch.dtype) -> Iterator[None]:
-        """The TTT blocks' constant weights and the head in ``dtype`` within this block."""
-        with linear_weights_in(self.ttt_layers, dtype), head_weight_in(self, dtype):
+    def _constants_in(self, dtype: torch.dtype, keep: bool) -> Iterator[None]:
+        """The TTT blocks' constant weights and the head in ``dtype`` within this block
+        (``keep``: in the tensors a kept chunk graph reads)."""
+        store = self._kept_graph.casts if keep else None
+        with linear_weights_in(self.ttt_layers, dtype, store), \
+                head_weight_in(self, dtype, store):
             yield
+
+    def release_chunk_graph(self) -> None:
+        """Free the chunk graph kept for later runs (``keep_chunk_graph``) and the constant
+        weights' casts it reads: about 6 GB at 3b for one sequence, held between runs. The
+        next run that takes a graph captures a new one."""
+        self._kept_graph.release()
+
+    def _graph_key(self, h: torch.Tensor, caches: list[KVPair], fast: FastWeights,
+                   inner_state: InnerState, opts: ForwardOptions, keep_logits: bool,
+                   in_place: bool) -> tuple[Any, ...]:
+        """What a chunk graph's capture depended on beyond its own buffers: the configuration,
+        shapes, dtypes, options, autocast, the attention backend, and the addresses of the
+        tensors it read
+        (the parameters, the constant weights' casts while they stand in, the buffers)."""
+        device = h.device.type
+
+        def described(tensors: Iterable[torch.Tensor]) -> tuple[Any, ...]:
+            return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+        return (repr(self.config), h.device, h.dtype, h.shape[0], opts, keep_logits, in_place,
+                torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                get_attention_backend().name,
+                described(t for pair in caches for t in pair), described(flatten_fast(fast)),
+                tuple((name, described(inner_state[name])) for name in sorted(inner_state)),
+                tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
 
     def _grouped_chunks(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
                         opts: ForwardOptions, group: int, caches: list[KVPair] | None,
@@ -789,7 +857,7 @@ class TTTForCausalLM(nn.Module):
                 caches=None if caches is None else [(k[rows], v[rows]) for k, v in caches],
                 fast=None if fast is None else index_fast(fast, rows),
                 inner_state=None if inner_state is None else index_state(inner_state, rows),
-                learn_last=learn_last, return_logits=return_logits)
+                learn_last=learn_last, return_logits=return_logits, return_state=return_state)
             if not return_state:  # free this group's state before the next group runs
                 run.caches, run.start_caches, run.fast, run.inner_state = [], [], [], {}
             runs.append(run)
