@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -296,6 +296,34 @@ case "$PART" in
       grep "^| e" "$SCRATCH/prefill_fold_3b_$side.md" 2>/dev/null
       cp "$SCRATCH/prefill_fold_3b_$side.json" "$OUT/" 2>/dev/null
     done ;;
+  kept_kernels)  # speed issue: the CUDA tests of the kernels reading through descriptors
+    # and of the kept chunk graph, the kernels by tile and read path (kv_descriptors.py), and
+    # 3b e2e at 128K x 1 before the kept graph (.before/src: git archive f7a33e2, carried);
+    # about 5 minutes
+    timeout 200 python -m pytest -q -x tests/test_ops_triton_window_fwd.py \
+      tests/test_ops_window_sequence.py tests/test_ops_frozen_dq.py \
+      tests/test_ops_triton_own_dkdv.py tests/test_model_chunk_graph.py \
+      tests/test_ops_triton_head_nll.py 2>&1 | tail -3
+    timeout 150 python benchmarks/kv_descriptors.py --out "$OUT/kv_descriptors_3b" \
+      --fwd-configs 128,64,4,3 128,64,4,2 128,128,8,2 64,64,4,3 \
+      --dq-configs 64,64,4,3 128,64,4,3 128,64,8,2 | cut -c1-170
+    PYTHONPATH=.before/src timeout 120 python -m tttlm.cli bench prefill --preset 3b \
+      --variants e2e --lengths 131072 --compile compiled --paths model --repeats 2 \
+      --out "$OUT/prefill_128k_before" > /dev/null || echo "before: exit $?"
+    grep "^| e" "$OUT/prefill_128k_before.md" ;;
+  kept_prefill)  # speed issue: 3b e2e at 128K x 1 with the kept chunk graph, descriptors off
+    # and on (TTTLM_KV_DESC), then 32K x 4 (flatness); right after PART=kept_kernels on the
+    # same machine; about 5 minutes
+    for desc in 0 1; do
+      TTTLM_KV_DESC=$desc timeout 120 python -m tttlm.cli bench prefill --preset 3b \
+        --variants e2e --lengths 131072 --compile compiled --paths model --repeats 2 \
+        --out "$OUT/prefill_128k_desc$desc" > /dev/null || echo "desc $desc: exit $?"
+      grep "^| e" "$OUT/prefill_128k_desc$desc.md"
+    done
+    timeout 120 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 32768 --compile compiled --paths model --repeats 2 \
+      --out "$OUT/prefill_32k" > /dev/null || echo "32k: exit $?"
+    grep "^| e" "$OUT/prefill_32k.md" ;;
   timeline)  # speed issue: PART=fold's timelines alone (host_gap.py at 128K x 1, before
     # and after, .mid/src carried as there; about 4 minutes)
     for pair in before=.mid/src after=src; do
@@ -444,7 +472,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

@@ -17,6 +17,7 @@ from _helpers import load_benchmark
     ("host_gap", ["131072:1"]),
     ("window_sequence", []),
     ("head_nll", []),
+    ("kv_descriptors", []),
 ])
 def test_refuses_without_a_gpu(name: str, args: list[str], tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
