@@ -67,7 +67,8 @@ def test_graph_chunks_none_takes_graphs_where_they_win(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """``graph_chunks = None`` (the default): no graph off a GPU; where one can be captured,
     a graph for one sequence with at least ``GRAPH_AUTO_MIN_CHUNKS`` chunks to replay, whose
-    first chunk is its warm-up (no chunk computed twice); none for two sequences at a time."""
+    first chunk is its warm-up (no chunk computed twice); none for two sequences at a time;
+    a kept graph for any number of chunks."""
     from tttlm.model import model as model_module
 
     counts = _spy_graphs(monkeypatch)
@@ -106,6 +107,15 @@ def test_graph_chunks_none_takes_graphs_where_they_win(
     assert counts == {"graphs": 1, "steps": 6} and computed == launched
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    # too few chunks to pay for a capture, but the graph kept from the last run serves them
+    monkeypatch.setattr(model_module, "GRAPH_AUTO_MIN_CHUNKS", 32)
+    got, computed = run(1, None)
+    assert counts == {"graphs": 1, "steps": 12} and computed == launched
+    for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
+        assert torch.equal(getattr(got, name), getattr(ref, name)), name
+    model.release_chunk_graph()
+    run(1, None)
+    assert counts == {"graphs": 1, "steps": 12}  # none kept: launched again
 
 
 @pytest.mark.parametrize("autocast", [False, True])

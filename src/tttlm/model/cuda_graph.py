@@ -225,12 +225,13 @@ class KeptGraph:
         self.graph: ChunkGraph | None = None
         self.casts: dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
 
-    def find(self, key: tuple[Any, ...]) -> ChunkGraph | None:
-        """The kept graph if it was made under ``key``, else none (and the old one dropped,
-        so that its memory is free before the next capture)."""
+    def find(self, key: tuple[Any, ...], drop: bool = True) -> ChunkGraph | None:
+        """The kept graph if it was made under ``key``, else none; with ``drop`` the old one
+        is dropped then, so that its memory is free before the next capture."""
         if self.graph is not None and self.key == key:
             return self.graph
-        self.key = self.graph = None
+        if drop:
+            self.key = self.graph = None
         return None
 
     def keep(self, key: tuple[Any, ...], graph: ChunkGraph) -> None:
