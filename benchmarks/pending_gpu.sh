@@ -312,7 +312,7 @@ case "$PART" in
       --out "$OUT/prefill_128k_before" > /dev/null || echo "before: exit $?"
     grep "^| e" "$OUT/prefill_128k_before.md" ;;
   kept_prefill)  # speed issue: 3b e2e at 128K x 1 with the kept chunk graph, descriptors off
-    # and on (TTTLM_KV_DESC), then 32K x 4 (flatness); right after PART=kept_kernels on the
+    # and on (TTTLM_KV_DESC=0|1: 1 opted in then; descriptors are the default since), then 32K x 4; right after PART=kept_kernels on the
     # same machine; about 5 minutes
     for desc in 0 1; do
       TTTLM_KV_DESC=$desc timeout 120 python -m tttlm.cli bench prefill --preset 3b \
