@@ -5,8 +5,9 @@ no per-element addresses in registers).
 Keys and values are ``[B, N, H, d]`` with the head width split into two powers of two
 (:func:`tttlm.ops.triton_tiles.head_split`); a descriptor views them as ``[B, N, H · d]``
 and reads ``[1, rows, part]`` blocks of one head's part. Rows past ``N`` read as zeros there,
-as the pointer path's masked loads do. On a GPU the kernels take descriptors by default
-(:func:`use_descriptors`); on a CPU (Triton's interpreter, tests) pointers unless asked.
+as the pointer path's masked loads do. On a GPU the kernels take descriptors for whole
+sequences and inside CUDA graphs (:func:`use_descriptors`); on a CPU (Triton's interpreter,
+tests) pointers unless asked.
 
 This module imports Triton at import time; the kernel modules that use it do too.
 """
@@ -50,15 +51,24 @@ def descriptors_apply(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def use_descriptors(asked: bool | None, *tensors: torch.Tensor) -> bool:
+def use_descriptors(asked: bool | None, *tensors: torch.Tensor,
+                    whole_sequence: bool = False) -> bool:
     """Whether a kernel reads ``tensors`` through descriptors: as ``asked`` (refusing
-    tensors they cannot read), or for ``None`` on a GPU where they apply, unless
-    ``TTTLM_KV_DESC=0`` (a benchmark's baseline). 3b e2e prefill at 128K x 1 on one H100,
-    the three kernels through descriptors against pointers in one call: 0.03050 -> 0.02975 s
-    per 1K tokens (benchmarks/results/prefill_kept_desc_3b_h100.md)."""
+    tensors they cannot read), or for ``None`` on a GPU where they apply, for a whole
+    sequence or while a CUDA graph is captured; ``TTTLM_KV_DESC=0`` / ``1``: never / at
+    every launch (benchmarks' baselines).
+
+    Why not at every launch: a descriptor costs the host time at each launch (Triton binds
+    it in Python), and a TTT chunk launched at one sequence is bound by its launches: 3b at
+    128K x 1 on one H100, the eager chunks took 40 ms of host time each with descriptors,
+    30 without, for ~16 ms of GPU work. A graph records them once and a whole sequence is one
+    launch a block; there they gain (the same H100: the 119 graph replays 2233 -> 2206 ms,
+    the prefix blocks 1415 -> 1374 ms; benchmarks/results/prefill_kept_desc_3b_h100.md)."""
     if asked is None:
-        return (tensors[0].is_cuda and os.environ.get("TTTLM_KV_DESC") != "0"
-                and descriptors_apply(*tensors))
+        env = os.environ.get("TTTLM_KV_DESC")
+        if env == "0" or not tensors[0].is_cuda or not descriptors_apply(*tensors):
+            return False
+        return env == "1" or whole_sequence or torch.cuda.is_current_stream_capturing()
     if asked and not descriptors_apply(*tensors):
         raise ValueError("keys and values need heads side by side and 16-byte strides "
                          "for tensor descriptors")

@@ -192,7 +192,7 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         raise ValueError(f"keys {k.shape[1]} and values {v.shape[1]} for a chunk of {c}")
     bm, bn, warps, stages = (tile_config("TTTLM_WINDOW_SEQ", SEQUENCE_CONFIG) if sequence
                              else tile_config("TTTLM_WINDOW_FWD", DEFAULT_CONFIG))
-    if use_descriptors(descriptors, k, v):
+    if use_descriptors(descriptors, k, v, whole_sequence=sequence):
         descriptors = True
         ka, kb = kv_descriptors(k, bn, split)
         va, vb = kv_descriptors(v, bn, split)
