@@ -5,9 +5,9 @@ no per-element addresses in registers).
 Keys and values are ``[B, N, H, d]`` with the head width split into two powers of two
 (:func:`tttlm.ops.triton_tiles.head_split`); a descriptor views them as ``[B, N, H · d]``
 and reads ``[1, rows, part]`` blocks of one head's part. Rows past ``N`` read as zeros there,
-as the pointer path's masked loads do. On a GPU the kernels take descriptors for whole
-sequences and inside CUDA graphs (:func:`use_descriptors`); on a CPU (Triton's interpreter,
-tests) pointers unless asked.
+as the pointer path's masked loads do. On a GPU the kernels take descriptors but for a chunk
+of one sequence launched outside a CUDA graph (:func:`use_descriptors`); on a CPU (Triton's
+interpreter, tests) pointers unless asked.
 
 This module imports Triton at import time; the kernel modules that use it do too.
 """
@@ -53,22 +53,24 @@ def descriptors_apply(*tensors: torch.Tensor) -> bool:
 
 def use_descriptors(asked: bool | None, *tensors: torch.Tensor,
                     whole_sequence: bool = False) -> bool:
-    """Whether a kernel reads ``tensors`` through descriptors: as ``asked`` (refusing
-    tensors they cannot read), or for ``None`` on a GPU where they apply, for a whole
-    sequence or while a CUDA graph is captured; ``TTTLM_KV_DESC=0`` / ``1``: never / at
-    every launch (benchmarks' baselines).
+    """Whether a kernel reads ``tensors [B, N, H, d]`` through descriptors: as ``asked``
+    (refusing tensors they cannot read), or for ``None`` on a GPU where they apply, except
+    for a chunk of one sequence launched outside a CUDA graph's capture;
+    ``TTTLM_KV_DESC=0`` / ``1``: never / always (benchmarks' baselines).
 
-    Why not at every launch: a descriptor costs the host time at each launch (Triton binds
-    it in Python), and a TTT chunk launched at one sequence is bound by its launches: 3b at
-    128K x 1 on one H100, the eager chunks took 40 ms of host time each with descriptors,
-    30 without, for ~16 ms of GPU work. A graph records them once and a whole sequence is one
-    launch a block; there they gain (the same H100: the 119 graph replays 2233 -> 2206 ms,
-    the prefix blocks 1415 -> 1374 ms; benchmarks/results/prefill_kept_desc_3b_h100.md)."""
+    Why not there: a descriptor costs the host time at each launch (Triton binds it in
+    Python), and a TTT chunk of one sequence launched eagerly is bound by its launches: 3b
+    at 128K x 1 on one H100, those chunks took 40 ms of host time each with descriptors, 30
+    without, for ~16 ms of GPU work. A graph records them once, a whole sequence is one
+    launch a block, and chunks of several sequences keep the GPU busier than the host;
+    there they gain (the same H100: the 119 graph replays 2233 -> 2206 ms, the prefix blocks
+    1415 -> 1374 ms; benchmarks/results/prefill_kept_desc_3b_h100.md)."""
     if asked is None:
         env = os.environ.get("TTTLM_KV_DESC")
         if env == "0" or not tensors[0].is_cuda or not descriptors_apply(*tensors):
             return False
-        return env == "1" or whole_sequence or torch.cuda.is_current_stream_capturing()
+        return (env == "1" or whole_sequence or tensors[0].shape[0] > 1
+                or torch.cuda.is_current_stream_capturing())
     if asked and not descriptors_apply(*tensors):
         raise ValueError("keys and values need heads side by side and 16-byte strides "
                          "for tensor descriptors")
