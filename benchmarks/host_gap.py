@@ -18,7 +18,12 @@ per-chunk wait is measured, not guessed.
 while the caches fill), the chunk graph's making (its first chunk, warm-up and capture) and its
 replays (``ChunkGraph.step``), each with its host time, its GPU span and the GPU's idle time
 before it (from the end of the span before, or from the step's start), and the idle time after
-the last one: where the GPU waits for the host, per phase. CUDA only.
+the last one: where the GPU waits for the host, per phase.
+
+``blocking_calls`` profiles one more step (``torch.profiler``, CPU and CUDA, with Python
+stacks) and lists the CUDA runtime and driver calls on the host that took longest (a
+synchronisation, a free, a copy to the host): where the host waits for the GPU instead of
+queueing work, with the ``tttlm`` frames that made each call. CUDA only.
 """
 
 from __future__ import annotations
@@ -160,6 +165,43 @@ def timeline_step(model: TTTForCausalLM, step: Any) -> dict[str, Any]:
     return {"wall_s": wall, **timeline.report(begin, finish)}
 
 
+def blocking_calls(step: Any, min_ms: float = 2.0, top: int = 20,
+                   runtime: Any = None) -> list[dict[str, Any]]:
+    """The ``top`` longest host calls of one ``step`` that ``runtime(name)`` says are CUDA
+    runtime or driver calls (default: names starting with ``cuda`` or ``cu``), each at least
+    ``min_ms`` long: name, milliseconds, start (ms from the first event), and the innermost
+    ``tttlm`` frames of its Python stack."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def is_runtime(name: str) -> bool:
+        return name.startswith("cu")
+
+    runtime = runtime or is_runtime
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, with_stack=True) as prof:
+        step()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    if not events:
+        return []
+    origin = min(e.time_range.start for e in events)
+    # (the Python tracer's function events, e.g. "tttlm/model/model.py(700): run_ttt_chunks")
+    python = [e for e in events if "tttlm" in e.name and ".py(" in e.name]
+    calls = sorted((e for e in events if runtime(e.name)
+                    and (e.time_range.end - e.time_range.start) / 1e3 >= min_ms),
+                   key=lambda e: e.time_range.start - e.time_range.end)[:top]
+    found = []
+    for e in calls:
+        start, end = e.time_range.start, e.time_range.end
+        around = [f for f in python if f.time_range.start <= start and end <= f.time_range.end]
+        around.sort(key=lambda f: -f.time_range.start)  # innermost first
+        found.append({"name": e.name, "ms": (end - start) / 1e3,
+                      "start_ms": (start - origin) / 1e3,
+                      "frames": [f.name for f in around[:8]]})
+    return found
+
+
 def run_case(case: str, repeats: int) -> dict[str, Any]:
     tokens, batch = (int(x) for x in case.split(":"))
     model, step = scoring_case("3b", tokens, batch, torch.device("cuda"))
@@ -202,6 +244,7 @@ def run_case(case: str, repeats: int) -> dict[str, Any]:
         finite.FiniteGuard.settle = settle  # type: ignore[method-assign]
         finite.FiniteGuard.watch = original_watch  # type: ignore[method-assign]
     result["timeline"] = timeline_step(model, step)
+    result["blocking_calls"] = blocking_calls(step)
     result["s_per_1k"] = result["wall_s"] / (tokens * batch / 1024)
     result["no_wait_s_per_1k"] = result["no_wait_wall_s"] / (tokens * batch / 1024)
     print(json.dumps(result), flush=True)
