@@ -207,3 +207,24 @@ def test_compiled_blocks_train_like_eager(data_dir: Path, tmp_path: Path) -> Non
         trainer.train()
         runs[name] = [loss for _, loss in losses(tmp_path / name)]
     assert runs["compiled-ckpt"] == pytest.approx(runs["eager"], rel=1e-9)
+
+
+def test_evaluation_keeps_no_chunk_graph(data_dir: Path, tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """An evaluation of one sequence at a time takes the chunk graph (forced here, as on a
+    GPU), and releases it: the graph's memory is not held through the training steps."""
+    from tttlm.model.cuda_graph import ChunkGraph
+
+    made = []
+    init = ChunkGraph.__init__
+
+    def counted(self: ChunkGraph, *a: object, **k: object) -> None:
+        made.append(self)
+        init(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChunkGraph, "__init__", counted)
+    trainer = Trainer(tiny_config(data_dir, tmp_path, seq_len=128, micro_batch_size=1,
+                                  eval_sequences=1))
+    trainer.module.graph_chunks = True
+    assert trainer.evaluate() is not None
+    assert made and trainer.module._kept_graph.graph is None

@@ -831,8 +831,8 @@ class TTTForCausalLM(nn.Module):
                    in_place: bool) -> tuple[Any, ...]:
         """What a chunk graph's capture depended on beyond its own buffers: the configuration,
         shapes, dtypes, options, autocast, the attention backend, and the addresses of the
-        tensors it read
-        (the parameters, the constant weights' casts while they stand in, the buffers)."""
+        tensors it read (the parameters, the constant weights' casts while they stand in, the
+        buffers)."""
         device = h.device.type
 
         def described(tensors: Iterable[torch.Tensor]) -> tuple[Any, ...]:

@@ -859,6 +859,9 @@ class Trainer:
                              inner_lr=self.model_config.inner_lr)
             m = mask.to(torch.float64)
             total += torch.stack([(out.token_nll.double() * m).sum(), m.sum()])
+        # A chunk graph kept by an evaluation of one sequence at a time would hold its
+        # memory through the training steps until the next evaluation.
+        module.release_chunk_graph()
         if self.dist.enabled:
             torch.distributed.all_reduce(total)
         return float(total[0] / total[1].clamp_min(1))
