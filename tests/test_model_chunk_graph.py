@@ -391,7 +391,12 @@ def test_the_engine_prefill_takes_the_graph_and_continues_alike(
 def test_captured_chunks_equal_launched_chunks_on_cuda(autocast: bool) -> None:
     assert cuda_graph.can_capture(torch.device("cuda"))
     model = tiny_model(dtype=torch.float32).cuda()
-    x, y = (t.cuda() for t in tokens(model, 2, 64))
+    _graphed_equals_launched_on_cuda(model, 2, 64, 1, autocast)
+
+
+def _graphed_equals_launched_on_cuda(model: Any, batch: int, length: int, seed: int,
+                                     autocast: bool) -> None:
+    x, y = (t.cuda() for t in tokens(model, batch, length, seed=seed))
     outs = []
     for graphed in (False, True):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
@@ -409,22 +414,12 @@ def test_a_kept_graph_replays_later_runs_on_cuda(autocast: bool,
     through their bf16 casts under autocast): launched chunks' results, one graph."""
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32).cuda()
-
-    def same(seed: int, length: int) -> None:
-        x, y = (t.cuda() for t in tokens(model, 1, length, seed=seed))
-        outs = []
-        for graphed in (False, True):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-                outs.append(_forward(model, x, y, graphed=graphed))
-        for name in ("token_nll", "logits", "inner_update_norms"):
-            assert torch.equal(getattr(outs[1], name), getattr(outs[0], name)), name
-
-    same(1, 64)
-    same(2, 72)
+    _graphed_equals_launched_on_cuda(model, 1, 64, 1, autocast)
+    _graphed_equals_launched_on_cuda(model, 1, 72, 2, autocast)
     with torch.no_grad():
         model.ttt_layers[0].attn.wq.weight.mul_(1.5)
         model.embed.weight.mul_(0.9)
-    same(3, 64)
+    _graphed_equals_launched_on_cuda(model, 1, 64, 3, autocast)
     assert counts["graphs"] == 1
 
 

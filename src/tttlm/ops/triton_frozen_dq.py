@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.triton_kv import key_tile, kv_descriptors, use_descriptors
+from tttlm.ops.triton_kv import key_tile, kv_operands
 from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
@@ -195,13 +195,7 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
             dq_chunk is not None and dq_chunk.stride(-1) != 1):
         raise ValueError("frozen_dq reads rows whose last axis is contiguous")
     bm, bn, warps, stages = tile_config("TTTLM_FROZEN_DQ", DEFAULT_CONFIG)
-    if use_descriptors(descriptors, k, v):
-        descriptors = True
-        ka, kb = kv_descriptors(k, bn, split)
-        va, vb = kv_descriptors(v, bn, split)
-    else:  # placeholders, never read
-        descriptors = False
-        ka = kb = va = vb = k
+    descriptors, ka, kb, va, vb = kv_operands(descriptors, k, v, bn, split)
     dq = torch.empty_like(q)
     extra = dq_chunk if dq_chunk is not None else dq  # (unread without HAS_DQC)
     grid = (triton.cdiv(c, bm), B * H)

@@ -87,3 +87,14 @@ def kv_descriptors(t: torch.Tensor, block: int, split: tuple[int, int]) -> tuple
     first = TensorDescriptor(t, shape, strides, [1, block, split[0]])
     second = TensorDescriptor(t, shape, strides, [1, block, split[1]]) if split[1] else first
     return first, second
+
+
+def kv_operands(asked: bool | None, k: torch.Tensor, v: torch.Tensor, block: int,
+                split: tuple[int, int], whole_sequence: bool = False
+                ) -> tuple[bool, Any, Any, Any, Any]:
+    """What a kernel reads keys and values ``[B, N, H, d]`` through: whether descriptors
+    (:func:`use_descriptors`), and the four of them (keys' two head parts, values' two), or
+    ``k`` four times as placeholders the pointer path never reads."""
+    if use_descriptors(asked, k, v, whole_sequence=whole_sequence):
+        return (True, *kv_descriptors(k, block, split), *kv_descriptors(v, block, split))
+    return False, k, k, k, k

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tttlm.ops.triton_kv import key_tile, kv_descriptors, use_descriptors
+from tttlm.ops.triton_kv import key_tile, kv_operands
 from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
@@ -192,13 +192,7 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         raise ValueError(f"keys {k.shape[1]} and values {v.shape[1]} for a chunk of {c}")
     bm, bn, warps, stages = (tile_config("TTTLM_WINDOW_SEQ", SEQUENCE_CONFIG) if sequence
                              else tile_config("TTTLM_WINDOW_FWD", DEFAULT_CONFIG))
-    if use_descriptors(descriptors, k, v, whole_sequence=sequence):
-        descriptors = True
-        ka, kb = kv_descriptors(k, bn, split)
-        va, vb = kv_descriptors(v, bn, split)
-    else:  # placeholders, never read
-        descriptors = False
-        ka = kb = va = vb = k
+    descriptors, ka, kb, va, vb = kv_operands(descriptors, k, v, bn, split, whole_sequence=sequence)
     out = torch.empty_like(q)
     lse = torch.empty(B, H, c, device=q.device, dtype=torch.float32)
     grid = (triton.cdiv(c, bm), B * H)
