@@ -20,7 +20,9 @@ replays (``ChunkGraph.step``), each with its host time, its GPU span and the GPU
 before it (from the end of the span before, or from the step's start), and the idle time after
 the last one: where the GPU waits for the host, per phase.
 
-``blocking_calls`` profiles one more step (``torch.profiler``, CPU and CUDA, with Python
+``allocator`` counts, over the timeline's step, the caching allocator's device allocations,
+frees and retries (a retry frees the cache: the device synchronises). ``blocking_calls``
+profiles one more step (``torch.profiler``, CPU and CUDA, with Python
 stacks) and lists the CUDA runtime and driver calls on the host that took longest (a
 synchronisation, a free, a copy to the host): where the host waits for the GPU instead of
 queueing work, with the ``tttlm`` frames that made each call. CUDA only.
@@ -202,6 +204,16 @@ def blocking_calls(step: Any, min_ms: float = 2.0, top: int = 20,
     return found
 
 
+def allocator_counts() -> dict[str, int]:
+    """The caching allocator's counters that tell a step's device allocations apart from its
+    reuse of cached blocks: ``num_alloc_retries`` (an allocation that failed, freed the cache
+    and retried: a device-wide synchronisation), ``num_device_alloc`` / ``num_device_free``
+    (cudaMalloc / cudaFree calls; a free synchronises too)."""
+    stats = torch.cuda.memory_stats()
+    return {k: int(stats.get(k, 0)) for k in ("num_alloc_retries", "num_device_alloc",
+                                              "num_device_free", "num_ooms")}
+
+
 def run_case(case: str, repeats: int) -> dict[str, Any]:
     tokens, batch = (int(x) for x in case.split(":"))
     model, step = scoring_case("3b", tokens, batch, torch.device("cuda"))
@@ -243,7 +255,11 @@ def run_case(case: str, repeats: int) -> dict[str, Any]:
     finally:
         finite.FiniteGuard.settle = settle  # type: ignore[method-assign]
         finite.FiniteGuard.watch = original_watch  # type: ignore[method-assign]
+    before = allocator_counts()
     result["timeline"] = timeline_step(model, step)
+    result["allocator"] = {k: v - before.get(k, 0) for k, v in allocator_counts().items()}
+    result["allocator"]["reserved_gib_peak"] = (
+        torch.cuda.memory_stats().get("reserved_bytes.all.peak", 0) / 2**30)
     result["blocking_calls"] = blocking_calls(step)
     result["s_per_1k"] = result["wall_s"] / (tokens * batch / 1024)
     result["no_wait_s_per_1k"] = result["no_wait_wall_s"] / (tokens * batch / 1024)

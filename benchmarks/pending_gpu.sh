@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -324,6 +324,19 @@ case "$PART" in
       --lengths 32768 --compile compiled --paths model --repeats 2 \
       --out "$OUT/prefill_32k" > /dev/null || echo "32k: exit $?"
     grep "^| e" "$OUT/prefill_32k.md" ;;
+  census)  # speed issue: why the first launched chunks of a 128K x 1 step wait ~1.4 s on the
+    # host (host_gap.py: the timeline, the allocator's device allocations, frees and retries,
+    # and the longest CUDA runtime calls with their tttlm frames), then 3b e2e at 128K x 1 as
+    # is and with the allocator's expandable segments (fewer device frees if the cache is
+    # fragmented); about 5 minutes
+    timeout 200 python benchmarks/host_gap.py 131072:1 --repeats 2 \
+      --out "$OUT/host_gap_census_3b_128k" > /dev/null || echo "host_gap: exit $?"
+    for conf in "" "expandable_segments:True"; do
+      PYTORCH_CUDA_ALLOC_CONF=$conf timeout 120 python -m tttlm.cli bench prefill --preset 3b \
+        --variants e2e --lengths 131072 --compile compiled --paths model --repeats 2 \
+        --out "$OUT/prefill_128k_alloc_${conf%%:*}" > /dev/null || echo "alloc $conf: exit $?"
+      grep "^| e" "$OUT/prefill_128k_alloc_${conf%%:*}.md"
+    done ;;
   timeline)  # speed issue: PART=fold's timelines alone (host_gap.py at 128K x 1, before
     # and after, .mid/src carried as there; about 4 minutes)
     for pair in before=.mid/src after=src; do
@@ -472,7 +485,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
