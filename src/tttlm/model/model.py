@@ -758,24 +758,23 @@ class TTTForCausalLM(nn.Module):
                 # made only where enough chunks are left to pay for its capture.
                 steady = (graphs and guard is not None and update and past == window
                           and e - s == b and i < len(chunks) - 1 and not return_fast_weights)
+                make, key = False, None
                 if steady and graph is None:
                     enough = len(chunks) - 1 - i >= min_chunks
                     key = (self._graph_key(h, caches, fast, inner_state, opts, return_logits,
                                            in_place) if keep else None)
                     graph = None if key is None else self._kept_graph.find(key, drop=enough)
-                    if graph is None and enough:
-                        if guard.pending and (kept := guard.settle()) is not None:
-                            guard.pop_corrected()
-                            fast, inner_state = kept
-                            args = (*args[:6], fast, inner_state, *args[8:])
+                    make = graph is None and enough
+                if steady and (graph is not None or make):
+                    if guard.pending and (kept := guard.settle()) is not None:
+                        guard.pop_corrected()
+                        fast, inner_state = kept
+                        args = (*args[:6], fast, inner_state, *args[8:])
+                    if make:
                         graph = ChunkGraph(self, *args[:9], return_logits,
                                            capture if can_capture(h.device) else run_eagerly)
                         if key is not None:
                             self._kept_graph.keep(key, graph)
-                if steady and graph is not None:
-                    if guard.pending and (kept := guard.settle()) is not None:
-                        guard.pop_corrected()
-                        fast, inner_state = kept
                     result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
                 elif opts.checkpoint_chunks:
                     result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
