@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -337,6 +337,21 @@ case "$PART" in
         --out "$OUT/prefill_128k_alloc_${conf%%:*}" > /dev/null || echo "alloc $conf: exit $?"
       grep "^| e" "$OUT/prefill_128k_alloc_${conf%%:*}.md"
     done ;;
+  fill)  # speed issue: graphs of the chunks while the caches fill (one per length, made by
+    # a run that repeats the last one's shapes, kept with the steady graph): the CUDA tests of
+    # the chunk graphs, 3b e2e at 128K x 1 before (.before/src: git archive 8de2333, carried)
+    # and after, then where an after step goes (host_gap.py); about 6 minutes
+    timeout 150 python -m pytest -q -x tests/test_model_chunk_graph.py \
+      tests/test_ops_triton_kv.py 2>&1 | tail -3
+    for pair in before=.before/src after=src; do
+      side=${pair%%=*} src=$PWD/${pair#*=}
+      PYTHONPATH=$src timeout 130 python -m tttlm.cli bench prefill --preset 3b \
+        --variants e2e --lengths 131072 --compile compiled --paths model --repeats 2 \
+        --out "$OUT/prefill_128k_$side" > /dev/null || echo "$side: exit $?"
+      grep "^| e" "$OUT/prefill_128k_$side.md"
+    done
+    timeout 150 python benchmarks/host_gap.py 131072:1 --repeats 2 \
+      --out "$OUT/host_gap_fill_3b_128k" > /dev/null || echo "host_gap: exit $?" ;;
   timeline)  # speed issue: PART=fold's timelines alone (host_gap.py at 128K x 1, before
     # and after, .mid/src carried as there; about 4 minutes)
     for pair in before=.mid/src after=src; do
@@ -485,7 +500,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

@@ -47,9 +47,11 @@ def _forward(model: Any, x: torch.Tensor, y: torch.Tensor, graphed: bool) -> Any
 def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
         group: int | None, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Window 12, chunks of 4, 40 tokens: chunks 3-8 have full caches and an update (the
-    last chunk, 9, runs as it always does); one graph for every run of chunks (the second
-    group replays the first's, kept by the model); inner optimizers with a state (momentum)
-    or parameters (learned_lr) alike."""
+    last chunk, 9, runs as it always does); one graph for them in every run of chunks (the
+    second group replays the first's, kept by the model). The second group repeats the
+    first's shapes, so its chunks 0-2, while the caches fill, are graphs too, one per length
+    of the caches. Inner optimizers with a state (momentum) or parameters (learned_lr)
+    alike."""
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32, inner_optimizer=optimizer)
     model.ttt_group = group
@@ -57,8 +59,9 @@ def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
     ref = _forward(model, x, y, graphed=False)
     assert counts == {"graphs": 0, "steps": 0}
     got = _forward(model, x, y, graphed=True)
-    runs = 1 if group is None else 2
-    assert counts == {"graphs": 1, "steps": 6 * runs}
+    expected = ({"graphs": 1, "steps": 6} if group is None
+                else {"graphs": 1 + 3, "steps": 6 + 3 + 6})
+    assert counts == expected
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
@@ -103,19 +106,21 @@ def test_graph_chunks_none_takes_graphs_where_they_win(
     monkeypatch.setattr(model_module, "GRAPH_AUTO_MIN_CHUNKS", 6)
     run(2, None)
     assert counts["graphs"] == 0  # two sequences at a time
+    # the steady graph; and since this run repeats the last one-sequence run's shapes, a
+    # graph for each of chunks 0-2 while the caches fill
     got, computed = run(1, None)
-    assert counts == {"graphs": 1, "steps": 6} and computed == launched
+    assert counts == {"graphs": 1 + 3, "steps": 3 + 6} and computed == launched
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
-    # too few chunks to pay for a capture, but the graph kept from the last run serves them
+    # too few chunks to pay for a capture, but the graphs kept from the last run serve them
     monkeypatch.setattr(model_module, "GRAPH_AUTO_MIN_CHUNKS", 32)
     got, computed = run(1, None)
-    assert counts == {"graphs": 1, "steps": 12} and computed == launched
+    assert counts == {"graphs": 4, "steps": 18} and computed == launched
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
     model.release_chunk_graph()
     run(1, None)
-    assert counts == {"graphs": 1, "steps": 12}  # none kept: launched again
+    assert counts == {"graphs": 4, "steps": 18}  # none kept: launched again
 
 
 @pytest.mark.parametrize("autocast", [False, True])
@@ -214,10 +219,12 @@ def test_graphed_run_returns_the_same_state() -> None:
 
 
 def test_a_kept_graph_serves_later_runs_alike(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The model keeps its chunk graph for later runs of the same shapes, whatever their
-    length: each gives the launched chunks' results bit for bit, with one graph made. A
-    parameter changed in place is read anew; a parameter replaced, another option, or
-    ``release_chunk_graph`` make a new graph."""
+    """The model keeps its chunk graphs for later runs of the same shapes, whatever their
+    length: each gives the launched chunks' results bit for bit. The first run makes the
+    steady graph (chunks over full caches: 6 of 40 tokens, 7 of 44); the second, repeating
+    its shapes, a graph per length of the filling caches (chunks 0-2), which later runs
+    replay too. A parameter changed in place is read anew; a parameter replaced, another
+    option, or ``release_chunk_graph`` make new graphs."""
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32)
     inputs = [tokens(model, 2, 40, seed=1), tokens(model, 2, 44, seed=2),
@@ -233,18 +240,19 @@ def test_a_kept_graph_serves_later_runs_alike(monkeypatch: pytest.MonkeyPatch) -
         assert counts == {"graphs": before["graphs"] + graphs,
                           "steps": before["steps"] + steps}
 
-    same(graphs=1, steps=6 + 7 + 6)
+    made = {"graphs": 1 + 3, "steps": 6 + (3 + 7) + (3 + 6)}
+    same(**made)
     with torch.no_grad():  # in place: the same tensors, new values
         model.ttt_layers[0].attn.wq.weight.mul_(1.5)
-    same(graphs=0, steps=19)
+    same(graphs=0, steps=(3 + 6) + (3 + 7) + (3 + 6))
     model.ttt_layers[1].mlp.w2.weight = torch.nn.Parameter(
         model.ttt_layers[1].mlp.w2.weight.detach() * 0.5)
-    same(graphs=1, steps=19)
+    same(**made)
     model.config.inner_clip = 0.5
-    same(graphs=1, steps=19)
+    same(**made)
     model.release_chunk_graph()
-    same(graphs=1, steps=19)
-    model.keep_chunk_graph = False  # a graph per run, as before graphs were kept
+    same(**made)
+    model.keep_chunk_graph = False  # a steady graph per run, none while the caches fill
     same(graphs=3, steps=19)
 
 
@@ -262,12 +270,10 @@ def test_a_run_keeps_its_state_when_a_later_run_replays_the_graph() -> None:
                                        model.options())
             runs.append(run)
             copies.append([t.clone() for t in _state_tensors(run)])
-    graph = model._kept_graph.graph
-    assert graph is not None
+    kept = model._kept_graph.buffers
+    assert kept is not None and len(model._kept_graph.graphs) == 1 + 3  # steady, filling
     first = _state_tensors(runs[0])
-    buffers = {id(t) for t in (*(x for pair in graph.caches for x in pair),
-                               *(w for layer in graph.fast for w in layer),
-                               *(t for ts in graph.inner_state.values() for t in ts))}
+    buffers = {id(t) for t in kept.tensors()}
     assert not buffers & {id(t) for run in runs for t in _state_tensors(run)}
     assert all(torch.equal(a, b) for a, b in zip(first, copies[0], strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, copies[1], strict=True))
@@ -286,9 +292,9 @@ def test_a_copied_model_keeps_no_graph() -> None:
     model = tiny_model(dtype=torch.float32)
     x, y = tokens(model, 1, 40)
     _forward(model, x, y, graphed=True)
-    assert model._kept_graph.graph is not None
+    assert model._kept_graph.graphs
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        assert twin._kept_graph.graph is None and not twin._kept_graph.casts
+        assert not twin._kept_graph.graphs and not twin._kept_graph.casts
         got, ref = _forward(twin, x, y, graphed=True), _forward(model, x, y, graphed=True)
         assert torch.equal(got.token_nll, ref.token_nll)
 
@@ -409,9 +415,10 @@ def _graphed_equals_launched_on_cuda(model: Any, batch: int, length: int, seed: 
 @pytest.mark.parametrize("autocast", [False, True])
 def test_a_kept_graph_replays_later_runs_on_cuda(autocast: bool,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """The graph captured by a first run replays a later one of another length, and again
+    """The graph captured by a first run replays a later one of another length, which makes
+    the graphs of the chunks while the caches fill (a repeated run), all replayed again
     after weights changed in place (a TTT block's projection, the tied head: read anew,
-    through their bf16 casts under autocast): launched chunks' results, one graph."""
+    through their bf16 casts under autocast): launched chunks' results, four graphs."""
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32).cuda()
     _graphed_equals_launched_on_cuda(model, 1, 64, 1, autocast)
@@ -420,20 +427,69 @@ def test_a_kept_graph_replays_later_runs_on_cuda(autocast: bool,
         model.ttt_layers[0].attn.wq.weight.mul_(1.5)
         model.embed.weight.mul_(0.9)
     _graphed_equals_launched_on_cuda(model, 1, 64, 3, autocast)
-    assert counts["graphs"] == 1
+    assert counts["graphs"] == 1 + 3  # steady; then, repeated, one per filling length
 
 
 def test_too_few_steady_chunks_are_not_worth_a_graph(monkeypatch: pytest.MonkeyPatch) -> None:
     """Window 12, chunks of 4: 28 tokens give chunks 3-5 with full caches and an update, fewer
-    than GRAPH_MIN_CHUNKS; 32 tokens give four."""
+    than GRAPH_MIN_CHUNKS; 32 tokens give four. (Each a model's first run: a repeated one
+    also graphs the chunks while the caches fill.)"""
     from tttlm.model.model import GRAPH_MIN_CHUNKS
 
     assert GRAPH_MIN_CHUNKS == 4
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32)
     for length, graphs in ((28, 0), (32, 1)):
+        model.release_chunk_graph()
         x, y = tokens(model, 1, length)
         ref = _forward(model, x, y, graphed=False)
         got = _forward(model, x, y, graphed=True)
         assert counts["graphs"] == graphs, length
         assert torch.equal(got.token_nll, ref.token_nll)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_chunks_while_the_caches_fill_are_graphs_in_a_repeated_run(
+        batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run that repeats the last one's shapes takes a graph for each whole chunk while the
+    caches fill (window 12, chunks of 4: caches of 0, 4 and 8 rows), kept for later runs of
+    any length, short prompts too: the launched chunks' results and the state a session
+    keeps (caches after the last chunk and at its start, fast weights, inner state, the last
+    output), bit for bit. For one sequence the caches of every length are views of one
+    window's buffers. A continued run whose caches are not whole chunks long takes none."""
+    counts = _spy_graphs(monkeypatch)
+    model = tiny_model(dtype=torch.float32, inner_optimizer="momentum")
+    with torch.no_grad():
+        def run(length: int, graphed: bool, caches: Any = None) -> Any:
+            x, y = tokens(model, batch, length, seed=length)
+            h = model.run_blocks(model.embed(x), model.prefix_layers)
+            model.graph_chunks = graphed
+            return model.run_ttt_chunks(h, y, torch.ones_like(y, dtype=torch.bool),
+                                        model.options(), caches=caches, learn_last=True)
+
+        run(40, True)
+        assert counts == {"graphs": 1, "steps": 6}  # the steady graph; nothing repeated yet
+        for length, steps in ((40, 3 + 6), (16, 3), (10, 2), (44, 3 + 7)):
+            before = counts["steps"]
+            got, ref = run(length, True), run(length, False)
+            assert counts["steps"] - before == steps, length
+            for a, b in zip(_state_tensors(got), _state_tensors(ref), strict=True):
+                assert torch.equal(a, b), length
+            for a, b in zip(got.nll + got.norms + [got.hidden], ref.nll + ref.norms + [ref.hidden],
+                            strict=True):
+                assert torch.equal(a, b), length
+        kept = model._kept_graph
+        assert counts["graphs"] == 1 + 3 and sorted(kept.graphs) == [0, 4, 8, 12]
+        assert kept.buffers is not None
+        full = kept.buffers.caches(got.caches, 12)
+        views = [kept.buffers.caches(got.caches, n) for n in (0, 4, 8)]
+        shared = [k.untyped_storage().data_ptr() == f.untyped_storage().data_ptr()
+                  for caches in views for (k, _), (f, _) in zip(caches, full)]
+        assert all(shared) if batch == 1 else not any(shared)
+        # caches of 2 rows (a session continued): 2, 6, 10 rows are no stage of a fresh run
+        past = [(k[:, :2].clone(), v[:, :2].clone()) for k, v in got.caches]
+        graphs = counts["graphs"]
+        got, ref = run(20, True, past), run(20, False, past)
+        assert counts["graphs"] == graphs
+        for a, b in zip(got.nll, ref.nll, strict=True):
+            assert torch.equal(a, b)

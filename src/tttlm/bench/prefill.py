@@ -170,7 +170,10 @@ def _time_fitting(model: torch.nn.Module, x: torch.Tensor, ttt: bool, backend: s
         try:
             with _sdpa(backend):
                 fn = functools.partial(_prefill, model, x, ttt, micro, path)
-                return time_call(fn, device, repeats, warmup=1), micro
+                # Two warm-up runs: the first compiles and makes the steady chunk graph, the
+                # second (a repeat) the graphs of the chunks while the caches fill; the timed
+                # runs are then what a server's later prompts of this batch size run.
+                return time_call(fn, device, repeats, warmup=2), micro
         except torch.OutOfMemoryError:
             if micro == 1:
                 raise
@@ -202,8 +205,8 @@ def bench_prefill(device: torch.device, preset: str = "3b",
     row. ``compile_modes`` lists eager (False) and/or compiled blocks
     (``TTTForCausalLM.compile_blocks``, True), both with the model's default for CUDA graphs
     of the TTT chunks over full caches (``TTTForCausalLM.graph_chunks = None``), and/or
-    compiled with those graphs always (``"graphed"``) or never (``"launched"``); a compiled
-    row's first (warm-up) run compiles.
+    compiled with those graphs always (``"graphed"``) or never (``"launched"``); a row's two
+    warm-up runs compile and capture.
     A step that does not fit in memory runs as consecutive micro-batches (``micro_batch``):
     the same tokens per step, in fewer sequences at a time. ``paths``: ``model`` (the forward
     pass that scores the prompt) and/or ``engine`` (``Engine.prefill``, what ``tttlm generate``

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from tttlm.model.model import ForwardOptions, KVPair, TTTForCausalLM
 
 Out = TypeVar("Out")
-Capture = Callable[[Callable[[], Any], Callable[[], object], torch.device], Callable[[], Any]]
+Capture = Callable[[Callable[[], Any], Callable[[], object], torch.device, Any],
+                   Callable[[], Any]]
 
 
 def can_capture(device: torch.device) -> bool:
@@ -37,10 +38,12 @@ def can_capture(device: torch.device) -> bool:
 
 
 def capture(run: Callable[[], Out], warm: Callable[[], object],
-            device: torch.device) -> Callable[[], Out]:
+            device: torch.device, pool: Any = None) -> Callable[[], Out]:
     """Capture ``run`` as a CUDA graph once ``warm`` ran on a side stream (as capture
     requires: lazy initialisation must not happen inside it). The returned call replays the
-    graph and returns ``run``'s outputs: static tensors that the next replay overwrites."""
+    graph and returns ``run``'s outputs: static tensors that the next replay overwrites.
+    ``pool``: a memory pool shared with other graphs (``torch.cuda.graph_pool_handle()``),
+    for graphs that replay one at a time and whose outputs are read before the next replay."""
     # Under autocast, its cache of cast weights must stay off: a graph would keep reading
     # the cached copies after the autocast region that made them has freed them.
     cast = torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"),
@@ -54,7 +57,7 @@ def capture(run: Callable[[], Out], warm: Callable[[], object],
     # (torch.cuda.graph empties the allocator's cache before capturing. Capturing without
     # that, through capture_begin/end, ran a 3b prefill at 32K x 4 out of memory on an H100:
     # the cache kept what the graph's own pool then had to allocate again.)
-    with torch.cuda.graph(graph), cast:
+    with torch.cuda.graph(graph, pool=pool), cast:
         out = run()
 
     def replay() -> Out:
@@ -65,7 +68,7 @@ def capture(run: Callable[[], Out], warm: Callable[[], object],
 
 
 def run_eagerly(run: Callable[[], Out], warm: Callable[[], object],
-                device: torch.device) -> Callable[[], Out]:
+                device: torch.device, pool: Any = None) -> Callable[[], Out]:
     """A stand-in for :func:`capture` that runs ``run`` at every call instead of replaying a
     graph: the same buffers and writes, on any device (tests of :class:`ChunkGraph` on a
     CPU)."""
@@ -90,14 +93,109 @@ class _Collect:
         return new_fast, new_state
 
 
+class ChunkBuffers:
+    """What the chunk graphs of one run shape read and write in place, shared by all of them:
+    one set of fast weights (with their copies in the compute dtype, ``low``, where updates
+    are written in place), the inner optimizer's state, and the caches by length. A graph of
+    a chunk while the caches fill reads the caches of its length and writes those of the
+    next, which the next stage's graph reads: no chunk copies another's results. For one
+    sequence the caches of every length are views of the full window's (contiguous there),
+    so the stages hold one window of caches. ``pool``: the graphs' one memory pool on a GPU
+    (they replay one at a time, and each one's outputs are copied before the next)."""
+
+    def __init__(self, model: TTTForCausalLM, h: torch.Tensor, fast: FastWeights,
+                 inner_state: InnerState, in_place: bool) -> None:
+        self.window = model.config.window
+        self.fast = [PrimeWeights(*(w.detach().clone() for w in layer)) for layer in fast]
+        self.inner_state = map_state(lambda t: t.detach().clone(), inner_state)
+        # The leaves the inner gradient is taken for, kept equal to the fast weights by the
+        # update (None: the fast weights themselves, or no narrower compute dtype).
+        self.low = model._inner_leaves(self.fast, h) if in_place else None
+        self.pool = torch.cuda.graph_pool_handle() if can_capture(h.device) else None
+        self._full: list[KVPair] | None = None
+        self._caches: dict[int, list[KVPair]] = {}
+
+    def caches(self, like: list[KVPair], length: int) -> list[KVPair]:
+        """The buffers of the caches of ``length`` rows, shaped as ``like`` otherwise (the
+        same tensors at every call)."""
+        found = self._caches.get(length)
+        if found is None:
+            def empty(t: torch.Tensor, rows: int) -> torch.Tensor:
+                return t.new_empty(t.shape[0], rows, *t.shape[2:])
+
+            if self._full is None:
+                self._full = [(empty(k, self.window), empty(v, self.window)) for k, v in like]
+            if length == self.window:
+                found = self._full
+            elif like[0][0].shape[0] == 1:
+                found = [(k[:, :length], v[:, :length]) for k, v in self._full]
+            else:
+                found = [(empty(k, length), empty(v, length)) for k, v in like]
+            self._caches[length] = found
+        return found
+
+    def load(self, into: list[KVPair], caches: list[KVPair], fast: FastWeights,
+             inner_state: InnerState) -> None:
+        """Copy a run's caches (into ``into``, buffers of their length), fast weights and
+        state into these buffers, but for what already is one of them (the previous
+        replay's results)."""
+        for pair, mine in zip(caches, into, strict=True):
+            for a, b in zip(pair, mine):
+                if a is not b:
+                    b.copy_(a)
+        if not all(a is b for layer, mine in zip(fast, self.fast, strict=True)
+                   for a, b in zip(layer, mine)):
+            for layer, mine in zip(fast, self.fast, strict=True):
+                for a, b in zip(layer, mine):
+                    b.copy_(a)
+            if self.low is not None:
+                with torch.no_grad():  # (leaves that require grad)
+                    for layer, mine in zip(fast, self.low, strict=True):
+                        for a, b in zip(layer, mine):
+                            b.copy_(a)  # cast to the compute dtype, as _inner_leaves does
+        for old, new in zip(self.updated([], self.inner_state), self.updated([], inner_state),
+                            strict=True):
+            if old is not new:
+                old.copy_(new)
+
+    def own_copies(self, caches: list[KVPair], fast: FastWeights, inner_state: InnerState
+                   ) -> tuple[list[KVPair], FastWeights, InnerState]:
+        """``caches``, ``fast`` and ``inner_state`` with every tensor that is one of these
+        buffers replaced by a copy: what a run returns when its graphs are kept for later
+        runs, whose replays overwrite the buffers."""
+        mine = {id(t) for t in (*(x for pairs in self._caches.values() for pair in pairs
+                                  for x in pair),
+                                *self.updated(self.fast, self.inner_state))}
+
+        def own(t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if id(t) in mine else t
+
+        return ([(own(k), own(v)) for k, v in caches],
+                [PrimeWeights(*(own(w) for w in layer)) for layer in fast],
+                map_state(own, inner_state))
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer: caches of each length, fast weights, state."""
+        return [*(x for pairs in self._caches.values() for pair in pairs for x in pair),
+                *self.updated(self.fast, self.inner_state)]
+
+    @staticmethod
+    def updated(fast: FastWeights, state: InnerState) -> list[torch.Tensor]:
+        """What an update writes: the fast weights' and the state's tensors, in one order."""
+        return [*flatten_fast(fast), *(t for key in sorted(state) for t in state[key])]
+
+
 class ChunkGraph:
-    """The step of a TTT chunk over full caches without an outer gradient, captured once and
-    replayed for every later such chunk of one run of :meth:`TTTForCausalLM.run_ttt_chunks`.
+    """The step of a whole TTT chunk without an outer gradient, captured once and replayed for
+    every later chunk of the same shapes: once the TTT caches are full (the steady state),
+    every chunk of a run of :meth:`TTTForCausalLM.run_ttt_chunks`; while they fill, a graph
+    per length of the caches (kept by the model for its later runs, :class:`KeptGraph`).
 
     The graph reads the chunk (hidden states, labels, mask) from static buffers and updates
-    its own buffers of the caches, fast weights and inner-optimizer state in place: the new
-    caches are copied over the old, and the new fast weights and state are written where the
-    update is finite (the check the eager path defers) and the old ones kept elsewhere, as
+    the caches, fast weights and inner-optimizer state of its :class:`ChunkBuffers` in
+    place: the new caches are copied into the buffers of their length (over the old ones in
+    the steady state), and the new fast weights and state are written where the update is
+    finite (the check the eager path defers) and the old ones kept elsewhere, as
     :class:`~tttlm.ttt.finite.FiniteGuard` does. With an inner optimizer that
     ``updates_in_place`` (the official SGD), the update itself writes them, together with
     the fast weights' copies in the compute dtype that the next chunk differentiates: one
@@ -105,26 +203,31 @@ class ChunkGraph:
     cast, ``benchmarks/results/prefill_inplace_3b_h100.md``). Otherwise a ``torch.where``
     per sequence writes the new ones over. The chunk's
     absolute start enters only the attention mask through differences of positions, which
-    are the same for every chunk over a full cache: the value captured serves them all.
+    depend only on the caches' length: the value captured serves every chunk of that length.
     ``capture_fn``: :func:`capture` (CUDA), or :func:`run_eagerly` to run the same buffers
-    without a graph.
+    without a graph. ``buffers``: those of the model's other graphs of this run shape (none:
+    the graph's own).
     """
 
     def __init__(self, model: TTTForCausalLM, h: torch.Tensor, labels: torch.Tensor,
                  mask: torch.Tensor, start: int, rope: tuple[torch.Tensor, torch.Tensor],
                  caches: list[KVPair], fast: FastWeights, inner_state: InnerState,
                  opts: ForwardOptions, keep_logits: bool,
-                 capture_fn: Capture = capture) -> None:
+                 capture_fn: Capture = capture, buffers: ChunkBuffers | None = None) -> None:
         self.h, self.labels, self.mask = h.clone(), labels.clone(), mask.clone()
         # (the run's RoPE tables are its own; the graph keeps the rows it reads for later runs)
         self.rope = (rope[0].clone(), rope[1].clone())
-        self.caches = [(k.clone(), v.clone()) for k, v in caches]
-        self.fast = [PrimeWeights(*(w.detach().clone() for w in layer)) for layer in fast]
-        self.inner_state = map_state(lambda t: t.detach().clone(), inner_state)
         self.in_place = model.inner_optimizer.updates_in_place
-        # The leaves the inner gradient is taken for, kept equal to the fast weights by the
-        # update (None: the fast weights themselves, or no narrower compute dtype).
-        self.low = model._inner_leaves(self.fast, h) if self.in_place else None
+        if buffers is None:  # (made from this run's weights: only the caches to load)
+            buffers = ChunkBuffers(model, h, fast, inner_state, self.in_place)
+            fast, inner_state = buffers.fast, buffers.inner_state
+        self.buffers = buffers
+        past = caches[0][0].shape[1]
+        self.caches = buffers.caches(caches, past)
+        # where the new caches go: the next length's buffers, the same ones once full
+        self.out = buffers.caches(caches, min(past + h.shape[1], buffers.window))
+        self.fast, self.inner_state, self.low = buffers.fast, buffers.inner_state, buffers.low
+        buffers.load(self.caches, caches, fast, inner_state)
 
         def run() -> tuple[Any, ...]:
             nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, hidden = (
@@ -132,13 +235,13 @@ class ChunkGraph:
                                 self.fast, self.inner_state, opts, True, keep_logits,
                                 _Collect(), self.in_place, self.low))  # type: ignore[arg-type]
             with torch.no_grad():
-                for (k, v), (new_k, new_v) in zip(self.caches, new_caches, strict=True):
+                for (k, v), (new_k, new_v) in zip(self.out, new_caches, strict=True):
                     k.copy_(new_k)
                     v.copy_(new_v)
                 if not self.in_place:
                     ok = torch.isfinite(norm)
-                    for old, new in zip(self._updated(self.fast, self.inner_state),
-                                        self._updated(new_fast, new_state), strict=True):
+                    for old, new in zip(buffers.updated(self.fast, self.inner_state),
+                                        buffers.updated(new_fast, new_state), strict=True):
                         torch.where(ok.view(-1, *([1] * (old.dim() - 1))), new, old, out=old)
             return nll, chunk_loss, logits, norm, hidden
 
@@ -149,97 +252,69 @@ class ChunkGraph:
         def warm() -> None:
             self._first = run()
 
-        self._replay = capture_fn(run, warm, h.device)
-
-    def own_copies(self, caches: list[KVPair], fast: FastWeights, inner_state: InnerState
-                   ) -> tuple[list[KVPair], FastWeights, InnerState]:
-        """``caches``, ``fast`` and ``inner_state`` with every tensor that is one of this
-        graph's buffers replaced by a copy: what a run returns when the graph is kept for
-        later runs, whose replays overwrite the buffers."""
-        mine = {id(t) for t in (*(x for pair in self.caches for x in pair),
-                                *self._updated(self.fast, self.inner_state))}
-
-        def own(t: torch.Tensor) -> torch.Tensor:
-            return t.clone() if id(t) in mine else t
-
-        return ([(own(k), own(v)) for k, v in caches],
-                [PrimeWeights(*(own(w) for w in layer)) for layer in fast],
-                map_state(own, inner_state))
-
-    @staticmethod
-    def _updated(fast: FastWeights, state: InnerState) -> list[torch.Tensor]:
-        return [*flatten_fast(fast), *(t for key in sorted(state) for t in state[key])]
-
-    def owns(self, caches: list[KVPair], fast: FastWeights) -> bool:
-        """Whether ``caches`` and ``fast`` are this graph's buffers (the previous replay's
-        results), so that nothing needs loading."""
-        return (all(a is b for pair, mine in zip(caches, self.caches) for a, b in zip(pair, mine))
-                and all(a is b for layer, mine in zip(fast, self.fast)
-                        for a, b in zip(layer, mine)))
+        self._replay = capture_fn(run, warm, h.device, buffers.pool)
 
     def step(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
              caches: list[KVPair], fast: FastWeights, inner_state: InnerState
              ) -> tuple[Any, ...]:
         """One chunk: ``ttt_chunk``'s results (update on), the caches, fast weights and state
-        being this graph's buffers, which the next call overwrites. The per-chunk outputs are
-        copies. The first call is the chunk the graph was made with, computed already."""
+        being the buffers, which later replays overwrite. The per-chunk outputs are copies.
+        The first call is the chunk the graph was made with, computed already."""
         if self._first is not None:
             nll, chunk_loss, logits, norm, hidden = self._first
             self._first = None
-            return (nll.clone(), chunk_loss.clone(),
-                    None if logits is None else logits.clone(), self.caches, self.fast,
-                    self.inner_state, norm.clone(), hidden.clone())
-        self.h.copy_(h)
-        self.labels.copy_(labels)
-        self.mask.copy_(mask)
-        if not self.owns(caches, fast):
-            for pair, mine in zip(caches, self.caches, strict=True):
-                for a, b in zip(pair, mine):
-                    b.copy_(a)
-            for layer, mine in zip(fast, self.fast, strict=True):
-                for a, b in zip(layer, mine):
-                    b.copy_(a)
-            if self.low is not None:
-                with torch.no_grad():  # (leaves that require grad)
-                    for layer, mine in zip(fast, self.low, strict=True):
-                        for a, b in zip(layer, mine):
-                            b.copy_(a)  # cast to the compute dtype, as _inner_leaves does
-            for old, new in zip(self._updated([], self.inner_state),
-                                self._updated([], inner_state), strict=True):
-                old.copy_(new)
-        nll, chunk_loss, logits, norm, hidden = self._replay()
+        else:
+            self.h.copy_(h)
+            self.labels.copy_(labels)
+            self.mask.copy_(mask)
+            self.buffers.load(self.caches, caches, fast, inner_state)
+            nll, chunk_loss, logits, norm, hidden = self._replay()
         return (nll.clone(), chunk_loss.clone(), None if logits is None else logits.clone(),
-                self.caches, self.fast, self.inner_state, norm.clone(), hidden.clone())
+                self.out, self.fast, self.inner_state, norm.clone(), hidden.clone())
 
 
 class KeptGraph:
-    """A model's :class:`ChunkGraph` kept for its later runs, with the key of what the graph
-    read when captured (shapes, dtypes, options, the addresses of the parameters and
-    buffers), and the constant weights' casts (:func:`~tttlm.model.model.linear_weights_in`
-    into the same tensors every run, refreshed from the parameters, so that the graph's
-    reads of them stay valid). A run whose key differs makes a new graph. Copies of a model
-    (``copy.deepcopy``, pickling) start with none."""
+    """A model's chunk graphs kept for its later runs: their :class:`ChunkBuffers`, the
+    graphs by the caches' length at their chunk's start, the key of what they read when
+    captured (options, dtypes, shapes but the run's length, the addresses of the parameters
+    and buffers), and the constant weights' casts (:func:`~tttlm.model.model.linear_weights_in`
+    into the same tensors every run, refreshed from the parameters, so that the graphs'
+    reads of them stay valid). A run whose key differs makes new graphs. ``last``: the key
+    of the last run that could take graphs: the graphs of chunks while the caches fill are
+    made only by a run that repeats it (a one-off prompt does not pay their captures).
+    Copies of a model (``copy.deepcopy``, pickling) start with none."""
 
     def __init__(self) -> None:
         self.key: tuple[Any, ...] | None = None
-        self.graph: ChunkGraph | None = None
+        self.graphs: dict[int, ChunkGraph] = {}
+        self.buffers: ChunkBuffers | None = None
+        self.last: tuple[Any, ...] | None = None
         self.casts: dict[tuple[int, str], tuple[torch.nn.Parameter, torch.nn.Parameter]] = {}
 
-    def find(self, key: tuple[Any, ...], drop: bool = True) -> ChunkGraph | None:
-        """The kept graph if it was made under ``key``, else none; with ``drop`` the old one
-        is dropped then, so that its memory is free before the next capture."""
-        if self.graph is not None and self.key == key:
-            return self.graph
-        if drop:
-            self.key = self.graph = None
-        return None
+    def find(self, key: tuple[Any, ...], past: int) -> ChunkGraph | None:
+        """The graph of a chunk after ``past`` cached rows if kept under ``key``."""
+        return self.graphs.get(past) if self.key == key else None
 
-    def keep(self, key: tuple[Any, ...], graph: ChunkGraph) -> None:
-        self.key, self.graph = key, graph
+    def buffers_for(self, key: tuple[Any, ...]) -> ChunkBuffers | None:
+        """The buffers a new graph of ``key`` joins; the graphs of another key are dropped
+        (their memory free before the capture)."""
+        if self.key != key:
+            self.drop()
+        return self.buffers
+
+    def keep(self, key: tuple[Any, ...], past: int, graph: ChunkGraph) -> None:
+        self.key, self.buffers = key, graph.buffers
+        self.graphs[past] = graph
+
+    def drop(self) -> None:
+        """Drop the graphs and their buffers (not the casts)."""
+        self.key, self.graphs, self.buffers = None, {}, None
 
     def release(self) -> None:
-        """Drop the graph and the casts (their memory returns to the allocator's cache)."""
-        self.key = self.graph = None
+        """Drop the graphs, their buffers and the casts (their memory returns to the
+        allocator's cache), and forget the last run."""
+        self.drop()
+        self.last = None
         self.casts.clear()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> KeptGraph:

@@ -22,7 +22,14 @@ from tttlm.config import TTTConfig, Variant
 from tttlm.errors import UserError
 from tttlm.files import atomic_save, atomic_write_text
 from tttlm.model.cache import ChunkKV, WholeSequence
-from tttlm.model.cuda_graph import ChunkGraph, KeptGraph, can_capture, capture, run_eagerly
+from tttlm.model.cuda_graph import (
+    ChunkBuffers,
+    ChunkGraph,
+    KeptGraph,
+    can_capture,
+    capture,
+    run_eagerly,
+)
 from tttlm.model.layers import Block, ConvRecurrentMixer, KVBMixer, RMSNorm
 from tttlm.ops.attention import get_attention_backend
 from tttlm.ops.linear_nll import (
@@ -739,10 +746,17 @@ class TTTForCausalLM(nn.Module):
             inner_state = map_state(lambda t: t.detach().clone(), inner_state)
         low: FastWeights | None = None  # the compute-dtype copies of ``low_of``
         low_of: FastWeights | None = None
+        kept = self._kept_graph
+        key = (self._graph_key(h, caches, fast, inner_state, opts, return_logits, in_place)
+               if keep else None)
+        # Graphs of the chunks while the caches fill (one per length) only for a run that
+        # repeats the last one's shapes: their captures cost about a chunk's time each.
+        filling = keep and kept.last == key
         with cast:
             # Test time: each update's finiteness is read while the next chunk runs.
             guard = FiniteGuard(deferred=True) if opts.mode is GradMode.NONE else None
-            graph: ChunkGraph | None = None
+            own: ChunkGraph | None = None  # the run's steady graph where none is kept
+            used: ChunkBuffers | None = None
             for i, (s, e) in enumerate(chunks):
                 update = opts.ttt and (i < len(chunks) - 1 or learn_last)
                 past = caches[0][0].shape[1]
@@ -752,29 +766,31 @@ class TTTForCausalLM(nn.Module):
                 # contiguous: compiled blocks then see one input layout for every chunk
                 args = (h[:, s:e].contiguous(), labels[:, s:e], mask[:, s:e], s, rope, caches, fast,
                         inner_state, opts, update, return_logits, guard)
-                # The steady state as a graph: full caches, a whole chunk, an update; not the last
-                # chunk, whose starting caches the caller keeps (the graph's are overwritten).
-                # A graph kept from an earlier run serves any number of chunks; a new one is
-                # made only where enough chunks are left to pay for its capture.
-                steady = (graphs and guard is not None and update and past == window
-                          and e - s == b and i < len(chunks) - 1 and not return_fast_weights)
-                make, key = False, None
-                if steady and graph is None:
-                    enough = len(chunks) - 1 - i >= min_chunks
-                    key = (self._graph_key(h, caches, fast, inner_state, opts, return_logits,
-                                           in_place) if keep else None)
-                    graph = None if key is None else self._kept_graph.find(key, drop=enough)
-                    make = graph is None and enough
-                if steady and (graph is not None or make):
-                    if guard.pending and (kept := guard.settle()) is not None:
+                # A graph takes a whole chunk with an update; not the last chunk, whose
+                # starting caches the caller keeps (the graph's are overwritten). Over full
+                # caches (the steady state) a new one is made only where enough chunks are
+                # left to pay for its capture; one kept from an earlier run serves any number.
+                graph, make = None, False
+                if (graphs and guard is not None and update and e - s == b
+                        and i < len(chunks) - 1 and not return_fast_weights):
+                    full = past == window
+                    graph = kept.find(key, past) if keep else (own if full else None)
+                    make = graph is None and (len(chunks) - 1 - i >= min_chunks if full
+                                              else filling and past % b == 0)
+                if graph is not None or make:
+                    if guard.pending and (settled := guard.settle()) is not None:
                         guard.pop_corrected()
-                        fast, inner_state = kept
+                        fast, inner_state = settled
                         args = (*args[:6], fast, inner_state, *args[8:])
                     if make:
                         graph = ChunkGraph(self, *args[:9], return_logits,
-                                           capture if can_capture(h.device) else run_eagerly)
-                        if key is not None:
-                            self._kept_graph.keep(key, graph)
+                                           capture if can_capture(h.device) else run_eagerly,
+                                           kept.buffers_for(key) if keep else None)
+                        if keep:
+                            kept.keep(key, past, graph)
+                        else:
+                            own = graph
+                    used = graph.buffers
                     result = graph.step(args[0], args[1], args[2], caches, fast, inner_state)
                 elif opts.checkpoint_chunks:
                     result = checkpoint(self.ttt_chunk, *args, use_reentrant=False)
@@ -784,10 +800,10 @@ class TTTForCausalLM(nn.Module):
                     result = self.ttt_chunk(*args[:11], None, True, low)
                 else:
                     result = self.ttt_chunk(*args)
-                if guard is not None and (kept := guard.pop_corrected()) is not None:
+                if guard is not None and (corrected := guard.pop_corrected()) is not None:
                     # The previous update was not finite for some sequences: they kept their
                     # weights, and this chunk ran on them.
-                    fast, inner_state = kept
+                    fast, inner_state = corrected
                     if return_fast_weights:
                         run.history[-1] = snapshot(fast)
                 nll, chunk_loss, lg, caches, new_fast, new_state, norm, run.hidden = result
@@ -799,14 +815,16 @@ class TTTForCausalLM(nn.Module):
                     run.norms.append(norm)
                     if return_fast_weights:
                         run.history.append(snapshot(fast))
-            if guard is not None and (kept := guard.settle()) is not None:
-                fast, inner_state = kept
+            if guard is not None and (settled := guard.settle()) is not None:
+                fast, inner_state = settled
                 if return_fast_weights:
                     run.history[-1] = snapshot(fast)
-        if keep and graph is not None and return_state:
-            # The kept graph's next replays overwrite its buffers: the run returns its own.
-            caches, fast, inner_state = graph.own_copies(caches, fast, inner_state)
-            run.start_caches = graph.own_copies(run.start_caches, [], {})[0]
+        if keep:
+            kept.last = key
+            if used is not None and return_state:
+                # The kept graphs' next replays overwrite their buffers: the run returns its own.
+                caches, fast, inner_state = used.own_copies(caches, fast, inner_state)
+                run.start_caches = used.own_copies(run.start_caches, [], {})[0]
         run.caches, run.fast, run.inner_state = caches, fast, inner_state
         return run
 
@@ -830,9 +848,10 @@ class TTTForCausalLM(nn.Module):
     def _graph_key(self, h: torch.Tensor, caches: list[KVPair], fast: FastWeights,
                    inner_state: InnerState, opts: ForwardOptions, keep_logits: bool,
                    in_place: bool) -> tuple[Any, ...]:
-        """What a chunk graph's capture depended on beyond its own buffers: the configuration,
-        shapes, dtypes, options, autocast, the attention backend, and the addresses of the
-        tensors it read (the parameters, the constant weights' casts while they stand in, the
+        """What the chunk graphs of a run shape depend on beyond their own buffers: the
+        configuration, shapes and dtypes (the caches' but their length, which each graph is
+        kept by), options, autocast, the attention backend, and the addresses of the tensors
+        they read (the parameters, the constant weights' casts while they stand in, the
         buffers)."""
         device = h.device.type
 
@@ -842,7 +861,8 @@ class TTTForCausalLM(nn.Module):
         return (repr(self.config), h.device, h.dtype, h.shape[0], opts, keep_logits, in_place,
                 torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                 get_attention_backend().name,
-                described(t for pair in caches for t in pair), described(flatten_fast(fast)),
+                tuple((t.shape[0], *t.shape[2:], t.dtype) for pair in caches for t in pair),
+                described(flatten_fast(fast)),
                 tuple((name, described(inner_state[name])) for name in sorted(inner_state)),
                 tuple(t.data_ptr() for t in (*self.parameters(), *self.buffers())))
 
