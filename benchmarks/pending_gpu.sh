@@ -385,7 +385,14 @@ case "$PART" in
         --attention flash-window --out "$SCRATCH/prefill_final_3b_flash_window" > /dev/null \
         || echo "flash-window: exit $?"
     fi
-    for name in e2e full engine flash_window; do
+    # (GRAPHED=1) 8K x 16 and 32K x 4 with chunk graphs forced: in TTT groups of several
+    # sequences the default takes none; kept graphs of every chunk may change that
+    if [ "${GRAPHED:-0}" = 1 ]; then
+      timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+        --lengths 8192 32768 --compile graphed --paths model --repeats 2 \
+        --out "$SCRATCH/prefill_final_3b_graphed" > /dev/null || echo "graphed: exit $?"
+    fi
+    for name in e2e full engine flash_window graphed; do
       grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
       cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
     done ;;

@@ -229,9 +229,11 @@ class ForwardOptions:
         graph_chunks: without an outer gradient, once the TTT caches are full, capture one
             chunk's step as a CUDA graph and replay it for the later chunks of the run
             (:class:`~tttlm.model.cuda_graph.ChunkGraph`; off a GPU the same buffers run
-            eagerly). ``None``: where they were measured to win: a CUDA device, one
-            sequence at a time and at least ``GRAPH_AUTO_MIN_CHUNKS`` chunks to replay. From
-            ``TTTForCausalLM.graph_chunks``.
+            eagerly); with ``TTTForCausalLM.keep_chunk_graph``, a run that repeats the last
+            one's shapes also captures the chunks while the caches fill, a graph per length.
+            ``None``: where they were measured to win: a CUDA device, one sequence at a time
+            and at least ``GRAPH_AUTO_MIN_CHUNKS`` chunks to replay (or graphs kept from an
+            earlier run). From ``TTTForCausalLM.graph_chunks``.
         ttt_group: without an outer gradient, run the TTT chunks of at most this many
             sequences at a time (``None``: all). Each sequence's fast weights, their gradient
             and their update are ``[B, ...]`` fp32 tensors (1.4 GB per sequence at 3b), so
@@ -339,8 +341,9 @@ class TTTForCausalLM(nn.Module):
         # None: where that was measured to win (GRAPH_AUTO_MIN_CHUNKS); True / False: always
         # (from GRAPH_MIN_CHUNKS on) / never.
         self.graph_chunks: bool | None = None
-        # Keep a chunk graph for the next runs of the same shapes (release_chunk_graph frees
-        # it): its capture is paid once per model and shape, not at every prefill.
+        # Keep the chunk graphs for the next runs of the same shapes (release_chunk_graph
+        # frees them): their captures are paid once per model and shape, not at every
+        # prefill; a run that repeats the last one's shapes graphs the filling chunks too.
         self.keep_chunk_graph = True
         self._kept_graph = KeptGraph()
         # Warned once that labels equal input_ids (the Hugging Face habit; see _check_inputs).
@@ -838,11 +841,12 @@ class TTTForCausalLM(nn.Module):
             yield
 
     def release_chunk_graph(self) -> None:
-        """Free the chunk graph kept for later runs (``keep_chunk_graph``) and the constant
-        weights' casts it reads, held between runs: at 3b for one sequence, by their shapes,
-        1.8 GB of bf16 casts, 0.7 GB of caches, 2.1 GB of fast weights (fp32 and bf16), and
-        the step's activations in the graph's pool. The next run that takes a graph captures
-        a new one."""
+        """Free the chunk graphs kept for later runs (``keep_chunk_graph``) and the constant
+        weights' casts they read, held between runs: at 3b for one sequence, by their
+        shapes, 1.8 GB of bf16 casts, 0.7 GB of caches (one window: the filling chunks'
+        caches are views of it), 2.1 GB of fast weights (fp32 and bf16), and the steps'
+        activations in the graphs' one pool. The next run that takes a graph captures a new
+        one, and only a run after it the filling chunks' graphs."""
         self._kept_graph.release()
 
     def _graph_key(self, h: torch.Tensor, caches: list[KVPair], fast: FastWeights,
