@@ -338,20 +338,22 @@ case "$PART" in
       grep "^| e" "$OUT/prefill_128k_alloc_${conf%%:*}.md"
     done ;;
   fill)  # speed issue: graphs of the chunks while the caches fill (one per length, made by
-    # a run that repeats the last one's shapes, kept with the steady graph): the CUDA tests of
-    # the chunk graphs, 3b e2e at 128K x 1 before (.before/src: git archive 8de2333, carried)
-    # and after, then where an after step goes (host_gap.py); about 6 minutes
+    # a run that repeats the last one's shapes, kept with the steady graph), all in one call
+    # for a scarce machine, most needed first: the CUDA tests of the chunk graphs, 3b e2e at
+    # 128K x 1 before (.before/src: git archive 8de2333, carried), the targets' table after
+    # (PART=final BASELINE=0 GRAPHED=1, whose e2e row at 128K is the after), then where an
+    # after step goes (host_gap.py); about 9 minutes
     timeout 150 python -m pytest -q -x tests/test_model_chunk_graph.py \
       tests/test_ops_triton_kv.py 2>&1 | tail -3
-    for pair in before=.before/src after=src; do
-      side=${pair%%=*} src=$PWD/${pair#*=}
-      PYTHONPATH=$src timeout 130 python -m tttlm.cli bench prefill --preset 3b \
-        --variants e2e --lengths 131072 --compile compiled --paths model --repeats 2 \
-        --out "$OUT/prefill_128k_$side" > /dev/null || echo "$side: exit $?"
-      grep "^| e" "$OUT/prefill_128k_$side.md"
-    done
+    PYTHONPATH=$PWD/.before/src timeout 100 python -m tttlm.cli bench prefill --preset 3b \
+      --variants e2e --lengths 131072 --compile compiled --paths model --repeats 2 \
+      --out "$SCRATCH/prefill_128k_before" > /dev/null || echo "before: exit $?"
+    grep "^| e" "$SCRATCH/prefill_128k_before.md"
+    cp "$SCRATCH/prefill_128k_before.json" "$OUT/" 2>/dev/null
+    PART=final BASELINE=0 GRAPHED=1 bash "$0"
     timeout 150 python benchmarks/host_gap.py 131072:1 --repeats 2 \
-      --out "$OUT/host_gap_fill_3b_128k" > /dev/null || echo "host_gap: exit $?" ;;
+      --out "$SCRATCH/host_gap_fill_3b_128k" > /dev/null || echo "host_gap: exit $?"
+    cp "$SCRATCH/host_gap_fill_3b_128k.json" "$OUT/" 2>/dev/null ;;
   timeline)  # speed issue: PART=fold's timelines alone (host_gap.py at 128K x 1, before
     # and after, .mid/src carried as there; about 4 minutes)
     for pair in before=.mid/src after=src; do
