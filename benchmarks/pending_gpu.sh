@@ -368,36 +368,34 @@ case "$PART" in
   final)  # speed issue: the targets' table in one call on one card: 3b e2e prefill with the
     # model's defaults at 8K x 16, 32K x 4 and 128K x 1, full attention (flash and cuDNN, the
     # faster counts) at 8K and 128K, Engine.prefill (what tttlm generate runs) at 128K, and
-    # (BASELINE=0 to skip) e2e through `flash-window` at 8K and 128K; about 6 minutes
-    timeout 290 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-      --lengths 8192 32768 131072 --compile compiled --paths model --repeats 2 \
-      --out "$SCRATCH/prefill_final_3b_e2e" > /dev/null || echo "e2e: exit $?"
-    timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants full \
-      --lengths 8192 131072 --compile compiled --repeats 2 \
-      --out "$SCRATCH/prefill_final_3b_full" > /dev/null || echo "full: exit $?"
-    timeout 120 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-      --lengths 131072 --compile compiled --paths engine --repeats 2 \
-      --out "$SCRATCH/prefill_final_3b_engine" > /dev/null || echo "engine: exit $?"
+    # (BASELINE=0 to skip) e2e through `flash-window` at 8K and 128K; about 6 minutes. Each
+    # report's rows are printed and its JSON kept as soon as it is written (a call cut at its
+    # limit keeps what ran).
+    final_row() {  # NAME SECONDS ARGS...: one bench prefill process of the table
+      local name=$1 each=$2; shift 2
+      timeout "$each" python -m tttlm.cli bench prefill --preset 3b --compile compiled \
+        --repeats 2 "$@" --out "$SCRATCH/prefill_final_3b_$name" > /dev/null \
+        || echo "$name: exit $?"
+      grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
+      cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
+    }
+    final_row e2e 290 --variants e2e --lengths 8192 32768 131072 --paths model
+    final_row full 150 --variants full --lengths 8192 131072
+    final_row engine 120 --variants e2e --lengths 131072 --paths engine
     # the frozen chunks through FlashAttention's own window forward and backward, as `auto`
     # ran them before the Triton kernels: the same call's baseline (machines of one kind
     # differ by up to 10% on e2e, benchmarks/results/frozen_dq_3b_h100.md section 6)
     if [ "${BASELINE:-1}" = 1 ]; then
-      timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-        --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
-        --attention flash-window --out "$SCRATCH/prefill_final_3b_flash_window" > /dev/null \
-        || echo "flash-window: exit $?"
+      final_row flash_window 150 --variants e2e --lengths 8192 131072 --paths model \
+        --attention flash-window
     fi
-    # (GRAPHED=1) 8K x 16 and 32K x 4 with chunk graphs forced: in TTT groups of several
-    # sequences the default takes none; kept graphs of every chunk may change that
+    # (GRAPHED=1) 8K x 16 and 32K x 4 with chunk graphs forced (later arguments win): in
+    # TTT groups of several sequences the default takes none; kept graphs of every chunk
+    # may change that
     if [ "${GRAPHED:-0}" = 1 ]; then
-      timeout 150 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-        --lengths 8192 32768 --compile graphed --paths model --repeats 2 \
-        --out "$SCRATCH/prefill_final_3b_graphed" > /dev/null || echo "graphed: exit $?"
-    fi
-    for name in e2e full engine flash_window graphed; do
-      grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
-      cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
-    done ;;
+      final_row graphed 150 --variants e2e --lengths 8192 32768 --paths model \
+        --compile graphed
+    fi ;;
   descend)  # speed issue: the inner update as one Triton pass (ops/triton_descend.py),
     # then written into the chunk graph's buffers with their bf16 copies (triton_descend_),
     # against ATen's addcmul: three trees, carried as .before/src (addcmul: `mkdir .before &&
