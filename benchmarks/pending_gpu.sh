@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -39,6 +39,15 @@ prefill_each() {  # SECONDS VARIANT...: the 3b prefill at 8K-128K, one process p
       --out "$SCRATCH/prefill_3b_$v" || echo "prefill $v: exit $?"
     cp "$SCRATCH/prefill_3b_$v.json" "$OUT/" 2>/dev/null
   done
+}
+final_row() {  # NAME SECONDS ARGS...: one 3b bench prefill process of a table, its rows
+  # printed and its JSON kept as soon as written (a call cut at its limit keeps what ran)
+  local name=$1 each=$2; shift 2
+  timeout "$each" python -m tttlm.cli bench prefill --preset 3b --compile compiled \
+    --repeats 2 "$@" --out "$SCRATCH/prefill_final_3b_$name" > /dev/null \
+    || echo "$name: exit $?"
+  grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
+  cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
 }
 case "$PART" in
   train)  # speed issue: tttlm train itself, micro-batch 8 (fits an H200) vs 4
@@ -354,6 +363,18 @@ case "$PART" in
     timeout 150 python benchmarks/host_gap.py 131072:1 --repeats 2 \
       --out "$SCRATCH/host_gap_fill_3b_128k" > /dev/null || echo "host_gap: exit $?"
     cp "$SCRATCH/host_gap_fill_3b_128k.json" "$OUT/" 2>/dev/null ;;
+  lean)  # speed issue: PART=fill for what little device time is left, the most needed
+    # first, each report kept as soon as written: the CUDA tests of the chunk graphs, 3b e2e
+    # at 128K x 1 before (.before/src: git archive 8de2333, carried) and after, full attention
+    # at 128K, then e2e at 8K x 16 and 32K x 4, full at 8K, Engine.prefill at 128K
+    timeout 100 python -m pytest -q -x tests/test_model_chunk_graph.py 2>&1 | tail -2
+    PYTHONPATH=$PWD/.before/src final_row before 100 --variants e2e --lengths 131072 \
+      --paths model
+    final_row after 100 --variants e2e --lengths 131072 --paths model
+    final_row full128 100 --variants full --lengths 131072
+    final_row e2e_short 120 --variants e2e --lengths 8192 32768 --paths model
+    final_row full8 60 --variants full --lengths 8192
+    final_row engine 100 --variants e2e --lengths 131072 --paths engine ;;
   timeline)  # speed issue: PART=fold's timelines alone (host_gap.py at 128K x 1, before
     # and after, .mid/src carried as there; about 4 minutes)
     for pair in before=.mid/src after=src; do
@@ -371,14 +392,6 @@ case "$PART" in
     # (BASELINE=0 to skip) e2e through `flash-window` at 8K and 128K; about 6 minutes. Each
     # report's rows are printed and its JSON kept as soon as it is written (a call cut at its
     # limit keeps what ran).
-    final_row() {  # NAME SECONDS ARGS...: one bench prefill process of the table
-      local name=$1 each=$2; shift 2
-      timeout "$each" python -m tttlm.cli bench prefill --preset 3b --compile compiled \
-        --repeats 2 "$@" --out "$SCRATCH/prefill_final_3b_$name" > /dev/null \
-        || echo "$name: exit $?"
-      grep "^| [ef]" "$SCRATCH/prefill_final_3b_$name.md" 2>/dev/null
-      cp "$SCRATCH/prefill_final_3b_$name.json" "$OUT/" 2>/dev/null
-    }
     final_row e2e 290 --variants e2e --lengths 8192 32768 131072 --paths model
     final_row full 150 --variants full --lengths 8192 131072
     final_row engine 120 --variants e2e --lengths 131072 --paths engine
@@ -507,7 +520,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, lean, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;
