@@ -13,11 +13,12 @@ making took 89 ms of a 3.9 s 3b step at 128K on an H100, the GPU idle while the 
 (``benchmarks/results/prefill_fold_head_3b_h100.md``, section 3), and emptied the allocator's
 cache, which the next run's first chunks then allocated again.
 
-The chunks while the caches fill (8 at 3b) have a shape each, and launched they are
-host-bound at one sequence: 35-44 ms of host time for ~26 ms of GPU work each at 128K x 1
-on an H100 (``benchmarks/host_gap.py``, ``prefill_fill_3b_h100.md`` section 1). A run that
-repeats the last one's shapes makes a graph for each, kept beside the steady one over the
-same :class:`ChunkBuffers`: a server's later prompts replay every whole chunk but the last.
+The chunks while the caches fill (8 at 3b) have a shape each, and launched they can be
+host-bound at one sequence: 28-36 ms of host time for ~26 ms of GPU work each at 128K x 1
+on one H100 (``benchmarks/host_gap.py``, ``prefill_fill_3b_h100.md`` section 1; on another,
+they kept up: section 2). A run that repeats the last one's shapes makes a graph for each,
+kept beside the steady one over the same :class:`ChunkBuffers`: a server's later prompts
+replay every whole chunk but the last.
 """
 
 from __future__ import annotations
