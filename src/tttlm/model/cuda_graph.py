@@ -1,5 +1,6 @@
 """CUDA graphs of what repeats with one shape: the capture helper the engine uses, and the
-steady-state TTT chunk of a prefill (:class:`ChunkGraph`).
+TTT chunks of a prefill (:class:`ChunkGraph`: the steady state, and the chunks while the
+caches fill, over shared :class:`ChunkBuffers`; :class:`KeptGraph`, what a model keeps).
 
 A 3b prefill at 128K runs 128 chunks one after another for one sequence; each chunk's step
 (the TTT blocks forward, the head, the inner gradient, the clipped update) is about a
