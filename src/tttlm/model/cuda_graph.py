@@ -106,10 +106,10 @@ class ChunkBuffers:
     one set of fast weights (with their copies in the compute dtype, ``low``, where updates
     are written in place), the inner optimizer's state, and the caches by length. A graph of
     a chunk while the caches fill reads the caches of its length and writes those of the
-    next, which the next stage's graph reads: no chunk copies another's results. For one
-    sequence the caches of every length are views of the full window's (contiguous there),
-    so the stages hold one window of caches. ``pool``: the graphs' one memory pool on a GPU
-    (they replay one at a time, and each one's outputs are copied before the next)."""
+    next, which the next stage's graph reads: no chunk copies another's results. The caches
+    of every length are views of the full window's, so the stages hold one window of
+    caches. ``pool``: the graphs' one memory pool on a GPU (they replay one at a time, and
+    each one's outputs are copied before the next)."""
 
     def __init__(self, model: TTTForCausalLM, h: torch.Tensor, fast: FastWeights,
                  inner_state: InnerState, in_place: bool) -> None:
@@ -125,20 +125,17 @@ class ChunkBuffers:
 
     def caches(self, like: list[KVPair], length: int) -> list[KVPair]:
         """The buffers of the caches of ``length`` rows, shaped as ``like`` otherwise (the
-        same tensors at every call)."""
+        same tensors at every call): the first rows of the full window's. (For several
+        sequences they are not contiguous across the batch; every reader of a frozen cache
+        takes a row stride and a batch stride, as the Triton pass of
+        :mod:`tttlm.ops.triton_rope` does.)"""
         found = self._caches.get(length)
         if found is None:
-            def empty(t: torch.Tensor, rows: int) -> torch.Tensor:
-                return t.new_empty(t.shape[0], rows, *t.shape[2:])
-
             if self._full is None:
-                self._full = [(empty(k, self.window), empty(v, self.window)) for k, v in like]
-            if length == self.window:
-                found = self._full
-            elif like[0][0].shape[0] == 1:
-                found = [(k[:, :length], v[:, :length]) for k, v in self._full]
-            else:
-                found = [(empty(k, length), empty(v, length)) for k, v in like]
+                self._full = [tuple(t.new_empty(t.shape[0], self.window, *t.shape[2:])
+                                    for t in pair) for pair in like]  # type: ignore[misc]
+            found = (self._full if length == self.window
+                     else [(k[:, :length], v[:, :length]) for k, v in self._full])
             self._caches[length] = found
         return found
 
