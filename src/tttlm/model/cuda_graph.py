@@ -120,7 +120,6 @@ class ChunkBuffers:
         # update (None: the fast weights themselves, or no narrower compute dtype).
         self.low = model._inner_leaves(self.fast, h) if in_place else None
         self.pool = torch.cuda.graph_pool_handle() if can_capture(h.device) else None
-        self._full: list[KVPair] | None = None
         self._caches: dict[int, list[KVPair]] = {}
 
     def caches(self, like: list[KVPair], length: int) -> list[KVPair]:
@@ -129,14 +128,14 @@ class ChunkBuffers:
         sequences they are not contiguous across the batch; every reader of a frozen cache
         takes a row stride and a batch stride, as the Triton pass of
         :mod:`tttlm.ops.triton_rope` does.)"""
+        full = self._caches.get(self.window)
+        if full is None:
+            full = self._caches[self.window] = [
+                tuple(t.new_empty(t.shape[0], self.window, *t.shape[2:])  # type: ignore[misc]
+                      for t in pair) for pair in like]
         found = self._caches.get(length)
         if found is None:
-            if self._full is None:
-                self._full = [tuple(t.new_empty(t.shape[0], self.window, *t.shape[2:])
-                                    for t in pair) for pair in like]  # type: ignore[misc]
-            found = (self._full if length == self.window
-                     else [(k[:, :length], v[:, :length]) for k, v in self._full])
-            self._caches[length] = found
+            found = self._caches[length] = [(k[:, :length], v[:, :length]) for k, v in full]
         return found
 
     def load(self, into: list[KVPair], caches: list[KVPair], fast: FastWeights,
@@ -168,9 +167,7 @@ class ChunkBuffers:
         """``caches``, ``fast`` and ``inner_state`` with every tensor that is one of these
         buffers replaced by a copy: what a run returns when its graphs are kept for later
         runs, whose replays overwrite the buffers."""
-        mine = {id(t) for t in (*(x for pairs in self._caches.values() for pair in pairs
-                                  for x in pair),
-                                *self.updated(self.fast, self.inner_state))}
+        mine = {id(t) for t in self.tensors()}
 
         def own(t: torch.Tensor) -> torch.Tensor:
             return t.clone() if id(t) in mine else t
