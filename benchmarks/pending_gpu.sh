@@ -375,11 +375,12 @@ case "$PART" in
     final_row e2e_short 120 --variants e2e --lengths 8192 32768 --paths model
     final_row full8 60 --variants full --lengths 8192
     final_row engine 100 --variants e2e --lengths 131072 --paths engine ;;
-  rotate)  # speed issue: the window forward's whole tiles with each tile's scores issued one
-    # iteration ahead (TTTLM_WINDOW_ROTATE=1) against as written (0): its CUDA tests, the
-    # chunk kernels (frozen_dq.py) and the whole-sequence pass (window_sequence.py) alone, then
-    # 3b e2e at 128K x 1 each way; about 7 minutes
-    timeout 120 python -m pytest -x -rf tests/test_ops_triton_window_fwd.py 2>&1 | tail -3
+  rotate)  # speed issue: the window kernels' (forward, frozen dq) whole tiles with each
+    # tile's products issued one iteration ahead (TTTLM_WINDOW_ROTATE=1) against as written
+    # (0): their CUDA tests, the chunk kernels (frozen_dq.py) and the whole-sequence pass
+    # (window_sequence.py) alone, then 3b e2e at 128K x 1 each way; about 7 minutes
+    timeout 150 python -m pytest -x -rf tests/test_ops_triton_window_fwd.py \
+      tests/test_ops_frozen_dq.py 2>&1 | tail -3
     for r in 0 1; do
       export TTTLM_WINDOW_ROTATE=$r
       timeout 100 python benchmarks/frozen_dq.py --out "$SCRATCH/frozen_dq_rotate$r" \

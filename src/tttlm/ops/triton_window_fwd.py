@@ -23,14 +23,12 @@ fp64). This module imports Triton at import time; reach it through
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from tttlm.ops.triton_kv import key_tile, kv_operands
-from tttlm.ops.triton_tiles import head_split, tile_config
+from tttlm.ops.triton_tiles import head_split, rotate_products, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel at
@@ -48,18 +46,6 @@ DEFAULT_CONFIG = (128, 64, 4, 3)
 # 24.0, 27.7 ms a block, against 14.4 for cuDNN's causal attention and 27.8 and 29.7 for the
 # cuDNN pieces); 64x32/4/3 (the chunk's) 16.7, 29.1, 32.2. TTTLM_WINDOW_SEQ overrides it.
 SEQUENCE_CONFIG = (128, 64, 4, 3)
-# The whole tiles' loop with each tile's scores issued one iteration ahead (``ROTATE``): off
-# until timed on a GPU; TTTLM_WINDOW_ROTATE=1 / 0 turns it on / off for a run.
-ROTATE_DEFAULT = False
-
-
-def rotate_scores() -> bool:
-    """Whether the kernel issues the next tile's scores before this tile's softmax (read at
-    every call, as the tiles are: a benchmark switches it between calls)."""
-    given = os.environ.get("TTTLM_WINDOW_ROTATE", "")
-    if given not in ("", "0", "1"):
-        raise ValueError(f"TTTLM_WINDOW_ROTATE={given!r}: give 0 or 1")
-    return ROTATE_DEFAULT if not given else given == "1"
 
 
 @triton.jit
@@ -296,5 +282,5 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         lse.stride(0), lse.stride(1),
         H, c, P, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        DESC=descriptors, ROTATE=rotate_scores(), num_warps=warps, num_stages=stages)
+        DESC=descriptors, ROTATE=rotate_products(), num_warps=warps, num_stages=stages)
     return out, lse
