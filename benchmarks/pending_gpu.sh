@@ -392,10 +392,13 @@ case "$PART" in
         | cut -c1-700 || echo "window_sequence rotate $r: exit $?"
       cp "$SCRATCH/window_sequence_rotate$r.json" "$OUT/" 2>/dev/null
     done
-    for r in 0 1; do
-      export TTTLM_WINDOW_ROTATE=$r
-      final_row "rotate$r" 120 --variants e2e --lengths 131072 --paths model
-    done
+    # (E2E=0: the kernels alone, about 3 minutes, for little device time)
+    if [ "${E2E:-1}" = 1 ]; then
+      for r in 0 1; do
+        export TTTLM_WINDOW_ROTATE=$r
+        final_row "rotate$r" 120 --variants e2e --lengths 131072 --paths model
+      done
+    fi
     unset TTTLM_WINDOW_ROTATE ;;
   one_sequence)  # speed issue: what the graphs of the filling chunks give a one-sequence
     # prompt up to the window (8K at 3b: every whole chunk but the last fills the caches),
