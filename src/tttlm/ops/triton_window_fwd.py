@@ -63,18 +63,11 @@ def _scores(qa, qb, start, k_at, sk_t, da, db, N, KA, KB, b32, col_a, col_b,
 
 
 @triton.jit
-def _consume(acc_a, acc_b, m_i, l_i, s, rows, start, v_at, sv_t, da, db, N, P, WINDOW,
-             qk_scale, VA, VB, b32, col_a, col_b,
-             BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-             MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr):
-    """The scores ``s`` of the ``BN`` keys from ``start`` into the running max ``m_i`` (log2
-    units), sum ``l_i`` and the accumulators (``acc_b``: the head's second part)."""
-    cols = start + tl.arange(0, BN)
-    va = key_tile(v_at, VA, b32, col_a, start, sv_t, da, N, BN, DA, MASK_CAUSAL, DESC)
-    if DB > 0:
-        vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, N, BN, DB, MASK_CAUSAL, DESC)
-    else:  # placeholder, never read
-        vb = va
+def _softmax_pv(acc_a, acc_b, m_i, l_i, s, va, vb, rows, cols, P, WINDOW, qk_scale,
+                DB: tl.constexpr, MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr):
+    """The unscaled scores ``s`` of keys ``cols`` and their values ``va, vb`` (the head's two
+    parts; ``vb`` a placeholder when ``DB`` is 0) into the running max ``m_i`` (log2 units),
+    sum ``l_i`` and the accumulators."""
     if MASK_CAUSAL or MASK_EDGE:
         s = s * qk_scale
         if MASK_CAUSAL:
@@ -105,6 +98,22 @@ def _consume(acc_a, acc_b, m_i, l_i, s, rows, start, v_at, sv_t, da, db, N, P, W
 
 
 @triton.jit
+def _consume(acc_a, acc_b, m_i, l_i, s, rows, start, v_at, sv_t, da, db, N, P, WINDOW,
+             qk_scale, VA, VB, b32, col_a, col_b,
+             BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
+             MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr):
+    """The scores ``s`` of the ``BN`` keys from ``start`` (from :func:`_scores`) into the
+    running state, their values read here."""
+    va = key_tile(v_at, VA, b32, col_a, start, sv_t, da, N, BN, DA, MASK_CAUSAL, DESC)
+    if DB > 0:
+        vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, N, BN, DB, MASK_CAUSAL, DESC)
+    else:  # placeholder, never read
+        vb = va
+    return _softmax_pv(acc_a, acc_b, m_i, l_i, s, va, vb, rows, start + tl.arange(0, BN), P,
+                       WINDOW, qk_scale, DB, MASK_EDGE, MASK_CAUSAL)
+
+
+@triton.jit
 def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t, da, db,
               N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
               BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
@@ -123,33 +132,10 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_
         kb = key_tile(k_at, KB, b32, col_b, start, sk_t, db, N, BN, DB, MASK_CAUSAL, DESC)
         vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, N, BN, DB, MASK_CAUSAL, DESC)
         s = tl.dot(qb, tl.trans(kb), s)
-    if MASK_CAUSAL or MASK_EDGE:
-        s = s * qk_scale
-        if MASK_CAUSAL:
-            s = tl.where(cols[None, :] <= P + rows[:, None], s, float("-inf"))
-        if MASK_EDGE:
-            s = tl.where(P + rows[:, None] - cols[None, :] < WINDOW, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet (the window's edge starts past this tile for it)
-        # keeps -inf; shifting by 0 there makes its terms 0 instead of exp2(-inf + inf) = NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-    else:
-        # Every query sees every key of the tile (most tiles): the maximum is finite, and
-        # the scale folds into the shift, one fused multiply-add an element instead of a
-        # multiply and a subtraction (the softmax's elementwise work, not the products,
-        # bounds this kernel at a head width of 80). max(s)·c = max(s·c) for c > 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_use = m_new
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(ka.dtype)
-    # (the accumulating form: the products add into the rescaled accumulator in place)
-    acc_a = tl.dot(p, va, acc_a * alpha[:, None])
-    if DB > 0:
-        acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
-    return acc_a, acc_b, m_new, l_i
+    else:  # placeholder, never read
+        vb = va
+    return _softmax_pv(acc_a, acc_b, m_i, l_i, s, va, vb, rows, cols, P, WINDOW, qk_scale,
+                       DB, MASK_EDGE, MASK_CAUSAL)
 
 
 @triton.jit
