@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|rotate|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -375,31 +375,6 @@ case "$PART" in
     final_row e2e_short 120 --variants e2e --lengths 8192 32768 --paths model
     final_row full8 60 --variants full --lengths 8192
     final_row engine 100 --variants e2e --lengths 131072 --paths engine ;;
-  rotate)  # speed issue: the window kernels' (forward, frozen dq) whole tiles with each
-    # tile's products issued one iteration ahead (TTTLM_WINDOW_ROTATE=1) against as written
-    # (0): their CUDA tests, the chunk kernels (frozen_dq.py) and the whole-sequence pass
-    # (window_sequence.py) alone, then 3b e2e at 128K x 1 each way; about 7 minutes
-    # (the CUDA tests rotated; the reference tests both ways, descriptors only: ~1 minute)
-    TTTLM_WINDOW_ROTATE=1 timeout 120 python -m pytest -x -rf \
-      -k "cuda or (kernel_equals_reference and True)" tests/test_ops_triton_window_fwd.py \
-      tests/test_ops_frozen_dq.py 2>&1 | tail -3
-    for r in 0 1; do
-      export TTTLM_WINDOW_ROTATE=$r
-      timeout 100 python benchmarks/frozen_dq.py --out "$SCRATCH/frozen_dq_rotate$r" \
-        | cut -c1-700 || echo "frozen_dq rotate $r: exit $?"
-      cp "$SCRATCH/frozen_dq_rotate$r.json" "$OUT/" 2>/dev/null
-      timeout 100 python benchmarks/window_sequence.py --out "$SCRATCH/window_sequence_rotate$r" \
-        | cut -c1-700 || echo "window_sequence rotate $r: exit $?"
-      cp "$SCRATCH/window_sequence_rotate$r.json" "$OUT/" 2>/dev/null
-    done
-    # (E2E=0: the kernels alone, about 3 minutes, for little device time)
-    if [ "${E2E:-1}" = 1 ]; then
-      for r in 0 1; do
-        export TTTLM_WINDOW_ROTATE=$r
-        final_row "rotate$r" 120 --variants e2e --lengths 131072 --paths model
-      done
-    fi
-    unset TTTLM_WINDOW_ROTATE ;;
   one_sequence)  # speed issue: what the graphs of the filling chunks give a one-sequence
     # prompt up to the window (8K at 3b: every whole chunk but the last fills the caches),
     # the scoring forward and Engine.prefill, graphs by default (made by the second warm-up)
@@ -553,7 +528,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, lean, one_sequence, rotate, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, lean, one_sequence, session, eager, frozen, triton_fwd, frozen_triton, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

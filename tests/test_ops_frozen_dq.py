@@ -50,16 +50,13 @@ def test_head_split(d: int, split: tuple[int, int] | None) -> None:
     (40, 100, 64, 80),    # tiles of 16: the edge, full and partial last key tiles all met
 ])
 @pytest.mark.parametrize("descriptors", [False, True])
-@pytest.mark.parametrize("rotate", ["0", "1"])
 def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
-                                 dtype: torch.dtype, descriptors: bool, rotate: str,
+                                 dtype: torch.dtype, descriptors: bool,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The cache's share of dq from the dense scores; with the chunk's share added in; small
     tiles too, so that several key tiles and the window's edge inside a tile are crossed;
     keys and values through pointers and through tensor descriptors (which read the chunk's
-    own keys past the cache's last tile, to be masked); the whole tiles' loop as written and
-    with each tile's products issued one iteration ahead (``rotate``)."""
-    monkeypatch.setenv("TTTLM_WINDOW_ROTATE", rotate)
+    own keys past the cache's last tile, to be masked)."""
     q, k, v = chunk_operands(2, c, P, 3, d, dtype, DEVICE)
     out, lse = frozen.window_forward_reference(q, k, v, window) if DEVICE == "cpu" else _flash_out(
         q, k, v, window)

@@ -40,16 +40,13 @@ def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
     (40, 60, 5, 80),      # a window shorter than a tile: rows that see no key of a tile
 ])
 @pytest.mark.parametrize("descriptors", [False, True])
-@pytest.mark.parametrize("rotate", ["0", "1"])
 def test_kernel_equals_reference(c: int, P: int, window: int | None, d: int,
-                                 dtype: torch.dtype, descriptors: bool, rotate: str,
+                                 dtype: torch.dtype, descriptors: bool,
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Output and log-sum-exp as the dense reference's, with the default tiles and with tiles
     of 16 (several key tiles of each kind, and the window's edge inside the diagonal's), keys
     and values read through pointers and through tensor descriptors (rows past the keys
-    read as zeros there instead of masked), the whole tiles' loop as written and with each
-    tile's scores issued one iteration ahead (``rotate``)."""
-    monkeypatch.setenv("TTTLM_WINDOW_ROTATE", rotate)
+    read as zeros there instead of masked)."""
     q, k, v = chunk_operands(2, c, P, 3, d, dtype, DEVICE)
     ref_out, ref_lse = frozen.window_forward_reference(
         *(x.to(torch.float64) for x in (q, k, v)), window)

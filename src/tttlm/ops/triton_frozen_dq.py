@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from tttlm.ops.triton_kv import key_tile, kv_operands
-from tttlm.ops.triton_tiles import head_split, rotate_products, tile_config
+from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel alone
@@ -75,37 +75,6 @@ def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at, v_a
 
 
 @triton.jit
-def _dq_products(qa, qb, doa, dob, start, k_at, v_at, sk_t, sv_t, da, db, KA, KB, VA, VB,
-                 b32, col_a, col_b, BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-                 DESC: tl.constexpr):
-    """A whole tile's keys and values (both head parts) and its products: the unscaled
-    scores ``s`` and ``dp = dO v^T``."""
-    ka = key_tile(k_at, KA, b32, col_a, start, sk_t, da, 0, BN, DA, False, DESC)
-    va = key_tile(v_at, VA, b32, col_a, start, sv_t, da, 0, BN, DA, False, DESC)
-    s = tl.dot(qa, tl.trans(ka))
-    dp = tl.dot(doa, tl.trans(va))
-    if DB > 0:
-        kb = key_tile(k_at, KB, b32, col_b, start, sk_t, db, 0, BN, DB, False, DESC)
-        vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, 0, BN, DB, False, DESC)
-        s += tl.dot(qb, tl.trans(kb))
-        dp += tl.dot(dob, tl.trans(vb))
-    else:  # placeholder, never read
-        kb = ka
-    return s, dp, ka, kb
-
-
-@triton.jit
-def _dq_whole(acc_a, acc_b, s, dp, ka, kb, delta, lse2, qk_scale, DB: tl.constexpr):
-    """A whole tile's products (every query sees every key) into the accumulators."""
-    p = tl.math.exp2(s * qk_scale - lse2[:, None])
-    ds = (p * (dp - delta[:, None])).to(ka.dtype)
-    acc_a += tl.dot(ds, ka)
-    if DB > 0:
-        acc_b += tl.dot(ds, kb)
-    return acc_a, acc_b
-
-
-@triton.jit
 def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, KA, KB, VA, VB,
                       sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                       so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sl_b, sl_h,
@@ -113,14 +82,13 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, KA, KB, VA, VB,
                       H, C, P, WINDOW, scale,
                       BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, HAS_DQC: tl.constexpr, OWN: tl.constexpr,
-                      DESC: tl.constexpr, ROTATE: tl.constexpr):
+                      DESC: tl.constexpr):
     """One tile of ``BM`` queries of one head: ``DQ = scale · Σ_j P (dP − D) k_j (+ DQC)``
     over the cache keys ``j < P`` that query ``i`` (position ``P + i``) sees:
     ``P + i − j < WINDOW``; with ``OWN``, over the chunk's own keys ``P <= j <= P + i`` too
     (the chunk is no longer than the window). Head width ``DA + DB`` (``DB`` 0 or a power of
     two). Grid: (query tiles, batch × heads). ``DESC``: keys and values through the tensor
-    descriptors ``KA, KB, VA, VB`` instead of pointers. ``ROTATE``: the cache's whole tiles'
-    loop issues each tile's products one iteration ahead."""
+    descriptors ``KA, KB, VA, VB`` instead of pointers."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H  # (descriptor coordinates are 32-bit)
@@ -169,27 +137,11 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, KA, KB, VA, VB,
                                 v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale,
                                 KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
                                 False, True, False, DESC)
-    mid = tl.maximum(edge, lo)
-    if ROTATE:
-        # The next tile's products issued before this one's softmax work: the tensor cores
-        # run one tile's while the other's exponentials are computed (the products are
-        # asynchronous on Hopper until their results are read).
-        if mid < full:
-            s, dp, ka, kb = _dq_products(qa, qb, doa, dob, mid, k_at, v_at, sk_t, sv_t, da, db,
-                                         KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB, DESC)
-            for start in range(mid, full - BN, BN):
-                s_n, dp_n, ka_n, kb_n = _dq_products(qa, qb, doa, dob, start + BN, k_at, v_at,
-                                                     sk_t, sv_t, da, db, KA, KB, VA, VB, b32,
-                                                     col_a, col_b, BN, DA, DB, DESC)
-                acc_a, acc_b = _dq_whole(acc_a, acc_b, s, dp, ka, kb, delta, lse2, qk_scale, DB)
-                s, dp, ka, kb = s_n, dp_n, ka_n, kb_n
-            acc_a, acc_b = _dq_whole(acc_a, acc_b, s, dp, ka, kb, delta, lse2, qk_scale, DB)
-    else:
-        for start in range(mid, full, BN):
-            acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start,
-                                    k_at, v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale,
-                                    KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
-                                    False, False, False, DESC)
+    for start in range(tl.maximum(edge, lo), full, BN):
+        acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
+                                v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale,
+                                KA, KB, VA, VB, b32, col_a, col_b, BN, DA, DB,
+                                False, False, False, DESC)
     for start in range(tl.maximum(full, lo), P, BN):
         acc_a, acc_b = _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at,
                                 v_at, sk_t, sv_t, da, db, P, P, WINDOW, qk_scale,
@@ -256,7 +208,6 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, c, frozen, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        HAS_DQC=dq_chunk is not None, OWN=own, DESC=descriptors, ROTATE=rotate_products(),
-        num_warps=warps,
+        HAS_DQC=dq_chunk is not None, OWN=own, DESC=descriptors, num_warps=warps,
         num_stages=stages)
     return dq

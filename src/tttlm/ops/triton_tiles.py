@@ -13,11 +13,6 @@ import os
 
 Tiles = tuple[int, int, int, int]
 
-# The window kernels' loops over whole key tiles (the forward's and the frozen dq's) with each
-# tile's products issued one iteration ahead of its softmax work: off until timed on a GPU;
-# TTTLM_WINDOW_ROTATE=1 / 0 turns it on / off for a run.
-ROTATE_DEFAULT = False
-
 
 def tile_config(variable: str, default: Tiles) -> Tiles:
     """``variable``'s four integers (two tile sizes, warps, pipeline stages), or ``default``
@@ -34,16 +29,6 @@ def _parse(variable: str, given: str, default: Tiles) -> Tiles:
         raise ValueError(f"{variable}={given!r}: give four integers A,B,WARPS,STAGES")
     a, b, warps, stages = (int(p) for p in parts)
     return a, b, warps, stages
-
-
-def rotate_products() -> bool:
-    """Whether the window kernels issue the next key tile's products before this tile's
-    softmax work (read at every call, as the tiles are: a benchmark switches it between
-    calls)."""
-    given = os.environ.get("TTTLM_WINDOW_ROTATE", "")
-    if given not in ("", "0", "1"):
-        raise ValueError(f"TTTLM_WINDOW_ROTATE={given!r}: give 0 or 1")
-    return ROTATE_DEFAULT if not given else given == "1"
 
 
 def head_split(d: int) -> tuple[int, int] | None:

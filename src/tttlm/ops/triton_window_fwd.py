@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from tttlm.ops.triton_kv import key_tile, kv_operands
-from tttlm.ops.triton_tiles import head_split, rotate_products, tile_config
+from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (queries, keys), warps, pipeline stages. Measured on one H100 at 3b's shapes (cache
 # 8192, chunk 1024, 32 heads of 80; benchmarks/results/frozen_dq_3b_h100.md), the kernel at
@@ -46,71 +46,6 @@ DEFAULT_CONFIG = (128, 64, 4, 3)
 # 24.0, 27.7 ms a block, against 14.4 for cuDNN's causal attention and 27.8 and 29.7 for the
 # cuDNN pieces); 64x32/4/3 (the chunk's) 16.7, 29.1, 32.2. TTTLM_WINDOW_SEQ overrides it.
 SEQUENCE_CONFIG = (128, 64, 4, 3)
-
-
-@triton.jit
-def _scores(qa, qb, start, k_at, sk_t, da, db, N, KA, KB, b32, col_a, col_b,
-            BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-            MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr):
-    """The unscaled scores of the queries against ``BN`` keys from ``start``: the head's two
-    parts' products summed (``qb, db``: placeholders when ``DB`` is 0)."""
-    ka = key_tile(k_at, KA, b32, col_a, start, sk_t, da, N, BN, DA, MASK_CAUSAL, DESC)
-    s = tl.dot(qa, tl.trans(ka))
-    if DB > 0:
-        kb = key_tile(k_at, KB, b32, col_b, start, sk_t, db, N, BN, DB, MASK_CAUSAL, DESC)
-        s = tl.dot(qb, tl.trans(kb), s)
-    return s
-
-
-@triton.jit
-def _softmax_pv(acc_a, acc_b, m_i, l_i, s, va, vb, rows, cols, P, WINDOW, qk_scale,
-                DB: tl.constexpr, MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr):
-    """The unscaled scores ``s`` of keys ``cols`` and their values ``va, vb`` (the head's two
-    parts; ``vb`` a placeholder when ``DB`` is 0) into the running max ``m_i`` (log2 units),
-    sum ``l_i`` and the accumulators."""
-    if MASK_CAUSAL or MASK_EDGE:
-        s = s * qk_scale
-        if MASK_CAUSAL:
-            s = tl.where(cols[None, :] <= P + rows[:, None], s, float("-inf"))
-        if MASK_EDGE:
-            s = tl.where(P + rows[:, None] - cols[None, :] < WINDOW, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet (the window's edge starts past this tile for it)
-        # keeps -inf; shifting by 0 there makes its terms 0 instead of exp2(-inf + inf) = NaN.
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-    else:
-        # Every query sees every key of the tile (most tiles): the maximum is finite, and
-        # the scale folds into the shift, one fused multiply-add an element instead of a
-        # multiply and a subtraction (the softmax's elementwise work, not the products,
-        # bounds this kernel at a head width of 80). max(s)·c = max(s·c) for c > 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        m_use = m_new
-        p = tl.math.exp2(s * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(va.dtype)
-    # (the accumulating form: the products add into the rescaled accumulator in place)
-    acc_a = tl.dot(p, va, acc_a * alpha[:, None])
-    if DB > 0:
-        acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
-    return acc_a, acc_b, m_new, l_i
-
-
-@triton.jit
-def _consume(acc_a, acc_b, m_i, l_i, s, rows, start, v_at, sv_t, da, db, N, P, WINDOW,
-             qk_scale, VA, VB, b32, col_a, col_b,
-             BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-             MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr):
-    """The scores ``s`` of the ``BN`` keys from ``start`` (from :func:`_scores`) into the
-    running state, their values read here."""
-    va = key_tile(v_at, VA, b32, col_a, start, sv_t, da, N, BN, DA, MASK_CAUSAL, DESC)
-    if DB > 0:
-        vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, N, BN, DB, MASK_CAUSAL, DESC)
-    else:  # placeholder, never read
-        vb = va
-    return _softmax_pv(acc_a, acc_b, m_i, l_i, s, va, vb, rows, start + tl.arange(0, BN), P,
-                       WINDOW, qk_scale, DB, MASK_EDGE, MASK_CAUSAL)
 
 
 @triton.jit
@@ -132,10 +67,33 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_
         kb = key_tile(k_at, KB, b32, col_b, start, sk_t, db, N, BN, DB, MASK_CAUSAL, DESC)
         vb = key_tile(v_at, VB, b32, col_b, start, sv_t, db, N, BN, DB, MASK_CAUSAL, DESC)
         s = tl.dot(qb, tl.trans(kb), s)
-    else:  # placeholder, never read
-        vb = va
-    return _softmax_pv(acc_a, acc_b, m_i, l_i, s, va, vb, rows, cols, P, WINDOW, qk_scale,
-                       DB, MASK_EDGE, MASK_CAUSAL)
+    if MASK_CAUSAL or MASK_EDGE:
+        s = s * qk_scale
+        if MASK_CAUSAL:
+            s = tl.where(cols[None, :] <= P + rows[:, None], s, float("-inf"))
+        if MASK_EDGE:
+            s = tl.where(P + rows[:, None] - cols[None, :] < WINDOW, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet (the window's edge starts past this tile for it)
+        # keeps -inf; shifting by 0 there makes its terms 0 instead of exp2(-inf + inf) = NaN.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+    else:
+        # Every query sees every key of the tile (most tiles): the maximum is finite, and
+        # the scale folds into the shift, one fused multiply-add an element instead of a
+        # multiply and a subtraction (the softmax's elementwise work, not the products,
+        # bounds this kernel at a head width of 80). max(s)·c = max(s·c) for c > 0.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(ka.dtype)
+    # (the accumulating form: the products add into the rescaled accumulator in place)
+    acc_a = tl.dot(p, va, acc_a * alpha[:, None])
+    if DB > 0:
+        acc_b = tl.dot(p, vb, acc_b * alpha[:, None])
+    return acc_a, acc_b, m_new, l_i
 
 
 @triton.jit
@@ -144,12 +102,10 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                        so_b, so_t, so_h, sl_b, sl_h,
                        H, C, P, WINDOW, scale,
                        BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr,
-                       DB: tl.constexpr, HAS_WINDOW: tl.constexpr, DESC: tl.constexpr,
-                       ROTATE: tl.constexpr):
+                       DB: tl.constexpr, HAS_WINDOW: tl.constexpr, DESC: tl.constexpr):
     """One tile of ``BM`` queries of one head over the keys it sees. Grid: (query tiles,
     batch × heads). ``DESC``: keys and values through the tensor descriptors ``KA, KB, VA,
-    VB`` (``[B, N, H · d]``, blocks of the head's two parts) instead of pointers.
-    ``ROTATE``: the whole tiles' loop issues each tile's scores one iteration ahead."""
+    VB`` (``[B, N, H · d]``, blocks of the head's two parts) instead of pointers."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H  # (descriptor coordinates are 32-bit)
@@ -192,32 +148,11 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
                                            KA, KB, VA, VB, b32, col_a, col_b,
                                            BN, DA, DB, True, False, DESC)
-    mid = tl.maximum(edge, lo)
-    if ROTATE:
-        # The whole tiles with the next tile's scores issued before this one's softmax: the
-        # tensor cores' products of one tile run while the softmax units work on the other
-        # (the products are asynchronous on Hopper until their result is read).
-        if mid < diag:
-            s = _scores(qa, qb, mid, k_at, sk_t, da, db, N, KA, KB, b32, col_a, col_b,
-                        BN, DA, DB, False, DESC)
-            for start in range(mid, diag - BN, BN):
-                s_next = _scores(qa, qb, start + BN, k_at, sk_t, da, db, N, KA, KB, b32,
-                                 col_a, col_b, BN, DA, DB, False, DESC)
-                acc_a, acc_b, m_i, l_i = _consume(acc_a, acc_b, m_i, l_i, s, rows, start,
-                                                  v_at, sv_t, da, db, N, P, WINDOW, qk_scale,
-                                                  VA, VB, b32, col_a, col_b,
-                                                  BN, DA, DB, False, False, DESC)
-                s = s_next
-            acc_a, acc_b, m_i, l_i = _consume(acc_a, acc_b, m_i, l_i, s, rows, diag - BN,
-                                              v_at, sv_t, da, db, N, P, WINDOW, qk_scale,
-                                              VA, VB, b32, col_a, col_b,
-                                              BN, DA, DB, False, False, DESC)
-    else:
-        for start in range(mid, diag, BN):
-            acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start,
-                                               k_at, v_at, sk_t, sv_t, da, db, N, P, WINDOW,
-                                               qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
-                                               BN, DA, DB, False, False, DESC)
+    for start in range(tl.maximum(edge, lo), diag, BN):
+        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
+                                           v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
+                                           KA, KB, VA, VB, b32, col_a, col_b,
+                                           BN, DA, DB, False, False, DESC)
     for start in range(tl.maximum(diag, lo), hi, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
@@ -268,5 +203,5 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         lse.stride(0), lse.stride(1),
         H, c, P, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        DESC=descriptors, ROTATE=rotate_products(), num_warps=warps, num_stages=stages)
+        DESC=descriptors, num_warps=warps, num_stages=stages)
     return out, lse

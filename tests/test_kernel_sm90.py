@@ -1,0 +1,52 @@
+"""``benchmarks/kernel_sm90.py``'s reading of what it compiles (the compile itself takes a
+minute; its report is committed): the arguments' types and divisibility, and each loop's
+sequence of tensor-core products, waits and exponentials in a PTX text."""
+
+from __future__ import annotations
+
+import pytest
+
+from _helpers import load_benchmark, triton_or_skip
+
+triton_or_skip()
+
+
+@pytest.fixture(scope="module")
+def tool():  # type: ignore[no-untyped-def]
+    return load_benchmark("kernel_sm90")
+
+
+def test_signature_types_the_kernel_arguments(tool) -> None:  # type: ignore[no-untyped-def]
+    fn = tool.triton_window_fwd._window_fwd_kernel
+    consts = dict(BM=128, BN=64, DA=64, DB=16, HAS_WINDOW=True, DESC=False)
+    sig, constants, attrs = tool._signature(fn, consts)
+    names = fn.arg_names
+    assert sig["Q"] == sig["KA"] == "*bf16" and sig["LSE"] == "*fp32"
+    assert sig["H"] == sig["WINDOW"] == sig["sq_t"] == "i32" and sig["scale"] == "fp32"
+    assert {names[i]: v for (i,), v in constants.items()} == consts
+    assert all(sig[n] == "constexpr" for n in consts)
+    # every pointer and integer is marked a multiple of 16, the float and constants are not
+    marked = {names[i] for (i,) in attrs}
+    assert marked == {n for n in names if n not in consts and n != "scale"}
+
+
+PTX = """\
+$L__BB0_2:
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};
+	wgmma.wait_group.sync.aligned 0;
+	ex2.approx.ftz.f32 %f1, %f2;
+	ex2.approx.ftz.f32 %f3, %f4;
+	wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {...};
+	@%p1 bra 	$L__BB0_2;
+$L__BB0_3:
+	wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {...};
+	@%p2 bra 	$L__BB0_5;
+$L__BB0_5:
+	ret;
+"""
+
+
+def test_loops_are_read_from_the_ptx(tool) -> None:  # type: ignore[no-untyped-def]
+    # one loop (the branch back to $L__BB0_2); the forward branch to $L__BB0_5 is not one
+    assert tool._loops(PTX) == [["mma m64n64k16 x2", "wait", "ex2 x2", "mma m64n16k16"]]
