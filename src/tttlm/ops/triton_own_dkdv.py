@@ -39,31 +39,41 @@ def _dkdv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, cols, start, q_at, do_at, sq_
                CAUSAL: tl.constexpr):
     """One tile of ``BM`` queries into the key tile's accumulators (``kb, vb, dkb, dvb``: the
     head's second part, placeholders when ``DB`` is 0). ``CAUSAL``: the diagonal crosses the
-    tile (and the chunk's end may: rows past ``C`` are masked there too)."""
+    tile (and the chunk's end may: rows past ``C`` are masked there too).
+
+    The scores are formed transposed, keys by queries (``k qᵀ``, ``v dOᵀ``): the
+    probabilities and ``dS`` then feed ``dv`` and ``dk`` as they are, where ``q kᵀ`` would
+    need both transposed in registers (a round trip through shared memory per tile)."""
     rows = start + tl.arange(0, BM)
     row_ok = rows < C
     qa = tl.load(q_at + rows[:, None] * sq_t + da[None, :], mask=row_ok[:, None], other=0.0)
     doa = tl.load(do_at + rows[:, None] * sdo_t + da[None, :], mask=row_ok[:, None], other=0.0)
     lse2 = tl.load(LSE_at + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA_at + rows, mask=row_ok, other=0.0)
-    s = tl.dot(qa, tl.trans(ka))  # [BM, BN]
-    dp = tl.dot(doa, tl.trans(va))
     if DB > 0:
         qb = tl.load(q_at + rows[:, None] * sq_t + db[None, :], mask=row_ok[:, None], other=0.0)
         dob = tl.load(do_at + rows[:, None] * sdo_t + db[None, :], mask=row_ok[:, None],
                       other=0.0)
-        s += tl.dot(qb, tl.trans(kb))
-        dp += tl.dot(dob, tl.trans(vb))
-    p = tl.math.exp2(s * qk_scale - lse2[:, None])
+    else:  # placeholders, never read
+        qb, dob = qa, doa
+    # The scores' products first, both head parts, then dO's: the exponentials need only the
+    # first, so the second may still run.
+    st = tl.dot(ka, tl.trans(qa))  # [BN, BM]
+    if DB > 0:
+        st += tl.dot(kb, tl.trans(qb))
+    dpt = tl.dot(va, tl.trans(doa))
+    if DB > 0:
+        dpt += tl.dot(vb, tl.trans(dob))
+    pt = tl.math.exp2(st * qk_scale - lse2[None, :])
     if CAUSAL:
-        p = tl.where((cols[None, :] <= rows[:, None]) & row_ok[:, None], p, 0.0)
-    ds = (p * (dp - delta[:, None])).to(qa.dtype)
-    pt = tl.trans(p.to(qa.dtype))
+        pt = tl.where((cols[:, None] <= rows[None, :]) & row_ok[None, :], pt, 0.0)
+    dst = (pt * (dpt - delta[None, :])).to(qa.dtype)
+    pt = pt.to(qa.dtype)
     dva += tl.dot(pt, doa)
-    dka += tl.dot(tl.trans(ds), qa)
+    dka += tl.dot(dst, qa)
     if DB > 0:
         dvb += tl.dot(pt, dob)
-        dkb += tl.dot(tl.trans(ds), qb)
+        dkb += tl.dot(dst, qb)
     return dka, dkb, dva, dvb
 
 
