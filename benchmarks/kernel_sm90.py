@@ -2,8 +2,9 @@
 their loops use the tensor cores, without device time.
 
 Triton compiles a kernel to PTX without a GPU, and its wheel carries ``ptxas``. This compiles
-the TTT chunk's forward (``ops/triton_window_fwd.py``, chunk and whole-sequence tiles) and the
-frozen cache's dq (``ops/triton_frozen_dq.py``) at 3b's shapes, with the specialisation the
+the TTT chunk's forward (``ops/triton_window_fwd.py``, chunk and whole-sequence tiles), the
+frozen cache's dq (``ops/triton_frozen_dq.py``) and the own keys' dk, dv
+(``ops/triton_own_dkdv.py``) at 3b's shapes, with the specialisation the
 JIT gives them there (every pointer and integer argument a multiple of 16: strides 2560 and
 80, 32 heads, chunks of 1024, caches of 8192), for each tile configuration asked for, and
 reports per kernel:
@@ -14,14 +15,17 @@ reports per kernel:
   (``wgmma.wait_group``), of asynchronous copies (``cp.async``) and of exponentials
   (``ex2.approx``) in the PTX;
 - per loop (a PTX block that branches back to itself), its sequence of product groups, waits
-  and exponentials: where the tensor cores wait and where they run beside the softmax.
+  and exponentials: where the tensor cores wait and where they run beside the softmax; and
+  its shared-memory work outside the copies: barriers (``bar.sync``) and register tiles
+  written to and read back from shared memory (``stmatrix``/``ldmatrix``, the way a
+  register tensor is transposed or re-laid out).
 
 The local Triton may not be the one a GPU run uses (the device has 3.6): same kernels,
 possibly other code. Use it to reject a change before spending device time on it, not to
 time it.
 
     python benchmarks/kernel_sm90.py --out benchmarks/results/kernel_sm90_cpu \\
-        --fwd-configs 128,64,4,3 64,64,4,3 --dq-configs 64,64,4,3
+        --fwd-configs 128,64,4,3 64,64,4,3 --dq-configs 64,64,4,3 --own-configs 64,64,4,3
 """
 
 from __future__ import annotations
@@ -38,13 +42,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tttlm.ops import triton_frozen_dq, triton_window_fwd
+from tttlm.ops import triton_frozen_dq, triton_own_dkdv, triton_window_fwd
 from tttlm.ops.triton_tiles import head_split
 
 TARGET = GPUTarget("cuda", 90, 32)
 HEAD = 80  # 3b's head width
 FLOAT_ARGS = {"scale"}
-FP32_POINTERS = {"LSE"}
+FP32_POINTERS = {"LSE", "LSE2", "DELTA"}
 INTEGERS = {"H", "C", "P", "WINDOW"}  # (the kernels' other capitalised arguments are tensors)
 
 
@@ -93,23 +97,30 @@ def _assemble(ptx: str, work: Path) -> dict[str, Any]:
     return {"ptxas": None, "error": "no ptxas of the wheel assembled this PTX"}
 
 
-def _loops(ptx: str) -> list[list[str]]:
-    """Each loop's sequence of events: ``mma NxK xcount``, ``wait``, ``ex2 xcount``."""
+def _loop_bodies(ptx: str) -> list[list[str]]:
+    """The lines of each loop: from a label to a branch back to it."""
     lines = ptx.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines)
               if (m := re.match(r"^\$(L__BB\d+_\d+)", line))}
-    loops = []
+    bodies = []
     for i, line in enumerate(lines):
         m = re.search(r"bra(?:\.uni)?\s+\$(L__BB\d+_\d+);", line)
-        if not m or labels.get(m.group(1), i + 1) > i:
-            continue
+        if m and labels.get(m.group(1), i + 1) <= i:
+            bodies.append(lines[labels[m.group(1)]:i])
+    return bodies
+
+
+def _loops(ptx: str) -> list[list[str]]:
+    """Each loop's sequence of events: ``mma NxK xcount``, ``wait``, ``ex2 xcount``."""
+    loops = []
+    for body in _loop_bodies(ptx):
         events: list[list[Any]] = []
-        for body in lines[labels[m.group(1)]:i]:
-            if (mma := re.search(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", body)):
+        for line in body:
+            if (mma := re.search(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", line)):
                 event = f"mma {mma.group(1)}"
-            elif "wgmma.wait_group" in body:
+            elif "wgmma.wait_group" in line:
                 event = "wait"
-            elif "ex2.approx" in body:
+            elif "ex2.approx" in line:
                 event = "ex2"
             else:
                 continue
@@ -119,6 +130,15 @@ def _loops(ptx: str) -> list[list[str]]:
                 events.append([event, 1])
         loops.append([e if n == 1 else f"{e} x{n}" for e, n in events])
     return loops
+
+
+SHARED_WORK = ("bar.sync", "stmatrix", "ldmatrix")
+
+
+def _loop_shared(ptx: str) -> list[dict[str, int]]:
+    """Each loop's barriers and register tiles moved through shared memory (per iteration)."""
+    return [{op: sum(op in line for line in body) for op in SHARED_WORK}
+            for body in _loop_bodies(ptx)]
 
 
 def _compile(fn: Any, consts: dict[str, Any], warps: int, stages: int,
@@ -132,7 +152,7 @@ def _compile(fn: Any, consts: dict[str, Any], warps: int, stages: int,
             "waits": len(re.findall(r"wgmma\.wait_group", ptx)),
             "cp_async": len(re.findall(r"cp\.async\.", ptx)),
             "ex2": len(re.findall(r"ex2\.approx", ptx)),
-            **_assemble(ptx, work), "loops": _loops(ptx)}
+            **_assemble(ptx, work), "loops": _loops(ptx), "loop_shared": _loop_shared(ptx)}
 
 
 def _tiles(text: str) -> tuple[int, int, int, int]:
@@ -147,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                          "whole-sequence tiles)")
     ap.add_argument("--dq-configs", nargs="*", default=[],
                     help="BM,BN,WARPS,STAGES of the frozen dq (default: its tiles)")
+    ap.add_argument("--own-configs", nargs="*", default=[],
+                    help="BN,BM,WARPS,STAGES of the own keys' dk, dv (default: its tiles)")
     ap.add_argument("--out", required=True, help="report path without extension")
     args = ap.parse_args(argv)
     if not _ptxas():
@@ -157,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     fwd = args.fwd_configs or [",".join(map(str, triton_window_fwd.DEFAULT_CONFIG)),
                                ",".join(map(str, triton_window_fwd.SEQUENCE_CONFIG))]
     dq = args.dq_configs or [",".join(map(str, triton_frozen_dq.DEFAULT_CONFIG))]
+    own = args.own_configs or [",".join(map(str, triton_own_dkdv.DEFAULT_CONFIG))]
     work = Path(args.out + ".work")
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -172,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             triton_frozen_dq._frozen_dq_kernel,
             dict(BM=bm, BN=bn, DA=da, DB=db, HAS_WINDOW=True, HAS_DQC=False, OWN=True,
                  DESC=False), warps, stages, work)})
+    for text in dict.fromkeys(own):
+        bn, bm, warps, stages = _tiles(text)
+        rows.append({"kernel": "own keys' dk, dv", "tiles": text, **_compile(
+            triton_own_dkdv._own_dkdv_kernel, dict(BN=bn, BM=bm, DA=da, DB=db), warps, stages,
+            work)})
     for f in work.iterdir():
         f.unlink()
     work.rmdir()
@@ -189,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['mma']} | {r['waits']} | {r['cp_async']} | {r['ex2']} | {warn} |")
     for r in rows:
         lines += ["", f"{r['kernel']} {r['tiles']}, loops:"]
-        lines += [f"- {' → '.join(loop)}" for loop in r["loops"]]
+        lines += [f"- {' → '.join(loop)}; shared memory: "
+                  + ", ".join(f"{op} {n}" for op, n in shared.items())
+                  for loop, shared in zip(r["loops"], r["loop_shared"])]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -223,6 +223,25 @@ case "$PART" in
       --out "$SCRATCH/prefill_frozen_triton_3b" > /dev/null || echo "bench: exit $?"
     grep "^| e" "$SCRATCH/prefill_frozen_triton_3b.md" 2>/dev/null
     cp "$SCRATCH/prefill_frozen_triton_3b.json" "$OUT/" 2>/dev/null ;;
+  own_dkdv)  # speed issue: the own keys' dk, dv kernel with the scores formed keys by
+    # queries (no register transposes: benchmarks/results/kernel_sm90_cpu.md) against the
+    # tree before (`mkdir .before && git archive ad99fda src | tar -x -C .before`, carried):
+    # the CUDA tests, each side's kernels alone (frozen_dq.py: the own kernel for each of
+    # OWN_CONFIGS), then 3b e2e prefill through `auto` and `frozen-triton` (this tree)
+    timeout 150 python -m pytest -p no:warnings -rf tests/test_ops_triton_own_dkdv.py \
+      tests/test_ops_frozen_dq.py | tail -3
+    for side in before after; do
+      src=src; [ $side = before ] && src=.before/src
+      PYTHONPATH=$src timeout 110 python benchmarks/frozen_dq.py --out "$OUT/own_dkdv_$side" \
+        --configs --fwd-configs --own-configs ${OWN_CONFIGS:-64,64,4,3 128,64,8,3 64,32,4,3} \
+        | grep -v '^ *"' | cut -c1-900 | tail -30 || echo "frozen_dq $side: exit $?"
+    done
+    timeout 280 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
+      --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
+      --attention auto frozen-triton --out "$SCRATCH/prefill_own_dkdv_3b" > /dev/null \
+      || echo "bench: exit $?"
+    grep "^| e" "$SCRATCH/prefill_own_dkdv_3b.md" 2>/dev/null
+    cp "$SCRATCH/prefill_own_dkdv_3b.json" "$OUT/" 2>/dev/null ;;
   prefix_merge)  # speed issue: the prefix blocks' window edge reversed by a compiled copy
     # and merged in one compiled pass (ops/attention/pieces.py) against ATen's flips and the
     # eager merge: the tree before, carried as .before/src (`mkdir .before && git archive

@@ -50,3 +50,13 @@ $L__BB0_5:
 def test_loops_are_read_from_the_ptx(tool) -> None:  # type: ignore[no-untyped-def]
     # one loop (the branch back to $L__BB0_2); the forward branch to $L__BB0_5 is not one
     assert tool._loops(PTX) == [["mma m64n64k16 x2", "wait", "ex2 x2", "mma m64n16k16"]]
+
+
+def test_loop_shared_work_counts_each_loop(tool) -> None:  # type: ignore[no-untyped-def]
+    ptx = PTX.replace("\tex2.approx.ftz.f32 %f1, %f2;\n",
+                      "\tex2.approx.ftz.f32 %f1, %f2;\n\tbar.sync 0;\n"
+                      "\tstmatrix.sync.aligned.m8n8.x4.shared.b16 [%r1], {...};\n"
+                      "\tbar.sync 0;\n\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {...}, [%r1];\n")
+    assert tool._loop_shared(ptx) == [{"bar.sync": 2, "stmatrix": 1, "ldmatrix": 1}]
+    assert tool._loop_shared(PTX) == [{"bar.sync": 0, "stmatrix": 0, "ldmatrix": 0}]
+    assert tool._loops(ptx) == tool._loops(PTX)

@@ -27,9 +27,10 @@ import triton.language as tl
 from tttlm.ops.triton_tiles import head_split, tile_config
 
 # Tiles (keys, queries), warps, pipeline stages. The fastest of four tried at 3b's shapes on
-# an H100 (benchmarks/results/prefill_targets_3b_h100.md: 0.181 ms at one sequence, against
-# 0.26-0.45 for 128 x 64/8/2, 64 x 32/4/3 and 32 x 64/4/3);
-# TTTLM_OWN_DKDV="BN,BM,WARPS,STAGES" overrides it.
+# an H100 with the scores formed queries by keys, as this kernel did before (0.181 ms at one
+# sequence, against 0.26-0.45 for 128 x 64/8/2, 64 x 32/4/3 and 32 x 64/4/3:
+# benchmarks/results/prefill_targets_3b_h100.md; some of those spilled,
+# benchmarks/results/kernel_sm90_cpu.md); TTTLM_OWN_DKDV="BN,BM,WARPS,STAGES" overrides it.
 DEFAULT_CONFIG = (64, 64, 4, 3)
 
 
