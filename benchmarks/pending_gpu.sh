@@ -226,22 +226,21 @@ case "$PART" in
   own_dkdv)  # speed issue: the own keys' dk, dv kernel with the scores formed keys by
     # queries (no register transposes: benchmarks/results/kernel_sm90_cpu.md) against the
     # tree before (`mkdir .before && git archive ad99fda src | tar -x -C .before`, carried):
-    # the CUDA tests, each side's kernels alone (frozen_dq.py: the own kernel for each of
-    # OWN_CONFIGS), then 3b e2e prefill through `auto` and `frozen-triton` (this tree)
-    timeout 150 python -m pytest -p no:warnings -rf tests/test_ops_triton_own_dkdv.py \
-      tests/test_ops_frozen_dq.py | tail -3
+    # each side's kernels alone (frozen_dq.py checks each path against FlashAttention's window
+    # first, then times the own kernel for each of OWN_CONFIGS), then 3b e2e prefill through
+    # `auto` and `frozen-triton` (this tree) and full attention, one card, one call (~9 min);
+    # the CUDA tests last
     for side in before after; do
       src=src; [ $side = before ] && src=.before/src
-      PYTHONPATH=$src timeout 110 python benchmarks/frozen_dq.py --out "$OUT/own_dkdv_$side" \
+      PYTHONPATH=$src timeout 100 python benchmarks/frozen_dq.py --out "$OUT/own_dkdv_$side" \
         --configs --fwd-configs --own-configs ${OWN_CONFIGS:-64,64,4,3 128,64,8,3 64,32,4,3} \
         | grep -v '^ *"' | cut -c1-900 | tail -30 || echo "frozen_dq $side: exit $?"
     done
-    timeout 280 python -m tttlm.cli bench prefill --preset 3b --variants e2e \
-      --lengths 8192 131072 --compile compiled --paths model --repeats 2 \
-      --attention auto frozen-triton --out "$SCRATCH/prefill_own_dkdv_3b" > /dev/null \
-      || echo "bench: exit $?"
-    grep "^| e" "$SCRATCH/prefill_own_dkdv_3b.md" 2>/dev/null
-    cp "$SCRATCH/prefill_own_dkdv_3b.json" "$OUT/" 2>/dev/null ;;
+    final_row own_e2e 260 --variants e2e --lengths 8192 131072 --paths model \
+      --attention auto frozen-triton
+    final_row own_full 130 --variants full --lengths 8192 131072
+    timeout 60 python -m pytest -p no:warnings -rf tests/test_ops_triton_own_dkdv.py \
+      | tail -3 ;;
   prefix_merge)  # speed issue: the prefix blocks' window edge reversed by a compiled copy
     # and merged in one compiled pass (ops/attention/pieces.py) against ATen's flips and the
     # eager merge: the tree before, carried as .before/src (`mkdir .before && git archive
