@@ -48,7 +48,7 @@ from tttlm.ops.triton_tiles import head_split
 TARGET = GPUTarget("cuda", 90, 32)
 HEAD = 80  # 3b's head width
 FLOAT_ARGS = {"scale"}
-FP32_POINTERS = {"LSE", "LSE2", "DELTA"}
+FP32_POINTERS = {"LSE", "DELTA"}
 INTEGERS = {"H", "C", "P", "WINDOW"}  # (the kernels' other capitalised arguments are tensors)
 
 
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"kernel": "frozen dq (own keys folded in)", "tiles": text, **_compile(
             triton_frozen_dq._frozen_dq_kernel,
             dict(BM=bm, BN=bn, DA=da, DB=db, HAS_WINDOW=True, HAS_DQC=False, OWN=True,
-                 DESC=False), warps, stages, work)})
+                 DESC=False, STORE_DELTA=False), warps, stages, work)})
     for text in dict.fromkeys(own):
         bn, bm, warps, stages = _tiles(text)
         rows.append({"kernel": "own keys' dk, dv", "tiles": text, **_compile(

@@ -79,6 +79,15 @@ def test_kernels_equal_autograd(c: int, P: int, window: int | None, d: int,
         _close(frozen_dq(q, k, v, out, dout, lse, P, window, scale, own=True), want_dq, dtype)
         _close(frozen_dq(q, k, v, out, dout, lse, P, window, scale, own=True,
                          descriptors=True), want_dq, dtype)
+        # the dq kernel's rows' D handed to the dk, dv kernel: what each computes alone
+        delta = torch.full(lse.shape, float("nan"), dtype=torch.float32, device=DEVICE)
+        dq = frozen_dq(q, k, v, out, dout, lse, P, window, scale, own=True, delta_out=delta)
+        want_delta = (dout.double() * out.double()).sum(-1).transpose(1, 2)
+        _close(delta, want_delta, torch.float32)
+        _close(dq, want_dq, dtype)
+        dk2, dv2 = own_dkdv(q, k[:, P:], v[:, P:], out, dout, lse, scale, delta=delta)
+        _close(dk2, want_dk, dtype)
+        _close(dv2, want_dv, dtype)
 
 
 def test_refusals() -> None:
@@ -94,6 +103,11 @@ def test_refusals() -> None:
                  lse, 1.0)
     with pytest.raises(ValueError, match="own keys' shape"):
         own_dkdv(q, k[:, 16:], v[:, 16:], out, out, lse, 1.0, dk=torch.empty_like(k))
+    with pytest.raises(ValueError, match="delta"):
+        own_dkdv(q, k[:, 16:], v[:, 16:], out, out, lse, 1.0, delta=lse.double())
+    with pytest.raises(ValueError, match="delta_out"):
+        frozen_dq(q, k, v, out, out, lse, 16, None, 1.0, own=True,
+                  delta_out=torch.empty(lse.shape[:-1] + (3,), device=DEVICE))
     with pytest.raises(ValueError, match="dq_chunk"):
         frozen_dq(q, k, v, out, out, lse, 16, None, 1.0, dq_chunk=q, own=True)
 

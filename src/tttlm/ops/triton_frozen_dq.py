@@ -75,20 +75,22 @@ def _dq_tile(acc_a, acc_b, qa, qb, doa, dob, delta, lse2, rows, start, k_at, v_a
 
 
 @triton.jit
-def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, KA, KB, VA, VB,
+def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, DELTA, KA, KB, VA, VB,
                       sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                       so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sl_b, sl_h,
                       sc_b, sc_t, sc_h, sdq_b, sdq_t, sdq_h,
                       H, C, P, WINDOW, scale,
                       BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
                       HAS_WINDOW: tl.constexpr, HAS_DQC: tl.constexpr, OWN: tl.constexpr,
-                      DESC: tl.constexpr):
+                      DESC: tl.constexpr, STORE_DELTA: tl.constexpr):
     """One tile of ``BM`` queries of one head: ``DQ = scale · Σ_j P (dP − D) k_j (+ DQC)``
     over the cache keys ``j < P`` that query ``i`` (position ``P + i``) sees:
     ``P + i − j < WINDOW``; with ``OWN``, over the chunk's own keys ``P <= j <= P + i`` too
     (the chunk is no longer than the window). Head width ``DA + DB`` (``DB`` 0 or a power of
     two). Grid: (query tiles, batch × heads). ``DESC``: keys and values through the tensor
-    descriptors ``KA, KB, VA, VB`` instead of pointers."""
+    descriptors ``KA, KB, VA, VB`` instead of pointers. ``STORE_DELTA``: the rows'
+    ``D = Σ dO·O`` written to ``DELTA`` (``[B, H, C]`` fp32, the log-sum-exp's strides) for
+    the own keys' dk, dv kernel."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b32 = bh // H  # (descriptor coordinates are 32-bit)
@@ -120,6 +122,8 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, KA, KB, VA, VB,
     else:  # placeholders, never read
         db, qb, dob, acc_b = da, qa, doa, acc_a
     lse = tl.load(LSE + b * sl_b + h * sl_h + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if STORE_DELTA:
+        tl.store(DELTA + b * sl_b + h * sl_h + rows, delta, mask=row_ok)
     lse2 = lse * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
     qk_scale = scale * 1.4426950408889634
     # Key tiles: [lo, edge) cross the window's lower edge (masked), [edge, full) are seen by
@@ -176,14 +180,17 @@ def _frozen_dq_kernel(Q, K, V, O, DO, LSE, DQC, DQ, KA, KB, VA, VB,
 def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
               dout: torch.Tensor, lse: torch.Tensor, frozen: int, window: int | None,
               scale: float, dq_chunk: torch.Tensor | None = None, own: bool = False,
-              descriptors: bool | None = None) -> torch.Tensor:
+              descriptors: bool | None = None, delta_out: torch.Tensor | None = None
+              ) -> torch.Tensor:
     """The query gradient from the first ``frozen`` keys of ``k, v [B, n, H, d]`` for
     ``q, out, dout [B, c, H, d]`` (query ``i`` at position ``frozen + i``), plus ``dq_chunk``
     (the rest of the keys' share) when given, or with ``own`` the rest of the keys' own share
     (the chunk's keys, causal: ``n = frozen + c``); in ``q``'s dtype. ``lse [B, H, c]`` (fp32,
     natural log of the scaled scores) and ``out`` are the forward's over *all* the keys.
     ``descriptors``: keys and values through tensor descriptors instead of pointers (``None``:
-    as :func:`~tttlm.ops.triton_kv.use_descriptors` decides)."""
+    as :func:`~tttlm.ops.triton_kv.use_descriptors` decides). ``delta_out``: where to write
+    the rows' ``D = Σ_d dO·O`` (``[B, H, c]`` fp32 with ``lse``'s strides), which the kernel
+    forms anyway (:func:`~tttlm.ops.triton_own_dkdv.own_dkdv` reads it)."""
     B, c, H, d = q.shape
     split = head_split(d)
     if split is None:
@@ -194,13 +201,17 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
     if any(t.stride(-1) != 1 for t in (q, k, v, out, dout, lse)) or (
             dq_chunk is not None and dq_chunk.stride(-1) != 1):
         raise ValueError("frozen_dq reads rows whose last axis is contiguous")
+    if delta_out is not None and (delta_out.shape != (B, H, c) or delta_out.stride() != lse.stride()
+                                  or delta_out.dtype != torch.float32):
+        raise ValueError("delta_out: [B, H, c] fp32 with the log-sum-exp's strides")
     bm, bn, warps, stages = tile_config("TTTLM_FROZEN_DQ", DEFAULT_CONFIG)
     descriptors, ka, kb, va, vb = kv_operands(descriptors, k, v, bn, split)
     dq = torch.empty_like(q)
     extra = dq_chunk if dq_chunk is not None else dq  # (unread without HAS_DQC)
     grid = (triton.cdiv(c, bm), B * H)
     _frozen_dq_kernel[grid](
-        q, k, v, out, dout, lse, extra, dq, ka, kb, va, vb,
+        q, k, v, out, dout, lse, extra, dq, dq if delta_out is None else delta_out,
+        ka, kb, va, vb,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
@@ -208,6 +219,6 @@ def frozen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tens
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, c, frozen, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        HAS_DQC=dq_chunk is not None, OWN=own, DESC=descriptors, num_warps=warps,
-        num_stages=stages)
+        HAS_DQC=dq_chunk is not None, OWN=own, DESC=descriptors,
+        STORE_DELTA=delta_out is not None, num_warps=warps, num_stages=stages)
     return dq

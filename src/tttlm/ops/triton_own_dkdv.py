@@ -49,7 +49,7 @@ def _dkdv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, cols, start, q_at, do_at, sq_
     row_ok = rows < C
     qa = tl.load(q_at + rows[:, None] * sq_t + da[None, :], mask=row_ok[:, None], other=0.0)
     doa = tl.load(do_at + rows[:, None] * sdo_t + da[None, :], mask=row_ok[:, None], other=0.0)
-    lse2 = tl.load(LSE_at + rows, mask=row_ok, other=0.0)
+    lse2 = tl.load(LSE_at + rows, mask=row_ok, other=0.0) * 1.4426950408889634  # (log2 units)
     delta = tl.load(DELTA_at + rows, mask=row_ok, other=0.0)
     if DB > 0:
         qb = tl.load(q_at + rows[:, None] * sq_t + db[None, :], mask=row_ok[:, None], other=0.0)
@@ -79,14 +79,14 @@ def _dkdv_tile(dka, dkb, dva, dvb, ka, kb, va, vb, cols, start, q_at, do_at, sq_
 
 
 @triton.jit
-def _own_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+def _own_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
                      sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h,
                      sdo_b, sdo_t, sdo_h, sl_b, sl_h, sdk_b, sdk_t, sdk_h, sdv_b, sdv_t, sdv_h,
                      H, C, scale,
                      BN: tl.constexpr, BM: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr):
     """One tile of ``BN`` of the chunk's own keys of one head. ``K, V`` point at the chunk's
-    first own key; ``LSE2`` is the log-sum-exp in log2 units, ``DELTA`` the rows' ``D``, both
-    ``[B, H, C]`` fp32 with the same strides. Grid: (key tiles, batch × heads)."""
+    first own key; ``LSE`` is the forward's log-sum-exp (natural log), ``DELTA`` the rows'
+    ``D``, both ``[B, H, C]`` fp32 with the same strides. Grid: (key tiles, batch × heads)."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)  # (offsets of large batches pass 2**31)
@@ -111,7 +111,7 @@ def _own_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
         db, kb, vb, dkb, dvb = da, ka, va, dka, dva
     q_at = Q + b * sq_b + h * sq_h
     do_at = DO + b * sdo_b + h * sdo_h
-    lse_at = LSE2 + b * sl_b + h * sl_h
+    lse_at = LSE + b * sl_b + h * sl_h
     delta_at = DELTA + b * sl_b + h * sl_h
     qk_scale = scale * 1.4426950408889634  # exp(x) = exp2(x · log2 e)
     # Query tiles: [lo, full) cross the diagonal (a query tile starting before the key
@@ -143,13 +143,16 @@ def _own_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
 
 def own_dkdv(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: torch.Tensor,
              dout: torch.Tensor, lse: torch.Tensor, scale: float,
-             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+             dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+             delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``dk, dv [B, c, H, d]`` of a chunk's own keys ``k_own, v_own`` (causal: query ``i``
     sees own key ``j <= i``) for ``q, out, dout [B, c, H, d]``, in ``k_own``'s dtype.
     ``lse [B, H, c]`` (fp32, natural log of the scaled scores) and ``out`` are the forward's
     over *all* the keys (cache and own), which makes these the own keys' exact gradients.
-    ``dk, dv``: where to write them (views of larger gradients, any row strides)."""
+    ``dk, dv``: where to write them (views of larger gradients, any row strides).
+    ``delta``: the rows' ``D = Σ_d dO·O`` ``[B, H, c]`` fp32, contiguous, where a kernel has
+    it already (:func:`~tttlm.ops.triton_frozen_dq.frozen_dq`'s ``delta_out``); else computed
+    here."""
     B, c, H, d = q.shape
     split = head_split(d)
     if split is None:
@@ -158,9 +161,13 @@ def own_dkdv(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: tor
         raise ValueError(f"own keys {k_own.shape[1]}, values {v_own.shape[1]} for a chunk of {c}")
     if any(t.stride(-1) != 1 for t in (q, k_own, v_own, dout)):
         raise ValueError("own_dkdv reads rows whose last axis is contiguous")
-    # Per row, once: D = Σ dO·O and the log-sum-exp in log2 units ([B, H, c] fp32, one layout)
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    lse2 = (lse.float() * 1.4426950408889634).contiguous()
+    # Per row, once: D = Σ dO·O ([B, H, c] fp32, the log-sum-exp's layout)
+    if delta is None:
+        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    elif delta.shape != (B, H, c) or delta.dtype != torch.float32 or not delta.is_contiguous():
+        raise ValueError(f"delta: [B, H, c] = {[B, H, c]} fp32 contiguous, not "
+                         f"{list(delta.shape)} {delta.dtype}")
+    lse = lse.float().contiguous()
     bn, bm, warps, stages = tile_config("TTTLM_OWN_DKDV", DEFAULT_CONFIG)
     dk = torch.empty_like(k_own) if dk is None else dk
     dv = torch.empty_like(v_own) if dv is None else dv
@@ -169,10 +176,10 @@ def own_dkdv(q: torch.Tensor, k_own: torch.Tensor, v_own: torch.Tensor, out: tor
         raise ValueError("own_dkdv writes dk, dv of the own keys' shape, last axis contiguous")
     grid = (triton.cdiv(c, bn), B * H)
     _own_dkdv_kernel[grid](
-        q, k_own, v_own, dout, lse2, delta, dk, dv,
+        q, k_own, v_own, dout, lse, delta, dk, dv,
         q.stride(0), q.stride(1), q.stride(2), k_own.stride(0), k_own.stride(1),
         k_own.stride(2), v_own.stride(0), v_own.stride(1), v_own.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2), lse2.stride(0), lse2.stride(1),
+        dout.stride(0), dout.stride(1), dout.stride(2), lse.stride(0), lse.stride(1),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         H, c, scale,
         BN=bn, BM=bm, DA=split[0], DB=split[1], num_warps=warps, num_stages=stages)

@@ -196,8 +196,12 @@ class _FrozenChunk(torch.autograd.Function):
         if ctx.triton_backward:
             from tttlm.ops.triton_own_dkdv import own_dkdv
 
-            own_dkdv(q, k[:, P:], v[:, P:], out, grad, lse, scale, dk=dk[:, P:], dv=dv[:, P:])
-            dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, scale, own=True)
+            # The dq kernel forms each row's D = Σ dO·O; it hands them to the dk, dv kernel
+            delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+            dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, scale, own=True,
+                           delta_out=delta if lse.is_contiguous() else None)
+            own_dkdv(q, k[:, P:], v[:, P:], out, grad, lse, scale, dk=dk[:, P:], dv=dv[:, P:],
+                     delta=delta if lse.is_contiguous() else None)
         else:
             dq_own, dk_own, dv_own = _chunk_piece_backward(
                 grad, q, k[:, P:], v[:, P:], out, lse, ctx.aux)
