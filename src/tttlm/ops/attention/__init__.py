@@ -34,7 +34,8 @@ Built-in backends (module beside each path, as in fla's ``ops/<op>/naive.py``):
 * ``triton-fwd``: ``frozen-dq``, with those chunks' forward through a Triton kernel too
   (:mod:`tttlm.ops.triton_window_fwd`: the head width split into powers of two, not padded);
 * ``frozen-triton``: ``triton-fwd``, with the chunk's own keys' backward through Triton too
-  (:mod:`tttlm.ops.triton_own_dkdv`; no faster than `auto` on an H100: opt-in);
+  (:mod:`tttlm.ops.triton_own_dkdv`; what ``auto`` runs on CUDA where FlashAttention pads
+  the head width, here for every head width);
 * ``flash-window``: ``auto``, with frozen chunks through FlashAttention's own window backward
   (dq, dk, dv for every key), what ``auto`` ran before ``frozen-dq``'s backward;
 * ``cudnn-sequence``: ``auto``, with whole sequences' sliding windows without gradient through

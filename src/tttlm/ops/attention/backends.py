@@ -90,9 +90,11 @@ def first_order_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """A chunk whose cached keys are frozen (no outer gradient) through kernels with a
     first-order backward, or ``None`` where none applies: on CUDA in fp16/bf16, a backward
     that computes the cache's share of dq only
-    (:func:`~tttlm.ops.attention.frozen.frozen_chunk_attention`), after a Triton forward
-    where FlashAttention would pad the head width (80 = 64 + 16 split, which it pads to 96)
-    and FlashAttention's sliding window forward otherwise (with ``cache_dq_only=False``,
+    (:func:`~tttlm.ops.attention.frozen.frozen_chunk_attention`), where FlashAttention
+    would pad the head width (80 = 64 + 16 split, which it pads to 96) after a Triton
+    forward and with the chunk's own keys' backward in Triton too, otherwise after
+    FlashAttention's sliding window forward, with its backward on the own keys (with
+    ``cache_dq_only=False``,
     or a head width the kernels do not split, FlashAttention's own window forward and
     backward); otherwise, while no cached key has left the window, SDPA with a
     lower-right causal bias (any device), and once the cache is full ``flex_attention`` with a
@@ -107,9 +109,14 @@ def first_order_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         # backward, 8K x 16 0.02691 -> 0.02593 s per 1K tokens, 128K x 1 0.03898 -> 0.03562;
         # then the Triton forward, 0.02517 -> 0.02496 and 0.03517 -> 0.03484. The forward only
         # where FlashAttention pads the head width (80 to 96): at a multiple of 32 it pads
-        # nothing, and the Triton forward is not measured against it there.
-        return frozen.frozen_chunk_attention(q, k, v, window,
-                                             triton_forward=frozen.flash_pads_head(q.shape[-1]))
+        # nothing, and the Triton forward is not measured against it there. The own keys'
+        # backward through Triton too (dk, dv in one pass over key tiles, their dq folded into
+        # the cache's kernel) since its kernel takes no register transposes: 3b e2e on one
+        # H100, 8K x 16 0.02337 -> 0.02313, 32K x 4 0.02767 -> 0.02726, 128K x 1 0.02965 ->
+        # 0.02939 (benchmarks/results/prefill_own_dkdv_3b_h100.md).
+        pads = frozen.flash_pads_head(q.shape[-1])
+        return frozen.frozen_chunk_attention(q, k, v, window, triton_forward=pads,
+                                             triton_backward=pads)
     if flash.flash_window_can_run(q):
         return flash.flash_chunk_attention(q, k, v, window)
     if window is None or k.shape[1] <= window:
@@ -305,8 +312,9 @@ class TritonForwardBackend(FrozenDqBackend):
 class FrozenTritonBackend(FrozenDqBackend):
     """As ``triton-fwd``, with the chunk's own keys' backward through Triton too
     (:mod:`tttlm.ops.triton_own_dkdv` for their dk, dv, their dq folded into the cache's dq
-    kernel) instead of FlashAttention's: every kernel of a frozen chunk in Triton (no faster
-    than ``auto`` on an H100: benchmarks/results/prefill_targets_3b_h100.md)."""
+    kernel) instead of FlashAttention's: every kernel of a frozen chunk in Triton, for every
+    head width and on CPU tensors (under the interpreter); what ``auto`` runs on CUDA where
+    FlashAttention pads the head width."""
 
     name = "frozen-triton"
     triton_forward = True
