@@ -101,6 +101,27 @@ def _probs(q, k, qp, kp, k_valid, lse, scale, window, HAS_WINDOW: tl.constexpr,
 
 
 @triton.jit
+def _allowed_t(qp, kp, k_valid, window, HAS_WINDOW: tl.constexpr):
+    """:func:`_allowed` transposed, keys by queries (``[BN, BM]``)."""
+    diff = qp[None, :] - kp[:, None]
+    ok = (diff >= 0) & (kp >= 0)[:, None] & k_valid[:, None]
+    if HAS_WINDOW:
+        ok = ok & (diff < window)
+    return ok
+
+
+@triton.jit
+def _probs_t(q, k, qp, kp, k_valid, lse, scale, window, HAS_WINDOW: tl.constexpr,
+             ACC: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_probs` transposed, ``Pᵀ`` keys by queries, from ``k qᵀ``: the key-block kernels
+    feed it (and ``dSᵀ``) to their products as it is, where ``P`` would be transposed in
+    registers (a round trip through shared memory per tile)."""
+    st = tl.dot(k, tl.trans(q), input_precision=PREC, out_dtype=ACC) * scale
+    ok = _allowed_t(qp, kp, k_valid, window, HAS_WINDOW)
+    return tl.where(ok, tl.exp(st - lse[None, :]), 0.0)
+
+
+@triton.jit
 def _key_tiles(KP, Tk, qp, r_valid, window, HAS_WINDOW: tl.constexpr, BN: tl.constexpr):
     """``[lo, hi)``: the key tiles (on the grid of ``BN`` from 0) that hold a key some valid
     row of this query block may see. A superset from the block's extreme positions (a key at
@@ -260,12 +281,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DR, DK, DV, QP, KP, sq_b, sk_b, s_t, H, T
         lse = tl.load(LSE + r_base + rows, mask=rows < Tq, other=0.0)
         delta = tl.load(DR + r_base + rows, mask=rows < Tq, other=0.0)
         # Padded query rows load q = dO = 0 but could still pass the mask: zero them in P.
-        p = _probs(q, k, qp, kp, k_valid, lse, scale, window, HAS_WINDOW, ACC, PREC)
-        p = tl.where((rows < Tq)[:, None], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC, out_dtype=ACC)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC, out_dtype=ACC)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
+        pt = _probs_t(q, k, qp, kp, k_valid, lse, scale, window, HAS_WINDOW, ACC, PREC)
+        pt = tl.where((rows < Tq)[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC, out_dtype=ACC)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC, out_dtype=ACC)
     _store_rows(DK, k_base, cols, Tk, s_t, offs_d, dk * scale, D)
     _store_rows(DV, k_base, cols, Tk, s_t, offs_d, dv, D)
 
@@ -282,6 +303,20 @@ def _dbl_tile(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse, delta, scale, windo
          + tl.dot(q, tl.trans(gk), input_precision=PREC, out_dtype=ACC)) * scale
     dogv = tl.dot(do, tl.trans(gv), input_precision=PREC, out_dtype=ACC)
     return p, dp, ds, g, dogv
+
+
+@triton.jit
+def _dbl_tile_t(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse, delta, scale, window,
+                HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+    """:func:`_dbl_tile` transposed, keys by queries (``Pᵀ, dPᵀ, dSᵀ, Gᵀ, gV dOᵀ``), for the
+    key-block kernel (see :func:`_probs_t`)."""
+    pt = _probs_t(q, k, qp, kp, k_valid, lse, scale, window, HAS_WINDOW, ACC, PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
+    dst = pt * (dpt - delta[None, :])
+    gt = (tl.dot(k, tl.trans(gq), input_precision=PREC, out_dtype=ACC)
+          + tl.dot(gk, tl.trans(q), input_precision=PREC, out_dtype=ACC)) * scale
+    dogvt = tl.dot(gv, tl.trans(do), input_precision=PREC, out_dtype=ACC)
+    return pt, dpt, dst, gt, dogvt
 
 
 @triton.jit
@@ -421,15 +456,15 @@ def _dbl_dkdv_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DR, DBAR, CR, KB, VB, QP, KP,
         delta = tl.load(DR + r_base + rows, mask=r_valid, other=0.0)
         dbar = tl.load(DBAR + r_base + rows, mask=r_valid, other=0.0)
         c = tl.load(CR + r_base + rows, mask=r_valid, other=0.0)
-        p, dp, ds, g, dogv = _dbl_tile(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse, delta,
-                                       scale, window, HAS_WINDOW, ACC, PREC)
-        p = tl.where(r_valid[:, None], p, 0.0)
-        ds = p * (dp - delta[:, None])
-        pbar = dogv + g * (dp - delta[:, None]) + dbar[:, None] * dp
-        sbar = p * (pbar - c[:, None])
-        kbar += tl.dot(tl.trans(ds.to(gq.dtype)), gq, input_precision=PREC, out_dtype=ACC)
-        kbar += tl.dot(tl.trans(sbar.to(q.dtype)), q, input_precision=PREC, out_dtype=ACC)
-        vbar += tl.dot(tl.trans((p * (g + dbar[:, None])).to(do.dtype)), do,
+        pt, dpt, dst, gt, dogvt = _dbl_tile_t(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse,
+                                              delta, scale, window, HAS_WINDOW, ACC, PREC)
+        pt = tl.where(r_valid[None, :], pt, 0.0)
+        dst = pt * (dpt - delta[None, :])
+        pbart = dogvt + gt * (dpt - delta[None, :]) + dbar[None, :] * dpt
+        sbart = pt * (pbart - c[None, :])
+        kbar += tl.dot(dst.to(gq.dtype), gq, input_precision=PREC, out_dtype=ACC)
+        kbar += tl.dot(sbart.to(q.dtype), q, input_precision=PREC, out_dtype=ACC)
+        vbar += tl.dot((pt * (gt + dbar[None, :])).to(do.dtype), do,
                        input_precision=PREC, out_dtype=ACC)
     _store_rows(KB, k_base, cols, Tk, s_t, offs_d, kbar * scale, D)
     _store_rows(VB, k_base, cols, Tk, s_t, offs_d, vbar, D)
