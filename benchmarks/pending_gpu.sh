@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -241,6 +241,16 @@ case "$PART" in
     final_row own_full 130 --variants full --lengths 8192 131072
     timeout 60 python -m pytest -p no:warnings -rf tests/test_ops_triton_own_dkdv.py \
       | tail -3 ;;
+  train_kernel)  # speed issue: tttlm train 125m e2e at 8K (micro-batch 4: 8 does not fit an
+    # H100) with the meta-training chunk kernels' key-block tiles keys by queries (f9add3b)
+    # against the tree before (`mkdir .before && git archive ad99fda src | tar -x -C .before`,
+    # carried), one process per side
+    for side in before after; do
+      src=$PWD/src; [ $side = before ] && src=$PWD/.before/src
+      PYTHONPATH=$src timeout 130 python benchmarks/train_cli.py --preset 125m-8k --batch 16 \
+        --micro-batch 4 --steps 5 --skip 2 --runs e2e:compiled-graph \
+        --out "$OUT/train_kernel_125m_8k_$side" | tail -1 || echo "train $side: exit $?"
+    done ;;
   prefix_merge)  # speed issue: the prefix blocks' window edge reversed by a compiled copy
     # and merged in one compiled pass (ops/attention/pieces.py) against ATen's flips and the
     # eager merge: the tree before, carried as .before/src (`mkdir .before && git archive
