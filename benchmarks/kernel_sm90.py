@@ -4,10 +4,12 @@ their loops use the tensor cores, without device time.
 Triton compiles a kernel to PTX without a GPU, and its wheel carries ``ptxas``. This compiles
 the TTT chunk's forward (``ops/triton_window_fwd.py``, chunk and whole-sequence tiles), the
 frozen cache's dq (``ops/triton_frozen_dq.py``) and the own keys' dk, dv
-(``ops/triton_own_dkdv.py``) at 3b's shapes, with the specialisation the
-JIT gives them there (every pointer and integer argument a multiple of 16: strides 2560 and
-80, 32 heads, chunks of 1024, caches of 8192), for each tile configuration asked for, and
-reports per kernel:
+(``ops/triton_own_dkdv.py``) at 3b's shapes (with ``--train-kernels``, also the
+meta-training chunk attention's backward and double-backward kernels,
+``ops/triton_chunk_attention.py``, at 125m's head width 64 and their tiles in use), with
+the specialisation the JIT gives them there (every pointer and integer argument a multiple
+of 16: strides 2560 and 80, 32 heads, chunks of 1024, caches of 8192), for each tile
+configuration asked for, and reports per kernel:
 
 - registers per thread and spilled bytes (``ptxas -v``), and ptxas's performance warnings
   (C7514: tensor-core products serialized);
@@ -48,8 +50,14 @@ from tttlm.ops.triton_tiles import head_split
 TARGET = GPUTarget("cuda", 90, 32)
 HEAD = 80  # 3b's head width
 FLOAT_ARGS = {"scale"}
-FP32_POINTERS = {"LSE", "DELTA"}
-INTEGERS = {"H", "C", "P", "WINDOW"}  # (the kernels' other capitalised arguments are tensors)
+FP32_POINTERS = {"LSE", "LSE2", "DELTA", "DR", "DBAR", "CR"}  # (LSE2: trees before 20689c4)
+INT64_POINTERS = {"QP", "KP"}  # (positions, in the meta-training kernels)
+# (the kernels' other capitalised arguments are tensors)
+INTEGERS = {"H", "C", "P", "WINDOW", "Tq", "Tk"}
+TRAIN_HEAD = 64  # 125m's head width
+TRAIN_KERNELS = ("_bwd_dq_kernel", "_bwd_dkdv_kernel", "_dbl_dq_kernel", "_dbl_dkdv_kernel")
+TRAIN_CONFIG = {"_bwd_dq_kernel": "bwd_dq", "_bwd_dkdv_kernel": "bwd_dkdv",
+                "_dbl_dq_kernel": "dbl_dq", "_dbl_dkdv_kernel": "dbl_dkdv"}
 
 
 def _signature(fn: Any, consts: dict[str, Any]) -> tuple[dict[str, str], dict, dict]:
@@ -66,7 +74,7 @@ def _signature(fn: Any, consts: dict[str, Any]) -> tuple[dict[str, str], dict, d
         if name in FLOAT_ARGS:
             sig[name] = "fp32"
             continue
-        sig[name] = ("*fp32" if name in FP32_POINTERS
+        sig[name] = ("*fp32" if name in FP32_POINTERS else "*i64" if name in INT64_POINTERS
                      else "*bf16" if name[0].isupper() and name not in INTEGERS else "i32")
         attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, constants, attrs
@@ -169,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="BM,BN,WARPS,STAGES of the frozen dq (default: its tiles)")
     ap.add_argument("--own-configs", nargs="*", default=[],
                     help="BN,BM,WARPS,STAGES of the own keys' dk, dv (default: its tiles)")
+    ap.add_argument("--train-kernels", action="store_true",
+                    help="also the meta-training chunk attention's backward kernels (bf16, "
+                         "head width 64, their tiles in use)")
     ap.add_argument("--out", required=True, help="report path without extension")
     args = ap.parse_args(argv)
     if not _ptxas():
@@ -200,6 +211,20 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"kernel": "own keys' dk, dv", "tiles": text, **_compile(
             triton_own_dkdv._own_dkdv_kernel, dict(BN=bn, BM=bm, DA=da, DB=db), warps, stages,
             work)})
+    if args.train_kernels:
+        import triton.language as tl
+
+        from tttlm.ops import triton_chunk_attention as tca
+
+        for name in TRAIN_KERNELS:
+            cfg = tca.CONFIGS[TRAIN_CONFIG[name]]
+            rows.append({"kernel": f"meta-training {name.strip('_')}",
+                         "tiles": f"{cfg.block_m},{cfg.block_n},{cfg.num_warps},{cfg.num_stages}",
+                         **_compile(getattr(tca, name),
+                                    dict(D=TRAIN_HEAD, HAS_WINDOW=True, SKIP=True,
+                                         ACC=tl.float32, PREC="tf32", BM=cfg.block_m,
+                                         BN=cfg.block_n, BD=TRAIN_HEAD),
+                                    cfg.num_warps, cfg.num_stages, work)})
     for f in work.iterdir():
         f.unlink()
     work.rmdir()

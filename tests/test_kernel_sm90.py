@@ -60,3 +60,18 @@ def test_loop_shared_work_counts_each_loop(tool) -> None:  # type: ignore[no-unt
     assert tool._loop_shared(ptx) == [{"bar.sync": 2, "stmatrix": 1, "ldmatrix": 1}]
     assert tool._loop_shared(PTX) == [{"bar.sync": 0, "stmatrix": 0, "ldmatrix": 0}]
     assert tool._loops(ptx) == tool._loops(PTX)
+
+
+def test_signature_types_the_meta_training_kernels(tool) -> None:  # type: ignore[no-untyped-def]
+    from tttlm.ops import triton_chunk_attention as tca
+
+    fn = tca._dbl_dkdv_kernel
+    consts = dict(D=64, HAS_WINDOW=True, SKIP=True, ACC="fp32", PREC="tf32", BM=32, BN=64,
+                  BD=64)
+    sig, _, _ = tool._signature(fn, consts)
+    assert sig["QP"] == sig["KP"] == "*i64"
+    assert sig["LSE"] == sig["DR"] == sig["DBAR"] == sig["CR"] == "*fp32"
+    assert sig["Q"] == sig["GK"] == sig["KB"] == "*bf16"
+    assert sig["Tq"] == sig["Tk"] == sig["H"] == sig["window"] == sig["s_t"] == "i32"
+    assert set(tool.TRAIN_CONFIG) == set(tool.TRAIN_KERNELS)
+    assert all(name in tca.CONFIGS for name in tool.TRAIN_CONFIG.values())
