@@ -82,13 +82,19 @@ def _store_rows(ptr, base, rows, n_rows, stride_t, offs_d, value, D: tl.constexp
 
 
 @triton.jit
-def _allowed(qp, kp, k_valid, window, HAS_WINDOW: tl.constexpr):
-    """Window mask of a tile: ``0 <= qp - kp < window`` and ``kp >= 0`` (``[BM, BN]``)."""
-    diff = qp[:, None] - kp[None, :]
-    ok = (diff >= 0) & (kp >= 0)[None, :] & k_valid[None, :]
+def _seen(qp, kp, k_valid, window, HAS_WINDOW: tl.constexpr):
+    """``0 <= qp - kp < window`` and ``kp >= 0`` for positions broadcast to a tile's shape."""
+    diff = qp - kp
+    ok = (diff >= 0) & (kp >= 0) & k_valid
     if HAS_WINDOW:
         ok = ok & (diff < window)
     return ok
+
+
+@triton.jit
+def _allowed(qp, kp, k_valid, window, HAS_WINDOW: tl.constexpr):
+    """Window mask of a tile: ``0 <= qp - kp < window`` and ``kp >= 0`` (``[BM, BN]``)."""
+    return _seen(qp[:, None], kp[None, :], k_valid[None, :], window, HAS_WINDOW)
 
 
 @triton.jit
@@ -103,11 +109,7 @@ def _probs(q, k, qp, kp, k_valid, lse, scale, window, HAS_WINDOW: tl.constexpr,
 @triton.jit
 def _allowed_t(qp, kp, k_valid, window, HAS_WINDOW: tl.constexpr):
     """:func:`_allowed` transposed, keys by queries (``[BN, BM]``)."""
-    diff = qp[None, :] - kp[:, None]
-    ok = (diff >= 0) & (kp >= 0)[:, None] & k_valid[:, None]
-    if HAS_WINDOW:
-        ok = ok & (diff < window)
-    return ok
+    return _seen(qp[None, :], kp[:, None], k_valid[:, None], window, HAS_WINDOW)
 
 
 @triton.jit
