@@ -197,11 +197,13 @@ class _FrozenChunk(torch.autograd.Function):
             from tttlm.ops.triton_own_dkdv import own_dkdv
 
             # The dq kernel forms each row's D = Σ dO·O; it hands them to the dk, dv kernel
-            delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+            # (which forms them itself for a log-sum-exp of other strides)
+            delta = (torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+                     if lse.is_contiguous() else None)
             dq = frozen_dq(q, k, v, out, grad, lse, P, ctx.window, scale, own=True,
-                           delta_out=delta if lse.is_contiguous() else None)
+                           delta_out=delta)
             own_dkdv(q, k[:, P:], v[:, P:], out, grad, lse, scale, dk=dk[:, P:], dv=dv[:, P:],
-                     delta=delta if lse.is_contiguous() else None)
+                     delta=delta)
         else:
             dq_own, dk_own, dv_own = _chunk_piece_backward(
                 grad, q, k[:, P:], v[:, P:], out, lse, ctx.aux)
