@@ -55,9 +55,10 @@ INT64_POINTERS = {"QP", "KP"}  # (positions, in the meta-training kernels)
 # (the kernels' other capitalised arguments are tensors)
 INTEGERS = {"H", "C", "P", "WINDOW", "Tq", "Tk"}
 TRAIN_HEAD = 64  # 125m's head width
-TRAIN_KERNELS = ("_bwd_dq_kernel", "_bwd_dkdv_kernel", "_dbl_dq_kernel", "_dbl_dkdv_kernel")
+# the meta-training kernels compiled, each with the name of its tiles in CONFIGS
 TRAIN_CONFIG = {"_bwd_dq_kernel": "bwd_dq", "_bwd_dkdv_kernel": "bwd_dkdv",
                 "_dbl_dq_kernel": "dbl_dq", "_dbl_dkdv_kernel": "dbl_dkdv"}
+TRAIN_KERNELS = tuple(TRAIN_CONFIG)
 
 
 def _signature(fn: Any, consts: dict[str, Any]) -> tuple[dict[str, str], dict, dict]:

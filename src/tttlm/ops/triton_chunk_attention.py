@@ -308,17 +308,17 @@ def _dbl_tile(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse, delta, scale, windo
 
 
 @triton.jit
-def _dbl_tile_t(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse, delta, scale, window,
+def _dbl_tile_t(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse, scale, window,
                 HAS_WINDOW: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """:func:`_dbl_tile` transposed, keys by queries (``Pᵀ, dPᵀ, dSᵀ, Gᵀ, gV dOᵀ``), for the
-    key-block kernel (see :func:`_probs_t`)."""
+    """:func:`_dbl_tile` transposed, keys by queries (``Pᵀ, dPᵀ, Gᵀ, gV dOᵀ``), for the
+    key-block kernel (see :func:`_probs_t`), which forms ``dSᵀ`` once its padded rows are
+    masked out of ``Pᵀ``."""
     pt = _probs_t(q, k, qp, kp, k_valid, lse, scale, window, HAS_WINDOW, ACC, PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=PREC, out_dtype=ACC)
-    dst = pt * (dpt - delta[None, :])
     gt = (tl.dot(k, tl.trans(gq), input_precision=PREC, out_dtype=ACC)
           + tl.dot(gk, tl.trans(q), input_precision=PREC, out_dtype=ACC)) * scale
     dogvt = tl.dot(gv, tl.trans(do), input_precision=PREC, out_dtype=ACC)
-    return pt, dpt, dst, gt, dogvt
+    return pt, dpt, gt, dogvt
 
 
 @triton.jit
@@ -458,8 +458,8 @@ def _dbl_dkdv_kernel(Q, K, V, DO, GQ, GK, GV, LSE, DR, DBAR, CR, KB, VB, QP, KP,
         delta = tl.load(DR + r_base + rows, mask=r_valid, other=0.0)
         dbar = tl.load(DBAR + r_base + rows, mask=r_valid, other=0.0)
         c = tl.load(CR + r_base + rows, mask=r_valid, other=0.0)
-        pt, dpt, dst, gt, dogvt = _dbl_tile_t(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse,
-                                              delta, scale, window, HAS_WINDOW, ACC, PREC)
+        pt, dpt, gt, dogvt = _dbl_tile_t(q, do, gq, k, v, gk, gv, qp, kp, k_valid, lse, scale,
+                                         window, HAS_WINDOW, ACC, PREC)
         pt = tl.where(r_valid[None, :], pt, 0.0)
         dst = pt * (dpt - delta[None, :])
         pbart = dogvt + gt * (dpt - delta[None, :]) + dbar[None, :] * dpt
