@@ -228,8 +228,9 @@ case "$PART" in
     # tree before (`mkdir .before && git archive ad99fda src | tar -x -C .before`, carried):
     # each side's kernels alone (frozen_dq.py checks each path against FlashAttention's window
     # first, then times the own kernel for each of OWN_CONFIGS), then 3b e2e prefill through
-    # `auto` and `frozen-triton` (this tree) and full attention, one card, one call (~9 min);
-    # the CUDA tests last
+    # `triton-fwd` (FlashAttention's backward on the own keys: `auto` before 35ab9e1) and
+    # `frozen-triton` (`auto` since) and full attention, one card, one call (~9 min); the CUDA
+    # tests last
     for side in before after; do
       src=src; [ $side = before ] && src=.before/src
       PYTHONPATH=$src timeout 100 python benchmarks/frozen_dq.py --out "$OUT/own_dkdv_$side" \
@@ -237,7 +238,7 @@ case "$PART" in
         | grep -v '^ *"' | cut -c1-900 | tail -30 || echo "frozen_dq $side: exit $?"
     done
     final_row own_e2e 260 --variants e2e --lengths 8192 131072 --paths model \
-      --attention auto frozen-triton
+      --attention triton-fwd frozen-triton
     final_row own_full 130 --variants full --lengths 8192 131072
     timeout 60 python -m pytest -p no:warnings -rf tests/test_ops_triton_own_dkdv.py \
       | tail -3 ;;
