@@ -136,6 +136,59 @@ def test_function_equals_naive_chunk_attention(c: int, P: int, window: int | Non
     assert rk[:, :P].abs().max() > 0
 
 
+@pytest.mark.parametrize("triton_backward", [False, True])
+def test_cache_rows_unwritten_after_the_operands(triton_backward: bool,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keys and values from :func:`~tttlm.ops.rope.frozen_chunk_operands`, whose backward
+    reads only the chunk's rows: the attention leaves the cache's rows of dk, dv unwritten
+    (memory from ``torch.empty_like``, made NaN here to show it: correct code writes all it
+    reads), and the chunk's q, k, v get the gradients they get when the keys and values come
+    unmarked (copies: the cache's rows then written as zeros). Under anomaly detection's NaN
+    check the rows are written."""
+    from tttlm.ops.grad_rows import grad_rows_read_from
+    from tttlm.ops.rope import frozen_chunk_operands, rope_angles
+
+    dtype, (B, c, P, H, d, window) = torch.float64, (2, 16, 48, 3, 80, 40)
+    real = torch.empty_like
+
+    def stale(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        out = real(x, *args, **kwargs)
+        return out.fill_(math.nan) if out.is_floating_point() else out
+
+    monkeypatch.setattr(torch, "empty_like", stale)
+    q, cache_k, cache_v = chunk_operands(B, c, P, H, d, dtype, DEVICE, seed=7)
+    k, v = cache_k[:, P:].clone(), cache_v[:, P:].clone()
+    cache_k, cache_v = cache_k[:, :P], cache_v[:, :P]
+    cos, sin = rope_angles(torch.arange(P + c, device=DEVICE), d, 10000.0, dtype)
+    g = torch.randn(B, c, H, d, generator=torch.Generator().manual_seed(8),
+                    dtype=dtype).to(DEVICE)
+
+    def run(marked: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        q_rot, k_rot, values, _ = frozen_chunk_operands(leaves[0], cache_k, leaves[1],
+                                                        cache_v, leaves[2], cos, sin, window)
+        assert grad_rows_read_from(k_rot) == P and grad_rows_read_from(values) == P
+        if not marked:
+            k_rot, values = k_rot.clone(), values.clone()
+        seen: dict[str, torch.Tensor] = {}
+        k_rot.register_hook(lambda grad: seen.setdefault("dk", grad.detach().clone()))
+        out = frozen.frozen_chunk_attention(q_rot, k_rot, values, window, triton_forward=True,
+                                            triton_backward=triton_backward)
+        return list(torch.autograd.grad(out, leaves, g)), seen["dk"]
+
+    got, dk = run(marked=True)
+    want, dk_zeros = run(marked=False)
+    assert dk[:, :P].isnan().all(), "the cache's rows were written"
+    assert not dk_zeros[:, :P].any()
+    for a, b in zip(got, want):
+        assert a.isfinite().all() and torch.equal(a, b)
+    with torch.autograd.detect_anomaly():
+        got, dk = run(marked=True)
+    assert not dk[:, :P].any()
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("args, why", [
     (dict(frozen_keys=0), "no frozen cache"),
     (dict(frozen_keys=20), "part of the cache not frozen"),

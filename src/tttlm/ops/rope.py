@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tttlm.config import TTTConfig
+from tttlm.ops.grad_rows import mark_grad_rows
 from tttlm.ops.triton_runtime import triton_available
 
 
@@ -126,18 +127,31 @@ def frozen_chunk_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
     ``compiled``: one ``torch.compile``'d function writes all four (a pass over the cache
     instead of a concatenation, a rotation in three casts and passes, and a second
     concatenation for the keys alone); the same math, rounded as Inductor fuses it.
+
+    Every path's backward reads only the chunk's rows of the keys' and values' gradients:
+    the two are marked so (:mod:`tttlm.ops.grad_rows`), and the frozen attention leaves the
+    cache's rows of the gradients it returns for them unwritten.
     """
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     if keys.shape[1] and keys.is_cuda and triton_available():
         from tttlm.ops import triton_rope  # imports Triton
 
         if triton_rope.triton_operands_can_run(q, keys, k, values, v, cos):
-            return triton_rope.triton_frozen_operands(q, keys, k, values, v, cos, sin, keep)
-    # An empty cache (a sequence's first chunk) has nothing to fuse, and the first TTT block's
-    # operands take no gradient (nothing before its attention learns at test time): eager, so
-    # that the compiled function keeps one graph per kind of cache.
-    fuse = compiled and keys.shape[1] and any(t.requires_grad for t in (q, k, v))
-    fn = _frozen_operands_compiled() if fuse else _frozen_operands
-    return fn(q, keys, k, values, v, cos, sin, keep)
+            out = triton_rope.triton_frozen_operands(q, keys, k, values, v, cos, sin, keep)
+    if out is None:
+        # An empty cache (a sequence's first chunk) has nothing to fuse, and the first TTT
+        # block's operands take no gradient (nothing before its attention learns at test
+        # time): eager, so that the compiled function keeps one graph per kind of cache.
+        fuse = compiled and keys.shape[1] and any(t.requires_grad for t in (q, k, v))
+        fn = _frozen_operands_compiled() if fuse else _frozen_operands
+        out = fn(q, keys, k, values, v, cos, sin, keep)
+    if not (keys.requires_grad or values.requires_grad):
+        # Every path's backward reads only the chunk's rows of the keys' and values'
+        # gradients (the cache takes none): the attention need not write the others.
+        past = keys.shape[1]
+        mark_grad_rows(out[1], past)
+        mark_grad_rows(out[2], past)
+    return out
 
 
 def _frozen_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,

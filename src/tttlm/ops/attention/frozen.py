@@ -11,9 +11,12 @@ splits the keys in two:
   FlashAttention's five tile products per cached key tile.
 
 The cache's dk, dv come back as zeros (autograd wants a gradient of the input's shape; the
-cache is detached, so it goes nowhere). First order only. On a CPU the forward is the dense
-reference and the chunk's piece goes through the CPU's flash backward, so that the Triton
-kernel's interpreter run (``TRITON_INTERPRET=1``) tests the whole backward there.
+cache is detached, so it goes nowhere), or unwritten where the keys' and values' producer
+marked that its backward reads only the chunk's rows (:mod:`tttlm.ops.grad_rows`; the frozen
+operands of :func:`tttlm.ops.rope.frozen_chunk_operands` do). First order only. On a CPU
+the forward is the dense reference and the chunk's piece goes through the CPU's flash
+backward, so that the Triton kernel's interpreter run (``TRITON_INTERPRET=1``) tests the
+whole backward there.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 
 from tttlm.ops.attention import flash, naive
+from tttlm.ops.grad_rows import grad_rows_read_from, unread_rows_may_stay_unwritten
 from tttlm.ops.triton_runtime import triton_available, triton_can_run, triton_interpreting
 from tttlm.ops.triton_tiles import head_split
 
@@ -176,6 +180,10 @@ class _FrozenChunk(torch.autograd.Function):
             out, lse = window_forward_reference(q, k, v, window)
             ctx.aux = ()
         ctx.save_for_backward(q, k, v, out, lse)
+        # (whether the keys' and values' producers read only the chunk's rows of their
+        # gradients: then the cache's rows are left unwritten)
+        P = k.shape[1] - q.shape[1]
+        ctx.cache_rows_unread = (grad_rows_read_from(k) == P and grad_rows_read_from(v) == P)
         ctx.window = window
         ctx.triton_backward = triton_backward
         return out
@@ -189,10 +197,12 @@ class _FrozenChunk(torch.autograd.Function):
         P = k.shape[1] - q.shape[1]
         grad = grad if grad.stride(-1) == 1 else grad.contiguous()
         scale = 1.0 / math.sqrt(q.shape[-1])
-        # The cache's dk, dv are zeros (written once); the own keys' go into the rest.
+        # The cache's dk, dv are zeros (written once), or left unwritten where their
+        # producers read only the chunk's rows; the own keys' go into the rest.
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        dk[:, :P].zero_()
-        dv[:, :P].zero_()
+        if not (ctx.cache_rows_unread and unread_rows_may_stay_unwritten()):
+            dk[:, :P].zero_()
+            dv[:, :P].zero_()
         if ctx.triton_backward:
             from tttlm.ops.triton_own_dkdv import own_dkdv
 
