@@ -85,6 +85,27 @@ def test_gradients_equal_the_reference(case: tuple[int, ...]) -> None:
             torch.testing.assert_close(a, b, msg=name)
 
 
+def test_backward_makes_no_gradient_for_the_kept_keys() -> None:
+    """The raw keys kept for the next chunk take no gradient: the backward is handed none,
+    rather than a tensor of zeros of their shape (autograd's default for an output marked
+    non-differentiable: a fill as large as the cache, 42 MB a TTT block and chunk at 3b)."""
+    B, past, c, H, d, window = 2, 6, 5, 3, 8, 16
+    q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, torch.float32, 4)
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out = triton_frozen_operands(leaves[0], keys, leaves[1], values, leaves[2], cos, sin,
+                                 window)
+    kept = tuple(out[3].shape)
+    loss = sum(o.sum() for o in out[:3])
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                record_shapes=True) as prof:
+        loss.backward()
+    fills = [e.name for e in prof.events()
+             if e.name in ("aten::zeros", "aten::zeros_like", "aten::zero_", "aten::fill_")
+             and any(tuple(s) == kept for s in e.input_shapes if s)]
+    assert not fills, fills
+    assert all(t.grad is not None and t.grad.isfinite().all() for t in leaves)
+
+
 def test_gradcheck_fp64() -> None:
     B, past, c, H, d, window = 2, 3, 2, 1, 4, 4  # small: each evaluation is a kernel launch
     q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, torch.float64, 3)

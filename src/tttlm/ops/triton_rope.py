@@ -142,6 +142,9 @@ class _FrozenOperands(torch.autograd.Function):
         ctx.save_for_backward(cos[past:], sin[past:])
         ctx.past = past
         ctx.mark_non_differentiable(kept)
+        # (otherwise autograd hands the backward a tensor of zeros for every output without a
+        # gradient, the kept keys always: a fill as large as the cache, read by nothing)
+        ctx.set_materialize_grads(False)
         return q_rot, rotated, joined, kept
 
     @staticmethod
