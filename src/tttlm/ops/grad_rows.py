@@ -3,8 +3,10 @@
 A frozen TTT chunk's keys and values are cache ⊕ chunk (``[B, past + c, H, d]``), made by
 :func:`tttlm.ops.rope.frozen_chunk_operands`, whose backward reads only the chunk's rows of
 their gradients: the cache takes none. The attention's backward must still return a gradient
-of the whole shape, and filling its cache rows with zeros nobody reads cost 35 ms of a 3.7 s
-3b prefill step at 128K on an H100 (two 42 MB fills per TTT block and chunk). A producer that
+of the whole shape, and filling its cache rows with zeros nobody reads was 35 ms of the 3.7 s
+of kernels of a 3b prefill step at 128K on an H100 (two 42 MB fills per TTT block and chunk;
+left unwritten, the step ran 0.4-0.5% faster, ``benchmarks/results/
+prefill_final_3b_h100_2026-12-07.md``). A producer that
 reads only rows ``first:`` marks its output here; a consumer may then leave the other rows of
 the gradient it returns unwritten.
 
