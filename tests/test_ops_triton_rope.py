@@ -106,6 +106,59 @@ def test_backward_makes_no_gradient_for_the_kept_keys() -> None:
     assert all(t.grad is not None and t.grad.isfinite().all() for t in leaves)
 
 
+@pytest.mark.parametrize("parity", [0, 1])
+@pytest.mark.parametrize("case", CASES)
+def test_cache_swap_reads_one_set_and_writes_the_other(case: tuple[int, ...],
+                                                       parity: int) -> None:
+    """With the cache in two buffer sets (:class:`~tttlm.ops.cache_swap.CacheSwap`), the pass
+    reads the set the device's parity names and writes the next cache into the other: the
+    outputs and gradients are those of the one-set pass over that set's cache, the next keys
+    and values land in the other set bit for bit, and the set read is left as it was; the
+    same for the torch path (``rope.frozen_chunk_operands`` on a CPU)."""
+    from tttlm.ops.cache_swap import CacheSwap
+
+    B, past, c, H, d, window = case
+    q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, torch.float32, 5)
+    n2 = min(past + c, window)
+    g = torch.Generator().manual_seed(6)
+    # two sets, each a full window's buffer; this chunk's cache is the first ``past`` rows
+    full = [[torch.randn(B, window, H, d, generator=g).to(DEVICE) for _ in range(2)]
+            for _ in range(2)]  # [keys sets, values sets]
+    full[0][parity][:, :past] = keys
+    full[1][parity][:, :past] = values
+    swap = CacheSwap(keys=(full[0][0][:, :past], full[0][1][:, :past]),
+                     values=(full[1][0][:, :past], full[1][1][:, :past]),
+                     next_keys=(full[0][0][:, :n2], full[0][1][:, :n2]),
+                     next_values=(full[1][0][:, :n2], full[1][1][:, :n2]),
+                     parity=torch.tensor([parity], dtype=torch.int32, device=DEVICE))
+    grads = [torch.randn(B, n, H, d, generator=g).to(DEVICE) for n in (c, past + c, past + c)]
+
+    def run(fn, **kw):  # noqa: ANN001, ANN003, ANN202
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+        out = fn(leaves[0], kw.pop("keys", keys), leaves[1], kw.pop("values", values),
+                 leaves[2], cos, sin, window, **kw)
+        torch.autograd.backward(out[:3], grads)
+        return [o.detach() for o in out[:3]], [t.grad for t in leaves], out[3]
+
+    for fn in (triton_frozen_operands, rope.frozen_chunk_operands):
+        want, want_grads, want_kept = run(fn)  # one set: the same function over ``keys``
+        want_next_v = want[2][:, past + c - n2:]
+        before = [t.clone() for t in (*full[0], *full[1])]
+        got, got_grads, kept = run(fn, keys=swap.keys[0], values=swap.values[0], swap=swap)
+        assert kept is None
+        for a, b in zip((*got, *got_grads), (*want, *want_grads)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        other = 1 - parity
+        assert torch.equal(full[0][other][:, :n2], want_kept)
+        assert torch.equal(full[1][other][:, :n2], want_next_v)
+        assert torch.equal(full[0][parity], before[parity])
+        assert torch.equal(full[1][parity], before[2 + parity])
+        # rows past the next cache's untouched in the set written
+        assert torch.equal(full[0][other][:, n2:], before[other][:, n2:])
+        full[0][other].copy_(before[other])
+        full[1][other].copy_(before[2 + other])
+
+
 def test_gradcheck_fp64() -> None:
     B, past, c, H, d, window = 2, 3, 2, 1, 4, 4  # small: each evaluation is a kernel launch
     q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, torch.float64, 3)

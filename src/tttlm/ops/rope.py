@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from tttlm.config import TTTConfig
+from tttlm.ops.cache_swap import CacheSwap, select, write_other
 from tttlm.ops.grad_rows import mark_grad_rows
 from tttlm.ops.triton_runtime import triton_available
 
@@ -110,8 +111,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 def frozen_chunk_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
                           values: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                          sin: torch.Tensor, keep: int, compiled: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                          sin: torch.Tensor, keep: int, compiled: bool = False,
+                          swap: CacheSwap | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                     torch.Tensor | None]:
     """A TTT chunk's attention operands over a cache that takes no gradient (evaluation,
     prefill): ``q [B, c, H, d]`` and the chunk's ``k, v`` after the cached ``keys`` (before
     RoPE) and ``values [B, past, H, d]``, with local tables ``[past + c, ...]``.
@@ -128,16 +131,30 @@ def frozen_chunk_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
     instead of a concatenation, a rotation in three casts and passes, and a second
     concatenation for the keys alone); the same math, rounded as Inductor fuses it.
 
+    ``swap`` (:class:`~tttlm.ops.cache_swap.CacheSwap`; ``keys``, ``values`` then its first
+    set's views): the cache is read from the set its parity names and the next chunk's keys
+    and values are written into the other set's ``next_*`` views, none returned (the fourth
+    result is ``None``). The Triton pass chooses the sets on the device; elsewhere
+    :func:`~tttlm.ops.cache_swap.select` and :func:`~tttlm.ops.cache_swap.write_other` do.
+
     Every path's backward reads only the chunk's rows of the keys' and values' gradients:
     the two are marked so (:mod:`tttlm.ops.grad_rows`), and the frozen attention leaves the
     cache's rows of the gradients it returns for them unwritten.
     """
-    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
     if keys.shape[1] and keys.is_cuda and triton_available():
         from tttlm.ops import triton_rope  # imports Triton
 
         if triton_rope.triton_operands_can_run(q, keys, k, values, v, cos):
-            out = triton_rope.triton_frozen_operands(q, keys, k, values, v, cos, sin, keep)
+            out = triton_rope.triton_frozen_operands(q, keys, k, values, v, cos, sin, keep,
+                                                     swap)
+    if out is None and swap is not None:
+        keys, values = select(swap.keys, swap.parity), select(swap.values, swap.parity)
+        q_rot, rotated, joined, kept = frozen_chunk_operands(q, keys, k, values, v, cos, sin,
+                                                             keep, compiled)
+        write_other(swap.next_keys, swap.parity, kept)
+        write_other(swap.next_values, swap.parity, joined[:, joined.shape[1] - kept.shape[1]:])
+        return q_rot, rotated, joined, None
     if out is None:
         # An empty cache (a sequence's first chunk) has nothing to fuse, and the first TTT
         # block's operands take no gradient (nothing before its attention learns at test

@@ -29,21 +29,35 @@ import torch
 import triton
 import triton.language as tl
 
+from tttlm.ops.cache_swap import CacheSwap, distance
 from tttlm.ops.triton_runtime import triton_interpreting
 
 
 @triton.jit
 def _rows_kernel(X, x_sb, x_sr, COS, SIN, t_sr, ROT, rot_sb, rot_sr,
-                 RAW, raw_sb, raw_sr, V, v_sb, v_sr, VOUT, vo_sb, vo_sr, dst0, drop, n, width,
+                 RAW, raw_sb, raw_sr, V, v_sb, v_sr, VOUT, vo_sb, vo_sr,
+                 VNEXT, vn_sb, vn_sr, PARITY, x_alt, v_alt, raw_alt, vn_alt,
+                 dst0, drop, n, width,
                  HALF: tl.constexpr, WRITE_RAW: tl.constexpr, WRITE_VALUES: tl.constexpr,
+                 WRITE_VNEXT: tl.constexpr, SWAP: tl.constexpr,
                  BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
     """Rows ``0 .. n-1`` of ``X`` (``width`` = heads × d elements each, contiguous) rotated by
     the tables' rows into ``ROT``'s rows ``dst0 + r``; with ``WRITE_RAW`` the unrotated rows
     into ``RAW``'s rows ``dst0 + r - drop`` (those not dropped); with ``WRITE_VALUES`` ``V``'s
-    rows into ``VOUT``'s rows ``dst0 + r``. Grid: (batch, row blocks, element blocks).
+    rows into ``VOUT``'s rows ``dst0 + r``, and with ``WRITE_VNEXT`` into ``VNEXT``'s rows
+    ``dst0 + r - drop`` too. ``SWAP``: two buffer sets, ``*_alt`` elements apart, the one to
+    read chosen by the device's ``PARITY`` (``X``, ``V`` moved by ``parity · alt``) and the
+    other written (``RAW``, ``VNEXT`` moved by ``(1 - parity) · alt``). Grid: (batch, row
+    blocks, element blocks).
 
     Tiles are whole runs of a row's elements (vector loads and stores); the interleaved pairs
     are split and joined in registers."""
+    if SWAP:  # (a CUDA graph replays one launch: the sets are chosen where it runs)
+        par = tl.load(PARITY).to(tl.int64)
+        X += par * x_alt
+        V += par * v_alt
+        RAW += (1 - par) * raw_alt
+        VNEXT += (1 - par) * vn_alt
     b = tl.program_id(0).to(tl.int64)  # batch offsets of large caches pass 2**31
     r = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R))[:, None]
     e = (tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E))[None, :]
@@ -66,6 +80,9 @@ def _rows_kernel(X, x_sb, x_sr, COS, SIN, t_sr, ROT, rot_sb, rot_sr,
     if WRITE_VALUES:
         val = tl.load(V + b * v_sb + r * v_sr + e, mask=valid, other=0.0)
         tl.store(VOUT + b * vo_sb + row * vo_sr + e, val, mask=valid)
+        if WRITE_VNEXT:
+            tl.store(VNEXT + b * vn_sb + (row - drop) * vn_sr + e, val,
+                     mask=valid & (row >= drop))
 
 
 def _rows_ok(x: torch.Tensor) -> bool:
@@ -93,9 +110,12 @@ def triton_operands_can_run(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor
 
 def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Tensor,
             dst0: int = 0, raw: torch.Tensor | None = None, drop: int = 0,
-            values: torch.Tensor | None = None, vout: torch.Tensor | None = None) -> None:
+            values: torch.Tensor | None = None, vout: torch.Tensor | None = None,
+            vnext: torch.Tensor | None = None,
+            swap: tuple[torch.Tensor, int, int, int, int] | None = None) -> None:
     """One source's rows ``x [B, n, H, d]`` into rows ``dst0 ..`` of the outputs (see
-    :func:`_rows_kernel`); the tables hold ``x``'s rows."""
+    :func:`_rows_kernel`); the tables hold ``x``'s rows. ``swap``: ``(parity, x_alt, v_alt,
+    raw_alt, vnext_alt)``, the sets' distances in elements."""
     B, n, H, d = x.shape
     if n == 0:
         return
@@ -108,11 +128,15 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: torch.Te
     raw_t = raw if raw is not None else rot
     v_t = values if values is not None else x
     vout_t = vout if vout is not None else rot
+    vnext_t = vnext if vnext is not None else rot
+    parity, *alts = swap if swap is not None else (rot, 0, 0, 0, 0)
     _rows_kernel[grid](
         x, x.stride(0), x.stride(1), cos, sin, cos.stride(0), rot, rot.stride(0), rot.stride(1),
         raw_t, raw_t.stride(0), raw_t.stride(1), v_t, v_t.stride(0), v_t.stride(1),
-        vout_t, vout_t.stride(0), vout_t.stride(1), dst0, drop, n, width,
+        vout_t, vout_t.stride(0), vout_t.stride(1), vnext_t, vnext_t.stride(0),
+        vnext_t.stride(1), parity, *alts, dst0, drop, n, width,
         HALF=d // 2, WRITE_RAW=raw is not None, WRITE_VALUES=vout is not None,
+        WRITE_VNEXT=vnext is not None, SWAP=swap is not None,
         BLOCK_R=block_r, BLOCK_E=block_e, num_warps=warps)
 
 
@@ -127,29 +151,42 @@ class _FrozenOperands(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
                 values: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                keep: int) -> tuple[torch.Tensor, ...]:
+                keep: int, swap: CacheSwap | None) -> tuple[torch.Tensor, ...]:
         B, past, H, d = keys.shape
         c = k.shape[1]
         n = past + c
         drop = max(0, n - keep)
         rotated = torch.empty(B, n, H, d, dtype=k.dtype, device=k.device)
         joined = torch.empty(B, n, H, d, dtype=v.dtype, device=v.device)
-        kept = torch.empty(B, n - drop, H, d, dtype=k.dtype, device=k.device)
+        if swap is None:
+            kept = torch.empty(B, n - drop, H, d, dtype=k.dtype, device=k.device)
+            vnext, cached, own = None, None, None
+        else:  # (the first set's views; the kernel moves them to the parity's sets)
+            kept, vnext = swap.next_keys[0], swap.next_values[0]
+            if kept.shape[1] != n - drop or vnext.shape[1] != n - drop:
+                raise ValueError(f"cache swap: next caches of {kept.shape[1]} rows for "
+                                 f"{n - drop}")
+            to_next = (distance(swap.next_keys), distance(swap.next_values))
+            cached = (swap.parity, distance(swap.keys), distance(swap.values), *to_next)
+            own = (swap.parity, 0, 0, *to_next)
         # The cached rows, then the chunk's: one launch each, every row read once.
-        _launch(keys, cos[:past], sin[:past], rotated, 0, kept, drop, values, joined)
-        _launch(k, cos[past:], sin[past:], rotated, past, kept, drop, v, joined)
+        _launch(keys, cos[:past], sin[:past], rotated, 0, kept, drop, values, joined, vnext,
+                cached)
+        _launch(k, cos[past:], sin[past:], rotated, past, kept, drop, v, joined, vnext, own)
         q_rot = _rotate(q, cos[past:], sin[past:])
         ctx.save_for_backward(cos[past:], sin[past:])
         ctx.past = past
-        ctx.mark_non_differentiable(kept)
         # (otherwise autograd hands the backward a tensor of zeros for every output without a
         # gradient, the kept keys always: a fill as large as the cache, read by nothing)
         ctx.set_materialize_grads(False)
+        if swap is not None:
+            return q_rot, rotated, joined
+        ctx.mark_non_differentiable(kept)
         return q_rot, rotated, joined, kept
 
     @staticmethod
     def backward(ctx: Any, g_q: torch.Tensor | None, g_rot: torch.Tensor | None,
-                 g_joined: torch.Tensor | None, g_kept: torch.Tensor | None
+                 g_joined: torch.Tensor | None, *g_kept: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, ...]:
         cos, sin = ctx.saved_tensors
         past = ctx.past
@@ -159,15 +196,18 @@ class _FrozenOperands(torch.autograd.Function):
         dq = _rotate(_rows(g_q), cos, neg) if g_q is not None else None
         dk = _rotate(_rows(g_rot[:, past:]), cos, neg) if g_rot is not None else None
         dv = g_joined[:, past:] if g_joined is not None else None
-        return dq, None, dk, None, dv, None, None, None
+        return dq, None, dk, None, dv, None, None, None, None
 
 
 def triton_frozen_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
                            values: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                           sin: torch.Tensor, keep: int
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                           sin: torch.Tensor, keep: int, swap: CacheSwap | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                      torch.Tensor | None]:
     """:func:`tttlm.ops.rope.frozen_chunk_operands` in three Triton launches (see the module
     docstring); check :func:`triton_operands_can_run` first. The raw keys kept for the next
-    chunk carry no gradient (a frozen cache)."""
-    out = _FrozenOperands.apply(q, keys, k, values, v, cos, sin, keep)
-    return out[0], out[1], out[2], out[3]
+    chunk carry no gradient (a frozen cache). ``swap``: ``keys``, ``values`` are its first
+    set's views; the launches read the set its parity names and write the next cache into
+    the other (nothing returned for it)."""
+    out = _FrozenOperands.apply(q, keys, k, values, v, cos, sin, keep, swap)
+    return out[0], out[1], out[2], (out[3] if swap is None else None)
