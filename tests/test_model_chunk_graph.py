@@ -36,22 +36,40 @@ def _spy_graphs(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     return counts
 
 
+def _swap(monkeypatch: pytest.MonkeyPatch, swapped: bool) -> dict[str, int]:
+    """The graphs' caches in two buffer sets (``swapped``: the next caches written into the
+    other set, a parity flipped per chunk) or in one (copied in per chunk); counts flips."""
+    flips = {"flips": 0}
+    flip = cuda_graph.ChunkBuffers.flip
+
+    def counted(self: cuda_graph.ChunkBuffers) -> None:
+        flips["flips"] += 1
+        flip(self)
+
+    monkeypatch.setattr(cuda_graph, "swap_caches", lambda model, h: swapped)
+    monkeypatch.setattr(cuda_graph.ChunkBuffers, "flip", counted)
+    return flips
+
+
 def _forward(model: Any, x: torch.Tensor, y: torch.Tensor, graphed: bool) -> Any:
     model.graph_chunks = graphed
     with torch.no_grad():
         return model(x, y, return_logits=True)
 
 
+@pytest.mark.parametrize("swapped", [True, False])
 @pytest.mark.parametrize(("group", "optimizer"), [(None, "sgd"), (1, "sgd"),
                                                   (None, "momentum"), (None, "learned_lr")])
 def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
-        group: int | None, optimizer: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        group: int | None, optimizer: str, swapped: bool,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Window 12, chunks of 4, 40 tokens: chunks 3-8 have full caches and an update (the
     last chunk, 9, runs as it always does); one graph for them in every run of chunks (the
     second group replays the first's, kept by the model). The second group repeats the
     first's shapes, so its chunks 0-2, while the caches fill, are graphs too, one per length
     of the caches. Inner optimizers with a state (momentum) or parameters (learned_lr)
-    alike."""
+    alike; the caches in two buffer sets (a flip per chunk) or one."""
+    flips = _swap(monkeypatch, swapped)
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32, inner_optimizer=optimizer)
     model.ttt_group = group
@@ -62,6 +80,7 @@ def test_graphed_chunks_equal_launched_chunks_bit_for_bit(
     expected = ({"graphs": 1, "steps": 6} if group is None
                 else {"graphs": 1 + 3, "steps": 6 + 3 + 6})
     assert counts == expected
+    assert flips["flips"] == (expected["steps"] if swapped else 0)
     for name in ("loss", "token_nll", "chunk_losses", "logits", "inner_update_norms"):
         assert torch.equal(getattr(got, name), getattr(ref, name)), name
 
@@ -448,16 +467,18 @@ def test_too_few_steady_chunks_are_not_worth_a_graph(monkeypatch: pytest.MonkeyP
         assert torch.equal(got.token_nll, ref.token_nll)
 
 
+@pytest.mark.parametrize("swapped", [True, False])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_chunks_while_the_caches_fill_are_graphs_in_a_repeated_run(
-        batch: int, monkeypatch: pytest.MonkeyPatch) -> None:
+        batch: int, swapped: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run that repeats the last one's shapes takes a graph for each whole chunk while the
     caches fill (window 12, chunks of 4: caches of 0, 4 and 8 rows), kept for later runs of
     any length, short prompts too: the launched chunks' results and the state a session
     keeps (caches after the last chunk and at its start, fast weights, inner state, the last
     output), bit for bit. The caches of every length are views of one window's buffers
     (across the batch not contiguous for two sequences). A continued run whose caches are
-    not whole chunks long takes none."""
+    not whole chunks long takes none. The caches in two buffer sets or one."""
+    _swap(monkeypatch, swapped)
     counts = _spy_graphs(monkeypatch)
     model = tiny_model(dtype=torch.float32, inner_optimizer="momentum")
     with torch.no_grad():

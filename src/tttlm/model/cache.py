@@ -34,6 +34,7 @@ import torch
 
 from tttlm.config import TTTConfig
 from tttlm.ops.attention import chunk_attention, decode_attention, sequence_attention
+from tttlm.ops.cache_swap import CacheSwap
 from tttlm.ops.rope import apply_rope, config_rope_angles, frozen_chunk_operands
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]  # cos, sin [n, d/2]
@@ -123,25 +124,46 @@ class ChunkKV(LayerCache):
         compiled: (frozen only) the operands in one compiled pass
             (:func:`~tttlm.ops.rope.frozen_chunk_operands`).
 
+        swap: (frozen only) the cache in two buffer sets
+            (:class:`~tttlm.ops.cache_swap.CacheSwap`, ``keys`` and ``values`` then its first
+            set's views): read from the set its parity names, the next chunk's written into
+            the other (a CUDA graph's buffers, :class:`~tttlm.model.cuda_graph.ChunkBuffers`).
+
     After :meth:`attend`, ``keys`` / ``values`` hold the cache for the next chunk: the last
-    ``window`` rows of cache ⊕ chunk.
+    ``window`` rows of cache ⊕ chunk (with ``swap``, its first set's ``next_*`` views: which
+    set holds it is the parity's to say, flipped by the caller).
     """
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, window: int,
-                 rope: RopeTables, frozen: bool, compiled: bool = False) -> None:
+                 rope: RopeTables, frozen: bool, compiled: bool = False,
+                 swap: CacheSwap | None = None) -> None:
+        if swap is not None and not frozen:
+            raise ValueError("ChunkKV: a cache in two buffer sets is for a frozen cache")
         self.keys, self.values = keys, values
         self.start = start
         self.window = window
         self.tables = rope
         self.frozen = frozen
         self.compiled = compiled
+        self.swap = swap
+
+    @classmethod
+    def swapped(cls, swap: CacheSwap, start: int, window: int, rope: RopeTables,
+                compiled: bool = False) -> ChunkKV:
+        """A frozen chunk over a cache in two buffer sets (see ``swap`` above)."""
+        return cls(swap.keys[0], swap.values[0], start, window, rope, True, compiled, swap)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cos, sin = self.tables
         c, past, start = q.shape[1], self.keys.shape[1], self.start
         q_pos = torch.arange(start, start + c, device=q.device)
         k_pos = torch.arange(start - past, start + c, device=q.device)
-        if self.frozen:
+        if self.swap is not None:
+            q, k_rope, values, _ = frozen_chunk_operands(
+                q, self.keys, k, self.values, v, cos, sin, self.window, self.compiled,
+                self.swap)
+            self.keys = self.swap.next_keys[0]
+        elif self.frozen:
             q, k_rope, values, self.keys = frozen_chunk_operands(
                 q, self.keys, k, self.values, v, cos, sin, self.window, self.compiled)
         else:
@@ -152,7 +174,8 @@ class ChunkKV(LayerCache):
             self.keys = keys[:, -self.window:]
         out = chunk_attention(q, k_rope, values, q_pos, k_pos, self.window,
                               frozen_keys=past if self.frozen else 0)
-        self.values = values[:, -self.window:]
+        self.values = (values[:, -self.window:] if self.swap is None
+                       else self.swap.next_values[0])
         return out
 
 

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from tttlm.ops.cache_swap import CacheSwap
+from tttlm.ops.triton_runtime import triton_available
 from tttlm.ttt.base import InnerState, map_state
 from tttlm.ttt.fast import FastWeights, PrimeWeights, flatten_fast
 
@@ -75,6 +77,17 @@ def capture(run: Callable[[], Out], warm: Callable[[], object],
     return replay
 
 
+def swap_caches(model: TTTForCausalLM, h: torch.Tensor) -> bool:
+    """Whether a model's chunk graphs keep the caches in two buffer sets
+    (:class:`ChunkBuffers`): where the operands write the next caches into the other set in
+    the pass that reads the cache (Triton's, on CUDA with interleaved RoPE), and on a CPU,
+    where tests run the graphs' buffers eagerly (the torch path, which reads both sets).
+    Elsewhere the one set and a copy per chunk cost less than that path."""
+    if h.device.type == "cpu":
+        return True
+    return h.is_cuda and triton_available() and model.config.rope_layout == "interleaved"
+
+
 def run_eagerly(run: Callable[[], Out], warm: Callable[[], object],
                 device: torch.device, pool: Any = None) -> Callable[[], Out]:
     """A stand-in for :func:`capture` that runs ``run`` at every call instead of replaying a
@@ -109,7 +122,14 @@ class ChunkBuffers:
     next, which the next stage's graph reads: no chunk copies another's results. The caches
     of every length are views of the full window's, so the stages hold one window of
     caches. ``pool``: the graphs' one memory pool on a GPU (they replay one at a time, and
-    each one's outputs are copied before the next)."""
+    each one's outputs are copied before the next).
+
+    ``swapped`` (:func:`swap_caches`): the caches in two such sets, the one that holds them
+    named by ``parity`` on the device (``host_parity`` mirrors it): a graph reads one set and
+    the operands write the next caches into the other
+    (:class:`~tttlm.ops.cache_swap.CacheSwap`), then the graph flips the parity. Otherwise
+    one set, into which each graph copies the next caches (in the steady state over the
+    ones it read)."""
 
     def __init__(self, model: TTTForCausalLM, h: torch.Tensor, fast: FastWeights,
                  inner_state: InnerState, in_place: bool) -> None:
@@ -120,23 +140,46 @@ class ChunkBuffers:
         # update (None: the fast weights themselves, or no narrower compute dtype).
         self.low = model._inner_leaves(self.fast, h) if in_place else None
         self.pool = torch.cuda.graph_pool_handle() if can_capture(h.device) else None
-        self._caches: dict[int, list[KVPair]] = {}
+        self._caches: dict[tuple[int, int], list[KVPair]] = {}  # (set, length) -> views
+        self.swapped = swap_caches(model, h)
+        self.parity = torch.zeros(1, dtype=torch.int32, device=h.device)
+        self.host_parity = 0
 
-    def caches(self, like: list[KVPair], length: int) -> list[KVPair]:
-        """The buffers of the caches of ``length`` rows, shaped as ``like`` otherwise (the
-        same tensors at every call): the first rows of the full window's. (For several
-        sequences they are not contiguous across the batch; every reader of a frozen cache
-        takes a row stride and a batch stride, as the Triton pass of
+    def caches(self, like: list[KVPair], length: int, which: int = 0) -> list[KVPair]:
+        """The buffers of the caches of ``length`` rows in set ``which``, shaped as ``like``
+        otherwise (the same tensors at every call): the first rows of the full window's.
+        (For several sequences they are not contiguous across the batch; every reader of a
+        frozen cache takes a row stride and a batch stride, as the Triton pass of
         :mod:`tttlm.ops.triton_rope` does.)"""
-        full = self._caches.get(self.window)
+        full = self._caches.get((which, self.window))
         if full is None:
-            full = self._caches[self.window] = [
+            full = self._caches[which, self.window] = [
                 tuple(t.new_empty(t.shape[0], self.window, *t.shape[2:])  # type: ignore[misc]
                       for t in pair) for pair in like]
-        found = self._caches.get(length)
+        found = self._caches.get((which, length))
         if found is None:
-            found = self._caches[length] = [(k[:, :length], v[:, :length]) for k, v in full]
+            found = self._caches[which, length] = [(k[:, :length], v[:, :length])
+                                                   for k, v in full]
         return found
+
+    def current(self, like: list[KVPair], length: int) -> list[KVPair]:
+        """The buffers that hold the caches now (of ``length`` rows)."""
+        return self.caches(like, length, self.host_parity if self.swapped else 0)
+
+    def swaps(self, like: list[KVPair], past: int, following: int) -> list[CacheSwap]:
+        """Per TTT block, both sets' views of the caches of ``past`` rows and of the next
+        ones (``following`` rows), with the parity (``swapped`` buffers)."""
+        sets = [(self.caches(like, past, i), self.caches(like, following, i)) for i in (0, 1)]
+        return [CacheSwap(keys=(sets[0][0][j][0], sets[1][0][j][0]),
+                          values=(sets[0][0][j][1], sets[1][0][j][1]),
+                          next_keys=(sets[0][1][j][0], sets[1][1][j][0]),
+                          next_values=(sets[0][1][j][1], sets[1][1][j][1]),
+                          parity=self.parity) for j in range(len(like))]
+
+    def flip(self) -> None:
+        """Record that a chunk ran: the other set holds the caches now (the graph flipped
+        the device's parity)."""
+        self.host_parity ^= 1
 
     def load(self, into: list[KVPair], caches: list[KVPair], fast: FastWeights,
              inner_state: InnerState) -> None:
@@ -177,7 +220,7 @@ class ChunkBuffers:
                 map_state(own, inner_state))
 
     def tensors(self) -> list[torch.Tensor]:
-        """Every buffer: caches of each length, fast weights, state."""
+        """Every buffer: caches of each set and length, fast weights, state."""
         return [*(x for pairs in self._caches.values() for pair in pairs for x in pair),
                 *self.updated(self.fast, self.inner_state)]
 
@@ -195,9 +238,11 @@ class ChunkGraph:
 
     The graph reads the chunk (hidden states, labels, mask) from static buffers and updates
     the caches, fast weights and inner-optimizer state of its :class:`ChunkBuffers` in
-    place: the new caches are copied into the buffers of their length (over the old ones in
-    the steady state), and the new fast weights and state are written where the update is
-    finite (the check the eager path defers) and the old ones kept elsewhere, as
+    place: the operands write the new caches into the buffer set the chunk did not read
+    (``swapped`` buffers; the graph then flips their parity), or they are copied into the
+    buffers of their length (over the old ones in the steady state), and the new fast
+    weights and state are written where the update is finite (the check the eager path
+    defers) and the old ones kept elsewhere, as
     :class:`~tttlm.ttt.finite.FiniteGuard` does. With an inner optimizer that
     ``updates_in_place`` (the official SGD), the update itself writes them, together with
     the fast weights' copies in the compute dtype that the next chunk differentiates: one
@@ -224,22 +269,29 @@ class ChunkGraph:
             buffers = ChunkBuffers(model, h, fast, inner_state, self.in_place)
             fast, inner_state = buffers.fast, buffers.inner_state
         self.buffers = buffers
-        past = caches[0][0].shape[1]
-        self.caches = buffers.caches(caches, past)
-        # where the new caches go: the next length's buffers, the same ones once full
-        self.out = buffers.caches(caches, min(past + h.shape[1], buffers.window))
+        self.past = caches[0][0].shape[1]
+        # the next caches' length: the next stage's buffers, the same ones once full
+        self.following = min(self.past + h.shape[1], buffers.window)
+        # what the chunk reads: both sets with the parity, or the one set (and where the
+        # new caches are copied)
+        reads: list[Any] = (buffers.swaps(caches, self.past, self.following) if buffers.swapped
+                            else buffers.caches(caches, self.past))
+        out = None if buffers.swapped else buffers.caches(caches, self.following)
         self.fast, self.inner_state, self.low = buffers.fast, buffers.inner_state, buffers.low
-        buffers.load(self.caches, caches, fast, inner_state)
+        buffers.load(buffers.current(caches, self.past), caches, fast, inner_state)
 
         def run() -> tuple[Any, ...]:
             nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, hidden = (
-                model.ttt_chunk(self.h, self.labels, self.mask, start, self.rope, self.caches,
+                model.ttt_chunk(self.h, self.labels, self.mask, start, self.rope, reads,
                                 self.fast, self.inner_state, opts, True, keep_logits,
                                 _Collect(), self.in_place, self.low))  # type: ignore[arg-type]
             with torch.no_grad():
-                for (k, v), (new_k, new_v) in zip(self.out, new_caches, strict=True):
-                    k.copy_(new_k)
-                    v.copy_(new_v)
+                if out is None:  # (the operands wrote the other set)
+                    buffers.parity.bitwise_xor_(1)
+                else:
+                    for (k, v), (new_k, new_v) in zip(out, new_caches, strict=True):
+                        k.copy_(new_k)
+                        v.copy_(new_v)
                 if not self.in_place:
                     ok = torch.isfinite(norm)
                     for old, new in zip(buffers.updated(self.fast, self.inner_state),
@@ -255,6 +307,8 @@ class ChunkGraph:
             self._first = run()
 
         self._replay = capture_fn(run, warm, h.device, buffers.pool)
+        if buffers.swapped:  # (the warm-up ran the chunk: its parity flip included)
+            buffers.flip()
 
     def step(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
              caches: list[KVPair], fast: FastWeights, inner_state: InnerState
@@ -269,10 +323,14 @@ class ChunkGraph:
             self.h.copy_(h)
             self.labels.copy_(labels)
             self.mask.copy_(mask)
-            self.buffers.load(self.caches, caches, fast, inner_state)
+            self.buffers.load(self.buffers.current(caches, self.past), caches, fast,
+                              inner_state)
             nll, chunk_loss, logits, norm, hidden = self._replay()
+            if self.buffers.swapped:
+                self.buffers.flip()
         return (nll.clone(), chunk_loss.clone(), None if logits is None else logits.clone(),
-                self.out, self.fast, self.inner_state, norm.clone(), hidden.clone())
+                self.buffers.current(caches, self.following), self.fast, self.inner_state,
+                norm.clone(), hidden.clone())
 
 
 class KeptGraph:

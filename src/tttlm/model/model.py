@@ -32,6 +32,7 @@ from tttlm.model.cuda_graph import (
 )
 from tttlm.model.layers import Block, ConvRecurrentMixer, KVBMixer, RMSNorm
 from tttlm.ops.attention import get_attention_backend
+from tttlm.ops.cache_swap import CacheSwap
 from tttlm.ops.linear_nll import (
     MAX_BLOCK_ELEMENTS,
     head_weight_grad_unused,
@@ -915,7 +916,7 @@ class TTTForCausalLM(nn.Module):
         return merged
 
     def ttt_chunk(self, h: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, start: int,
-                  rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVPair],
+                  rope: tuple[torch.Tensor, torch.Tensor], caches: list[KVPair | CacheSwap],
                   fast: FastWeights, inner_state: InnerState, opts: ForwardOptions, update: bool,
                   keep_logits: bool, guard: FiniteGuard | None = None,
                   in_place: bool = False, low: FastWeights | None = None) -> tuple[Any, ...]:
@@ -924,7 +925,10 @@ class TTTForCausalLM(nn.Module):
         on its loss. ``rope``: local tables of the ``past + c`` keys. Returns the NLL
         ``[B, c]``, the chunk loss ``[B]``, the logits (with ``keep_logits``), the caches after
         the chunk, the new fast weights and inner state, the update norms ``[B]`` and the
-        chunk's output ``[B, c, D]``.
+        chunk's output ``[B, c, D]``. A cache given as a
+        :class:`~tttlm.ops.cache_swap.CacheSwap` (no outer gradient: a chunk graph's buffers)
+        is read from the set its parity names and the next one written into the other; the
+        caller flips the parity (the caches returned are the first set's views).
 
         Without an outer gradient, a sequence whose update is not finite keeps its fast weights
         and inner state (callers see it in the norms). ``guard``: a deferred
@@ -984,7 +988,7 @@ class TTTForCausalLM(nn.Module):
             new_caches = [(k.detach(), v.detach()) for k, v in new_caches]
         return nll, chunk_loss, logits, new_caches, new_fast, new_state, norm, h
 
-    def _ttt_blocks(self, h: torch.Tensor, caches: list[KVPair], start: int,
+    def _ttt_blocks(self, h: torch.Tensor, caches: list[KVPair | CacheSwap], start: int,
                     rope: tuple[torch.Tensor, torch.Tensor], fast: FastWeights,
                     inner_state: InnerState, frozen: bool, compiled: bool,
                     guard: FiniteGuard | None, low: FastWeights | None = None
@@ -1006,8 +1010,15 @@ class TTTForCausalLM(nn.Module):
                             for layer in fast]
             x, new_caches = h, []
             for j, layer in enumerate(self.ttt_layers):
-                cache = ChunkKV(*caches[j], start, self.config.window, rope, frozen,
-                                compiled=compiled)
+                given = caches[j]
+                if isinstance(given, CacheSwap):  # (a chunk graph's two buffer sets)
+                    if not frozen:
+                        raise ValueError("ttt_chunk: caches in two buffer sets need "
+                                         "GradMode.NONE")
+                    cache = ChunkKV.swapped(given, start, self.config.window, rope, compiled)
+                else:
+                    cache = ChunkKV(*given, start, self.config.window, rope, frozen,
+                                    compiled=compiled)
                 # The engine keeps fast weights in fp32 for a bf16 model: compute in h's dtype.
                 weights = (leaves[j] if leaves is not None
                            else PrimeWeights(*(w.to(h.dtype) for w in fast[j])))
