@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -247,15 +247,26 @@ case "$PART" in
     # the tree before carried as .mid/src (`mkdir .mid && git archive COMMIT src | tar -x -C
     # .mid`). Measured so: the cache's rows of dk, dv left unwritten (0721125 -> 0889b64,
     # prefill_final_3b_h100_2026-12-07.md section 3). Owed: no zero gradient for the kept
-    # raw keys (f44db3a -> 604a062); the chunk graph's caches in two buffer sets, no copy per
-    # chunk (604a062 -> the tree after; first its CUDA tests: tests/test_model_chunk_graph.py
-    # tests/test_ops_triton_rope.py)
+    # raw keys (f44db3a -> 604a062)
     for pair in before=.mid/src after=src before2=.mid/src after2=src; do
       side=${pair%%=*}
       PYTHONPATH=$PWD/${pair#*=} timeout "${EACH:-70}" python -m tttlm.cli bench prefill \
         --preset 3b --compile compiled --repeats 2 --variants e2e --lengths ${LENGTHS:-131072} \
         --paths model --out "$OUT/pairs_$side" > /dev/null || echo "$side: exit $?"
       grep "^| e" "$OUT/pairs_$side.md" | cut -d'|' -f7,11
+    done ;;
+  cache_swap)  # speed issue: the chunk graph's caches in two buffer sets (a065aef: the
+    # operands write the next caches into the set not read, no copy per chunk) against one
+    # set copied into (TTTLM_CACHE_SWAP=0), one tree: the CUDA tests first, then 3b e2e
+    # prefill at 128K x 1 (graphs), interleaved, one process each (~5 min)
+    timeout 150 python -m pytest -p no:warnings -rf tests/test_model_chunk_graph.py \
+      tests/test_ops_triton_rope.py tests/test_ops_frozen_dq.py 2>&1 | tail -4
+    for pair in one=0 two=1 one2=0 two2=1; do
+      side=${pair%%=*}
+      TTTLM_CACHE_SWAP=${pair#*=} timeout "${EACH:-70}" python -m tttlm.cli bench prefill \
+        --preset 3b --compile compiled --repeats 2 --variants e2e --lengths 131072 \
+        --paths model --out "$OUT/cache_swap_$side" > /dev/null || echo "$side: exit $?"
+      grep "^| e" "$OUT/cache_swap_$side.md" | cut -d'|' -f7,11,15
     done ;;
   train_kernel)  # speed issue: tttlm train 125m e2e at 8K (micro-batch 4: 8 does not fit an
     # H100) with the meta-training chunk kernels' key-block tiles keys by queries (f9add3b)
@@ -572,7 +583,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, lean, one_sequence, session, eager, frozen, triton_fwd, frozen_triton, own_dkdv, train_kernel, pairs, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, lean, one_sequence, session, eager, frozen, triton_fwd, frozen_triton, own_dkdv, train_kernel, pairs, cache_swap, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

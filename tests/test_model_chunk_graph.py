@@ -57,6 +57,16 @@ def _forward(model: Any, x: torch.Tensor, y: torch.Tensor, graphed: bool) -> Any
         return model(x, y, return_logits=True)
 
 
+def test_cache_swap_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two buffer sets on a CPU (the graphs' buffers run eagerly there); one with
+    ``TTTLM_CACHE_SWAP=0``."""
+    model = tiny_model(dtype=torch.float32)
+    h = torch.zeros(1, 4, model.config.hidden_size)
+    assert cuda_graph.swap_caches(model, h)
+    monkeypatch.setenv("TTTLM_CACHE_SWAP", "0")
+    assert not cuda_graph.swap_caches(model, h)
+
+
 @pytest.mark.parametrize("swapped", [True, False])
 @pytest.mark.parametrize(("group", "optimizer"), [(None, "sgd"), (1, "sgd"),
                                                   (None, "momentum"), (None, "learned_lr")])

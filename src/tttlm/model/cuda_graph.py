@@ -24,6 +24,7 @@ replay every whole chunk but the last.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -82,7 +83,10 @@ def swap_caches(model: TTTForCausalLM, h: torch.Tensor) -> bool:
     (:class:`ChunkBuffers`): where the operands write the next caches into the other set in
     the pass that reads the cache (Triton's, on CUDA with interleaved RoPE), and on a CPU,
     where tests run the graphs' buffers eagerly (the torch path, which reads both sets).
-    Elsewhere the one set and a copy per chunk cost less than that path."""
+    Elsewhere the one set and a copy per chunk cost less than that path.
+    ``TTTLM_CACHE_SWAP=0``: one set everywhere (benchmarks' baseline)."""
+    if os.environ.get("TTTLM_CACHE_SWAP", "") == "0":
+        return False
     if h.device.type == "cpu":
         return True
     return h.is_cuda and triton_available() and model.config.rope_layout == "interleaved"
