@@ -247,7 +247,7 @@ case "$PART" in
     # the tree before carried as .mid/src (`mkdir .mid && git archive COMMIT src | tar -x -C
     # .mid`). Measured so: the cache's rows of dk, dv left unwritten (0721125 -> 0889b64,
     # prefill_final_3b_h100_2026-12-07.md section 3). Owed: no zero gradient for the kept
-    # raw keys (f44db3a -> 604a062)
+    # raw keys (f44db3a -> this tree with TTTLM_CACHE_SWAP=0 exported: one change a side)
     for pair in before=.mid/src after=src before2=.mid/src after2=src; do
       side=${pair%%=*}
       PYTHONPATH=$PWD/${pair#*=} timeout "${EACH:-70}" python -m tttlm.cli bench prefill \
