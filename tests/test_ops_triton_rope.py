@@ -159,6 +159,41 @@ def test_cache_swap_reads_one_set_and_writes_the_other(case: tuple[int, ...],
         full[1][other].copy_(before[2 + other])
 
 
+@pytest.mark.parametrize("swap", [False, True])
+def test_pass_compiles_for_hopper_with_vector_accesses(swap: bool) -> None:
+    """The interpreter runs the kernel's Python, not its compiled form: compiled for sm_90a
+    (what the prefill runs on), with and without the two buffer sets, rows are still read and
+    written as 16-byte vectors when the JIT marks pointers, strides and the sets' distances
+    multiples of 16 (moving a base pointer by ``parity × distance`` keeps that known)."""
+    import re
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from tttlm.ops import triton_rope
+
+    fn = triton_rope._rows_kernel
+    # (tests run Triton's interpreter, whose kernels are not compiled: the same function as
+    # a compiled kernel; it calls no other jitted function)
+    fn = triton.runtime.jit.JITFunction(getattr(fn, "fn", fn))
+    consts = dict(HALF=40, WRITE_RAW=True, WRITE_VALUES=True, WRITE_VNEXT=swap, SWAP=swap,
+                  BLOCK_R=8, BLOCK_E=512)
+    pointers = {"X": "*bf16", "ROT": "*bf16", "RAW": "*bf16", "V": "*bf16", "VOUT": "*bf16",
+                "VNEXT": "*bf16", "COS": "*fp32", "SIN": "*fp32", "PARITY": "*i32"}
+    sig = {n: "constexpr" if n in consts else pointers.get(n, "i64" if n.endswith("_alt")
+                                                          else "i32") for n in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+               if n not in consts and n not in ("dst0", "drop", "n")}
+    try:
+        kernel = triton.compile(ASTSource(fn, sig, consts, aligned),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    except RuntimeError as e:  # (a wheel without ptxas for this machine)
+        pytest.skip(f"no sm_90a compile here: {e}")
+    ptx = kernel.asm["ptx"]
+    assert len(re.findall(r"ld\.global[.\w]*\.v4", ptx)) >= 16
+    assert len(re.findall(r"st\.global[.\w]*\.v4", ptx)) >= (16 if swap else 12)
+
+
 def test_gradcheck_fp64() -> None:
     B, past, c, H, d, window = 2, 3, 2, 1, 4, 4  # small: each evaluation is a kernel launch
     q, keys, k, values, v, cos, sin = _inputs(B, past, c, H, d, window, torch.float64, 3)
