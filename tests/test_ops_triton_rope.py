@@ -186,7 +186,8 @@ def test_pass_compiles_for_hopper_with_vector_accesses(swap: bool) -> None:
                if n not in consts and n not in ("dst0", "drop", "n")}
     try:
         kernel = triton.compile(ASTSource(fn, sig, consts, aligned),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                                target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": 4, "enable_fp_fusion": True})
     except RuntimeError as e:  # (a wheel without ptxas for this machine)
         pytest.skip(f"no sm_90a compile here: {e}")
     ptx = kernel.asm["ptx"]
