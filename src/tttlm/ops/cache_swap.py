@@ -5,9 +5,10 @@ chunk's in the same buffers. With one set, the next cache (the last ``window`` r
 cache ⊕ chunk: a shift by a chunk) cannot be written over the one being read, so the graph
 copied it in after the chunk: 16 copies of 42 MB a chunk at 3b, 60 ms of a 3.7 s step at
 128K on an H100 (``memcpy128`` in the profile of
-``benchmarks/results/prefill_own_dkdv_3b_h100.json``, section 3 of its report). With two sets and a flag on the device (``parity``: which set holds the cache), a
-chunk reads one set and the operands write the next cache straight into the other; the graph
-flips the flag, and the same graph serves the next chunk.
+``benchmarks/results/prefill_own_dkdv_3b_h100.json``, section 3 of its report). With two
+sets and a flag on the device (``parity``: which set holds the cache), a chunk reads one set
+and the operands write the next cache straight into the other; the graph flips the flag, and
+the same graph serves the next chunk.
 
 :func:`select` and :func:`write_other` are the operations in torch (a reference, and the
 path where the Triton pass does not run): capture-safe, no host synchronisation, at the cost
