@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -267,6 +267,18 @@ case "$PART" in
         --preset 3b --compile compiled --repeats 2 --variants e2e --lengths 131072 \
         --paths model --out "$OUT/cache_swap_$side" > /dev/null || echo "$side: exit $?"
       grep "^| e" "$OUT/cache_swap_$side.md" | cut -d'|' -f7,11,15
+    done ;;
+  inductor)  # speed issue: Inductor's coordinate-descent tuning of its own kernels (the
+    # norms, casts and reductions around the TTT chunk's matmuls: 266 ms in 17686 launches of
+    # a 128K step, prefill_own_dkdv_3b_h100.md section 3) against its default configs, one
+    # tree: 3b e2e prefill at LENGTHS (default 128K x 1), interleaved, one process each
+    for pair in plain=0 tuned=1 plain2=0 tuned2=1; do
+      side=${pair%%=*}
+      TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=${pair#*=} timeout "${EACH:-150}" python -m \
+        tttlm.cli bench prefill --preset 3b --compile compiled --repeats 2 --variants e2e \
+        --lengths ${LENGTHS:-131072} --paths model --out "$OUT/inductor_$side" > /dev/null \
+        || echo "$side: exit $?"
+      grep "^| e" "$OUT/inductor_$side.md" | cut -d'|' -f7,11,15
     done ;;
   train_kernel)  # speed issue: tttlm train 125m e2e at 8K (micro-batch 4: 8 does not fit an
     # H100) with the meta-training chunk kernels' key-block tiles keys by queries (f9add3b)
