@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|norms|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -280,6 +280,13 @@ case "$PART" in
         || echo "$side: exit $?"
       grep "^| e" "$OUT/inductor_$side.md" | cut -d'|' -f7,11,15
     done ;;
+  norms)  # speed issue: the inner gradient's 24 per-tensor norms of a 3b chunk, one ATen
+    # reduction each (what runs) against one torch._foreach_norm pass, then the chunk graph's
+    # and the operands pass's CUDA tests the cache_swap call could not finish in its limit
+    timeout 60 python benchmarks/inner_norms.py --out "$OUT/inner_norms_3b"
+    timeout 200 python -m pytest -p no:warnings -rf tests/test_ops_triton_rope.py \
+      tests/test_model_chunk_graph.py tests/test_ops_frozen_dq.py -k "cuda or swap or pass" \
+      2>&1 | tail -5 ;;
   train_kernel)  # speed issue: tttlm train 125m e2e at 8K (micro-batch 4: 8 does not fit an
     # H100) with the meta-training chunk kernels' key-block tiles keys by queries (f9add3b)
     # against the tree before (`mkdir .before && git archive ad99fda src | tar -x -C .before`,
