@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|norms|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|norms|next|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -287,6 +287,25 @@ case "$PART" in
     timeout 200 python -m pytest -p no:warnings -rf tests/test_ops_triton_rope.py \
       tests/test_model_chunk_graph.py tests/test_ops_frozen_dq.py -k "cuda or swap or pass" \
       2>&1 | tail -5 ;;
+  next)  # speed issue, the next session's first call (one warm machine, ~9 minutes): the
+    # card and versions; on an H200, the targets' table (PART=final, BASELINE=0); elsewhere
+    # PART=norms, then one interleaved pair of PART=inductor (default configs, then tuned)
+    nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv
+    python -c "import torch, triton; print(torch.__version__, triton.__version__, \
+      torch.version.cuda, torch.backends.cudnn.version())"
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+      OUT="$OUT" PART=final BASELINE=0 bash "$0"
+    else
+      OUT="$OUT" PART=norms bash "$0"
+      for pair in plain=0 tuned=1; do
+        side=${pair%%=*}
+        TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=${pair#*=} timeout 130 python -m tttlm.cli \
+          bench prefill --preset 3b --compile compiled --repeats 2 --variants e2e \
+          --lengths 131072 --paths model --out "$OUT/inductor_$side" > /dev/null \
+          || echo "$side: exit $?"
+        grep "^| e" "$OUT/inductor_$side.md" | cut -d'|' -f7,11,15
+      done
+    fi ;;
   train_kernel)  # speed issue: tttlm train 125m e2e at 8K (micro-batch 4: 8 does not fit an
     # H100) with the meta-training chunk kernels' key-block tiles keys by queries (f9add3b)
     # against the tree before (`mkdir .before && git archive ad99fda src | tar -x -C .before`,
