@@ -272,7 +272,8 @@ case "$PART" in
     # norms, casts and reductions around the TTT chunk's matmuls: 266 ms in 17686 launches of
     # a 128K step, prefill_own_dkdv_3b_h100.md section 3) against its default configs, one
     # tree: 3b e2e prefill at LENGTHS (default 128K x 1), interleaved, one process each
-    for pair in plain=0 tuned=1 plain2=0 tuned2=1; do
+    # (SIDES: which runs, name=0|1 for the tuning off or on)
+    for pair in ${SIDES:-plain=0 tuned=1 plain2=0 tuned2=1}; do
       side=${pair%%=*}
       TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=${pair#*=} timeout "${EACH:-150}" python -m \
         tttlm.cli bench prefill --preset 3b --compile compiled --repeats 2 --variants e2e \
@@ -297,14 +298,7 @@ case "$PART" in
       OUT="$OUT" PART=final BASELINE=0 bash "$0"
     else
       OUT="$OUT" PART=norms bash "$0"
-      for pair in plain=0 tuned=1; do
-        side=${pair%%=*}
-        TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=${pair#*=} timeout 130 python -m tttlm.cli \
-          bench prefill --preset 3b --compile compiled --repeats 2 --variants e2e \
-          --lengths 131072 --paths model --out "$OUT/inductor_$side" > /dev/null \
-          || echo "$side: exit $?"
-        grep "^| e" "$OUT/inductor_$side.md" | cut -d'|' -f7,11,15
-      done
+      OUT="$OUT" PART=inductor SIDES="plain=0 tuned=1" EACH=130 bash "$0"
     fi ;;
   train_kernel)  # speed issue: tttlm train 125m e2e at 8K (micro-batch 4: 8 does not fit an
     # H100) with the meta-training chunk kernels' key-block tiles keys by queries (f9add3b)
