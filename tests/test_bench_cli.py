@@ -177,15 +177,22 @@ def test_prefill_graphed_blocks_replay_the_steady_chunks(tmp_path: Path,
     assert [r["blocks"] for r in rows] == ["launched", "compiled"] and not steps
 
 
-def test_environment_records_the_host_and_picks_the_card_row() -> None:
-    """Reports name the host's CPU; of nvidia-smi's rows, the card's own (by PCI bus), the
-    only one when no bus is known, and none where it cannot be told or is malformed."""
+def test_environment_records_the_host_and_picks_the_card_row(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reports name the host's CPU and the switches set (Inductor's, the project's); of
+    nvidia-smi's rows, the card's own (by PCI bus), the only one when no bus is known, and
+    none where it cannot be told or is malformed."""
     import torch
 
     from tttlm.bench.common import GPU_STATE_FIELDS, environment, pick_gpu_row
 
+    monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "0")
+    monkeypatch.setenv("TTTLM_CACHE_SWAP", "0")
+    monkeypatch.setenv("TTTLMX", "not ours")
     env = environment(torch.device("cpu"))
     assert env["host"]["cpus"] >= 1 and "gpu_state" not in env
+    assert env["settings"]["TORCHINDUCTOR_COORDINATE_DESCENT_TUNING"] == "0"
+    assert env["settings"]["TTTLM_CACHE_SWAP"] == "0" and "TTTLMX" not in env["settings"]
     rows = ("00000000:18:00.0, 1980, 1980, 120.5, 700.00, 35, 570.1\n"
             "00000000:2A:00.0, 1755, 1980, 690.1, 700.00, 71, 570.1\n")
     got = pick_gpu_row(rows, 0x2A)

@@ -33,10 +33,20 @@ def environment(device: torch.device) -> dict[str, Any]:
            "torch": torch.__version__, "triton": triton_version(),
            "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(),
            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-           "host": host_info()}
+           "host": host_info(), "settings": switches()}
     if cuda:
         env["gpu_state"] = gpu_state(device)
     return env
+
+
+# Environment variables that change what a run computes or how fast: the project's own
+# (``TTTLM_CACHE_SWAP``, ...) and PyTorch's and Inductor's (a tuning switch, the allocator).
+SWITCH_PREFIXES = ("TTTLM_", "TORCHINDUCTOR_", "PYTORCH_", "TORCH_", "CUDA_LAUNCH_BLOCKING")
+
+
+def switches() -> dict[str, str]:
+    """The ``SWITCH_PREFIXES`` variables set in this process, by name."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(SWITCH_PREFIXES)}
 
 
 def host_info() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from torch import nn
 
 from tttlm.config import TTTConfig
 from tttlm.model.cache import LayerCache, RopeTables, Rows
+from tttlm.ops.compiled import inductor_compile
 from tttlm.ops.gated_delta import gated_delta_rule, ssd_rule
 from tttlm.ops.norm import rms_norm
 from tttlm.ops.rope import apply_rope
@@ -515,8 +516,8 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` compiled once, shared by every block: torch.compile treats the module as an input
     (its parameters are graph inputs), so 32 layers compile once per structure (with or without
     a prime MLP), not once per layer. Attention stays outside: SDPA, flex_attention and the
-    Triton kernel are fused already."""
-    return torch.compile(fn)
+    Triton kernel are fused already. Inductor's options: :func:`inductor_compile`."""
+    return inductor_compile(fn)
 
 
 # Whole sequences (RoPE inside the projection) and caches that rotate keys themselves.

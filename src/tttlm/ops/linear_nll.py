@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tttlm.ops.compiled import inductor_compile
 from tttlm.ops.loss import token_nll
 from tttlm.ops.triton_runtime import triton_available
 
@@ -127,7 +128,7 @@ def _second(M: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, labels: torch.T
 
 @functools.cache
 def _compiled(fn: Any) -> Any:
-    return torch.compile(fn, dynamic=True)
+    return inductor_compile(fn, dynamic=True)
 
 
 def _run(fn: Any, compiled: bool) -> Any:

@@ -21,6 +21,7 @@ import torch
 
 from tttlm.config import TTTConfig
 from tttlm.ops.cache_swap import CacheSwap, select, write_other
+from tttlm.ops.compiled import inductor_compile
 from tttlm.ops.grad_rows import mark_grad_rows
 from tttlm.ops.triton_runtime import triton_available
 
@@ -186,4 +187,4 @@ def _frozen_operands(q: torch.Tensor, keys: torch.Tensor, k: torch.Tensor,
 @functools.cache
 def _frozen_operands_compiled() -> Any:
     # dynamic: the cache grows chunk by chunk up to the window; one graph for its lengths.
-    return torch.compile(_frozen_operands, dynamic=True)
+    return inductor_compile(_frozen_operands, dynamic=True)

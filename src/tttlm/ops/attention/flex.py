@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from tttlm.ops.attention._common import common_dtype
+from tttlm.ops.compiled import inductor_compile
 
 # Each new shape recompiles flex_attention; past torch's recompile limit it would silently run
 # eagerly and materialise the score matrix, so shapes beyond this many take the banded path.
@@ -48,7 +49,7 @@ def _compiled_flex() -> Callable[..., torch.Tensor]:
     """``flex_attention`` compiled once per process (uncompiled it materialises scores)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    return inductor_compile(flex_attention, dynamic=False)
 
 
 @functools.lru_cache(maxsize=32)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from tttlm.ops.attention.flash import FLASH_DTYPES
-from tttlm.ops.compiled import compile_or_fall_back
+from tttlm.ops.compiled import compile_or_fall_back, inductor_compile
 
 
 def pieces_can_run(q: torch.Tensor, window: int | None, block: int) -> bool:
@@ -183,7 +183,7 @@ def _fused(fn: Any) -> Any:
     """``fn`` compiled (one kernel for the merge or the sum instead of a dozen over small
     tensors, a few per chunk and layer); the shapes are the chunk's, the same for every
     chunk."""
-    return torch.compile(fn, dynamic=False)
+    return inductor_compile(fn, dynamic=False)
 
 
 def _on_device(fn: Any, x: torch.Tensor, any_length: bool = False) -> Any:
