@@ -16,6 +16,11 @@ configuration asked for, and reports per kernel:
 - shared memory, and the count of tensor-core products (``wgmma.mma_async``), of their waits
   (``wgmma.wait_group``), of asynchronous copies (``cp.async``) and of exponentials
   (``ex2.approx``) in the PTX;
+- per loop of the machine code (``cuobjdump -sass`` of the cubin; a block that branches back
+  to itself), its instructions and, among them, exponentials (``MUFU.EX2``), forward branches
+  (``BRA``, a part the loop may skip) and barriers: an SM's sub-partition issues one
+  instruction a clock and its multi-function unit takes 8 clocks a warp's ``MUFU``, so the two
+  counts tell which of them bounds the softmax's elementwise work;
 - per loop (a PTX block that branches back to itself), its sequence of product groups, waits
   and exponentials: where the tensor cores wait and where they run beside the softmax; and
   its shared-memory work outside the copies: barriers (``bar.sync``) and register tiles
@@ -119,6 +124,36 @@ def _loop_bodies(ptx: str) -> list[list[str]]:
     return bodies
 
 
+def _sass_loops(sass: str) -> list[dict[str, int]]:
+    """Each loop of ``cuobjdump -sass`` text (a block ending in a branch back to its first
+    address): its instructions, ``MUFU.EX2``, forward branches inside it and barriers."""
+    ins = [(int(m.group(1), 16), m.group(2).strip()) for line in sass.splitlines()
+           if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line))]
+    target = {a: int(m.group(1), 16) for a, text in ins
+              if (m := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text))}
+    at = {a: i for i, (a, _) in enumerate(ins)}
+    loops = []
+    for i, (a, _) in enumerate(ins):
+        if target.get(a, a + 1) > a or target[a] not in at:
+            continue
+        body = ins[at[target[a]]:i + 1]
+        loops.append({"instructions": len(body),
+                      "mufu_ex2": sum("MUFU.EX2" in t for _, t in body),
+                      "forward_branches": sum(target.get(b, b) > b for b, _ in body),
+                      "barriers": sum("BAR.SYNC" in t for _, t in body)})
+    return loops
+
+
+def _sass(work: Path) -> str:
+    """The machine code of ``work/kernel.cubin`` (the wheel's ``cuobjdump``), or ``""``."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cubin = work / "kernel.cubin"
+    if not tool.exists() or not cubin.exists():
+        return ""
+    run = subprocess.run([str(tool), "-sass", str(cubin)], capture_output=True, text=True)
+    return run.stdout if run.returncode == 0 else ""
+
+
 def _loops(ptx: str) -> list[list[str]]:
     """Each loop's sequence of events: ``mma NxK xcount``, ``wait``, ``ex2 xcount``."""
     loops = []
@@ -161,7 +196,8 @@ def _compile(fn: Any, consts: dict[str, Any], warps: int, stages: int,
             "waits": len(re.findall(r"wgmma\.wait_group", ptx)),
             "cp_async": len(re.findall(r"cp\.async\.", ptx)),
             "ex2": len(re.findall(r"ex2\.approx", ptx)),
-            **_assemble(ptx, work), "loops": _loops(ptx), "loop_shared": _loop_shared(ptx)}
+            **_assemble(ptx, work), "loops": _loops(ptx), "loop_shared": _loop_shared(ptx),
+            "sass_loops": _sass_loops(_sass(work))}
 
 
 def _tiles(text: str) -> tuple[int, int, int, int]:
@@ -178,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="BM,BN,WARPS,STAGES of the frozen dq (default: its tiles)")
     ap.add_argument("--own-configs", nargs="*", default=[],
                     help="BN,BM,WARPS,STAGES of the own keys' dk, dv (default: its tiles)")
+    ap.add_argument("--lazy", nargs="*", type=int,
+                    default=[triton_window_fwd.LAZY_RESCALE],
+                    help="the forward's lazy-rescaling bounds to compile (0: every tile)")
     ap.add_argument("--train-kernels", action="store_true",
                     help="also the meta-training chunk attention's backward kernels (bf16, "
                          "head width 64, their tiles in use)")
@@ -197,10 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for text in dict.fromkeys(fwd):
         bm, bn, warps, stages = _tiles(text)
-        rows.append({"kernel": "window forward", "tiles": text, **_compile(
-            triton_window_fwd._window_fwd_kernel,
-            dict(BM=bm, BN=bn, DA=da, DB=db, HAS_WINDOW=True, DESC=False), warps, stages,
-            work)})
+        for lazy in dict.fromkeys(args.lazy):
+            rows.append({"kernel": f"window forward, lazy {lazy}", "tiles": text, **_compile(
+                triton_window_fwd._window_fwd_kernel,
+                dict(BM=bm, BN=bn, DA=da, DB=db, HAS_WINDOW=True, DESC=False, LAZY=lazy),
+                warps, stages, work)})
     for text in dict.fromkeys(dq):
         bm, bn, warps, stages = _tiles(text)
         rows.append({"kernel": "frozen dq (own keys folded in)", "tiles": text, **_compile(
@@ -246,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         lines += [f"- {' → '.join(loop)}; shared memory: "
                   + ", ".join(f"{op} {n}" for op, n in shared.items())
                   for loop, shared in zip(r["loops"], r["loop_shared"])]
+        lines += [f"- machine code, loop {i}: " + ", ".join(f"{k} {v}" for k, v in loop.items())
+                  for i, loop in enumerate(r["sass_loops"], 1)]
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

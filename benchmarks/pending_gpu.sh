@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|norms|next|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|lazy|norms|next|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -280,6 +280,27 @@ case "$PART" in
         --lengths ${LENGTHS:-131072} --paths model --out "$OUT/inductor_$side" > /dev/null \
         || echo "$side: exit $?"
       grep "^| e" "$OUT/inductor_$side.md" | cut -d'|' -f7,11,15
+    done ;;
+  lazy)  # speed issue: the window forward rescaling its accumulators only when a row's
+    # maximum grew by more than TTTLM_WINDOW_LAZY (log2 units; 0: every tile, as before), one
+    # CTA-wide vote a whole key tile (kernel_sm90_lazy_cpu.md: 588 -> 516 instructions a tile
+    # when the rescale is skipped): its CUDA tests with the bound on, then 3b e2e prefill at
+    # 128K x 1 (SIDES of 0 and 8, interleaved) and one pair at 8K x 16, one process each
+    TTTLM_WINDOW_LAZY=8 timeout 120 python -m pytest -p no:warnings -rf \
+      tests/test_ops_triton_window_fwd.py tests/test_ops_window_sequence.py 2>&1 | tail -3
+    for pair in ${SIDES:-0=a 8=a 0=b 8=b}; do
+      lazy=${pair%%=*}
+      TTTLM_WINDOW_LAZY=$lazy timeout "${EACH:-110}" python -m tttlm.cli bench prefill \
+        --preset 3b --compile compiled --repeats 2 --variants e2e --lengths 131072 \
+        --paths model --out "$OUT/lazy_${lazy}_128k_${pair#*=}" > /dev/null \
+        || echo "$pair: exit $?"
+      grep "^| e" "$OUT/lazy_${lazy}_128k_${pair#*=}.md" | cut -d'|' -f7,11,15
+    done
+    for lazy in ${SHORT:-0 8}; do
+      TTTLM_WINDOW_LAZY=$lazy timeout 100 python -m tttlm.cli bench prefill --preset 3b \
+        --compile compiled --repeats 2 --variants e2e --lengths 8192 --paths model \
+        --out "$OUT/lazy_${lazy}_8k" > /dev/null || echo "8K $lazy: exit $?"
+      grep "^| e" "$OUT/lazy_${lazy}_8k.md" | cut -d'|' -f7,11,15
     done ;;
   norms)  # speed issue: the inner gradient's 24 per-tensor norms of a 3b chunk, one ATen
     # reduction each (what runs) against one torch._foreach_norm pass, then the chunk graph's

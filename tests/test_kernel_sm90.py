@@ -75,3 +75,22 @@ def test_signature_types_the_meta_training_kernels(tool) -> None:  # type: ignor
     assert sig["Tq"] == sig["Tk"] == sig["H"] == sig["window"] == sig["s_t"] == "i32"
     assert set(tool.TRAIN_CONFIG) == set(tool.TRAIN_KERNELS)
     assert all(name in tca.CONFIGS for name in tool.TRAIN_CONFIG.values())
+
+
+SASS = """\
+        /*0100*/                   MOV R1, c[0x0][0x28] ;             /* 0x00000a0000017a02 */
+        /*0110*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;      /* 0x0000000000007b1d */
+        /*0120*/                   FSETP.GT.AND P1, PT, R10, 8, PT ;  /* 0x4100000000007b1d */
+        /*0130*/               @!P1 BRA 0x150 ;                       /* 0x0000000000007b1d */
+        /*0140*/                   MUFU.EX2 R7, R7 ;                  /* 0x0000000000007b1d */
+        /*0150*/                   MUFU.EX2 R8, R8 ;                  /* 0x0000000000007b1d */
+        /*0160*/               @!P0 BRA 0x110 ;                       /* 0x0000000000007b1d */
+        /*0170*/                   EXIT ;                             /* 0x0000000000007b1d */
+"""
+
+
+def test_sass_loops_count_instructions_exponentials_and_skips(tool) -> None:  # type: ignore[no-untyped-def]
+    # one loop, 0x110..0x160: six instructions, two MUFU.EX2, one branch over a part of it
+    assert tool._sass_loops(SASS) == [{"instructions": 6, "mufu_ex2": 2,
+                                       "forward_branches": 1, "barriers": 1}]
+    assert tool._sass_loops("") == []

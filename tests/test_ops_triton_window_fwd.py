@@ -107,3 +107,54 @@ def test_cuda_matches_the_flash_window(P: int, c: int) -> None:
         window_size_right=0)[1]
     assert (out.float() - ref.float()).abs().max().item() <= 1e-2
     assert (lse - ref_lse).abs().max().item() <= 1e-4
+
+
+def _growing(step: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """One head whose every query's scaled score of key ``j`` is ``step · (j // 16)`` (log2
+    units) plus a little noise: each tile of 16 keys raises every row's maximum by ``step``."""
+    c, P, d = 32, 112, 32
+    gen = torch.Generator().manual_seed(5)
+    u = torch.nn.functional.normalize(torch.randn(d, generator=gen, dtype=torch.float64), dim=0)
+    level = step * (torch.arange(P + c, dtype=torch.float64) // 16) / math.log2(math.e)
+    k = (level + 0.1 * torch.randn(P + c, generator=gen, dtype=torch.float64))[:, None] * u
+    q = math.sqrt(d) * u.expand(c, d)  # (the scale 1/√d undone)
+    v = torch.randn(P + c, d, generator=gen, dtype=torch.float64)
+    return tuple(x[None, :, None].to(DEVICE, dtype) for x in (q, k, v))
+
+
+@pytest.mark.parametrize("step", [2.0, 25.0])
+def test_lazy_rescaling_equals_the_reference(step: float,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the accumulators rescaled only when a row's maximum grows by more than 8 (log2),
+    the output and log-sum-exp are the reference's: maxima growing by 2 a tile (never
+    rescaled after the first: scores up to 2**8 against a stale shift, and other bits than
+    the rescaling kernel's) and by 25 (rescaled every tile: the first query tile's seventh
+    whole tile of keys, 150 above its first, would overflow fp32 and bf16 against a stale
+    shift)."""
+    dtype = DTYPES[0]
+    q, k, v = _growing(step, dtype)
+    ref_out, ref_lse = frozen.window_forward_reference(
+        *(x.to(torch.float64) for x in (q, k, v)), None)
+    monkeypatch.setenv("TTTLM_WINDOW_FWD", "16,16,4,1")
+    got = {}
+    for lazy in ("0", "8"):
+        monkeypatch.setenv("TTTLM_WINDOW_LAZY", lazy)
+        out, lse = window_forward(q, k, v, None, 1.0 / math.sqrt(q.shape[-1]))
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        _close(out, ref_out, dtype)
+        assert (lse.double() - ref_lse).abs().max().item() <= 1e-5 * ref_lse.abs().max().item()
+        got[lazy] = out
+    if step == 2.0:  # the stale shift ran: the same values by other roundings
+        assert not torch.equal(got["0"], got["8"])
+
+
+def test_lazy_rescaling_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tttlm.ops.triton_window_fwd import LAZY_RESCALE, lazy_rescale
+
+    monkeypatch.delenv("TTTLM_WINDOW_LAZY", raising=False)
+    assert lazy_rescale() == LAZY_RESCALE
+    monkeypatch.setenv("TTTLM_WINDOW_LAZY", "6")
+    assert lazy_rescale() == 6
+    monkeypatch.setenv("TTTLM_WINDOW_LAZY", "-1")
+    with pytest.raises(ValueError, match="TTTLM_WINDOW_LAZY"):
+        lazy_rescale()

@@ -23,6 +23,8 @@ fp64). This module imports Triton at import time; reach it through
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -47,12 +49,18 @@ DEFAULT_CONFIG = (128, 64, 4, 3)
 # cuDNN pieces); 64x32/4/3 (the chunk's) 16.7, 29.1, 32.2. TTTLM_WINDOW_SEQ overrides it.
 SEQUENCE_CONFIG = (128, 64, 4, 3)
 
+# Of the tiles every query sees whole, rescale the accumulators only when a row's maximum grew
+# by more than this (log2 units; 0: every tile, as FlashAttention 2 does). TTTLM_WINDOW_LAZY
+# overrides it.
+LAZY_RESCALE = 0
+
 
 @triton.jit
 def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t, da, db,
               N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
               BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
-              MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr):
+              MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr,
+              LAZY: tl.constexpr):
     """One tile of ``BN`` keys into the running max ``m_i`` (log2 units), sum ``l_i`` and the
     accumulators (``qb, db, acc_b``: the head's second part, placeholders when ``DB`` is 0).
     ``MASK_EDGE``: the window's lower edge crosses the tile; ``MASK_CAUSAL``: the diagonal does
@@ -83,7 +91,29 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_
         # the scale folds into the shift, one fused multiply-add an element instead of a
         # multiply and a subtraction (the softmax's elementwise work, not the products,
         # bounds this kernel at a head width of 80). max(s)·c = max(s·c) for c > 0.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_tile = tl.max(s, 1) * qk_scale
+        if LAZY > 0:
+            # The shift need not be the running maximum, only near it: rescale the
+            # accumulators (80 multiplies a row per 64 scores) only when some row's maximum
+            # grew past it by more than LAZY (log2 units), else shift by the old one (scores
+            # then up to 2**LAZY, in range in fp32 and bf16 alike). One vote of the tile.
+            if tl.max(m_tile - m_i, 0) > LAZY:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha
+                acc_a = acc_a * alpha[:, None]
+                if DB > 0:
+                    acc_b = acc_b * alpha[:, None]
+            else:
+                m_new = m_i
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            p = p.to(ka.dtype)
+            acc_a = tl.dot(p, va, acc_a)
+            if DB > 0:
+                acc_b = tl.dot(p, vb, acc_b)
+            return acc_a, acc_b, m_new, l_i
+        m_new = tl.maximum(m_i, m_tile)
         m_use = m_new
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
@@ -102,7 +132,8 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                        so_b, so_t, so_h, sl_b, sl_h,
                        H, C, P, WINDOW, scale,
                        BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr,
-                       DB: tl.constexpr, HAS_WINDOW: tl.constexpr, DESC: tl.constexpr):
+                       DB: tl.constexpr, HAS_WINDOW: tl.constexpr, DESC: tl.constexpr,
+                       LAZY: tl.constexpr):
     """One tile of ``BM`` queries of one head over the keys it sees. Grid: (query tiles,
     batch × heads). ``DESC``: keys and values through the tensor descriptors ``KA, KB, VA,
     VB`` (``[B, N, H · d]``, blocks of the head's two parts) instead of pointers."""
@@ -147,17 +178,17 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
                                            KA, KB, VA, VB, b32, col_a, col_b,
-                                           BN, DA, DB, True, False, DESC)
+                                           BN, DA, DB, True, False, DESC, LAZY)
     for start in range(tl.maximum(edge, lo), diag, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
                                            KA, KB, VA, VB, b32, col_a, col_b,
-                                           BN, DA, DB, False, False, DESC)
+                                           BN, DA, DB, False, False, DESC, LAZY)
     for start in range(tl.maximum(diag, lo), hi, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
                                            KA, KB, VA, VB, b32, col_a, col_b,
-                                           BN, DA, DB, HAS_WINDOW, True, DESC)
+                                           BN, DA, DB, HAS_WINDOW, True, DESC, LAZY)
     # Rows past C saw no key: keep them finite (they are not stored).
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o_at = O + b * so_b + h * so_h + rows[:, None] * so_t
@@ -203,5 +234,13 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         lse.stride(0), lse.stride(1),
         H, c, P, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        DESC=descriptors, num_warps=warps, num_stages=stages)
+        DESC=descriptors, LAZY=lazy_rescale(), num_warps=warps, num_stages=stages)
     return out, lse
+
+
+def lazy_rescale() -> int:
+    """:data:`LAZY_RESCALE`, or ``TTTLM_WINDOW_LAZY`` (an integer, 0 for off) where set."""
+    given = os.environ.get("TTTLM_WINDOW_LAZY", "")
+    if given and not given.isdigit():
+        raise ValueError(f"TTTLM_WINDOW_LAZY={given!r}: give a whole number (0: off)")
+    return int(given) if given else LAZY_RESCALE
