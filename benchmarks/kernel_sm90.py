@@ -214,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="BM,BN,WARPS,STAGES of the frozen dq (default: its tiles)")
     ap.add_argument("--own-configs", nargs="*", default=[],
                     help="BN,BM,WARPS,STAGES of the own keys' dk, dv (default: its tiles)")
-    ap.add_argument("--lazy", nargs="*", type=int,
-                    default=[triton_window_fwd.LAZY_RESCALE],
-                    help="the forward's lazy-rescaling bounds to compile (0: every tile)")
+    ap.add_argument("--settle", nargs="*", type=int,
+                    default=[triton_window_fwd.SETTLE_SHIFT],
+                    help="the forward's settled shifts to compile (0: the running maximum)")
     ap.add_argument("--train-kernels", action="store_true",
                     help="also the meta-training chunk attention's backward kernels (bf16, "
                          "head width 64, their tiles in use)")
@@ -236,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for text in dict.fromkeys(fwd):
         bm, bn, warps, stages = _tiles(text)
-        for lazy in dict.fromkeys(args.lazy):
-            rows.append({"kernel": f"window forward, lazy {lazy}", "tiles": text, **_compile(
-                triton_window_fwd._window_fwd_kernel,
-                dict(BM=bm, BN=bn, DA=da, DB=db, HAS_WINDOW=True, DESC=False, LAZY=lazy),
-                warps, stages, work)})
+        for settle in dict.fromkeys(args.settle):
+            rows.append({"kernel": f"window forward, settle {settle}", "tiles": text,
+                         **_compile(triton_window_fwd._window_fwd_kernel,
+                                    dict(BM=bm, BN=bn, DA=da, DB=db, HAS_WINDOW=True,
+                                         DESC=False, SETTLE=settle), warps, stages, work)})
     for text in dict.fromkeys(dq):
         bm, bn, warps, stages = _tiles(text)
         rows.append({"kernel": "frozen dq (own keys folded in)", "tiles": text, **_compile(

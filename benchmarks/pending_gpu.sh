@@ -2,7 +2,7 @@
 # The GPU measurements the open issues still owe, one part per call (each fits a 10-minute
 # device command). Run from the repository root on a CUDA machine:
 #
-#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|lazy|norms|next|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
+#   OUT=out PART=train|prefill|traffic|kernel|speed|operands|flash|cudnn_chunks|graphs|descend|final|kept_kernels|kept_prefill|census|fill|lean|one_sequence|session|eager|frozen|triton_fwd|frozen_triton|own_dkdv|train_kernel|pairs|cache_swap|inductor|settle|norms|next|prefix_merge|window_sequence|capture|rope|fold|head|first_order|prefill_small|groups|recall|recall_smol|serve|variants|decode|compare|sessions|finetune \
 #     bash benchmarks/pending_gpu.sh
 #
 # `serve` needs the serve extra and the openai client; on a machine without an index, bring
@@ -281,26 +281,26 @@ case "$PART" in
         || echo "$side: exit $?"
       grep "^| e" "$OUT/inductor_$side.md" | cut -d'|' -f7,11,15
     done ;;
-  lazy)  # speed issue: the window forward rescaling its accumulators only when a row's
-    # maximum grew by more than TTTLM_WINDOW_LAZY (log2 units; 0: every tile, as before), one
-    # CTA-wide vote a whole key tile (kernel_sm90_lazy_cpu.md: 588 -> 516 instructions a tile
-    # when the rescale is skipped): its CUDA tests with the bound on, then 3b e2e prefill at
-    # 128K x 1 (SIDES of 0 and 8, interleaved) and one pair at 8K x 16, one process each
-    TTTLM_WINDOW_LAZY=8 timeout 120 python -m pytest -p no:warnings -rf \
-      tests/test_ops_triton_window_fwd.py tests/test_ops_window_sequence.py 2>&1 | tail -3
-    for pair in ${SIDES:-0=a 8=a 0=b 8=b}; do
-      lazy=${pair%%=*}
-      TTTLM_WINDOW_LAZY=$lazy timeout "${EACH:-110}" python -m tttlm.cli bench prefill \
-        --preset 3b --compile compiled --repeats 2 --variants e2e --lengths 131072 \
-        --paths model --out "$OUT/lazy_${lazy}_128k_${pair#*=}" > /dev/null \
-        || echo "$pair: exit $?"
-      grep "^| e" "$OUT/lazy_${lazy}_128k_${pair#*=}.md" | cut -d'|' -f7,11,15
-    done
-    for lazy in ${SHORT:-0 8}; do
-      TTTLM_WINDOW_LAZY=$lazy timeout 100 python -m tttlm.cli bench prefill --preset 3b \
-        --compile compiled --repeats 2 --variants e2e --lengths 8192 --paths model \
-        --out "$OUT/lazy_${lazy}_8k" > /dev/null || echo "8K $lazy: exit $?"
-      grep "^| e" "$OUT/lazy_${lazy}_8k.md" | cut -d'|' -f7,11,15
+  settle)  # speed issue: the window forward's whole key tiles shifted by a value settled
+    # after a query tile's first (TTTLM_WINDOW_SETTLE, log2 units above that tile's maxima;
+    # 0: the running maximum, as before), which drops the maxima and the accumulators'
+    # rescaling (kernel_sm90_settle_cpu.md: 588 -> 428 instructions a tile at 4 warps, with
+    # spills; 357 -> 251 at 8 warps, none): its CUDA tests with it on, then 3b e2e prefill
+    # at LENGTHS (default 128K x 1; 8192 for 8K x 16), one process a side, interleaved.
+    # SIDES: name=SETTLE:WARPS (the chunk's and the whole sequence's 128 x 64 tiles, 3 stages)
+    if [ "${TESTS:-150}" != 0 ]; then  # (TESTS: their time limit, 0 to skip them)
+      TTTLM_WINDOW_SETTLE=48 timeout "${TESTS:-150}" python -m pytest -p no:warnings -rf \
+        tests/test_ops_triton_window_fwd.py tests/test_ops_window_sequence.py 2>&1 | tail -3
+    fi
+    for side in ${SIDES:-base=0:4 s48=48:4 s48w8=48:8 base2=0:4}; do
+      name=${side%%=*} spec=${side#*=}
+      tiles=128,64,${spec#*:},3
+      TTTLM_WINDOW_SETTLE=${spec%%:*} TTTLM_WINDOW_FWD=$tiles TTTLM_WINDOW_SEQ=$tiles \
+        timeout "${EACH:-120}" python -m tttlm.cli bench prefill --preset 3b --compile \
+        compiled --repeats 2 --variants e2e --lengths ${LENGTHS:-131072} --paths model \
+        --out "$SCRATCH/settle_$name" > /dev/null || echo "$name: exit $?"
+      grep "^| e" "$SCRATCH/settle_$name.md" 2>/dev/null | cut -d'|' -f7,11,15
+      cp "$SCRATCH/settle_$name.json" "$OUT/settle_${name}_${LENGTHS:-131072}.json" 2>/dev/null
     done ;;
   norms)  # speed issue: the inner gradient's 24 per-tensor norms of a 3b chunk, one ATen
     # reduction each (what runs) against one torch._foreach_norm pass, then the chunk graph's
@@ -311,15 +311,14 @@ case "$PART" in
       2>&1 | tail -5 ;;
   next)  # speed issue, the next session's first call (one warm machine, ~9 minutes): the
     # card and versions; on an H200, the targets' table (PART=final, BASELINE=0); elsewhere
-    # PART=norms, then one interleaved pair of PART=inductor (default configs, then tuned)
+    # PART=settle at 128K x 1 (then, in a second call, TESTS=0 LENGTHS=8192 PART=settle)
     nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv
     python -c "import torch, triton; print(torch.__version__, triton.__version__, \
       torch.version.cuda, torch.backends.cudnn.version())"
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       OUT="$OUT" PART=final BASELINE=0 bash "$0"
     else
-      OUT="$OUT" PART=norms bash "$0"
-      OUT="$OUT" PART=inductor SIDES="plain=0 tuned=1" EACH=130 bash "$0"
+      OUT="$OUT" PART=settle bash "$0"
     fi ;;
   train_kernel)  # speed issue: tttlm train 125m e2e at 8K (micro-batch 4: 8 does not fit an
     # H100) with the meta-training chunk kernels' key-block tiles keys by queries (f9add3b)

@@ -123,38 +123,40 @@ def _growing(step: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("step", [2.0, 25.0])
-def test_lazy_rescaling_equals_the_reference(step: float,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the accumulators rescaled only when a row's maximum grows by more than 8 (log2),
-    the output and log-sum-exp are the reference's: maxima growing by 2 a tile (never
-    rescaled after the first: scores up to 2**8 against a stale shift, and other bits than
-    the rescaling kernel's) and by 25 (rescaled every tile: the first query tile's seventh
-    whole tile of keys, 150 above its first, would overflow fp32 and bf16 against a stale
-    shift)."""
+@pytest.mark.parametrize("window", [None, 120])
+def test_settled_shift_equals_the_reference(step: float, window: int | None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the shift settled 8 (log2) above the rows' maxima after the first whole key tile
+    (no running maximum after it), the output and log-sum-exp are the reference's: maxima
+    growing by 2 a tile (the settled shift holds: other bits than the running maximum's) and
+    by 25 (the seventh whole tile, 150 above the first, pushes the sums past 2**64: the query
+    tile starts over with the running maximum, which alone keeps them in range). With a
+    window, the edge's tiles come first, and again on the start over."""
     dtype = DTYPES[0]
     q, k, v = _growing(step, dtype)
     ref_out, ref_lse = frozen.window_forward_reference(
-        *(x.to(torch.float64) for x in (q, k, v)), None)
+        *(x.to(torch.float64) for x in (q, k, v)), window)
     monkeypatch.setenv("TTTLM_WINDOW_FWD", "16,16,4,1")
     got = {}
-    for lazy in ("0", "8"):
-        monkeypatch.setenv("TTTLM_WINDOW_LAZY", lazy)
-        out, lse = window_forward(q, k, v, None, 1.0 / math.sqrt(q.shape[-1]))
+    for settle in ("0", "8"):
+        monkeypatch.setenv("TTTLM_WINDOW_SETTLE", settle)
+        out, lse = window_forward(q, k, v, window, 1.0 / math.sqrt(q.shape[-1]))
         assert torch.isfinite(out).all() and torch.isfinite(lse).all()
         _close(out, ref_out, dtype)
         assert (lse.double() - ref_lse).abs().max().item() <= 1e-5 * ref_lse.abs().max().item()
-        got[lazy] = out
-    if step == 2.0:  # the stale shift ran: the same values by other roundings
+        got[settle] = out
+    if step == 2.0:  # the settled shift ran: the same values by other roundings
         assert not torch.equal(got["0"], got["8"])
 
 
-def test_lazy_rescaling_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tttlm.ops.triton_window_fwd import LAZY_RESCALE, lazy_rescale
+def test_settle_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tttlm.ops.triton_window_fwd import SETTLE_SHIFT, settle_shift
 
-    monkeypatch.delenv("TTTLM_WINDOW_LAZY", raising=False)
-    assert lazy_rescale() == LAZY_RESCALE
-    monkeypatch.setenv("TTTLM_WINDOW_LAZY", "6")
-    assert lazy_rescale() == 6
-    monkeypatch.setenv("TTTLM_WINDOW_LAZY", "-1")
-    with pytest.raises(ValueError, match="TTTLM_WINDOW_LAZY"):
-        lazy_rescale()
+    monkeypatch.delenv("TTTLM_WINDOW_SETTLE", raising=False)
+    assert settle_shift() == SETTLE_SHIFT
+    monkeypatch.setenv("TTTLM_WINDOW_SETTLE", "48")
+    assert settle_shift() == 48
+    for bad in ("-1", "65", "x"):
+        monkeypatch.setenv("TTTLM_WINDOW_SETTLE", bad)
+        with pytest.raises(ValueError, match="TTTLM_WINDOW_SETTLE"):
+            settle_shift()

@@ -12,6 +12,13 @@ prefill runs), launches 8 query tiles × 32 heads, two waves on 132 SMs at its 1
 Here the head width is split into two powers of two (80 = 64 + 16) as in the dq kernel, and the
 masks run only on the tiles that need them: the window's edge and the causal diagonal.
 
+With :data:`SETTLE_SHIFT` (``TTTLM_WINDOW_SETTLE``) set, the whole key tiles after a query
+tile's first shift their scores by a value settled after that first one instead of by the
+running maximum: the softmax needs a shift that keeps its terms in range, not the maximum, and
+dropping it (the row maxima, their rescaling of the accumulators) cuts a whole tile's
+instructions by about a quarter on sm_90 (``benchmarks/results/kernel_sm90_settle_cpu.md``).
+A query tile whose sums leave range starts over with the running maximum.
+
 With no cache (``P = 0``) the same pass is a whole sequence's sliding-window (or causal)
 attention: the prefix blocks' forward without gradient, with tiles of its own
 (:data:`SEQUENCE_CONFIG`), through :mod:`tttlm.ops.attention.window_sequence`.
@@ -49,10 +56,11 @@ DEFAULT_CONFIG = (128, 64, 4, 3)
 # cuDNN pieces); 64x32/4/3 (the chunk's) 16.7, 29.1, 32.2. TTTLM_WINDOW_SEQ overrides it.
 SEQUENCE_CONFIG = (128, 64, 4, 3)
 
-# Of the tiles every query sees whole, rescale the accumulators only when a row's maximum grew
-# by more than this (log2 units; 0: every tile, as FlashAttention 2 does). TTTLM_WINDOW_LAZY
-# overrides it.
-LAZY_RESCALE = 0
+# Of the tiles every query sees whole, all but the first shift their scores by a settled
+# value, this many (log2 units) above the rows' maxima after that first tile, instead of by
+# the running maximum (0: the running maximum throughout, as FlashAttention 2).
+# TTTLM_WINDOW_SETTLE overrides it.
+SETTLE_SHIFT = 0
 
 
 @triton.jit
@@ -60,13 +68,14 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_
               N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
               BN: tl.constexpr, DA: tl.constexpr, DB: tl.constexpr,
               MASK_EDGE: tl.constexpr, MASK_CAUSAL: tl.constexpr, DESC: tl.constexpr,
-              LAZY: tl.constexpr):
+              FIXED: tl.constexpr = False):
     """One tile of ``BN`` keys into the running max ``m_i`` (log2 units), sum ``l_i`` and the
     accumulators (``qb, db, acc_b``: the head's second part, placeholders when ``DB`` is 0).
     ``MASK_EDGE``: the window's lower edge crosses the tile; ``MASK_CAUSAL``: the diagonal does
     (keys past ``N`` are masked there too: they lie past every query's own position).
     ``DESC``: keys and values through the descriptors ``KA, KB, VA, VB`` (the head's two
-    parts, at columns ``col_a, col_b`` of sequence ``b32``) instead of pointers."""
+    parts, at columns ``col_a, col_b`` of sequence ``b32``) instead of pointers. ``FIXED``
+    (a tile without masks): ``m_i`` is a settled shift, not a running max, and stays."""
     cols = start + tl.arange(0, BN)
     ka = key_tile(k_at, KA, b32, col_a, start, sk_t, da, N, BN, DA, MASK_CAUSAL, DESC)
     va = key_tile(v_at, VA, b32, col_a, start, sv_t, da, N, BN, DA, MASK_CAUSAL, DESC)
@@ -91,29 +100,15 @@ def _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_
         # the scale folds into the shift, one fused multiply-add an element instead of a
         # multiply and a subtraction (the softmax's elementwise work, not the products,
         # bounds this kernel at a head width of 80). max(s)·c = max(s·c) for c > 0.
-        m_tile = tl.max(s, 1) * qk_scale
-        if LAZY > 0:
-            # The shift need not be the running maximum, only near it: rescale the
-            # accumulators (80 multiplies a row per 64 scores) only when some row's maximum
-            # grew past it by more than LAZY (log2 units), else shift by the old one (scores
-            # then up to 2**LAZY, in range in fp32 and bf16 alike). One vote of the tile.
-            if tl.max(m_tile - m_i, 0) > LAZY:
-                m_new = tl.maximum(m_i, m_tile)
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc_a = acc_a * alpha[:, None]
-                if DB > 0:
-                    acc_b = acc_b * alpha[:, None]
-            else:
-                m_new = m_i
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        if FIXED:  # the shift m_i settled by the caller: no maximum, no rescaling
+            p = tl.math.exp2(s * qk_scale - m_i[:, None])
             l_i = l_i + tl.sum(p, 1)
             p = p.to(ka.dtype)
             acc_a = tl.dot(p, va, acc_a)
             if DB > 0:
                 acc_b = tl.dot(p, vb, acc_b)
-            return acc_a, acc_b, m_new, l_i
-        m_new = tl.maximum(m_i, m_tile)
+            return acc_a, acc_b, m_i, l_i
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_use = m_new
         p = tl.math.exp2(s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
@@ -133,7 +128,7 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                        H, C, P, WINDOW, scale,
                        BM: tl.constexpr, BN: tl.constexpr, DA: tl.constexpr,
                        DB: tl.constexpr, HAS_WINDOW: tl.constexpr, DESC: tl.constexpr,
-                       LAZY: tl.constexpr):
+                       SETTLE: tl.constexpr):
     """One tile of ``BM`` queries of one head over the keys it sees. Grid: (query tiles,
     batch × heads). ``DESC``: keys and values through the tensor descriptors ``KA, KB, VA,
     VB`` (``[B, N, H · d]``, blocks of the head's two parts) instead of pointers."""
@@ -178,17 +173,61 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
                                            KA, KB, VA, VB, b32, col_a, col_b,
-                                           BN, DA, DB, True, False, DESC, LAZY)
-    for start in range(tl.maximum(edge, lo), diag, BN):
-        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
-                                           v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
-                                           KA, KB, VA, VB, b32, col_a, col_b,
-                                           BN, DA, DB, False, False, DESC, LAZY)
+                                           BN, DA, DB, True, False, DESC)
+    mid = tl.maximum(edge, lo)
+    if SETTLE > 0:
+        if mid < diag:
+            # The first whole tile with the running maximum: every row has seen keys.
+            acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, mid,
+                                               k_at, v_at, sk_t, sv_t, da, db, N, P, WINDOW,
+                                               qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
+                                               BN, DA, DB, False, False, DESC)
+            # Then the shift settles SETTLE above that maximum (an exact power of two) and
+            # the other whole tiles shift by it: no maximum, no rescaling of the
+            # accumulators (a third of a tile's instructions, kernel_sm90_settle_cpu.md).
+            # The softmax does not need the maximum, only a shift that keeps its terms in
+            # range: the largest are then at least 2**-SETTLE, and one row's scores may
+            # grow about SETTLE + 50 above the first tile's before the sums leave it.
+            down = 2.0 ** (-SETTLE)
+            acc_a = acc_a * down
+            if DB > 0:
+                acc_b = acc_b * down
+            l_i = l_i * down
+            m_i = m_i + SETTLE
+            for start in range(mid + BN, diag, BN):
+                acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start,
+                                                   k_at, v_at, sk_t, sv_t, da, db, N, P, WINDOW,
+                                                   qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
+                                                   BN, DA, DB, False, False, DESC, True)
+            # Sums past 2**64 (or NaN): some score outgrew the shift; this tile of queries
+            # starts over with the running maximum (one vote a query tile, rare).
+            if tl.max(tl.where(l_i < 18446744073709551616.0, 0, 1), 0) > 0:
+                acc_a = tl.zeros([BM, DA], dtype=tl.float32)
+                if DB > 0:
+                    acc_b = tl.zeros([BM, DB], dtype=tl.float32)
+                m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+                l_i = tl.zeros([BM], dtype=tl.float32)
+                for start in range(lo, edge, BN):
+                    acc_a, acc_b, m_i, l_i = _fwd_tile(
+                        acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t,
+                        da, db, N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
+                        BN, DA, DB, True, False, DESC)
+                for start in range(mid, diag, BN):
+                    acc_a, acc_b, m_i, l_i = _fwd_tile(
+                        acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t,
+                        da, db, N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
+                        BN, DA, DB, False, False, DESC)
+    else:
+        for start in range(mid, diag, BN):
+            acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start,
+                                               k_at, v_at, sk_t, sv_t, da, db, N, P, WINDOW,
+                                               qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
+                                               BN, DA, DB, False, False, DESC)
     for start in range(tl.maximum(diag, lo), hi, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
                                            KA, KB, VA, VB, b32, col_a, col_b,
-                                           BN, DA, DB, HAS_WINDOW, True, DESC, LAZY)
+                                           BN, DA, DB, HAS_WINDOW, True, DESC)
     # Rows past C saw no key: keep them finite (they are not stored).
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     o_at = O + b * so_b + h * so_h + rows[:, None] * so_t
@@ -234,13 +273,14 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         lse.stride(0), lse.stride(1),
         H, c, P, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        DESC=descriptors, LAZY=lazy_rescale(), num_warps=warps, num_stages=stages)
+        DESC=descriptors, SETTLE=settle_shift(), num_warps=warps, num_stages=stages)
     return out, lse
 
 
-def lazy_rescale() -> int:
-    """:data:`LAZY_RESCALE`, or ``TTTLM_WINDOW_LAZY`` (an integer, 0 for off) where set."""
-    given = os.environ.get("TTTLM_WINDOW_LAZY", "")
-    if given and not given.isdigit():
-        raise ValueError(f"TTTLM_WINDOW_LAZY={given!r}: give a whole number (0: off)")
-    return int(given) if given else LAZY_RESCALE
+def settle_shift() -> int:
+    """:data:`SETTLE_SHIFT`, or ``TTTLM_WINDOW_SETTLE`` (0 to 64; 0 for off) where set."""
+    given = os.environ.get("TTTLM_WINDOW_SETTLE", "")
+    if given and not (given.isdigit() and int(given) <= 64):
+        raise ValueError(f"TTTLM_WINDOW_SETTLE={given!r}: give a whole number from 0 (off) "
+                         "to 64")
+    return int(given) if given else SETTLE_SHIFT
