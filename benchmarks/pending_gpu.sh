@@ -287,16 +287,17 @@ case "$PART" in
     # rescaling (kernel_sm90_settle_cpu.md: 588 -> 428 instructions a tile at 4 warps, with
     # spills; 357 -> 251 at 8 warps, none): its CUDA tests with it on, then 3b e2e prefill
     # at LENGTHS (default 128K x 1; 8192 for 8K x 16), one process a side, interleaved.
-    # SIDES: name=SETTLE:WARPS (the chunk's and the whole sequence's 128 x 64 tiles, 3 stages)
+    # SIDES: name=SETTLE:BM,BN,WARPS,STAGES (the chunk's and the whole sequence's tiles)
     if [ "${TESTS:-150}" != 0 ]; then  # (TESTS: their time limit, 0 to skip them)
       TTTLM_WINDOW_SETTLE=48 timeout "${TESTS:-150}" python -m pytest -p no:warnings -rf \
         tests/test_ops_triton_window_fwd.py tests/test_ops_window_sequence.py 2>&1 | tail -3
     fi
-    for side in ${SIDES:-base=0:4 s48=48:4 s48w8=48:8 base2=0:4}; do
+    for side in ${SIDES:-base=0:128,64,4,3 s48w8=48:128,64,8,3 s48=48:128,64,4,3 \
+                  base2=0:128,64,4,3 w8=0:128,64,8,3}; do
       name=${side%%=*} spec=${side#*=}
-      tiles=128,64,${spec#*:},3
+      tiles=${spec#*:}
       TTTLM_WINDOW_SETTLE=${spec%%:*} TTTLM_WINDOW_FWD=$tiles TTTLM_WINDOW_SEQ=$tiles \
-        timeout "${EACH:-120}" python -m tttlm.cli bench prefill --preset 3b --compile \
+        timeout "${EACH:-140}" python -m tttlm.cli bench prefill --preset 3b --compile \
         compiled --repeats 2 --variants e2e --lengths ${LENGTHS:-131072} --paths model \
         --out "$SCRATCH/settle_$name" > /dev/null || echo "$name: exit $?"
       grep "^| e" "$SCRATCH/settle_$name.md" 2>/dev/null | cut -d'|' -f7,11,15
