@@ -184,7 +184,7 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                                                BN, DA, DB, False, False, DESC)
             # Then the shift settles SETTLE above that maximum (an exact power of two) and
             # the other whole tiles shift by it: no maximum, no rescaling of the
-            # accumulators (a third of a tile's instructions, kernel_sm90_settle_cpu.md).
+            # accumulators (about a quarter of a tile's instructions, kernel_sm90_settle_cpu.md).
             # The softmax does not need the maximum, only a shift that keeps its terms in
             # range: the largest are then at least 2**-SETTLE, and one row's scores may
             # grow about SETTLE + 50 above the first tile's before the sums leave it.
