@@ -86,10 +86,13 @@ def _signature(fn: Any, consts: dict[str, Any]) -> tuple[dict[str, str], dict, d
     return sig, constants, attrs
 
 
+# The CUDA tools Triton's wheel carries.
+WHEEL_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
 def _ptxas() -> list[Path]:
     """The ptxas binaries Triton's wheel carries (the newest PTX needs the newer one)."""
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return [p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()]
+    return [p for p in (WHEEL_BIN / "ptxas-blackwell", WHEEL_BIN / "ptxas") if p.exists()]
 
 
 def _assemble(ptx: str, work: Path) -> dict[str, Any]:
@@ -146,7 +149,7 @@ def _sass_loops(sass: str) -> list[dict[str, int]]:
 
 def _sass(work: Path) -> str:
     """The machine code of ``work/kernel.cubin`` (the wheel's ``cuobjdump``), or ``""``."""
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    tool = WHEEL_BIN / "cuobjdump"
     cubin = work / "kernel.cubin"
     if not tool.exists() or not cubin.exists():
         return ""

@@ -284,9 +284,10 @@ case "$PART" in
   settle)  # speed issue: the window forward's whole key tiles shifted by a value settled
     # after a query tile's first (TTTLM_WINDOW_SETTLE, log2 units above that tile's maxima;
     # 0: the running maximum, as before), which drops the maxima and the accumulators'
-    # rescaling (kernel_sm90_settle_cpu.md: 588 -> 428 instructions a tile at 4 warps, with
-    # spills; 357 -> 251 at 8 warps, none): 3b e2e prefill at LENGTHS (default 128K x 1;
-    # 8192 for 8K x 16), one process a side, interleaved, then its CUDA tests with it on.
+    # rescaling (kernel_sm90_settle_cpu.md: 588 -> 401 instructions a tile at 4 warps, the
+    # spills outside that loop; 357 -> 252 at 8 warps, none): 3b e2e prefill at LENGTHS
+    # (default 128K x 1; 8192 for 8K x 16), one process a side, interleaved, then its CUDA
+    # tests with it on.
     # SIDES: name=SETTLE:BM,BN,WARPS,STAGES (the chunk's and the whole sequence's tiles)
     for side in ${SIDES:-base=0:128,64,4,3 s48w8=48:128,64,8,3 s48=48:128,64,4,3 \
                   base2=0:128,64,4,3}; do
@@ -637,7 +638,7 @@ case "$PART" in
     # FINETUNE_ARGS="--rag-horizon 128" adds the retrieval rows with the shorter recall
     # horizon (own folder in --work, so the default rows stay; measured:
     # results/finetune_smollm2_h200_horizon128.md).
-  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, lean, one_sequence, session, eager, frozen, triton_fwd, frozen_triton, own_dkdv, train_kernel, pairs, cache_swap, prefix_merge, window_sequence, capture, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
+  *) echo "PART=$PART: use train, prefill, traffic, kernel, speed, operands, flash, cudnn_chunks, graphs, descend, final, kept_kernels, kept_prefill, census, fill, lean, one_sequence, session, eager, frozen, triton_fwd, frozen_triton, own_dkdv, train_kernel, pairs, cache_swap, inductor, settle, norms, next, prefix_merge, window_sequence, capture, rope, fold, head, first_order, prefill_small, groups, recall, recall_smol, serve," \
        "variants, decode, compare," \
        "sessions or finetune" >&2
      exit 2 ;;

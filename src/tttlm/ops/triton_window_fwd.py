@@ -175,7 +175,8 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                                            KA, KB, VA, VB, b32, col_a, col_b,
                                            BN, DA, DB, True, False, DESC)
     mid = tl.maximum(edge, lo)
-    if SETTLE > 0:
+    exact_from = mid  # where the whole tiles with the running maximum begin
+    if SETTLE > 0:  # noqa: SIM102  (compiled in or not; the inner test runs on the GPU)
         if mid < diag:
             # The first whole tile with the running maximum: every row has seen keys.
             acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, mid,
@@ -199,6 +200,7 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                                                    k_at, v_at, sk_t, sv_t, da, db, N, P, WINDOW,
                                                    qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
                                                    BN, DA, DB, False, False, DESC, True)
+            exact_from = diag
             # Sums past 2**64 (or NaN): some score outgrew the shift; this tile of queries
             # starts over with the running maximum (one vote a query tile, rare).
             if tl.max(tl.where(l_i < 18446744073709551616.0, 0, 1), 0) > 0:
@@ -212,17 +214,12 @@ def _window_fwd_kernel(Q, K, V, O, LSE, KA, KB, VA, VB,
                         acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t,
                         da, db, N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
                         BN, DA, DB, True, False, DESC)
-                for start in range(mid, diag, BN):
-                    acc_a, acc_b, m_i, l_i = _fwd_tile(
-                        acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at, v_at, sk_t, sv_t,
-                        da, db, N, P, WINDOW, qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
-                        BN, DA, DB, False, False, DESC)
-    else:
-        for start in range(mid, diag, BN):
-            acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start,
-                                               k_at, v_at, sk_t, sv_t, da, db, N, P, WINDOW,
-                                               qk_scale, KA, KB, VA, VB, b32, col_a, col_b,
-                                               BN, DA, DB, False, False, DESC)
+                exact_from = mid
+    for start in range(exact_from, diag, BN):
+        acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
+                                           v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
+                                           KA, KB, VA, VB, b32, col_a, col_b,
+                                           BN, DA, DB, False, False, DESC)
     for start in range(tl.maximum(diag, lo), hi, BN):
         acc_a, acc_b, m_i, l_i = _fwd_tile(acc_a, acc_b, m_i, l_i, qa, qb, rows, start, k_at,
                                            v_at, sk_t, sv_t, da, db, N, P, WINDOW, qk_scale,
