@@ -17,7 +17,9 @@ tile's first shift their scores by a value settled after that first one instead 
 running maximum: the softmax needs a shift that keeps its terms in range, not the maximum, and
 dropping it (the row maxima, their rescaling of the accumulators) cuts a whole tile's
 instructions by about a quarter on sm_90 (``benchmarks/results/kernel_sm90_settle_cpu.md``).
-A query tile whose sums leave range starts over with the running maximum.
+A query tile whose sums leave range starts over with the running maximum. fp16 operands keep
+the running maximum: their exponent range cannot hold the shifted terms (``2**-SETTLE`` and
+below underflow when cast for the products).
 
 With no cache (``P = 0``) the same pass is a whole sequence's sliding-window (or causal)
 attention: the prefix blocks' forward without gradient, with tiles of its own
@@ -58,9 +60,11 @@ SEQUENCE_CONFIG = (128, 64, 4, 3)
 
 # Of the tiles every query sees whole, all but the first shift their scores by a settled
 # value, this many (log2 units) above the rows' maxima after that first tile, instead of by
-# the running maximum (0: the running maximum throughout, as FlashAttention 2).
-# TTTLM_WINDOW_SETTLE overrides it.
-SETTLE_SHIFT = 0
+# the running maximum (0: the running maximum throughout, as FlashAttention 2). On one H100,
+# 3b e2e prefill at 128K x 1 (benchmarks/results/prefill_settle_3b_h100.md): 0.02784 s per 1K
+# at 48 against 0.02854 and 0.02822 at 0 (same tiles, one call). bf16 and fp32 only (see
+# settle_shift). TTTLM_WINDOW_SETTLE overrides it.
+SETTLE_SHIFT = 48
 
 
 @triton.jit
@@ -270,14 +274,19 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         lse.stride(0), lse.stride(1),
         H, c, P, window or 0, scale,
         BM=bm, BN=bn, DA=split[0], DB=split[1], HAS_WINDOW=window is not None,
-        DESC=descriptors, SETTLE=settle_shift(), num_warps=warps, num_stages=stages)
+        DESC=descriptors, SETTLE=settle_shift(q.dtype), num_warps=warps, num_stages=stages)
     return out, lse
 
 
-def settle_shift() -> int:
-    """:data:`SETTLE_SHIFT`, or ``TTTLM_WINDOW_SETTLE`` (0 to 64; 0 for off) where set."""
+def settle_shift(dtype: torch.dtype = torch.bfloat16) -> int:
+    """:data:`SETTLE_SHIFT`, or ``TTTLM_WINDOW_SETTLE`` (0 to 64; 0 for off) where set; 0 for
+    fp16 operands, whose products take the terms cast to fp16: a settled shift puts the
+    largest at ``2**-SETTLE`` or below, under fp16's smallest (``2**-24``), and a score growing
+    16 (log2) above the shift would overflow it; bf16 has fp32's exponent range."""
     given = os.environ.get("TTTLM_WINDOW_SETTLE", "")
     if given and not (given.isdigit() and int(given) <= 64):
         raise ValueError(f"TTTLM_WINDOW_SETTLE={given!r}: give a whole number from 0 (off) "
                          "to 64")
+    if dtype == torch.float16:
+        return 0
     return int(given) if given else SETTLE_SHIFT
