@@ -285,10 +285,10 @@ case "$PART" in
     # after a query tile's first (TTTLM_WINDOW_SETTLE, log2 units above that tile's maxima;
     # 0: the running maximum; 48 the default since prefill_settle_3b_h100.md, bf16 and fp32
     # only: fp16 keeps the running maximum whatever it says), which drops the maxima and the
-    # accumulators' rescaling (kernel_sm90_settle_cpu.md: 588 -> 401 instructions a tile at 4 warps, the
-    # spills outside that loop; 357 -> 252 at 8 warps, none): 3b e2e prefill at LENGTHS
-    # (default 128K x 1; 8192 for 8K x 16), one process a side, interleaved, then its CUDA
-    # tests with it on.
+    # accumulators' rescaling (kernel_sm90_settle_cpu.md: 588 -> 401 instructions a tile at
+    # 4 warps, the spills outside that loop; 357 -> 252 at 8 warps, none): 3b e2e prefill at
+    # LENGTHS (default 128K x 1; 8192 for 8K x 16), one process a side, interleaved, then its
+    # CUDA tests with it on.
     # SIDES: name=SETTLE:BM,BN,WARPS,STAGES (the chunk's and the whole sequence's tiles)
     for side in ${SIDES:-base=0:128,64,4,3 s48w8=48:128,64,8,3 s48=48:128,64,4,3 \
                   base2=0:128,64,4,3}; do
