@@ -12,11 +12,11 @@ prefill runs), launches 8 query tiles × 32 heads, two waves on 132 SMs at its 1
 Here the head width is split into two powers of two (80 = 64 + 16) as in the dq kernel, and the
 masks run only on the tiles that need them: the window's edge and the causal diagonal.
 
-With :data:`SETTLE_SHIFT` (``TTTLM_WINDOW_SETTLE``) set, the whole key tiles after a query
-tile's first shift their scores by a value settled after that first one instead of by the
-running maximum: the softmax needs a shift that keeps its terms in range, not the maximum, and
-dropping it (the row maxima, their rescaling of the accumulators) cuts a whole tile's
-instructions by about a quarter on sm_90 (``benchmarks/results/kernel_sm90_settle_cpu.md``).
+With :data:`SETTLE_SHIFT` (48 by default; ``TTTLM_WINDOW_SETTLE``), the whole key tiles
+after a query tile's first shift their scores by a value settled after that first one instead
+of by the running maximum: the softmax needs a shift that keeps its terms in range, not the
+maximum, and dropping it (the row maxima, their rescaling of the accumulators) cuts a whole
+tile's instructions by about a quarter on sm_90 (``benchmarks/results/kernel_sm90_settle_cpu.md``).
 A query tile whose sums leave range starts over with the running maximum. fp16 operands keep
 the running maximum: their exponent range cannot hold the shifted terms (``2**-SETTLE`` and
 below underflow when cast for the products).
@@ -281,8 +281,8 @@ def window_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 def settle_shift(dtype: torch.dtype = torch.bfloat16) -> int:
     """:data:`SETTLE_SHIFT`, or ``TTTLM_WINDOW_SETTLE`` (0 to 64; 0 for off) where set; 0 for
     fp16 operands, whose products take the terms cast to fp16: a settled shift puts the
-    largest at ``2**-SETTLE`` or below, under fp16's smallest (``2**-24``), and a score growing
-    16 (log2) above the shift would overflow it; bf16 has fp32's exponent range."""
+    largest at ``2**-SETTLE`` or below, where fp16 (smallest subnormal ``2**-24``) holds none
+    of them at the default; bf16 has fp32's exponent range."""
     given = os.environ.get("TTTLM_WINDOW_SETTLE", "")
     if given and not (given.isdigit() and int(given) <= 64):
         raise ValueError(f"TTTLM_WINDOW_SETTLE={given!r}: give a whole number from 0 (off) "
